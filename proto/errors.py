@@ -1,0 +1,85 @@
+"""The one error type of Shoal and its transport-neutral codes.
+
+``ErrorCode`` values equal the ``shoal.worker.ErrorCode`` enum of ``worker.proto`` (a unit
+test checks this), so an error crosses the router/worker boundary as ``(code, message)``
+and is never pickled. Each frontend maps codes to its own status in exactly one table.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Neutral error codes; the frontends map them to HTTP and gRPC statuses."""
+
+    UNKNOWN = 0
+    INVALID_ARGUMENT = 1
+    NOT_FOUND = 2
+    ALREADY_EXISTS = 3
+    FAILED_PRECONDITION = 4
+    RESOURCE_EXHAUSTED = 5
+    UNAVAILABLE = 6
+    DEADLINE_EXCEEDED = 7
+    CANCELLED = 8
+    UNIMPLEMENTED = 9
+    INTERNAL = 10
+
+
+class ServingError(Exception):
+    """An error with a code that a frontend can report to a client.
+
+    ``message`` is sent to clients as is: it must name what was wrong and must never
+    carry secrets (shm keys, file paths outside the repository).
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.retryable = retryable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.message!r})"
+
+
+class InvalidInput(ServingError):
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ServingError):
+    code = ErrorCode.NOT_FOUND
+
+
+class ModelNotReady(ServingError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class QueueFull(ServingError):
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServingError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class WorkerDied(ServingError):
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+class Unsupported(ServingError):
+    code = ErrorCode.UNIMPLEMENTED
+
+
+def from_exception(exc: BaseException) -> ServingError:
+    """Wrap any exception as a ServingError: ``INTERNAL`` with ``"<module.Class>: <msg>"``."""
+    if isinstance(exc, ServingError):
+        return exc
+    cls = type(exc)
+    return ServingError(f"{cls.__module__}.{cls.__qualname__}: {exc}", code=ErrorCode.INTERNAL)

@@ -1,0 +1,51 @@
+"""Encode and decode router <-> worker messages: ``[header, *buffers]`` multipart frames.
+
+``header`` is a serialized ``shoal.worker.Envelope``; ``buffers`` are inline tensor bytes
+referenced by ``TensorRef.frame``. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from proto.errors import ErrorCode, ServingError
+from proto.gen import worker_pb2 as wpb
+
+PROTOCOL_VERSION: Final = 1
+
+
+def envelope(request_id: int = 0) -> wpb.Envelope:
+    env = wpb.Envelope()
+    env.protocol_version = PROTOCOL_VERSION
+    env.request_id = request_id
+    return env
+
+
+def parse(header: bytes | memoryview) -> wpb.Envelope:
+    """Decode a header frame; raises ``ServingError(INTERNAL)`` on garbage or a protocol
+    version other than ours."""
+    env = wpb.Envelope()
+    try:
+        env.ParseFromString(header)
+    except Exception as exc:  # protobuf raises DecodeError; anything else is as bad
+        raise ServingError(f"malformed worker message: {exc}", code=ErrorCode.INTERNAL) from None
+    if env.protocol_version != PROTOCOL_VERSION:
+        raise ServingError(
+            f"worker protocol version {env.protocol_version}, expected {PROTOCOL_VERSION}",
+            code=ErrorCode.INTERNAL,
+        )
+    return env
+
+
+def failed(err: ServingError, out: wpb.Failed) -> None:
+    out.code = int(err.code)
+    out.message = err.message
+    out.retryable = err.retryable
+
+
+def to_error(f: wpb.Failed) -> ServingError:
+    try:
+        code = ErrorCode(f.code)
+    except ValueError:
+        code = ErrorCode.UNKNOWN
+    return ServingError(f.message, code=code, retryable=f.retryable)

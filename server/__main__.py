@@ -1,0 +1,69 @@
+"""``shoal serve ...`` / ``python -m server serve ...``: run the router until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from server.app import App
+from server.config import ConfigError, parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print("shoal: invalid command line:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if config.log_verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: object) -> int:
+    from server.config import ServerConfig
+
+    assert isinstance(config, ServerConfig)
+    app = App(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        logging.getLogger("shoal").info("received %s; shutting down", signal.Signals(signum).name)
+        if signals_seen > 1:
+            logging.getLogger("shoal").warning("second signal: skipping the graceful wait")
+            app.force_stop()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        start = asyncio.create_task(app.start())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()
+            await stopper
+        else:
+            start.cancel()
+            try:
+                await start
+            except asyncio.CancelledError:
+                pass
+    finally:
+        await app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``App``: the composition root. Builds every router component and owns start/stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Coroutine
+from importlib import metadata
+from typing import Any
+
+from aiohttp import web
+
+from server.config import ServerConfig
+from server.dataplane import DataPlane
+from server.dispatch.channel import WorkerChannel
+from server.dispatch.pool import DispatchContext
+from server.frontends.http.app import make_app
+from server.models import InstanceSettings, ModelManager
+from shm import region
+from shm.arena import Arena
+from shm.mapper import Mapper
+
+log = logging.getLogger("shoal")
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("shoal")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+class App:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.prefix = f"{region.SERVER_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
+        self.run_dir = ""
+        self.http_port = 0
+        self._runner: web.AppRunner | None = None
+        self.arena: Arena | None = None
+        self.mapper = Mapper()
+        self.channel: WorkerChannel | None = None
+        self.models: ModelManager | None = None
+        self.dataplane: DataPlane | None = None
+        self._force = asyncio.Event()
+
+    def force_stop(self) -> None:
+        """Make a running ``stop`` skip its waits (a second signal)."""
+        self._force.set()
+
+    async def _bounded(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        force = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({task, force}, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def start(self) -> None:
+        cfg = self.config
+        stale = region.reclaim_stale()
+        if stale:
+            log.warning("removed %d shared-memory segments left by a server that is gone", len(stale))
+        self.run_dir = tempfile.mkdtemp(prefix="shoal-")
+        self.arena = Arena(f"{self.prefix}_in", segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes)
+        self.channel = WorkerChannel(f"ipc://{self.run_dir}/workers.sock")
+        self.channel.start()
+        ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes)
+        settings = InstanceSettings(
+            run_prefix=self.prefix,
+            worker_arena_bytes=cfg.worker_arena_bytes,
+            inline_max_bytes=cfg.inline_max_bytes,
+            log_verbose=cfg.log_verbose,
+            load_timeout_s=cfg.model_load_timeout_s,
+        )
+        self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
+        self.dataplane = DataPlane(self.models, version=server_version(), strict_readiness=cfg.strict_readiness)
+        app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.exit_timeout_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
+        assert isinstance(server, asyncio.base_events.Server)
+        self.http_port = server.sockets[0].getsockname()[1]
+        log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
+        if cfg.grpc_port or cfg.metrics_port:
+            log.info("gRPC and metrics endpoints are not built yet; --grpc-port and --metrics-port are ignored")
+        await self.models.load_all()
+        self.dataplane.started = True
+        ready = self.models.all_ready()
+        log.info("server %s: %s", "ready" if ready else "started, NOT ready", _summary(self.models))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded by --exit-timeout-secs),
+        stop workers, remove every shared-memory segment and the run directory."""
+        timeout = self.config.exit_timeout_s
+        if self.dataplane is not None:
+            self.dataplane.accepting = False
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        if self.models is not None:
+            await self._bounded(self.models.drain(timeout))
+        if self._runner is not None:
+            await self._bounded(self._runner.cleanup())
+        if self.models is not None:
+            await self.models.stop(0.0 if self._force.is_set() else 10.0)
+        if self.channel is not None:
+            self.channel.close()
+        self.mapper.close()
+        if self.arena is not None:
+            self.arena.close()
+        region.unlink_prefix(self.prefix)
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("server stopped")
+
+
+def _summary(models: ModelManager) -> str:
+    parts = []
+    for name in sorted(models.sources):
+        src = models.sources[name]
+        if src.error:
+            parts.append(f"{name}: UNAVAILABLE")
+            continue
+        for v, mv in sorted(models.models.get(name, {}).items()):
+            parts.append(f"{name}/{v}: {mv.state.value}")
+    return ", ".join(parts) or "no models"

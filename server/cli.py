@@ -1,0 +1,11 @@
+"""The ``shoal`` console script."""
+
+from __future__ import annotations
+
+import sys
+
+from server.__main__ import main
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``ServerConfig``: the command line, parsed and validated in one place.
+
+All errors are collected and reported together. Nothing else in the router reads the
+environment or the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model_repository: Path
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    exit_timeout_s: float = 30.0
+    log_verbose: int = 0
+    strict_model_config: bool = True
+    strict_readiness: bool = True
+    model_control_mode: str = "none"
+    repository_poll_s: float = 15.0
+    http_max_input_bytes: int = 64 << 20
+    """Largest JSON request body (Triton's --http-max-input-size)."""
+    http_max_body_bytes: int = 2 << 30
+    """Largest request body of any kind (binary tensors included)."""
+    shm_arena_bytes: int = 64 << 20
+    """Size of each segment of the router's input arena."""
+    shm_arena_max_bytes: int = 1 << 30
+    worker_arena_bytes: int = 16 << 20
+    """Size of each segment of a worker's output arena."""
+    inline_max_bytes: int = 64 << 10
+    """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
+    model_load_timeout_s: float = 120.0
+
+
+class ConfigError(Exception):
+    """Every problem of a command line, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoal", description="Shoal: a Triton-compatible inference server in Python")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model repository over HTTP")
+    s.add_argument("--model-repository", "--model-store", dest="model_repository", action="append",
+                   help="model repository directory (Triton layout)")
+    s.add_argument("--host", "--http-address", dest="host", default="0.0.0.0")
+    s.add_argument("--http-port", type=int, default=8000, help="0 picks a free port; the bound port is logged")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--exit-timeout-secs", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish at shutdown")
+    s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--strict-model-config", type=_bool, default=True)
+    s.add_argument("--strict-readiness", type=_bool, default=True)
+    s.add_argument("--model-control-mode", default="none")
+    s.add_argument("--repository-poll-secs", type=float, default=15.0)
+    s.add_argument("--http-max-input-size", type=int, default=64 << 20)
+    s.add_argument("--shm-arena-bytes", type=int, default=64 << 20)
+    s.add_argument("--shm-arena-max-bytes", type=int, default=1 << 30)
+    s.add_argument("--worker-arena-bytes", type=int, default=16 << 20)
+    s.add_argument("--inline-max-bytes", type=int, default=64 << 10)
+    s.add_argument("--model-load-timeout-secs", type=float, default=120.0)
+    return p
+
+
+def parse(argv: list[str]) -> ServerConfig:
+    """Parse ``shoal serve ...`` arguments; raises ``ConfigError`` listing every problem."""
+    args = build_parser().parse_args(argv)
+    problems: list[str] = []
+    repos = args.model_repository or []
+    if not repos:
+        problems.append("--model-repository is required")
+    elif len(repos) > 1:
+        problems.append("only one --model-repository is supported")
+    repo = Path(repos[0]) if repos else Path(".")
+    if repos and not repo.is_dir():
+        problems.append(f"--model-repository {repo}: not a directory")
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    for flag, port in ports.items():
+        if not 0 <= port <= 65535:
+            problems.append(f"{flag} {port}: must be between 0 and 65535")
+    nonzero = [p for p in ports.values() if p]
+    if len(nonzero) != len(set(nonzero)):
+        problems.append("--http-port, --grpc-port and --metrics-port must differ")
+    if args.model_control_mode not in CONTROL_MODES:
+        problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")
+    elif args.model_control_mode != "none":
+        problems.append(f"--model-control-mode {args.model_control_mode}: not supported yet (only 'none')")
+    if args.exit_timeout_secs < 0:
+        problems.append("--exit-timeout-secs must be >= 0")
+    if args.repository_poll_secs <= 0:
+        problems.append("--repository-poll-secs must be > 0")
+    if args.log_verbose < 0:
+        problems.append("--log-verbose must be >= 0")
+    for flag, value in (("--http-max-input-size", args.http_max_input_size), ("--shm-arena-bytes", args.shm_arena_bytes),
+                        ("--worker-arena-bytes", args.worker_arena_bytes)):
+        if value <= 0:
+            problems.append(f"{flag} must be > 0")
+    if args.inline_max_bytes < 0:
+        problems.append("--inline-max-bytes must be >= 0")
+    if problems:
+        raise ConfigError(problems)
+    return ServerConfig(
+        model_repository=repo.resolve(),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        exit_timeout_s=args.exit_timeout_secs,
+        log_verbose=args.log_verbose,
+        strict_model_config=args.strict_model_config,
+        strict_readiness=args.strict_readiness,
+        model_control_mode=args.model_control_mode,
+        repository_poll_s=args.repository_poll_secs,
+        http_max_input_bytes=args.http_max_input_size,
+        shm_arena_bytes=args.shm_arena_bytes,
+        shm_arena_max_bytes=args.shm_arena_max_bytes,
+        worker_arena_bytes=args.worker_arena_bytes,
+        inline_max_bytes=args.inline_max_bytes,
+        model_load_timeout_s=args.model_load_timeout_secs,
+    )

@@ -1,0 +1,162 @@
+"""``InstancePool``: the worker processes of one model version, and the encoding of a batch
+into a worker message (inputs inline or in the router's input arena) and back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from proto import wire
+from proto.errors import ErrorCode, ModelNotReady, ServingError
+from proto.gen import worker_pb2 as wpb
+from server.dispatch.worker import Worker
+from server.types import InferRequest, InferResult, OutputTensor
+from shm.arena import Arena
+from shm.block import Block
+from shm.mapper import Mapper
+
+RESERVED_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}
+)
+
+
+class DispatchContext:
+    """Router-wide resources shared by every pool: the input arena (owned here, on the
+    router's loop) and the mapper of worker output arenas."""
+
+    def __init__(self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int) -> None:
+        self.arena = arena
+        self.mapper = mapper
+        self.inline_max_bytes = inline_max_bytes
+
+
+class InstancePool:
+    def __init__(self, workers: list[Worker], ctx: DispatchContext) -> None:
+        self.workers = workers
+        self.ctx = ctx
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers if w.ready)
+
+    def pick(self) -> Worker:
+        """The READY worker with the fewest outstanding batches."""
+        best: Worker | None = None
+        for w in self.workers:
+            if w.ready and (best is None or w.outstanding < best.outstanding):
+                best = w
+        if best is None:
+            raise ModelNotReady("no instance of the model is ready", retryable=True)
+        return best
+
+    async def run(self, batch: Sequence[InferRequest]) -> list[InferResult | ServingError]:
+        """Execute ``batch`` on one instance; one result or error per request, in order.
+
+        Raises ``ServingError`` when the whole batch failed (no ready instance, worker died).
+        """
+        worker = self.pick()
+        env = wire.envelope(0)
+        buffers: list[Any] = []
+        blocks: list[Block] = []
+        try:
+            self._encode(batch, env.infer, buffers, blocks)
+            fut = worker.submit(env, buffers)
+        except BaseException:
+            self._free(blocks)
+            raise
+        if blocks:
+            fut.add_done_callback(lambda _f: self._free(blocks))
+        # If the caller is cancelled the worker still runs the batch and still reads the
+        # input blocks: they are freed by the callback above when the reply arrives.
+        reply, frames = await asyncio.shield(fut)
+        return self._decode(batch, worker, reply, frames)
+
+    def _free(self, blocks: list[Block]) -> None:
+        arena = self.ctx.arena
+        for b in blocks:
+            arena.free(b)
+
+    def _encode(self, batch: Sequence[InferRequest], infer: wpb.Infer, buffers: list[Any], blocks: list[Block]) -> None:
+        inline_max = self.ctx.inline_max_bytes
+        arena = self.ctx.arena
+        for i, req in enumerate(batch):
+            r = infer.requests.add()
+            r.id = i
+            r.request_id = req.id
+            for t in req.inputs:
+                ref = r.inputs.add()
+                ref.name = t.name
+                ref.datatype = t.datatype
+                ref.shape.extend(t.shape)
+                n = len(t.data)
+                if n <= inline_max:
+                    ref.frame = len(buffers)
+                    buffers.append(t.data)
+                else:
+                    block = arena.allocate(n)
+                    blocks.append(block)
+                    view = arena.view(block)
+                    view[:] = t.data
+                    view.release()
+                    s = ref.shm
+                    s.region = block.region
+                    s.offset = block.offset
+                    s.nbytes = block.nbytes
+                    s.device = block.device
+            if req.outputs is not None:
+                r.outputs.extend(o.name for o in req.outputs)
+            params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
+            if params:
+                r.parameters_json = json.dumps(params)
+
+    def _decode(self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope,
+                frames: list[zmq.Frame]) -> list[InferResult | ServingError]:
+        body = reply.WhichOneof("body")
+        if body == "failed":
+            raise wire.to_error(reply.failed)
+        if body != "infer_done" or len(reply.infer_done.results) != len(batch):
+            raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
+        identity = worker.identity
+        mapper = self.ctx.mapper
+        out: list[InferResult | ServingError] = []
+        for req, res in zip(batch, reply.infer_done.results, strict=True):
+            if res.HasField("error"):
+                out.append(wire.to_error(res.error))
+                continue
+            tensors = []
+            held: list[wpb.ShmSlice] = []
+            try:
+                for ref in res.outputs:
+                    if ref.WhichOneof("location") == "shm":
+                        s = ref.shm
+                        data: Any = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
+                        held.append(s)
+                    else:
+                        data = frames[ref.frame].buffer
+                    tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data))
+            except ServingError as exc:
+                worker.release(identity, held)
+                out.append(exc)
+                continue
+            result = InferResult(
+                model_name=req.model_name,
+                model_version=req.model_version,
+                outputs=tensors,
+                id=req.id,
+                parameters=json.loads(res.parameters_json) if res.parameters_json else {},
+            )
+            if held:
+                result.release = _releaser(worker, identity, held)
+            out.append(result)
+        return out
+
+
+def _releaser(worker: Worker, identity: bytes, held: list[wpb.ShmSlice]) -> Any:
+    def release() -> None:
+        worker.release(identity, held)
+
+    return release

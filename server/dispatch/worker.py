@@ -1,0 +1,301 @@
+"""``Worker``: one worker process for one model instance, supervised by the router.
+
+The worker is spawned with ``asyncio.create_subprocess_exec`` and awaited with
+``proc.wait()``; when it exits unexpectedly its in-flight batches fail at once with a
+retriable ``UNAVAILABLE`` naming model, instance and signal, and it is restarted with
+exponential backoff (and its model reloaded). Owned by the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from proto import wire
+from proto.errors import ErrorCode, ServingError, WorkerDied
+from proto.gen import worker_pb2 as wpb
+from server.dispatch.channel import WorkerChannel
+from shm import region
+
+log = logging.getLogger("shoal.worker")
+
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class WorkerState(enum.Enum):
+    STARTING = "STARTING"
+    READY = "READY"
+    RESTARTING = "RESTARTING"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs: the ``Load`` message (without its arena prefix) and limits."""
+
+    model_name: str
+    model_version: int
+    instance_name: str
+    load: wpb.Load
+    load_timeout_s: float = 120.0
+    restart_backoff_max_s: float = 10.0
+    log_verbose: int = 0
+
+
+Reply = tuple[wpb.Envelope, list[zmq.Frame]]
+
+
+class Worker:
+    """Lifecycle: ``await start()`` (raises ``ServingError`` when the model fails to load),
+    ``submit()`` batches while ``ready``, ``await stop()``."""
+
+    def __init__(self, spec: WorkerSpec, *, channel: WorkerChannel, arena_prefix: str,
+                 on_exit: Callable[[Worker], None] | None = None) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.arena_prefix_base = arena_prefix
+        self.on_exit = on_exit
+        self.state = WorkerState.STARTING
+        self.generation = 0
+        self.pid = 0
+        self.restarts = 0
+        self.outstanding = 0
+        self.identity = b""
+        self.arena_prefix = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._next_id = 1
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._first_load: asyncio.Future[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is WorkerState.READY
+
+    @property
+    def label(self) -> str:
+        return f"model '{self.spec.model_name}' version {self.spec.model_version} instance '{self.spec.instance_name}'"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._first_load = loop.create_future()
+        self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.spec.instance_name}")
+        await self._first_load
+
+    def submit(self, infer: wpb.Envelope, buffers: Sequence[Any]) -> asyncio.Future[Reply]:
+        """Send a batch; the future resolves with the worker's reply or fails with
+        ``WorkerDied``. The caller has checked ``ready``."""
+        rid = self._next_id
+        self._next_id += 1
+        infer.request_id = rid
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.channel.send(self.identity, infer, buffers)
+        self._pending[rid] = fut
+        self.outstanding += 1
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: asyncio.Future[Reply]) -> None:
+        self.outstanding -= 1
+
+    def release(self, identity: bytes, blocks: list[wpb.ShmSlice]) -> None:
+        """Hand output blocks back to the worker generation that wrote them."""
+        if identity != self.identity or not self.ready:
+            return  # that process is gone, and its arena with it
+        env = wire.envelope(0)
+        env.release.blocks.extend(blocks)
+        try:
+            self.channel.send(identity, env)
+        except ServingError:
+            pass
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                rc = await self._run_once()
+            except ServingError as exc:
+                # the model failed to load in a fresh process
+                if self._first_load is not None and not self._first_load.done():
+                    self.state = WorkerState.FAILED
+                    self._first_load.set_exception(exc)
+                    await self._reap()
+                    return
+                log.error("%s: restart failed: %s", self.label, exc.message)
+                rc = None
+            if self._stopping:
+                break
+            if rc is not None and time.monotonic() - started > 30:
+                backoff = 0.1
+            self.state = WorkerState.RESTARTING
+            self.restarts += 1
+            if self.on_exit is not None:
+                self.on_exit(self)
+            log.warning("%s: restarting in %.1f s", self.label, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.spec.restart_backoff_max_s)
+        self.state = WorkerState.STOPPED
+
+    async def _run_once(self) -> int:
+        """Spawn, load, serve until the process exits; returns its exit status."""
+        self.generation += 1
+        self.identity = f"{self.spec.instance_name}#{self.generation}#{id(self)}".encode()
+        self.arena_prefix = f"{self.arena_prefix_base}_g{self.generation}"
+        hello: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[0] = hello
+        self.channel.register(self.identity, self._on_message)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers",
+            "--endpoint", self.channel.endpoint,
+            "--identity", self.identity.decode(),
+            "--parent-pid", str(os.getpid()),
+            "--log-verbose", str(self.spec.log_verbose),
+            env=env, stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        self._proc = proc
+        self.pid = proc.pid
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await self._handshake(hello, exited)
+            self.state = WorkerState.READY
+            if self._first_load is not None and not self._first_load.done():
+                self._first_load.set_result(None)
+            log.info("%s: ready (pid %d)", self.label, proc.pid)
+            rc = await exited
+        except BaseException:
+            exited.cancel()
+            raise
+        finally:
+            self.channel.unregister(self.identity)
+        if not self._stopping:
+            log.error("%s: %s", self.label, self._death_message(rc))
+        self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {self._death_message(rc)}"))
+        region.unlink_prefix(self.arena_prefix)
+        return rc
+
+    async def _handshake(self, hello: asyncio.Future[Reply], exited: asyncio.Future[int]) -> None:
+        timeout = self.spec.load_timeout_s
+        await self._await_or_exit(hello, exited, timeout, "connect")
+        load = wire.envelope(0)
+        load.load.CopyFrom(self.spec.load)
+        load.load.arena_prefix = self.arena_prefix
+        loaded: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[0] = loaded
+        self.channel.send(self.identity, load)
+        env, _ = await self._await_or_exit(loaded, exited, timeout, "load")
+        if env.WhichOneof("body") == "failed":
+            err = wire.to_error(env.failed)
+            await self._terminate()
+            raise ServingError(f"failed to load {self.label}: {err.message}", code=err.code)
+
+    async def _await_or_exit(self, fut: asyncio.Future[Reply], exited: asyncio.Future[int], timeout: float, what: str) -> Reply:
+        done, _ = await asyncio.wait({fut, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if fut in done:
+            return fut.result()
+        self._pending.pop(0, None)
+        if exited in done:
+            raise ServingError(f"failed to load {self.label}: worker {self._death_message(exited.result())} during {what}",
+                               code=ErrorCode.UNAVAILABLE)
+        await self._terminate()
+        raise ServingError(f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}",
+                           code=ErrorCode.UNAVAILABLE)
+
+    def _on_message(self, env: wpb.Envelope, frames: list[zmq.Frame]) -> None:
+        body = env.WhichOneof("body")
+        if body == "pong":
+            return
+        fut = self._pending.pop(env.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result((env, frames))
+        elif body == "infer_done":
+            # the request was abandoned: give any output blocks straight back
+            blocks = [o.shm for r in env.infer_done.results for o in r.outputs if o.WhichOneof("location") == "shm"]
+            if blocks:
+                self.release(self.identity, blocks)
+
+    def _fail_pending(self, err: ServingError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    @staticmethod
+    def _death_message(rc: int | None) -> str:
+        if rc is None:
+            return "did not start"
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            return f"died: killed by signal {name}"
+        return f"died: exited with status {rc}"
+
+    async def _terminate(self, timeout_s: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        except ProcessLookupError:
+            pass
+
+    async def _reap(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            await self._terminate()
+        region.unlink_prefix(self.arena_prefix)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the worker process (operators and tests)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(sig)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to shut down (its backend finalizes), kill it after ``timeout_s``."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                self.channel.send(self.identity, _shutdown())
+            except ServingError:
+                pass
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), timeout_s)
+            except TimeoutError:
+                log.warning("%s: did not stop within %.0f s; killing it", self.label, timeout_s)
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, ServingError):
+                pass
+        self.state = WorkerState.STOPPED
+        self._fail_pending(ServingError(f"{self.label} stopped", code=ErrorCode.UNAVAILABLE, retryable=True))
+        region.unlink_prefix(self.arena_prefix_base)
+
+
+def _shutdown() -> wpb.Envelope:
+    env = wire.envelope(0)
+    env.shutdown.SetInParent()
+    return env

@@ -1,0 +1,239 @@
+"""KServe v2 HTTP inference bodies <-> ``InferRequest`` / ``InferResult``.
+
+Handles JSON tensors, the binary tensor data extension (``Inference-Header-Content-Length``),
+and the raw-body form (header length 0). Every error is ``InvalidInput`` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from proto import dtypes
+from proto.errors import InvalidInput, Unsupported
+from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
+
+JSON_UNSUPPORTED = frozenset({"FP16", "BF16"})
+_MAX_NESTING = 64
+
+
+def parse_header_length(value: str | None, body_len: int) -> int | None:
+    """The JSON header length from ``Inference-Header-Content-Length`` (``None``: absent)."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidInput(f"Inference-Header-Content-Length '{value[:32]}' is not an integer") from None
+    if n < 0 or n > body_len:
+        raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {body_len} bytes")
+    return n
+
+
+def decode_request(body: bytes, header_len: int | None, model: str, version: int) -> InferRequest:
+    """Decode a JSON or JSON+binary inference body (not the raw form)."""
+    view = memoryview(body)
+    head = body if header_len is None else body[:header_len]
+    try:
+        obj = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"failed to parse the request JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput("the request JSON must be an object")
+    inputs_obj = obj.get("inputs")
+    if not isinstance(inputs_obj, list):
+        raise InvalidInput("the request JSON must have an 'inputs' array")
+    request_id = obj.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput("request 'id' must be a string")
+    params = _params(obj.get("parameters"), "request")
+    pos = header_len if header_len is not None else len(body)
+    inputs = []
+    for i, spec in enumerate(inputs_obj):
+        t, pos = _decode_input(spec, i, view, pos, header_len is not None)
+        inputs.append(t)
+    if pos != len(body):
+        raise InvalidInput(f"unexpected additional input data: {len(body) - pos} bytes after the last binary input")
+    outputs = None
+    if "outputs" in obj:
+        outs = obj["outputs"]
+        if not isinstance(outs, list):
+            raise InvalidInput("request 'outputs' must be an array")
+        outputs = [_decode_output(o, i) for i, o in enumerate(outs)]
+    return InferRequest(model_name=model, model_version=version, inputs=inputs, outputs=outputs,
+                        id=request_id, parameters=params)
+
+
+def _params(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} 'parameters' must be an object")
+    return value
+
+
+def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary: bool) -> tuple[InputTensor, int]:
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"inputs[{index}] must be an object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{index}] has no 'name'")
+    datatype = spec.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f"input '{name}' has no 'datatype'")
+    dt = dtypes.BY_PROTOCOL.get(datatype)
+    if dt is None:
+        raise InvalidInput(f"input '{name}' has invalid datatype '{datatype}'")
+    shape_obj = spec.get("shape")
+    if not isinstance(shape_obj, list) or not all(type(d) is int and d >= 0 for d in shape_obj):
+        raise InvalidInput(f"input '{name}' must have a 'shape' of non-negative integers")
+    shape = tuple(shape_obj)
+    params = _params(spec.get("parameters"), f"input '{name}'")
+    has_data = "data" in spec
+    bin_size = params.get("binary_data_size")
+    shm = "shared_memory_region" in params
+    if has_data + (bin_size is not None) + shm != 1:
+        raise InvalidInput(
+            f"input '{name}' must set only one of the following fields: 'data', 'binary_data_size' in "
+            "'parameters', 'shared_memory_region' in 'parameters'"
+        )
+    if shm:
+        raise Unsupported(f"input '{name}': shared memory inputs are not supported yet")
+    count = dtypes.element_count(shape)
+    data: Buffer
+    if bin_size is not None:
+        if type(bin_size) is not int or bin_size < 0:
+            raise InvalidInput(f"input '{name}': 'binary_data_size' must be a non-negative integer")
+        if not has_binary:
+            raise InvalidInput(f"input '{name}' has 'binary_data_size' but the request has no binary data")
+        end = pos + bin_size
+        if end > len(body):
+            raise InvalidInput(f"unexpected size for input '{name}': expecting {bin_size} bytes, "
+                               f"only {len(body) - pos} left in the body")
+        data = body[pos:end]
+        pos = end
+    else:
+        data = _json_data(spec["data"], name, dt, count)
+    extra = {k: v for k, v in params.items() if k != "binary_data_size"}
+    return InputTensor(name=name, datatype=datatype, shape=shape, data=data, parameters=extra), pos
+
+
+def _flatten(value: Any, name: str) -> list[Any]:
+    """Row-major elements of flat or nested ``data`` (nesting depth is capped)."""
+    if not isinstance(value, list):
+        return [value]
+    if not any(isinstance(v, list) for v in value):
+        return value
+    out: list[Any] = []
+    _flatten_into(value, name, out, 0)
+    return out
+
+
+def _flatten_into(seq: list[Any], name: str, out: list[Any], depth: int) -> None:
+    if depth > _MAX_NESTING:
+        raise InvalidInput(f"input '{name}': 'data' is nested too deeply")
+    for v in seq:
+        if isinstance(v, list):
+            _flatten_into(v, name, out, depth + 1)
+        else:
+            out.append(v)
+
+
+def _json_data(value: Any, name: str, dt: dtypes.DType, count: int) -> bytes:
+    if dt.protocol in JSON_UNSUPPORTED:
+        raise InvalidInput(f"input '{name}': receiving {dt.protocol} data via JSON is not supported; use binary data")
+    flat = _flatten(value, name)
+    if len(flat) != count:
+        raise InvalidInput(f"input '{name}' has {len(flat)} elements in 'data' but its shape needs {count}")
+    if dt.protocol == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidInput(f"input '{name}': BYTES data must be JSON strings")
+        return dtypes.serialize_bytes(np.array(flat, dtype=np.object_))
+    if dt.protocol == "BOOL":
+        if not all(type(v) is bool for v in flat):
+            raise InvalidInput(f"input '{name}': BOOL data must be JSON booleans")
+    elif dt.numpy is not None and dt.numpy.kind in "iu":
+        if not all(type(v) is int for v in flat):
+            raise InvalidInput(f"input '{name}': {dt.protocol} data must be JSON integers")
+    elif not all(type(v) in (int, float) for v in flat):
+        raise InvalidInput(f"input '{name}': {dt.protocol} data must be JSON numbers")
+    assert dt.numpy is not None
+    try:
+        arr = np.array(flat, dtype=dt.numpy)
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': a value is out of range for {dt.protocol}") from None
+    return arr.tobytes()
+
+
+def _decode_output(spec: Any, index: int) -> RequestedOutput:
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"outputs[{index}] must be an object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"outputs[{index}] has no 'name'")
+    params = _params(spec.get("parameters"), f"output '{name}'")
+    if "shared_memory_region" in params:
+        raise Unsupported(f"output '{name}': shared memory outputs are not supported yet")
+    if params.get("classification"):
+        raise Unsupported(f"output '{name}': the classification extension is not supported yet")
+    if "binary_data" in params and type(params["binary_data"]) is not bool:
+        raise InvalidInput(f"output '{name}': 'binary_data' must be a boolean")
+    return RequestedOutput(name=name, parameters=params)
+
+
+def raw_request(body: bytes, model: str, version: int, name: str, datatype: str, shape: tuple[int, ...]) -> InferRequest:
+    """The raw-body form: the whole body is the one input's bytes."""
+    t = InputTensor(name=name, datatype=datatype, shape=shape, data=memoryview(body))
+    return InferRequest(model_name=model, model_version=version, inputs=[t], outputs=None,
+                        parameters={"binary_data_output": True})
+
+
+def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buffer], int | None]:
+    """Response body chunks and the JSON header length (``None``: JSON only)."""
+    default_binary = request.parameters.get("binary_data_output") is True
+    binary_of: dict[str, bool] = {}
+    if request.outputs is not None:
+        for o in request.outputs:
+            b = o.parameters.get("binary_data")
+            binary_of[o.name] = default_binary if b is None else b
+    outputs = []
+    blobs: list[Buffer] = []
+    for t in result.outputs:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if binary_of.get(t.name, default_binary):
+            entry["parameters"] = {"binary_data_size": len(t.data)}
+            if len(t.data):
+                blobs.append(t.data)
+        else:
+            entry["data"] = _to_json(t.name, t.datatype, t.shape, t.data)
+        outputs.append(entry)
+    resp: dict[str, Any] = {}
+    if result.id:
+        resp["id"] = result.id
+    resp["model_name"] = result.model_name
+    resp["model_version"] = str(result.model_version)
+    if result.parameters:
+        resp["parameters"] = result.parameters
+    resp["outputs"] = outputs
+    header = json.dumps(resp, separators=(",", ":")).encode()
+    if not any(e.get("parameters") for e in outputs):
+        return [header], None
+    return [header, *blobs], len(header)
+
+
+def _to_json(name: str, datatype: str, shape: tuple[int, ...], data: Buffer) -> list[Any]:
+    dt = dtypes.by_protocol(datatype)
+    if datatype in JSON_UNSUPPORTED:
+        raise InvalidInput(f"output '{name}': sending {datatype} data via JSON is not supported; "
+                           "request binary output")
+    count = dtypes.element_count(shape)
+    if datatype == "BYTES":
+        items = dtypes.deserialize_bytes(data, count, name=name)
+        try:
+            return [b.decode("utf-8") for b in items.tolist()]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"output '{name}' holds bytes that are not UTF-8; request binary output") from None
+    assert dt.numpy is not None
+    return np.frombuffer(data, dtype=dt.numpy, count=count).tolist()

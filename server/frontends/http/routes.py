@@ -1,0 +1,150 @@
+"""KServe v2 HTTP routes: decode, call ``DataPlane``, encode. No inference logic here."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+from aiohttp import web
+
+from proto import dtypes
+from proto.errors import InvalidInput, ServingError, Unsupported
+from server.dataplane import DataPlane
+from server.frontends.http import codec
+
+DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
+MAX_JSON_BYTES: web.AppKey[int] = web.AppKey("max_json_bytes", int)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_JSON = "application/json"
+
+
+def _version(request: web.Request) -> int:
+    v = request.match_info.get("version")
+    return int(v) if v else -1
+
+
+def _json_response(obj: Any) -> web.Response:
+    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), content_type=_JSON)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[DATAPLANE].live() else 400)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[DATAPLANE].ready() else 400)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return _json_response(request.app[DATAPLANE].server_metadata())
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    return _json_response(request.app[DATAPLANE].model_metadata(request.match_info["model"], _version(request)))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    request.app[DATAPLANE].model_ready(request.match_info["model"], _version(request))
+    return web.Response(status=200)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    cfg = request.app[DATAPLANE].model_config(request.match_info["model"], _version(request))
+    return _json_response(cfg)
+
+
+async def infer(request: web.Request) -> web.StreamResponse:
+    dp = request.app[DATAPLANE]
+    model = request.match_info["model"]
+    version = _version(request)
+    body = await _read_body(request)
+    header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+    if header_len is None and len(body) > request.app[MAX_JSON_BYTES]:
+        raise InvalidInput(f"the JSON request body of {len(body)} bytes exceeds the limit of "
+                           f"{request.app[MAX_JSON_BYTES]} bytes (--http-max-input-size); use binary tensor data")
+    if header_len == 0:
+        name, datatype, shape = dp.raw_input(model, version, len(body))
+        req = codec.raw_request(body, model, version, name, datatype, shape)
+    else:
+        req = codec.decode_request(body, header_len, model, version)
+    result = await dp.infer(req)
+    try:
+        chunks, json_len = codec.encode_result(req, result)
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        result.done()
+    headers = {}
+    if json_len is None:
+        content_type = _JSON
+    else:
+        content_type = "application/octet-stream"
+        headers[HEADER_LENGTH] = str(json_len)
+    encoding = _response_encoding(request.headers.get("Accept-Encoding"))
+    if encoding is not None:
+        payload = _compress(payload, encoding)
+        headers["Content-Encoding"] = encoding
+    return web.Response(body=payload, headers=headers, content_type=content_type)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    body = await request.read()
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise Unsupported(f"unsupported Content-Encoding '{encoding[:32]}'; use gzip, deflate or identity")
+    limit = request.app[MAX_JSON_BYTES] * 16
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit)
+    except zlib.error as exc:
+        raise InvalidInput(f"failed to decompress the {encoding} request body: {exc}") from None
+    if d.unconsumed_tail:
+        raise InvalidInput(f"the decompressed request body exceeds {limit} bytes")
+    return out
+
+
+def _response_encoding(accept: str | None) -> str | None:
+    """Highest-weighted of gzip / deflate / identity in ``Accept-Encoding`` (``None``: identity)."""
+    if not accept:
+        return None
+    best, best_q = None, 0.0
+    identity_q = 0.001
+    for part in accept.split(","):
+        token, _, params = part.strip().partition(";")
+        token = token.strip().lower()
+        q = 1.0
+        params = params.strip()
+        if params.startswith("q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        if token == "identity":
+            identity_q = q
+        elif token in ("gzip", "deflate") and q > best_q:
+            best, best_q = token, q
+    return best if best is not None and best_q > identity_q else None
+
+
+def _compress(payload: bytes, encoding: str) -> bytes:
+    c = zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
+    return c.compress(payload) + c.flush()
+
+
+def add_routes(app: web.Application) -> None:
+    v = "/versions/{version:[0-9]+}"
+    r = app.router
+    r.add_get("/v2/health/live", health_live)
+    r.add_get("/v2/health/ready", health_ready)
+    r.add_get("/v2", server_metadata)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}" + v):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_get(prefix + "/config", model_config)
+        r.add_post(prefix + "/infer", infer)
+
+
+__all__ = ["add_routes", "DATAPLANE", "MAX_JSON_BYTES", "ServingError", "dtypes"]

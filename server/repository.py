@@ -1,0 +1,201 @@
+"""The model repository on local disk: find models, parse and normalize ``config.pbtxt``,
+choose versions by policy. Pure functions of the directory; no processes are started here.
+
+Layout (Triton's): ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/<version>/...`` with
+numeric version directories.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from proto.errors import InvalidInput, ServingError
+from proto.gen import model_config_pb2 as mc
+
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
+_NAME_RE = re.compile(r"^[^/\\\x00]+$")
+
+# backend -> (platform, default model file name)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
+    "python": ("", "model.py"),
+    "pytorch": ("pytorch_libtorch", "model.pt"),
+    "tensorrt": ("tensorrt_plan", "model.plan"),
+}
+_PLATFORM_TO_BACKEND = {p: b for b, (p, _) in BACKENDS.items() if p}
+_FILE_TO_BACKEND = {f: b for b, (_, f) in BACKENDS.items()}
+CPU_DEFAULT_COUNT = {"onnxruntime": 2, "tensorflow": 2}
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """One model directory of the repository: its normalized config and chosen versions,
+    or ``error`` when it cannot be served."""
+
+    name: str
+    path: Path
+    config: mc.ModelConfig = field(default_factory=mc.ModelConfig)
+    versions: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+def validate_model_name(name: str) -> None:
+    """Refuse names that could escape the repository (``..``, separators, NUL)."""
+    if not name or name in (".", "..") or not _NAME_RE.match(name):
+        raise InvalidInput(f"invalid model name '{name}'")
+
+
+def list_models(repo: Path) -> list[str]:
+    """Directory names of the repository that look like models (hidden ones skipped)."""
+    return sorted(
+        entry.name for entry in os.scandir(repo) if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def read_model(repo: Path, name: str) -> ModelSource:
+    """Parse, normalize and validate one model; errors land in ``ModelSource.error``."""
+    path = repo / name
+    src = ModelSource(name=name, path=path)
+    try:
+        src.config = parse_config(path, name)
+        versions = available_versions(path)
+        normalize(src.config, name, path, versions)
+        src.versions = select_versions(src.config, versions)
+    except ServingError as exc:
+        src.error = exc.message
+    return src
+
+
+def parse_config(path: Path, name: str) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    cfg_file = path / "config.pbtxt"
+    if not cfg_file.is_file():
+        raise InvalidInput(f"model '{name}': no config.pbtxt")
+    try:
+        text_format.Parse(cfg_file.read_text(encoding="utf-8"), config)
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"model '{name}': config.pbtxt: {exc}") from None
+    return config
+
+
+def available_versions(path: Path) -> list[int]:
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return []
+    return sorted(int(e.name) for e in entries if e.is_dir() and _VERSION_RE.match(e.name))
+
+
+def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
+    """The versions the policy serves, ascending; raises when none is left."""
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        chosen = list(available)
+    elif which == "specific":
+        wanted = sorted(set(policy.specific.versions))
+        missing = [v for v in wanted if v not in available]
+        if missing:
+            raise InvalidInput(f"model '{config.name}': version(s) {missing} named by version_policy do not exist")
+        chosen = wanted
+    else:
+        n = policy.latest.num_versions or 1
+        chosen = available[-n:]
+    if not chosen:
+        raise InvalidInput(f"model '{config.name}': no version directory to serve")
+    return chosen
+
+
+def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]) -> None:
+    """Fill Triton's defaults in place and validate; raises ``InvalidInput`` naming the
+    problem. Only KIND_CPU instances exist until GPU placement is built."""
+    if config.name and config.name != name:
+        raise InvalidInput(f"model '{name}': config name '{config.name}' does not match the directory name")
+    config.name = name
+    _fill_backend(config, name, path, versions)
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if config.max_batch_size < 0:
+        raise InvalidInput(f"model '{name}': max_batch_size must be >= 0")
+    _check_tensors(config)
+    if config.HasField("dynamic_batching") and config.max_batch_size > 0:
+        if not config.dynamic_batching.preferred_batch_size:
+            config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
+    if config.HasField("sequence_batching") and not config.sequence_batching.max_sequence_idle_microseconds:
+        config.sequence_batching.max_sequence_idle_microseconds = 1_000_000
+    if config.platform != "ensemble":
+        config.optimization.input_pinned_memory.enable = True
+        config.optimization.output_pinned_memory.enable = True
+        _normalize_instance_groups(config)
+
+
+def _fill_backend(config: mc.ModelConfig, name: str, path: Path, versions: list[int]) -> None:
+    if config.platform == "ensemble":
+        return
+    if not config.backend and config.platform:
+        backend = _PLATFORM_TO_BACKEND.get(config.platform)
+        if backend is None:
+            raise InvalidInput(f"model '{name}': platform '{config.platform}' is not supported")
+        config.backend = backend
+    if not config.backend:
+        config.backend = _guess_backend(path, name, versions)
+    if config.backend not in BACKENDS:
+        raise InvalidInput(f"model '{name}': backend '{config.backend}' is not supported")
+    platform, default_file = BACKENDS[config.backend]
+    if not config.platform:
+        config.platform = platform
+    elif config.platform != platform:
+        raise InvalidInput(f"model '{name}': platform '{config.platform}' does not match backend '{config.backend}'")
+    if not config.default_model_filename:
+        config.default_model_filename = default_file
+
+
+def _guess_backend(path: Path, name: str, versions: list[int]) -> str:
+    """Neither backend nor platform given: look at the file names of the newest version."""
+    if versions:
+        for filename, backend in _FILE_TO_BACKEND.items():
+            if (path / str(versions[-1]) / filename).exists():
+                return backend
+    raise InvalidInput(f"model '{name}': config sets neither backend nor platform, and no known model file was found")
+
+
+def _check_tensors(config: mc.ModelConfig) -> None:
+    name = config.name
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        seen: set[str] = set()
+        for t in tensors:
+            if not t.name:
+                raise InvalidInput(f"model '{name}': an {kind} has no name")
+            if t.name in seen:
+                raise InvalidInput(f"model '{name}': {kind} '{t.name}' is declared twice")
+            seen.add(t.name)
+            if t.data_type == mc.TYPE_INVALID:
+                raise InvalidInput(f"model '{name}': {kind} '{t.name}' has no data_type")
+            if not t.dims and not t.HasField("reshape"):
+                raise InvalidInput(f"model '{name}': {kind} '{t.name}' has no dims")
+            if any(d < -1 for d in t.dims):
+                raise InvalidInput(f"model '{name}': {kind} '{t.name}' has an invalid dimension {list(t.dims)}")
+
+
+def _normalize_instance_groups(config: mc.ModelConfig) -> None:
+    if not config.instance_group:
+        config.instance_group.add()
+    for i, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = config.name if len(config.instance_group) == 1 else f"{config.name}_{i}"
+        if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_MODEL):
+            group.kind = mc.ModelInstanceGroup.KIND_CPU
+        if group.kind == mc.ModelInstanceGroup.KIND_GPU:
+            raise InvalidInput(
+                f"model '{config.name}': instance group '{group.name}' asks for KIND_GPU, "
+                "but this server has no GPU support; use KIND_CPU"
+            )
+        if group.count < 0:
+            raise InvalidInput(f"model '{config.name}': instance group '{group.name}' has a negative count")
+        if group.count == 0:
+            group.count = CPU_DEFAULT_COUNT.get(config.backend, 1)

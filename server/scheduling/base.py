@@ -1,0 +1,31 @@
+"""The scheduler interface: how a model version turns requests into worker batches.
+
+One scheduler per loaded model version, owned by the router's event loop. The default
+scheduler sends each request alone; the dynamic batcher, sequence batcher and ensemble
+scheduler implement the same protocol, so the data plane never special-cases them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from server.types import InferRequest, InferResult
+
+
+class Scheduler(Protocol):
+    async def submit(self, request: InferRequest) -> InferResult:
+        """Run one request to completion; raises ``ServingError``.
+
+        The caller owns the returned result and must call ``result.done()`` once encoded.
+        """
+        ...
+
+    @property
+    def inflight(self) -> int:
+        """Requests accepted and not yet answered (queued + executing)."""
+        ...
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting (new submits fail ``UNAVAILABLE``) and wait up to ``timeout_s``
+        for in-flight requests to finish."""
+        ...

@@ -1,0 +1,47 @@
+"""``DirectScheduler``: no batching; each request goes alone to the least busy instance."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proto.errors import ErrorCode, ServingError
+from server.dispatch.pool import InstancePool
+from server.types import InferRequest, InferResult
+
+
+class DirectScheduler:
+    def __init__(self, pool: InstancePool) -> None:
+        self.pool = pool
+        self._inflight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def submit(self, request: InferRequest) -> InferResult:
+        if self._draining:
+            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            (result,) = await self.pool.run((request,))
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    async def drain(self, timeout_s: float) -> None:
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._inflight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return

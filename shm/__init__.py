@@ -1,0 +1,1 @@
+"""Shared memory: the router/worker arenas and (later) client-registered regions."""

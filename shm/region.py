@@ -1,0 +1,143 @@
+"""POSIX shared-memory segments: create (owner), attach (consumer), unlink, reclaim.
+
+Segment names are ``/dev/shm`` names without the leading slash. The owner creates with
+``O_EXCL`` and reserves the pages with ``posix_fallocate`` so that a full ``/dev/shm``
+is an error at creation (``RESOURCE_EXHAUSTED``) rather than a ``SIGBUS`` on first write.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import posix_ipc
+
+from proto.errors import ErrorCode, ServingError
+
+SHM_DIR = Path("/dev/shm")
+SERVER_PREFIX = "shoal_"
+"""Every segment a Shoal server or its workers create starts with this; the client
+shared-memory registration API refuses keys with this prefix."""
+
+_OWNER_RE = re.compile(r"^shoal_(\d+)_")
+
+
+class Segment:
+    """One mapped POSIX shm segment. The creator owns it and unlinks it on ``close``."""
+
+    __slots__ = ("name", "nbytes", "mm", "owner", "_closed")
+
+    def __init__(self, name: str, nbytes: int, mm: mmap.mmap, *, owner: bool) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        self.mm = mm
+        self.owner = owner
+        self._closed = False
+
+    @classmethod
+    def create(cls, name: str, nbytes: int) -> Segment:
+        """Create and map a new segment of ``nbytes``; raises ``RESOURCE_EXHAUSTED`` when
+        ``/dev/shm`` cannot hold it and ``ALREADY_EXISTS`` when the name is taken."""
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
+        except posix_ipc.ExistentialError:
+            raise ServingError(f"shared memory segment {name} already exists", code=ErrorCode.ALREADY_EXISTS) from None
+        try:
+            try:
+                os.posix_fallocate(shm.fd, 0, nbytes)
+            except OSError as exc:
+                shm.unlink()
+                raise ServingError(
+                    f"cannot reserve {nbytes} bytes of shared memory in /dev/shm ({exc.strerror}); "
+                    "enlarge /dev/shm (docker: --shm-size) or lower --shm-arena-bytes",
+                    code=ErrorCode.RESOURCE_EXHAUSTED,
+                ) from None
+            mm = mmap.mmap(shm.fd, nbytes)
+        finally:
+            shm.close_fd()
+        return cls(name, nbytes, mm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        """Map an existing segment read-write; raises ``NOT_FOUND`` if it does not exist."""
+        try:
+            shm = posix_ipc.SharedMemory("/" + name)
+        except posix_ipc.ExistentialError:
+            raise ServingError(f"shared memory segment {name} does not exist", code=ErrorCode.NOT_FOUND) from None
+        try:
+            nbytes = os.fstat(shm.fd).st_size
+            mm = mmap.mmap(shm.fd, nbytes)
+        finally:
+            shm.close_fd()
+        return cls(name, nbytes, mm, owner=False)
+
+    def close(self) -> None:
+        """Unmap; the owner also unlinks. Idempotent. Views still exported keep the
+        mapping alive until they are released (mmap refuses to close then)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.owner:
+            unlink(self.name)
+        try:
+            self.mm.close()
+        except BufferError:
+            # A memoryview into the segment is still alive; the mapping goes with it.
+            pass
+
+
+def unlink(name: str) -> None:
+    """Remove a segment name; missing names are ignored."""
+    try:
+        posix_ipc.unlink_shared_memory("/" + name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def unlink_prefix(prefix: str) -> list[str]:
+    """Unlink every segment whose name starts with ``prefix``; returns the names."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(prefix):
+            unlink(name)
+            removed.append(name)
+    return removed
+
+
+def reclaim_stale() -> list[str]:
+    """Unlink segments left by Shoal servers that are no longer running.
+
+    Names carry the creating server's pid (``shoal_<pid>_...``); a segment whose pid is not
+    alive is stale. Returns the names removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = _OWNER_RE.match(name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        unlink(name)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

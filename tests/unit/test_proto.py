@@ -1,0 +1,253 @@
+"""Generated protobuf code, error codes, and the Triton JSON form of ModelConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proto import errors
+from proto.config_json import config_from_json, config_to_json
+from proto.gen import model_config_pb2 as mc
+from proto.gen import worker_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+GEN = ROOT / "proto" / "gen"
+
+
+def _generated_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    out = tmp_path / "gen"
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)],
+        check=True, env=env, cwd=ROOT, capture_output=True,
+    )
+    fresh = _generated_files(out)
+    committed = _generated_files(GEN)
+    assert "__init__.py" in fresh and "model_config_pb2.py" in fresh and "worker_pb2.pyi" in fresh
+    assert sorted(committed) == sorted(fresh), "proto/gen has stray or missing files: run scripts/gen_proto.sh"
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert not stale, f"proto/gen is stale ({stale}): run scripts/gen_proto.sh"
+
+
+def test_generator_is_idempotent(tmp_path: Path) -> None:
+    out = tmp_path / "gen"
+    env = dict(os.environ, PYTHON=sys.executable)
+    cmd = ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+    first = _generated_files(out)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+    assert _generated_files(out) == first
+
+
+def test_error_codes_match_worker_proto() -> None:
+    proto_codes = {v.name: v.number for v in worker_pb2.DESCRIPTOR.enum_types_by_name["ErrorCode"].values}
+    py_codes = {c.name: c.value for c in errors.ErrorCode}
+    assert py_codes == proto_codes
+
+
+def test_model_config_field_numbers_match_triton() -> None:
+    # Spot check of protocol facts from Triton's model_config.proto.
+    fields = {f.name: f.number for f in mc.ModelConfig.DESCRIPTOR.fields}
+    assert fields == {
+        "name": 1, "platform": 2, "backend": 17, "runtime": 25, "version_policy": 3,
+        "max_batch_size": 4, "input": 5, "output": 6, "batch_input": 20, "batch_output": 21,
+        "optimization": 12, "dynamic_batching": 11, "sequence_batching": 13,
+        "ensemble_scheduling": 15, "instance_group": 7, "default_model_filename": 8,
+        "cc_model_filenames": 9, "metric_tags": 10, "parameters": 14, "model_warmup": 16,
+        "model_operations": 18, "model_transaction_policy": 19, "model_repository_agents": 23,
+        "response_cache": 24, "model_metrics": 26,
+    }
+    assert mc.ModelConfig.DESCRIPTOR.full_name == "inference.ModelConfig"
+    assert {f.name: f.number for f in mc.ModelInput.DESCRIPTOR.fields} == {
+        "name": 1, "data_type": 2, "format": 3, "dims": 4, "reshape": 5, "is_shape_tensor": 6,
+        "allow_ragged_batch": 7, "optional": 8, "is_non_linear_format_io": 9,
+    }
+    assert {f.name: f.number for f in mc.ModelInstanceGroup.DESCRIPTOR.fields} == {
+        "name": 1, "kind": 4, "count": 2, "rate_limiter": 6, "gpus": 3,
+        "secondary_devices": 8, "profile": 5, "passive": 7, "host_policy": 9,
+    }
+    assert mc.DataType.Value("TYPE_BF16") == 14
+    assert mc.ModelInstanceGroup.KIND_MODEL == 3
+
+
+def _sample_config() -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name="simple", max_batch_size=8)
+    cfg.input.add(name="INPUT0", data_type=mc.TYPE_FP32, dims=[-1, 16])
+    inp1 = cfg.input.add(name="INPUT1", data_type=mc.TYPE_INT64, dims=[1])
+    inp1.reshape.SetInParent()  # reshape: { shape: [] }
+    out = cfg.output.add(name="OUTPUT0", data_type=mc.TYPE_FP32, dims=[16])
+    out.reshape.shape.extend([4, 4])
+    cfg.version_policy.specific.versions.extend([1, 3])
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.extend([4, 8])
+    db.max_queue_delay_microseconds = 100
+    db.priority_levels = 2
+    db.default_priority_level = 1
+    db.default_queue_policy.default_timeout_microseconds = 5000
+    db.priority_queue_policy[1].default_timeout_microseconds = 7000
+    db.priority_queue_policy[1].timeout_action = mc.ModelQueuePolicy.DELAY
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=2)
+    warm = cfg.model_warmup.add(name="w", batch_size=1)
+    warm.inputs["INPUT0"].data_type = mc.TYPE_FP32
+    warm.inputs["INPUT0"].dims.extend([16])
+    warm.inputs["INPUT0"].zero_data = True
+    cfg.parameters["k"].string_value = "v"
+    return cfg
+
+
+def test_config_to_json_int64_fields_are_numbers() -> None:
+    js = config_to_json(_sample_config())
+    json.dumps(js)  # serializable as is
+    inputs = js["input"]
+    assert isinstance(inputs, list)
+    assert inputs[0]["dims"] == [-1, 16]
+    assert inputs[1]["dims"] == [1]
+    assert inputs[1]["reshape"] == {"shape": []}
+    outputs = js["output"]
+    assert isinstance(outputs, list)
+    assert outputs[0]["reshape"] == {"shape": [4, 4]}
+    assert js["version_policy"] == {"specific": {"versions": [1, 3]}}
+    db = js["dynamic_batching"]
+    assert isinstance(db, dict)
+    assert db["max_queue_delay_microseconds"] == 100
+    assert db["priority_levels"] == 2
+    assert db["default_priority_level"] == 1
+    assert db["preferred_batch_size"] == [4, 8]
+    assert db["preserve_ordering"] is False
+    assert db["default_queue_policy"]["default_timeout_microseconds"] == 5000
+    # Map keys stay strings; the values' 64-bit fields become numbers.
+    assert db["priority_queue_policy"] == {
+        "1": {"timeout_action": "DELAY", "default_timeout_microseconds": 7000,
+              "allow_timeout_override": False, "max_queue_size": 0},
+    }
+    warmups = js["model_warmup"]
+    assert isinstance(warmups, list)
+    assert warmups[0]["inputs"]["INPUT0"]["dims"] == [16]
+    assert warmups[0]["inputs"]["INPUT0"]["zero_data"] is True
+    assert "random_data" not in warmups[0]["inputs"]["INPUT0"]  # oneof member not set
+
+
+def test_config_to_json_enum_names_and_default_scalars() -> None:
+    js = config_to_json(_sample_config())
+    assert js["name"] == "simple"
+    assert js["platform"] == ""
+    assert js["backend"] == ""
+    assert js["runtime"] == ""
+    assert js["max_batch_size"] == 8
+    assert js["default_model_filename"] == ""
+    assert js["batch_input"] == []
+    assert js["cc_model_filenames"] == {}
+    assert js["parameters"] == {"k": {"string_value": "v"}}
+    inputs = js["input"]
+    assert isinstance(inputs, list)
+    assert inputs[0]["data_type"] == "TYPE_FP32"
+    assert inputs[0]["format"] == "FORMAT_NONE"
+    assert inputs[0]["optional"] is False
+    assert inputs[0]["is_shape_tensor"] is False
+    assert inputs[0]["allow_ragged_batch"] is False
+    groups = js["instance_group"]
+    assert isinstance(groups, list)
+    assert groups[0] == {
+        "name": "", "kind": "KIND_CPU", "count": 2, "gpus": [], "secondary_devices": [],
+        "profile": [], "passive": False, "host_policy": "",
+    }
+    # Unset message fields (presence) are not printed, as in Triton.
+    assert "optimization" not in js
+    assert "sequence_batching" not in js
+    assert "response_cache" not in js
+
+
+def test_config_to_json_sequence_and_ensemble() -> None:
+    cfg = mc.ModelConfig(name="seq", max_batch_size=4)
+    sb = cfg.sequence_batching
+    sb.max_sequence_idle_microseconds = 1_000_000
+    sb.oldest.max_queue_delay_microseconds = 250
+    state = sb.state.add(input_name="in_s", output_name="out_s", data_type=mc.TYPE_FP32, dims=[-1, 2])
+    init = state.initial_state.add(name="init", data_type=mc.TYPE_FP32, dims=[1, 2], zero_data=True)
+    assert init.zero_data
+    js = config_to_json(cfg)
+    seq = js["sequence_batching"]
+    assert isinstance(seq, dict)
+    assert seq["max_sequence_idle_microseconds"] == 1_000_000
+    assert seq["oldest"]["max_queue_delay_microseconds"] == 250
+    assert seq["state"][0]["dims"] == [-1, 2]
+    # Triton leaves these as strings (its fix-up looks in the wrong place); so do we.
+    assert seq["state"][0]["initial_state"][0]["dims"] == ["1", "2"]
+
+    ens = mc.ModelConfig(name="ens", platform="ensemble")
+    ens.ensemble_scheduling.step.add(model_name="a", model_version=-1)
+    ens.ensemble_scheduling.step.add(model_name="b", model_version=3)
+    ejs = config_to_json(ens)
+    sched = ejs["ensemble_scheduling"]
+    assert isinstance(sched, dict)
+    assert [s["model_version"] for s in sched["step"]] == [-1, 3]
+
+
+def test_config_to_json_other_int64_stay_strings() -> None:
+    cfg = mc.ModelConfig(name="m")
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU).secondary_devices.add(device_id=7)
+    spec = cfg.optimization.cuda.graph_spec.add(batch_size=2)
+    spec.input["x"].dim.extend([3, 4])
+    js = config_to_json(cfg)
+    groups = js["instance_group"]
+    assert isinstance(groups, list)
+    assert groups[0]["secondary_devices"] == [{"kind": "KIND_NVDLA", "device_id": "7"}]
+    opt = js["optimization"]
+    assert isinstance(opt, dict)
+    assert opt["cuda"]["graph_spec"][0]["input"] == {"x": {"dim": ["3", "4"]}}
+
+
+def test_config_to_json_empty_config() -> None:
+    assert config_to_json(mc.ModelConfig()) == {}
+
+
+def test_config_from_json_round_trip() -> None:
+    cfg = _sample_config()
+    js = config_to_json(cfg)
+    back = config_from_json(json.loads(json.dumps(js)))
+    assert back == cfg
+    assert config_to_json(back) == js
+
+
+def test_config_from_json_accepts_string_int64_and_enum_numbers() -> None:
+    cfg = config_from_json({
+        "name": "m",
+        "input": [{"name": "x", "data_type": 11, "dims": ["-1", "3"]}],
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+    })
+    assert list(cfg.input[0].dims) == [-1, 3]
+    assert cfg.input[0].data_type == mc.TYPE_FP32
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_config_from_json_unknown_field() -> None:
+    with pytest.raises(errors.InvalidInput) as info:
+        config_from_json({"name": "m", "max_batch_sise": 4})
+    assert info.value.code is errors.ErrorCode.INVALID_ARGUMENT
+    assert "max_batch_sise" in info.value.message
+    assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("bad", [
+    {"input": [{"name": "x", "data_type": "TYPE_NOPE"}]},
+    {"input": [{"name": "x", "dims": ["a"]}]},
+    {"max_batch_size": "eight"},
+    {"input": 3},
+])
+def test_config_from_json_bad_values(bad: dict[str, object]) -> None:
+    with pytest.raises(errors.InvalidInput, match="invalid model configuration"):
+        config_from_json(bad)
+
+
+def test_config_from_json_not_an_object() -> None:
+    with pytest.raises(errors.InvalidInput, match="JSON object"):
+        config_from_json([1, 2])  # type: ignore[arg-type]

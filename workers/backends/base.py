@@ -1,0 +1,159 @@
+"""The backend interface: one object is one model instance on one device in one process.
+
+A backend is synchronous and blocking; the worker runtime owns all concurrency and calls
+``execute`` from one thread. Heavy runtimes (onnxruntime, torch, tensorrt) are imported
+inside the backend's module only, so a missing runtime fails that model's load alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from proto.errors import ServingError
+from proto.gen import model_config_pb2 as mc
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """Where an instance runs: ``kind`` is ``"CPU"`` or ``"GPU"``; ``index`` is the CUDA
+    ordinal as the worker sees it (``-1`` on CPU)."""
+
+    kind: str = "CPU"
+    index: int = -1
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "GPU"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Everything a backend needs to load one instance. Owned by the worker runtime."""
+
+    name: str
+    version: int
+    config: mc.ModelConfig
+    """The normalized configuration (never mutated by a backend)."""
+    repository: str
+    """The model repository root directory."""
+    model_dir: str
+    """``<repository>/<name>``"""
+    version_dir: str
+    """``<repository>/<name>/<version>``"""
+    instance_name: str
+    device: Device = field(default_factory=Device)
+
+
+@dataclass(slots=True)
+class WorkRequest:
+    """One inference request as a backend sees it.
+
+    ``inputs`` hold numpy arrays that may be views of shared memory owned by someone else:
+    valid only during ``execute``; a backend that keeps data must copy it. BYTES tensors are
+    ``object`` arrays of ``bytes``.
+    """
+
+    id: int
+    inputs: dict[str, Array]
+    requested_outputs: list[str]
+    """Names the client asked for; empty means every output."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    correlation_id: int | str = 0
+    flags: int = 0
+
+
+@dataclass(slots=True)
+class WorkResponse:
+    """The outputs of one request, or the error that failed it."""
+
+    outputs: dict[str, Array] = field(default_factory=dict)
+    error: ServingError | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """One model instance. ``load`` is a factory, so no half-built backend exists."""
+
+    kind: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec) -> Self:
+        """Load the model, fully ready to execute; raises ``ServingError`` on failure."""
+
+    @abstractmethod
+    def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
+        """Run a batch of requests; returns exactly one response per request, in order.
+
+        An exception raised here fails every request of the batch (``INTERNAL`` unless it is
+        a ``ServingError``); per-request failures go in ``WorkResponse.error``.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the model and any device memory; idempotent."""
+
+
+class BatchedBackend(Backend):
+    """A backend whose runtime takes one tensor per input, batched along dimension 0.
+
+    ``execute`` concatenates the requests of a batch (for batching models) and splits the
+    outputs back, so subclasses only implement ``run``.
+    """
+
+    batching: bool = False
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        """Execute once on already-batched inputs and return the named outputs."""
+
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Every output the model produces."""
+
+    def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
+        names = self._wanted(requests)
+        if len(requests) == 1:
+            req = requests[0]
+            out = self.run(req.inputs, names)
+            return [WorkResponse(outputs=_select(out, req.requested_outputs))]
+        if not self.batching:
+            return [WorkResponse(outputs=_select(self.run(r.inputs, names), r.requested_outputs)) for r in requests]
+        sizes = [_batch_of(r) for r in requests]
+        merged = {k: np.concatenate([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+        out = self.run(merged, names)
+        responses: list[WorkResponse] = []
+        start = 0
+        for req, n in zip(requests, sizes, strict=True):
+            part = {k: v[start : start + n] for k, v in out.items()}
+            responses.append(WorkResponse(outputs=_select(part, req.requested_outputs)))
+            start += n
+        return responses
+
+    def _wanted(self, requests: Sequence[WorkRequest]) -> list[str]:
+        if any(not r.requested_outputs for r in requests):
+            return self.output_names()
+        wanted: dict[str, None] = {}
+        for r in requests:
+            wanted.update(dict.fromkeys(r.requested_outputs))
+        return list(wanted)
+
+
+def _batch_of(req: WorkRequest) -> int:
+    first = next(iter(req.inputs.values()))
+    return int(first.shape[0])
+
+
+def _select(outputs: dict[str, Array], wanted: list[str]) -> dict[str, Array]:
+    if not wanted:
+        return outputs
+    return {k: outputs[k] for k in wanted if k in outputs}

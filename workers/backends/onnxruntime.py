@@ -1,0 +1,331 @@
+"""The ONNX Runtime backend (``backend: "onnxruntime"``), configured as Triton's is.
+
+``onnxruntime`` is imported inside ``load`` only, so this module imports without it and a
+missing runtime fails the load of that model alone. Model ``parameters`` follow Triton's
+onnxruntime backend: ``intra_op_thread_count``, ``inter_op_thread_count`` (0 or absent: the
+runtime's default, as in Triton), ``execution_mode`` (0 sequential, 1 parallel),
+``enable_mem_arena`` and ``enable_mem_pattern``. ``optimization.graph.level`` maps as in
+Triton: -1 basic, 0 or absent all, 1 extended, 2 disabled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Self
+
+import numpy as np
+
+from proto import dtypes
+from proto.errors import ErrorCode, InvalidInput, ServingError
+from proto.gen import model_config_pb2 as mc
+from workers.backends.base import Array, BatchedBackend, ModelSpec
+
+DEFAULT_FILENAME: Final = "model.onnx"
+
+ORT_TYPES: Final[dict[str, str]] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+"""onnxruntime element type -> protocol datatype name (``proto.dtypes``)."""
+
+Dims = list[int | None]
+"""A model tensor shape: ``None`` for a dynamic (symbolic or unknown) dimension."""
+
+
+class OnnxRuntimeBackend(BatchedBackend):
+    """One ONNX Runtime ``InferenceSession`` on the CPU or on one CUDA device."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, spec: ModelSpec, session: Any) -> None:
+        self._name = spec.name
+        self._session: Any = session
+        self.batching = spec.config.max_batch_size > 0
+        cfg = spec.config
+        self._string_inputs = frozenset(i.name for i in cfg.input if i.data_type == mc.TYPE_STRING)
+        self._string_outputs = frozenset(o.name for o in cfg.output if o.data_type == mc.TYPE_STRING)
+        self._in_reshape = {i.name: list(i.reshape.shape) for i in cfg.input if i.HasField("reshape")}
+        self._out_reshape = {o.name: list(o.dims) for o in cfg.output if o.HasField("reshape")}
+        self._outputs = [o.name for o in cfg.output] or [o.name for o in session.get_outputs()]
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Self:
+        """Create the session for ``spec`` and check the configuration against the model."""
+        try:
+            import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+        except ImportError:
+            raise ServingError(
+                f"model '{spec.name}': onnxruntime is not installed; install shoal[onnx]",
+                code=ErrorCode.UNAVAILABLE,
+            ) from None
+        cfg = spec.config
+        path = os.path.join(spec.version_dir, cfg.default_model_filename or DEFAULT_FILENAME)
+        shown = _relative(path, spec.repository)
+        if not os.path.isfile(path):
+            raise ServingError(f"model '{spec.name}': model file '{shown}' not found", code=ErrorCode.NOT_FOUND)
+        options = _session_options(ort, spec)
+        providers = _providers(ort, spec)
+        try:
+            session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
+            raise ServingError(
+                f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
+                code=ErrorCode.INVALID_ARGUMENT,
+            ) from None
+        if spec.device.is_gpu and "CUDAExecutionProvider" not in session.get_providers():
+            raise ServingError(
+                f"model '{spec.name}' instance '{spec.instance_name}': onnxruntime could not start "
+                f"CUDAExecutionProvider on GPU {spec.device.index} (CUDA or cuDNN libraries missing?)",
+                code=ErrorCode.UNAVAILABLE,
+            )
+        _validate(spec, session)
+        return cls(spec, session)
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        """Run the session once on already-batched inputs."""
+        session = self._session
+        if session is None:
+            raise ServingError(f"model '{self._name}' is closed", code=ErrorCode.UNAVAILABLE)
+        feed: dict[str, Array] = {}
+        for name, array in inputs.items():
+            if name in self._string_inputs or array.dtype == np.object_:
+                array = _to_ort_strings(name, array)
+            shape = self._in_reshape.get(name)
+            if shape is not None:
+                array = _reshape(array, shape, self.batching)
+            feed[name] = array
+        try:
+            results = session.run(list(output_names), feed)
+        except ServingError:
+            raise
+        except Exception as exc:
+            code = ErrorCode.INVALID_ARGUMENT if type(exc).__name__ == "InvalidArgument" else ErrorCode.INTERNAL
+            raise ServingError(f"model '{self._name}': onnxruntime: {exc}", code=code) from None
+        out: dict[str, Array] = {}
+        for name, value in zip(output_names, results, strict=True):
+            array = np.asarray(value)
+            if array.dtype == np.object_:
+                array = _from_ort_strings(array)
+            shape = self._out_reshape.get(name)
+            if shape is not None:
+                array = _reshape(array, shape, self.batching)
+            out[name] = array
+        return out
+
+    def output_names(self) -> list[str]:
+        """The outputs of the configuration (the model's own when the config lists none)."""
+        return list(self._outputs)
+
+    def close(self) -> None:
+        """Drop the session; onnxruntime frees its memory when the last reference goes."""
+        self._session = None
+
+
+def _relative(path: str, repository: str) -> str:
+    try:
+        return os.path.relpath(path, repository)
+    except ValueError:
+        return os.path.basename(path)
+
+
+def _parameter(spec: ModelSpec, key: str) -> str | None:
+    if key in spec.config.parameters:
+        return spec.config.parameters[key].string_value.strip()
+    return None
+
+
+def _int_parameter(spec: ModelSpec, key: str, allowed: Sequence[int] | None = None) -> int:
+    raw = _parameter(spec, key)
+    if raw is None or raw == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or (allowed is not None and value not in allowed):
+        expected = " or ".join(map(str, allowed)) if allowed is not None else "a non-negative integer"
+        raise ServingError(
+            f"model '{spec.name}': parameter '{key}' must be {expected}, got '{raw}'",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    return value
+
+
+def _bool_parameter(spec: ModelSpec, key: str) -> bool | None:
+    raw = _parameter(spec, key)
+    if raw is None:
+        return None
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ServingError(
+        f"model '{spec.name}': parameter '{key}' must be true or false, got '{raw}'",
+        code=ErrorCode.INVALID_ARGUMENT,
+    )
+
+
+def _session_options(ort: Any, spec: ModelSpec) -> Any:
+    """SessionOptions as Triton's onnxruntime backend derives them from the config."""
+    options = ort.SessionOptions()
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    cfg = spec.config
+    if cfg.HasField("optimization") and cfg.optimization.HasField("graph"):
+        level = {
+            -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            2: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }.get(cfg.optimization.graph.level, level)
+    options.graph_optimization_level = level
+    if _int_parameter(spec, "execution_mode", (0, 1)) == 1:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    else:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # 0 leaves the choice to onnxruntime (one thread per physical core), as Triton does.
+    options.intra_op_num_threads = _int_parameter(spec, "intra_op_thread_count")
+    options.inter_op_num_threads = _int_parameter(spec, "inter_op_thread_count")
+    arena = _bool_parameter(spec, "enable_mem_arena")
+    if arena is not None:
+        options.enable_cpu_mem_arena = arena
+    pattern = _bool_parameter(spec, "enable_mem_pattern")
+    if pattern is not None:
+        options.enable_mem_pattern = pattern
+    return options
+
+
+def _providers(ort: Any, spec: ModelSpec) -> list[Any]:
+    if not spec.device.is_gpu:
+        return ["CPUExecutionProvider"]
+    available = list(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in available:
+        raise ServingError(
+            f"model '{spec.name}' instance '{spec.instance_name}' is placed on GPU {spec.device.index} "
+            f"but onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)}); "
+            "install onnxruntime-gpu or use an instance_group of kind KIND_CPU",
+            code=ErrorCode.UNAVAILABLE,
+        )
+    return [("CUDAExecutionProvider", {"device_id": max(spec.device.index, 0)}), "CPUExecutionProvider"]
+
+
+def _model_dims(shape: Sequence[Any]) -> Dims:
+    return [d if isinstance(d, int) and d >= 0 else None for d in shape]
+
+
+def _check_tensor(
+    spec: ModelSpec, kind: str, name: str, data_type: mc.DataType.ValueType, dims: Sequence[int], model_type: str, model_shape: Dims
+) -> None:
+    """Raise INVALID_ARGUMENT when one config tensor disagrees with the model's."""
+    want = dtypes.BY_CONFIG_NUMBER.get(data_type)
+    want_name = want.config_name if want is not None else mc.DataType.Name(data_type)
+    have = ORT_TYPES.get(model_type)
+    if want is None or have != want.protocol:
+        have_name = dtypes.BY_PROTOCOL[have].config_name if have is not None else "unsupported"
+        raise ServingError(
+            f"model '{spec.name}': {kind} '{name}' has data type {want_name} in the configuration "
+            f"but {model_type} ({have_name}) in the model",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    batching = spec.config.max_batch_size > 0
+    shown = ("[-1, " if batching else "[") + ", ".join(map(str, dims)) + "]"
+    model_shown = "[" + ", ".join("-1" if d is None else str(d) for d in model_shape) + "]"
+    expected = len(dims) + (1 if batching else 0)
+    if len(model_shape) != expected:
+        raise ServingError(
+            f"model '{spec.name}': {kind} '{name}' has shape {shown} in the configuration "
+            f"but {model_shown} in the model (rank {len(model_shape)}, expected {expected})",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    if batching and model_shape[0] is not None:
+        raise ServingError(
+            f"model '{spec.name}': {kind} '{name}' has a fixed first dimension {model_shown} in the model, "
+            "but max_batch_size > 0 needs a variable batch dimension (or set max_batch_size: 0)",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    for cfg_dim, model_dim in zip(dims, model_shape[1:] if batching else model_shape, strict=True):
+        if cfg_dim >= 0 and model_dim is not None and cfg_dim != model_dim:
+            raise ServingError(
+                f"model '{spec.name}': {kind} '{name}' has shape {shown} in the configuration "
+                f"but {model_shown} in the model",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+
+
+def _validate(spec: ModelSpec, session: Any) -> None:
+    """Check every config input and output against the session's inputs and outputs."""
+    model_inputs = {i.name: i for i in session.get_inputs()}
+    model_outputs = {o.name: o for o in session.get_outputs()}
+    cfg = spec.config
+    for inp in cfg.input:
+        m = model_inputs.get(inp.name)
+        if m is None:
+            raise ServingError(
+                f"model '{spec.name}': configuration input '{inp.name}' is not an input of the model "
+                f"(model inputs: {', '.join(model_inputs) or 'none'})",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+        dims = list(inp.reshape.shape) if inp.HasField("reshape") else list(inp.dims)
+        _check_tensor(spec, "input", inp.name, inp.data_type, dims, m.type, _model_dims(m.shape))
+    configured = {i.name for i in cfg.input}
+    missing = [n for n in model_inputs if n not in configured]
+    if missing:
+        raise ServingError(
+            f"model '{spec.name}': model input '{missing[0]}' is missing from the configuration",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    for out in cfg.output:
+        m = model_outputs.get(out.name)
+        if m is None:
+            raise ServingError(
+                f"model '{spec.name}': configuration output '{out.name}' is not an output of the model "
+                f"(model outputs: {', '.join(model_outputs) or 'none'})",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+        dims = list(out.reshape.shape) if out.HasField("reshape") else list(out.dims)
+        _check_tensor(spec, "output", out.name, out.data_type, dims, m.type, _model_dims(m.shape))
+
+
+def _reshape(array: Array, shape: Sequence[int], batching: bool) -> Array:
+    target = ([array.shape[0]] if batching else []) + list(shape)
+    return array.reshape(target) if sum(1 for d in target if d < 0) <= 1 else array
+
+
+def _to_ort_strings(name: str, array: Array) -> Array:
+    """BYTES (object array of ``bytes``) -> object array of ``str``, which is what onnxruntime
+    takes for ``tensor(string)`` (it would ``str()`` a ``bytes`` element, giving ``"b'..'"``)."""
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.object_)
+    for i, item in enumerate(flat.tolist()):
+        if isinstance(item, str):
+            out[i] = item
+            continue
+        try:
+            out[i] = bytes(item).decode("utf-8")
+        except (UnicodeDecodeError, TypeError):
+            raise InvalidInput(
+                f"input '{name}': element {i} is not valid UTF-8, which onnxruntime string tensors require"
+            ) from None
+    return out.reshape(array.shape)
+
+
+def _from_ort_strings(array: Array) -> Array:
+    """onnxruntime's ``str`` elements back to the ``bytes`` elements of a BYTES tensor."""
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.object_)
+    for i, item in enumerate(flat.tolist()):
+        out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out.reshape(array.shape)

@@ -1,0 +1,246 @@
+"""The Python backend: runs Triton Python-backend models (``model.py`` with a
+``TritonPythonModel`` class) unchanged, in the worker process.
+
+The model imports ``triton_python_backend_utils`` (Shoal's version, in ``workers/pb``); this
+module imports the very same top-level module so that the model's ``InferenceResponse`` and
+``TritonError`` are the classes checked here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any, ClassVar, Final, Self
+
+import numpy as np
+
+from proto.config_json import config_to_json
+from proto.errors import ErrorCode, ServingError, Unsupported
+from workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
+
+_LOG: Final = logging.getLogger(__name__)
+PB_DIR: Final = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pb")
+_MODULE_IDS: Final = itertools.count()
+
+# TritonError code -> ErrorCode; anything else is INTERNAL.
+_ERROR_CODES: Final = {
+    2: ErrorCode.NOT_FOUND,
+    3: ErrorCode.INVALID_ARGUMENT,
+    4: ErrorCode.UNAVAILABLE,
+    5: ErrorCode.UNIMPLEMENTED,
+    6: ErrorCode.ALREADY_EXISTS,
+    7: ErrorCode.CANCELLED,
+}
+
+
+def pb_utils() -> ModuleType:
+    """The ``triton_python_backend_utils`` module models import (puts ``workers/pb`` on the path)."""
+    if PB_DIR not in sys.path:
+        sys.path.insert(0, PB_DIR)
+    return importlib.import_module("triton_python_backend_utils")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PythonBackend(Backend):
+    """One instance of a Triton Python-backend model."""
+
+    kind: ClassVar[str] = "python"
+
+    def __init__(self, spec: ModelSpec, module: ModuleType, model: Any, added_path: str | None) -> None:
+        self._spec = spec
+        self._module = module
+        self._model = model
+        self._added_path = added_path
+        self._pb = pb_utils()
+        self._output_names = [o.name for o in spec.config.output]
+        self._bytes_code = 13
+        self._closed = False
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Self:
+        """Import ``model.py``, instantiate ``TritonPythonModel`` and call its ``initialize``."""
+        filename = spec.config.default_model_filename or "model.py"
+        path = os.path.join(spec.version_dir, filename)
+        if not os.path.isfile(path):
+            rel = os.path.relpath(path, spec.repository)
+            raise ServingError(
+                f"model '{spec.name}': Python model file '{rel}' not found in the model repository",
+                code=ErrorCode.NOT_FOUND,
+            )
+        if spec.config.model_transaction_policy.decoupled:
+            raise Unsupported(f"model '{spec.name}': decoupled Python models are not supported yet")
+        pb_utils()
+        added: str | None = None
+        if spec.version_dir not in sys.path:
+            sys.path.insert(0, spec.version_dir)
+            added = spec.version_dir
+        module_name = f"_shoal_python_model_{re.sub(r'[^0-9A-Za-z_]', '_', spec.name)}_{next(_MODULE_IDS)}"
+        try:
+            module = _import_file(module_name, path)
+            model_cls = getattr(module, "TritonPythonModel", None)
+            if model_cls is None:
+                raise AttributeError(f"'{filename}' defines no class TritonPythonModel")
+            model = model_cls()
+            backend = cls(spec, module, model, added)
+            init = getattr(model, "initialize", None)
+            if init is not None:
+                init(backend._initialize_args())
+        except Exception as exc:
+            _LOG.error("model '%s': loading %s failed", spec.name, filename, exc_info=True)
+            sys.modules.pop(module_name, None)
+            if added is not None and added in sys.path:
+                sys.path.remove(added)
+            raise ServingError(
+                f"model '{spec.name}': failed to load Python model: {_describe(exc)}", code=ErrorCode.INTERNAL
+            ) from exc
+        return backend
+
+    def _initialize_args(self) -> dict[str, str]:
+        spec = self._spec
+        gpu = spec.device.is_gpu
+        return {
+            "model_config": json.dumps(config_to_json(spec.config)),
+            "model_instance_kind": "GPU" if gpu else "CPU",
+            "model_instance_name": spec.instance_name,
+            "model_instance_device_id": str(spec.device.index) if gpu else "0",
+            "model_repository": spec.model_dir,
+            "model_version": str(spec.version),
+            "model_name": spec.name,
+        }
+
+    def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
+        """Call the model's ``execute`` on the batch and convert its responses."""
+        if self._closed:
+            raise ServingError(f"model '{self._spec.name}': instance is closed", code=ErrorCode.UNAVAILABLE)
+        pb_requests = [self._to_pb_request(r) for r in requests]
+        try:
+            responses = self._model.execute(pb_requests)
+        except ServingError:
+            raise
+        except self._pb.TritonError as exc:
+            _LOG.error("model '%s': execute raised", self._spec.name, exc_info=True)
+            code = _ERROR_CODES.get(exc.code(), ErrorCode.INTERNAL)
+            raise ServingError(_describe(exc), code=code) from exc
+        except Exception as exc:
+            _LOG.error("model '%s': execute raised", self._spec.name, exc_info=True)
+            raise ServingError(_describe(exc), code=ErrorCode.INTERNAL) from exc
+        if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
+            got = f"{len(responses)} responses" if isinstance(responses, (list, tuple)) else repr(type(responses))
+            raise ServingError(
+                f"model '{self._spec.name}': execute returned {got} for {len(requests)} requests "
+                "(it must return a list of one InferenceResponse per request)",
+                code=ErrorCode.INTERNAL,
+            )
+        return [self._to_work_response(resp, req) for resp, req in zip(responses, requests, strict=True)]
+
+    def _to_pb_request(self, req: WorkRequest) -> Any:
+        pb = self._pb
+        tensors: list[Any] = []
+        for name, arr in req.inputs.items():
+            code = self._bytes_code if arr.dtype.kind == "O" else pb.numpy_to_triton_type(arr.dtype)
+            tensors.append(pb.Tensor._wrap(name, arr, code))
+        return pb.InferenceRequest(
+            model_name=self._spec.name,
+            model_version=self._spec.version,
+            inputs=tensors,
+            requested_output_names=list(req.requested_outputs or self._output_names),
+            request_id=req.request_id,
+            correlation_id=req.correlation_id,
+            flags=req.flags,
+            parameters=req.parameters,
+        )
+
+    def _to_work_response(self, resp: Any, req: WorkRequest) -> WorkResponse:
+        pb = self._pb
+        name = self._spec.name
+        if not isinstance(resp, pb.InferenceResponse):
+            return WorkResponse(
+                error=ServingError(
+                    f"model '{name}': execute returned {type(resp).__name__} instead of an InferenceResponse",
+                    code=ErrorCode.INTERNAL,
+                )
+            )
+        params = json.loads(resp.parameters())
+        if resp.has_error():
+            err = resp.error()
+            code = _ERROR_CODES.get(err.code(), ErrorCode.INTERNAL)
+            return WorkResponse(error=ServingError(err.message(), code=code), parameters=params)
+        wanted = set(req.requested_outputs)
+        inputs = list(req.inputs.values())
+        outputs: dict[str, Array] = {}
+        for tensor in resp.output_tensors():
+            if not isinstance(tensor, pb.Tensor):
+                return WorkResponse(
+                    error=ServingError(
+                        f"model '{name}': an output is a {type(tensor).__name__}, not a pb_utils.Tensor",
+                        code=ErrorCode.INTERNAL,
+                    )
+                )
+            if wanted and tensor.name() not in wanted:
+                continue
+            outputs[tensor.name()] = _own(tensor.as_numpy(), inputs)
+        return WorkResponse(outputs=outputs, parameters=params)
+
+    def close(self) -> None:
+        """Call the model's ``finalize`` (errors are logged) and forget the module; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        fin = getattr(self._model, "finalize", None)
+        if fin is not None:
+            try:
+                fin()
+            except Exception:
+                _LOG.error("model '%s': finalize raised", self._spec.name, exc_info=True)
+        sys.modules.pop(self._module.__name__, None)
+        if self._added_path is not None and self._added_path in sys.path:
+            sys.path.remove(self._added_path)
+        self._model = None
+
+
+def _import_file(module_name: str, path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import '{os.path.basename(path)}'")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    # No __pycache__ in the model repository (it may be read-only, or polled for changes).
+    saved = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = saved
+    return module
+
+
+def _own(array: Array, inputs: Sequence[Array]) -> Array:
+    """An output array safe to use after ``execute``: BYTES as object arrays of ``bytes``, and
+    a copy where it may alias an input (inputs are only valid during ``execute``)."""
+    if array.dtype.kind in ("S", "U"):
+        array = _to_object_bytes(array)
+    elif array.dtype.kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
+        array = _to_object_bytes(array)
+    for inp in inputs:
+        if inp.dtype.kind != "O" and np.may_share_memory(array, inp):
+            return array.copy()
+    return array
+
+
+def _to_object_bytes(array: Array) -> Array:
+    out = np.empty(array.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for i, x in enumerate(array.flat):
+        flat[i] = x if isinstance(x, bytes) else (x.encode("utf-8") if isinstance(x, str) else str(x).encode("utf-8"))
+    return out

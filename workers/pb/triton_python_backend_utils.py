@@ -1,0 +1,327 @@
+"""Shoal's implementation of Triton's ``triton_python_backend_utils`` module.
+
+Imported by Python-backend models as ``import triton_python_backend_utils as pb_utils``; the
+worker puts this directory on ``sys.path``. It depends on numpy only. BLS (``exec``), decoupled
+response senders and custom metrics are not supported yet and fail with a clear exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from enum import IntEnum
+from typing import Any, ClassVar, Final
+
+from _shoal_pb_config import ModelConfig
+from _shoal_pb_tensor import (
+    TRITON_STRING_TO_NUMPY,
+    Tensor,
+    TritonModelException,
+    deserialize_bytes_tensor,
+    numpy_to_triton_type,
+    serialize_byte_tensor,
+    triton_string_to_numpy,
+    triton_to_numpy_type,
+)
+
+__all__ = [
+    "TRITON_STRING_TO_NUMPY",
+    "InferenceRequest",
+    "InferenceResponse",
+    "LogLevel",
+    "Logger",
+    "ModelConfig",
+    "Tensor",
+    "TritonError",
+    "TritonModelException",
+    "deserialize_bytes_tensor",
+    "get_input_config_by_name",
+    "get_input_tensor_by_name",
+    "get_output_config_by_name",
+    "get_output_tensor_by_name",
+    "is_model_ready",
+    "load_model",
+    "numpy_to_triton_type",
+    "serialize_byte_tensor",
+    "triton_string_to_numpy",
+    "triton_to_numpy_type",
+    "unload_model",
+    "using_decoupled_model_transaction_policy",
+]
+
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START: Final = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END: Final = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL: Final = 1
+TRITONSERVER_REQUEST_RELEASE_ALL: Final = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: Final = 2
+TRITONSERVER_MEMORY_CPU: Final = 0
+TRITONSERVER_MEMORY_CPU_PINNED: Final = 1
+TRITONSERVER_MEMORY_GPU: Final = 2
+
+
+class TritonError(Exception):
+    """An error status a model attaches to an ``InferenceResponse`` (or raises)."""
+
+    UNKNOWN: ClassVar[int] = 0
+    INTERNAL: ClassVar[int] = 1
+    NOT_FOUND: ClassVar[int] = 2
+    INVALID_ARG: ClassVar[int] = 3
+    UNAVAILABLE: ClassVar[int] = 4
+    UNSUPPORTED: ClassVar[int] = 5
+    ALREADY_EXISTS: ClassVar[int] = 6
+    CANCELLED: ClassVar[int] = 7
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self._message = message
+        self._code = int(code)
+
+    def __str__(self) -> str:
+        return self._message
+
+    def message(self) -> str:
+        """The error message."""
+        return self._message
+
+    def code(self) -> int:
+        """One of the code constants of this class."""
+        return self._code
+
+
+def _not_supported(what: str) -> TritonModelException:
+    return TritonModelException(f"{what} is not supported yet by Shoal's Python backend")
+
+
+def _params_json(parameters: Mapping[str, Any] | str | None) -> str:
+    if parameters is None:
+        return "{}"
+    if isinstance(parameters, str):
+        json.loads(parameters)
+        return parameters
+    return json.dumps(dict(parameters))
+
+
+class InferenceRequest:
+    """One inference request given to ``execute`` (building one for BLS is not supported yet)."""
+
+    def __init__(
+        self,
+        model_name: str = "",
+        inputs: Sequence[Tensor] | None = None,
+        requested_output_names: Sequence[str] | None = None,
+        request_id: str = "",
+        correlation_id: int | str = 0,
+        flags: int = 0,
+        timeout: int = 0,
+        model_version: int = -1,
+        parameters: Mapping[str, Any] | str | None = None,
+        **_ignored: Any,
+    ) -> None:
+        self._model_name = model_name
+        self._model_version = model_version
+        self._inputs = list(inputs or [])
+        self._requested = list(requested_output_names or [])
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        self._timeout = timeout
+        self._parameters = _params_json(parameters)
+
+    def inputs(self) -> list[Tensor]:
+        """The input tensors."""
+        return self._inputs
+
+    def requested_output_names(self) -> list[str]:
+        """The names of the outputs to compute."""
+        return self._requested
+
+    def request_id(self) -> str:
+        """The client's request id, or ``""``."""
+        return self._request_id
+
+    def correlation_id(self) -> int | str:
+        """The sequence correlation id (int or string), or 0."""
+        return self._correlation_id
+
+    def flags(self) -> int:
+        """Sequence flags: ``TRITONSERVER_REQUEST_FLAG_SEQUENCE_START``/``_END``."""
+        return self._flags
+
+    def timeout(self) -> int:
+        """The request timeout in microseconds (0: none)."""
+        return self._timeout
+
+    def parameters(self) -> str:
+        """The request's parameters as a JSON string."""
+        return self._parameters
+
+    def model_name(self) -> str:
+        """The name of the model the request is for."""
+        return self._model_name
+
+    def model_version(self) -> int:
+        """The version of the model the request is for (-1: unspecified)."""
+        return self._model_version
+
+    def is_cancelled(self) -> bool:
+        """Whether the client cancelled the request (never, for now)."""
+        return False
+
+    def get_response_sender(self) -> Any:
+        """Decoupled response senders are not supported yet: always raises."""
+        raise _not_supported("decoupled mode (InferenceRequest.get_response_sender)")
+
+    def set_release_flags(self, flags: int) -> None:
+        """Request rescheduling is not supported yet: always raises."""
+        raise _not_supported("request rescheduling (InferenceRequest.set_release_flags)")
+
+    def exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
+        """BLS is not supported yet: always raises ``TritonModelException``."""
+        raise _not_supported("BLS (InferenceRequest.exec)")
+
+    async def async_exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
+        """BLS is not supported yet: always raises ``TritonModelException``."""
+        raise _not_supported("BLS (InferenceRequest.async_exec)")
+
+
+class InferenceResponse:
+    """The response a model returns for one request: output tensors or an error."""
+
+    def __init__(
+        self,
+        output_tensors: Sequence[Tensor] | None = None,
+        error: TritonError | None = None,
+        parameters: Mapping[str, Any] | str | None = None,
+    ) -> None:
+        if output_tensors is None:
+            output_tensors = []
+        if not isinstance(output_tensors, (list, tuple)):
+            raise TritonModelException('"output_tensors" must be a list')
+        if error is not None and not isinstance(error, TritonError):
+            raise TritonModelException('"error" must be a TritonError')
+        self._outputs = list(output_tensors)
+        self._error = error
+        self._parameters = _params_json(parameters)
+
+    def output_tensors(self) -> list[Tensor]:
+        """The output tensors."""
+        return self._outputs
+
+    def has_error(self) -> bool:
+        """Whether the response carries an error."""
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        """The response's error, or None."""
+        return self._error
+
+    def parameters(self) -> str:
+        """The response's parameters as a JSON string."""
+        return self._parameters
+
+
+def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    """The request's input tensor called ``name``, or None."""
+    for tensor in inference_request.inputs():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
+    """The response's output tensor called ``name``, or None."""
+    for tensor in inference_response.output_tensors():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def _config_by_name(model_config: Mapping[str, Any], key: str, name: str) -> dict[str, Any] | None:
+    for entry in model_config.get(key, []):
+        if entry.get("name") == name:
+            return dict(entry) if not isinstance(entry, dict) else entry
+    return None
+
+
+def get_input_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The ``input`` entry called ``name`` of a model config dict, or None."""
+    return _config_by_name(model_config, "input", name)
+
+
+def get_output_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The ``output`` entry called ``name`` of a model config dict, or None."""
+    return _config_by_name(model_config, "output", name)
+
+
+def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) -> bool:
+    """Whether a model config dict asks for the decoupled transaction policy."""
+    policy = model_config.get("model_transaction_policy") or {}
+    return bool(policy.get("decoupled", False))
+
+
+def load_model(*args: Any, **kwargs: Any) -> None:
+    """Model management from a model is not supported yet: always raises."""
+    raise _not_supported("model management (load_model)")
+
+
+def unload_model(*args: Any, **kwargs: Any) -> None:
+    """Model management from a model is not supported yet: always raises."""
+    raise _not_supported("model management (unload_model)")
+
+
+def is_model_ready(*args: Any, **kwargs: Any) -> bool:
+    """Model management from a model is not supported yet: always raises."""
+    raise _not_supported("model management (is_model_ready)")
+
+
+class LogLevel(IntEnum):
+    """Log levels of ``Logger.log``."""
+
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+    VERBOSE = 3
+
+
+_LOG: Final = logging.getLogger("shoal.python_model")
+_LEVELS: Final = {
+    LogLevel.INFO: logging.INFO,
+    LogLevel.WARNING: logging.WARNING,
+    LogLevel.ERROR: logging.ERROR,
+    LogLevel.VERBOSE: logging.DEBUG,
+}
+
+
+class Logger:
+    """Model logging into the worker's log (stderr) through the ``logging`` module."""
+
+    INFO: ClassVar[LogLevel] = LogLevel.INFO
+    WARNING: ClassVar[LogLevel] = LogLevel.WARNING
+    ERROR: ClassVar[LogLevel] = LogLevel.ERROR
+    VERBOSE: ClassVar[LogLevel] = LogLevel.VERBOSE
+
+    @staticmethod
+    def log(message: str, level: int = LogLevel.INFO) -> None:
+        """Log ``message`` at ``level`` (a ``LogLevel``)."""
+        _LOG.log(_LEVELS.get(LogLevel(int(level)), logging.INFO), "%s", message, stacklevel=2)
+
+    @staticmethod
+    def log_info(message: str) -> None:
+        """Log at INFO level."""
+        _LOG.info("%s", message, stacklevel=2)
+
+    @staticmethod
+    def log_warn(message: str) -> None:
+        """Log at WARNING level."""
+        _LOG.warning("%s", message, stacklevel=2)
+
+    @staticmethod
+    def log_error(message: str) -> None:
+        """Log at ERROR level."""
+        _LOG.error("%s", message, stacklevel=2)
+
+    @staticmethod
+    def log_verbose(message: str) -> None:
+        """Log at VERBOSE (``logging.DEBUG``) level."""
+        _LOG.debug("%s", message, stacklevel=2)

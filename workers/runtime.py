@@ -1,0 +1,200 @@
+"""``WorkerRuntime``: a worker's receive loop. One model instance, one thread.
+
+Protocol (``proto/worker.proto``): on start the worker sends ``Ready(loaded=false)``; the
+router answers ``Load``; the worker loads its backend and sends ``Ready(loaded=true)`` or
+``Failed``; then it serves ``Infer`` (answering ``InferDone`` with the same request id),
+``Release`` (frees output blocks), ``Ping`` (``Pong``) until ``Shutdown``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import zmq
+
+from proto import dtypes, wire
+from proto.errors import ServingError, from_exception
+from proto.gen import model_config_pb2 as mc
+from proto.gen import worker_pb2 as wpb
+from shm.arena import Arena
+from shm.block import Block
+from shm.mapper import Mapper
+from workers.backends.base import Backend, Device, ModelSpec, WorkRequest
+from workers.backends.registry import backend_class
+from workers.tensors import OutputWriter, read_input
+
+log = logging.getLogger("shoal.worker")
+
+
+class WorkerRuntime:
+    """Owns the DEALER socket, the backend, the output arena and the input mapper."""
+
+    def __init__(self, *, endpoint: str, identity: bytes) -> None:
+        self.endpoint = endpoint
+        self.identity = identity
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, identity)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.backend: Backend | None = None
+        self.spec: ModelSpec | None = None
+        self.mapper = Mapper()
+        self.arena: Arena | None = None
+        self.writer: OutputWriter | None = None
+        self.output_types: dict[str, dtypes.DType] = {}
+
+    def run(self) -> int:
+        """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
+        self.sock.connect(self.endpoint)
+        hello = wire.envelope(0)
+        hello.ready.pid = os.getpid()
+        self.sock.send(hello.SerializeToString())
+        try:
+            while True:
+                frames = self.sock.recv_multipart(copy=False)
+                env = wire.parse(frames[0].buffer)
+                kind = env.WhichOneof("body")
+                if kind == "infer":
+                    self._infer(env, [f.buffer for f in frames[1:]])
+                elif kind == "release":
+                    self._release(env.release)
+                elif kind == "ping":
+                    reply = wire.envelope(env.request_id)
+                    reply.pong.SetInParent()
+                    self.sock.send(reply.SerializeToString())
+                elif kind == "load":
+                    self._load(env)
+                elif kind == "shutdown":
+                    return 0
+                else:
+                    log.error("unexpected message %s", kind)
+        finally:
+            self.close()
+
+    def _load(self, env: wpb.Envelope) -> None:
+        req = env.load
+        reply = wire.envelope(env.request_id)
+        try:
+            config = mc.ModelConfig()
+            config.ParseFromString(req.model_config)
+            model_dir = os.path.join(req.repository, req.model_name)
+            self.spec = ModelSpec(
+                name=req.model_name,
+                version=req.model_version,
+                config=config,
+                repository=req.repository,
+                model_dir=model_dir,
+                version_dir=os.path.join(model_dir, str(req.model_version)),
+                instance_name=req.instance_name,
+                device=Device(req.device_kind or "CPU", req.device_index),
+            )
+            self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
+            self.arena = Arena(req.arena_prefix, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16)
+            self.writer = OutputWriter(self.arena, req.inline_max_bytes)
+            self.backend = backend_class(config.backend).load(self.spec)
+            reply.ready.pid = os.getpid()
+            reply.ready.loaded = True
+        except BaseException as exc:  # noqa: BLE001 - every load failure is reported
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            err = from_exception(exc)
+            log.exception("loading %s failed", req.model_name)
+            wire.failed(err, reply.failed)
+        self.sock.send(reply.SerializeToString())
+
+    def _infer(self, env: wpb.Envelope, frames: list[memoryview]) -> None:
+        reply = wire.envelope(env.request_id)
+        done = reply.infer_done
+        out_frames: list[Any] = []
+        backend, writer = self.backend, self.writer
+        try:
+            if backend is None or writer is None:
+                raise ServingError("model is not loaded")
+            t0 = time.monotonic_ns()
+            work: list[WorkRequest] = []
+            for r in env.infer.requests:
+                inputs = {ref.name: read_input(ref, frames, self.mapper) for ref in r.inputs}
+                work.append(
+                    WorkRequest(
+                        id=r.id,
+                        inputs=inputs,
+                        requested_outputs=list(r.outputs),
+                        parameters=json.loads(r.parameters_json) if r.parameters_json else {},
+                        request_id=r.request_id,
+                        correlation_id=r.correlation_id_str or r.correlation_id,
+                        flags=r.flags,
+                    )
+                )
+            t1 = time.monotonic_ns()
+            responses = backend.execute(work)
+            t2 = time.monotonic_ns()
+            if len(responses) != len(work):
+                raise ServingError(f"backend returned {len(responses)} responses for {len(work)} requests")
+            for req, resp in zip(work, responses, strict=True):
+                result = done.results.add()
+                result.id = req.id
+                if resp.error is not None:
+                    wire.failed(resp.error, result.error)
+                    continue
+                try:
+                    self._write_outputs(req, resp.outputs, result, out_frames, writer)
+                    if resp.parameters:
+                        result.parameters_json = json.dumps(resp.parameters)
+                except ServingError as exc:
+                    self._free_result(result)
+                    del result.outputs[:]
+                    wire.failed(exc, result.error)
+            t3 = time.monotonic_ns()
+            done.compute_input_ns = t1 - t0
+            done.compute_infer_ns = t2 - t1
+            done.compute_output_ns = t3 - t2
+        except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
+            err = from_exception(exc)
+            log.error("%s: batch failed: %s", self.spec.instance_name if self.spec else "?", err.message)
+            for r in done.results:
+                self._free_result(r)
+            reply.ClearField("infer_done")
+            out_frames = []
+            wire.failed(err, reply.failed)
+        self.sock.send_multipart([reply.SerializeToString(), *out_frames], copy=False)
+
+    def _write_outputs(
+        self, req: WorkRequest, outputs: dict[str, Any], result: wpb.Result, out_frames: list[Any], writer: OutputWriter
+    ) -> None:
+        names = req.requested_outputs or list(outputs)
+        model = self.spec.name if self.spec else "?"
+        for name in names:
+            if name not in outputs:
+                raise ServingError(f"model '{model}' did not produce output '{name}'")
+            writer.write(name, outputs[name], self.output_types.get(name), result.outputs.add(), out_frames)
+
+    def _free_result(self, result: wpb.Result) -> None:
+        if self.arena is None:
+            return
+        for ref in result.outputs:
+            if ref.WhichOneof("location") == "shm":
+                self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
+
+    def _release(self, rel: wpb.Release) -> None:
+        if self.arena is None:
+            return
+        for s in rel.blocks:
+            block = Block(s.region, s.offset, s.nbytes, s.device)
+            if self.arena.owns(block):
+                self.arena.free(block)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the backend failed")
+            self.backend = None
+        self.mapper.close()
+        if self.arena is not None:
+            self.arena.close()
+        self.sock.close(linger=500)

@@ -1,0 +1,89 @@
+"""Tensor bytes <-> numpy arrays in a worker: inline frames and shared-memory blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from proto import dtypes
+from proto.errors import ErrorCode, InvalidInput, ServingError
+from proto.gen import worker_pb2 as wpb
+from shm.arena import Arena
+from shm.block import Block
+from shm.mapper import Mapper
+
+Array = npt.NDArray[Any]
+
+
+def read_input(ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper) -> Array:
+    """A numpy view (no copy for fixed-size types) of one input tensor."""
+    dt = dtypes.by_protocol(ref.datatype)
+    shape = tuple(ref.shape)
+    which = ref.WhichOneof("location")
+    if which == "frame":
+        buf = frames[ref.frame]
+    elif which == "shm":
+        s = ref.shm
+        buf = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
+    else:
+        raise InvalidInput(f"input '{ref.name}' carries no data")
+    count = dtypes.element_count(shape)
+    if dt.protocol == "BYTES":
+        return dtypes.deserialize_bytes(buf, count, name=ref.name).reshape(shape)
+    if dt.numpy is None:
+        raise ServingError(f"datatype {dt.protocol} needs ml_dtypes in the worker", code=ErrorCode.UNIMPLEMENTED)
+    if len(buf) != count * dt.itemsize:
+        raise InvalidInput(f"input '{ref.name}' has {len(buf)} bytes, expected {count * dt.itemsize}")
+    return np.frombuffer(buf, dtype=dt.numpy).reshape(shape)
+
+
+class OutputWriter:
+    """Turns output arrays into ``TensorRef``s: small ones as frames, large ones in the
+    worker-owned output ``arena`` (the router reads them and sends ``Release``)."""
+
+    def __init__(self, arena: Arena, inline_max_bytes: int) -> None:
+        self.arena = arena
+        self.inline_max_bytes = inline_max_bytes
+
+    def write(self, name: str, array: Array, expect: dtypes.DType | None, ref: wpb.TensorRef, frames: list[Any]) -> None:
+        arr = np.asarray(array)
+        dt = dtypes.from_numpy(arr.dtype)
+        if expect is not None and expect.protocol != dt.protocol:
+            raise ServingError(
+                f"output '{name}' has datatype {dt.protocol} but the model configuration says {expect.protocol}",
+                code=ErrorCode.INTERNAL,
+            )
+        ref.name = name
+        ref.datatype = dt.protocol
+        ref.shape.extend(arr.shape)
+        data: Any
+        if dt.protocol == "BYTES":
+            data = dtypes.serialize_bytes(arr)
+            nbytes = len(data)
+        else:
+            if not arr.flags.c_contiguous:
+                arr = np.ascontiguousarray(arr)
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            data = arr
+            nbytes = arr.nbytes
+        if nbytes <= self.inline_max_bytes:
+            ref.frame = len(frames)
+            frames.append(data if isinstance(data, bytes) else data.data.cast("B") if nbytes else b"")
+            return
+        block = self.arena.allocate(nbytes)
+        view = self.arena.view(block)
+        try:
+            if isinstance(data, bytes):
+                view[:] = data
+            else:
+                np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
+        finally:
+            view.release()
+        s = ref.shm
+        s.region = block.region
+        s.offset = block.offset
+        s.nbytes = block.nbytes
+        s.device = block.device
