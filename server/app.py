@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Coroutine
 from importlib import metadata
 from typing import Any
@@ -103,6 +104,7 @@ class App:
         """Stop accepting, let in-flight requests finish (bounded by --exit-timeout-secs),
         stop workers, remove every shared-memory segment and the run directory."""
         timeout = self.config.exit_timeout_s
+        deadline = time.monotonic() + timeout
         if self.dataplane is not None:
             self.dataplane.accepting = False
         if self._runner is not None:
@@ -113,7 +115,10 @@ class App:
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
         if self.models is not None:
-            await self.models.stop(0.0 if self._force.is_set() else 10.0)
+            # Idle workers finalize their models and exit at once; a worker still busy after
+            # --exit-timeout-secs gets a short grace period, then SIGKILL.
+            grace = 0.0 if self._force.is_set() else max(2.0, deadline - time.monotonic())
+            await self.models.stop(grace)
         if self.channel is not None:
             self.channel.close()
         self.mapper.close()

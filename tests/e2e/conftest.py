@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.server import ServerProcess, make_repository
+
+ALL_MODELS = ("add_sub", "strings", "identity_fp32", "echo_all", "slow", "crashy", "simple_onnx")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server over every test model, shared by a test module; checked at the end:
+    exit status 0 after SIGTERM and no shared memory left."""
+    pytest.importorskip("onnxruntime")
+    repo = make_repository(tmp_path_factory.mktemp("repo"), *ALL_MODELS)
+    srv = ServerProcess(repo).start()
+    yield srv
+    segments_before_exit = srv.proc.pid if srv.proc else 0
+    rc = srv.terminate()
+    assert rc == 0, srv.log
+    assert not srv.segments(), f"server {segments_before_exit} left {srv.segments()}"
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """Servers a test starts itself (e.g. to kill or signal it); always reaped."""
+    started: list[ServerProcess] = []
+    yield started
+    for srv in started:
+        srv.kill()

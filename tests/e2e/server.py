@@ -1,0 +1,152 @@
+"""Start the real server process on port 0 and read the bound port back."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import tritonclient.http as httpclient
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_MODELS = ROOT / "tests" / "models"
+EXAMPLE_MODELS = ROOT / "examples" / "models"
+_PORT_RE = re.compile(r"HTTP listening on \S+:(\d+)")
+
+
+class ServerProcess:
+    """``python -m server serve`` as a child process; its log is kept in ``self.log``."""
+
+    def __init__(self, repository: Path, *extra: str) -> None:
+        self.repository = repository
+        self.extra = extra
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+        self._port_seen = threading.Event()
+        self._ready_seen = threading.Event()
+        self._clients: list[httpclient.InferenceServerClient] = []
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def start(self, *, wait_ready: bool = True, timeout_s: float = 60.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(self.repository),
+               "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *self.extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+        if not self._port_seen.wait(timeout_s):
+            self.kill()
+            raise RuntimeError(f"server did not report its port:\n{self.log}")
+        if wait_ready and not self._ready_seen.wait(timeout_s):
+            self.kill()
+            raise RuntimeError(f"server did not finish loading:\n{self.log}")
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = _PORT_RE.search(line)
+            if m:
+                self.port = int(m.group(1))
+                self._port_seen.set()
+            if "shoal: server " in line:
+                self._ready_seen.set()
+
+    def client(self, **kwargs: object) -> httpclient.InferenceServerClient:
+        """A tritonclient HTTP client, closed when the server is stopped."""
+        c = httpclient.InferenceServerClient(self.url, **kwargs)
+        self._clients.append(c)
+        return c
+
+    def close_clients(self) -> None:
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
+
+    def worker_pids(self, model: str) -> list[int]:
+        pids = re.findall(rf"model '{re.escape(model)}' version \d+ instance '[^']+': ready \(pid (\d+)\)", self.log)
+        return [int(p) for p in pids]
+
+    def wait_log(self, pattern: str, timeout_s: float = 30.0, start: int = 0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            m = rx.search("".join(self.lines[start:]))
+            if m:
+                return m
+            time.sleep(0.05)
+        raise AssertionError(f"log never matched {pattern!r}:\n{self.log}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        self.close_clients()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._close_pipe()
+        return rc
+
+    def _close_pipe(self) -> None:
+        assert self.proc is not None
+        self._pump_thread.join(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def kill(self) -> None:
+        self.close_clients()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None:
+            self._close_pipe()
+
+    def segments(self) -> list[str]:
+        assert self.proc is not None
+        prefix = f"shoal_{self.proc.pid}_"
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def make_repository(dest: Path, *models: str) -> Path:
+    """Copy the named test and example models into ``dest`` (ONNX examples generated)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    onnx_models = {"simple_onnx", "identity_onnx", "mlp_onnx"}
+    wanted_onnx = [m for m in models if m in onnx_models]
+    for m in models:
+        if m in onnx_models:
+            continue
+        src = TEST_MODELS / m if (TEST_MODELS / m).is_dir() else EXAMPLE_MODELS / m
+        shutil.copytree(src, dest / m, ignore=shutil.ignore_patterns("__pycache__"))
+    if wanted_onnx:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("make_examples", ROOT / "scripts" / "make_examples.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["make_examples"] = mod
+        spec.loader.exec_module(mod)
+        tmp = dest / ".onnx_gen"
+        mod.make_examples(tmp)
+        for m in wanted_onnx:
+            shutil.copytree(tmp / m, dest / m)
+        shutil.rmtree(tmp)
+    return dest

@@ -1,0 +1,232 @@
+"""Crash isolation, restart, graceful shutdown, stale shared memory, broken models, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.server import ROOT, ServerProcess, make_repository
+
+
+def slow_input(n: int = 4) -> httpclient.InferInput:
+    i = httpclient.InferInput("INPUT0", [n], "FP32")
+    i.set_data_from_numpy(np.arange(n, dtype=np.float32))
+    return i
+
+
+def crashy_input(value: int) -> httpclient.InferInput:
+    i = httpclient.InferInput("INPUT0", [1], "INT32")
+    i.set_data_from_numpy(np.array([value], dtype=np.int32))
+    return i
+
+
+def add_sub_ok(c: httpclient.InferenceServerClient) -> bool:
+    i0 = httpclient.InferInput("INPUT0", [4], "FP32")
+    i0.set_data_from_numpy(np.ones(4, np.float32))
+    i1 = httpclient.InferInput("INPUT1", [4], "FP32")
+    i1.set_data_from_numpy(np.ones(4, np.float32))
+    return bool((c.infer("add_sub", [i0, i1]).as_numpy("OUTPUT0") == 2).all())
+
+
+def wait_ready(c: httpclient.InferenceServerClient, model: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if c.is_model_ready(model):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{model} never became ready again")
+
+
+@pytest.fixture
+def crash_server(tmp_path: Path, fresh_server: list[ServerProcess]) -> ServerProcess:
+    repo = make_repository(tmp_path / "repo", "crashy", "slow", "add_sub")
+    srv = ServerProcess(repo).start()
+    fresh_server.append(srv)
+    return srv
+
+
+@pytest.mark.parametrize(("value", "signature"), [(1, "killed by signal SIGKILL"), (2, "killed by signal SIGSEGV"),
+                                                  (4, "exited with status 3")])
+def test_worker_death_fails_only_its_request(crash_server: ServerProcess, value: int, signature: str) -> None:
+    c = crash_server.client()
+    with pytest.raises(InferenceServerException) as info:
+        c.infer("crashy", [crashy_input(value)])
+    assert info.value.status() == "503"
+    msg = str(info.value)
+    assert "model 'crashy'" in msg and "instance 'crashy_0'" in msg and signature in msg
+    assert add_sub_ok(c)  # other models untouched
+    wait_ready(c, "crashy")
+    assert c.infer("crashy", [crashy_input(0)]).as_numpy("OUTPUT0")[0] == 0
+    assert crash_server.terminate() == 0
+    assert not crash_server.segments()
+
+
+def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess) -> None:
+    c = crash_server.client()
+    (pid,) = crash_server.worker_pids("crashy")
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            c2 = httpclient.InferenceServerClient(crash_server.url)
+            try:
+                result["ok"] = c2.infer("crashy", [crashy_input(5)])  # sleeps 1 s in the worker
+            finally:
+                c2.close()
+        except InferenceServerException as exc:
+            result["err"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    t.join(10)
+    assert time.monotonic() - started < 0.9, "the in-flight request was not failed promptly"
+    err = result.get("err")
+    assert isinstance(err, InferenceServerException) and err.status() == "503", result
+    assert "SIGKILL" in str(err)
+    # one instance, restarting: the model is not ready until the new worker has loaded
+    assert not c.is_model_ready("crashy")
+    wait_ready(c, "crashy")
+    assert len(crash_server.worker_pids("crashy")) == 2
+    assert crash_server.terminate() == 0
+
+
+def test_sigterm_lets_inflight_requests_finish(crash_server: ServerProcess) -> None:
+    async def go() -> list[object]:
+        async with aioclient.InferenceServerClient(crash_server.url) as c:
+            async def one() -> object:
+                i = aioclient.InferInput("INPUT0", [4], "FP32")
+                i.set_data_from_numpy(np.arange(4, dtype=np.float32))
+                try:
+                    r = await c.infer("slow", [i], parameters={"delay_ms": 1500})
+                    return r.as_numpy("OUTPUT0")
+                except InferenceServerException as exc:
+                    return exc
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            assert crash_server.proc is not None
+            crash_server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    for r in results:
+        assert isinstance(r, np.ndarray), r
+        np.testing.assert_array_equal(r, np.arange(4, dtype=np.float32))
+    assert crash_server.terminate() == 0
+    assert not crash_server.segments()
+    assert "server stopped" in crash_server.log
+
+
+def test_exit_timeout_bounds_shutdown(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    repo = make_repository(tmp_path / "repo", "slow")
+    srv = ServerProcess(repo, "--exit-timeout-secs", "1").start()
+    fresh_server.append(srv)
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        c = httpclient.InferenceServerClient(srv.url, network_timeout=60)
+        try:
+            c.infer("slow", [slow_input()], parameters={"delay_ms": 20000})
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure is the expected outcome
+            outcome.append(exc)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=call)
+    t.start()
+    srv.wait_log(r"model 'slow' version 1 ready")
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert srv.terminate(timeout_s=30) == 0
+    assert time.monotonic() - started < 15
+    t.join(30)
+    assert outcome and outcome[0] is not None, "the 20 s request cannot have succeeded"
+    assert not srv.segments()
+
+
+def test_stale_segments_are_reclaimed(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"shoal_{dead.pid}_abcdef_in_0"
+    Path("/dev/shm", stale).write_bytes(b"x" * 100)
+    try:
+        repo = make_repository(tmp_path / "repo", "add_sub")
+        srv = ServerProcess(repo).start()
+        fresh_server.append(srv)
+        assert not Path("/dev/shm", stale).exists()
+        assert "left by a server that is gone" in srv.log
+        assert srv.terminate() == 0
+    finally:
+        Path("/dev/shm", stale).unlink(missing_ok=True)
+
+
+def test_broken_model_does_not_stop_the_others(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    repo = make_repository(tmp_path / "repo", "add_sub")
+    (repo / "broken").mkdir()
+    (repo / "broken" / "config.pbtxt").write_text('backend: "python"\ninput [ { name: "X" } ]\n')
+    (repo / "failing").mkdir()
+    (repo / "failing" / "1").mkdir()
+    (repo / "failing" / "config.pbtxt").write_text(
+        'backend: "python"\ninput [ { name: "X", data_type: TYPE_FP32, dims: [1] } ]\n'
+        'output [ { name: "Y", data_type: TYPE_FP32, dims: [1] } ]\n'
+    )
+    (repo / "failing" / "1" / "model.py").write_text("raise ImportError('this model cannot load')\n")
+    srv = ServerProcess(repo).start()
+    fresh_server.append(srv)
+    c = srv.client()
+    assert add_sub_ok(c)
+    assert not c.is_model_ready("broken")
+    assert not c.is_model_ready("failing")
+    assert not c.is_server_ready()  # strict readiness: every model must be ready
+    assert "this model cannot load" in srv.log
+    assert "'broken'" in srv.log
+    assert srv.terminate() == 0
+
+    relaxed = ServerProcess(repo, "--strict-readiness", "false").start()
+    fresh_server.append(relaxed)
+    assert relaxed.client().is_server_ready()
+    assert relaxed.terminate() == 0
+
+
+def test_bad_command_line_reports_every_problem(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--model-repository", str(tmp_path / "missing"),
+         "--http-port", "70000", "--model-control-mode", "bogus", "--exit-timeout-secs", "-1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 2
+    for needle in ("not a directory", "--http-port 70000", "bogus", "--exit-timeout-secs"):
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_many_concurrent_requests(server: ServerProcess) -> None:
+    n = 256
+
+    async def go() -> None:
+        async with aioclient.InferenceServerClient(server.url, conn_limit=64) as c:
+            async def one(k: int) -> None:
+                data = np.full(8, k, dtype=np.float32)
+                i = aioclient.InferInput("INPUT0", [8], "FP32")
+                i.set_data_from_numpy(data)
+                r = await c.infer("identity_fp32", [i])
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), data)
+
+            await asyncio.gather(*(one(k) for k in range(n)))
+
+    asyncio.run(go())

@@ -1,0 +1,128 @@
+"""``shoal serve`` command line: defaults, aliases and collected validation problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, ServerConfig, parse
+
+
+def _parse(repo: Path, *args: str) -> ServerConfig:
+    return parse(["serve", "--model-repository", str(repo), *args])
+
+
+def _problems(*argv: str) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        parse(["serve", *argv])
+    assert str(ei.value) == "\n".join(ei.value.problems)
+    return ei.value.problems
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = _parse(tmp_path)
+    assert cfg == ServerConfig(model_repository=tmp_path.resolve())
+    assert (cfg.host, cfg.http_port, cfg.grpc_port, cfg.metrics_port) == ("0.0.0.0", 8000, 8001, 8002)
+    assert cfg.model_control_mode == "none"
+    assert cfg.strict_model_config and cfg.strict_readiness
+    assert cfg.exit_timeout_s == 30.0
+
+
+def test_repository_path_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = parse(["serve", "--model-repository", "models"])
+    assert cfg.model_repository == (tmp_path / "models").resolve()
+    assert cfg.model_repository.is_absolute()
+
+
+def test_model_store_alias(tmp_path: Path) -> None:
+    assert parse(["serve", "--model-store", str(tmp_path)]).model_repository == tmp_path.resolve()
+
+
+def test_equals_form(tmp_path: Path) -> None:
+    assert parse(["serve", f"--model-repository={tmp_path}", "--http-port=0"]).http_port == 0
+
+
+def test_port_zero(tmp_path: Path) -> None:
+    cfg = _parse(tmp_path, "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0")
+    assert (cfg.http_port, cfg.grpc_port, cfg.metrics_port) == (0, 0, 0)
+
+
+def test_flags_mapped(tmp_path: Path) -> None:
+    cfg = _parse(tmp_path, "--http-address", "127.0.0.1", "--http-port", "9000", "--grpc-port", "9001",
+                 "--metrics-port", "9002", "--exit-timeout-secs", "0", "--log-verbose", "2",
+                 "--strict-model-config", "false", "--strict-readiness", "no", "--repository-poll-secs", "2.5",
+                 "--http-max-input-size", "1024", "--shm-arena-bytes", "4096", "--shm-arena-max-bytes", "8192",
+                 "--worker-arena-bytes", "2048", "--inline-max-bytes", "0", "--model-load-timeout-secs", "5")
+    assert cfg == ServerConfig(
+        model_repository=tmp_path.resolve(), host="127.0.0.1", http_port=9000, grpc_port=9001, metrics_port=9002,
+        exit_timeout_s=0.0, log_verbose=2, strict_model_config=False, strict_readiness=False,
+        repository_poll_s=2.5, http_max_input_bytes=1024, shm_arena_bytes=4096, shm_arena_max_bytes=8192,
+        worker_arena_bytes=2048, inline_max_bytes=0, model_load_timeout_s=5.0,
+    )
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("1", True), ("ON", True), ("Yes", True),
+                                                 ("false", False), ("0", False), ("off", False), ("NO", False)])
+def test_bool_flags(tmp_path: Path, value: str, expected: bool) -> None:
+    assert _parse(tmp_path, "--strict-readiness", value).strict_readiness is expected
+
+
+def test_all_problems_reported_at_once(tmp_path: Path) -> None:
+    problems = _problems("--model-repository", str(tmp_path), "--http-port", "70000",
+                         "--exit-timeout-secs", "-1", "--model-control-mode", "sometimes")
+    assert len(problems) == 3
+    assert "--http-port 70000: must be between 0 and 65535" in problems
+    assert "--exit-timeout-secs must be >= 0" in problems
+    assert "--model-control-mode 'sometimes': expected one of none, poll, explicit" in problems
+
+
+def test_many_problems(tmp_path: Path) -> None:
+    problems = _problems("--model-repository", str(tmp_path / "absent"), "--grpc-port", "-1",
+                         "--repository-poll-secs", "0", "--log-verbose", "-1", "--http-max-input-size", "0",
+                         "--shm-arena-bytes", "-5", "--worker-arena-bytes", "0", "--inline-max-bytes", "-1")
+    assert problems == [
+        f"--model-repository {tmp_path / 'absent'}: not a directory",
+        "--grpc-port -1: must be between 0 and 65535",
+        "--repository-poll-secs must be > 0",
+        "--log-verbose must be >= 0",
+        "--http-max-input-size must be > 0",
+        "--shm-arena-bytes must be > 0",
+        "--worker-arena-bytes must be > 0",
+        "--inline-max-bytes must be >= 0",
+    ]
+
+
+def test_repository_required() -> None:
+    assert _problems() == ["--model-repository is required"]
+
+
+def test_one_repository_only(tmp_path: Path) -> None:
+    assert _problems("--model-repository", str(tmp_path), "--model-store", str(tmp_path)) == [
+        "only one --model-repository is supported"]
+
+
+def test_repository_must_be_a_directory(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert _problems("--model-repository", str(f)) == [f"--model-repository {f}: not a directory"]
+
+
+@pytest.mark.parametrize("ports", [("--http-port", "9000", "--grpc-port", "9000"),
+                                   ("--grpc-port", "8000"),
+                                   ("--metrics-port", "8001")])
+def test_duplicate_ports(tmp_path: Path, ports: tuple[str, ...]) -> None:
+    assert _problems("--model-repository", str(tmp_path), *ports) == [
+        "--http-port, --grpc-port and --metrics-port must differ"]
+
+
+@pytest.mark.parametrize("mode", ["poll", "explicit"])
+def test_control_mode_not_supported_yet(tmp_path: Path, mode: str) -> None:
+    assert _problems("--model-repository", str(tmp_path), "--model-control-mode", mode) == [
+        f"--model-control-mode {mode}: not supported yet (only 'none')"]
+
+
+def test_control_mode_none(tmp_path: Path) -> None:
+    assert _parse(tmp_path, "--model-control-mode", "none").model_control_mode == "none"

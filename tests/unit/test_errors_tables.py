@@ -1,0 +1,86 @@
+"""Error codes: the HTTP table is complete, and foreign exceptions are wrapped as INTERNAL."""
+
+from __future__ import annotations
+
+import pytest
+
+from proto import errors
+from proto.errors import ErrorCode, ServingError
+from server.frontends.http.errors import HTTP_STATUS
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_code_has_an_http_status(code: ErrorCode) -> None:
+    assert code in HTTP_STATUS
+    assert 400 <= HTTP_STATUS[code] <= 599
+
+
+def test_http_table_has_only_error_codes() -> None:
+    assert set(HTTP_STATUS) == set(ErrorCode)
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    (ErrorCode.INVALID_ARGUMENT, 400),
+    (ErrorCode.NOT_FOUND, 404),
+    (ErrorCode.UNAVAILABLE, 503),
+    (ErrorCode.UNIMPLEMENTED, 501),
+    (ErrorCode.INTERNAL, 500),
+])
+def test_key_http_statuses(code: ErrorCode, status: int) -> None:
+    assert HTTP_STATUS[code] == status
+
+
+def test_http_table_is_read_only() -> None:
+    with pytest.raises(TypeError):
+        HTTP_STATUS[ErrorCode.INTERNAL] = 200  # type: ignore[index]
+
+
+def test_from_exception_wraps_value_error() -> None:
+    wrapped = errors.from_exception(ValueError("msg"))
+    assert type(wrapped) is ServingError
+    assert wrapped.code is ErrorCode.INTERNAL
+    assert wrapped.message == "builtins.ValueError: msg"
+    assert str(wrapped) == "builtins.ValueError: msg"
+    assert not wrapped.retryable
+
+
+def test_from_exception_names_module_and_qualified_class() -> None:
+    class Inner(RuntimeError):
+        pass
+
+    wrapped = errors.from_exception(Inner("boom"))
+    assert wrapped.message == f"{__name__}.test_from_exception_names_module_and_qualified_class.<locals>.Inner: boom"
+
+
+@pytest.mark.parametrize("exc", [
+    errors.InvalidInput("bad"),
+    errors.WorkerDied("gone"),
+    ServingError("x", code=ErrorCode.CANCELLED),
+])
+def test_from_exception_keeps_serving_errors(exc: ServingError) -> None:
+    assert errors.from_exception(exc) is exc
+
+
+@pytest.mark.parametrize(("cls", "code"), [
+    (errors.InvalidInput, ErrorCode.INVALID_ARGUMENT),
+    (errors.ModelNotFound, ErrorCode.NOT_FOUND),
+    (errors.ModelNotReady, ErrorCode.UNAVAILABLE),
+    (errors.QueueFull, ErrorCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, ErrorCode.DEADLINE_EXCEEDED),
+    (errors.WorkerDied, ErrorCode.UNAVAILABLE),
+    (errors.Unsupported, ErrorCode.UNIMPLEMENTED),
+])
+def test_subclass_codes(cls: type[ServingError], code: ErrorCode) -> None:
+    e = cls("m")
+    assert e.code is code
+    assert e.message == "m"
+
+
+def test_worker_died_is_retryable() -> None:
+    assert errors.WorkerDied("x").retryable
+
+
+def test_explicit_code_overrides_class_code() -> None:
+    e = errors.InvalidInput("m", code=ErrorCode.NOT_FOUND, retryable=True)
+    assert (e.code, e.retryable) == (ErrorCode.NOT_FOUND, True)
+    assert repr(e) == "InvalidInput(NOT_FOUND, 'm')"
