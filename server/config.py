@@ -57,6 +57,39 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
+_TYPES: dict[str, tuple[type, str]] = {
+    "http_port": (int, "--http-port"),
+    "grpc_port": (int, "--grpc-port"),
+    "metrics_port": (int, "--metrics-port"),
+    "exit_timeout_secs": (float, "--exit-timeout-secs"),
+    "log_verbose": (int, "--log-verbose"),
+    "strict_model_config": (bool, "--strict-model-config"),
+    "strict_readiness": (bool, "--strict-readiness"),
+    "repository_poll_secs": (float, "--repository-poll-secs"),
+    "http_max_input_size": (int, "--http-max-input-size"),
+    "shm_arena_bytes": (int, "--shm-arena-bytes"),
+    "shm_arena_max_bytes": (int, "--shm-arena-max-bytes"),
+    "worker_arena_bytes": (int, "--worker-arena-bytes"),
+    "inline_max_bytes": (int, "--inline-max-bytes"),
+    "model_load_timeout_secs": (float, "--model-load-timeout-secs"),
+}
+
+
+def _convert(args: argparse.Namespace, problems: list[str]) -> None:
+    """Convert typed options in place, collecting every malformed value (argparse would
+    stop at the first)."""
+    for attr, (kind, flag) in _TYPES.items():
+        value = getattr(args, attr)
+        if not isinstance(value, str):
+            continue
+        try:
+            converted: object = _bool(value) if kind is bool else kind(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            problems.append(f"{flag} '{value}': expected {'true or false' if kind is bool else kind.__name__ if kind is int else 'a number'}")
+            converted = 0 if kind is not bool else True
+        setattr(args, attr, converted)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description="Shoal: a Triton-compatible inference server in Python")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,22 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-repository", "--model-store", dest="model_repository", action="append",
                    help="model repository directory (Triton layout)")
     s.add_argument("--host", "--http-address", dest="host", default="0.0.0.0")
-    s.add_argument("--http-port", type=int, default=8000, help="0 picks a free port; the bound port is logged")
-    s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--metrics-port", type=int, default=8002)
-    s.add_argument("--exit-timeout-secs", type=float, default=30.0,
+    s.add_argument("--http-port", default=8000, help="0 picks a free port; the bound port is logged")
+    s.add_argument("--grpc-port", default=8001)
+    s.add_argument("--metrics-port", default=8002)
+    s.add_argument("--exit-timeout-secs", default=30.0,
                    help="seconds to let in-flight requests finish at shutdown")
-    s.add_argument("--log-verbose", type=int, default=0)
-    s.add_argument("--strict-model-config", type=_bool, default=True)
-    s.add_argument("--strict-readiness", type=_bool, default=True)
+    s.add_argument("--log-verbose", default=0)
+    s.add_argument("--strict-model-config", default=True)
+    s.add_argument("--strict-readiness", default=True)
     s.add_argument("--model-control-mode", default="none")
-    s.add_argument("--repository-poll-secs", type=float, default=15.0)
-    s.add_argument("--http-max-input-size", type=int, default=64 << 20)
-    s.add_argument("--shm-arena-bytes", type=int, default=64 << 20)
-    s.add_argument("--shm-arena-max-bytes", type=int, default=1 << 30)
-    s.add_argument("--worker-arena-bytes", type=int, default=16 << 20)
-    s.add_argument("--inline-max-bytes", type=int, default=64 << 10)
-    s.add_argument("--model-load-timeout-secs", type=float, default=120.0)
+    s.add_argument("--repository-poll-secs", default=15.0)
+    s.add_argument("--http-max-input-size", default=64 << 20)
+    s.add_argument("--shm-arena-bytes", default=64 << 20)
+    s.add_argument("--shm-arena-max-bytes", default=1 << 30)
+    s.add_argument("--worker-arena-bytes", default=16 << 20)
+    s.add_argument("--inline-max-bytes", default=64 << 10)
+    s.add_argument("--model-load-timeout-secs", default=120.0)
     return p
 
 
@@ -87,6 +120,7 @@ def parse(argv: list[str]) -> ServerConfig:
     """Parse ``shoal serve ...`` arguments; raises ``ConfigError`` listing every problem."""
     args = build_parser().parse_args(argv)
     problems: list[str] = []
+    _convert(args, problems)
     repos = args.model_repository or []
     if not repos:
         problems.append("--model-repository is required")
@@ -118,6 +152,10 @@ def parse(argv: list[str]) -> ServerConfig:
             problems.append(f"{flag} must be > 0")
     if args.inline_max_bytes < 0:
         problems.append("--inline-max-bytes must be >= 0")
+    if args.model_load_timeout_secs <= 0:
+        problems.append("--model-load-timeout-secs must be > 0")
+    if args.shm_arena_max_bytes < args.shm_arena_bytes:
+        problems.append("--shm-arena-max-bytes must be >= --shm-arena-bytes")
     if problems:
         raise ConfigError(problems)
     return ServerConfig(

@@ -59,7 +59,8 @@ class _FreeList:
         return None
 
     def free(self, off: int) -> int:
-        nbytes = self.used.pop(off)
+        """Free the range at ``off``; returns its size."""
+        size = nbytes = self.used.pop(off)
         starts, sizes = self._starts, self._sizes
         i = bisect.bisect_left(starts, off)
         # merge with the next free range
@@ -73,7 +74,7 @@ class _FreeList:
         else:
             starts.insert(i, off)
             sizes.insert(i, nbytes)
-        return nbytes
+        return size
 
 
 class Arena:

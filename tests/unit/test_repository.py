@@ -221,7 +221,8 @@ def test_specific_version_missing(tmp_path: Path) -> None:
     assert err == "model 'm': version(s) [4, 5] named by version_policy do not exist"
 
 
-@pytest.mark.parametrize("policy", ["", "version_policy: { all { } }", "version_policy: { latest { num_versions: 3 } }"])
+@pytest.mark.parametrize("policy", [
+    "", "version_policy: { all { } }", "version_policy: { latest { num_versions: 3 } }"])
 def test_no_version_directory(tmp_path: Path, policy: str) -> None:
     err = _err(tmp_path, f'backend: "python" {policy}' + IO, versions={"abc": [], "01": []})
     assert err == "model 'm': no version directory to serve"

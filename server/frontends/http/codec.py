@@ -23,10 +23,10 @@ def parse_header_length(value: str | None, body_len: int) -> int | None:
     """The JSON header length from ``Inference-Header-Content-Length`` (``None``: absent)."""
     if value is None:
         return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidInput(f"Inference-Header-Content-Length '{value[:32]}' is not an integer") from None
+    v = value.strip()
+    if not v.isascii() or not v.lstrip("-").isdigit():
+        raise InvalidInput(f"Inference-Header-Content-Length '{value[:32]}' is not an integer")
+    n = int(v)
     if n < 0 or n > body_len:
         raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {body_len} bytes")
     return n
@@ -161,8 +161,9 @@ def _json_data(value: Any, name: str, dt: dtypes.DType, count: int) -> bytes:
         raise InvalidInput(f"input '{name}': {dt.protocol} data must be JSON numbers")
     assert dt.numpy is not None
     try:
-        arr = np.array(flat, dtype=dt.numpy)
-    except OverflowError:
+        with np.errstate(over="raise"):
+            arr = np.array(flat, dtype=dt.numpy)
+    except (OverflowError, FloatingPointError):
         raise InvalidInput(f"input '{name}': a value is out of range for {dt.protocol}") from None
     return arr.tobytes()
 
