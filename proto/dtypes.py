@@ -35,7 +35,8 @@ def _bf16_numpy() -> np.dtype[np.generic] | None:
     try:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bf16: np.dtype[np.generic] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
     except ImportError:
         return None
 
@@ -103,7 +104,7 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buffer: bytes | memoryview, count: int, *, name: str = "") -> npt.NDArray[np.object_]:
+def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int, *, name: str = "") -> npt.NDArray[np.object_]:
     """Split a length-prefixed buffer into ``count`` ``bytes`` objects.
 
     Raises ``InvalidInput`` (naming ``name``) when the buffer does not hold exactly ``count``

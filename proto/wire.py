@@ -26,7 +26,7 @@ def parse(header: bytes | memoryview) -> wpb.Envelope:
     version other than ours."""
     env = wpb.Envelope()
     try:
-        env.ParseFromString(header)
+        env.ParseFromString(header)  # type: ignore[arg-type]  # upb accepts any buffer
     except Exception as exc:  # protobuf raises DecodeError; anything else is as bad
         raise ServingError(f"malformed worker message: {exc}", code=ErrorCode.INTERNAL) from None
     if env.protocol_version != PROTOCOL_VERSION:
@@ -38,7 +38,7 @@ def parse(header: bytes | memoryview) -> wpb.Envelope:
 
 
 def failed(err: ServingError, out: wpb.Failed) -> None:
-    out.code = int(err.code)
+    out.code = wpb.ErrorCode.ValueType(int(err.code))
     out.message = err.message
     out.retryable = err.retryable
 

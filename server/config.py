@@ -85,7 +85,8 @@ def _convert(args: argparse.Namespace, problems: list[str]) -> None:
         try:
             converted: object = _bool(value) if kind is bool else kind(value)
         except (ValueError, argparse.ArgumentTypeError):
-            problems.append(f"{flag} '{value}': expected {'true or false' if kind is bool else kind.__name__ if kind is int else 'a number'}")
+            expected = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+            problems.append(f"{flag} '{value}': expected {expected}")
             converted = 0 if kind is not bool else True
         setattr(args, attr, converted)
 
@@ -94,14 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoal", description="Shoal: a Triton-compatible inference server in Python")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository over HTTP")
-    s.add_argument("--model-repository", "--model-store", dest="model_repository", action="append",
-                   help="model repository directory (Triton layout)")
+    s.add_argument(
+        "--model-repository",
+        "--model-store",
+        dest="model_repository",
+        action="append",
+        help="model repository directory (Triton layout)",
+    )
     s.add_argument("--host", "--http-address", dest="host", default="0.0.0.0")
     s.add_argument("--http-port", default=8000, help="0 picks a free port; the bound port is logged")
     s.add_argument("--grpc-port", default=8001)
     s.add_argument("--metrics-port", default=8002)
-    s.add_argument("--exit-timeout-secs", default=30.0,
-                   help="seconds to let in-flight requests finish at shutdown")
+    s.add_argument("--exit-timeout-secs", default=30.0, help="seconds to let in-flight requests finish at shutdown")
     s.add_argument("--log-verbose", default=0)
     s.add_argument("--strict-model-config", default=True)
     s.add_argument("--strict-readiness", default=True)
@@ -146,8 +151,11 @@ def parse(argv: list[str]) -> ServerConfig:
         problems.append("--repository-poll-secs must be > 0")
     if args.log_verbose < 0:
         problems.append("--log-verbose must be >= 0")
-    for flag, value in (("--http-max-input-size", args.http_max_input_size), ("--shm-arena-bytes", args.shm_arena_bytes),
-                        ("--worker-arena-bytes", args.worker_arena_bytes)):
+    for flag, value in (
+        ("--http-max-input-size", args.http_max_input_size),
+        ("--shm-arena-bytes", args.shm_arena_bytes),
+        ("--worker-arena-bytes", args.worker_arena_bytes),
+    ):
         if value <= 0:
             problems.append(f"{flag} must be > 0")
     if args.inline_max_bytes < 0:

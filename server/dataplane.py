@@ -7,7 +7,7 @@ from typing import Any
 
 from proto import dtypes
 from proto.config_json import config_to_json
-from proto.errors import InvalidInput, ServingError, ErrorCode
+from proto.errors import ErrorCode, InvalidInput, ServingError
 from server.models import ModelManager, ModelVersion, TensorSpec
 from server.types import InferRequest, InferResult
 
@@ -52,8 +52,12 @@ class DataPlane:
             "name": name,
             "versions": versions,
             "platform": cfg.platform or cfg.backend,
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in mv.inputs.values()],
-            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in mv.outputs.values()],
+            "inputs": [
+                {"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in mv.inputs.values()
+            ],
+            "outputs": [
+                {"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in mv.outputs.values()
+            ],
         }
 
     def model_config(self, name: str, version: int) -> dict[str, Any]:
@@ -122,10 +126,13 @@ def validate(mv: ModelVersion, request: InferRequest) -> None:
             if batch_size is None:
                 batch_size = shape[0]
             elif shape[0] != batch_size:
-                raise InvalidInput(f"inference input '{t.name}' batch size {shape[0]} differs from other inputs ({batch_size})")
+                raise InvalidInput(
+                    f"inference input '{t.name}' batch size {shape[0]} differs from other inputs ({batch_size})"
+                )
             if shape[0] > max_batch:
                 raise InvalidInput(
-                    f"inference request batch-size must be <= {max_batch} for '{name}', got {shape[0]} for input '{t.name}'"
+                    f"inference request batch-size must be <= {max_batch} for '{name}', "
+                    f"got {shape[0]} for input '{t.name}'"
                 )
             dims = shape[1:]
         if not _dims_match(dims, spec.dims):
@@ -144,8 +151,10 @@ def validate(mv: ModelVersion, request: InferRequest) -> None:
             t.shape = ((shape[0],) if max_batch > 0 else ()) + _reshape(spec, dims)
     if len(seen) < mv.required_inputs or any(n not in seen for n, s in mv.inputs.items() if not s.optional):
         missing = [n for n, s in mv.inputs.items() if not s.optional and n not in seen]
-        raise InvalidInput(f"expected {mv.required_inputs} inputs but got {len(seen)} inputs for model '{name}'. "
-                           f"Missing: {', '.join(repr(m) for m in missing)}")
+        raise InvalidInput(
+            f"expected {mv.required_inputs} inputs but got {len(seen)} inputs for model '{name}'. "
+            f"Missing: {', '.join(repr(m) for m in missing)}"
+        )
     if request.outputs is not None:
         for o in request.outputs:
             if o.name not in mv.outputs:

@@ -92,8 +92,9 @@ class InstanceSettings:
 
 
 class ModelManager:
-    def __init__(self, repository: Path, *, channel: WorkerChannel, ctx: DispatchContext,
-                 settings: InstanceSettings) -> None:
+    def __init__(
+        self, repository: Path, *, channel: WorkerChannel, ctx: DispatchContext, settings: InstanceSettings
+    ) -> None:
         self.repository = repository
         self.channel = channel
         self.ctx = ctx
@@ -146,7 +147,9 @@ class ModelManager:
         mv.state = ModelState.READY
         mv.reason = ""
         mv.load_seconds = time.monotonic() - started
-        log.info("model '%s' version %d ready (%d instances, %.2f s)", mv.name, mv.version, len(workers), mv.load_seconds)
+        log.info(
+            "model '%s' version %d ready (%d instances, %.2f s)", mv.name, mv.version, len(workers), mv.load_seconds
+        )
 
     def _make_workers(self, mv: ModelVersion) -> list[Worker]:
         config_bytes = mv.config.SerializeToString()
@@ -192,17 +195,23 @@ class ModelManager:
         if version < 0:
             ready = [mv for mv in versions.values() if mv.ready]
             if not ready:
-                raise ServingError(f"Request for unknown model: '{name}' has no available versions",
-                                   code=ErrorCode.NOT_FOUND if not versions else ErrorCode.UNAVAILABLE,
-                                   retryable=bool(versions))
+                raise ServingError(
+                    f"Request for unknown model: '{name}' has no available versions",
+                    code=ErrorCode.NOT_FOUND if not versions else ErrorCode.UNAVAILABLE,
+                    retryable=bool(versions),
+                )
             return max(ready, key=lambda mv: mv.version)
         mv = versions.get(version)
         if mv is None:
-            raise ServingError(f"Request for unknown model: '{name}' version {version} is not found",
-                               code=ErrorCode.NOT_FOUND)
+            raise ServingError(
+                f"Request for unknown model: '{name}' version {version} is not found", code=ErrorCode.NOT_FOUND
+            )
         if not mv.ready:
-            raise ServingError(f"Request for unknown model: '{name}' version {version} is not at ready state",
-                               code=ErrorCode.UNAVAILABLE, retryable=True)
+            raise ServingError(
+                f"Request for unknown model: '{name}' version {version} is not at ready state",
+                code=ErrorCode.UNAVAILABLE,
+                retryable=True,
+            )
         return mv
 
     def all_ready(self) -> bool:

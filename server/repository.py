@@ -52,9 +52,7 @@ def validate_model_name(name: str) -> None:
 
 def list_models(repo: Path) -> list[str]:
     """Directory names of the repository that look like models (hidden ones skipped)."""
-    return sorted(
-        entry.name for entry in os.scandir(repo) if entry.is_dir() and not entry.name.startswith(".")
-    )
+    return sorted(entry.name for entry in os.scandir(repo) if entry.is_dir() and not entry.name.startswith("."))
 
 
 def read_model(repo: Path, name: str) -> ModelSource:

@@ -98,7 +98,7 @@ def unlink(name: str) -> None:
 
 def unlink_prefix(prefix: str) -> list[str]:
     """Unlink every segment whose name starts with ``prefix``; returns the names."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
@@ -116,7 +116,7 @@ def reclaim_stale() -> list[str]:
     Names carry the creating server's pid (``shoal_<pid>_...``); a segment whose pid is not
     alive is stale. Returns the names removed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

@@ -36,7 +36,7 @@ class WorkerRuntime:
     def __init__(self, *, endpoint: str, identity: bytes) -> None:
         self.endpoint = endpoint
         self.identity = identity
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, identity)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -155,8 +155,8 @@ class WorkerRuntime:
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
             err = from_exception(exc)
             log.error("%s: batch failed: %s", self.spec.instance_name if self.spec else "?", err.message)
-            for r in done.results:
-                self._free_result(r)
+            for res in done.results:
+                self._free_result(res)
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)

@@ -47,7 +47,9 @@ class OutputWriter:
         self.arena = arena
         self.inline_max_bytes = inline_max_bytes
 
-    def write(self, name: str, array: Array, expect: dtypes.DType | None, ref: wpb.TensorRef, frames: list[Any]) -> None:
+    def write(
+        self, name: str, array: Array, expect: dtypes.DType | None, ref: wpb.TensorRef, frames: list[Any]
+    ) -> None:
         arr = np.asarray(array)
         dt = dtypes.from_numpy(arr.dtype)
         if expect is not None and expect.protocol != dt.protocol:

@@ -39,7 +39,8 @@ class WorkerChannel:
     def start(self) -> None:
         self._sock.bind(self.endpoint)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
+        self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self._loop.add_reader(self._fd, self._drain)
 
     def register(self, identity: bytes, handler: Handler) -> None:
         self._handlers[identity] = handler
@@ -66,7 +67,7 @@ class WorkerChannel:
     def _drain(self) -> None:
         self._drain_pending = False
         sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -89,7 +90,7 @@ class WorkerChannel:
     def close(self) -> None:
         if self._loop is not None and not self._sock.closed:
             try:
-                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
+                self._loop.remove_reader(self._fd)
             except (ValueError, zmq.ZMQError):
                 pass
         self._sock.close(linger=0)

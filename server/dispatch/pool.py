@@ -113,8 +113,9 @@ class InstancePool:
             if params:
                 r.parameters_json = json.dumps(params)
 
-    def _decode(self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope,
-                frames: list[zmq.Frame]) -> list[InferResult | ServingError]:
+    def _decode(
+        self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope, frames: list[zmq.Frame]
+    ) -> list[InferResult | ServingError]:
         body = reply.WhichOneof("body")
         if body == "failed":
             raise wire.to_error(reply.failed)

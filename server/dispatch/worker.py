@@ -61,8 +61,14 @@ class Worker:
     """Lifecycle: ``await start()`` (raises ``ServingError`` when the model fails to load),
     ``submit()`` batches while ``ready``, ``await stop()``."""
 
-    def __init__(self, spec: WorkerSpec, *, channel: WorkerChannel, arena_prefix: str,
-                 on_exit: Callable[[Worker], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        channel: WorkerChannel,
+        arena_prefix: str,
+        on_exit: Callable[[Worker], None] | None = None,
+    ) -> None:
         self.spec = spec
         self.channel = channel
         self.arena_prefix_base = arena_prefix
@@ -203,17 +209,23 @@ class Worker:
             await self._terminate()
             raise ServingError(f"failed to load {self.label}: {err.message}", code=err.code)
 
-    async def _await_or_exit(self, fut: asyncio.Future[Reply], exited: asyncio.Future[int], timeout: float, what: str) -> Reply:
-        done, _ = await asyncio.wait({fut, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    async def _await_or_exit(
+        self, fut: asyncio.Future[Reply], exited: asyncio.Future[int], timeout: float, what: str
+    ) -> Reply:
+        waiting: set[asyncio.Future[Any]] = {fut, exited}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if fut in done:
             return fut.result()
         self._pending.pop(0, None)
         if exited in done:
-            raise ServingError(f"failed to load {self.label}: worker {self._death_message(exited.result())} during {what}",
-                               code=ErrorCode.UNAVAILABLE)
+            raise ServingError(
+                f"failed to load {self.label}: worker {self._death_message(exited.result())} during {what}",
+                code=ErrorCode.UNAVAILABLE,
+            )
         await self._terminate()
-        raise ServingError(f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}",
-                           code=ErrorCode.UNAVAILABLE)
+        raise ServingError(
+            f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}", code=ErrorCode.UNAVAILABLE
+        )
 
     def _on_message(self, env: wpb.Envelope, frames: list[zmq.Frame]) -> None:
         body = env.WhichOneof("body")

@@ -42,10 +42,27 @@ class ServerProcess:
         return "".join(self.lines)
 
     def start(self, *, wait_ready: bool = True, timeout_s: float = 60.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "server", "serve", "--model-repository", str(self.repository),
-               "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *self.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--model-repository",
+            str(self.repository),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            *self.extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
+        )
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         if not self._port_seen.wait(timeout_s):

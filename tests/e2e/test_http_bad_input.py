@@ -27,7 +27,9 @@ def jpost(server: ServerProcess, model: str, obj: object) -> tuple[int, str]:
     return post(server, model, json.dumps(obj).encode())
 
 
-def add_sub_input(name: str = "INPUT0", dt: str = "FP32", shape: list[int] | None = None, data: object = None) -> dict[str, object]:
+def add_sub_input(
+    name: str = "INPUT0", dt: str = "FP32", shape: list[int] | None = None, data: object = None
+) -> dict[str, object]:
     return {"name": name, "datatype": dt, "shape": shape or [4], "data": data if data is not None else [1, 2, 3, 4]}
 
 
@@ -84,7 +86,9 @@ def test_duplicate_input(server: ServerProcess) -> None:
 
 
 def test_unknown_output(server: ServerProcess) -> None:
-    status, err = jpost(server, "add_sub", {"inputs": [add_sub_input(), add_sub_input("INPUT1")], "outputs": [{"name": "OUT9"}]})
+    status, err = jpost(
+        server, "add_sub", {"inputs": [add_sub_input(), add_sub_input("INPUT1")], "outputs": [{"name": "OUT9"}]}
+    )
     assert status == 400 and "OUT9" in err
 
 
@@ -98,12 +102,16 @@ def test_batch_too_large(server: ServerProcess) -> None:
     a = {"name": "INPUT0", "datatype": "INT32", "shape": [9, 16], "parameters": {"binary_data_size": 9 * 64}}
     b = {"name": "INPUT1", "datatype": "INT32", "shape": [9, 16], "parameters": {"binary_data_size": 9 * 64}}
     head = json.dumps({"inputs": [a, b]}).encode()
-    status, err = post(server, "simple_onnx", head + bytes(2 * 9 * 64), {"Inference-Header-Content-Length": str(len(head))})
+    status, err = post(
+        server, "simple_onnx", head + bytes(2 * 9 * 64), {"Inference-Header-Content-Length": str(len(head))}
+    )
     assert status == 400 and "batch-size must be <= 8" in err
 
 
 def binary_request(inputs: list[tuple[str, str, list[int], int]], blob: bytes) -> tuple[bytes, dict[str, str]]:
-    spec = [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": size}} for n, d, s, size in inputs]
+    spec = [
+        {"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": size}} for n, d, s, size in inputs
+    ]
     head = json.dumps({"inputs": spec}).encode()
     return head + blob, {"Inference-Header-Content-Length": str(len(head))}
 
@@ -131,7 +139,9 @@ def test_shape_that_overflows(server: ServerProcess) -> None:
     body, headers = binary_request([("IN_FP32", "FP32", big, 16)], bytes(16))
     status, err = post(server, "echo_all", body, headers)
     assert status == 400 and "IN_FP32" in err
-    status, err = jpost(server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [2**64 + 1], "data": [1]}]})
+    status, err = jpost(
+        server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [2**64 + 1], "data": [1]}]}
+    )
     assert status == 400
 
 
@@ -144,20 +154,38 @@ def test_malformed_bytes_tensor(server: ServerProcess) -> None:
 
 
 def test_binary_data_size_without_header(server: ServerProcess) -> None:
-    status, err = jpost(server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [1],
-                                                         "parameters": {"binary_data_size": 4}}]})
+    status, err = jpost(
+        server,
+        "echo_all",
+        {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]},
+    )
     assert status == 400 and "IN_FP32" in err
 
 
 def test_both_data_and_binary(server: ServerProcess) -> None:
-    status, err = jpost(server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [1], "data": [1],
-                                                         "parameters": {"binary_data_size": 4}}]})
+    status, err = jpost(
+        server,
+        "echo_all",
+        {
+            "inputs": [
+                {
+                    "name": "IN_FP32",
+                    "datatype": "FP32",
+                    "shape": [1],
+                    "data": [1],
+                    "parameters": {"binary_data_size": 4},
+                }
+            ]
+        },
+    )
     assert status == 400 and "only one of" in err
 
 
 def test_json_type_errors(server: ServerProcess) -> None:
     for dt, data in (("BOOL", [1]), ("INT32", [1.5]), ("UINT8", [256]), ("BYTES", [1]), ("FP32", ["x"])):
-        status, err = jpost(server, "echo_all", {"inputs": [{"name": f"IN_{dt}", "datatype": dt, "shape": [1], "data": data}]})
+        status, err = jpost(
+            server, "echo_all", {"inputs": [{"name": f"IN_{dt}", "datatype": dt, "shape": [1], "data": data}]}
+        )
         assert status == 400 and f"IN_{dt}" in err, (dt, status, err)
 
 
@@ -165,7 +193,9 @@ def test_deeply_nested_json(server: ServerProcess) -> None:
     data: object = [1.0]
     for _ in range(200):
         data = [data]
-    status, err = jpost(server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [1], "data": data}]})
+    status, err = jpost(
+        server, "echo_all", {"inputs": [{"name": "IN_FP32", "datatype": "FP32", "shape": [1], "data": data}]}
+    )
     assert status == 400
 
 
@@ -177,7 +207,9 @@ def test_json_body_limit(tmp_path: object, fresh_server: list[ServerProcess]) ->
     repo = make_repository(Path(str(tmp_path)) / "repo", "identity_fp32")
     srv = ServerProcess(repo, "--http-max-input-size", "1000").start()
     fresh_server.append(srv)
-    status, err = jpost(srv, "identity_fp32", {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [400], "data": [0.5] * 400}]})
+    status, err = jpost(
+        srv, "identity_fp32", {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [400], "data": [0.5] * 400}]}
+    )
     assert status == 400 and "--http-max-input-size" in err
     assert srv.terminate() == 0
 

@@ -46,7 +46,9 @@ def test_json_roundtrip(server: ServerProcess, datatype: str) -> None:
     data = SAMPLES[datatype]
     i = httpclient.InferInput(f"IN_{datatype}", list(data.shape), datatype)
     i.set_data_from_numpy(data, binary_data=False)
-    r = server.client().infer("echo_all", [i], outputs=[httpclient.InferRequestedOutput(f"OUT_{datatype}", binary_data=False)])
+    r = server.client().infer(
+        "echo_all", [i], outputs=[httpclient.InferRequestedOutput(f"OUT_{datatype}", binary_data=False)]
+    )
     assert "data" in r.get_response()["outputs"][0]
     out = r.as_numpy(f"OUT_{datatype}")
     if datatype == "BYTES":
@@ -84,8 +86,11 @@ def test_several_datatypes_in_one_request(server: ServerProcess) -> None:
         i = httpclient.InferInput(f"IN_{dt}", [3], dt)
         i.set_data_from_numpy(SAMPLES[dt], binary_data=dt != "BOOL")
         inputs.append(i)
-    r = server.client().infer("echo_all", inputs,
-                              outputs=[httpclient.InferRequestedOutput(f"OUT_{dt}") for dt in ("INT8", "FP64", "BYTES", "BOOL")])
+    r = server.client().infer(
+        "echo_all",
+        inputs,
+        outputs=[httpclient.InferRequestedOutput(f"OUT_{dt}") for dt in ("INT8", "FP64", "BYTES", "BOOL")],
+    )
     for dt in ("INT8", "FP64", "BYTES", "BOOL"):
         np.testing.assert_array_equal(r.as_numpy(f"OUT_{dt}"), SAMPLES[dt])
 
@@ -98,12 +103,16 @@ def test_zero_element_tensor(server: ServerProcess) -> None:
 
 
 def test_nested_json_data(server: ServerProcess) -> None:
-    body = {"inputs": [{"name": "IN_INT32", "shape": [4], "datatype": "INT32", "data": [[1, 2], [3, 4]]}],
-            "outputs": [{"name": "OUT_INT32"}]}
+    body = {
+        "inputs": [{"name": "IN_INT32", "shape": [4], "datatype": "INT32", "data": [[1, 2], [3, 4]]}],
+        "outputs": [{"name": "OUT_INT32"}],
+    }
     import json
     import urllib.request
 
-    req = urllib.request.Request(f"http://{server.url}/v2/models/echo_all/infer", data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(
+        f"http://{server.url}/v2/models/echo_all/infer", data=json.dumps(body).encode(), method="POST"
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         out = json.loads(resp.read())
     assert out["outputs"][0]["data"] == [1, 2, 3, 4]

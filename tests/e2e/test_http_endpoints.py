@@ -14,8 +14,9 @@ from tritonclient.utils import InferenceServerException
 from tests.e2e.server import ServerProcess
 
 
-def raw(server: ServerProcess, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw(
+    server: ServerProcess, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(f"http://{server.url}{path}", data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -142,8 +143,13 @@ def test_onnx_batching_model(server: ServerProcess) -> None:
 
 def test_raw_binary_body(server: ServerProcess) -> None:
     data = np.arange(10, dtype=np.float32)
-    status, headers, body = raw(server, "POST", "/v2/models/identity_fp32/infer", data.tobytes(),
-                                {"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"})
+    status, headers, body = raw(
+        server,
+        "POST",
+        "/v2/models/identity_fp32/infer",
+        data.tobytes(),
+        {"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"},
+    )
     assert status == 200, body
     hl = int(headers["Inference-Header-Content-Length"])
     head = json.loads(body[:hl])

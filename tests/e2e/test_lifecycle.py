@@ -57,8 +57,10 @@ def crash_server(tmp_path: Path, fresh_server: list[ServerProcess]) -> ServerPro
     return srv
 
 
-@pytest.mark.parametrize(("value", "signature"), [(1, "killed by signal SIGKILL"), (2, "killed by signal SIGSEGV"),
-                                                  (4, "exited with status 3")])
+@pytest.mark.parametrize(
+    ("value", "signature"),
+    [(1, "killed by signal SIGKILL"), (2, "killed by signal SIGSEGV"), (4, "exited with status 3")],
+)
 def test_worker_death_fails_only_its_request(crash_server: ServerProcess, value: int, signature: str) -> None:
     c = crash_server.client()
     with pytest.raises(InferenceServerException) as info:
@@ -108,6 +110,7 @@ def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess
 def test_sigterm_lets_inflight_requests_finish(crash_server: ServerProcess) -> None:
     async def go() -> list[object]:
         async with aioclient.InferenceServerClient(crash_server.url) as c:
+
             async def one() -> object:
                 i = aioclient.InferInput("INPUT0", [4], "FP32")
                 i.set_data_from_numpy(np.arange(4, dtype=np.float32))
@@ -206,9 +209,24 @@ def test_broken_model_does_not_stop_the_others(tmp_path: Path, fresh_server: lis
 
 def test_bad_command_line_reports_every_problem(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--model-repository", str(tmp_path / "missing"),
-         "--http-port", "70000", "--model-control-mode", "bogus", "--exit-timeout-secs", "-1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--model-repository",
+            str(tmp_path / "missing"),
+            "--http-port",
+            "70000",
+            "--model-control-mode",
+            "bogus",
+            "--exit-timeout-secs",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 2
     for needle in ("not a directory", "--http-port 70000", "bogus", "--exit-timeout-secs"):
@@ -220,6 +238,7 @@ def test_many_concurrent_requests(server: ServerProcess) -> None:
 
     async def go() -> None:
         async with aioclient.InferenceServerClient(server.url, conn_limit=64) as c:
+
             async def one(k: int) -> None:
                 data = np.full(8, k, dtype=np.float32)
                 i = aioclient.InferInput("INPUT0", [8], "FP32")

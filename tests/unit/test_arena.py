@@ -111,8 +111,9 @@ def test_allocate_and_free(make_arena: Callable[..., Arena], prefix: str) -> Non
     assert (s.live_blocks, s.high_water_bytes) == (0, 256)
 
 
-@pytest.mark.parametrize(("nbytes", "reserved"), [(0, 256), (1, 256), (255, 256), (256, 256), (257, 512),
-                                                  (1000, 1024), (1024, 1024)])
+@pytest.mark.parametrize(
+    ("nbytes", "reserved"), [(0, 256), (1, 256), (255, 256), (256, 256), (257, 512), (1000, 1024), (1024, 1024)]
+)
 def test_alignment(make_arena: Callable[..., Arena], nbytes: int, reserved: int) -> None:
     arena = make_arena()
     first = arena.allocate(nbytes)
@@ -239,7 +240,12 @@ def test_growth_by_extra_segments(make_arena: Callable[..., Arena], prefix: str)
     s = arena.stats()
     # empty segments are kept for reuse
     assert (s.capacity_bytes, s.in_use_bytes, s.segments, s.live_blocks, s.high_water_bytes) == (
-        3 * KB4, 0, 3, 0, 3 * KB4)
+        3 * KB4,
+        0,
+        3,
+        0,
+        3 * KB4,
+    )
     assert all(_exists(f"{prefix}_a_{i}") for i in range(3))
 
 

@@ -51,28 +51,87 @@ def test_port_zero(tmp_path: Path) -> None:
 
 
 def test_flags_mapped(tmp_path: Path) -> None:
-    cfg = _parse(tmp_path, "--http-address", "127.0.0.1", "--http-port", "9000", "--grpc-port", "9001",
-                 "--metrics-port", "9002", "--exit-timeout-secs", "0", "--log-verbose", "2",
-                 "--strict-model-config", "false", "--strict-readiness", "no", "--repository-poll-secs", "2.5",
-                 "--http-max-input-size", "1024", "--shm-arena-bytes", "4096", "--shm-arena-max-bytes", "8192",
-                 "--worker-arena-bytes", "2048", "--inline-max-bytes", "0", "--model-load-timeout-secs", "5")
+    cfg = _parse(
+        tmp_path,
+        "--http-address",
+        "127.0.0.1",
+        "--http-port",
+        "9000",
+        "--grpc-port",
+        "9001",
+        "--metrics-port",
+        "9002",
+        "--exit-timeout-secs",
+        "0",
+        "--log-verbose",
+        "2",
+        "--strict-model-config",
+        "false",
+        "--strict-readiness",
+        "no",
+        "--repository-poll-secs",
+        "2.5",
+        "--http-max-input-size",
+        "1024",
+        "--shm-arena-bytes",
+        "4096",
+        "--shm-arena-max-bytes",
+        "8192",
+        "--worker-arena-bytes",
+        "2048",
+        "--inline-max-bytes",
+        "0",
+        "--model-load-timeout-secs",
+        "5",
+    )
     assert cfg == ServerConfig(
-        model_repository=tmp_path.resolve(), host="127.0.0.1", http_port=9000, grpc_port=9001, metrics_port=9002,
-        exit_timeout_s=0.0, log_verbose=2, strict_model_config=False, strict_readiness=False,
-        repository_poll_s=2.5, http_max_input_bytes=1024, shm_arena_bytes=4096, shm_arena_max_bytes=8192,
-        worker_arena_bytes=2048, inline_max_bytes=0, model_load_timeout_s=5.0,
+        model_repository=tmp_path.resolve(),
+        host="127.0.0.1",
+        http_port=9000,
+        grpc_port=9001,
+        metrics_port=9002,
+        exit_timeout_s=0.0,
+        log_verbose=2,
+        strict_model_config=False,
+        strict_readiness=False,
+        repository_poll_s=2.5,
+        http_max_input_bytes=1024,
+        shm_arena_bytes=4096,
+        shm_arena_max_bytes=8192,
+        worker_arena_bytes=2048,
+        inline_max_bytes=0,
+        model_load_timeout_s=5.0,
     )
 
 
-@pytest.mark.parametrize(("value", "expected"), [("true", True), ("1", True), ("ON", True), ("Yes", True),
-                                                 ("false", False), ("0", False), ("off", False), ("NO", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", True),
+        ("1", True),
+        ("ON", True),
+        ("Yes", True),
+        ("false", False),
+        ("0", False),
+        ("off", False),
+        ("NO", False),
+    ],
+)
 def test_bool_flags(tmp_path: Path, value: str, expected: bool) -> None:
     assert _parse(tmp_path, "--strict-readiness", value).strict_readiness is expected
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
-    problems = _problems("--model-repository", str(tmp_path), "--http-port", "70000",
-                         "--exit-timeout-secs", "-1", "--model-control-mode", "sometimes")
+    problems = _problems(
+        "--model-repository",
+        str(tmp_path),
+        "--http-port",
+        "70000",
+        "--exit-timeout-secs",
+        "-1",
+        "--model-control-mode",
+        "sometimes",
+    )
     assert len(problems) == 3
     assert "--http-port 70000: must be between 0 and 65535" in problems
     assert "--exit-timeout-secs must be >= 0" in problems
@@ -80,9 +139,24 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_many_problems(tmp_path: Path) -> None:
-    problems = _problems("--model-repository", str(tmp_path / "absent"), "--grpc-port", "-1",
-                         "--repository-poll-secs", "0", "--log-verbose", "-1", "--http-max-input-size", "0",
-                         "--shm-arena-bytes", "-5", "--worker-arena-bytes", "0", "--inline-max-bytes", "-1")
+    problems = _problems(
+        "--model-repository",
+        str(tmp_path / "absent"),
+        "--grpc-port",
+        "-1",
+        "--repository-poll-secs",
+        "0",
+        "--log-verbose",
+        "-1",
+        "--http-max-input-size",
+        "0",
+        "--shm-arena-bytes",
+        "-5",
+        "--worker-arena-bytes",
+        "0",
+        "--inline-max-bytes",
+        "-1",
+    )
     assert problems == [
         f"--model-repository {tmp_path / 'absent'}: not a directory",
         "--grpc-port -1: must be between 0 and 65535",
@@ -101,7 +175,8 @@ def test_repository_required() -> None:
 
 def test_one_repository_only(tmp_path: Path) -> None:
     assert _problems("--model-repository", str(tmp_path), "--model-store", str(tmp_path)) == [
-        "only one --model-repository is supported"]
+        "only one --model-repository is supported"
+    ]
 
 
 def test_repository_must_be_a_directory(tmp_path: Path) -> None:
@@ -110,18 +185,20 @@ def test_repository_must_be_a_directory(tmp_path: Path) -> None:
     assert _problems("--model-repository", str(f)) == [f"--model-repository {f}: not a directory"]
 
 
-@pytest.mark.parametrize("ports", [("--http-port", "9000", "--grpc-port", "9000"),
-                                   ("--grpc-port", "8000"),
-                                   ("--metrics-port", "8001")])
+@pytest.mark.parametrize(
+    "ports", [("--http-port", "9000", "--grpc-port", "9000"), ("--grpc-port", "8000"), ("--metrics-port", "8001")]
+)
 def test_duplicate_ports(tmp_path: Path, ports: tuple[str, ...]) -> None:
     assert _problems("--model-repository", str(tmp_path), *ports) == [
-        "--http-port, --grpc-port and --metrics-port must differ"]
+        "--http-port, --grpc-port and --metrics-port must differ"
+    ]
 
 
 @pytest.mark.parametrize("mode", ["poll", "explicit"])
 def test_control_mode_not_supported_yet(tmp_path: Path, mode: str) -> None:
     assert _problems("--model-repository", str(tmp_path), "--model-control-mode", mode) == [
-        f"--model-control-mode {mode}: not supported yet (only 'none')"]
+        f"--model-control-mode {mode}: not supported yet (only 'none')"
+    ]
 
 
 def test_control_mode_none(tmp_path: Path) -> None:

@@ -139,11 +139,14 @@ def test_wrong_datatype(datatype: str) -> None:
     assert msg == f"inference input 'A' data-type is '{datatype}', but model 'bm' expects 'FP32'"
 
 
-@pytest.mark.parametrize(("shape", "expect"), [
-    ((2, 5), "[-1, 4]"),
-    ((2, 4, 1), "[-1, 4]"),
-    ((2,), "[-1, 4]"),
-])
+@pytest.mark.parametrize(
+    ("shape", "expect"),
+    [
+        ((2, 5), "[-1, 4]"),
+        ((2, 4, 1), "[-1, 4]"),
+        ((2,), "[-1, 4]"),
+    ],
+)
 def test_wrong_shape_batching(shape: tuple[int, ...], expect: str) -> None:
     msg = _invalid(_mv(BATCHING), _req(_t("A", "FP32", shape), _t("B", "INT32", (2, 3, 2))))
     assert msg == f"unexpected shape for input 'A' for model 'bm'. Expected {expect}, got {list(shape)}"
@@ -168,8 +171,10 @@ def test_negative_dimension() -> None:
 
 
 def test_batching_model_needs_batch_dimension() -> None:
-    mv = _mv('name: "s" backend: "python" max_batch_size: 4 '
-             'input [ { name: "A" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]')
+    mv = _mv(
+        'name: "s" backend: "python" max_batch_size: 4 '
+        'input [ { name: "A" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]'
+    )
     msg = _invalid(mv, _req(_t("A", "FP32", ())))
     assert msg == "inference input 'A' of batching model 's' needs a batch dimension"
 
@@ -225,23 +230,29 @@ def test_input_name_is_not_an_output_name() -> None:
 
 
 def _reshape_model(max_batch: int, dims: str, reshape: str, datatype: str = "TYPE_FP32") -> ModelVersion:
-    return _mv(f'name: "r" backend: "python" max_batch_size: {max_batch} '
-               f'input [ {{ name: "I" data_type: {datatype} dims: [ {dims} ] reshape: {{ shape: [ {reshape} ] }} }} ]')
+    return _mv(
+        f'name: "r" backend: "python" max_batch_size: {max_batch} '
+        f'input [ {{ name: "I" data_type: {datatype} dims: [ {dims} ] reshape: {{ shape: [ {reshape} ] }} }} ]'
+    )
 
 
-@pytest.mark.parametrize(("max_batch", "dims", "reshape", "shape", "expected"), [
-    (0, "4", "2, 2", (4,), (2, 2)),
-    (0, "1", "", (1,), ()),
-    (0, "2, 3", "6", (2, 3), (6,)),
-    (0, "-1", "-1, 2", (6,), (3, 2)),
-    (0, "-1", "2, -1", (8,), (2, 4)),
-    (4, "4", "2, 2", (3, 4), (3, 2, 2)),
-    (4, "1", "", (2, 1), (2,)),
-    (4, "-1", "-1, 3", (2, 9), (2, 3, 3)),
-    (4, "2, -1", "-1", (1, 2, 5), (1, 10)),
-])
-def test_reshape_applied(max_batch: int, dims: str, reshape: str, shape: tuple[int, ...],
-                         expected: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("max_batch", "dims", "reshape", "shape", "expected"),
+    [
+        (0, "4", "2, 2", (4,), (2, 2)),
+        (0, "1", "", (1,), ()),
+        (0, "2, 3", "6", (2, 3), (6,)),
+        (0, "-1", "-1, 2", (6,), (3, 2)),
+        (0, "-1", "2, -1", (8,), (2, 4)),
+        (4, "4", "2, 2", (3, 4), (3, 2, 2)),
+        (4, "1", "", (2, 1), (2,)),
+        (4, "-1", "-1, 3", (2, 9), (2, 3, 3)),
+        (4, "2, -1", "-1", (1, 2, 5), (1, 10)),
+    ],
+)
+def test_reshape_applied(
+    max_batch: int, dims: str, reshape: str, shape: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
     mv = _reshape_model(max_batch, dims, reshape)
     req = _req(_t("I", "FP32", shape))
     validate(mv, req)

@@ -19,13 +19,16 @@ def test_http_table_has_only_error_codes() -> None:
     assert set(HTTP_STATUS) == set(ErrorCode)
 
 
-@pytest.mark.parametrize(("code", "status"), [
-    (ErrorCode.INVALID_ARGUMENT, 400),
-    (ErrorCode.NOT_FOUND, 404),
-    (ErrorCode.UNAVAILABLE, 503),
-    (ErrorCode.UNIMPLEMENTED, 501),
-    (ErrorCode.INTERNAL, 500),
-])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (ErrorCode.INVALID_ARGUMENT, 400),
+        (ErrorCode.NOT_FOUND, 404),
+        (ErrorCode.UNAVAILABLE, 503),
+        (ErrorCode.UNIMPLEMENTED, 501),
+        (ErrorCode.INTERNAL, 500),
+    ],
+)
 def test_key_http_statuses(code: ErrorCode, status: int) -> None:
     assert HTTP_STATUS[code] == status
 
@@ -52,24 +55,30 @@ def test_from_exception_names_module_and_qualified_class() -> None:
     assert wrapped.message == f"{__name__}.test_from_exception_names_module_and_qualified_class.<locals>.Inner: boom"
 
 
-@pytest.mark.parametrize("exc", [
-    errors.InvalidInput("bad"),
-    errors.WorkerDied("gone"),
-    ServingError("x", code=ErrorCode.CANCELLED),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        errors.InvalidInput("bad"),
+        errors.WorkerDied("gone"),
+        ServingError("x", code=ErrorCode.CANCELLED),
+    ],
+)
 def test_from_exception_keeps_serving_errors(exc: ServingError) -> None:
     assert errors.from_exception(exc) is exc
 
 
-@pytest.mark.parametrize(("cls", "code"), [
-    (errors.InvalidInput, ErrorCode.INVALID_ARGUMENT),
-    (errors.ModelNotFound, ErrorCode.NOT_FOUND),
-    (errors.ModelNotReady, ErrorCode.UNAVAILABLE),
-    (errors.QueueFull, ErrorCode.RESOURCE_EXHAUSTED),
-    (errors.DeadlineExceeded, ErrorCode.DEADLINE_EXCEEDED),
-    (errors.WorkerDied, ErrorCode.UNAVAILABLE),
-    (errors.Unsupported, ErrorCode.UNIMPLEMENTED),
-])
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (errors.InvalidInput, ErrorCode.INVALID_ARGUMENT),
+        (errors.ModelNotFound, ErrorCode.NOT_FOUND),
+        (errors.ModelNotReady, ErrorCode.UNAVAILABLE),
+        (errors.QueueFull, ErrorCode.RESOURCE_EXHAUSTED),
+        (errors.DeadlineExceeded, ErrorCode.DEADLINE_EXCEEDED),
+        (errors.WorkerDied, ErrorCode.UNAVAILABLE),
+        (errors.Unsupported, ErrorCode.UNIMPLEMENTED),
+    ],
+)
 def test_subclass_codes(cls: type[ServingError], code: ErrorCode) -> None:
     e = cls("m")
     assert e.code is code

@@ -142,8 +142,10 @@ def test_integer_types_reject_non_integers(datatype: str, value: Any) -> None:
         _decode(_one_input(datatype=datatype, shape=[2], data=[1, value]))
 
 
-@pytest.mark.parametrize(("datatype", "value"), [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("UINT8", -1),
-                                                 ("UINT64", 2**64), ("INT64", 2**63)])
+@pytest.mark.parametrize(
+    ("datatype", "value"),
+    [("INT8", 128), ("INT8", -129), ("UINT8", 256), ("UINT8", -1), ("UINT64", 2**64), ("INT64", 2**63)],
+)
 def test_integer_out_of_range(datatype: str, value: int) -> None:
     with pytest.raises(InvalidInput, match=f"out of range for {datatype}"):
         _decode(_one_input(datatype=datatype, shape=[1], data=[value]))
@@ -196,12 +198,14 @@ def test_binary_inputs_in_order() -> None:
     a = np.arange(4, dtype="<f4").tobytes()
     b = np.array([7, 8], "<i8").tobytes()
     c = _lp(b"x", b"yz")
-    obj = {"inputs": [
-        {"name": "a", "datatype": "FP32", "shape": [2, 2], "parameters": {"binary_data_size": len(a)}},
-        {"name": "j", "datatype": "INT32", "shape": [1], "data": [9]},
-        {"name": "b", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": len(b)}},
-        {"name": "c", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(c)}},
-    ]}
+    obj = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [2, 2], "parameters": {"binary_data_size": len(a)}},
+            {"name": "j", "datatype": "INT32", "shape": [1], "data": [9]},
+            {"name": "b", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": len(b)}},
+            {"name": "c", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(c)}},
+        ]
+    }
     req = _decode(obj, a, b, c)
     assert [t.name for t in req.inputs] == ["a", "j", "b", "c"]
     assert [bytes(t.data) for t in req.inputs] == [a, np.array([9], "<i4").tobytes(), b, c]
@@ -217,10 +221,12 @@ def test_binary_input_is_a_view_not_a_copy() -> None:
 
 def test_binary_zero_size_input() -> None:
     blob = b"\x05"
-    obj = {"inputs": [
-        {"name": "empty", "datatype": "FP32", "shape": [0], "parameters": {"binary_data_size": 0}},
-        {"name": "one", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}},
-    ]}
+    obj = {
+        "inputs": [
+            {"name": "empty", "datatype": "FP32", "shape": [0], "parameters": {"binary_data_size": 0}},
+            {"name": "one", "datatype": "UINT8", "shape": [1], "parameters": {"binary_data_size": 1}},
+        ]
+    }
     req = _decode(obj, blob)
     assert bytes(req.inputs[0].data) == b""
     assert bytes(req.inputs[1].data) == b"\x05"
@@ -233,10 +239,12 @@ def test_binary_only_zero_size_with_header() -> None:
 
 
 def test_binary_too_few_bytes() -> None:
-    obj = {"inputs": [
-        {"name": "a", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}},
-        {"name": "b", "datatype": "UINT8", "shape": [4], "parameters": {"binary_data_size": 4}},
-    ]}
+    obj = {
+        "inputs": [
+            {"name": "a", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}},
+            {"name": "b", "datatype": "UINT8", "shape": [4], "parameters": {"binary_data_size": 4}},
+        ]
+    }
     with pytest.raises(InvalidInput, match="unexpected size for input 'b': expecting 4 bytes, only 3 left"):
         _decode(obj, b"\x00" * 5)
 
@@ -381,11 +389,16 @@ def test_request_defaults() -> None:
 
 
 def test_outputs_parsed() -> None:
-    req = _decode({"inputs": [], "outputs": [
-        {"name": "a"},
-        {"name": "b", "parameters": {"binary_data": True}},
-        {"name": "c", "parameters": {"binary_data": False, "classification": 0}},
-    ]})
+    req = _decode(
+        {
+            "inputs": [],
+            "outputs": [
+                {"name": "a"},
+                {"name": "b", "parameters": {"binary_data": True}},
+                {"name": "c", "parameters": {"binary_data": False, "classification": 0}},
+            ],
+        }
+    )
     assert req.outputs == [
         RequestedOutput("a", {}),
         RequestedOutput("b", {"binary_data": True}),
@@ -420,12 +433,15 @@ def test_outputs_must_be_array(outputs: Any) -> None:
         _decode({"inputs": [], "outputs": outputs})
 
 
-@pytest.mark.parametrize(("out", "message"), [
-    ("a", r"outputs\[0\] must be an object"),
-    ({}, r"outputs\[0\] has no 'name'"),
-    ({"name": ""}, r"outputs\[0\] has no 'name'"),
-    ({"name": "a", "parameters": []}, "output 'a' 'parameters' must be an object"),
-])
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("a", r"outputs\[0\] must be an object"),
+        ({}, r"outputs\[0\] has no 'name'"),
+        ({"name": ""}, r"outputs\[0\] has no 'name'"),
+        ({"name": "a", "parameters": []}, "output 'a' 'parameters' must be an object"),
+    ],
+)
 def test_malformed_output(out: Any, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         _decode({"inputs": [], "outputs": [out]})
@@ -557,7 +573,10 @@ def test_encode_all_binary_default() -> None:
     assert header_len == len(bytes(chunks[0]))
     resp, blobs = _split(chunks, header_len)
     assert [o["parameters"] for o in resp["outputs"]] == [
-        {"binary_data_size": 12}, {"binary_data_size": 6}, {"binary_data_size": 8}]
+        {"binary_data_size": 12},
+        {"binary_data_size": 6},
+        {"binary_data_size": 8},
+    ]
     assert all("data" not in o for o in resp["outputs"])
     assert blobs == bytes(a.data) + bytes(b.data) + bytes(c.data)
 
@@ -566,8 +585,13 @@ def test_encode_body_is_header_then_blobs_in_output_order() -> None:
     a = _out("a", "UINT8", [1, 2])
     b = _out("b", "UINT8", [3])
     c = _out("c", "UINT8", [4, 5, 6])
-    req = _request([RequestedOutput("c", {"binary_data": True}), RequestedOutput("a", {"binary_data": True}),
-                    RequestedOutput("b", {"binary_data": True})])
+    req = _request(
+        [
+            RequestedOutput("c", {"binary_data": True}),
+            RequestedOutput("a", {"binary_data": True}),
+            RequestedOutput("b", {"binary_data": True}),
+        ]
+    )
     chunks, header_len = codec.encode_result(req, _result(a, b, c))
     resp, blobs = _split(chunks, header_len)
     assert [o["name"] for o in resp["outputs"]] == ["a", "b", "c"]
@@ -583,8 +607,7 @@ def test_encode_per_output_binary_mixed_with_json() -> None:
     assert header_len is not None
     resp, blobs = _split(chunks, header_len)
     assert resp["outputs"][0] == {"name": "a", "datatype": "INT32", "shape": [2], "data": [1, 2]}
-    assert resp["outputs"][1] == {"name": "b", "datatype": "INT32", "shape": [1],
-                                  "parameters": {"binary_data_size": 4}}
+    assert resp["outputs"][1] == {"name": "b", "datatype": "INT32", "shape": [1], "parameters": {"binary_data_size": 4}}
     assert blobs == bytes(b.data)
 
 
@@ -628,8 +651,12 @@ def test_encode_only_zero_size_binary_output() -> None:
     assert header_len == len(bytes(chunks[0]))
     assert len(chunks) == 1
     resp, blobs = _split(chunks, header_len)
-    assert resp["outputs"][0] == {"name": "e", "datatype": "FP32", "shape": [0, 3],
-                                  "parameters": {"binary_data_size": 0}}
+    assert resp["outputs"][0] == {
+        "name": "e",
+        "datatype": "FP32",
+        "shape": [0, 3],
+        "parameters": {"binary_data_size": 0},
+    }
     assert blobs == b""
 
 

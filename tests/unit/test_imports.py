@@ -36,7 +36,9 @@ def test_import_boundaries(package: str) -> None:
         f"for m in {modules_of(package)!r}: importlib.import_module(m)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     loaded = json.loads(out.stdout)
     bad = [m for m in loaded for f in FORBIDDEN[package] if m == f or m.startswith(f + ".")]
     assert not bad, f"{package} pulls in {bad}"

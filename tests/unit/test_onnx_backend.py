@@ -114,7 +114,9 @@ def test_identity_variable_length(repo: Path) -> None:
     backend = OnnxRuntimeBackend.load(_spec(repo, "identity_onnx"))
     x = np.linspace(0, 1, 14, dtype=np.float32).reshape(2, 7)
     y = np.linspace(1, 2, 7, dtype=np.float32).reshape(1, 7)
-    r1, r2 = backend.execute([WorkRequest(id=i, inputs={"INPUT0": v}, requested_outputs=[]) for i, v in enumerate((x, y))])
+    r1, r2 = backend.execute(
+        [WorkRequest(id=i, inputs={"INPUT0": v}, requested_outputs=[]) for i, v in enumerate((x, y))]
+    )
     np.testing.assert_array_equal(r1.outputs["OUTPUT0"], x)
     np.testing.assert_array_equal(r2.outputs["OUTPUT0"], y)
 
@@ -233,7 +235,9 @@ def test_string_round_trip(tmp_path: Path) -> None:
     backend = OnnxRuntimeBackend.load(_spec(tmp_path, "strings", config))
     a = np.array([[b"hello", b"w\xc3\xb6rld\x00!"]], dtype=np.object_)
     b = np.array([[b"", b"x"], [b"yy", b"zzz"]], dtype=np.object_)
-    r1, r2 = backend.execute([WorkRequest(id=i, inputs={"TEXT_IN": v}, requested_outputs=[]) for i, v in enumerate((a, b))])
+    r1, r2 = backend.execute(
+        [WorkRequest(id=i, inputs={"TEXT_IN": v}, requested_outputs=[]) for i, v in enumerate((a, b))]
+    )
     for sent, resp in ((a, r1), (b, r2)):
         got = resp.outputs["TEXT_OUT"]
         assert got.dtype == np.object_ and got.shape == sent.shape

@@ -28,7 +28,10 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHON=sys.executable)
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)],
-        check=True, env=env, cwd=ROOT, capture_output=True,
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
     )
     fresh = _generated_files(out)
     committed = _generated_files(GEN)
@@ -58,22 +61,54 @@ def test_model_config_field_numbers_match_triton() -> None:
     # Spot check of protocol facts from Triton's model_config.proto.
     fields = {f.name: f.number for f in mc.ModelConfig.DESCRIPTOR.fields}
     assert fields == {
-        "name": 1, "platform": 2, "backend": 17, "runtime": 25, "version_policy": 3,
-        "max_batch_size": 4, "input": 5, "output": 6, "batch_input": 20, "batch_output": 21,
-        "optimization": 12, "dynamic_batching": 11, "sequence_batching": 13,
-        "ensemble_scheduling": 15, "instance_group": 7, "default_model_filename": 8,
-        "cc_model_filenames": 9, "metric_tags": 10, "parameters": 14, "model_warmup": 16,
-        "model_operations": 18, "model_transaction_policy": 19, "model_repository_agents": 23,
-        "response_cache": 24, "model_metrics": 26,
+        "name": 1,
+        "platform": 2,
+        "backend": 17,
+        "runtime": 25,
+        "version_policy": 3,
+        "max_batch_size": 4,
+        "input": 5,
+        "output": 6,
+        "batch_input": 20,
+        "batch_output": 21,
+        "optimization": 12,
+        "dynamic_batching": 11,
+        "sequence_batching": 13,
+        "ensemble_scheduling": 15,
+        "instance_group": 7,
+        "default_model_filename": 8,
+        "cc_model_filenames": 9,
+        "metric_tags": 10,
+        "parameters": 14,
+        "model_warmup": 16,
+        "model_operations": 18,
+        "model_transaction_policy": 19,
+        "model_repository_agents": 23,
+        "response_cache": 24,
+        "model_metrics": 26,
     }
     assert mc.ModelConfig.DESCRIPTOR.full_name == "inference.ModelConfig"
     assert {f.name: f.number for f in mc.ModelInput.DESCRIPTOR.fields} == {
-        "name": 1, "data_type": 2, "format": 3, "dims": 4, "reshape": 5, "is_shape_tensor": 6,
-        "allow_ragged_batch": 7, "optional": 8, "is_non_linear_format_io": 9,
+        "name": 1,
+        "data_type": 2,
+        "format": 3,
+        "dims": 4,
+        "reshape": 5,
+        "is_shape_tensor": 6,
+        "allow_ragged_batch": 7,
+        "optional": 8,
+        "is_non_linear_format_io": 9,
     }
     assert {f.name: f.number for f in mc.ModelInstanceGroup.DESCRIPTOR.fields} == {
-        "name": 1, "kind": 4, "count": 2, "rate_limiter": 6, "gpus": 3,
-        "secondary_devices": 8, "profile": 5, "passive": 7, "host_policy": 9,
+        "name": 1,
+        "kind": 4,
+        "count": 2,
+        "rate_limiter": 6,
+        "gpus": 3,
+        "secondary_devices": 8,
+        "profile": 5,
+        "passive": 7,
+        "host_policy": 9,
     }
     assert mc.DataType.Value("TYPE_BF16") == 14
     assert mc.ModelInstanceGroup.KIND_MODEL == 3
@@ -126,8 +161,12 @@ def test_config_to_json_int64_fields_are_numbers() -> None:
     assert db["default_queue_policy"]["default_timeout_microseconds"] == 5000
     # Map keys stay strings; the values' 64-bit fields become numbers.
     assert db["priority_queue_policy"] == {
-        "1": {"timeout_action": "DELAY", "default_timeout_microseconds": 7000,
-              "allow_timeout_override": False, "max_queue_size": 0},
+        "1": {
+            "timeout_action": "DELAY",
+            "default_timeout_microseconds": 7000,
+            "allow_timeout_override": False,
+            "max_queue_size": 0,
+        },
     }
     warmups = js["model_warmup"]
     assert isinstance(warmups, list)
@@ -157,8 +196,14 @@ def test_config_to_json_enum_names_and_default_scalars() -> None:
     groups = js["instance_group"]
     assert isinstance(groups, list)
     assert groups[0] == {
-        "name": "", "kind": "KIND_CPU", "count": 2, "gpus": [], "secondary_devices": [],
-        "profile": [], "passive": False, "host_policy": "",
+        "name": "",
+        "kind": "KIND_CPU",
+        "count": 2,
+        "gpus": [],
+        "secondary_devices": [],
+        "profile": [],
+        "passive": False,
+        "host_policy": "",
     }
     # Unset message fields (presence) are not printed, as in Triton.
     assert "optimization" not in js
@@ -219,11 +264,13 @@ def test_config_from_json_round_trip() -> None:
 
 
 def test_config_from_json_accepts_string_int64_and_enum_numbers() -> None:
-    cfg = config_from_json({
-        "name": "m",
-        "input": [{"name": "x", "data_type": 11, "dims": ["-1", "3"]}],
-        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
-    })
+    cfg = config_from_json(
+        {
+            "name": "m",
+            "input": [{"name": "x", "data_type": 11, "dims": ["-1", "3"]}],
+            "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+        }
+    )
     assert list(cfg.input[0].dims) == [-1, 3]
     assert cfg.input[0].data_type == mc.TYPE_FP32
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -237,12 +284,15 @@ def test_config_from_json_unknown_field() -> None:
     assert "\n" not in info.value.message
 
 
-@pytest.mark.parametrize("bad", [
-    {"input": [{"name": "x", "data_type": "TYPE_NOPE"}]},
-    {"input": [{"name": "x", "dims": ["a"]}]},
-    {"max_batch_size": "eight"},
-    {"input": 3},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"input": [{"name": "x", "data_type": "TYPE_NOPE"}]},
+        {"input": [{"name": "x", "dims": ["a"]}]},
+        {"max_batch_size": "eight"},
+        {"input": 3},
+    ],
+)
 def test_config_from_json_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(errors.InvalidInput, match="invalid model configuration"):
         config_from_json(bad)

@@ -153,15 +153,30 @@ def test_initialize_args(tmp_path: Path, loaded: list[PythonBackend]) -> None:
     assert args["model_instance_name"] == "argsy_0"
     config = json.loads(args["model_config"])
     assert config["name"] == "argsy" and config["input"][0]["dims"] == [-1]
-    req = WorkRequest(id=0, inputs={"INPUT0": np.zeros(1, np.float32)}, requested_outputs=[],
-                      parameters={"p": 1}, request_id="r7", correlation_id=42, flags=1)
+    req = WorkRequest(
+        id=0,
+        inputs={"INPUT0": np.zeros(1, np.float32)},
+        requested_outputs=[],
+        parameters={"p": 1},
+        request_id="r7",
+        correlation_id=42,
+        flags=1,
+    )
     (resp,) = backend.execute([req])
-    assert resp.parameters == {"echo": '{"p": 1}', "flags": 1, "id": "r7", "corr": 42, "model": "argsy",
-                               "wanted": ["OUTPUT0"]}
+    assert resp.parameters == {
+        "echo": '{"p": 1}',
+        "flags": 1,
+        "id": "r7",
+        "corr": 42,
+        "model": "argsy",
+        "wanted": ["OUTPUT0"],
+    }
 
 
 def test_cpu_device_id_is_zero(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    _write_model(tmp_path, "cpu", "class TritonPythonModel:\n    def initialize(self, args):\n        self.args = args\n")
+    _write_model(
+        tmp_path, "cpu", "class TritonPythonModel:\n    def initialize(self, args):\n        self.args = args\n"
+    )
     assert _load(loaded, tmp_path, "cpu")._model.args["model_instance_device_id"] == "0"
 
 
@@ -169,11 +184,15 @@ def test_cpu_device_id_is_zero(tmp_path: Path, loaded: list[PythonBackend]) -> N
 
 
 def test_execute_raises(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    _write_model(tmp_path, "boom", """
+    _write_model(
+        tmp_path,
+        "boom",
+        """
         class TritonPythonModel:
             def execute(self, requests):
                 raise ValueError("bad things")
-        """)
+        """,
+    )
     backend = _load(loaded, tmp_path, "boom")
     with pytest.raises(ServingError) as info:
         backend.execute([_req(INPUT0=np.zeros(1, np.float32))])
@@ -182,21 +201,29 @@ def test_execute_raises(tmp_path: Path, loaded: list[PythonBackend]) -> None:
 
 
 def test_execute_raises_triton_model_exception(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    _write_model(tmp_path, "tme", """
+    _write_model(
+        tmp_path,
+        "tme",
+        """
         class TritonPythonModel:
             def execute(self, requests):
                 raise pb_utils.TritonModelException("no way")
-        """)
+        """,
+    )
     with pytest.raises(ServingError, match="^TritonModelException: no way$"):
         _load(loaded, tmp_path, "tme").execute([_req(INPUT0=np.zeros(1, np.float32))])
 
 
 def test_wrong_number_of_responses(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    _write_model(tmp_path, "short", """
+    _write_model(
+        tmp_path,
+        "short",
+        """
         class TritonPythonModel:
             def execute(self, requests):
                 return []
-        """)
+        """,
+    )
     backend = _load(loaded, tmp_path, "short")
     with pytest.raises(ServingError) as info:
         backend.execute([_req(INPUT0=np.zeros(1, np.float32))])
@@ -205,7 +232,10 @@ def test_wrong_number_of_responses(tmp_path: Path, loaded: list[PythonBackend]) 
 
 
 def test_triton_error_response(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    _write_model(tmp_path, "picky", """
+    _write_model(
+        tmp_path,
+        "picky",
+        """
         class TritonPythonModel:
             def execute(self, requests):
                 out = []
@@ -219,13 +249,16 @@ def test_triton_error_response(tmp_path: Path, loaded: list[PythonBackend]) -> N
                     else:
                         out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x * 2)]))
                 return out
-        """)
+        """,
+    )
     backend = _load(loaded, tmp_path, "picky")
-    bad, big, good = backend.execute([
-        _req(0, INPUT0=np.array([-1.0], np.float32)),
-        _req(1, INPUT0=np.array([1000.0], np.float32)),
-        _req(2, INPUT0=np.array([2.0], np.float32)),
-    ])
+    bad, big, good = backend.execute(
+        [
+            _req(0, INPUT0=np.array([-1.0], np.float32)),
+            _req(1, INPUT0=np.array([1000.0], np.float32)),
+            _req(2, INPUT0=np.array([2.0], np.float32)),
+        ]
+    )
     assert bad.error is not None and bad.error.code == ErrorCode.INVALID_ARGUMENT
     assert bad.error.message == "negative input" and bad.outputs == {}
     assert big.error is not None and big.error.code == ErrorCode.INTERNAL
@@ -233,11 +266,15 @@ def test_triton_error_response(tmp_path: Path, loaded: list[PythonBackend]) -> N
 
 
 def test_initialize_raises(tmp_path: Path) -> None:
-    _write_model(tmp_path, "badinit", """
+    _write_model(
+        tmp_path,
+        "badinit",
+        """
         class TritonPythonModel:
             def initialize(self, args):
                 raise RuntimeError("cannot start")
-        """)
+        """,
+    )
     before = set(sys.modules)
     with pytest.raises(ServingError) as info:
         PythonBackend.load(_spec(tmp_path, "badinit"))
@@ -269,8 +306,9 @@ def test_missing_model_file(tmp_path: Path) -> None:
 
 
 def test_decoupled_is_refused(tmp_path: Path) -> None:
-    _write_model(tmp_path, "dec", "class TritonPythonModel:\n    pass\n",
-                 extra="model_transaction_policy { decoupled: true }")
+    _write_model(
+        tmp_path, "dec", "class TritonPythonModel:\n    pass\n", extra="model_transaction_policy { decoupled: true }"
+    )
     with pytest.raises(ServingError) as info:
         PythonBackend.load(_spec(tmp_path, "dec"))
     assert info.value.code == ErrorCode.UNIMPLEMENTED
@@ -280,14 +318,20 @@ def test_decoupled_is_refused(tmp_path: Path) -> None:
 
 
 def test_default_model_filename_and_sibling_module(tmp_path: Path, loaded: list[PythonBackend]) -> None:
-    vdir = _write_model(tmp_path, "custom", """
+    vdir = _write_model(
+        tmp_path,
+        "custom",
+        """
         import shoal_test_sibling_helper as helper
 
         class TritonPythonModel:
             def execute(self, requests):
                 return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.full(1, helper.VALUE, np.float32))])
                         for r in requests]
-        """, extra='default_model_filename: "main.py"', filename="main.py")
+        """,
+        extra='default_model_filename: "main.py"',
+        filename="main.py",
+    )
     (vdir / "shoal_test_sibling_helper.py").write_text("VALUE = 7.0\n")
     try:
         (resp,) = _load(loaded, tmp_path, "custom").execute([_req(INPUT0=np.zeros(1, np.float32))])
@@ -299,7 +343,10 @@ def test_default_model_filename_and_sibling_module(tmp_path: Path, loaded: list[
 
 def test_two_models_same_file_name(tmp_path: Path, loaded: list[PythonBackend]) -> None:
     for name, factor in (("one", 1), ("two", 2)):
-        _write_model(tmp_path, name, f"""
+        _write_model(
+            tmp_path,
+            name,
+            f"""
             FACTOR = {factor}
 
             class TritonPythonModel:
@@ -307,7 +354,8 @@ def test_two_models_same_file_name(tmp_path: Path, loaded: list[PythonBackend]) 
                     return [pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0",
                             pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy() * FACTOR)])
                             for r in requests]
-            """)
+            """,
+        )
     one = _load(loaded, tmp_path, "one")
     two = _load(loaded, tmp_path, "two")
     x = np.array([3.0], np.float32)
@@ -316,14 +364,18 @@ def test_two_models_same_file_name(tmp_path: Path, loaded: list[PythonBackend]) 
 
 
 def test_close_calls_finalize_once_and_cleans_up(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    _write_model(tmp_path, "fin", """
+    _write_model(
+        tmp_path,
+        "fin",
+        """
         CALLS = []
 
         class TritonPythonModel:
             def finalize(self):
                 CALLS.append(1)
                 raise RuntimeError("finalize failed")
-        """)
+        """,
+    )
     backend = PythonBackend.load(_spec(tmp_path, "fin"))
     module = backend._module
     with caplog.at_level(logging.ERROR):
@@ -413,9 +465,16 @@ def test_request_response_and_errors(pb: ModuleType) -> None:
         pb.InferenceResponse(output_tensors=t)
     assert (pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END) == (1, 2)
     assert pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL == 1
-    codes = [pb.TritonError.UNKNOWN, pb.TritonError.INTERNAL, pb.TritonError.NOT_FOUND, pb.TritonError.INVALID_ARG,
-             pb.TritonError.UNAVAILABLE, pb.TritonError.UNSUPPORTED, pb.TritonError.ALREADY_EXISTS,
-             pb.TritonError.CANCELLED]
+    codes = [
+        pb.TritonError.UNKNOWN,
+        pb.TritonError.INTERNAL,
+        pb.TritonError.NOT_FOUND,
+        pb.TritonError.INVALID_ARG,
+        pb.TritonError.UNAVAILABLE,
+        pb.TritonError.UNSUPPORTED,
+        pb.TritonError.ALREADY_EXISTS,
+        pb.TritonError.CANCELLED,
+    ]
     assert codes == list(range(8))
 
 
@@ -434,13 +493,26 @@ def test_logger(pb: ModuleType, caplog: pytest.LogCaptureFixture) -> None:
         pb.Logger.log_verbose("v-msg")
         pb.Logger.log("x-msg", pb.Logger.ERROR)
     levels = {r.getMessage(): r.levelno for r in caplog.records}
-    assert levels == {"i-msg": logging.INFO, "w-msg": logging.WARNING, "e-msg": logging.ERROR,
-                      "v-msg": logging.DEBUG, "x-msg": logging.ERROR}
+    assert levels == {
+        "i-msg": logging.INFO,
+        "w-msg": logging.WARNING,
+        "e-msg": logging.ERROR,
+        "v-msg": logging.DEBUG,
+        "x-msg": logging.ERROR,
+    }
 
 
 def test_model_config_autocomplete(pb: ModuleType) -> None:
-    cfg = pb.ModelConfig(json.dumps({"name": "m", "max_batch_size": 0, "input": [
-        {"name": "A", "data_type": "TYPE_INVALID", "dims": []}], "output": []}))
+    cfg = pb.ModelConfig(
+        json.dumps(
+            {
+                "name": "m",
+                "max_batch_size": 0,
+                "input": [{"name": "A", "data_type": "TYPE_INVALID", "dims": []}],
+                "output": [],
+            }
+        )
+    )
     cfg.set_max_batch_size(4)
     assert cfg.max_batch_size() == 4
     with pytest.raises(ValueError, match="max_batch_size"):
@@ -459,8 +531,10 @@ def test_model_config_autocomplete(pb: ModuleType) -> None:
     cfg.set_dynamic_batching()
     cfg.set_model_transaction_policy({"decoupled": False})
     d = cfg.as_dict()
-    assert d["input"] == [{"name": "A", "data_type": "TYPE_FP32", "dims": [3]},
-                          {"name": "B", "data_type": "TYPE_INT32", "dims": [-1], "optional": True}]
+    assert d["input"] == [
+        {"name": "A", "data_type": "TYPE_FP32", "dims": [3]},
+        {"name": "B", "data_type": "TYPE_INT32", "dims": [-1], "optional": True},
+    ]
     assert d["output"] == [{"name": "C", "data_type": "TYPE_FP32", "dims": [3]}]
     assert d["dynamic_batching"] == {} and d["model_transaction_policy"] == {"decoupled": False}
     seq = pb.ModelConfig({"name": "s", "sequence_batching": {}})

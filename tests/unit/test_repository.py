@@ -41,8 +41,7 @@ def _ok(repo: Path, config: str, name: str = "m", versions: dict[str, list[str]]
     return src
 
 
-def _err(repo: Path, config: str | bytes | None, name: str = "m",
-         versions: dict[str, list[str]] | None = None) -> str:
+def _err(repo: Path, config: str | bytes | None, name: str = "m", versions: dict[str, list[str]] | None = None) -> str:
     _write(repo, name, config, versions)
     src = read_model(repo, name)
     assert src.error, "expected the model to be refused"
@@ -75,13 +74,16 @@ def test_example_repository_loads() -> None:
         assert src.error == "", (name, src.error)
 
 
-@pytest.mark.parametrize("text", [
-    'name: "m" backend: "python" input [ { name: "a" ',
-    'name: "m" backend: python',
-    'name: "m" no_such_field: 1',
-    'name: "m" max_batch_size: "eight"',
-    'name: "m" input [ { name: "a" data_type: TYPE_NOPE dims: [1] } ]',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'name: "m" backend: "python" input [ { name: "a" ',
+        'name: "m" backend: python',
+        'name: "m" no_such_field: 1',
+        'name: "m" max_batch_size: "eight"',
+        'name: "m" input [ { name: "a" data_type: TYPE_NOPE dims: [1] } ]',
+    ],
+)
 def test_bad_text_format_names_the_model(tmp_path: Path, text: str) -> None:
     err = _err(tmp_path, text, name="broken")
     assert err.startswith("model 'broken': config.pbtxt: ")
@@ -114,16 +116,19 @@ def test_name_filled_from_directory(tmp_path: Path) -> None:
 # ---- backend and platform ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "backend", "platform", "filename"), [
-    ('platform: "onnxruntime_onnx"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
-    ('backend: "onnxruntime"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
-    ('backend: "python"', "python", "", "model.py"),
-    ('platform: "pytorch_libtorch"', "pytorch", "pytorch_libtorch", "model.pt"),
-    ('backend: "pytorch"', "pytorch", "pytorch_libtorch", "model.pt"),
-    ('platform: "tensorrt_plan"', "tensorrt", "tensorrt_plan", "model.plan"),
-    ('backend: "tensorrt"', "tensorrt", "tensorrt_plan", "model.plan"),
-    ('backend: "onnxruntime" platform: "onnxruntime_onnx"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
-])
+@pytest.mark.parametrize(
+    ("field", "backend", "platform", "filename"),
+    [
+        ('platform: "onnxruntime_onnx"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+        ('backend: "onnxruntime"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+        ('backend: "python"', "python", "", "model.py"),
+        ('platform: "pytorch_libtorch"', "pytorch", "pytorch_libtorch", "model.pt"),
+        ('backend: "pytorch"', "pytorch", "pytorch_libtorch", "model.pt"),
+        ('platform: "tensorrt_plan"', "tensorrt", "tensorrt_plan", "model.plan"),
+        ('backend: "tensorrt"', "tensorrt", "tensorrt_plan", "model.plan"),
+        ('backend: "onnxruntime" platform: "onnxruntime_onnx"', "onnxruntime", "onnxruntime_onnx", "model.onnx"),
+    ],
+)
 def test_backend_platform_filled(tmp_path: Path, field: str, backend: str, platform: str, filename: str) -> None:
     cfg = _ok(tmp_path, field + IO).config
     assert (cfg.backend, cfg.platform, cfg.default_model_filename) == (backend, platform, filename)
@@ -134,9 +139,15 @@ def test_default_model_filename_kept(tmp_path: Path) -> None:
     assert cfg.default_model_filename == "main.py"
 
 
-@pytest.mark.parametrize(("filename", "backend"), [
-    ("model.onnx", "onnxruntime"), ("model.py", "python"), ("model.pt", "pytorch"), ("model.plan", "tensorrt"),
-])
+@pytest.mark.parametrize(
+    ("filename", "backend"),
+    [
+        ("model.onnx", "onnxruntime"),
+        ("model.py", "python"),
+        ("model.pt", "pytorch"),
+        ("model.plan", "tensorrt"),
+    ],
+)
 def test_backend_guessed_from_model_file(tmp_path: Path, filename: str, backend: str) -> None:
     cfg = _ok(tmp_path, IO, versions={"1": [filename]}).config
     assert cfg.backend == backend
@@ -184,9 +195,12 @@ def test_ensemble_keeps_platform_and_has_no_instances(tmp_path: Path) -> None:
 
 
 def test_version_directories(tmp_path: Path) -> None:
-    path = _write(tmp_path, "m", 'backend: "python"' + IO,
-                  versions={"1": [], "2": [], "10": [], "01": [], "007": [], "abc": [], "v3": [], "-4": [],
-                            "1.5": [], " 5": []})
+    path = _write(
+        tmp_path,
+        "m",
+        'backend: "python"' + IO,
+        versions={"1": [], "2": [], "10": [], "01": [], "007": [], "abc": [], "v3": [], "-4": [], "1.5": [], " 5": []},
+    )
     (path / "3").write_bytes(b"a file, not a version directory")
     assert repository.available_versions(path) == [1, 2, 10]
 
@@ -200,16 +214,19 @@ def test_default_policy_serves_newest(tmp_path: Path) -> None:
     assert src.versions == [10]
 
 
-@pytest.mark.parametrize(("policy", "expected"), [
-    ("latest { num_versions: 2 }", [2, 3]),
-    ("latest { num_versions: 1 }", [3]),
-    ("latest { num_versions: 10 }", [1, 2, 3]),
-    ("latest { }", [3]),
-    ("all { }", [1, 2, 3]),
-    ("specific { versions: [ 1, 3 ] }", [1, 3]),
-    ("specific { versions: [ 3, 1, 3 ] }", [1, 3]),
-    ("specific { versions: 2 }", [2]),
-])
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("latest { num_versions: 2 }", [2, 3]),
+        ("latest { num_versions: 1 }", [3]),
+        ("latest { num_versions: 10 }", [1, 2, 3]),
+        ("latest { }", [3]),
+        ("all { }", [1, 2, 3]),
+        ("specific { versions: [ 1, 3 ] }", [1, 3]),
+        ("specific { versions: [ 3, 1, 3 ] }", [1, 3]),
+        ("specific { versions: 2 }", [2]),
+    ],
+)
 def test_version_policy(tmp_path: Path, policy: str, expected: list[int]) -> None:
     config = f'backend: "python" version_policy: {{ {policy} }}' + IO
     assert _ok(tmp_path, config, versions={"1": [], "2": [], "3": []}).versions == expected
@@ -221,8 +238,9 @@ def test_specific_version_missing(tmp_path: Path) -> None:
     assert err == "model 'm': version(s) [4, 5] named by version_policy do not exist"
 
 
-@pytest.mark.parametrize("policy", [
-    "", "version_policy: { all { } }", "version_policy: { latest { num_versions: 3 } }"])
+@pytest.mark.parametrize(
+    "policy", ["", "version_policy: { all { } }", "version_policy: { latest { num_versions: 3 } }"]
+)
 def test_no_version_directory(tmp_path: Path, policy: str) -> None:
     err = _err(tmp_path, f'backend: "python" {policy}' + IO, versions={"abc": [], "01": []})
     assert err == "model 'm': no version directory to serve"
@@ -249,12 +267,19 @@ def test_default_instance_group(tmp_path: Path, backend: str, count: int) -> Non
 
 
 def test_unnamed_groups_of_multi_group_config(tmp_path: Path) -> None:
-    config = 'backend: "onnxruntime"' + IO + """
+    config = (
+        'backend: "onnxruntime"'
+        + IO
+        + """
     instance_group [ { count: 3 }, { name: "named" kind: KIND_CPU }, { kind: KIND_AUTO } ]
     """
+    )
     groups = _ok(tmp_path, config, name="net").config.instance_group
     assert [(g.name, g.kind, g.count) for g in groups] == [
-        ("net_0", KIND.KIND_CPU, 3), ("named", KIND.KIND_CPU, 2), ("net_2", KIND.KIND_CPU, 2)]
+        ("net_0", KIND.KIND_CPU, 3),
+        ("named", KIND.KIND_CPU, 2),
+        ("net_2", KIND.KIND_CPU, 2),
+    ]
 
 
 def test_single_named_group_kept(tmp_path: Path) -> None:
@@ -327,19 +352,28 @@ def test_negative_max_batch_size(tmp_path: Path) -> None:
 # ---- tensors -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("tensors", "message"), [
-    ('input [ { name: "a" data_type: TYPE_FP32 } ]', "model 'm': input 'a' has no dims"),
-    ('output [ { name: "o" data_type: TYPE_FP32 } ]', "model 'm': output 'o' has no dims"),
-    ('input [ { name: "a" data_type: TYPE_FP32 dims: [1] }, { name: "a" data_type: TYPE_INT32 dims: [1] } ]',
-     "model 'm': input 'a' is declared twice"),
-    ('output [ { name: "o" data_type: TYPE_FP32 dims: [1] }, { name: "o" data_type: TYPE_FP32 dims: [1] } ]',
-     "model 'm': output 'o' is declared twice"),
-    ('input [ { name: "a" dims: [1] } ]', "model 'm': input 'a' has no data_type"),
-    ('output [ { name: "o" data_type: TYPE_INVALID dims: [1] } ]', "model 'm': output 'o' has no data_type"),
-    ('input [ { data_type: TYPE_FP32 dims: [1] } ]', "model 'm': an input has no name"),
-    ('input [ { name: "a" data_type: TYPE_FP32 dims: [ 2, -2 ] } ]',
-     "model 'm': input 'a' has an invalid dimension [2, -2]"),
-])
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ('input [ { name: "a" data_type: TYPE_FP32 } ]', "model 'm': input 'a' has no dims"),
+        ('output [ { name: "o" data_type: TYPE_FP32 } ]', "model 'm': output 'o' has no dims"),
+        (
+            'input [ { name: "a" data_type: TYPE_FP32 dims: [1] }, { name: "a" data_type: TYPE_INT32 dims: [1] } ]',
+            "model 'm': input 'a' is declared twice",
+        ),
+        (
+            'output [ { name: "o" data_type: TYPE_FP32 dims: [1] }, { name: "o" data_type: TYPE_FP32 dims: [1] } ]',
+            "model 'm': output 'o' is declared twice",
+        ),
+        ('input [ { name: "a" dims: [1] } ]', "model 'm': input 'a' has no data_type"),
+        ('output [ { name: "o" data_type: TYPE_INVALID dims: [1] } ]', "model 'm': output 'o' has no data_type"),
+        ("input [ { data_type: TYPE_FP32 dims: [1] } ]", "model 'm': an input has no name"),
+        (
+            'input [ { name: "a" data_type: TYPE_FP32 dims: [ 2, -2 ] } ]',
+            "model 'm': input 'a' has an invalid dimension [2, -2]",
+        ),
+    ],
+)
 def test_tensor_checks(tmp_path: Path, tensors: str, message: str) -> None:
     assert _err(tmp_path, 'backend: "python" ' + tensors) == message
 
@@ -350,8 +384,10 @@ def test_tensor_without_dims_but_with_reshape(tmp_path: Path) -> None:
 
 
 def test_same_name_as_input_and_output_allowed(tmp_path: Path) -> None:
-    config = ('backend: "python" input [ { name: "t" data_type: TYPE_FP32 dims: [ -1 ] } ] '
-              'output [ { name: "t" data_type: TYPE_FP32 dims: [ -1 ] } ]')
+    config = (
+        'backend: "python" input [ { name: "t" data_type: TYPE_FP32 dims: [ -1 ] } ] '
+        'output [ { name: "t" data_type: TYPE_FP32 dims: [ -1 ] } ]'
+    )
     _ok(tmp_path, config)
 
 

@@ -227,7 +227,13 @@ def _model_dims(shape: Sequence[Any]) -> Dims:
 
 
 def _check_tensor(
-    spec: ModelSpec, kind: str, name: str, data_type: mc.DataType.ValueType, dims: Sequence[int], model_type: str, model_shape: Dims
+    spec: ModelSpec,
+    kind: str,
+    name: str,
+    data_type: mc.DataType.ValueType,
+    dims: Sequence[int],
+    model_type: str,
+    model_shape: Dims,
 ) -> None:
     """Raise INVALID_ARGUMENT when one config tensor disagrees with the model's."""
     want = dtypes.BY_CONFIG_NUMBER.get(data_type)

@@ -98,8 +98,7 @@ class ModelConfig:
         for prop in _TENSOR_REQUIRED:
             if prop not in tensor:
                 raise ValueError(
-                    f"{key} '{label}' in auto-complete-config function for model '{model}' is "
-                    f"missing '{prop}' property"
+                    f"{key} '{label}' in auto-complete-config function for model '{model}' is missing '{prop}' property"
                 )
         new = dict(tensor)
         new["dims"] = [int(d) for d in tensor["dims"]]

@@ -33,9 +33,7 @@ TRITON_STRING_TO_NUMPY: Final[dict[str, type[Any]]] = {
 }
 
 # TRITONSERVER_DataType numbers (equal to the config's DataType numbers) -> numpy type.
-_CODE_TO_NUMPY: Final[dict[int, type[Any]]] = {
-    i + 1: t for i, t in enumerate(TRITON_STRING_TO_NUMPY.values())
-}
+_CODE_TO_NUMPY: Final[dict[int, type[Any]]] = {i + 1: t for i, t in enumerate(TRITON_STRING_TO_NUMPY.values())}
 _DTYPE_TO_CODE: Final[dict[np.dtype[Any], int]] = {
     np.dtype(t): c for c, t in _CODE_TO_NUMPY.items() if c != _BYTES_CODE
 }
@@ -106,7 +104,6 @@ class TritonModelException(Exception):
     def message(self) -> str:
         """The exception message."""
         return self._msg
-
 
 
 class _Capsule:

@@ -62,8 +62,9 @@ def decode_request(body: bytes, header_len: int | None, model: str, version: int
         if not isinstance(outs, list):
             raise InvalidInput("request 'outputs' must be an array")
         outputs = [_decode_output(o, i) for i, o in enumerate(outs)]
-    return InferRequest(model_name=model, model_version=version, inputs=inputs, outputs=outputs,
-                        id=request_id, parameters=params)
+    return InferRequest(
+        model_name=model, model_version=version, inputs=inputs, outputs=outputs, id=request_id, parameters=params
+    )
 
 
 def _params(value: Any, where: str) -> dict[str, Any]:
@@ -110,8 +111,10 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary:
             raise InvalidInput(f"input '{name}' has 'binary_data_size' but the request has no binary data")
         end = pos + bin_size
         if end > len(body):
-            raise InvalidInput(f"unexpected size for input '{name}': expecting {bin_size} bytes, "
-                               f"only {len(body) - pos} left in the body")
+            raise InvalidInput(
+                f"unexpected size for input '{name}': expecting {bin_size} bytes, "
+                f"only {len(body) - pos} left in the body"
+            )
         data = body[pos:end]
         pos = end
     else:
@@ -184,11 +187,14 @@ def _decode_output(spec: Any, index: int) -> RequestedOutput:
     return RequestedOutput(name=name, parameters=params)
 
 
-def raw_request(body: bytes, model: str, version: int, name: str, datatype: str, shape: tuple[int, ...]) -> InferRequest:
+def raw_request(
+    body: bytes, model: str, version: int, name: str, datatype: str, shape: tuple[int, ...]
+) -> InferRequest:
     """The raw-body form: the whole body is the one input's bytes."""
     t = InputTensor(name=name, datatype=datatype, shape=shape, data=memoryview(body))
-    return InferRequest(model_name=model, model_version=version, inputs=[t], outputs=None,
-                        parameters={"binary_data_output": True})
+    return InferRequest(
+        model_name=model, model_version=version, inputs=[t], outputs=None, parameters={"binary_data_output": True}
+    )
 
 
 def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buffer], int | None]:
@@ -227,8 +233,7 @@ def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buff
 def _to_json(name: str, datatype: str, shape: tuple[int, ...], data: Buffer) -> list[Any]:
     dt = dtypes.by_protocol(datatype)
     if datatype in JSON_UNSUPPORTED:
-        raise InvalidInput(f"output '{name}': sending {datatype} data via JSON is not supported; "
-                           "request binary output")
+        raise InvalidInput(f"output '{name}': sending {datatype} data via JSON is not supported; request binary output")
     count = dtypes.element_count(shape)
     if datatype == "BYTES":
         items = dtypes.deserialize_bytes(data, count, name=name)
@@ -237,4 +242,5 @@ def _to_json(name: str, datatype: str, shape: tuple[int, ...], data: Buffer) -> 
         except UnicodeDecodeError:
             raise InvalidInput(f"output '{name}' holds bytes that are not UTF-8; request binary output") from None
     assert dt.numpy is not None
-    return np.frombuffer(data, dtype=dt.numpy, count=count).tolist()
+    values: list[Any] = np.frombuffer(data, dtype=dt.numpy, count=count).tolist()
+    return values

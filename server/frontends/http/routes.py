@@ -62,8 +62,10 @@ async def infer(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request)
     header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
     if header_len is None and len(body) > request.app[MAX_JSON_BYTES]:
-        raise InvalidInput(f"the JSON request body of {len(body)} bytes exceeds the limit of "
-                           f"{request.app[MAX_JSON_BYTES]} bytes (--http-max-input-size); use binary tensor data")
+        raise InvalidInput(
+            f"the JSON request body of {len(body)} bytes exceeds the limit of "
+            f"{request.app[MAX_JSON_BYTES]} bytes (--http-max-input-size); use binary tensor data"
+        )
     if header_len == 0:
         name, datatype, shape = dp.raw_input(model, version, len(body))
         req = codec.raw_request(body, model, version, name, datatype, shape)
@@ -72,7 +74,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
     result = await dp.infer(req)
     try:
         chunks, json_len = codec.encode_result(req, result)
-        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
     finally:
         result.done()
     headers = {}

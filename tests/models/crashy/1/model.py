@@ -25,5 +25,7 @@ class TritonPythonModel:
                 os._exit(3)
             elif value == 5:
                 time.sleep(1.0)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array([value], dtype=np.int32))]))
+            responses.append(
+                pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array([value], dtype=np.int32))])
+            )
         return responses
