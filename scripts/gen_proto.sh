@@ -40,7 +40,19 @@ for proto in "${PROTOS[@]}"; do
   sed -i -E "s/^import ${mod}( as |\$)/from proto.gen import ${mod}\1/" "$TMP"/*.py "$TMP"/*.pyi
 done
 
-printf '# generated; do not edit\n' > "$TMP/__init__.py"
+# Our messages live in a private descriptor pool: tritonclient registers Triton's own
+# model_config.proto (same package `inference`) in the default pool, and a process that
+# imports both (a test, a client tool) would otherwise fail with duplicate symbols.
+sed -i -E 's/^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(/from proto.gen import POOL as _POOL  # noqa: E402\nDESCRIPTOR = _POOL.AddSerializedFile(/' "$TMP"/*_pb2.py
+
+cat > "$TMP/__init__.py" <<'PY'
+# generated; do not edit
+"""Generated protobuf modules. They register in ``POOL``, not protobuf's default pool."""
+
+from google.protobuf import descriptor_pool
+
+POOL = descriptor_pool.DescriptorPool()
+PY
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*_pb2.py "$OUT"/*_pb2.pyi "$OUT"/*_pb2_grpc.py "$OUT"/*_pb2_grpc.pyi "$OUT"/__init__.py

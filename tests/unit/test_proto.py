@@ -301,3 +301,18 @@ def test_config_from_json_bad_values(bad: dict[str, object]) -> None:
 def test_config_from_json_not_an_object() -> None:
     with pytest.raises(errors.InvalidInput, match="JSON object"):
         config_from_json([1, 2])  # type: ignore[arg-type]
+
+
+def test_coexists_with_tritonclient_grpc() -> None:
+    """Our generated modules use a private descriptor pool, so a process may also import
+    tritonclient.grpc (which registers Triton's own model_config.proto)."""
+    pytest.importorskip("tritonclient.grpc")
+    code = (
+        "import tritonclient.grpc\n"
+        "from proto.gen import model_config_pb2\n"
+        "from tritonclient.grpc import model_config_pb2 as theirs\n"
+        "ours = model_config_pb2.ModelConfig(name='m', max_batch_size=4)\n"
+        "t = theirs.ModelConfig(); t.ParseFromString(ours.SerializeToString())\n"
+        "assert (t.name, t.max_batch_size) == ('m', 4)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
