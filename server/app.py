@@ -13,13 +13,16 @@ from collections.abc import Coroutine
 from importlib import metadata
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext
+from server.frontends.grpc.app import GrpcOptions, start_grpc
 from server.frontends.http.app import make_app
+from server.logsettings import LogSettings
 from server.models import InstanceSettings, ModelManager
 from shm import region
 from shm.arena import Arena
@@ -48,6 +51,8 @@ class App:
         self.models: ModelManager | None = None
         self.dataplane: DataPlane | None = None
         self._force = asyncio.Event()
+        self._grpc: grpc.aio.Server | None = None
+        self.grpc_port = 0
 
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
@@ -83,7 +88,12 @@ class App:
             load_timeout_s=cfg.model_load_timeout_s,
         )
         self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
-        self.dataplane = DataPlane(self.models, version=server_version(), strict_readiness=cfg.strict_readiness)
+        self.dataplane = DataPlane(
+            self.models,
+            version=server_version(),
+            strict_readiness=cfg.strict_readiness,
+            logs=LogSettings(verbose=cfg.log_verbose),
+        )
         app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.exit_timeout_s)
         await self._runner.setup()
@@ -93,8 +103,24 @@ class App:
         assert isinstance(server, asyncio.base_events.Server)
         self.http_port = server.sockets[0].getsockname()[1]
         log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
-        if cfg.grpc_port or cfg.metrics_port:
-            log.info("gRPC and metrics endpoints are not built yet; --grpc-port and --metrics-port are ignored")
+        grpc_host = cfg.grpc_host or cfg.host
+        self._grpc, self.grpc_port = await start_grpc(
+            self.dataplane,
+            grpc_host,
+            cfg.grpc_port,
+            GrpcOptions(
+                keepalive_time_ms=cfg.grpc_keepalive_time_ms,
+                keepalive_timeout_ms=cfg.grpc_keepalive_timeout_ms,
+                keepalive_permit_without_calls=cfg.grpc_keepalive_permit_without_calls,
+                http2_max_pings_without_data=cfg.grpc_http2_max_pings_without_data,
+                http2_min_recv_ping_interval_without_data_ms=cfg.grpc_http2_min_recv_ping_interval_without_data_ms,
+                http2_max_ping_strikes=cfg.grpc_http2_max_ping_strikes,
+                compression_level=cfg.grpc_compression_level,
+            ),
+        )
+        log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
+        if cfg.metrics_port:
+            log.info("the metrics endpoint is not built yet; --metrics-port is ignored")
         await self.models.load_all()
         self.dataplane.started = True
         ready = self.models.all_ready()
@@ -110,10 +136,16 @@ class App:
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()
+        # grpc's stop() refuses new RPCs at once and cancels those still running after the grace
+        grpc_stop = asyncio.ensure_future(self._grpc.stop(timeout)) if self._grpc is not None else None
         if self.models is not None:
             await self._bounded(self.models.drain(timeout))
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
+        if grpc_stop is not None:
+            if self._force.is_set() and self._grpc is not None:
+                await self._grpc.stop(0)
+            await grpc_stop
         if self.models is not None:
             # Idle workers finalize their models and exit at once; a worker still busy after
             # --exit-timeout-secs gets a short grace period, then SIGKILL.

@@ -38,6 +38,15 @@ class ServerConfig:
     inline_max_bytes: int = 64 << 10
     """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
     model_load_timeout_s: float = 120.0
+    grpc_host: str = ""
+    """gRPC bind address; empty: same as ``host``."""
+    grpc_keepalive_time_ms: int = 7_200_000
+    grpc_keepalive_timeout_ms: int = 20_000
+    grpc_keepalive_permit_without_calls: bool = False
+    grpc_http2_max_pings_without_data: int = 2
+    grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    grpc_http2_max_ping_strikes: int = 2
+    grpc_compression_level: str = "none"
 
 
 class ConfigError(Exception):
@@ -72,6 +81,12 @@ _TYPES: dict[str, tuple[type, str]] = {
     "worker_arena_bytes": (int, "--worker-arena-bytes"),
     "inline_max_bytes": (int, "--inline-max-bytes"),
     "model_load_timeout_secs": (float, "--model-load-timeout-secs"),
+    "grpc_keepalive_time": (int, "--grpc-keepalive-time"),
+    "grpc_keepalive_timeout": (int, "--grpc-keepalive-timeout"),
+    "grpc_keepalive_permit_without_calls": (bool, "--grpc-keepalive-permit-without-calls"),
+    "grpc_http2_max_pings_without_data": (int, "--grpc-http2-max-pings-without-data"),
+    "grpc_http2_min_recv_ping_interval_without_data": (int, "--grpc-http2-min-recv-ping-interval-without-data"),
+    "grpc_http2_max_ping_strikes": (int, "--grpc-http2-max-ping-strikes"),
 }
 
 
@@ -118,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-arena-bytes", default=16 << 20)
     s.add_argument("--inline-max-bytes", default=64 << 10)
     s.add_argument("--model-load-timeout-secs", default=120.0)
+    s.add_argument("--grpc-address", dest="grpc_address", default="", help="gRPC bind address (default: --host)")
+    s.add_argument("--grpc-keepalive-time", default=7_200_000, help="ms between keepalive pings")
+    s.add_argument("--grpc-keepalive-timeout", default=20_000, help="ms to wait for a keepalive ack")
+    s.add_argument("--grpc-keepalive-permit-without-calls", default=False)
+    s.add_argument("--grpc-http2-max-pings-without-data", default=2)
+    s.add_argument("--grpc-http2-min-recv-ping-interval-without-data", default=300_000)
+    s.add_argument("--grpc-http2-max-ping-strikes", default=2)
+    s.add_argument(
+        "--grpc-infer-response-compression-level",
+        dest="grpc_compression",
+        default="none",
+        help="none, low, medium or high (gzip)",
+    )
     return p
 
 
@@ -164,6 +192,18 @@ def parse(argv: list[str]) -> ServerConfig:
         problems.append("--model-load-timeout-secs must be > 0")
     if args.shm_arena_max_bytes < args.shm_arena_bytes:
         problems.append("--shm-arena-max-bytes must be >= --shm-arena-bytes")
+    if args.grpc_compression not in ("none", "low", "medium", "high"):
+        problems.append(
+            f"--grpc-infer-response-compression-level '{args.grpc_compression}': expected none, low, medium or high"
+        )
+    for attr, (_, flag) in _TYPES.items():
+        if (
+            attr.startswith("grpc_")
+            and attr != "grpc_port"
+            and not isinstance(getattr(args, attr), bool)
+            and getattr(args, attr) < 0
+        ):
+            problems.append(f"{flag} must be >= 0")
     if problems:
         raise ConfigError(problems)
     return ServerConfig(
@@ -184,4 +224,12 @@ def parse(argv: list[str]) -> ServerConfig:
         worker_arena_bytes=args.worker_arena_bytes,
         inline_max_bytes=args.inline_max_bytes,
         model_load_timeout_s=args.model_load_timeout_secs,
+        grpc_host=args.grpc_address,
+        grpc_keepalive_time_ms=args.grpc_keepalive_time,
+        grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout,
+        grpc_keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+        grpc_http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+        grpc_http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
+        grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
+        grpc_compression_level=args.grpc_compression,
     )

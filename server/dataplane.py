@@ -8,16 +8,21 @@ from typing import Any
 from proto import dtypes
 from proto.config_json import config_to_json
 from proto.errors import ErrorCode, InvalidInput, ServingError
+from proto.gen import model_config_pb2 as mc
+from server.logsettings import LogSettings
 from server.models import ModelManager, ModelVersion, TensorSpec
 from server.types import InferRequest, InferResult
 
 SERVER_NAME = "shoal"
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["model_configuration", "binary_tensor_data", "logging"]
 
 
 class DataPlane:
-    def __init__(self, models: ModelManager, *, version: str, strict_readiness: bool = True) -> None:
+    def __init__(
+        self, models: ModelManager, *, version: str, strict_readiness: bool = True, logs: LogSettings | None = None
+    ) -> None:
         self.models = models
+        self.logs = logs or LogSettings()
         self.version = version
         self.strict_readiness = strict_readiness
         self.accepting = True
@@ -62,6 +67,10 @@ class DataPlane:
 
     def model_config(self, name: str, version: int) -> dict[str, Any]:
         return config_to_json(self.models.get(name, version).config)
+
+    def model_config_message(self, name: str, version: int) -> mc.ModelConfig:
+        """The normalized configuration; callers must not modify it."""
+        return self.models.get(name, version).config
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
         """Name, datatype and shape of the one input a raw-body request feeds."""

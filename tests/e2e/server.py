@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_MODELS = ROOT / "tests" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 _PORT_RE = re.compile(r"HTTP listening on \S+:(\d+)")
+_GRPC_PORT_RE = re.compile(r"GRPC listening on \S+:(\d+)")
 
 
 class ServerProcess:
@@ -28,6 +29,7 @@ class ServerProcess:
         self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.grpc_port = 0
         self.lines: list[str] = []
         self._port_seen = threading.Event()
         self._ready_seen = threading.Event()
@@ -36,6 +38,10 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def log(self) -> str:
@@ -77,11 +83,14 @@ class ServerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
+            g = _GRPC_PORT_RE.search(line)
+            if g:
+                self.grpc_port = int(g.group(1))
             m = _PORT_RE.search(line)
             if m:
                 self.port = int(m.group(1))
                 self._port_seen.set()
-            if "shoal: server " in line:
+            if "shoal: server " in line and self.grpc_port:
                 self._ready_seen.set()
 
     def client(self, **kwargs: object) -> httpclient.InferenceServerClient:

@@ -93,3 +93,11 @@ def test_explicit_code_overrides_class_code() -> None:
     e = errors.InvalidInput("m", code=ErrorCode.NOT_FOUND, retryable=True)
     assert (e.code, e.retryable) == (ErrorCode.NOT_FOUND, True)
     assert repr(e) == "InvalidInput(NOT_FOUND, 'm')"
+
+
+def test_grpc_table_covers_every_code() -> None:
+    from server.frontends.grpc.errors import GRPC_STATUS
+
+    assert set(GRPC_STATUS) == set(ErrorCode)
+    assert GRPC_STATUS[ErrorCode.UNAVAILABLE].name == "UNAVAILABLE"
+    assert GRPC_STATUS[ErrorCode.UNIMPLEMENTED].name == "UNIMPLEMENTED"

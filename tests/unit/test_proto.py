@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from proto import errors
 from proto.config_json import config_from_json, config_to_json
+from proto.gen import POOL, grpc_service_pb2, grpc_service_pb2_grpc, health_pb2, health_pb2_grpc, worker_pb2
 from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = ROOT / "proto" / "gen"
@@ -35,7 +36,19 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     )
     fresh = _generated_files(out)
     committed = _generated_files(GEN)
-    assert "__init__.py" in fresh and "model_config_pb2.py" in fresh and "worker_pb2.pyi" in fresh
+    expected = {
+        "__init__.py",
+        "model_config_pb2.py",
+        "worker_pb2.pyi",
+        "grpc_service_pb2.py",
+        "grpc_service_pb2.pyi",
+        "grpc_service_pb2_grpc.py",
+        "grpc_service_pb2_grpc.pyi",
+        "health_pb2.py",
+        "health_pb2_grpc.py",
+        "health_pb2_grpc.pyi",
+    }
+    assert expected <= set(fresh), sorted(expected - set(fresh))
     assert sorted(committed) == sorted(fresh), "proto/gen has stray or missing files: run scripts/gen_proto.sh"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"proto/gen is stale ({stale}): run scripts/gen_proto.sh"
@@ -316,3 +329,141 @@ def test_coexists_with_tritonclient_grpc() -> None:
         "assert (t.name, t.max_batch_size) == ('m', 4)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)
+
+
+def test_service_modules_use_private_pool() -> None:
+    from google.protobuf import descriptor_pool
+
+    for mod in (grpc_service_pb2, health_pb2):
+        assert mod.DESCRIPTOR.pool is POOL
+        try:  # the default pool may hold tritonclient's file of the same name, never ours
+            assert descriptor_pool.Default().FindFileByName(mod.DESCRIPTOR.name) is not mod.DESCRIPTOR
+        except KeyError:
+            pass
+    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
+    assert grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == (
+        "inference.GRPCInferenceService"
+    )
+
+
+def test_health_proto_is_the_standard_one() -> None:
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    assert service.full_name == "grpc.health.v1.Health"
+    check, watch = service.methods_by_name["Check"], service.methods_by_name["Watch"]
+    assert (check.client_streaming, check.server_streaming) == (False, False)
+    assert (watch.client_streaming, watch.server_streaming) == (False, True)
+    assert check.input_type.full_name == "grpc.health.v1.HealthCheckRequest"
+    assert check.output_type.full_name == "grpc.health.v1.HealthCheckResponse"
+    assert {f.name: f.number for f in health_pb2.HealthCheckRequest.DESCRIPTOR.fields} == {"service": 1}
+    assert {f.name: f.number for f in health_pb2.HealthCheckResponse.DESCRIPTOR.fields} == {"status": 1}
+    status = health_pb2.HealthCheckResponse.ServingStatus
+    assert {name: status.Value(name) for name in status.keys()} == {
+        "UNKNOWN": 0,
+        "SERVING": 1,
+        "NOT_SERVING": 2,
+        "SERVICE_UNKNOWN": 3,
+    }
+    assert {"Check", "Watch"} <= set(vars(health_pb2_grpc.HealthServicer))
+
+
+def test_model_infer_round_trip_with_tritonclient() -> None:
+    """Bytes written by our ModelInferRequest/Response parse in tritonclient's generated classes
+    (Triton's own grpc_service.proto), and the other way round."""
+    pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import unknown_fields
+    from tritonclient.grpc import service_pb2 as theirs
+
+    ours = grpc_service_pb2.ModelInferRequest(model_name="simple", model_version="3", id="req-1")
+    ours.parameters["sequence_id"].int64_param = 42
+    ours.parameters["priority"].uint64_param = 2
+    ours.parameters["custom"].double_param = 0.5
+    ours.parameters["flag"].bool_param = True
+    inp = ours.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+    inp.parameters["shared_memory_region"].string_param = "r0"
+    inp.parameters["shared_memory_byte_size"].int64_param = 16
+    ours.inputs.add(name="INPUT1", datatype="INT32", shape=[2]).contents.int_contents.extend([-1, 7])
+    ours.inputs.add(name="INPUT2", datatype="BYTES", shape=[1])
+    ours.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 3
+    ours.raw_input_contents.append(b"\x03\x00\x00\x00abc")
+
+    t = theirs.ModelInferRequest()
+    t.ParseFromString(ours.SerializeToString())
+    assert (t.model_name, t.model_version, t.id) == ("simple", "3", "req-1")
+    assert t.parameters["sequence_id"].int64_param == 42
+    assert t.parameters["priority"].WhichOneof("parameter_choice") == "uint64_param"
+    assert t.parameters["custom"].double_param == 0.5
+    assert t.parameters["flag"].bool_param is True
+    assert [(i.name, i.datatype, list(i.shape)) for i in t.inputs] == [
+        ("INPUT0", "FP32", [1, 4]),
+        ("INPUT1", "INT32", [2]),
+        ("INPUT2", "BYTES", [1]),
+    ]
+    assert t.inputs[0].parameters["shared_memory_region"].string_param == "r0"
+    assert list(t.inputs[1].contents.int_contents) == [-1, 7]
+    assert t.outputs[0].parameters["classification"].int64_param == 3
+    assert list(t.raw_input_contents) == [b"\x03\x00\x00\x00abc"]
+    assert len(unknown_fields.UnknownFieldSet(t)) == 0
+    assert t.SerializeToString(deterministic=True) == ours.SerializeToString(deterministic=True)
+    back = grpc_service_pb2.ModelInferRequest.FromString(t.SerializeToString())
+    assert back == ours
+
+    resp = theirs.ModelInferResponse(model_name="simple", model_version="1", id="req-1")
+    resp.parameters["triton_final_response"].bool_param = True
+    out = resp.outputs.add(name="OUTPUT0", datatype="FP32", shape=[1, 4])
+    out.contents.fp32_contents.extend([1.0, 2.5])
+    resp.raw_output_contents.extend([b"\x00" * 16, b""])
+    stream = theirs.ModelStreamInferResponse(error_message="", infer_response=resp)
+    mine = grpc_service_pb2.ModelStreamInferResponse.FromString(stream.SerializeToString())
+    got = mine.infer_response
+    assert (got.model_name, got.model_version, got.id) == ("simple", "1", "req-1")
+    assert got.parameters["triton_final_response"].bool_param is True
+    assert [(o.name, o.datatype, list(o.shape)) for o in got.outputs] == [("OUTPUT0", "FP32", [1, 4])]
+    assert list(got.outputs[0].contents.fp32_contents) == [1.0, 2.5]
+    assert list(got.raw_output_contents) == [b"\x00" * 16, b""]
+    assert mine.SerializeToString(deterministic=True) == stream.SerializeToString(deterministic=True)
+
+    # Messages that embed model_config.proto also cross over.
+    cfg_resp = grpc_service_pb2.ModelConfigResponse()
+    cfg_resp.config.CopyFrom(_sample_config())
+    t_cfg = theirs.ModelConfigResponse.FromString(cfg_resp.SerializeToString())
+    assert t_cfg.config.name == "simple" and t_cfg.config.max_batch_size == 8
+    assert t_cfg.SerializeToString(deterministic=True) == cfg_resp.SerializeToString(deterministic=True)
+
+
+class _RecordingChannel:
+    """Stands in for a grpc.Channel: records the method path and kind of every callable a
+    generated stub asks for."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, str] = {}
+
+    def _make(self, kind: str) -> object:
+        def factory(path: str, *args: object, **kwargs: object) -> str:
+            self.methods[path] = kind
+            return path
+
+        return factory
+
+    def __getattr__(self, kind: str) -> object:
+        if kind in {"unary_unary", "unary_stream", "stream_unary", "stream_stream"}:
+            return self._make(kind)
+        raise AttributeError(kind)
+
+
+def test_servicer_covers_every_tritonclient_rpc() -> None:
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.grpc import service_pb2_grpc as theirs_grpc
+
+    their_channel, our_channel = _RecordingChannel(), _RecordingChannel()
+    theirs_grpc.GRPCInferenceServiceStub(their_channel)
+    grpc_service_pb2_grpc.GRPCInferenceServiceStub(cast(Any, our_channel))
+    assert their_channel.methods, "tritonclient's stub registered no methods"
+
+    servicer_methods = {
+        name for name in vars(grpc_service_pb2_grpc.GRPCInferenceServiceServicer) if not name.startswith("_")
+    }
+    for path, kind in their_channel.methods.items():
+        service, _, name = path.lstrip("/").partition("/")
+        assert service == "inference.GRPCInferenceService"
+        assert name in servicer_methods, f"servicer lacks {name}"
+        assert our_channel.methods.get(path) == kind, f"{path}: ours {our_channel.methods.get(path)}, theirs {kind}"

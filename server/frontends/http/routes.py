@@ -8,8 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proto import dtypes
-from proto.errors import InvalidInput, ServingError, Unsupported
+from proto.errors import InvalidInput, Unsupported
 from server.dataplane import DataPlane
 from server.frontends.http import codec
 
@@ -53,6 +52,20 @@ async def model_ready(request: web.Request) -> web.Response:
 async def model_config(request: web.Request) -> web.Response:
     cfg = request.app[DATAPLANE].model_config(request.match_info["model"], _version(request))
     return _json_response(cfg)
+
+
+async def logging_get(request: web.Request) -> web.Response:
+    return _json_response(request.app[DATAPLANE].logs.as_dict())
+
+
+async def logging_post(request: web.Request) -> web.Response:
+    try:
+        changes = json.loads(await request.read() or b"{}")
+    except ValueError as exc:
+        raise InvalidInput(f"failed to parse the logging settings JSON: {exc}") from None
+    if not isinstance(changes, dict):
+        raise InvalidInput("logging settings must be a JSON object")
+    return _json_response(request.app[DATAPLANE].logs.update(changes))
 
 
 async def infer(request: web.Request) -> web.StreamResponse:
@@ -133,11 +146,10 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
     r.add_get("/v2", server_metadata)
+    r.add_get("/v2/logging", logging_get)
+    r.add_post("/v2/logging", logging_post)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}" + v):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
         r.add_get(prefix + "/config", model_config)
         r.add_post(prefix + "/infer", infer)
-
-
-__all__ = ["add_routes", "DATAPLANE", "MAX_JSON_BYTES", "ServingError", "dtypes"]

@@ -1,0 +1,157 @@
+"""``ModelInferRequest`` / ``ModelInferResponse`` <-> ``InferRequest`` / ``InferResult``.
+
+Placement rules as Triton's: each input without a shared-memory region takes either its
+typed ``contents`` or the next entry of ``raw_input_contents`` (never both kinds in one
+request); the response carries one ``raw_output_contents`` entry per output, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from proto import dtypes
+from proto.errors import InvalidInput, Unsupported
+from proto.gen import grpc_service_pb2 as pb
+from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
+
+# typed-contents field and the numpy type it is read with, per datatype
+_CONTENTS: dict[str, tuple[str, Any]] = {
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int32),
+    "INT16": ("int_contents", np.int32),
+    "INT32": ("int_contents", np.int32),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.uint32),
+    "UINT16": ("uint_contents", np.uint32),
+    "UINT32": ("uint_contents", np.uint32),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
+    "BYTES": ("bytes_contents", None),
+}
+ALLOWED_TRITON_PARAMETERS = frozenset({"triton_enable_empty_final_response"})
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def set_param(p: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        if value >= 2**63:
+            p.uint64_param = value
+        else:
+            p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+
+
+def _params(m: Any, where: str) -> dict[str, Any]:
+    out = {}
+    for k, v in m.items():
+        if k.startswith("triton_") and k not in ALLOWED_TRITON_PARAMETERS:
+            raise InvalidInput(f"{where} parameter '{k}' uses the reserved prefix 'triton_'")
+        out[k] = param_value(v)
+    return out
+
+
+def decode_request(req: pb.ModelInferRequest) -> InferRequest:
+    version = -1
+    if req.model_version:
+        if not req.model_version.isdigit():
+            raise InvalidInput(f"model_version '{req.model_version[:32]}' is not a number")
+        version = int(req.model_version)
+    raw = req.raw_input_contents
+    raw_next = 0
+    inputs: list[InputTensor] = []
+    for t in req.inputs:
+        name = t.name
+        dt = dtypes.BY_PROTOCOL.get(t.datatype)
+        if dt is None:
+            raise InvalidInput(f"input '{name}' has invalid datatype '{t.datatype}'")
+        shape = tuple(t.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
+        params = _params(t.parameters, f"input '{name}'")
+        if "shared_memory_region" in params:
+            raise Unsupported(f"input '{name}': shared memory inputs are not supported yet")
+        if any(k.startswith("shared_memory_") for k in params):
+            raise InvalidInput(f"input '{name}': shared_memory_offset/byte_size given without shared_memory_region")
+        data: Buffer
+        if t.HasField("contents"):
+            if len(raw):
+                raise InvalidInput(
+                    f"input '{name}': contents field must not be specified when using raw_input_contents"
+                )
+            data = _contents_bytes(t.contents, name, dt, dtypes.element_count(shape))
+        else:
+            if raw_next >= len(raw):
+                raise InvalidInput(f"unable to find data for input tensor '{name}'")
+            data = raw[raw_next]
+            raw_next += 1
+        inputs.append(InputTensor(name=name, datatype=t.datatype, shape=shape, data=data, parameters=params))
+    if raw_next != len(raw):
+        raise InvalidInput(
+            f"expected {raw_next} entries in raw_input_contents (one per input without contents), got {len(raw)}"
+        )
+    outputs = None
+    if len(req.outputs):
+        outputs = []
+        for o in req.outputs:
+            oparams = _params(o.parameters, f"output '{o.name}'")
+            if "shared_memory_region" in oparams:
+                raise Unsupported(f"output '{o.name}': shared memory outputs are not supported yet")
+            if oparams.get("classification"):
+                raise Unsupported(f"output '{o.name}': the classification extension is not supported yet")
+            outputs.append(RequestedOutput(name=o.name, parameters=oparams))
+    return InferRequest(
+        model_name=req.model_name,
+        model_version=version,
+        inputs=inputs,
+        outputs=outputs,
+        id=req.id,
+        parameters=_params(req.parameters, "request"),
+    )
+
+
+def _contents_bytes(contents: pb.InferTensorContents, name: str, dt: dtypes.DType, count: int) -> bytes:
+    entry = _CONTENTS.get(dt.protocol)
+    if entry is None:
+        raise InvalidInput(
+            f"input '{name}': {dt.protocol} data cannot be sent in typed contents; use raw_input_contents"
+        )
+    field, wide = entry
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidInput(f"input '{name}' has {len(values)} elements in contents.{field} but its shape needs {count}")
+    if dt.protocol == "BYTES":
+        return dtypes.serialize_bytes(np.array(list(values), dtype=np.object_))
+    arr = np.array(values, dtype=wide)
+    assert dt.numpy is not None
+    if arr.dtype != dt.numpy and arr.size:
+        info = np.iinfo(dt.numpy)  # type: ignore[type-var]  # only integer types narrow here
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidInput(f"input '{name}': a value in contents.{field} is out of range for {dt.protocol}")
+    return arr.astype(dt.numpy).tobytes()
+
+
+def encode_response(result: InferResult, out: pb.ModelInferResponse) -> None:
+    out.model_name = result.model_name
+    out.model_version = str(result.model_version)
+    if result.id:
+        out.id = result.id
+    for k, v in result.parameters.items():
+        set_param(out.parameters[k], v)
+    for t in result.outputs:
+        o = out.outputs.add()
+        o.name = t.name
+        o.datatype = t.datatype
+        o.shape.extend(t.shape)
+        out.raw_output_contents.append(bytes(t.data))
