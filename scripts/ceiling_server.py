@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The "Python ceiling": the least a single-process aiohttp server must do to serve an
+identity model over the KServe v2 HTTP protocol, as far as perf_analyzer needs it.
+
+Endpoints: health (live/ready), server metadata (no "statistics" extension, so
+perf_analyzer does not ask for statistics), model metadata/config/ready and infer.
+Infer parses the JSON header, takes INPUT0 (binary tensor extension or JSON "data"),
+and returns it as OUTPUT0: binary unless the request asked for JSON output.
+
+Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity]
+With --port 0 it binds any free port. Once bound it prints ``LISTENING <port>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+try:  # the same fast JSON codec a real server would pick, when available
+    import rapidjson as json_codec
+except ImportError:  # pragma: no cover
+    import json as json_codec  # type: ignore[no-redef]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUT_NAME, OUTPUT_NAME = "INPUT0", "OUTPUT0"
+
+MODEL_NAME = web.AppKey("model_name", str)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _check_model(request: web.Request) -> web.Response | None:
+    name = request.match_info["model"]
+    if name != request.app[MODEL_NAME]:
+        return _error(404, f"Request for unknown model: '{name}' is not found")
+    version = request.match_info.get("version")
+    if version not in (None, "", "1"):
+        return _error(404, f"Request for unknown model: '{name}' version {version} is not found")
+    return None
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "ceiling", "version": "0.0.0", "extensions": []})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    if (err := _check_model(request)) is not None:
+        return err
+    return web.json_response(
+        {
+            "name": request.app[MODEL_NAME],
+            "versions": ["1"],
+            "platform": "python",
+            "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1]}],
+            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1]}],
+        }
+    )
+
+
+async def model_config(request: web.Request) -> web.Response:
+    if (err := _check_model(request)) is not None:
+        return err
+    return web.json_response(
+        {
+            "name": request.app[MODEL_NAME],
+            "backend": "python",
+            "max_batch_size": 0,
+            "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": [-1]}],
+            "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [-1]}],
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    return err if (err := _check_model(request)) is not None else web.Response(status=200)
+
+
+def _wants_binary(header: dict[str, Any], input_was_binary: bool) -> bool:
+    """Binary output if the request says so (per output or request-wide), else follow
+    the input's form."""
+    for out in header.get("outputs") or ():
+        if out.get("name") == OUTPUT_NAME:
+            flag = (out.get("parameters") or {}).get("binary_data")
+            if flag is not None:
+                return bool(flag)
+    flag = (header.get("parameters") or {}).get("binary_data_output")
+    return bool(flag) if flag is not None else input_was_binary
+
+
+async def infer(request: web.Request) -> web.Response:
+    if (err := _check_model(request)) is not None:
+        return err
+    body = await request.read()
+    header_len_str = request.headers.get(HEADER_LENGTH)
+    header_len = int(header_len_str) if header_len_str is not None else len(body)
+    if not 0 <= header_len <= len(body):
+        return _error(400, f"invalid {HEADER_LENGTH}: {header_len_str}")
+    try:
+        header = json_codec.loads(body[:header_len])
+    except ValueError as exc:
+        return _error(400, f"failed to parse the request JSON: {exc}")
+
+    # Locate INPUT0; binary inputs are laid out back to back after the JSON header.
+    offset = header_len
+    data: bytes | None = None
+    shape: list[int] = []
+    binary_input = False
+    for inp in header.get("inputs") or ():
+        size = (inp.get("parameters") or {}).get("binary_data_size")
+        if inp.get("name") != INPUT_NAME:
+            offset += int(size or 0)
+            continue
+        if inp.get("datatype") != "FP32":
+            return _error(400, f"input '{INPUT_NAME}' must be FP32, got {inp.get('datatype')}")
+        shape = [int(d) for d in inp.get("shape", ())]
+        count = int(np.prod(shape, dtype=np.int64))
+        if size is not None:
+            binary_input = True
+            if int(size) != 4 * count or offset + int(size) > len(body):
+                return _error(400, f"input '{INPUT_NAME}': bad binary_data_size {size}")
+            # The copy any real server makes: request body -> the model's input tensor.
+            data = body[offset : offset + int(size)]
+        else:
+            arr = np.asarray(inp.get("data", ()), dtype=np.float32)
+            if arr.size != count:
+                return _error(400, f"input '{INPUT_NAME}': {arr.size} values for shape {shape}")
+            data = arr.tobytes()
+        break
+    if data is None:
+        return _error(400, f"missing input '{INPUT_NAME}'")
+
+    response: dict[str, Any] = {"model_name": request.app[MODEL_NAME], "model_version": "1"}
+    if "id" in header:
+        response["id"] = header["id"]
+    output: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": shape}
+    response["outputs"] = [output]
+
+    if not _wants_binary(header, binary_input):
+        output["data"] = np.frombuffer(data, dtype=np.float32).tolist()
+        return web.Response(body=json_codec.dumps(response), content_type="application/json")
+
+    output["parameters"] = {"binary_data_size": len(data)}
+    json_bytes = json_codec.dumps(response).encode()
+    return web.Response(
+        body=b"".join((json_bytes, data)),
+        headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_bytes))},
+    )
+
+
+def make_app(model_name: str) -> web.Application:
+    app = web.Application(client_max_size=1 << 31)
+    app[MODEL_NAME] = model_name
+    add = app.router.add_route
+    add("GET", "/v2/health/live", health)
+    add("GET", "/v2/health/ready", health)
+    add("GET", "/v2", server_metadata)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        add("GET", prefix, model_metadata)
+        add("GET", prefix + "/config", model_config)
+        add("GET", prefix + "/ready", model_ready)
+        add("POST", prefix + "/infer", infer)
+    return app
+
+
+async def serve(app: web.Application, sock: socket.socket) -> None:
+    runner = web.AppRunner(app, access_log=None)  # no per-request logging in a ceiling
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        print(f"LISTENING {sock.getsockname()[1]}", flush=True)  # bound *and* listening
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    parser.add_argument("--model", default="identity", help="the identity model's name")
+    args = parser.parse_args(argv)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    asyncio.run(serve(make_app(args.model), sock))
+
+
+if __name__ == "__main__":
+    main()
