@@ -201,7 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    asyncio.run(serve(make_app(args.model), sock))
+    # The same event loop Shoal runs on (uvloop when installed), so the ratio compares
+    # servers, not loops.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(make_app(args.model), sock))
+    else:
+        uvloop.run(serve(make_app(args.model), sock))
 
 
 if __name__ == "__main__":

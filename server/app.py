@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -97,11 +98,9 @@ class App:
         app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.exit_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.http_port, reuse_address=True)
-        await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes no public accessor for the bound port
-        assert isinstance(server, asyncio.base_events.Server)
-        self.http_port = server.sockets[0].getsockname()[1]
+        sock = _listen(cfg.host, cfg.http_port)
+        self.http_port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
         log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
         grpc_host = cfg.grpc_host or cfg.host
         self._grpc, self.grpc_port = await start_grpc(
@@ -160,6 +159,21 @@ class App:
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("server stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; binding it ourselves is how the port chosen for 0 is known."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _summary(models: ModelManager) -> str:

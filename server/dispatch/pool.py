@@ -3,12 +3,9 @@ into a worker message (inputs inline or in the router's input arena) and back.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
-
-import zmq
 
 from proto import wire
 from proto.errors import ErrorCode, ModelNotReady, ServingError
@@ -64,15 +61,14 @@ class InstancePool:
         blocks: list[Block] = []
         try:
             self._encode(batch, env.infer, buffers, blocks)
-            fut = worker.submit(env, buffers)
+            # Input blocks are freed when the worker is done with them, which is later
+            # than this coroutine if the client goes away (the future is then cancelled
+            # but the worker still reads the blocks).
+            fut = worker.submit(env, buffers, (lambda: self._free(blocks)) if blocks else None)
         except BaseException:
             self._free(blocks)
             raise
-        if blocks:
-            fut.add_done_callback(lambda _f: self._free(blocks))
-        # If the caller is cancelled the worker still runs the batch and still reads the
-        # input blocks: they are freed by the callback above when the reply arrives.
-        reply, frames = await asyncio.shield(fut)
+        reply, frames = await fut
         return self._decode(batch, worker, reply, frames)
 
     def _free(self, blocks: list[Block]) -> None:
@@ -114,7 +110,7 @@ class InstancePool:
                 r.parameters_json = json.dumps(params)
 
     def _decode(
-        self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope, frames: list[zmq.Frame]
+        self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope, frames: list[bytes]
     ) -> list[InferResult | ServingError]:
         body = reply.WhichOneof("body")
         if body == "failed":
@@ -137,7 +133,7 @@ class InstancePool:
                         data: Any = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
                         held.append(s)
                     else:
-                        data = frames[ref.frame].buffer
+                        data = frames[ref.frame]
                     tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data))
             except ServingError as exc:
                 worker.release(identity, held)

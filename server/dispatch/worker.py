@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from proto import wire
 from proto.errors import ErrorCode, ServingError, WorkerDied
 from proto.gen import worker_pb2 as wpb
@@ -54,7 +52,7 @@ class WorkerSpec:
     log_verbose: int = 0
 
 
-Reply = tuple[wpb.Envelope, list[zmq.Frame]]
+Reply = tuple[wpb.Envelope, list[bytes]]
 
 
 class Worker:
@@ -82,10 +80,12 @@ class Worker:
         self.arena_prefix = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._settle: dict[int, Callable[[], None]] = {}
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._first_load: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
 
     @property
     def ready(self) -> bool:
@@ -96,26 +96,30 @@ class Worker:
         return f"model '{self.spec.model_name}' version {self.spec.model_version} instance '{self.spec.instance_name}'"
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._first_load = loop.create_future()
         self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.spec.instance_name}")
         await self._first_load
 
-    def submit(self, infer: wpb.Envelope, buffers: Sequence[Any]) -> asyncio.Future[Reply]:
+    def submit(
+        self, infer: wpb.Envelope, buffers: Sequence[Any], on_settled: Callable[[], None] | None = None
+    ) -> asyncio.Future[Reply]:
         """Send a batch; the future resolves with the worker's reply or fails with
-        ``WorkerDied``. The caller has checked ``ready``."""
+        ``WorkerDied``. The caller has checked ``ready``.
+
+        ``on_settled`` runs once the worker is done with the batch's inputs: when its reply
+        arrives or the process dies, even if the caller cancelled the future meanwhile.
+        """
         rid = self._next_id
         self._next_id += 1
         infer.request_id = rid
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = self._loop.create_future()
         self.channel.send(self.identity, infer, buffers)
         self._pending[rid] = fut
+        if on_settled is not None:
+            self._settle[rid] = on_settled
         self.outstanding += 1
-        fut.add_done_callback(self._done)
         return fut
-
-    def _done(self, _fut: asyncio.Future[Reply]) -> None:
-        self.outstanding -= 1
 
     def release(self, identity: bytes, blocks: list[wpb.ShmSlice]) -> None:
         """Hand output blocks back to the worker generation that wrote them."""
@@ -227,11 +231,14 @@ class Worker:
             f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}", code=ErrorCode.UNAVAILABLE
         )
 
-    def _on_message(self, env: wpb.Envelope, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         body = env.WhichOneof("body")
         if body == "pong":
             return
-        fut = self._pending.pop(env.request_id, None)
+        rid = env.request_id
+        fut = self._pending.pop(rid, None)
+        if rid:
+            self._settled(rid)
         if fut is not None and not fut.done():
             fut.set_result((env, frames))
         elif body == "infer_done":
@@ -240,9 +247,17 @@ class Worker:
             if blocks:
                 self.release(self.identity, blocks)
 
+    def _settled(self, rid: int) -> None:
+        self.outstanding -= 1
+        settle = self._settle.pop(rid, None)
+        if settle is not None:
+            settle()
+
     def _fail_pending(self, err: ServingError) -> None:
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for rid, fut in pending.items():
+            if rid:
+                self._settled(rid)
             if not fut.done():
                 fut.set_exception(err)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def fresh_server(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     yield started
     for srv in started:
         srv.kill()
+
+
+@pytest.fixture(autouse=True)
+def collect_clients_in_main_thread() -> Iterator[None]:
+    """tritonclient.http clients close themselves in ``__del__`` on the gevent hub of the
+    thread that made them; a garbage collection that happens to run on another thread (a
+    test's helper thread) then raises. Collect garbage here, on the main thread."""
+    gc.collect()
+    yield
+    gc.collect()
