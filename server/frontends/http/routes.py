@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from proto.errors import InvalidInput, Unsupported
@@ -25,7 +25,7 @@ def _version(request: web.Request) -> int:
 
 
 def _json_response(obj: Any) -> web.Response:
-    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), content_type=_JSON)
+    return web.Response(body=orjson.dumps(obj), content_type=_JSON)
 
 
 async def health_live(request: web.Request) -> web.Response:
@@ -60,8 +60,8 @@ async def logging_get(request: web.Request) -> web.Response:
 
 async def logging_post(request: web.Request) -> web.Response:
     try:
-        changes = json.loads(await request.read() or b"{}")
-    except ValueError as exc:
+        changes = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"failed to parse the logging settings JSON: {exc}") from None
     if not isinstance(changes, dict):
         raise InvalidInput("logging settings must be a JSON object")
