@@ -35,7 +35,7 @@ class ServerConfig:
     shm_arena_max_bytes: int = 1 << 30
     worker_arena_bytes: int = 16 << 20
     """Size of each segment of a worker's output arena."""
-    inline_max_bytes: int = 64 << 10
+    inline_max_bytes: int = 32 << 10
     """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
     model_load_timeout_s: float = 120.0
     grpc_host: str = ""
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shm-arena-bytes", default=64 << 20)
     s.add_argument("--shm-arena-max-bytes", default=1 << 30)
     s.add_argument("--worker-arena-bytes", default=16 << 20)
-    s.add_argument("--inline-max-bytes", default=64 << 10)
+    s.add_argument("--inline-max-bytes", default=32 << 10)
     s.add_argument("--model-load-timeout-secs", default=120.0)
     s.add_argument("--grpc-address", dest="grpc_address", default="", help="gRPC bind address (default: --host)")
     s.add_argument("--grpc-keepalive-time", default=7_200_000, help="ms between keepalive pings")
