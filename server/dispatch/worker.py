@@ -96,8 +96,7 @@ class Worker:
         return f"model '{self.spec.model_name}' version {self.spec.model_version} instance '{self.spec.instance_name}'"
 
     async def start(self) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        self._first_load = loop.create_future()
+        self._first_load = self._loop.create_future()
         self._task = asyncio.create_task(self._supervise(), name=f"supervise {self.spec.instance_name}")
         await self._first_load
 
