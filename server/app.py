@@ -21,7 +21,7 @@ from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext
-from server.frontends.grpc.app import GrpcOptions, start_grpc
+from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
 from server.logsettings import LogSettings
 from server.models import InstanceSettings, ModelManager
@@ -103,20 +103,7 @@ class App:
         await web.SockSite(self._runner, sock).start()
         log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
         grpc_host = cfg.grpc_host or cfg.host
-        self._grpc, self.grpc_port = await start_grpc(
-            self.dataplane,
-            grpc_host,
-            cfg.grpc_port,
-            GrpcOptions(
-                keepalive_time_ms=cfg.grpc_keepalive_time_ms,
-                keepalive_timeout_ms=cfg.grpc_keepalive_timeout_ms,
-                keepalive_permit_without_calls=cfg.grpc_keepalive_permit_without_calls,
-                http2_max_pings_without_data=cfg.grpc_http2_max_pings_without_data,
-                http2_min_recv_ping_interval_without_data_ms=cfg.grpc_http2_min_recv_ping_interval_without_data_ms,
-                http2_max_ping_strikes=cfg.grpc_http2_max_ping_strikes,
-                compression_level=cfg.grpc_compression_level,
-            ),
-        )
+        self._grpc, self.grpc_port = await start_grpc(self.dataplane, grpc_host, cfg.grpc_port, cfg.grpc)
         log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.metrics_port:
             log.info("the metrics endpoint is not built yet; --metrics-port is ignored")

@@ -7,10 +7,25 @@ environment or the command line.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONTROL_MODES = ("none", "poll", "explicit")
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcOptions:
+    """gRPC transport settings (Triton's flag names and defaults)."""
+
+    keepalive_time_ms: int = 7_200_000
+    keepalive_timeout_ms: int = 20_000
+    keepalive_permit_without_calls: bool = False
+    http2_max_pings_without_data: int = 2
+    http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    http2_max_ping_strikes: int = 2
+    compression_level: str = "none"
+    """Default response compression (gzip) level: none, low, medium, high. Clients may
+    also ask for compression per call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +55,7 @@ class ServerConfig:
     model_load_timeout_s: float = 120.0
     grpc_host: str = ""
     """gRPC bind address; empty: same as ``host``."""
-    grpc_keepalive_time_ms: int = 7_200_000
-    grpc_keepalive_timeout_ms: int = 20_000
-    grpc_keepalive_permit_without_calls: bool = False
-    grpc_http2_max_pings_without_data: int = 2
-    grpc_http2_min_recv_ping_interval_without_data_ms: int = 300_000
-    grpc_http2_max_ping_strikes: int = 2
-    grpc_compression_level: str = "none"
+    grpc: GrpcOptions = field(default_factory=lambda: GrpcOptions())
 
 
 class ConfigError(Exception):
@@ -225,11 +234,13 @@ def parse(argv: list[str]) -> ServerConfig:
         inline_max_bytes=args.inline_max_bytes,
         model_load_timeout_s=args.model_load_timeout_secs,
         grpc_host=args.grpc_address,
-        grpc_keepalive_time_ms=args.grpc_keepalive_time,
-        grpc_keepalive_timeout_ms=args.grpc_keepalive_timeout,
-        grpc_keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
-        grpc_http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
-        grpc_http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
-        grpc_http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
-        grpc_compression_level=args.grpc_compression,
+        grpc=GrpcOptions(
+            keepalive_time_ms=args.grpc_keepalive_time,
+            keepalive_timeout_ms=args.grpc_keepalive_timeout,
+            keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+            http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+            http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
+            http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
+            compression_level=args.grpc_compression,
+        ),
     )

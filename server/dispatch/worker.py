@@ -236,7 +236,7 @@ class Worker:
             return
         rid = env.request_id
         fut = self._pending.pop(rid, None)
-        if rid:
+        if rid and fut is not None:
             self._settled(rid)
         if fut is not None and not fut.done():
             fut.set_result((env, frames))

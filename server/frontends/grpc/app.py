@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 
 from proto.gen import grpc_service_pb2_grpc as pb_grpc
 from proto.gen import health_pb2_grpc
+from server.config import GrpcOptions
 from server.dataplane import DataPlane
 from server.frontends.grpc.service import HealthService, InferenceService
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Triton's and tritonclient's limit (INT32_MAX)
-
-
-@dataclass(frozen=True, slots=True)
-class GrpcOptions:
-    keepalive_time_ms: int = 7_200_000
-    keepalive_timeout_ms: int = 20_000
-    keepalive_permit_without_calls: bool = False
-    http2_max_pings_without_data: int = 2
-    http2_min_recv_ping_interval_without_data_ms: int = 300_000
-    http2_max_ping_strikes: int = 2
-    compression_level: str = "none"
-    """Default response compression (gzip) level: none, low, medium, high. Clients may
-    also ask for compression per call."""
 
 
 _LEVELS = {"none": 0, "low": 1, "medium": 2, "high": 3}
