@@ -10,7 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -25,6 +25,7 @@ from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
 from server.logsettings import LogSettings
 from server.models import InstanceSettings, ModelManager
+from server.sharedmem import SharedMemoryRegistry, visible_gpu_count
 from shm import region
 from shm.arena import Arena
 from shm.mapper import Mapper
@@ -55,6 +56,11 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
 
+    def _forget_regions(self, region_ids: Sequence[int]) -> None:
+        if self.models is not None:
+            for worker in self.models.workers():
+                worker.forget(region_ids)
+
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
         self._force.set()
@@ -80,7 +86,8 @@ class App:
         self.arena = Arena(f"{self.prefix}_in", segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes)
         self.channel = WorkerChannel(f"ipc://{self.run_dir}/workers.sock")
         self.channel.start()
-        ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes)
+        shm = SharedMemoryRegistry(allowed=cfg.allow_client_shm, gpu_count=visible_gpu_count)
+        ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes, shm=shm)
         settings = InstanceSettings(
             run_prefix=self.prefix,
             worker_arena_bytes=cfg.worker_arena_bytes,
@@ -89,10 +96,12 @@ class App:
             load_timeout_s=cfg.model_load_timeout_s,
         )
         self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
+        shm.on_forget = self._forget_regions
         self.dataplane = DataPlane(
             self.models,
             version=server_version(),
             strict_readiness=cfg.strict_readiness,
+            shm=shm,
             logs=LogSettings(verbose=cfg.log_verbose),
         )
         app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)

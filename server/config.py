@@ -53,6 +53,8 @@ class ServerConfig:
     inline_max_bytes: int = 32 << 10
     """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
     model_load_timeout_s: float = 120.0
+    allow_client_shm: bool = True
+    """Clients may register system and CUDA shared-memory regions (Triton's extensions)."""
     grpc_host: str = ""
     """gRPC bind address; empty: same as ``host``."""
     grpc: GrpcOptions = field(default_factory=lambda: GrpcOptions())
@@ -83,6 +85,7 @@ _TYPES: dict[str, tuple[type, str]] = {
     "log_verbose": (int, "--log-verbose"),
     "strict_model_config": (bool, "--strict-model-config"),
     "strict_readiness": (bool, "--strict-readiness"),
+    "allow_client_shm": (bool, "--allow-client-shm"),
     "repository_poll_secs": (float, "--repository-poll-secs"),
     "http_max_input_size": (int, "--http-max-input-size"),
     "shm_arena_bytes": (int, "--shm-arena-bytes"),
@@ -134,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-verbose", default=0)
     s.add_argument("--strict-model-config", default=True)
     s.add_argument("--strict-readiness", default=True)
+    s.add_argument(
+        "--allow-client-shm",
+        default=True,
+        help="let clients register system/CUDA shared memory (default true; false answers 501)",
+    )
     s.add_argument("--model-control-mode", default="none")
     s.add_argument("--repository-poll-secs", default=15.0)
     s.add_argument("--http-max-input-size", default=64 << 20)
@@ -225,6 +233,7 @@ def parse(argv: list[str]) -> ServerConfig:
         log_verbose=args.log_verbose,
         strict_model_config=args.strict_model_config,
         strict_readiness=args.strict_readiness,
+        allow_client_shm=args.allow_client_shm,
         model_control_mode=args.model_control_mode,
         repository_poll_s=args.repository_poll_secs,
         http_max_input_bytes=args.http_max_input_size,

@@ -11,17 +11,25 @@ from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from server.logsettings import LogSettings
 from server.models import ModelManager, ModelVersion, TensorSpec
+from server.sharedmem import SharedMemoryRegistry
 from server.types import InferRequest, InferResult
 
 SERVER_NAME = "shoal"
-EXTENSIONS = ["model_configuration", "binary_tensor_data", "logging"]
+EXTENSIONS = ["model_configuration", "binary_tensor_data", "system_shared_memory", "cuda_shared_memory", "logging"]
 
 
 class DataPlane:
     def __init__(
-        self, models: ModelManager, *, version: str, strict_readiness: bool = True, logs: LogSettings | None = None
+        self,
+        models: ModelManager,
+        *,
+        version: str,
+        strict_readiness: bool = True,
+        logs: LogSettings | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
         self.models = models
+        self.shm = shm or SharedMemoryRegistry()
         self.logs = logs or LogSettings()
         self.version = version
         self.strict_readiness = strict_readiness
@@ -102,9 +110,22 @@ class DataPlane:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE, retryable=True)
         mv = self.models.get(request.model_name, request.model_version)
         request.model_version = mv.version
-        validate(mv, request)
-        assert mv.scheduler is not None
-        return await mv.scheduler.submit(request)
+        uses_shm = any(t.shm is not None for t in request.inputs) or any(
+            o.shm is not None for o in request.outputs or ()
+        )
+        if not uses_shm:
+            validate(mv, request)
+            assert mv.scheduler is not None
+            return await mv.scheduler.submit(request)
+        # The regions stay counted until this request is done here; the dispatcher counts its
+        # own use separately, until the worker has answered (even if this caller is cancelled).
+        self.shm.bind(request)
+        try:
+            validate(mv, request)
+            assert mv.scheduler is not None
+            return await mv.scheduler.submit(request)
+        finally:
+            self.shm.unbind(request)
 
 
 def validate(mv: ModelVersion, request: InferRequest) -> None:
@@ -151,10 +172,10 @@ def validate(mv: ModelVersion, request: InferRequest) -> None:
             )
         if spec.datatype != "BYTES":
             expected = dtypes.element_count(shape) * dtypes.BY_PROTOCOL[spec.datatype].itemsize
-            if len(t.data) != expected:
+            if t.nbytes != expected:
                 raise InvalidInput(
                     f"input byte size mismatch for input '{t.name}' for model '{name}'. "
-                    f"Expected {expected}, got {len(t.data)}"
+                    f"Expected {expected}, got {t.nbytes}"
                 )
         if spec.reshape is not None:
             t.shape = ((shape[0],) if max_batch > 0 else ()) + _reshape(spec, dims)

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.sharedmem import Region
 
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class ShmRef:
+    """A tensor placed in a client shared-memory region: the request's
+    ``shared_memory_region`` / ``_offset`` / ``_byte_size`` parameters. ``region`` is set
+    once the registry has resolved and bounds-checked it."""
+
+    region_name: str
+    offset: int
+    byte_size: int
+    region: Region | None = None
 
 
 @dataclass(slots=True)
@@ -18,12 +33,20 @@ class InputTensor:
     shape: tuple[int, ...]
     data: Buffer
     parameters: dict[str, Any] = field(default_factory=dict)
+    shm: ShmRef | None = None
+    """Set when the bytes are in client shared memory (``data`` is then empty)."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.shm.byte_size if self.shm is not None else len(self.data)
 
 
 @dataclass(slots=True)
 class RequestedOutput:
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    shm: ShmRef | None = None
+    """Set when the output is to be written into client shared memory."""
 
 
 @dataclass(slots=True)
@@ -36,6 +59,8 @@ class InferRequest:
     """``None``: every output of the model."""
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    shm_regions: list[Region] = field(default_factory=list)
+    """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""
 
 
 @dataclass(slots=True)
@@ -44,6 +69,8 @@ class OutputTensor:
     datatype: str
     shape: tuple[int, ...]
     data: Buffer
+    in_shm: bool = False
+    """Written into the client's shared memory; ``data`` is empty and no bytes are sent."""
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ is an error at creation (``RESOURCE_EXHAUSTED``) rather than a ``SIGBUS`` on fir
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -15,6 +16,8 @@ from pathlib import Path
 import posix_ipc
 
 from proto.errors import ErrorCode, ServingError
+
+log = logging.getLogger("shoal.shm")
 
 SHM_DIR = Path("/dev/shm")
 SERVER_PREFIX = "shoal_"
@@ -43,7 +46,10 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600)
         except posix_ipc.ExistentialError:
-            raise ServingError(f"shared memory segment {name} already exists", code=ErrorCode.ALREADY_EXISTS) from None
+            log.error("shared memory segment %s already exists", name)
+            raise ServingError(
+                "a server shared memory segment name is already taken", code=ErrorCode.ALREADY_EXISTS
+            ) from None
         try:
             try:
                 os.posix_fallocate(shm.fd, 0, nbytes)
@@ -65,7 +71,9 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory("/" + name)
         except posix_ipc.ExistentialError:
-            raise ServingError(f"shared memory segment {name} does not exist", code=ErrorCode.NOT_FOUND) from None
+            # the name stays in the log: segment names must not reach clients (CVE-2025-23320)
+            log.error("shared memory segment %s does not exist", name)
+            raise ServingError("a server shared memory segment is missing", code=ErrorCode.NOT_FOUND) from None
         try:
             nbytes = os.fstat(shm.fd).st_size
             mm = mmap.mmap(shm.fd, nbytes)

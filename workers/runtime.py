@@ -25,6 +25,7 @@ from shm.block import Block
 from shm.mapper import Mapper
 from workers.backends.base import Backend, Device, ModelSpec, WorkRequest
 from workers.backends.registry import backend_class
+from workers.clientshm import ClientRegions
 from workers.tensors import OutputWriter, read_input
 
 log = logging.getLogger("shoal.worker")
@@ -43,6 +44,7 @@ class WorkerRuntime:
         self.backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.mapper = Mapper()
+        self.regions = ClientRegions()
         self.arena: Arena | None = None
         self.writer: OutputWriter | None = None
         self.output_types: dict[str, dtypes.DType] = {}
@@ -62,6 +64,8 @@ class WorkerRuntime:
                     self._infer(env, [f.buffer for f in frames[1:]])
                 elif kind == "release":
                     self._release(env.release)
+                elif kind == "forget":
+                    self.regions.forget(env.forget.region_ids)
                 elif kind == "ping":
                     reply = wire.envelope(env.request_id)
                     reply.pong.SetInParent()
@@ -94,7 +98,7 @@ class WorkerRuntime:
             )
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
             self.arena = Arena(req.arena_prefix, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16)
-            self.writer = OutputWriter(self.arena, req.inline_max_bytes)
+            self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
             self.backend = backend_class(config.backend).load(self.spec)
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
@@ -116,8 +120,10 @@ class WorkerRuntime:
                 raise ServingError("model is not loaded")
             t0 = time.monotonic_ns()
             work: list[WorkRequest] = []
+            dests: list[Any] = []
             for r in env.infer.requests:
-                inputs = {ref.name: read_input(ref, frames, self.mapper) for ref in r.inputs}
+                inputs = {ref.name: read_input(ref, frames, self.mapper, self.regions) for ref in r.inputs}
+                dests.append(r.output_shm)
                 work.append(
                     WorkRequest(
                         id=r.id,
@@ -134,14 +140,14 @@ class WorkerRuntime:
             t2 = time.monotonic_ns()
             if len(responses) != len(work):
                 raise ServingError(f"backend returned {len(responses)} responses for {len(work)} requests")
-            for req, resp in zip(work, responses, strict=True):
+            for req, resp, dest in zip(work, responses, dests, strict=True):
                 result = done.results.add()
                 result.id = req.id
                 if resp.error is not None:
                     wire.failed(resp.error, result.error)
                     continue
                 try:
-                    self._write_outputs(req, resp.outputs, result, out_frames, writer)
+                    self._write_outputs(req, resp.outputs, result, out_frames, writer, dest)
                     if resp.parameters:
                         result.parameters_json = json.dumps(resp.parameters)
                 except ServingError as exc:
@@ -163,14 +169,21 @@ class WorkerRuntime:
         self.sock.send_multipart([reply.SerializeToString(), *out_frames], copy=False)
 
     def _write_outputs(
-        self, req: WorkRequest, outputs: dict[str, Any], result: wpb.Result, out_frames: list[Any], writer: OutputWriter
+        self,
+        req: WorkRequest,
+        outputs: dict[str, Any],
+        result: wpb.Result,
+        out_frames: list[Any],
+        writer: OutputWriter,
+        dest: Any,
     ) -> None:
         names = req.requested_outputs or list(outputs)
         model = self.spec.name if self.spec else "?"
         for name in names:
             if name not in outputs:
                 raise ServingError(f"model '{model}' did not produce output '{name}'")
-            writer.write(name, outputs[name], self.output_types.get(name), result.outputs.add(), out_frames)
+            target = dest[name] if name in dest else None
+            writer.write(name, outputs[name], self.output_types.get(name), result.outputs.add(), out_frames, target)
 
     def _free_result(self, result: wpb.Result) -> None:
         if self.arena is None:
@@ -195,6 +208,7 @@ class WorkerRuntime:
                 log.exception("closing the backend failed")
             self.backend = None
         self.mapper.close()
+        self.regions.close()
         if self.arena is not None:
             self.arena.close()
         self.sock.close(linger=500)

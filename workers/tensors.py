@@ -13,12 +13,14 @@ from proto.gen import worker_pb2 as wpb
 from shm.arena import Arena
 from shm.block import Block
 from shm.mapper import Mapper
+from workers.clientshm import ClientRegions
 
 Array = npt.NDArray[Any]
 
 
-def read_input(ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper) -> Array:
-    """A numpy view (no copy for fixed-size types) of one input tensor."""
+def read_input(ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper, regions: ClientRegions) -> Array:
+    """A numpy view (no copy for fixed-size types) of one input tensor; inputs in client
+    CUDA memory are copied to the host."""
     dt = dtypes.by_protocol(ref.datatype)
     shape = tuple(ref.shape)
     which = ref.WhichOneof("location")
@@ -27,6 +29,9 @@ def read_input(ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper) -> 
     elif which == "shm":
         s = ref.shm
         buf = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
+    elif which == "client":
+        c = ref.client
+        buf = regions.host_view(c) if c.device < 0 else regions.read_cuda_to_host(c)
     else:
         raise InvalidInput(f"input '{ref.name}' carries no data")
     count = dtypes.element_count(shape)
@@ -43,13 +48,21 @@ class OutputWriter:
     """Turns output arrays into ``TensorRef``s: small ones as frames, large ones in the
     worker-owned output ``arena`` (the router reads them and sends ``Release``)."""
 
-    def __init__(self, arena: Arena, inline_max_bytes: int) -> None:
+    def __init__(self, arena: Arena, inline_max_bytes: int, regions: ClientRegions) -> None:
         self.arena = arena
         self.inline_max_bytes = inline_max_bytes
+        self.regions = regions
 
     def write(
-        self, name: str, array: Array, expect: dtypes.DType | None, ref: wpb.TensorRef, frames: list[Any]
+        self,
+        name: str,
+        array: Array,
+        expect: dtypes.DType | None,
+        ref: wpb.TensorRef,
+        frames: list[Any],
+        dest: wpb.ClientShm | None = None,
     ) -> None:
+        """``dest``: the client region the request asked this output to be written to."""
         arr = np.asarray(array)
         dt = dtypes.from_numpy(arr.dtype)
         if expect is not None and expect.protocol != dt.protocol:
@@ -71,6 +84,9 @@ class OutputWriter:
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
             data = arr
             nbytes = arr.nbytes
+        if dest is not None:
+            self._write_client(name, data, nbytes, dest, ref)
+            return
         if nbytes <= self.inline_max_bytes:
             ref.frame = len(frames)
             frames.append(data if isinstance(data, bytes) else data.data.cast("B") if nbytes else b"")
@@ -89,3 +105,23 @@ class OutputWriter:
         s.offset = block.offset
         s.nbytes = block.nbytes
         s.device = block.device
+
+    def _write_client(self, name: str, data: Any, nbytes: int, dest: wpb.ClientShm, ref: wpb.TensorRef) -> None:
+        if nbytes > dest.nbytes:
+            raise InvalidInput(
+                f"shared memory size specified with the request for output '{name}' ({dest.nbytes} bytes) "
+                f"should be at least {nbytes} bytes to hold the results"
+            )
+        if dest.device < 0:
+            view = self.regions.host_view(dest, nbytes)
+            try:
+                if isinstance(data, bytes):
+                    view[:] = data
+                else:
+                    np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
+            finally:
+                view.release()
+        else:
+            self.regions.write_cuda(dest, data, nbytes)
+        ref.client.CopyFrom(dest)
+        ref.client.nbytes = nbytes

@@ -25,41 +25,49 @@ _sym_db = _symbol_database.Default()
 
 
 from proto.gen import POOL as _POOL  # noqa: E402
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0cworker.proto\x12\x0cshoal.worker\"J\n\x08ShmSlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\x05\"~\n\tTensorRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x05\x66rame\x18\x04 \x01(\rH\x00\x12%\n\x03shm\x18\x05 \x01(\x0b\x32\x16.shoal.worker.ShmSliceH\x00\x42\n\n\x08location\"S\n\x06\x46\x61iled\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.shoal.worker.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xe2\x01\n\x04Load\x12\x14\n\x0cmodel_config\x18\x01 \x01(\x0c\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x15\n\rinstance_name\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x07 \x01(\x05\x12\x14\n\x0c\x61rena_prefix\x18\x08 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\t \x01(\x04\x12\x18\n\x10inline_max_bytes\x18\n \x01(\x04\"\xbf\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.shoal.worker.TensorRef\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\x04\x12\x1a\n\x12\x63orrelation_id_str\x18\x07 \x01(\t\x12\r\n\x05\x66lags\x18\x08 \x01(\r\"E\n\x05Infer\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.shoal.worker.Request\x12\x13\n\x0b\x64\x65\x61\x64line_ns\x18\x02 \x01(\x03\"|\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.shoal.worker.TensorRef\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.shoal.worker.Failed\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\"\x81\x01\n\tInferDone\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.shoal.worker.Result\x12\x18\n\x10\x63ompute_input_ns\x18\x02 \x01(\x04\x12\x18\n\x10\x63ompute_infer_ns\x18\x03 \x01(\x04\x12\x19\n\x11\x63ompute_output_ns\x18\x04 \x01(\x04\"$\n\x05Ready\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\"1\n\x07Release\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.shoal.worker.ShmSlice\"\x06\n\x04Ping\"\x06\n\x04Pong\"\n\n\x08Shutdown\"\xa5\x03\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\"\n\x04load\x18\n \x01(\x0b\x32\x12.shoal.worker.LoadH\x00\x12$\n\x05infer\x18\x0b \x01(\x0b\x32\x13.shoal.worker.InferH\x00\x12\"\n\x04ping\x18\x0c \x01(\x0b\x32\x12.shoal.worker.PingH\x00\x12*\n\x08shutdown\x18\r \x01(\x0b\x32\x16.shoal.worker.ShutdownH\x00\x12(\n\x07release\x18\x0e \x01(\x0b\x32\x15.shoal.worker.ReleaseH\x00\x12$\n\x05ready\x18\x14 \x01(\x0b\x32\x13.shoal.worker.ReadyH\x00\x12-\n\ninfer_done\x18\x15 \x01(\x0b\x32\x17.shoal.worker.InferDoneH\x00\x12&\n\x06\x66\x61iled\x18\x16 \x01(\x0b\x32\x14.shoal.worker.FailedH\x00\x12\"\n\x04pong\x18\x17 \x01(\x0b\x32\x12.shoal.worker.PongH\x00\x42\x06\n\x04\x62ody*\xda\x01\n\tErrorCode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x04\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x05\x12\x0f\n\x0bUNAVAILABLE\x10\x06\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x07\x12\r\n\tCANCELLED\x10\x08\x12\x11\n\rUNIMPLEMENTED\x10\t\x12\x0c\n\x08INTERNAL\x10\nb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0cworker.proto\x12\x0cshoal.worker\"J\n\x08ShmSlice\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\x05\"\x9d\x01\n\tClientShm\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\x03 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\x05\x12\x15\n\rregion_offset\x18\x05 \x01(\x04\x12\x14\n\x0cregion_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x0e\n\x06nbytes\x18\x08 \x01(\x04\"\xa9\x01\n\tTensorRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x05\x66rame\x18\x04 \x01(\rH\x00\x12%\n\x03shm\x18\x05 \x01(\x0b\x32\x16.shoal.worker.ShmSliceH\x00\x12)\n\x06\x63lient\x18\x06 \x01(\x0b\x32\x17.shoal.worker.ClientShmH\x00\x42\n\n\x08location\"S\n\x06\x46\x61iled\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.shoal.worker.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xe2\x01\n\x04Load\x12\x14\n\x0cmodel_config\x18\x01 \x01(\x0c\x12\x12\n\nrepository\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x15\n\rinstance_name\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x06 \x01(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x07 \x01(\x05\x12\x14\n\x0c\x61rena_prefix\x18\x08 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\t \x01(\x04\x12\x18\n\x10inline_max_bytes\x18\n \x01(\x04\"\xc4\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.shoal.worker.TensorRef\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\x04\x12\x1a\n\x12\x63orrelation_id_str\x18\x07 \x01(\t\x12\r\n\x05\x66lags\x18\x08 \x01(\r\x12\x38\n\noutput_shm\x18\t \x03(\x0b\x32$.shoal.worker.Request.OutputShmEntry\x1aI\n\x0eOutputShmEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.shoal.worker.ClientShm:\x02\x38\x01\"E\n\x05Infer\x12\'\n\x08requests\x18\x01 \x03(\x0b\x32\x15.shoal.worker.Request\x12\x13\n\x0b\x64\x65\x61\x64line_ns\x18\x02 \x01(\x03\"|\n\x06Result\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.shoal.worker.TensorRef\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.shoal.worker.Failed\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\"\x81\x01\n\tInferDone\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.shoal.worker.Result\x12\x18\n\x10\x63ompute_input_ns\x18\x02 \x01(\x04\x12\x18\n\x10\x63ompute_infer_ns\x18\x03 \x01(\x04\x12\x19\n\x11\x63ompute_output_ns\x18\x04 \x01(\x04\"$\n\x05Ready\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\"1\n\x07Release\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.shoal.worker.ShmSlice\"\x1c\n\x06\x46orget\x12\x12\n\nregion_ids\x18\x01 \x03(\x04\"\x06\n\x04Ping\"\x06\n\x04Pong\"\n\n\x08Shutdown\"\xcd\x03\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\"\n\x04load\x18\n \x01(\x0b\x32\x12.shoal.worker.LoadH\x00\x12$\n\x05infer\x18\x0b \x01(\x0b\x32\x13.shoal.worker.InferH\x00\x12\"\n\x04ping\x18\x0c \x01(\x0b\x32\x12.shoal.worker.PingH\x00\x12*\n\x08shutdown\x18\r \x01(\x0b\x32\x16.shoal.worker.ShutdownH\x00\x12(\n\x07release\x18\x0e \x01(\x0b\x32\x15.shoal.worker.ReleaseH\x00\x12&\n\x06\x66orget\x18\x0f \x01(\x0b\x32\x14.shoal.worker.ForgetH\x00\x12$\n\x05ready\x18\x14 \x01(\x0b\x32\x13.shoal.worker.ReadyH\x00\x12-\n\ninfer_done\x18\x15 \x01(\x0b\x32\x17.shoal.worker.InferDoneH\x00\x12&\n\x06\x66\x61iled\x18\x16 \x01(\x0b\x32\x14.shoal.worker.FailedH\x00\x12\"\n\x04pong\x18\x17 \x01(\x0b\x32\x12.shoal.worker.PongH\x00\x42\x06\n\x04\x62ody*\xda\x01\n\tErrorCode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0e\x41LREADY_EXISTS\x10\x03\x12\x17\n\x13\x46\x41ILED_PRECONDITION\x10\x04\x12\x16\n\x12RESOURCE_EXHAUSTED\x10\x05\x12\x0f\n\x0bUNAVAILABLE\x10\x06\x12\x15\n\x11\x44\x45\x41\x44LINE_EXCEEDED\x10\x07\x12\r\n\tCANCELLED\x10\x08\x12\x11\n\rUNIMPLEMENTED\x10\t\x12\x0c\n\x08INTERNAL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=1613
-  _globals['_ERRORCODE']._serialized_end=1831
+  _globals['_REQUEST_OUTPUTSHMENTRY']._loaded_options = None
+  _globals['_REQUEST_OUTPUTSHMENTRY']._serialized_options = b'8\001'
+  _globals['_ERRORCODE']._serialized_start=2020
+  _globals['_ERRORCODE']._serialized_end=2238
   _globals['_SHMSLICE']._serialized_start=30
   _globals['_SHMSLICE']._serialized_end=104
-  _globals['_TENSORREF']._serialized_start=106
-  _globals['_TENSORREF']._serialized_end=232
-  _globals['_FAILED']._serialized_start=234
-  _globals['_FAILED']._serialized_end=317
-  _globals['_LOAD']._serialized_start=320
-  _globals['_LOAD']._serialized_end=546
-  _globals['_REQUEST']._serialized_start=549
-  _globals['_REQUEST']._serialized_end=740
-  _globals['_INFER']._serialized_start=742
-  _globals['_INFER']._serialized_end=811
-  _globals['_RESULT']._serialized_start=813
-  _globals['_RESULT']._serialized_end=937
-  _globals['_INFERDONE']._serialized_start=940
-  _globals['_INFERDONE']._serialized_end=1069
-  _globals['_READY']._serialized_start=1071
-  _globals['_READY']._serialized_end=1107
-  _globals['_RELEASE']._serialized_start=1109
-  _globals['_RELEASE']._serialized_end=1158
-  _globals['_PING']._serialized_start=1160
-  _globals['_PING']._serialized_end=1166
-  _globals['_PONG']._serialized_start=1168
-  _globals['_PONG']._serialized_end=1174
-  _globals['_SHUTDOWN']._serialized_start=1176
-  _globals['_SHUTDOWN']._serialized_end=1186
-  _globals['_ENVELOPE']._serialized_start=1189
-  _globals['_ENVELOPE']._serialized_end=1610
+  _globals['_CLIENTSHM']._serialized_start=107
+  _globals['_CLIENTSHM']._serialized_end=264
+  _globals['_TENSORREF']._serialized_start=267
+  _globals['_TENSORREF']._serialized_end=436
+  _globals['_FAILED']._serialized_start=438
+  _globals['_FAILED']._serialized_end=521
+  _globals['_LOAD']._serialized_start=524
+  _globals['_LOAD']._serialized_end=750
+  _globals['_REQUEST']._serialized_start=753
+  _globals['_REQUEST']._serialized_end=1077
+  _globals['_REQUEST_OUTPUTSHMENTRY']._serialized_start=1004
+  _globals['_REQUEST_OUTPUTSHMENTRY']._serialized_end=1077
+  _globals['_INFER']._serialized_start=1079
+  _globals['_INFER']._serialized_end=1148
+  _globals['_RESULT']._serialized_start=1150
+  _globals['_RESULT']._serialized_end=1274
+  _globals['_INFERDONE']._serialized_start=1277
+  _globals['_INFERDONE']._serialized_end=1406
+  _globals['_READY']._serialized_start=1408
+  _globals['_READY']._serialized_end=1444
+  _globals['_RELEASE']._serialized_start=1446
+  _globals['_RELEASE']._serialized_end=1495
+  _globals['_FORGET']._serialized_start=1497
+  _globals['_FORGET']._serialized_end=1525
+  _globals['_PING']._serialized_start=1527
+  _globals['_PING']._serialized_end=1533
+  _globals['_PONG']._serialized_start=1535
+  _globals['_PONG']._serialized_end=1541
+  _globals['_SHUTDOWN']._serialized_start=1543
+  _globals['_SHUTDOWN']._serialized_end=1553
+  _globals['_ENVELOPE']._serialized_start=1556
+  _globals['_ENVELOPE']._serialized_end=2017
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,59 @@ class ShmSlice(_message.Message):
 Global___ShmSlice: _TypeAlias = ShmSlice  # noqa: Y015
 
 @_typing.final
+class ClientShm(_message.Message):
+    """A tensor in a region a client registered (Triton's shared-memory extensions). The
+    router checked offset + nbytes against region_bytes; the worker checks again against the
+    object it maps. region_id is unique per registration: a name registered again after an
+    unregister gets a new id, so a worker never reuses a stale mapping.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    CUDA_HANDLE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    REGION_OFFSET_FIELD_NUMBER: _builtins.int
+    REGION_BYTES_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    region_id: _builtins.int
+    key: _builtins.str
+    """POSIX shm object name (system regions)"""
+    cuda_handle: _builtins.bytes
+    """cudaIpcMemHandle_t, 64 bytes (CUDA regions)"""
+    device: _builtins.int
+    """-1 = system memory; otherwise the CUDA ordinal"""
+    region_offset: _builtins.int
+    """where the registered region starts in the object"""
+    region_bytes: _builtins.int
+    """registered size"""
+    offset: _builtins.int
+    """tensor offset inside the registered region"""
+    nbytes: _builtins.int
+    """tensor bytes (outputs: capacity on the way in, written size back)"""
+    def __init__(
+        self,
+        *,
+        region_id: _builtins.int = ...,
+        key: _builtins.str = ...,
+        cuda_handle: _builtins.bytes = ...,
+        device: _builtins.int = ...,
+        region_offset: _builtins.int = ...,
+        region_bytes: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_handle", b"cuda_handle", "device", b"device", "key", b"key", "nbytes", b"nbytes", "offset", b"offset", "region_bytes", b"region_bytes", "region_id", b"region_id", "region_offset", b"region_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientShm: _TypeAlias = ClientShm  # noqa: Y015
+
+@_typing.final
 class TensorRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -96,6 +149,7 @@ class TensorRef(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     FRAME_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     datatype: _builtins.str
     """KServe protocol string, e.g. "FP32" """
@@ -105,6 +159,8 @@ class TensorRef(_message.Message):
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def shm(self) -> Global___ShmSlice: ...
+    @_builtins.property
+    def client(self) -> Global___ClientShm: ...
     def __init__(
         self,
         *,
@@ -113,12 +169,13 @@ class TensorRef(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         frame: _builtins.int = ...,
         shm: Global___ShmSlice | None = ...,
+        client: Global___ClientShm | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "location", b"location", "shm", b"shm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "frame", b"frame", "location", b"location", "shm", b"shm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["datatype", b"datatype", "frame", b"frame", "location", b"location", "name", b"name", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "datatype", b"datatype", "frame", b"frame", "location", b"location", "name", b"name", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["frame", "shm"]  # noqa: Y015
+    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["frame", "shm", "client"]  # noqa: Y015
     _WhichOneofArgType_location: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_location) -> _WhichOneofReturnType_location | None: ...
 
@@ -206,6 +263,27 @@ Global___Load: _TypeAlias = Load  # noqa: Y015
 class Request(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class OutputShmEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ClientShm: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ClientShm | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
@@ -214,6 +292,7 @@ class Request(_message.Message):
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_STR_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHM_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     parameters_json: _builtins.str
     """request parameters as a JSON object ("" = none)"""
@@ -227,6 +306,10 @@ class Request(_message.Message):
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty = all"""
 
+    @_builtins.property
+    def output_shm(self) -> _containers.MessageMap[_builtins.str, Global___ClientShm]:
+        """outputs the worker writes into client regions"""
+
     def __init__(
         self,
         *,
@@ -238,10 +321,11 @@ class Request(_message.Message):
         correlation_id: _builtins.int = ...,
         correlation_id_str: _builtins.str = ...,
         flags: _builtins.int = ...,
+        output_shm: _abc.Mapping[_builtins.str, Global___ClientShm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -383,6 +467,30 @@ class Release(_message.Message):
 Global___Release: _TypeAlias = Release  # noqa: Y015
 
 @_typing.final
+class Forget(_message.Message):
+    """router -> worker: these client regions were unregistered and no request uses them any
+    more; unmap them (workers that never mapped one ignore it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def region_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        region_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region_ids", b"region_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Forget: _TypeAlias = Forget  # noqa: Y015
+
+@_typing.final
 class Ping(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -438,6 +546,7 @@ class Envelope(_message.Message):
     PING_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    FORGET_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     INFER_DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
@@ -456,6 +565,8 @@ class Envelope(_message.Message):
     @_builtins.property
     def release(self) -> Global___Release: ...
     @_builtins.property
+    def forget(self) -> Global___Forget: ...
+    @_builtins.property
     def ready(self) -> Global___Ready: ...
     @_builtins.property
     def infer_done(self) -> Global___InferDone: ...
@@ -473,16 +584,17 @@ class Envelope(_message.Message):
         ping: Global___Ping | None = ...,
         shutdown: Global___Shutdown | None = ...,
         release: Global___Release | None = ...,
+        forget: Global___Forget | None = ...,
         ready: Global___Ready | None = ...,
         infer_done: Global___InferDone | None = ...,
         failed: Global___Failed | None = ...,
         pong: Global___Pong | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "ping", "shutdown", "release", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "ping", "shutdown", "release", "forget", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -11,6 +11,7 @@ from proto import wire
 from proto.errors import ErrorCode, ModelNotReady, ServingError
 from proto.gen import worker_pb2 as wpb
 from server.dispatch.worker import Worker
+from server.sharedmem import Region, SharedMemoryRegistry
 from server.types import InferRequest, InferResult, OutputTensor
 from shm.arena import Arena
 from shm.block import Block
@@ -25,10 +26,13 @@ class DispatchContext:
     """Router-wide resources shared by every pool: the input arena (owned here, on the
     router's loop) and the mapper of worker output arenas."""
 
-    def __init__(self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int) -> None:
+    def __init__(
+        self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int, shm: SharedMemoryRegistry | None = None
+    ) -> None:
         self.arena = arena
         self.mapper = mapper
         self.inline_max_bytes = inline_max_bytes
+        self.shm = shm or SharedMemoryRegistry()
 
 
 class InstancePool:
@@ -59,24 +63,38 @@ class InstancePool:
         env = wire.envelope(0)
         buffers: list[Any] = []
         blocks: list[Block] = []
+        regions: list[Region] = []
         try:
-            self._encode(batch, env.infer, buffers, blocks)
-            # Input blocks are freed when the worker is done with them, which is later
-            # than this coroutine if the client goes away (the future is then cancelled
-            # but the worker still reads the blocks).
-            fut = worker.submit(env, buffers, (lambda: self._free(blocks)) if blocks else None)
+            self._encode(batch, env.infer, buffers, blocks, regions)
+            # Input blocks are freed (and client regions given back) when the worker is done
+            # with them, which is later than this coroutine if the client goes away (the
+            # future is then cancelled but the worker still reads the blocks).
+            settle = (lambda: self._free(blocks, regions)) if blocks or regions else None
+            fut = worker.submit(env, buffers, settle)
         except BaseException:
-            self._free(blocks)
+            self._free(blocks, regions)
             raise
         reply, frames = await fut
         return self._decode(batch, worker, reply, frames)
 
-    def _free(self, blocks: list[Block]) -> None:
+    def _free(self, blocks: list[Block], regions: list[Region]) -> None:
         arena = self.ctx.arena
         for b in blocks:
             arena.free(b)
+        registry = self.ctx.shm
+        for r in regions:
+            registry.release(r)
+        regions.clear()
+        blocks.clear()
 
-    def _encode(self, batch: Sequence[InferRequest], infer: wpb.Infer, buffers: list[Any], blocks: list[Block]) -> None:
+    def _encode(
+        self,
+        batch: Sequence[InferRequest],
+        infer: wpb.Infer,
+        buffers: list[Any],
+        blocks: list[Block],
+        regions: list[Region],
+    ) -> None:
         inline_max = self.ctx.inline_max_bytes
         arena = self.ctx.arena
         for i, req in enumerate(batch):
@@ -88,6 +106,13 @@ class InstancePool:
                 ref.name = t.name
                 ref.datatype = t.datatype
                 ref.shape.extend(t.shape)
+                if t.shm is not None:
+                    region = t.shm.region
+                    assert region is not None, "shared-memory reference not bound"
+                    region.users += 1
+                    regions.append(region)
+                    region.descriptor(t.shm.offset, t.shm.byte_size, ref.client)
+                    continue
                 n = len(t.data)
                 if n <= inline_max:
                     ref.frame = len(buffers)
@@ -104,7 +129,14 @@ class InstancePool:
                     s.nbytes = block.nbytes
                     s.device = block.device
             if req.outputs is not None:
-                r.outputs.extend(o.name for o in req.outputs)
+                for o in req.outputs:
+                    r.outputs.append(o.name)
+                    if o.shm is not None:
+                        region = o.shm.region
+                        assert region is not None, "shared-memory reference not bound"
+                        region.users += 1
+                        regions.append(region)
+                        region.descriptor(o.shm.offset, o.shm.byte_size, r.output_shm[o.name])
             params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
@@ -128,7 +160,11 @@ class InstancePool:
             held: list[wpb.ShmSlice] = []
             try:
                 for ref in res.outputs:
-                    if ref.WhichOneof("location") == "shm":
+                    where = ref.WhichOneof("location")
+                    if where == "client":
+                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), b"", in_shm=True))
+                        continue
+                    if where == "shm":
                         s = ref.shm
                         data: Any = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
                         held.append(s)

@@ -131,6 +131,17 @@ class Worker:
         except ServingError:
             pass
 
+    def forget(self, region_ids: Sequence[int]) -> None:
+        """Tell the worker to unmap these client regions (it ignores ids it never mapped)."""
+        if not self.ready:
+            return  # a restarting worker starts with no mappings
+        env = wire.envelope(0)
+        env.forget.region_ids.extend(region_ids)
+        try:
+            self.channel.send(self.identity, env)
+        except ServingError:
+            pass
+
     async def _supervise(self) -> None:
         backoff = 0.1
         while not self._stopping:

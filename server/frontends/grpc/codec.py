@@ -14,6 +14,7 @@ import numpy as np
 from proto import dtypes
 from proto.errors import InvalidInput, Unsupported
 from proto.gen import grpc_service_pb2 as pb
+from server.sharedmem import shm_params
 from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
 # typed-contents field and the numpy type it is read with, per datatype
@@ -80,11 +81,15 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
         params = _params(t.parameters, f"input '{name}'")
-        if "shared_memory_region" in params:
-            raise Unsupported(f"input '{name}': shared memory inputs are not supported yet")
-        if any(k.startswith("shared_memory_") for k in params):
-            raise InvalidInput(f"input '{name}': shared_memory_offset/byte_size given without shared_memory_region")
+        ref = shm_params(params, f"input '{name}'")
         data: Buffer
+        if ref is not None:
+            if t.HasField("contents"):
+                raise InvalidInput(f"input '{name}' has both shared memory parameters and contents")
+            inputs.append(
+                InputTensor(name=name, datatype=t.datatype, shape=shape, data=b"", parameters=params, shm=ref)
+            )
+            continue
         if t.HasField("contents"):
             if len(raw):
                 raise InvalidInput(
@@ -106,11 +111,10 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         outputs = []
         for o in req.outputs:
             oparams = _params(o.parameters, f"output '{o.name}'")
-            if "shared_memory_region" in oparams:
-                raise Unsupported(f"output '{o.name}': shared memory outputs are not supported yet")
+            oref = shm_params(oparams, f"output '{o.name}'")
             if oparams.get("classification"):
                 raise Unsupported(f"output '{o.name}': the classification extension is not supported yet")
-            outputs.append(RequestedOutput(name=o.name, parameters=oparams))
+            outputs.append(RequestedOutput(name=o.name, parameters=oparams, shm=oref))
     return InferRequest(
         model_name=req.model_name,
         model_version=version,
@@ -154,4 +158,6 @@ def encode_response(result: InferResult, out: pb.ModelInferResponse) -> None:
         o.name = t.name
         o.datatype = t.datatype
         o.shape.extend(t.shape)
-        out.raw_output_contents.append(bytes(t.data))
+        # one entry per output keeps clients' positional lookup right; empty for outputs
+        # written into the client's shared memory
+        out.raw_output_contents.append(b"" if t.in_shm else bytes(t.data))

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from proto.errors import ServingError, Unsupported, from_exception
+from proto.errors import InvalidInput, ServingError, Unsupported, from_exception
 from proto.gen import grpc_service_pb2 as pb
 from proto.gen import grpc_service_pb2_grpc as pb_grpc
 from proto.gen import health_pb2, health_pb2_grpc
@@ -186,28 +186,54 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         raise _not_yet("the model repository extension (unload)")
 
     @rpc
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise _not_yet("system shared memory")
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in self.dp.shm.status(request.name, cuda=False):
+            st = resp.regions[r.name]
+            st.name, st.key, st.offset, st.byte_size = r.name, r.key_given, r.offset, r.byte_size
+        return resp
 
     @rpc
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise _not_yet("system shared memory")
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.dp.shm.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise _not_yet("system shared memory")
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.dp.shm.unregister(request.name, cuda=False)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise _not_yet("CUDA shared memory")
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        resp = pb.CudaSharedMemoryStatusResponse()
+        for r in self.dp.shm.status(request.name, cuda=True):
+            st = resp.regions[r.name]
+            st.name, st.device_id, st.byte_size = r.name, r.device_id, r.byte_size
+        return resp
 
     @rpc
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise _not_yet("CUDA shared memory")
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        if request.device_id < 0:
+            raise InvalidInput("'device_id' must not be negative")
+        self.dp.shm.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise _not_yet("CUDA shared memory")
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.dp.shm.unregister(request.name, cuda=True)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc
     async def TraceSetting(self, request: Any, context: Any) -> Any:

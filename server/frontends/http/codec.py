@@ -13,6 +13,7 @@ import orjson
 
 from proto import dtypes
 from proto.errors import InvalidInput, Unsupported
+from server.sharedmem import shm_params
 from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
 JSON_UNSUPPORTED = frozenset({"FP16", "BF16"})
@@ -91,7 +92,7 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary:
     if not isinstance(shape_obj, list) or not all(type(d) is int and d >= 0 for d in shape_obj):
         raise InvalidInput(f"input '{name}' must have a 'shape' of non-negative integers")
     shape = tuple(shape_obj)
-    params = _params(spec.get("parameters"), f"input '{name}'")
+    params = dict(_params(spec.get("parameters"), f"input '{name}'"))
     has_data = "data" in spec
     bin_size = params.get("binary_data_size")
     shm = "shared_memory_region" in params
@@ -101,7 +102,10 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary:
             "'parameters', 'shared_memory_region' in 'parameters'"
         )
     if shm:
-        raise Unsupported(f"input '{name}': shared memory inputs are not supported yet")
+        ref = shm_params(params, f"input '{name}'")
+        return InputTensor(name=name, datatype=datatype, shape=shape, data=b"", parameters=params, shm=ref), pos
+    if any(k.startswith("shared_memory_") for k in params):
+        shm_params(params, f"input '{name}'")  # raises: offset/size without a region
     count = dtypes.element_count(shape)
     data: Buffer
     if bin_size is not None:
@@ -177,14 +181,13 @@ def _decode_output(spec: Any, index: int) -> RequestedOutput:
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"outputs[{index}] has no 'name'")
-    params = _params(spec.get("parameters"), f"output '{name}'")
-    if "shared_memory_region" in params:
-        raise Unsupported(f"output '{name}': shared memory outputs are not supported yet")
+    params = dict(_params(spec.get("parameters"), f"output '{name}'"))
+    ref = shm_params(params, f"output '{name}'")
     if params.get("classification"):
         raise Unsupported(f"output '{name}': the classification extension is not supported yet")
     if "binary_data" in params and type(params["binary_data"]) is not bool:
         raise InvalidInput(f"output '{name}': 'binary_data' must be a boolean")
-    return RequestedOutput(name=name, parameters=params)
+    return RequestedOutput(name=name, parameters=params, shm=ref)
 
 
 def raw_request(
@@ -209,7 +212,9 @@ def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buff
     blobs: list[Buffer] = []
     for t in result.outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
-        if binary_of.get(t.name, default_binary):
+        if t.in_shm:
+            pass  # the bytes are in the client's region; nothing to send
+        elif binary_of.get(t.name, default_binary):
             entry["parameters"] = {"binary_data_size": len(t.data)}
             if len(t.data):
                 blobs.append(t.data)

@@ -68,6 +68,65 @@ async def logging_post(request: web.Request) -> web.Response:
     return _json_response(request.app[DATAPLANE].logs.update(changes))
 
 
+# ---- shared-memory extensions -----------------------------------------------------------------
+
+
+async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"failed to parse the {what} JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput(f"the {what} body must be a JSON object")
+    return obj
+
+
+async def system_shm_status(request: web.Request) -> web.Response:
+    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=False)
+    return _json_response(
+        [{"name": r.name, "key": r.key_given, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
+    )
+
+
+async def system_shm_register(request: web.Request) -> web.Response:
+    body = await _json_body(request, "shared memory registration")
+    for field in ("key", "byte_size"):
+        if field not in body:
+            raise InvalidInput(f"system shared memory registration needs '{field}'")
+    request.app[DATAPLANE].shm.register_system(
+        request.match_info["region"], body["key"], body.get("offset", 0), body["byte_size"]
+    )
+    return web.Response(status=200)
+
+
+async def system_shm_unregister(request: web.Request) -> web.Response:
+    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=False)
+    return web.Response(status=200)
+
+
+async def cuda_shm_status(request: web.Request) -> web.Response:
+    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=True)
+    return _json_response([{"name": r.name, "device_id": r.device_id, "byte_size": r.byte_size} for r in regions])
+
+
+async def cuda_shm_register(request: web.Request) -> web.Response:
+    body = await _json_body(request, "shared memory registration")
+    for field in ("raw_handle", "device_id", "byte_size"):
+        if field not in body:
+            raise InvalidInput(f"CUDA shared memory registration needs '{field}'")
+    handle = body["raw_handle"]
+    b64 = handle.get("b64") if isinstance(handle, dict) else None
+    if not isinstance(b64, str):
+        raise InvalidInput("'raw_handle' must be an object {\"b64\": <base64 cudaIpcMemHandle_t>}")
+    request.app[DATAPLANE].shm.register_cuda(request.match_info["region"], b64, body["device_id"], body["byte_size"])
+    return web.Response(status=200)
+
+
+async def cuda_shm_unregister(request: web.Request) -> web.Response:
+    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=True)
+    return web.Response(status=200)
+
+
 async def infer(request: web.Request) -> web.StreamResponse:
     dp = request.app[DATAPLANE]
     model = request.match_info["model"]
@@ -148,6 +207,16 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/logging", logging_get)
     r.add_post("/v2/logging", logging_post)
+    for kind, status, register, unregister in (
+        ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
+        ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
+    ):
+        base = f"/v2/{kind}"
+        r.add_get(base + "/status", status)
+        r.add_get(base + "/region/{region}/status", status)
+        r.add_post(base + "/region/{region}/register", register)
+        r.add_post(base + "/unregister", unregister)
+        r.add_post(base + "/region/{region}/unregister", unregister)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}" + v):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)

@@ -1,0 +1,313 @@
+"""``SharedMemoryRegistry``: the client shared-memory regions (Triton's system and CUDA
+shared-memory extensions), one namespace for both kinds.
+
+The router never maps a client region: it checks the key at registration (the object
+exists, is large enough, and is not one of the server's own), checks every tensor's offset
+and size against the registration, and hands workers a descriptor (``ClientShm``); the
+worker that executes the request maps the region and reads or writes the bytes there.
+
+A region is reference counted by the requests that use it. Unregistering removes the name
+at once (it can be registered again); the registration itself lives until the last request
+using it has finished, and only then are workers told to unmap it (``on_forget``).
+
+Errors sent to clients never contain region names or keys (a leaked name was the first
+step of CVE-2025-23320); the server log has them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import posix_ipc
+
+from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from proto.gen import worker_pb2 as wpb
+from server.types import InferRequest, ShmRef
+from shm.region import SERVER_PREFIX
+
+log = logging.getLogger("shoal.shm")
+
+CUDA_IPC_HANDLE_SIZE = 64
+MAX_REGIONS = 4096
+RESERVED_KEY_PREFIXES = (SERVER_PREFIX, "triton_python_backend_shm_region_", "sem.")
+_NAME_MAX = 255
+_KEY_RE = re.compile(r"^[^/\x00]{1,255}$")
+_U64 = 2**64
+DISABLED_MESSAGE = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
+
+
+@dataclass(eq=False, slots=True)
+class Region:
+    name: str
+    id: int
+    byte_size: int
+    key: str = ""  # system: POSIX object name without the leading slash
+    key_given: str = ""  # system: the key as the client spelled it (status echoes it)
+    offset: int = 0  # system: where the region starts in the object
+    device_id: int = -1  # CUDA: the client's device ordinal
+    raw_handle: bytes = b""  # CUDA: cudaIpcMemHandle_t
+    users: int = 0
+    registered: bool = True
+
+    @property
+    def cuda(self) -> bool:
+        return self.device_id >= 0
+
+    def descriptor(self, offset: int, nbytes: int, out: wpb.ClientShm) -> None:
+        out.region_id = self.id
+        out.region_bytes = self.byte_size
+        out.offset = offset
+        out.nbytes = nbytes
+        if self.cuda:
+            out.cuda_handle = self.raw_handle
+            out.device = self.device_id
+        else:
+            out.key = self.key
+            out.region_offset = self.offset
+            out.device = -1
+
+
+def u64(value: Any, what: str) -> int:
+    """``value`` as an unsigned 64-bit integer (JSON ``true`` is not one)."""
+    if type(value) is not int or not 0 <= value < _U64:
+        raise InvalidInput(f"{what} must be an unsigned 64-bit integer")
+    return value
+
+
+def normalize_key(key: str) -> str:
+    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does)."""
+    name = key.lstrip("/")
+    if not _KEY_RE.match(name):
+        raise InvalidInput(
+            "shared memory key must be a POSIX shared memory name: 1 to 255 characters, no '/' after the leading one"
+        )
+    if name.startswith(RESERVED_KEY_PREFIXES):
+        raise InvalidInput("shared memory key uses a prefix reserved for the server's own shared memory")
+    return name
+
+
+class SharedMemoryRegistry:
+    def __init__(self, *, allowed: bool = True, gpu_count: Callable[[], int] = lambda: 0) -> None:
+        self.allowed = allowed
+        self._gpu_count = gpu_count
+        self._regions: dict[str, Region] = {}
+        self._ids = itertools.count(1)
+        self.on_forget: Callable[[Sequence[int]], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def _check_allowed(self) -> None:
+        if not self.allowed:
+            raise Unsupported(DISABLED_MESSAGE)
+
+    def _check_new(self, name: str) -> None:
+        self._check_allowed()
+        if not name or len(name) > _NAME_MAX or "\x00" in name:
+            raise InvalidInput(f"shared memory region name must be 1 to {_NAME_MAX} characters")
+        if name in self._regions:
+            raise ServingError(
+                "a shared memory region with this name is already registered", code=ErrorCode.ALREADY_EXISTS
+            )
+        if len(self._regions) >= MAX_REGIONS:
+            raise ServingError(
+                f"too many shared memory regions registered (limit {MAX_REGIONS})", code=ErrorCode.RESOURCE_EXHAUSTED
+            )
+
+    # ---- system regions -----------------------------------------------------------------------
+
+    def register_system(self, name: str, key: Any, offset: Any, byte_size: Any) -> Region:
+        self._check_new(name)
+        if not isinstance(key, str):
+            raise InvalidInput("system shared memory registration needs a string 'key'")
+        offset = u64(offset, "'offset'")
+        byte_size = u64(byte_size, "'byte_size'")
+        if byte_size == 0:
+            raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
+        obj = normalize_key(key)
+        size = _object_size(obj)
+        if offset + byte_size > size:
+            log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, size)
+            raise InvalidInput(
+                f"failed to register shared memory region: offset {offset} + byte_size {byte_size} "
+                f"exceeds the size of the shared memory object ({size} bytes)"
+            )
+        region = Region(name=name, id=next(self._ids), byte_size=byte_size, key=obj, key_given=key, offset=offset)
+        self._regions[name] = region
+        log.info("registered system shared memory region %r (key %r, %d bytes at %d)", name, obj, byte_size, offset)
+        return region
+
+    # ---- CUDA regions -------------------------------------------------------------------------
+
+    def register_cuda(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> Region:
+        """``raw_handle``: the 64 handle bytes (gRPC) or their base64 text (HTTP)."""
+        self._check_new(name)
+        if isinstance(raw_handle, str):
+            try:
+                raw_handle = base64.b64decode(raw_handle, validate=True)
+            except (binascii.Error, ValueError):
+                raw_handle = b""
+        if not isinstance(raw_handle, bytes) or len(raw_handle) != CUDA_IPC_HANDLE_SIZE:
+            raise InvalidInput("'raw_handle' must be a valid base64 encoded cudaIpcMemHandle_t")
+        device_id = u64(device_id, "'device_id'")
+        byte_size = u64(byte_size, "'byte_size'")
+        if byte_size == 0:
+            raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
+        gpus = self._gpu_count()
+        if gpus == 0:
+            raise InvalidInput("failed to register CUDA shared memory region: GPUs not supported on this server")
+        if device_id >= gpus:
+            raise InvalidInput(
+                f"failed to register CUDA shared memory region: device_id {device_id} is not one of "
+                f"the server's {gpus} GPUs"
+            )
+        region = Region(name=name, id=next(self._ids), byte_size=byte_size, device_id=device_id, raw_handle=raw_handle)
+        self._regions[name] = region
+        log.info("registered CUDA shared memory region %r (device %d, %d bytes)", name, device_id, byte_size)
+        return region
+
+    # ---- status and unregister ----------------------------------------------------------------
+
+    def status(self, name: str | None, *, cuda: bool) -> list[Region]:
+        self._check_allowed()
+        if name:
+            region = self._regions.get(name)
+            if region is None or region.cuda != cuda:
+                kind = "CUDA" if cuda else "system"
+                raise ServingError(
+                    f"no {kind} shared memory region is registered under the requested name",
+                    code=ErrorCode.NOT_FOUND,
+                )
+            return [region]
+        return [r for r in self._regions.values() if r.cuda == cuda]
+
+    def unregister(self, name: str | None, *, cuda: bool) -> None:
+        """Unregister one region or, with no name, every region of the kind. Unknown names
+        succeed (as Triton). Requests already using a region keep it until they finish."""
+        self._check_allowed()
+        if name:
+            region = self._regions.get(name)
+            targets = [region] if region is not None and region.cuda == cuda else []
+        else:
+            targets = [r for r in self._regions.values() if r.cuda == cuda]
+        gone = []
+        for region in targets:
+            del self._regions[region.name]
+            region.registered = False
+            if region.users == 0:
+                gone.append(region.id)
+            else:
+                log.info("region %r unregistered; unmapped after %d requests finish", region.name, region.users)
+        if gone:
+            self._forget(gone)
+
+    def _forget(self, ids: Sequence[int]) -> None:
+        if self.on_forget is not None:
+            self.on_forget(ids)
+
+    # ---- use by requests ----------------------------------------------------------------------
+
+    def resolve(self, ref: ShmRef, what: str) -> Region:
+        """The registered region ``ref`` names, bounds-checked, with a use counted (give it
+        back with ``release``)."""
+        if not self.allowed:
+            raise Unsupported(DISABLED_MESSAGE)
+        region = self._regions.get(ref.region_name)
+        if region is None:
+            raise ServingError(f"{what}: the shared memory region it names is not registered", code=ErrorCode.NOT_FOUND)
+        if ref.offset + ref.byte_size > region.byte_size:
+            raise InvalidInput(
+                f"{what}: shared memory offset {ref.offset} + byte size {ref.byte_size} is outside "
+                f"the registered region of {region.byte_size} bytes"
+            )
+        region.users += 1
+        ref.region = region
+        return region
+
+    def release(self, region: Region) -> None:
+        region.users -= 1
+        if region.users == 0 and not region.registered:
+            self._forget([region.id])
+
+    def bind(self, request: InferRequest) -> None:
+        """Resolve every shared-memory reference of ``request``; on failure nothing stays
+        counted."""
+        bound: list[Region] = []
+        try:
+            for t in request.inputs:
+                if t.shm is not None:
+                    bound.append(self.resolve(t.shm, f"input '{t.name}'"))
+            for o in request.outputs or ():
+                if o.shm is not None:
+                    region = self.resolve(o.shm, f"output '{o.name}'")
+                    bound.append(region)
+        except BaseException:
+            for r in bound:
+                self.release(r)
+            raise
+        request.shm_regions = bound
+
+    def unbind(self, request: InferRequest) -> None:
+        regions, request.shm_regions = request.shm_regions, []
+        for r in regions:
+            self.release(r)
+
+
+def _object_size(name: str) -> int:
+    """Size of the POSIX shm object ``name`` (opened read-write, as the worker will)."""
+    try:
+        obj = posix_ipc.SharedMemory("/" + name)
+    except posix_ipc.ExistentialError:
+        log.info("register: shared memory key %r does not exist", name)
+        raise ServingError(
+            "unable to open the shared memory key: it does not exist", code=ErrorCode.NOT_FOUND
+        ) from None
+    except posix_ipc.PermissionsError:
+        log.info("register: shared memory key %r: permission denied", name)
+        raise InvalidInput("unable to open the shared memory key: permission denied") from None
+    try:
+        return os.fstat(obj.fd).st_size
+    finally:
+        obj.close_fd()
+
+
+def visible_gpu_count() -> int:
+    """GPUs this host's NVIDIA driver reports, limited by ``CUDA_VISIBLE_DEVICES``; 0 when
+    there is no driver. Read from /proc so the router needs no CUDA library."""
+    try:
+        count = len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip()]
+        if not ids or ids[0].strip().startswith("-"):
+            return 0
+        count = min(count, len(ids))
+    return count
+
+
+def shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
+    """Take the ``shared_memory_*`` parameters out of a tensor's ``params``; ``None`` when
+    the tensor does not use shared memory."""
+    if "shared_memory_region" not in params:
+        for k in ("shared_memory_offset", "shared_memory_byte_size"):
+            if k in params:
+                raise InvalidInput(f"{what}: '{k}' given without 'shared_memory_region'")
+        return None
+    name = params.pop("shared_memory_region")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{what}: 'shared_memory_region' must be a non-empty string")
+    if "shared_memory_byte_size" not in params:
+        raise InvalidInput(f"{what}: 'shared_memory_byte_size' is required with 'shared_memory_region'")
+    byte_size = u64(params.pop("shared_memory_byte_size"), f"{what}: 'shared_memory_byte_size'")
+    offset = u64(params.pop("shared_memory_offset", 0), f"{what}: 'shared_memory_offset'")
+    return ShmRef(region_name=name, offset=offset, byte_size=byte_size)
