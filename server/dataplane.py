@@ -29,7 +29,7 @@ class DataPlane:
         shm: SharedMemoryRegistry | None = None,
     ) -> None:
         self.models = models
-        self.shm = shm or SharedMemoryRegistry()
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.logs = logs or LogSettings()
         self.version = version
         self.strict_readiness = strict_readiness

@@ -102,9 +102,6 @@ class SharedMemoryRegistry:
         self._ids = itertools.count(1)
         self.on_forget: Callable[[Sequence[int]], None] | None = None
 
-    def __len__(self) -> int:
-        return len(self._regions)
-
     def _check_allowed(self) -> None:
         if not self.allowed:
             raise Unsupported(DISABLED_MESSAGE)
@@ -202,6 +199,7 @@ class SharedMemoryRegistry:
         for region in targets:
             del self._regions[region.name]
             region.registered = False
+            log.info("unregistered %s shared memory region %r", "CUDA" if cuda else "system", region.name)
             if region.users == 0:
                 gone.append(region.id)
             else:
@@ -210,6 +208,7 @@ class SharedMemoryRegistry:
             self._forget(gone)
 
     def _forget(self, ids: Sequence[int]) -> None:
+        log.debug("workers unmap regions %s", list(ids))
         if self.on_forget is not None:
             self.on_forget(ids)
 

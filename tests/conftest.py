@@ -9,8 +9,9 @@ import pytest
 
 
 def shoal_segments() -> set[str]:
+    """Segments of Shoal servers and of the client regions tests create (``shoaltest_``)."""
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("shoal_")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("shoal_", "shoaltest_"))}
     except FileNotFoundError:
         return set()
 

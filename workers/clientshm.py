@@ -43,7 +43,8 @@ class _SystemRegion:
         try:
             self.mm.close()
         except BufferError:
-            pass  # a view is still alive (a backend kept an input); it unmaps when freed
+            # a view is still alive (a backend kept an input); it unmaps when that is freed
+            log.debug("a client region is still referenced; unmapped when the last view goes")
         os.close(self.fd)
 
 
@@ -169,9 +170,6 @@ class ClientRegions:
 
     def close(self) -> None:
         self.forget(list(self._system) + list(self._cuda))
-
-    def __len__(self) -> int:
-        return len(self._system) + len(self._cuda)
 
 
 def _open_ipc(c: wpb.ClientShm) -> _CudaRegion:

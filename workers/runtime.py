@@ -65,6 +65,7 @@ class WorkerRuntime:
                 elif kind == "release":
                     self._release(env.release)
                 elif kind == "forget":
+                    log.debug("unmapping client regions %s", list(env.forget.region_ids))
                     self.regions.forget(env.forget.region_ids)
                 elif kind == "ping":
                     reply = wire.envelope(env.request_id)

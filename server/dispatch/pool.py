@@ -32,7 +32,7 @@ class DispatchContext:
         self.arena = arena
         self.mapper = mapper
         self.inline_max_bytes = inline_max_bytes
-        self.shm = shm or SharedMemoryRegistry()
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
 
 
 class InstancePool:

@@ -154,11 +154,6 @@ def test_unbuilt_rpcs_say_unimplemented(client: Any) -> None:
         lambda: client.get_model_repository_index(),
         lambda: client.load_model("add_sub"),
         lambda: client.unload_model("add_sub"),
-        lambda: client.get_system_shared_memory_status(),
-        lambda: client.register_system_shared_memory("r", "/k", 16),
-        lambda: client.unregister_system_shared_memory(),
-        lambda: client.get_cuda_shared_memory_status(),
-        lambda: client.unregister_cuda_shared_memory(),
         lambda: client.get_trace_settings(),
     ]
     for call in calls:

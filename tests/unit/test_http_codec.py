@@ -293,11 +293,28 @@ def test_neither_data_nor_binary_size() -> None:
         _decode(_one_input(datatype="UINT8", shape=[1]))
 
 
-def test_shared_memory_input_unsupported() -> None:
-    obj = _one_input(datatype="UINT8", shape=[1], parameters={"shared_memory_region": "r"})
-    with pytest.raises(Unsupported) as ei:
-        _decode(obj)
-    assert ei.value.code is ErrorCode.UNIMPLEMENTED
+def test_shared_memory_input_reference() -> None:
+    params = {"shared_memory_region": "r", "shared_memory_byte_size": 4, "shared_memory_offset": 8, "x": 1}
+    req = _decode(_one_input(datatype="UINT8", shape=[4], parameters=params))
+    t = req.inputs[0]
+    assert t.shm is not None and (t.shm.region_name, t.shm.offset, t.shm.byte_size) == ("r", 8, 4)
+    assert t.nbytes == 4 and len(t.data) == 0
+    assert t.parameters == {"x": 1}  # the shared-memory parameters are consumed
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"shared_memory_region": "r"}, "'shared_memory_byte_size' is required"),
+        ({"shared_memory_region": "", "shared_memory_byte_size": 4}, "non-empty string"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": -4}, "unsigned 64-bit"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": 4.0}, "unsigned 64-bit"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": 4, "shared_memory_offset": 2**64}, "unsigned"),
+    ],
+)
+def test_shared_memory_input_bad_reference(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        _decode(_one_input(datatype="UINT8", shape=[4], parameters=params))
 
 
 @pytest.mark.parametrize("datatype", ["FLOAT32", "fp32", "", "STRING"])
@@ -422,10 +439,12 @@ def test_output_classification_unsupported() -> None:
         _decode({"inputs": [], "outputs": [{"name": "a", "parameters": {"classification": 3}}]})
 
 
-def test_output_shared_memory_unsupported() -> None:
+def test_output_shared_memory_reference() -> None:
     params = {"shared_memory_region": "r", "shared_memory_byte_size": 16}
-    with pytest.raises(Unsupported, match="output 'a': shared memory outputs"):
-        _decode({"inputs": [], "outputs": [{"name": "a", "parameters": params}]})
+    req = _decode({"inputs": [], "outputs": [{"name": "a", "parameters": params}]})
+    assert req.outputs is not None
+    ref = req.outputs[0].shm
+    assert ref is not None and (ref.region_name, ref.offset, ref.byte_size) == ("r", 0, 16)
 
 
 @pytest.mark.parametrize("outputs", [{}, "a", 1])
