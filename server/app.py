@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from proto import wire
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
@@ -25,7 +26,7 @@ from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
 from server.logsettings import LogSettings
 from server.models import InstanceSettings, ModelManager
-from server.sharedmem import SharedMemoryRegistry, visible_gpu_count
+from server.sharedmem import Region, SharedMemoryRegistry, visible_gpu_count
 from shm import region
 from shm.arena import Arena
 from shm.mapper import Mapper
@@ -60,6 +61,17 @@ class App:
         if self.models is not None:
             for worker in self.models.workers():
                 worker.forget(region_ids)
+
+    async def _probe_region(self, region: Region) -> None:
+        workers = [w for w in self.models.workers() if w.ready] if self.models is not None else []
+        if not workers:
+            return
+        worker = min(workers, key=lambda w: w.outstanding)
+        env = wire.envelope(0)
+        region.descriptor(0, 0, env.probe.region)
+        reply, _ = await worker.submit(env, [])
+        if reply.WhichOneof("body") == "failed":
+            raise wire.to_error(reply.failed)
 
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
@@ -97,6 +109,7 @@ class App:
         )
         self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
         shm.on_forget = self._forget_regions
+        shm.prober = self._probe_region
         self.dataplane = DataPlane(
             self.models,
             version=server_version(),

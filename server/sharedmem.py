@@ -22,7 +22,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,8 @@ class SharedMemoryRegistry:
         self._regions: dict[str, Region] = {}
         self._ids = itertools.count(1)
         self.on_forget: Callable[[Sequence[int]], None] | None = None
+        self.prober: Callable[[Region], Awaitable[None]] | None = None
+        """Opens a new CUDA region in a worker (the router has no CUDA); raises if it fails."""
 
     def _check_allowed(self) -> None:
         if not self.allowed:
@@ -169,6 +171,20 @@ class SharedMemoryRegistry:
         region = Region(name=name, id=next(self._ids), byte_size=byte_size, device_id=device_id, raw_handle=raw_handle)
         self._regions[name] = region
         log.info("registered CUDA shared memory region %r (device %d, %d bytes)", name, device_id, byte_size)
+        return region
+
+    async def register_cuda_checked(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> Region:
+        """``register_cuda``, then have a worker open the handle, as Triton opens it at
+        registration; a handle that does not open is not registered. With no worker running
+        the check happens at first use."""
+        region = self.register_cuda(name, raw_handle, device_id, byte_size)
+        if self.prober is not None:
+            try:
+                await self.prober(region)
+            except BaseException:
+                if self._regions.get(name) is region:
+                    self.unregister(name, cuda=True)
+                raise
         return region
 
     # ---- status and unregister ----------------------------------------------------------------
@@ -279,11 +295,16 @@ def _object_size(name: str) -> int:
 
 
 def visible_gpu_count() -> int:
-    """GPUs this host's NVIDIA driver reports, limited by ``CUDA_VISIBLE_DEVICES``; 0 when
-    there is no driver. Read from /proc so the router needs no CUDA library."""
+    """GPUs this host's NVIDIA driver exposes, limited by ``CUDA_VISIBLE_DEVICES``; 0 when
+    there is no driver. Read from /proc (or /dev) so the router needs no CUDA library."""
     try:
         count = len(os.listdir("/proc/driver/nvidia/gpus"))
     except OSError:
+        try:
+            count = sum(1 for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n))
+        except OSError:
+            count = 0
+    if count == 0:
         return 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:

@@ -112,6 +112,13 @@ class ClientRegions:
             self._cuda[c.region_id] = region
         return region
 
+    def open(self, c: wpb.ClientShm) -> None:
+        """Map the region now (registration-time check); raises as a use would."""
+        if c.device >= 0:
+            self._cuda_region(c)
+        else:
+            self._system_region(c)
+
     def device_array(self, c: wpb.ClientShm, dtype: Any, count: int) -> Any:
         """A CuPy array over the tensor's bytes in the CUDA region (no copy)."""
         import cupy

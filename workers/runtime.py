@@ -67,6 +67,8 @@ class WorkerRuntime:
                 elif kind == "forget":
                     log.debug("unmapping client regions %s", list(env.forget.region_ids))
                     self.regions.forget(env.forget.region_ids)
+                elif kind == "probe":
+                    self._probe(env)
                 elif kind == "ping":
                     reply = wire.envelope(env.request_id)
                     reply.pong.SetInParent()
@@ -123,7 +125,10 @@ class WorkerRuntime:
             work: list[WorkRequest] = []
             dests: list[Any] = []
             for r in env.infer.requests:
-                inputs = {ref.name: read_input(ref, frames, self.mapper, self.regions) for ref in r.inputs}
+                inputs = {
+                    ref.name: read_input(ref, frames, self.mapper, self.regions, backend.device_inputs)
+                    for ref in r.inputs
+                }
                 dests.append(r.output_shm)
                 work.append(
                     WorkRequest(
@@ -192,6 +197,15 @@ class WorkerRuntime:
         for ref in result.outputs:
             if ref.WhichOneof("location") == "shm":
                 self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
+
+    def _probe(self, env: wpb.Envelope) -> None:
+        reply = wire.envelope(env.request_id)
+        try:
+            self.regions.open(env.probe.region)
+            reply.pong.SetInParent()
+        except Exception as exc:  # noqa: BLE001 - a bad handle is the client's error, not ours
+            wire.failed(from_exception(exc), reply.failed)
+        self.sock.send(reply.SerializeToString())
 
     def _release(self, rel: wpb.Release) -> None:
         if self.arena is None:

@@ -18,12 +18,24 @@ from workers.clientshm import ClientRegions
 Array = npt.NDArray[Any]
 
 
-def read_input(ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper, regions: ClientRegions) -> Array:
-    """A numpy view (no copy for fixed-size types) of one input tensor; inputs in client
-    CUDA memory are copied to the host."""
+def is_device_array(obj: object) -> bool:
+    """A CuPy array (GPU memory)."""
+    return type(obj).__module__.split(".", 1)[0] == "cupy"
+
+
+def read_input(
+    ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper, regions: ClientRegions, device_ok: bool = False
+) -> Array:
+    """A numpy view (no copy for fixed-size types) of one input tensor. Inputs in client CUDA
+    memory are CuPy arrays over that memory when ``device_ok``, else copied to the host."""
     dt = dtypes.by_protocol(ref.datatype)
     shape = tuple(ref.shape)
     which = ref.WhichOneof("location")
+    if which == "client" and ref.client.device >= 0 and device_ok and dt.numpy is not None and dt.protocol != "BYTES":
+        count = dtypes.element_count(shape)
+        if ref.client.nbytes != count * dt.itemsize:
+            raise InvalidInput(f"input '{ref.name}' has {ref.client.nbytes} bytes, expected {count * dt.itemsize}")
+        return regions.device_array(ref.client, dt.numpy, count).reshape(shape)  # type: ignore[no-any-return]
     if which == "frame":
         buf = frames[ref.frame]
     elif which == "shm":
@@ -63,13 +75,18 @@ class OutputWriter:
         dest: wpb.ClientShm | None = None,
     ) -> None:
         """``dest``: the client region the request asked this output to be written to."""
+        if is_device_array(array):
+            if dest is not None and dest.device >= 0:
+                dt = dtypes.from_numpy(array.dtype)
+                self._check_type(name, dt, expect)
+                ref.name, ref.datatype = name, dt.protocol
+                ref.shape.extend(array.shape)
+                self._write_client(name, array, int(array.nbytes), dest, ref)
+                return
+            array = array.get()  # type: ignore[attr-defined]  # CuPy: one device-to-host copy
         arr = np.asarray(array)
         dt = dtypes.from_numpy(arr.dtype)
-        if expect is not None and expect.protocol != dt.protocol:
-            raise ServingError(
-                f"output '{name}' has datatype {dt.protocol} but the model configuration says {expect.protocol}",
-                code=ErrorCode.INTERNAL,
-            )
+        self._check_type(name, dt, expect)
         ref.name = name
         ref.datatype = dt.protocol
         ref.shape.extend(arr.shape)
@@ -106,6 +123,14 @@ class OutputWriter:
         s.nbytes = block.nbytes
         s.device = block.device
 
+    @staticmethod
+    def _check_type(name: str, dt: dtypes.DType, expect: dtypes.DType | None) -> None:
+        if expect is not None and expect.protocol != dt.protocol:
+            raise ServingError(
+                f"output '{name}' has datatype {dt.protocol} but the model configuration says {expect.protocol}",
+                code=ErrorCode.INTERNAL,
+            )
+
     def _write_client(self, name: str, data: Any, nbytes: int, dest: wpb.ClientShm, ref: wpb.TensorRef) -> None:
         if nbytes > dest.nbytes:
             raise InvalidInput(
@@ -113,6 +138,8 @@ class OutputWriter:
                 f"should be at least {nbytes} bytes to hold the results"
             )
         if dest.device < 0:
+            if is_device_array(data):
+                data = data.get()
             view = self.regions.host_view(dest, nbytes)
             try:
                 if isinstance(data, bytes):

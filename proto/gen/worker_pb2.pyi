@@ -491,6 +491,30 @@ class Forget(_message.Message):
 Global___Forget: _TypeAlias = Forget  # noqa: Y015
 
 @_typing.final
+class Probe(_message.Message):
+    """router -> worker: open this CUDA region now (a registration is checked by a worker, as
+    the router has no CUDA); answered by Pong, or Failed when the handle does not open.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def region(self) -> Global___ClientShm: ...
+    def __init__(
+        self,
+        *,
+        region: Global___ClientShm | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Probe: _TypeAlias = Probe  # noqa: Y015
+
+@_typing.final
 class Ping(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -547,6 +571,7 @@ class Envelope(_message.Message):
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     FORGET_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     INFER_DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
@@ -567,6 +592,8 @@ class Envelope(_message.Message):
     @_builtins.property
     def forget(self) -> Global___Forget: ...
     @_builtins.property
+    def probe(self) -> Global___Probe: ...
+    @_builtins.property
     def ready(self) -> Global___Ready: ...
     @_builtins.property
     def infer_done(self) -> Global___InferDone: ...
@@ -585,16 +612,17 @@ class Envelope(_message.Message):
         shutdown: Global___Shutdown | None = ...,
         release: Global___Release | None = ...,
         forget: Global___Forget | None = ...,
+        probe: Global___Probe | None = ...,
         ready: Global___Ready | None = ...,
         infer_done: Global___InferDone | None = ...,
         failed: Global___Failed | None = ...,
         pong: Global___Pong | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "ping", "shutdown", "release", "forget", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "ping", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -432,16 +432,28 @@ def test_tensor(pb: ModuleType) -> None:
         pb.Tensor("S", np.array([b"a"], dtype=np.object_)).to_dlpack()
 
 
-def test_tensor_from_gpu_dlpack_is_refused(pb: ModuleType) -> None:
-    class FakeGpu:
+def test_tensor_from_gpu_dlpack_needs_cupy(pb: ModuleType) -> None:
+    """GPU DLPack tensors are wrapped with CuPy (GPU machines: tests/gpu); without CuPy the
+    model gets a clear error, and unknown device types are refused."""
+    pytest.importorskip("numpy")
+
+    class Fake:
+        def __init__(self, device: int) -> None:
+            self.device = device
+
         def __dlpack__(self, **_: Any) -> object:
             raise AssertionError("must not be consumed")
 
         def __dlpack_device__(self) -> tuple[int, int]:
-            return (2, 0)
+            return (self.device, 0)
 
-    with pytest.raises(pb.TritonModelException, match="CPU"):
-        pb.Tensor.from_dlpack("G", FakeGpu())
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(pb.TritonModelException, match="CuPy"):
+            pb.Tensor.from_dlpack("G", Fake(2))
+    with pytest.raises(pb.TritonModelException, match="device type 4 is not supported"):
+        pb.Tensor.from_dlpack("G", Fake(4))
 
 
 def test_request_response_and_errors(pb: ModuleType) -> None:

@@ -84,6 +84,9 @@ class Backend(ABC):
     """One model instance. ``load`` is a factory, so no half-built backend exists."""
 
     kind: ClassVar[str]
+    device_inputs: bool = False
+    """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
+    copy); otherwise the worker copies them to the host first."""
 
     @classmethod
     @abstractmethod

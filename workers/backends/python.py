@@ -93,6 +93,7 @@ class PythonBackend(Backend):
                 raise AttributeError(f"'{filename}' defines no class TritonPythonModel")
             model = model_cls()
             backend = cls(spec, module, model, added)
+            backend.device_inputs = backend._device_inputs_wanted()
             init = getattr(model, "initialize", None)
             if init is not None:
                 init(backend._initialize_args())
@@ -144,6 +145,11 @@ class PythonBackend(Backend):
             )
         return [self._to_work_response(resp, req) for resp, req in zip(responses, requests, strict=True)]
 
+    def _device_inputs_wanted(self) -> bool:
+        """Triton's FORCE_CPU_ONLY_INPUT_TENSORS parameter: "no" lets GPU inputs through."""
+        param = self._spec.config.parameters.get("FORCE_CPU_ONLY_INPUT_TENSORS")
+        return param is not None and param.string_value.strip().lower() in ("no", "false", "0", "off")
+
     def _to_pb_request(self, req: WorkRequest) -> Any:
         pb = self._pb
         tensors: list[Any] = []
@@ -189,6 +195,9 @@ class PythonBackend(Backend):
                 )
             if wanted and tensor.name() not in wanted:
                 continue
+            if not tensor.is_cpu():
+                outputs[tensor.name()] = tensor._array  # a CuPy array; the worker copies it out
+                continue
             outputs[tensor.name()] = _own(tensor.as_numpy(), inputs)
         return WorkResponse(outputs=outputs, parameters=params)
 
@@ -233,7 +242,7 @@ def _own(array: Array, inputs: Sequence[Array]) -> Array:
     elif array.dtype.kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
         array = _to_object_bytes(array)
     for inp in inputs:
-        if inp.dtype.kind != "O" and np.may_share_memory(array, inp):
+        if isinstance(inp, np.ndarray) and inp.dtype.kind != "O" and np.may_share_memory(array, inp):
             return array.copy()
     return array
 

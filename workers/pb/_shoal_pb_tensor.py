@@ -121,7 +121,13 @@ class _Capsule:
 
 
 _KDL_CPU: Final = 1
+_KDL_CUDA: Final = 2
 _KDL_CUDA_HOST: Final = 3
+
+
+def _is_device_array(obj: object) -> bool:
+    """A CuPy array (GPU memory); CuPy is imported only by code that made one."""
+    return type(obj).__module__.split(".", 1)[0] == "cupy"
 
 
 def _capsule_device(capsule: object) -> tuple[int, int]:
@@ -145,12 +151,14 @@ def _capsule_device(capsule: object) -> tuple[int, int]:
 
 
 class Tensor:
-    """A named tensor of an inference request or response, held as a numpy array (CPU)."""
+    """A named tensor of an inference request or response: a numpy array (CPU), or a CuPy
+    array (GPU) for models that set ``FORCE_CPU_ONLY_INPUT_TENSORS: "no"`` or build outputs
+    with ``from_dlpack`` from GPU memory."""
 
     __slots__ = ("_name", "_array", "_dtype")
 
     def __init__(self, name: str, numpy_array: Array, triton_dtype: int | None = None) -> None:
-        if not isinstance(numpy_array, np.ndarray):
+        if not isinstance(numpy_array, np.ndarray) and not _is_device_array(numpy_array):
             raise TritonModelException(f"tensor '{name}': expected a numpy array, got {type(numpy_array).__name__}")
         if numpy_array.dtype.kind in ("U", "V"):
             raise TritonModelException(
@@ -185,6 +193,11 @@ class Tensor:
 
     def as_numpy(self) -> Array:
         """The tensor's data; BYTES tensors are object arrays of ``bytes``."""
+        if not isinstance(self._array, np.ndarray):
+            raise TritonModelException(
+                f"tensor '{self._name}' is stored in GPU memory and cannot be converted to NumPy; "
+                'use to_dlpack() (or set FORCE_CPU_ONLY_INPUT_TENSORS to "yes")'
+            )
         return self._array
 
     def triton_dtype(self) -> int:
@@ -196,8 +209,8 @@ class Tensor:
         return list(self._array.shape)
 
     def is_cpu(self) -> bool:
-        """Always True: Shoal's Python backend hands models CPU tensors."""
-        return True
+        """False for tensors in GPU memory."""
+        return isinstance(self._array, np.ndarray)
 
     def to_dlpack(self) -> object:
         """A DLPack capsule sharing the tensor's memory (not for BYTES tensors)."""
@@ -209,11 +222,14 @@ class Tensor:
         return self._array.__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> tuple[int, int]:
-        return (_KDL_CPU, 0)
+        if isinstance(self._array, np.ndarray):
+            return (_KDL_CPU, 0)
+        return (_KDL_CUDA, int(self._array.device.id))
 
     @staticmethod
     def from_dlpack(name: str, dlpack_tensor: object) -> Tensor:
-        """A tensor over a DLPack capsule or an object with ``__dlpack__`` (CPU memory only)."""
+        """A tensor over a DLPack capsule or an object with ``__dlpack__``, in CPU or GPU
+        memory (GPU tensors are wrapped with CuPy, no copy)."""
         source: Any
         if hasattr(dlpack_tensor, "__dlpack__"):
             source = dlpack_tensor
@@ -221,10 +237,17 @@ class Tensor:
         else:
             device = _capsule_device(dlpack_tensor)
             source = _Capsule(dlpack_tensor, device)
+        if device[0] == _KDL_CUDA:
+            try:
+                import cupy
+            except ImportError:
+                raise TritonModelException(
+                    f"tensor '{name}': GPU tensors need CuPy in the model's environment"
+                ) from None
+            return Tensor(name, cupy.from_dlpack(source))
         if device[0] not in (_KDL_CPU, _KDL_CUDA_HOST):
             raise TritonModelException(
-                f"tensor '{name}': DLPack device type {device[0]} is not supported; Shoal's Python "
-                "backend takes CPU tensors only (move the tensor to the CPU first)"
+                f"tensor '{name}': DLPack device type {device[0]} is not supported (CPU and CUDA are)"
             )
         return Tensor(name, np.from_dlpack(source))
 

@@ -225,7 +225,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.CudaSharedMemoryRegisterResponse:
         if request.device_id < 0:
             raise InvalidInput("'device_id' must not be negative")
-        self.dp.shm.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
+        await self.dp.shm.register_cuda_checked(request.name, request.raw_handle, request.device_id, request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
     @rpc

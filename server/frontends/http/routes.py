@@ -118,7 +118,9 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
     b64 = handle.get("b64") if isinstance(handle, dict) else None
     if not isinstance(b64, str):
         raise InvalidInput("'raw_handle' must be an object {\"b64\": <base64 cudaIpcMemHandle_t>}")
-    request.app[DATAPLANE].shm.register_cuda(request.match_info["region"], b64, body["device_id"], body["byte_size"])
+    await request.app[DATAPLANE].shm.register_cuda_checked(
+        request.match_info["region"], b64, body["device_id"], body["byte_size"]
+    )
     return web.Response(status=200)
 
 
