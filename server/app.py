@@ -18,6 +18,7 @@ import grpc
 from aiohttp import web
 
 from proto import wire
+from proto.errors import ErrorCode, ServingError
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
@@ -32,6 +33,7 @@ from shm.arena import Arena
 from shm.mapper import Mapper
 
 log = logging.getLogger("shoal")
+PROBE_TIMEOUT_S = 30.0
 
 
 def server_version() -> str:
@@ -69,7 +71,13 @@ class App:
         worker = min(workers, key=lambda w: w.outstanding)
         env = wire.envelope(0)
         region.descriptor(0, 0, env.probe.region)
-        reply, _ = await worker.submit(env, [])
+        try:
+            reply, _ = await asyncio.wait_for(worker.submit(env, []), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise ServingError(
+                f"{worker.label} did not open the CUDA shared memory region within {PROBE_TIMEOUT_S:.0f} s",
+                code=ErrorCode.UNAVAILABLE,
+            ) from None
         if reply.WhichOneof("body") == "failed":
             raise wire.to_error(reply.failed)
 

@@ -151,7 +151,8 @@ class SharedMemoryRegistry:
         self._check_new(name)
         if isinstance(raw_handle, str):
             try:
-                raw_handle = base64.b64decode(raw_handle, validate=True)
+                # perf_analyzer's libb64 breaks its base64 into lines; whitespace is not data
+                raw_handle = base64.b64decode("".join(raw_handle.split()), validate=True)
             except (binascii.Error, ValueError):
                 raw_handle = b""
         if not isinstance(raw_handle, bytes) or len(raw_handle) != CUDA_IPC_HANDLE_SIZE:

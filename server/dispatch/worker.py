@@ -243,9 +243,9 @@ class Worker:
 
     def _on_message(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         body = env.WhichOneof("body")
-        if body == "pong":
-            return
         rid = env.request_id
+        if body == "pong" and rid not in self._pending:
+            return  # a keep-alive answer nobody waits for
         fut = self._pending.pop(rid, None)
         if rid and fut is not None:
             self._settled(rid)

@@ -57,8 +57,10 @@ class WorkRequest:
     """One inference request as a backend sees it.
 
     ``inputs`` hold numpy arrays that may be views of shared memory owned by someone else:
-    valid only during ``execute``; a backend that keeps data must copy it. BYTES tensors are
-    ``object`` arrays of ``bytes``.
+    valid during ``execute`` and until the worker has written the outputs of the batch (so
+    an output may be an input itself, as in an identity model: no copy); a backend that
+    keeps data beyond ``execute`` must copy it. BYTES tensors are ``object`` arrays of
+    ``bytes``.
     """
 
     id: int

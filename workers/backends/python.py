@@ -183,7 +183,6 @@ class PythonBackend(Backend):
             code = _ERROR_CODES.get(err.code(), ErrorCode.INTERNAL)
             return WorkResponse(error=ServingError(err.message(), code=code), parameters=params)
         wanted = set(req.requested_outputs)
-        inputs = list(req.inputs.values())
         outputs: dict[str, Array] = {}
         for tensor in resp.output_tensors():
             if not isinstance(tensor, pb.Tensor):
@@ -198,7 +197,7 @@ class PythonBackend(Backend):
             if not tensor.is_cpu():
                 outputs[tensor.name()] = tensor._array  # a CuPy array; the worker copies it out
                 continue
-            outputs[tensor.name()] = _own(tensor.as_numpy(), inputs)
+            outputs[tensor.name()] = _own(tensor.as_numpy())
         return WorkResponse(outputs=outputs, parameters=params)
 
     def close(self) -> None:
@@ -234,16 +233,14 @@ def _import_file(module_name: str, path: str) -> ModuleType:
     return module
 
 
-def _own(array: Array, inputs: Sequence[Array]) -> Array:
-    """An output array safe to use after ``execute``: BYTES as object arrays of ``bytes``, and
-    a copy where it may alias an input (inputs are only valid during ``execute``)."""
+def _own(array: Array) -> Array:
+    """An output array as the worker writes it: BYTES as object arrays of ``bytes``. An
+    output that is (a view of) an input needs no copy: inputs stay valid until the worker
+    has written the outputs (``WorkRequest``)."""
     if array.dtype.kind in ("S", "U"):
-        array = _to_object_bytes(array)
-    elif array.dtype.kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
-        array = _to_object_bytes(array)
-    for inp in inputs:
-        if isinstance(inp, np.ndarray) and inp.dtype.kind != "O" and np.may_share_memory(array, inp):
-            return array.copy()
+        return _to_object_bytes(array)
+    if array.dtype.kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
+        return _to_object_bytes(array)
     return array
 
 
