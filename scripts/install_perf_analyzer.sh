@@ -37,6 +37,13 @@ if ! dpkg-query -W -f='${Status}' libb64-0d 2>/dev/null | grep -q "install ok in
     fi
 fi
 
+# A copy of libb64 beside perf_analyzer, so .tools/ also runs on a machine without the
+# package (the GPU machine: scripts/gpu_check puts .tools/lib on LD_LIBRARY_PATH).
+lib="$(ldconfig -p 2>/dev/null | awk '/libb64\.so\.0d/ {print $NF; exit}')"
+if [[ -n "$lib" ]]; then
+    mkdir -p "$BIN/../lib" && cp -f "$lib" "$BIN/../lib/"
+fi
+
 # 2. perf_analyzer binary from the tritonclient wheel.
 # The wheel is tagged py3-none-manylinux1_x86_64; the binary lives at
 # tritonclient-<ver>.data/data/bin/perf_analyzer.
