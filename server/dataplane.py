@@ -103,6 +103,23 @@ class DataPlane:
             dims[variable[0]] = nbytes // fixed
         return spec.name, spec.datatype, batch + tuple(dims)
 
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def statistics(self, name: str, version: int) -> list[dict[str, Any]]:
+        """Statistics of every READY version (of one model, or of one version)."""
+        if not name:
+            versions = [mv for vs in self.models.models.values() for mv in vs.values() if mv.ready]
+        elif version >= 0:
+            try:
+                versions = [self.models.get(name, version)]
+            except ServingError:
+                raise InvalidInput(f"requested model '{name}' is not available") from None
+        else:
+            versions = [mv for mv in self.models.models.get(name, {}).values() if mv.ready]
+            if not versions:
+                raise InvalidInput(f"requested model '{name}' is not available")
+        return [mv.stats.as_dict() for mv in sorted(versions, key=lambda m: (m.name, m.version))]
+
     # ---- inference ----------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResult:
@@ -179,6 +196,8 @@ def validate(mv: ModelVersion, request: InferRequest) -> None:
                 )
         if spec.reshape is not None:
             t.shape = ((shape[0],) if max_batch > 0 else ()) + _reshape(spec, dims)
+    if batch_size is not None:
+        request.batch_size = batch_size
     if len(seen) < mv.required_inputs or any(n not in seen for n, s in mv.inputs.items() if not s.optional):
         missing = [n for n, s in mv.inputs.items() if not s.optional and n not in seen]
         raise InvalidInput(

@@ -25,6 +25,8 @@ from server.dispatch.worker import Worker, WorkerSpec
 from server.repository import ModelSource, list_models, read_model
 from server.scheduling.base import Scheduler
 from server.scheduling.direct import DirectScheduler
+from server.scheduling.dynamic import DynamicBatcher
+from server.stats import ModelStats
 
 log = logging.getLogger("shoal.models")
 
@@ -60,6 +62,10 @@ class ModelVersion:
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
     required_inputs: int = 0
     load_seconds: float = 0.0
+    stats: ModelStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = ModelStats(self.name, self.version)
 
     @property
     def ready(self) -> bool:
@@ -142,8 +148,11 @@ class ModelManager:
             mv.reason = first.message if isinstance(first, ServingError) else repr(first)
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
             return
-        mv.pool = InstancePool(workers, self.ctx)
-        mv.scheduler = DirectScheduler(mv.pool)
+        mv.pool = InstancePool(workers, self.ctx, mv.stats)
+        if mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
+            mv.scheduler = DynamicBatcher(mv.pool, mv.config, mv.stats)
+        else:
+            mv.scheduler = DirectScheduler(mv.pool, mv.stats)
         mv.state = ModelState.READY
         mv.reason = ""
         mv.load_seconds = time.monotonic() - started

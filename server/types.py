@@ -59,6 +59,8 @@ class InferRequest:
     """``None``: every output of the model."""
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1
+    """Batch elements of the request (dimension 0 of batching models; 1 otherwise)."""
     shm_regions: list[Region] = field(default_factory=list)
     """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""
 

@@ -12,6 +12,7 @@ from proto.errors import ErrorCode, ModelNotReady, ServingError
 from proto.gen import worker_pb2 as wpb
 from server.dispatch.worker import Worker
 from server.sharedmem import Region, SharedMemoryRegistry
+from server.stats import ModelStats
 from server.types import InferRequest, InferResult, OutputTensor
 from shm.arena import Arena
 from shm.block import Block
@@ -36,9 +37,10 @@ class DispatchContext:
 
 
 class InstancePool:
-    def __init__(self, workers: list[Worker], ctx: DispatchContext) -> None:
+    def __init__(self, workers: list[Worker], ctx: DispatchContext, stats: ModelStats | None = None) -> None:
         self.workers = workers
         self.ctx = ctx
+        self.stats = stats
 
     @property
     def ready_count(self) -> int:
@@ -149,6 +151,15 @@ class InstancePool:
             raise wire.to_error(reply.failed)
         if body != "infer_done" or len(reply.infer_done.results) != len(batch):
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
+        if self.stats is not None:
+            done = reply.infer_done
+            self.stats.execution(
+                sum(r.batch_size for r in batch),
+                len(batch),
+                done.compute_input_ns,
+                done.compute_infer_ns,
+                done.compute_output_ns,
+            )
         identity = worker.identity
         mapper = self.ctx.mapper
         out: list[InferResult | ServingError] = []

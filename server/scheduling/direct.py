@@ -7,12 +7,14 @@ import time
 
 from proto.errors import ErrorCode, ServingError
 from server.dispatch.pool import InstancePool
+from server.stats import ModelStats
 from server.types import InferRequest, InferResult
 
 
 class DirectScheduler:
-    def __init__(self, pool: InstancePool) -> None:
+    def __init__(self, pool: InstancePool, stats: ModelStats | None = None) -> None:
         self.pool = pool
+        self.stats = stats
         self._inflight = 0
         self._draining = False
         self._idle = asyncio.Event()
@@ -27,12 +29,17 @@ class DirectScheduler:
             raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
         self._inflight += 1
         self._idle.clear()
+        start = time.monotonic_ns()
+        ok = False
         try:
             (result,) = await self.pool.run((request,))
+            ok = not isinstance(result, ServingError)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+            if self.stats is not None:
+                self.stats.request_done(ok, time.monotonic_ns() - start, 0)
         if isinstance(result, ServingError):
             raise result
         return result

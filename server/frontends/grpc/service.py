@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from proto.errors import InvalidInput, ServingError, Unsupported, from_exception
 from proto.gen import grpc_service_pb2 as pb
@@ -170,8 +171,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     @rpc
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        raise _not_yet("the statistics extension")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.version and not request.version.isdigit():
+            raise InvalidInput(f"model version '{request.version[:32]}' is not a number")
+        stats = self.dp.statistics(request.name, _version(request.version))
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:

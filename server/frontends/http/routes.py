@@ -68,6 +68,11 @@ async def logging_post(request: web.Request) -> web.Response:
     return _json_response(request.app[DATAPLANE].logs.update(changes))
 
 
+async def model_stats(request: web.Request) -> web.Response:
+    name = request.match_info.get("model", "")
+    return _json_response({"model_stats": request.app[DATAPLANE].statistics(name, _version(request))})
+
+
 # ---- shared-memory extensions -----------------------------------------------------------------
 
 
@@ -209,6 +214,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/logging", logging_get)
     r.add_post("/v2/logging", logging_post)
+    r.add_get("/v2/models/stats", model_stats)
     for kind, status, register, unregister in (
         ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
         ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
@@ -223,4 +229,5 @@ def add_routes(app: web.Application) -> None:
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
         r.add_get(prefix + "/config", model_config)
+        r.add_get(prefix + "/stats", model_stats)
         r.add_post(prefix + "/infer", infer)

@@ -1,0 +1,173 @@
+"""The dynamic batcher and the statistics extension through the real server: concurrent
+requests share executions and each client gets its own slice; queue limits, timeouts and
+priorities give the documented errors; statistics match what was sent."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.server import ServerProcess, make_repository
+
+
+@pytest.fixture(scope="module")
+def bserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "batcher", "add_sub")
+    srv = ServerProcess(repo).start()
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments()
+
+
+def _stats(server: ServerProcess, path: str) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(server.url, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _fire(server: ServerProcess, n: int, **kwargs: Any) -> list[Any]:
+    """``n`` concurrent gRPC requests (rows i*10 .. i*10+rows); results or exceptions, in order."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: list[Any] = [None] * n
+    done = threading.Semaphore(0)
+    rows = kwargs.pop("rows", 1)
+    params = kwargs.pop("parameters", {})
+    try:
+        for i in range(n):
+            x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + i * 10
+            inp = grpcclient.InferInput("INPUT0", [rows, 3], "FP32")
+            inp.set_data_from_numpy(x)
+
+            def cb(result: Any, error: Any, i: int = i) -> None:
+                results[i] = error if error is not None else result
+                done.release()
+
+            client.async_infer("batcher", [inp], cb, parameters=dict(params), **kwargs)
+        for _ in range(n):
+            assert done.acquire(timeout=60)
+    finally:
+        client.close()
+    return results
+
+
+def test_concurrent_requests_share_executions(bserver: ServerProcess) -> None:
+    _, before = _stats(bserver, "/v2/models/batcher/stats")
+    base = before["model_stats"][0]
+    results = _fire(bserver, 12, rows=2, parameters={"delay_ms": 30})
+    shared = 0
+    for i, r in enumerate(results):
+        assert not isinstance(r, Exception), r
+        expect = np.arange(6, dtype=np.float32).reshape(2, 3) + i * 10
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), expect)  # each client its own slice
+        shared += int(r.as_numpy("REQUESTS")[0, 0]) > 1
+    assert shared > 0, "no request shared an execution"
+    _, after = _stats(bserver, "/v2/models/batcher/stats")
+    s = after["model_stats"][0]
+    inferences = s["inference_count"] - base["inference_count"]
+    executions = s["execution_count"] - base["execution_count"]
+    assert inferences == 24  # batch elements: 12 requests x 2 rows
+    assert executions < 12
+    stats = s["inference_stats"]
+    assert stats["success"]["count"] - base["inference_stats"]["success"]["count"] == 12
+    assert stats["queue"]["ns"] > base["inference_stats"]["queue"]["ns"]
+    sizes = {b["batch_size"] for b in s["batch_stats"]}
+    assert sizes and max(sizes) <= 8 and any(size > 2 for size in sizes)
+
+
+def test_queue_full_is_resource_exhausted(bserver: ServerProcess) -> None:
+    results = _fire(bserver, 40, rows=1, parameters={"delay_ms": 200})
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors, "the queue never filled"
+    for e in errors:
+        assert e.status() == "StatusCode.RESOURCE_EXHAUSTED" and "exceeds maximum queue size" in str(e), e
+    assert len(errors) < 40
+
+
+def test_request_timeout_in_queue(bserver: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(bserver.grpc_url)
+    try:
+        blocker = threading.Thread(target=_fire, args=(bserver, 8), kwargs={"parameters": {"delay_ms": 400}})
+        blocker.start()
+        time.sleep(0.1)  # the instance is busy now
+        inp = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("batcher", [inp], parameters={"timeout": 1000})
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "timeout" in str(err.value)
+        blocker.join(60)
+    finally:
+        client.close()
+
+
+def test_priority_outside_levels(bserver: ServerProcess) -> None:
+    c = httpclient.InferenceServerClient(bserver.url)
+    try:
+        inp = httpclient.InferInput("INPUT0", [1, 3], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+        with pytest.raises(InferenceServerException, match="priority 3 is outside"):
+            c.infer("batcher", [inp], priority=3)
+        r = c.infer("batcher", [inp], priority=1)
+        assert r.as_numpy("OUTPUT0").shape == (1, 3)
+        with pytest.raises(InferenceServerException, match="'timeout' must be a non-negative integer"):
+            c.infer("batcher", [inp], parameters={"timeout": "soon"})
+    finally:
+        c.close()
+
+
+def test_statistics_shape(bserver: ServerProcess) -> None:
+    status, body = _stats(bserver, "/v2/models/stats")
+    assert status == 200
+    names = {(m["name"], m["version"]) for m in body["model_stats"]}
+    assert names == {("batcher", "1"), ("add_sub", "1")}
+    status, body = _stats(bserver, "/v2/models/add_sub/versions/1/stats")
+    (m,) = body["model_stats"]
+    for key in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+        "cache_hit",
+        "cache_miss",
+    ):
+        assert set(m["inference_stats"][key]) == {"count", "ns"}
+    for key in ("last_inference", "inference_count", "execution_count", "batch_stats"):
+        assert key in m
+    status, body = _stats(bserver, "/v2/models/nope/stats")
+    assert status == 400 and "requested model 'nope' is not available" in body["error"]
+    g = grpcclient.InferenceServerClient(bserver.grpc_url)
+    try:
+        c = httpclient.InferenceServerClient(bserver.url)
+        a = httpclient.InferInput("INPUT0", [4], "FP32")
+        a.set_data_from_numpy(np.ones(4, dtype=np.float32))
+        b = httpclient.InferInput("INPUT1", [4], "FP32")
+        b.set_data_from_numpy(np.ones(4, dtype=np.float32))
+        before = g.get_inference_statistics("add_sub").model_stats[0]
+        c.infer("add_sub", [a, b])
+        c.close()
+        after = g.get_inference_statistics("add_sub", "1").model_stats[0]
+        assert after.inference_count == before.inference_count + 1
+        assert after.execution_count == before.execution_count + 1
+        assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+        assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+        assert after.last_inference > 0
+        with pytest.raises(InferenceServerException) as err:
+            g.get_inference_statistics("nope")
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        g.close()
