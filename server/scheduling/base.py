@@ -7,6 +7,8 @@ scheduler implement the same protocol, so the data plane never special-cases the
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Protocol
 
 from server.types import InferRequest, InferResult
@@ -29,3 +31,13 @@ class Scheduler(Protocol):
         """Stop admitting (new submits fail ``UNAVAILABLE``) and wait up to ``timeout_s``
         for in-flight requests to finish."""
         ...
+
+
+async def wait_idle(idle: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``idle`` is set or ``timeout_s`` passes (the shared part of ``drain``)."""
+    deadline = time.monotonic() + timeout_s
+    while not idle.is_set():
+        try:
+            await asyncio.wait_for(idle.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return

@@ -7,6 +7,7 @@ import time
 
 from proto.errors import ErrorCode, ServingError
 from server.dispatch.pool import InstancePool
+from server.scheduling.base import wait_idle
 from server.stats import ModelStats
 from server.types import InferRequest, InferResult
 
@@ -46,9 +47,4 @@ class DirectScheduler:
 
     async def drain(self, timeout_s: float) -> None:
         self._draining = True
-        deadline = time.monotonic() + timeout_s
-        while self._inflight:
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                return
+        await wait_idle(self._idle, timeout_s)

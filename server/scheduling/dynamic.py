@@ -13,6 +13,7 @@ from typing import Any
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from server.dispatch.pool import InstancePool
+from server.scheduling.base import wait_idle
 from server.scheduling.batchqueue import BatchConfig, BatchQueue, Item
 from server.stats import ModelStats
 from server.types import InferRequest, InferResult
@@ -150,12 +151,7 @@ class DynamicBatcher:
 
     async def drain(self, timeout_s: float) -> None:
         self._draining = True
-        deadline = time.monotonic() + timeout_s
-        while self._inflight:
-            try:
-                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                break
+        await wait_idle(self._idle, timeout_s)
         for item in self.queue.drain_all():
             fut = item.payload[1]
             if not fut.done():
