@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proto import wire
 from proto.errors import ErrorCode, ServingError
+from server import gpus
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
@@ -27,7 +28,7 @@ from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
 from server.logsettings import LogSettings
 from server.models import InstanceSettings, ModelManager
-from server.sharedmem import Region, SharedMemoryRegistry, visible_gpu_count
+from server.sharedmem import Region, SharedMemoryRegistry
 from shm import region
 from shm.arena import Arena
 from shm.mapper import Mapper
@@ -106,7 +107,7 @@ class App:
         self.arena = Arena(f"{self.prefix}_in", segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes)
         self.channel = WorkerChannel(f"ipc://{self.run_dir}/workers.sock")
         self.channel.start()
-        shm = SharedMemoryRegistry(allowed=cfg.allow_client_shm, gpu_count=visible_gpu_count)
+        shm = SharedMemoryRegistry(allowed=cfg.allow_client_shm, gpu_count=gpus.count)
         ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes, shm=shm)
         settings = InstanceSettings(
             run_prefix=self.prefix,
@@ -114,6 +115,7 @@ class App:
             inline_max_bytes=cfg.inline_max_bytes,
             log_verbose=cfg.log_verbose,
             load_timeout_s=cfg.model_load_timeout_s,
+            gpu_devices=tuple(gpus.devices()),
         )
         self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
         shm.on_forget = self._forget_regions

@@ -19,6 +19,7 @@ from proto import dtypes
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
+from server import gpus
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext, InstancePool
 from server.dispatch.worker import Worker, WorkerSpec
@@ -95,6 +96,8 @@ class InstanceSettings:
     inline_max_bytes: int
     log_verbose: int = 0
     load_timeout_s: float = 120.0
+    gpu_devices: tuple[str, ...] = ()
+    """The server's GPUs as CUDA_VISIBLE_DEVICES entries (``server.gpus.devices``)."""
 
 
 class ModelManager:
@@ -118,7 +121,7 @@ class ModelManager:
         await asyncio.gather(*(self.load(name) for name in names))
 
     async def load(self, name: str) -> None:
-        src = read_model(self.repository, name)
+        src = read_model(self.repository, name, len(self.settings.gpu_devices))
         self.sources[name] = src
         if src.error:
             log.error("model '%s' cannot be loaded: %s", name, src.error)
@@ -160,23 +163,40 @@ class ModelManager:
             "model '%s' version %d ready (%d instances, %.2f s)", mv.name, mv.version, len(workers), mv.load_seconds
         )
 
+    def _placements(self, group: mc.ModelInstanceGroup) -> list[tuple[str, int]]:
+        """(device kind, server GPU ordinal or -1) of each instance of ``group``."""
+        kinds = mc.ModelInstanceGroup
+        if group.kind == kinds.KIND_GPU:
+            return [("GPU", gpu) for gpu in group.gpus for _ in range(group.count)]
+        kind = "MODEL" if group.kind == kinds.KIND_MODEL else "CPU"
+        return [(kind, -1)] * group.count
+
     def _make_workers(self, mv: ModelVersion) -> list[Worker]:
         config_bytes = mv.config.SerializeToString()
+        devs = list(self.settings.gpu_devices)
         workers = []
         for group in mv.config.instance_group:
-            for i in range(group.count):
+            for i, (kind, gpu) in enumerate(self._placements(group)):
                 self._instance_counter += 1
                 instance = f"{group.name}_{i}"
+                env: tuple[tuple[str, str], ...] = ()
+                order: list[int] = []
+                if kind == "GPU":
+                    # its GPU is device 0 to the worker; the others stay visible behind it
+                    env = (("CUDA_VISIBLE_DEVICES", gpus.visible_env(gpu, devs)),)
+                    order = gpus.worker_order(gpu, devs)
                 load = wpb.Load(
                     model_config=config_bytes,
                     repository=str(self.repository),
                     model_name=mv.name,
                     model_version=mv.version,
                     instance_name=instance,
-                    device_kind="CPU",
-                    device_index=-1,
+                    device_kind=kind,
+                    device_index=gpu,
                     arena_bytes=self.settings.worker_arena_bytes,
                     inline_max_bytes=self.settings.inline_max_bytes,
+                    gpu_order=order,
+                    priority=int(mv.config.optimization.priority),
                 )
                 spec = WorkerSpec(
                     model_name=mv.name,
@@ -185,6 +205,7 @@ class ModelManager:
                     load=load,
                     load_timeout_s=self.settings.load_timeout_s,
                     log_verbose=self.settings.log_verbose,
+                    env=env,
                 )
                 prefix = f"{self.settings.run_prefix}_w{self._instance_counter}"
                 workers.append(Worker(spec, channel=self.channel, arena_prefix=prefix, on_exit=self._on_worker_exit))

@@ -55,14 +55,14 @@ def list_models(repo: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(repo) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def read_model(repo: Path, name: str) -> ModelSource:
+def read_model(repo: Path, name: str, gpu_count: int = 0) -> ModelSource:
     """Parse, normalize and validate one model; errors land in ``ModelSource.error``."""
     path = repo / name
     src = ModelSource(name=name, path=path)
     try:
         src.config = parse_config(path, name)
         versions = available_versions(path)
-        normalize(src.config, name, path, versions)
+        normalize(src.config, name, path, versions, gpu_count)
         src.versions = select_versions(src.config, versions)
     except ServingError as exc:
         src.error = exc.message
@@ -109,9 +109,9 @@ def select_versions(config: mc.ModelConfig, available: list[int]) -> list[int]:
     return chosen
 
 
-def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]) -> None:
+def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int], gpu_count: int = 0) -> None:
     """Fill Triton's defaults in place and validate; raises ``InvalidInput`` naming the
-    problem. Only KIND_CPU instances exist until GPU placement is built."""
+    problem. ``gpu_count``: GPUs the server can place instances on."""
     if config.name and config.name != name:
         raise InvalidInput(f"model '{name}': config name '{config.name}' does not match the directory name")
     config.name = name
@@ -129,7 +129,7 @@ def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]
     if config.platform != "ensemble":
         config.optimization.input_pinned_memory.enable = True
         config.optimization.output_pinned_memory.enable = True
-        _normalize_instance_groups(config)
+        _normalize_instance_groups(config, gpu_count)
 
 
 def _fill_backend(config: mc.ModelConfig, name: str, path: Path, versions: list[int]) -> None:
@@ -180,20 +180,43 @@ def _check_tensors(config: mc.ModelConfig) -> None:
                 raise InvalidInput(f"model '{name}': {kind} '{t.name}' has an invalid dimension {list(t.dims)}")
 
 
-def _normalize_instance_groups(config: mc.ModelConfig) -> None:
+def _normalize_instance_groups(config: mc.ModelConfig, gpu_count: int) -> None:
+    """Triton's rules: no group -> one KIND_AUTO group; KIND_AUTO -> KIND_GPU when the server
+    has GPUs (and every listed one exists), else KIND_CPU; KIND_GPU without ``gpus`` -> every
+    GPU (``count`` instances on each); KIND_GPU on a server without GPUs is a load error."""
+    g = mc.ModelInstanceGroup
     if not config.instance_group:
         config.instance_group.add()
     for i, group in enumerate(config.instance_group):
         if not group.name:
             group.name = config.name if len(config.instance_group) == 1 else f"{config.name}_{i}"
-        if group.kind in (mc.ModelInstanceGroup.KIND_AUTO, mc.ModelInstanceGroup.KIND_MODEL):
-            group.kind = mc.ModelInstanceGroup.KIND_CPU
-        if group.kind == mc.ModelInstanceGroup.KIND_GPU:
+        if group.kind == g.KIND_AUTO:
+            listed_ok = all(0 <= d < gpu_count for d in group.gpus)
+            group.kind = g.KIND_GPU if gpu_count and listed_ok else g.KIND_CPU
+            if group.kind == g.KIND_CPU:
+                del group.gpus[:]
+        if group.kind == g.KIND_GPU:
+            if gpu_count == 0:
+                raise InvalidInput(
+                    f"model '{config.name}': instance group '{group.name}' asks for KIND_GPU, "
+                    "but this server sees no GPU; use KIND_CPU or KIND_AUTO"
+                )
+            for d in group.gpus:
+                if not 0 <= d < gpu_count:
+                    raise InvalidInput(
+                        f"model '{config.name}': instance group '{group.name}' lists GPU {d}, "
+                        f"but this server has GPUs 0..{gpu_count - 1}"
+                    )
+            if not group.gpus:
+                group.gpus.extend(range(gpu_count))
+            if len(set(group.gpus)) != len(group.gpus):
+                raise InvalidInput(f"model '{config.name}': instance group '{group.name}' lists a GPU twice")
+        elif group.gpus:
             raise InvalidInput(
-                f"model '{config.name}': instance group '{group.name}' asks for KIND_GPU, "
-                "but this server has no GPU support; use KIND_CPU"
+                f"model '{config.name}': instance group '{group.name}' lists gpus but its kind is "
+                f"{g.Kind.Name(group.kind)}"
             )
         if group.count < 0:
             raise InvalidInput(f"model '{config.name}': instance group '{group.name}' has a negative count")
         if group.count == 0:
-            group.count = CPU_DEFAULT_COUNT.get(config.backend, 1)
+            group.count = CPU_DEFAULT_COUNT.get(config.backend, 1) if group.kind == g.KIND_CPU else 1

@@ -295,27 +295,6 @@ def _object_size(name: str) -> int:
         obj.close_fd()
 
 
-def visible_gpu_count() -> int:
-    """GPUs this host's NVIDIA driver exposes, limited by ``CUDA_VISIBLE_DEVICES``; 0 when
-    there is no driver. Read from /proc (or /dev) so the router needs no CUDA library."""
-    try:
-        count = len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        try:
-            count = sum(1 for n in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", n))
-        except OSError:
-            count = 0
-    if count == 0:
-        return 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v for v in visible.split(",") if v.strip()]
-        if not ids or ids[0].strip().startswith("-"):
-            return 0
-        count = min(count, len(ids))
-    return count
-
-
 def shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
     """Take the ``shared_memory_*`` parameters out of a tensor's ``params``; ``None`` when
     the tensor does not use shared memory."""

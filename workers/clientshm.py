@@ -67,6 +67,17 @@ class ClientRegions:
     def __init__(self) -> None:
         self._system: dict[int, _SystemRegion] = {}
         self._cuda: dict[int, _CudaRegion] = {}
+        self.gpu_order: list[int] = []
+        """Server GPU ordinals in this worker's CUDA order (empty: the same order)."""
+
+    def local_device(self, device: int) -> int:
+        """This process's CUDA ordinal of server GPU ``device``."""
+        if not self.gpu_order:
+            return device
+        try:
+            return self.gpu_order.index(device)
+        except ValueError:
+            raise InvalidInput(f"CUDA shared memory on GPU {device}: this instance cannot see that GPU") from None
 
     # ---- system memory ------------------------------------------------------------------------
 
@@ -108,7 +119,7 @@ class ClientRegions:
     def _cuda_region(self, c: wpb.ClientShm) -> _CudaRegion:
         region = self._cuda.get(c.region_id)
         if region is None:
-            region = _open_ipc(c)
+            region = _open_ipc(c, self.local_device(c.device))
             self._cuda[c.region_id] = region
         return region
 
@@ -179,7 +190,7 @@ class ClientRegions:
         self.forget(list(self._system) + list(self._cuda))
 
 
-def _open_ipc(c: wpb.ClientShm) -> _CudaRegion:
+def _open_ipc(c: wpb.ClientShm, device: int) -> _CudaRegion:
     try:
         import cupy
     except ImportError:
@@ -188,19 +199,19 @@ def _open_ipc(c: wpb.ClientShm) -> _CudaRegion:
             code=ErrorCode.UNIMPLEMENTED,
         ) from None
     try:
-        with cupy.cuda.Device(c.device):
+        with cupy.cuda.Device(device):
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(c.cuda_handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess)
     except Exception as exc:  # noqa: BLE001 - CUDA reports bad handles as various errors
-        log.warning("opening a CUDA IPC handle on device %d failed: %s", c.device, exc)
+        log.warning("opening a CUDA IPC handle on device %d failed: %s", device, exc)
         raise InvalidInput("failed to open the CUDA shared memory region: invalid args") from None
     size = _allocation_size(ptr)
     if size is not None and size < c.region_bytes:
-        with cupy.cuda.Device(c.device):
+        with cupy.cuda.Device(device):
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
         raise InvalidInput(
             f"the CUDA shared memory region was registered with {c.region_bytes} bytes but its allocation has {size}"
         )
-    return _CudaRegion(ptr, c.device, c.region_bytes)
+    return _CudaRegion(ptr, device, c.region_bytes)
 
 
 def _allocation_size(ptr: int) -> int | None:

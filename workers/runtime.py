@@ -31,6 +31,18 @@ from workers.tensors import OutputWriter, read_input
 log = logging.getLogger("shoal.worker")
 
 
+def _apply_priority(priority: int) -> None:
+    """``optimization.priority``: PRIORITY_MIN lowers the worker's CPU priority (nice +10);
+    PRIORITY_MAX raises it (nice -5) where the server may (root or CAP_SYS_NICE)."""
+    if priority == mc.ModelOptimizationPolicy.PRIORITY_MIN:
+        os.nice(10)
+    elif priority == mc.ModelOptimizationPolicy.PRIORITY_MAX:
+        try:
+            os.nice(-5)
+        except PermissionError:
+            log.warning("PRIORITY_MAX: not allowed to raise this worker's CPU priority; running at default")
+
+
 class WorkerRuntime:
     """Owns the DEALER socket, the backend, the output arena and the input mapper."""
 
@@ -97,8 +109,11 @@ class WorkerRuntime:
                 model_dir=model_dir,
                 version_dir=os.path.join(model_dir, str(req.model_version)),
                 instance_name=req.instance_name,
-                device=Device(req.device_kind or "CPU", req.device_index),
+                # a GPU worker's CUDA_VISIBLE_DEVICES puts its GPU first: it is device 0 here
+                device=Device(req.device_kind or "CPU", 0 if req.device_kind == "GPU" else -1),
             )
+            self.regions.gpu_order = list(req.gpu_order)
+            _apply_priority(req.priority)
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
             self.arena = Arena(req.arena_prefix, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16)
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)

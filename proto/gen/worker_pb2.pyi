@@ -222,6 +222,8 @@ class Load(_message.Message):
     ARENA_PREFIX_FIELD_NUMBER: _builtins.int
     ARENA_BYTES_FIELD_NUMBER: _builtins.int
     INLINE_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_ORDER_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -237,6 +239,14 @@ class Load(_message.Message):
     """size of each output arena segment"""
     inline_max_bytes: _builtins.int
     """outputs up to this size travel as frames"""
+    priority: _builtins.int
+    """optimization.priority: 0 default, 1 max, 2 min"""
+    @_builtins.property
+    def gpu_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Server GPU ordinals in the order this worker's CUDA sees them (its CUDA_VISIBLE_DEVICES
+        puts its own GPU first); empty = the server's order. Maps client CUDA device ids.
+        """
+
     def __init__(
         self,
         *,
@@ -250,10 +260,12 @@ class Load(_message.Message):
         arena_prefix: _builtins.str = ...,
         arena_bytes: _builtins.int = ...,
         inline_max_bytes: _builtins.int = ...,
+        gpu_order: _abc.Iterable[_builtins.int] | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "device_index", b"device_index", "device_kind", b"device_kind", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

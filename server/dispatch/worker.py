@@ -50,6 +50,8 @@ class WorkerSpec:
     load_timeout_s: float = 120.0
     restart_backoff_max_s: float = 10.0
     log_verbose: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    """Extra environment of the worker process (e.g. its CUDA_VISIBLE_DEVICES)."""
 
 
 Reply = tuple[wpb.Envelope, list[bytes]]
@@ -179,6 +181,7 @@ class Worker:
         self._pending[0] = hello
         self.channel.register(self.identity, self._on_message)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
+        env.update(self.spec.env)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "workers",
             "--endpoint", self.channel.endpoint,

@@ -305,16 +305,60 @@ def test_single_unnamed_group_named_after_model(tmp_path: Path) -> None:
     assert (g.name, g.count) == ("solo", 2)
 
 
-@pytest.mark.parametrize("kind", ["KIND_AUTO", "KIND_MODEL", "KIND_CPU"])
-def test_kinds_become_cpu(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["KIND_AUTO", "KIND_CPU"])
+def test_kinds_become_cpu_without_gpus(tmp_path: Path, kind: str) -> None:
     config = 'backend: "python"' + IO + f"instance_group [ {{ kind: {kind} }} ]"
     assert _ok(tmp_path, config).config.instance_group[0].kind == KIND.KIND_CPU
+
+
+def test_kind_model_is_kept(tmp_path: Path) -> None:
+    config = 'backend: "python"' + IO + "instance_group [ { kind: KIND_MODEL count: 2 } ]"
+    (g,) = _ok(tmp_path, config).config.instance_group
+    assert (g.kind, g.count, list(g.gpus)) == (KIND.KIND_MODEL, 2, [])
+
+
+def _with_gpus(repo: Path, config: str, gpus: int, name: str = "m") -> ModelSource:
+    _write(repo, name, config, None)
+    return read_model(repo, name, gpus)
+
+
+def test_gpu_placement_defaults(tmp_path: Path) -> None:
+    """With 2 GPUs: no group -> KIND_GPU on every GPU; KIND_AUTO likewise; listed GPUs kept;
+    count is per GPU; GPU groups of onnxruntime default to 1 instance, CPU ones to 2."""
+    src = _with_gpus(tmp_path, 'backend: "onnxruntime"' + IO, 2)
+    (g,) = src.config.instance_group
+    assert (g.kind, list(g.gpus), g.count) == (KIND.KIND_GPU, [0, 1], 1)
+    config = (
+        'backend: "python"'
+        + IO
+        + """instance_group [
+        { kind: KIND_AUTO count: 2 }, { kind: KIND_GPU gpus: [ 1 ] }, { kind: KIND_AUTO gpus: [ 5 ] } ]"""
+    )
+    groups = _with_gpus(tmp_path, config, 2, name="m2").config.instance_group
+    assert [(g.kind, list(g.gpus), g.count) for g in groups] == [
+        (KIND.KIND_GPU, [0, 1], 2),
+        (KIND.KIND_GPU, [1], 1),
+        (KIND.KIND_CPU, [], 1),  # AUTO with a GPU the server lacks falls back to CPU (Triton)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ("{ kind: KIND_GPU gpus: [ 2 ] }", "lists GPU 2, but this server has GPUs 0..1"),
+        ("{ kind: KIND_GPU gpus: [ 0, 0 ] }", "lists a GPU twice"),
+        ("{ kind: KIND_CPU gpus: [ 0 ] }", "lists gpus but its kind is KIND_CPU"),
+    ],
+)
+def test_bad_gpu_groups(tmp_path: Path, groups: str, message: str) -> None:
+    src = _with_gpus(tmp_path, 'backend: "python"' + IO + f"instance_group [ {groups} ]", 2)
+    assert message in src.error
 
 
 def test_kind_gpu_refused_naming_the_group(tmp_path: Path) -> None:
     config = 'backend: "python"' + IO + 'instance_group [ { kind: KIND_CPU }, { name: "gpus" kind: KIND_GPU } ]'
     err = _err(tmp_path, config)
-    assert "model 'm': instance group 'gpus' asks for KIND_GPU" in err
+    assert "model 'm': instance group 'gpus' asks for KIND_GPU, but this server sees no GPU" in err
     assert "KIND_CPU" in err
 
 

@@ -112,9 +112,10 @@ class PythonBackend(Backend):
         gpu = spec.device.is_gpu
         return {
             "model_config": json.dumps(config_to_json(spec.config)),
-            "model_instance_kind": "GPU" if gpu else "CPU",
+            "model_instance_kind": spec.device.kind,
             "model_instance_name": spec.instance_name,
-            "model_instance_device_id": str(spec.device.index) if gpu else "0",
+            # a GPU worker sees its own GPU as device 0 (CUDA_VISIBLE_DEVICES lists it first)
+            "model_instance_device_id": str(max(spec.device.index, 0)) if gpu else "0",
             "model_repository": spec.model_dir,
             "model_version": str(spec.version),
             "model_name": spec.name,
