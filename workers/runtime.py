@@ -60,6 +60,8 @@ class WorkerRuntime:
         self.arena: Arena | None = None
         self.writer: OutputWriter | None = None
         self.output_types: dict[str, dtypes.DType] = {}
+        self.output_dims: dict[str, tuple[int, ...]] = {}
+        self.batching = False
 
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
@@ -115,6 +117,9 @@ class WorkerRuntime:
             self.regions.gpu_order = list(req.gpu_order)
             _apply_priority(req.priority)
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
+            # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``
+            self.output_dims = {o.name: tuple(o.dims) for o in config.output if o.HasField("reshape")}
+            self.batching = config.max_batch_size > 0
             self.arena = Arena(req.arena_prefix, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16)
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
             self.backend = backend_class(config.backend).load(self.spec)
@@ -204,7 +209,26 @@ class WorkerRuntime:
             if name not in outputs:
                 raise ServingError(f"model '{model}' did not produce output '{name}'")
             target = dest[name] if name in dest else None
-            writer.write(name, outputs[name], self.output_types.get(name), result.outputs.add(), out_frames, target)
+            array = outputs[name]
+            if name in self.output_dims:
+                array = self._unreshape(name, array)
+            writer.write(name, array, self.output_types.get(name), result.outputs.add(), out_frames, target)
+
+    def _unreshape(self, name: str, array: Any) -> Any:
+        """The model's output (in its ``reshape`` shape) in the configured ``dims``."""
+        dims = list(self.output_dims[name])
+        lead = [array.shape[0]] if self.batching and array.ndim else []
+        size = int(array.size)
+        known = 1
+        for d in lead + [d for d in dims if d != -1]:
+            known *= d
+        if -1 in dims:
+            dims[dims.index(-1)] = size // known if known else 0
+        try:
+            return array.reshape(lead + dims)
+        except ValueError:
+            want = lead + list(self.output_dims[name])
+            raise ServingError(f"output '{name}' of shape {list(array.shape)} cannot be reshaped to {want}") from None
 
     def _free_result(self, result: wpb.Result) -> None:
         if self.arena is None:

@@ -22,7 +22,7 @@ from tests.e2e.server import ServerProcess, make_repository
 
 @pytest.fixture(scope="module")
 def bserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "batcher", "add_sub")
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "batcher", "add_sub", "reshaper")
     srv = ServerProcess(repo).start()
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -132,7 +132,7 @@ def test_statistics_shape(bserver: ServerProcess) -> None:
     status, body = _stats(bserver, "/v2/models/stats")
     assert status == 200
     names = {(m["name"], m["version"]) for m in body["model_stats"]}
-    assert names == {("batcher", "1"), ("add_sub", "1")}
+    assert names == {("batcher", "1"), ("add_sub", "1"), ("reshaper", "1")}
     status, body = _stats(bserver, "/v2/models/add_sub/versions/1/stats")
     (m,) = body["model_stats"]
     for key in (
@@ -171,3 +171,38 @@ def test_statistics_shape(bserver: ServerProcess) -> None:
         assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         g.close()
+
+
+def test_reshape_and_shapes_in_batches(bserver: ServerProcess) -> None:
+    """Input and output ``reshape`` with a variable dimension through the batcher: requests
+    of different variable dims never share a batch, zero-sized batches pass, each client
+    gets its own result in its own shape."""
+    shapes = [(1, 2, 3), (2, 2, 3), (1, 2, 5), (0, 2, 3), (3, 2, 3), (1, 2, 5)]
+    client = grpcclient.InferenceServerClient(bserver.grpc_url)
+    results: list[Any] = [None] * len(shapes)
+    done = threading.Semaphore(0)
+    try:
+        for i, shape in enumerate(shapes):
+            x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 100 * i
+            inp = grpcclient.InferInput("INPUT0", list(shape), "FP32")
+            inp.set_data_from_numpy(x)
+
+            def cb(result: Any, error: Any, i: int = i) -> None:
+                results[i] = error if error is not None else result
+                done.release()
+
+            client.async_infer("reshaper", [inp], cb)
+        for _ in shapes:
+            assert done.acquire(timeout=60)
+    finally:
+        client.close()
+    for i, (shape, r) in enumerate(zip(shapes, results, strict=True)):
+        assert not isinstance(r, Exception), (shape, r)
+        x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 100 * i
+        out = r.as_numpy("OUTPUT0")
+        if shape[0] == 0:  # no elements: a variable output dimension cannot be recovered
+            assert out.size == 0 and out.shape[:2] == (0, 2)
+            continue
+        assert out.shape == shape
+        np.testing.assert_array_equal(out, x + 1)
+        assert r.as_numpy("SEEN_RANK").reshape(-1).tolist() == [2] * shape[0]
