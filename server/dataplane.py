@@ -15,7 +15,14 @@ from server.sharedmem import SharedMemoryRegistry
 from server.types import InferRequest, InferResult
 
 SERVER_NAME = "shoal"
-EXTENSIONS = ["model_configuration", "binary_tensor_data", "system_shared_memory", "cuda_shared_memory", "logging"]
+EXTENSIONS = [
+    "model_configuration",
+    "binary_tensor_data",
+    "statistics",
+    "system_shared_memory",
+    "cuda_shared_memory",
+    "logging",
+]
 
 
 class DataPlane:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,6 +131,8 @@ def test_priority_outside_levels(bserver: ServerProcess) -> None:
 
 
 def test_statistics_shape(bserver: ServerProcess) -> None:
+    # perf_analyzer reports server-side statistics only when the extension is listed
+    assert "statistics" in _stats(bserver, "/v2")[1]["extensions"]
     status, body = _stats(bserver, "/v2/models/stats")
     assert status == 200
     names = {(m["name"], m["version"]) for m in body["model_stats"]}
@@ -206,3 +210,76 @@ def test_reshape_and_shapes_in_batches(bserver: ServerProcess) -> None:
         assert out.shape == shape
         np.testing.assert_array_equal(out, x + 1)
         assert r.as_numpy("SEEN_RANK").reshape(-1).tolist() == [2] * shape[0]
+
+
+def test_instances_execute_in_parallel(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """Two instances run two slow requests at the same time; one instance runs them in turn."""
+    repo = make_repository(tmp_path / "repo", "slow")
+    one = repo / "slow_one"
+    shutil.copytree(repo / "slow", one)
+    cfg = (one / "config.pbtxt").read_text().replace('name: "slow"', 'name: "slow_one"')
+    (one / "config.pbtxt").write_text(cfg.replace("count: 2", "count: 1"))
+    srv = ServerProcess(repo).start()
+    fresh_server.append(srv)
+    client = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        elapsed = {}
+        for model in ("slow", "slow_one"):
+            done = threading.Semaphore(0)
+
+            def release(result: Any, error: Any, done: threading.Semaphore = done) -> None:
+                done.release()  # tritonclient passes result= and error= by keyword
+
+            start = time.monotonic()
+            for _ in range(2):
+                inp = grpcclient.InferInput("INPUT0", [1], "FP32")
+                inp.set_data_from_numpy(np.ones(1, dtype=np.float32))
+                client.async_infer(model, [inp], release, parameters={"delay_ms": 400})
+            for _ in range(2):
+                assert done.acquire(timeout=30)
+            elapsed[model] = time.monotonic() - start
+        assert elapsed["slow"] < 0.75 <= elapsed["slow_one"], elapsed
+    finally:
+        client.close()
+    assert srv.terminate() == 0
+
+
+def test_preserve_ordering(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """Two instances, no queue delay: a slow request and a fast one behind it run at once;
+    with preserve_ordering the fast one's response waits for the slow one's (a gRPC stream
+    shows the order), without it the fast one comes first."""
+    repo = make_repository(tmp_path / "repo", "batcher")
+    base = (repo / "batcher" / "config.pbtxt").read_text()
+    base = base.replace("max_queue_delay_microseconds: 50000", "max_queue_delay_microseconds: 0")
+    base = base.replace("count: 1", "count: 2")
+    for name, extra in (("ordered", "preserve_ordering: true\n"), ("unordered", "")):
+        shutil.copytree(repo / "batcher", repo / name)
+        cfg = base.replace('name: "batcher"', f'name: "{name}"').replace(
+            "dynamic_batching {", "dynamic_batching {\n" + extra
+        )
+        (repo / name / "config.pbtxt").write_text(cfg)
+    srv = ServerProcess(repo).start()
+    fresh_server.append(srv)
+    try:
+        for model, expect in (("ordered", ["slow", "fast"]), ("unordered", ["fast", "slow"])):
+            order: list[Any] = []
+            got = threading.Semaphore(0)
+
+            def on_response(result: Any, error: Any, order: list[Any] = order, got: threading.Semaphore = got) -> None:
+                order.append(error or result.get_response().id)
+                got.release()
+
+            client = grpcclient.InferenceServerClient(srv.grpc_url)
+            client.start_stream(callback=on_response)
+            for rid, delay in (("slow", 400), ("fast", 0)):
+                inp = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+                inp.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
+                client.async_stream_infer(model, [inp], request_id=rid, parameters={"delay_ms": delay})
+                time.sleep(0.05)
+            for _ in range(2):
+                assert got.acquire(timeout=30)
+            client.stop_stream()
+            client.close()
+            assert order == expect, (model, order)
+    finally:
+        assert srv.terminate() == 0
