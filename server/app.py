@@ -59,6 +59,7 @@ class App:
         self._force = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
+        self._poll: asyncio.Future[None] | None = None
 
     def _forget_regions(self, region_ids: Sequence[int]) -> None:
         if self.models is not None:
@@ -117,7 +118,14 @@ class App:
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
         )
-        self.models = ModelManager(cfg.model_repository, channel=self.channel, ctx=ctx, settings=settings)
+        self.models = ModelManager(
+            cfg.model_repository,
+            channel=self.channel,
+            ctx=ctx,
+            settings=settings,
+            mode=cfg.model_control_mode,
+            drain_timeout_s=cfg.exit_timeout_s,
+        )
         shm.on_forget = self._forget_regions
         shm.prober = self._probe_region
         self.dataplane = DataPlane(
@@ -139,7 +147,16 @@ class App:
         log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.metrics_port:
             log.info("the metrics endpoint is not built yet; --metrics-port is ignored")
-        await self.models.load_all()
+        if cfg.model_control_mode == "explicit":
+            # --load-model NAME (repeatable; * = every model); none: start with nothing
+            if "*" in cfg.load_models:
+                await self.models.load_all()
+            elif cfg.load_models:
+                await self.models.load_all(list(dict.fromkeys(cfg.load_models)))
+        else:
+            await self.models.load_all()
+        if cfg.model_control_mode == "poll":
+            self._poll = asyncio.ensure_future(self.models.poll_forever(cfg.repository_poll_s))
         self.dataplane.started = True
         ready = self.models.all_ready()
         log.info("server %s: %s", "ready" if ready else "started, NOT ready", _summary(self.models))
@@ -151,6 +168,8 @@ class App:
         deadline = time.monotonic() + timeout
         if self.dataplane is not None:
             self.dataplane.accepting = False
+        if self._poll is not None:
+            self._poll.cancel()
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()

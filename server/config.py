@@ -41,6 +41,8 @@ class ServerConfig:
     strict_readiness: bool = True
     model_control_mode: str = "none"
     repository_poll_s: float = 15.0
+    load_models: tuple[str, ...] = ()
+    """Models to load at start in explicit mode (``*``: all)."""
     http_max_input_bytes: int = 64 << 20
     """Largest JSON request body (Triton's --http-max-input-size)."""
     http_max_body_bytes: int = 2 << 30
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--model-control-mode", default="none")
     s.add_argument("--repository-poll-secs", default=15.0)
+    s.add_argument(
+        "--load-model", dest="load_model", action="append", default=[], help="explicit mode: load at start (* = all)"
+    )
     s.add_argument("--http-max-input-size", default=64 << 20)
     s.add_argument("--shm-arena-bytes", default=64 << 20)
     s.add_argument("--shm-arena-max-bytes", default=1 << 30)
@@ -186,10 +191,11 @@ def parse(argv: list[str]) -> ServerConfig:
     nonzero = [p for p in ports.values() if p]
     if len(nonzero) != len(set(nonzero)):
         problems.append("--http-port, --grpc-port and --metrics-port must differ")
+    args.model_control_mode = str(args.model_control_mode).strip().lower()
     if args.model_control_mode not in CONTROL_MODES:
         problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")
-    elif args.model_control_mode != "none":
-        problems.append(f"--model-control-mode {args.model_control_mode}: not supported yet (only 'none')")
+    elif args.load_model and args.model_control_mode != "explicit":
+        problems.append("--load-model needs --model-control-mode=explicit")
     if args.exit_timeout_secs < 0:
         problems.append("--exit-timeout-secs must be >= 0")
     if args.repository_poll_secs <= 0:
@@ -236,6 +242,7 @@ def parse(argv: list[str]) -> ServerConfig:
         allow_client_shm=args.allow_client_shm,
         model_control_mode=args.model_control_mode,
         repository_poll_s=args.repository_poll_secs,
+        load_models=tuple(args.load_model),
         http_max_input_bytes=args.http_max_input_size,
         shm_arena_bytes=args.shm_arena_bytes,
         shm_arena_max_bytes=args.shm_arena_max_bytes,

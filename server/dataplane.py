@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from proto import dtypes
-from proto.config_json import config_to_json
-from proto.errors import ErrorCode, InvalidInput, ServingError
+from proto.config_json import config_from_json, config_to_json
+from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
 from proto.gen import model_config_pb2 as mc
 from server.logsettings import LogSettings
 from server.models import ModelManager, ModelVersion, TensorSpec
@@ -19,6 +21,8 @@ EXTENSIONS = [
     "model_configuration",
     "binary_tensor_data",
     "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
     "system_shared_memory",
     "cuda_shared_memory",
     "logging",
@@ -109,6 +113,51 @@ class DataPlane:
                 raise InvalidInput(f"raw binary request body of {nbytes} bytes does not fit input '{spec.name}'")
             dims[variable[0]] = nbytes // fixed
         return spec.name, spec.datatype, batch + tuple(dims)
+
+    # ---- model repository extension -------------------------------------------------------------
+
+    def _check_control(self) -> None:
+        if self.models.mode != "explicit":
+            raise ServingError(
+                "explicit model load / unload is not allowed: start the server with --model-control-mode=explicit",
+                code=ErrorCode.UNAVAILABLE,
+            )
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        return self.models.index(ready_only)
+
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Load or reload ``name``; ``parameters["config"]``: JSON text of a configuration
+        to use instead of config.pbtxt. Files sent with the request are refused."""
+        self._check_control()
+        override: mc.ModelConfig | None = None
+        for key, value in parameters.items():
+            if key == "config":
+                if not isinstance(value, str):
+                    raise InvalidInput("load parameter 'config' must be a string of JSON")
+                try:
+                    obj = orjson.loads(value)
+                except orjson.JSONDecodeError as exc:
+                    raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
+                override = config_from_json(obj)
+            elif key.startswith("file:"):
+                raise Unsupported(
+                    "model files sent with a load request are not accepted; put them in the model repository"
+                )
+            else:
+                raise InvalidInput(f"unknown load parameter '{key[:64]}'")
+        await self.models.load(name, override)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Unload ``name``. ``unload_dependents`` is accepted (no model depends on another
+        until ensembles exist)."""
+        self._check_control()
+        for key, value in parameters.items():
+            if key != "unload_dependents":
+                raise InvalidInput(f"unknown unload parameter '{key[:64]}'")
+            if not isinstance(value, bool):
+                raise InvalidInput("unload parameter 'unload_dependents' must be a boolean")
+        await self.models.unload(name)
 
     # ---- statistics ---------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from server import gpus
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext, InstancePool
 from server.dispatch.worker import Worker, WorkerSpec
-from server.repository import ModelSource, list_models, read_model
+from server.repository import ModelSource, fingerprint, list_models, read_model, validate_model_name
 from server.scheduling.base import Scheduler
 from server.scheduling.direct import DirectScheduler
 from server.scheduling.dynamic import DynamicBatcher
@@ -63,6 +65,9 @@ class ModelVersion:
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
     required_inputs: int = 0
     load_seconds: float = 0.0
+    config_bytes: bytes = b""
+    fingerprint: tuple[object, ...] = ()
+    error_code: ErrorCode = ErrorCode.INTERNAL
     stats: ModelStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +76,16 @@ class ModelVersion:
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY and self.pool is not None and self.pool.ready_count > 0
+
+
+def _version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
+    """The part of a model's fingerprint one version depends on: files outside version
+    directories (config, labels) and those of its own directory."""
+    files, override = fp
+    assert isinstance(files, tuple)
+    prefix = f"{version}{os.sep}"
+    mine = tuple(f for f in files if f[0].startswith(prefix) or not f[0].split(os.sep, 1)[0].isdigit())
+    return (mine, override)
 
 
 def _tensor_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
@@ -101,35 +116,205 @@ class InstanceSettings:
 
 
 class ModelManager:
+    """``mode``: "none" (load everything at start), "poll" (and follow the repository), or
+    "explicit" (load / unload on request). Operations on one model are serialized."""
+
     def __init__(
-        self, repository: Path, *, channel: WorkerChannel, ctx: DispatchContext, settings: InstanceSettings
+        self,
+        repository: Path,
+        *,
+        channel: WorkerChannel,
+        ctx: DispatchContext,
+        settings: InstanceSettings,
+        mode: str = "none",
+        drain_timeout_s: float = 30.0,
     ) -> None:
         self.repository = repository
         self.channel = channel
         self.ctx = ctx
         self.settings = settings
+        self.mode = mode
+        self.drain_timeout_s = drain_timeout_s
         self.sources: dict[str, ModelSource] = {}
         self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.wanted: set[str] = set()
+        """Models that should be loaded: strict readiness looks at these."""
+        self.fingerprints: dict[str, tuple[object, ...]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._instance_counter = 0
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # ---- loading -------------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        """Load every model of the repository concurrently; failures are logged and kept
-        as UNAVAILABLE with a reason, never raised."""
-        names = list_models(self.repository)
-        await asyncio.gather(*(self.load(name) for name in names))
+    async def load_all(self, names: list[str] | None = None) -> None:
+        """Load every model of the repository (or ``names``) concurrently; failures are
+        logged and kept as UNAVAILABLE with a reason, never raised."""
+        if names is None:
+            names = list_models(self.repository)
 
-    async def load(self, name: str) -> None:
-        src = read_model(self.repository, name, len(self.settings.gpu_devices))
-        self.sources[name] = src
-        if src.error:
-            log.error("model '%s' cannot be loaded: %s", name, src.error)
-            self.models[name] = {}
+        async def one(name: str) -> None:
+            try:
+                await self.load(name)
+            except ServingError:
+                pass  # logged and recorded by load()
+
+        await asyncio.gather(*(one(name) for name in names))
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def load(self, name: str, override: mc.ModelConfig | None = None) -> None:
+        """Load or reload ``name``. New or changed versions are loaded while the old ones
+        keep serving, then swapped in; versions no longer chosen (or replaced) finish their
+        requests and stop. A version that fails to load keeps its old instance serving.
+        Raises ``ServingError`` naming what failed."""
+        validate_model_name(name)
+        async with self._lock(name):
+            self.wanted.add(name)
+            fp = (fingerprint(self.repository / name), override.SerializeToString() if override else b"")
+            src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
+            old = self.models.get(name, {})
+            serving = {v: mv for v, mv in old.items() if mv.ready}
+            if src.error:
+                log.error("model '%s' cannot be loaded: %s", name, src.error)
+                if serving:
+                    self.sources[name].error = ""
+                    self.sources[name].reload_error = src.error
+                    raise InvalidInput(f"failed to load '{name}': {src.error}; the previous version keeps serving")
+                self.sources[name] = src
+                self.models[name] = {}
+                self.fingerprints[name] = fp
+                await self._retire_all(old.values())
+                raise InvalidInput(f"failed to load '{name}': {src.error}")
+            config_bytes = src.config.SerializeToString(deterministic=True)
+            chosen: dict[int, ModelVersion] = {}
+            starting: list[ModelVersion] = []
+            for v in src.versions:
+                mv = serving.get(v)
+                if mv is not None and mv.config_bytes == config_bytes and mv.fingerprint == _version_print(fp, v):
+                    chosen[v] = mv  # unchanged: keeps serving as it is
+                    continue
+                fresh = self._new_version(src, v)
+                fresh.config_bytes = config_bytes
+                fresh.fingerprint = _version_print(fp, v)
+                chosen[v] = fresh
+                starting.append(fresh)
+            if starting and not old:
+                self.models[name] = chosen  # first load: LOADING states are visible at once
+            await asyncio.gather(*(self._load_version(mv) for mv in starting))
+            failed = [mv for mv in starting if mv.state is not ModelState.READY]
+            for mv in failed:
+                previous = serving.get(mv.version)
+                if previous is not None:
+                    chosen[mv.version] = previous
+            src.reload_error = "; ".join(f"version {mv.version}: {mv.reason}" for mv in failed)
+            self.sources[name] = src
+            self.models[name] = chosen
+            self.fingerprints[name] = fp
+            await self._retire_all(mv for v, mv in old.items() if chosen.get(v) is not mv)
+            if failed:
+                raise ServingError(
+                    f"failed to load '{name}': {src.reload_error}",
+                    code=failed[0].error_code,
+                )
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests fail at once, requests in flight finish."""
+        validate_model_name(name)
+        async with self._lock(name):
+            self.wanted.discard(name)
+            versions = self.models.get(name)
+            if not versions and name not in self.sources:
+                raise InvalidInput(f"failed to unload '{name}': no such model is loaded")
+            await self._retire_all(list((versions or {}).values()))
+            src = self.sources.get(name)
+            if src is not None:
+                src.error = ""
+                src.reload_error = ""
+            self.fingerprints.pop(name, None)
+
+    async def _retire_all(self, versions: Iterable[ModelVersion]) -> None:
+        await asyncio.gather(*(self._retire(mv) for mv in list(versions)))
+
+    async def _retire(self, mv: ModelVersion) -> None:
+        if mv.state is ModelState.UNAVAILABLE and mv.pool is None:
+            mv.reason = mv.reason or "unloaded"
             return
-        versions = {v: self._new_version(src, v) for v in src.versions}
-        self.models[name] = versions
-        await asyncio.gather(*(self._load_version(mv) for mv in versions.values()))
+        mv.state = ModelState.UNLOADING
+        if mv.scheduler is not None:
+            await mv.scheduler.drain(self.drain_timeout_s)
+        if mv.pool is not None:
+            await asyncio.gather(*(w.stop() for w in mv.pool.workers), return_exceptions=True)
+        mv.state = ModelState.UNAVAILABLE
+        mv.reason = "unloaded"
+        log.info("model '%s' version %d unloaded", mv.name, mv.version)
+
+    # ---- polling -------------------------------------------------------------------------
+
+    async def poll_once(self) -> None:
+        """Pick up models, versions, configs and label files added, changed or removed."""
+        present = set(list_models(self.repository))
+        known = set(self.fingerprints)
+        for name in sorted(known - present):
+            log.info("model '%s' left the repository: unloading", name)
+            try:
+                await self.unload(name)
+            except ServingError as exc:
+                log.error("unloading '%s' failed: %s", name, exc.message)
+        for name in sorted(present):
+            fp = (fingerprint(self.repository / name), b"")
+            if self.fingerprints.get(name) == fp:
+                continue
+            log.info("model '%s' changed in the repository: (re)loading", name)
+            try:
+                await self.load(name)
+            except ServingError as exc:
+                log.error("%s", exc.message)
+
+    async def poll_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - polling must go on
+                log.exception("polling the model repository failed")
+
+    # ---- index ---------------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: one entry per known version; model directories never
+        loaded appear with their name only."""
+        out: list[dict[str, str]] = []
+        names = set(self.models) | set(self.sources)
+        try:
+            names |= set(list_models(self.repository))
+        except OSError:
+            pass
+        for name in sorted(names):
+            versions = self.models.get(name, {})
+            src = self.sources.get(name)
+            if not versions:
+                if ready_only:
+                    continue
+                entry = {"name": name}
+                if src is not None and src.error:
+                    entry.update(state="UNAVAILABLE", reason=src.error)
+                out.append(entry)
+                continue
+            for v, mv in sorted(versions.items()):
+                if ready_only and not mv.ready:
+                    continue
+                entry = {"name": name, "version": str(v), "state": mv.state.value}
+                reason = mv.reason
+                if mv.ready and src is not None and src.reload_error:
+                    reason = f"reload failed, still serving: {src.reload_error}"
+                if reason:
+                    entry["reason"] = reason
+                out.append(entry)
+        return out
 
     def _new_version(self, src: ModelSource, version: int) -> ModelVersion:
         mv = ModelVersion(name=src.name, version=version, config=src.config)
@@ -149,6 +334,7 @@ class ModelManager:
             first = errors[0]
             mv.state = ModelState.UNAVAILABLE
             mv.reason = first.message if isinstance(first, ServingError) else repr(first)
+            mv.error_code = first.code if isinstance(first, ServingError) else ErrorCode.INTERNAL
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
             return
         mv.pool = InstancePool(workers, self.ctx, mv.stats)
@@ -245,11 +431,14 @@ class ModelManager:
         return mv
 
     def all_ready(self) -> bool:
-        """Every model of the repository has every chosen version ready (strict readiness)."""
-        for name, src in self.sources.items():
-            if src.error:
+        """Every model that should be loaded has every chosen version ready (strict
+        readiness); in explicit mode only the models loaded on request count."""
+        for name in self.wanted:
+            src = self.sources.get(name)
+            versions = self.models.get(name)
+            if src is None or src.error or not versions:
                 return False
-            if not all(mv.ready for mv in self.models.get(name, {}).values()):
+            if not all(mv.ready for mv in versions.values()):
                 return False
         return True
 

@@ -42,6 +42,8 @@ class ModelSource:
     config: mc.ModelConfig = field(default_factory=mc.ModelConfig)
     versions: list[int] = field(default_factory=list)
     error: str = ""
+    reload_error: str = ""
+    """Why the last reload failed while an older load keeps serving."""
 
 
 def validate_model_name(name: str) -> None:
@@ -50,17 +52,43 @@ def validate_model_name(name: str) -> None:
         raise InvalidInput(f"invalid model name '{name}'")
 
 
+def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a change to a model directory changes: (relative path, size, mtime) of every
+    file under it (config, label files, version directories). At most 10000 entries."""
+    out: list[tuple[str, int, int]] = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            out.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+            if len(out) >= 10000:
+                return tuple(out)
+    return tuple(out)
+
+
 def list_models(repo: Path) -> list[str]:
     """Directory names of the repository that look like models (hidden ones skipped)."""
     return sorted(entry.name for entry in os.scandir(repo) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def read_model(repo: Path, name: str, gpu_count: int = 0) -> ModelSource:
-    """Parse, normalize and validate one model; errors land in ``ModelSource.error``."""
+def read_model(repo: Path, name: str, gpu_count: int = 0, override: mc.ModelConfig | None = None) -> ModelSource:
+    """Parse, normalize and validate one model; errors land in ``ModelSource.error``.
+    ``override``: a configuration given with a load request, used instead of config.pbtxt."""
     path = repo / name
     src = ModelSource(name=name, path=path)
     try:
-        src.config = parse_config(path, name)
+        validate_model_name(name)
+        if not path.is_dir():
+            raise InvalidInput(f"model '{name}' is not in the model repository")
+        if override is not None:
+            src.config = mc.ModelConfig()
+            src.config.CopyFrom(override)
+        else:
+            src.config = parse_config(path, name)
         versions = available_versions(path)
         normalize(src.config, name, path, versions, gpu_count)
         src.versions = select_versions(src.config, versions)

@@ -150,9 +150,6 @@ def test_bad_requests(stub: Any) -> None:
 
 def test_unbuilt_rpcs_say_unimplemented(client: Any) -> None:
     calls = [
-        lambda: client.get_model_repository_index(),
-        lambda: client.load_model("add_sub"),
-        lambda: client.unload_model("add_sub"),
         lambda: client.get_trace_settings(),
     ]
     for call in calls:

@@ -194,11 +194,17 @@ def test_duplicate_ports(tmp_path: Path, ports: tuple[str, ...]) -> None:
     ]
 
 
-@pytest.mark.parametrize("mode", ["poll", "explicit"])
-def test_control_mode_not_supported_yet(tmp_path: Path, mode: str) -> None:
-    assert _problems("--model-repository", str(tmp_path), "--model-control-mode", mode) == [
-        f"--model-control-mode {mode}: not supported yet (only 'none')"
+@pytest.mark.parametrize("mode", ["poll", "explicit", "EXPLICIT", "Poll"])
+def test_control_modes(tmp_path: Path, mode: str) -> None:
+    assert _parse(tmp_path, "--model-control-mode", mode).model_control_mode == mode.lower()
+
+
+def test_load_model_needs_explicit(tmp_path: Path) -> None:
+    assert _problems("--model-repository", str(tmp_path), "--load-model", "a") == [
+        "--load-model needs --model-control-mode=explicit"
     ]
+    cfg = _parse(tmp_path, "--model-control-mode", "explicit", "--load-model", "a", "--load-model", "*")
+    assert cfg.load_models == ("a", "*")
 
 
 def test_control_mode_none(tmp_path: Path) -> None:

@@ -473,5 +473,5 @@ def test_list_models(tmp_path: Path) -> None:
 
 def test_read_model_reports_errors_without_raising(tmp_path: Path) -> None:
     src = read_model(tmp_path, "missing")
-    assert src.error == "model 'missing': no config.pbtxt"
+    assert src.error == "model 'missing' is not in the model repository"
     assert src.versions == []

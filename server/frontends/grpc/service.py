@@ -53,6 +53,14 @@ def _version(v: str) -> int:
     return int(v) if v.isdigit() else -1
 
 
+def _repo_params(params: Any) -> dict[str, Any]:
+    out = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        out[key] = None if which is None else getattr(p, which)
+    return out
+
+
 def _not_yet(what: str) -> Unsupported:
     return Unsupported(f"{what} is not supported yet by this server")
 
@@ -178,16 +186,25 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @rpc
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        raise _not_yet("the model repository extension")
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        resp = pb.RepositoryIndexResponse()
+        for entry in self.dp.repository_index(request.ready):
+            resp.models.add(**entry)
+        return resp
 
     @rpc
-    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        raise _not_yet("the model repository extension (load)")
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.dp.load_model(request.model_name, _repo_params(request.parameters))
+        return pb.RepositoryModelLoadResponse()
 
     @rpc
-    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        raise _not_yet("the model repository extension (unload)")
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.dp.unload_model(request.model_name, _repo_params(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
     @rpc
     async def SystemSharedMemoryStatus(

@@ -73,6 +73,37 @@ async def model_stats(request: web.Request) -> web.Response:
     return _json_response({"model_stats": request.app[DATAPLANE].statistics(name, _version(request))})
 
 
+# ---- model repository extension
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    body = await _json_body(request, "repository index")
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput("repository index 'ready' must be a boolean")
+    return _json_response(request.app[DATAPLANE].repository_index(ready))
+
+
+async def _load_params(request: web.Request, what: str) -> dict[str, Any]:
+    body = await _json_body(request, what)
+    params = body.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{what} 'parameters' must be an object")
+    return params
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    params = await _load_params(request, "model load")
+    await request.app[DATAPLANE].load_model(request.match_info["model"], params)
+    return web.Response(status=200)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    params = await _load_params(request, "model unload")
+    await request.app[DATAPLANE].unload_model(request.match_info["model"], params)
+    return web.Response(status=200)
+
+
 # ---- shared-memory extensions -----------------------------------------------------------------
 
 
@@ -215,6 +246,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2/logging", logging_get)
     r.add_post("/v2/logging", logging_post)
     r.add_get("/v2/models/stats", model_stats)
+    r.add_post("/v2/repository/index", repository_index)
+    r.add_post("/v2/repository/models/{model}/load", repository_load)
+    r.add_post("/v2/repository/models/{model}/unload", repository_unload)
     for kind, status, register, unregister in (
         ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
         ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
