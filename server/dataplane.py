@@ -11,6 +11,7 @@ from proto import dtypes
 from proto.config_json import config_from_json, config_to_json
 from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
 from proto.gen import model_config_pb2 as mc
+from server.classification import classify
 from server.logsettings import LogSettings
 from server.models import ModelManager, ModelVersion, TensorSpec
 from server.sharedmem import SharedMemoryRegistry
@@ -189,7 +190,14 @@ class DataPlane:
         if not uses_shm:
             validate(mv, request)
             assert mv.scheduler is not None
-            return await mv.scheduler.submit(request)
+            result = await mv.scheduler.submit(request)
+            if request.outputs is not None:
+                try:
+                    classify(request, result, mv.labels, mv.config.max_batch_size > 0)
+                except BaseException:
+                    result.done()
+                    raise
+            return result
         # The regions stay counted until this request is done here; the dispatcher counts its
         # own use separately, until the worker has answered (even if this caller is cancelled).
         self.shm.bind(request)

@@ -68,6 +68,8 @@ class ModelVersion:
     config_bytes: bytes = b""
     fingerprint: tuple[object, ...] = ()
     error_code: ErrorCode = ErrorCode.INTERNAL
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    """Lines of each output's ``label_filename`` (classification extension)."""
     stats: ModelStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -318,6 +320,7 @@ class ModelManager:
 
     def _new_version(self, src: ModelSource, version: int) -> ModelVersion:
         mv = ModelVersion(name=src.name, version=version, config=src.config)
+        mv.labels = src.labels
         mv.inputs = _tensor_specs(list(src.config.input))
         mv.outputs = _tensor_specs(list(src.config.output))
         mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)

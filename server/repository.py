@@ -43,6 +43,8 @@ class ModelSource:
     versions: list[int] = field(default_factory=list)
     error: str = ""
     reload_error: str = ""
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    """Lines of each output's ``label_filename``."""
     """Why the last reload failed while an older load keeps serving."""
 
 
@@ -92,6 +94,7 @@ def read_model(repo: Path, name: str, gpu_count: int = 0, override: mc.ModelConf
         versions = available_versions(path)
         normalize(src.config, name, path, versions, gpu_count)
         src.versions = select_versions(src.config, versions)
+        src.labels = read_labels(path, src.config)
     except ServingError as exc:
         src.error = exc.message
     return src
@@ -248,3 +251,23 @@ def _normalize_instance_groups(config: mc.ModelConfig, gpu_count: int) -> None:
             raise InvalidInput(f"model '{config.name}': instance group '{group.name}' has a negative count")
         if group.count == 0:
             group.count = CPU_DEFAULT_COUNT.get(config.backend, 1) if group.kind == g.KIND_CPU else 1
+
+
+def read_labels(model_dir: Path, config: mc.ModelConfig) -> dict[str, list[str]]:
+    """``label_filename`` of every output, read from the model directory (a load error if
+    a file is missing or points outside the directory)."""
+    labels: dict[str, list[str]] = {}
+    root = model_dir.resolve()
+    for out in config.output:
+        if not out.label_filename:
+            continue
+        path = (model_dir / out.label_filename).resolve()
+        if root not in path.parents:
+            raise InvalidInput(
+                f"model '{config.name}': label file of output '{out.name}' is outside the model directory"
+            )
+        try:
+            labels[out.name] = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"model '{config.name}': cannot read label file of output '{out.name}': {exc}") from None
+    return labels

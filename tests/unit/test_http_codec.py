@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from proto.errors import ErrorCode, InvalidInput, ServingError
 from server.frontends.http import codec
 from server.types import InferRequest, InferResult, OutputTensor, RequestedOutput
 
@@ -434,9 +434,11 @@ def test_output_binary_data_must_be_bool(value: Any) -> None:
         _decode({"inputs": [], "outputs": [{"name": "a", "parameters": {"binary_data": value}}]})
 
 
-def test_output_classification_unsupported() -> None:
-    with pytest.raises(Unsupported, match="output 'a': the classification extension"):
-        _decode({"inputs": [], "outputs": [{"name": "a", "parameters": {"classification": 3}}]})
+def test_output_classification() -> None:
+    req = _decode({"inputs": [], "outputs": [{"name": "a", "parameters": {"classification": 3}}]})
+    assert req.outputs is not None and req.outputs[0].parameters == {"classification": 3}
+    with pytest.raises(InvalidInput, match="output 'a': 'classification' must be a non-negative integer"):
+        _decode({"inputs": [], "outputs": [{"name": "a", "parameters": {"classification": -3}}]})
 
 
 def test_output_shared_memory_reference() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from proto import dtypes
-from proto.errors import InvalidInput, Unsupported
+from proto.errors import InvalidInput
 from proto.gen import grpc_service_pb2 as pb
+from server.classification import class_count
 from server.sharedmem import shm_params
 from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
@@ -111,9 +112,8 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         outputs = []
         for o in req.outputs:
             oparams = _params(o.parameters, f"output '{o.name}'")
+            class_count(oparams, f"output '{o.name}'")
             oref = shm_params(oparams, f"output '{o.name}'")
-            if oparams.get("classification"):
-                raise Unsupported(f"output '{o.name}': the classification extension is not supported yet")
             outputs.append(RequestedOutput(name=o.name, parameters=oparams, shm=oref))
     return InferRequest(
         model_name=req.model_name,

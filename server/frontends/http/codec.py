@@ -12,7 +12,8 @@ import numpy as np
 import orjson
 
 from proto import dtypes
-from proto.errors import InvalidInput, Unsupported
+from proto.errors import InvalidInput
+from server.classification import class_count
 from server.sharedmem import shm_params
 from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
@@ -182,9 +183,8 @@ def _decode_output(spec: Any, index: int) -> RequestedOutput:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"outputs[{index}] has no 'name'")
     params = dict(_params(spec.get("parameters"), f"output '{name}'"))
+    class_count(params, f"output '{name}'")
     ref = shm_params(params, f"output '{name}'")
-    if params.get("classification"):
-        raise Unsupported(f"output '{name}': the classification extension is not supported yet")
     if "binary_data" in params and type(params["binary_data"]) is not bool:
         raise InvalidInput(f"output '{name}': 'binary_data' must be a boolean")
     return RequestedOutput(name=name, parameters=params, shm=ref)
