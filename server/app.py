@@ -125,6 +125,7 @@ class App:
             settings=settings,
             mode=cfg.model_control_mode,
             drain_timeout_s=cfg.exit_timeout_s,
+            auto_complete=not (cfg.strict_model_config or cfg.disable_auto_complete),
         )
         shm.on_forget = self._forget_regions
         shm.prober = self._probe_region

@@ -37,7 +37,8 @@ class ServerConfig:
     metrics_port: int = 8002
     exit_timeout_s: float = 30.0
     log_verbose: int = 0
-    strict_model_config: bool = True
+    strict_model_config: bool = False
+    disable_auto_complete: bool = False
     strict_readiness: bool = True
     model_control_mode: str = "none"
     repository_poll_s: float = 15.0
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", default=8002)
     s.add_argument("--exit-timeout-secs", default=30.0, help="seconds to let in-flight requests finish at shutdown")
     s.add_argument("--log-verbose", default=0)
-    s.add_argument("--strict-model-config", default=True)
+    s.add_argument("--strict-model-config", default=False, help="true: no auto-complete (configs must be complete)")
+    s.add_argument(
+        "--disable-auto-complete-config", dest="disable_auto_complete", action="store_true", help="no auto-complete"
+    )
     s.add_argument("--strict-readiness", default=True)
     s.add_argument(
         "--allow-client-shm",
@@ -243,6 +247,7 @@ def parse(argv: list[str]) -> ServerConfig:
         model_control_mode=args.model_control_mode,
         repository_poll_s=args.repository_poll_secs,
         load_models=tuple(args.load_model),
+        disable_auto_complete=args.disable_auto_complete,
         http_max_input_bytes=args.http_max_input_size,
         shm_arena_bytes=args.shm_arena_bytes,
         shm_arena_max_bytes=args.shm_arena_max_bytes,

@@ -21,7 +21,7 @@ from proto import dtypes
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
-from server import gpus
+from server import autocomplete, gpus
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext, InstancePool
 from server.dispatch.worker import Worker, WorkerSpec
@@ -130,7 +130,9 @@ class ModelManager:
         settings: InstanceSettings,
         mode: str = "none",
         drain_timeout_s: float = 30.0,
+        auto_complete: bool = True,
     ) -> None:
+        self.auto_complete = auto_complete
         self.repository = repository
         self.channel = channel
         self.ctx = ctx
@@ -177,7 +179,14 @@ class ModelManager:
         async with self._lock(name):
             self.wanted.add(name)
             fp = (fingerprint(self.repository / name), override.SerializeToString() if override else b"")
-            src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
+            try:
+                if self.auto_complete:
+                    override = await autocomplete.complete(
+                        self.repository, name, override, self.settings.load_timeout_s
+                    )
+                src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
+            except ServingError as exc:
+                src = ModelSource(name=name, path=self.repository / name, error=exc.message)
             old = self.models.get(name, {})
             serving = {v: mv for v, mv in old.items() if mv.ready}
             if src.error:

@@ -184,6 +184,14 @@ def _fill_backend(config: mc.ModelConfig, name: str, path: Path, versions: list[
         config.default_model_filename = default_file
 
 
+def backend_of(config: mc.ModelConfig, name: str, path: Path, versions: list[int]) -> str:
+    """The backend ``config`` resolves to (from backend, platform or the model file)."""
+    probe = mc.ModelConfig()
+    probe.CopyFrom(config)
+    _fill_backend(probe, name, path, versions)
+    return probe.backend
+
+
 def _guess_backend(path: Path, name: str, versions: list[int]) -> str:
     """Neither backend nor platform given: look at the file names of the newest version."""
     if versions:

@@ -23,7 +23,7 @@ from proto.gen import worker_pb2 as wpb
 from shm.arena import Arena
 from shm.block import Block
 from shm.mapper import Mapper
-from workers.backends.base import Backend, Device, ModelSpec, WorkRequest
+from workers.backends.base import Backend, Device, ModelSpec, WorkRequest, spec_from_load
 from workers.backends.registry import backend_class
 from workers.clientshm import ClientRegions
 from workers.tensors import OutputWriter, read_input
@@ -102,18 +102,9 @@ class WorkerRuntime:
         try:
             config = mc.ModelConfig()
             config.ParseFromString(req.model_config)
-            model_dir = os.path.join(req.repository, req.model_name)
-            self.spec = ModelSpec(
-                name=req.model_name,
-                version=req.model_version,
-                config=config,
-                repository=req.repository,
-                model_dir=model_dir,
-                version_dir=os.path.join(model_dir, str(req.model_version)),
-                instance_name=req.instance_name,
-                # a GPU worker's CUDA_VISIBLE_DEVICES puts its GPU first: it is device 0 here
-                device=Device(req.device_kind or "CPU", 0 if req.device_kind == "GPU" else -1),
-            )
+            # a GPU worker's CUDA_VISIBLE_DEVICES puts its GPU first: it is device 0 here
+            device = Device(req.device_kind or "CPU", 0 if req.device_kind == "GPU" else -1)
+            self.spec = spec_from_load(req, config, req.instance_name, device)
             self.regions.gpu_order = list(req.gpu_order)
             _apply_priority(req.priority)
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}

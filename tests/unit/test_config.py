@@ -25,7 +25,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg == ServerConfig(model_repository=tmp_path.resolve())
     assert (cfg.host, cfg.http_port, cfg.grpc_port, cfg.metrics_port) == ("0.0.0.0", 8000, 8001, 8002)
     assert cfg.model_control_mode == "none"
-    assert cfg.strict_model_config and cfg.strict_readiness
+    assert not cfg.strict_model_config and not cfg.disable_auto_complete and cfg.strict_readiness
     assert cfg.exit_timeout_s == 30.0
 
 

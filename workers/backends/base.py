@@ -7,6 +7,7 @@ inside the backend's module only, so a missing runtime fails that model's load a
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy.typing as npt
 
 from proto.errors import ServingError
 from proto.gen import model_config_pb2 as mc
+from proto.gen import worker_pb2 as wpb
 
 Array = npt.NDArray[Any]
 
@@ -50,6 +52,21 @@ class ModelSpec:
     """``<repository>/<name>/<version>``"""
     instance_name: str
     device: Device = field(default_factory=Device)
+
+
+def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, device: Device) -> ModelSpec:
+    """The ``ModelSpec`` a ``Load`` message describes."""
+    model_dir = os.path.join(load.repository, load.model_name)
+    return ModelSpec(
+        name=load.model_name,
+        version=load.model_version,
+        config=config,
+        repository=load.repository,
+        model_dir=model_dir,
+        version_dir=os.path.join(model_dir, str(load.model_version)),
+        instance_name=instance_name,
+        device=device,
+    )
 
 
 @dataclass(slots=True)
@@ -94,6 +111,12 @@ class Backend(ABC):
     @abstractmethod
     def load(cls, spec: ModelSpec) -> Self:
         """Load the model, fully ready to execute; raises ``ServingError`` on failure."""
+
+    @classmethod
+    def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
+        """The configuration completed from the model itself (inputs, outputs, max batch
+        size). The default completes nothing. Runs in a short-lived worker process."""
+        return spec.config
 
     @abstractmethod
     def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:

@@ -41,6 +41,9 @@ ORT_TYPES: Final[dict[str, str]] = {
 }
 """onnxruntime element type -> protocol datatype name (``proto.dtypes``)."""
 
+DEFAULT_MAX_BATCH_SIZE: Final = 4
+"""Triton's default-max-batch-size for auto-completed batching models."""
+
 Dims = list[int | None]
 """A model tensor shape: ``None`` for a dynamic (symbolic or unknown) dimension."""
 
@@ -94,6 +97,62 @@ class OnnxRuntimeBackend(BatchedBackend):
             )
         _validate(spec, session)
         return cls(spec, session)
+
+    @classmethod
+    def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
+        """Triton's ONNX Runtime auto-complete: only when inputs or outputs are missing.
+        Batching is possible iff every input and output has a dynamic first dimension; then
+        an unset (0) max_batch_size becomes 4, the first dimension leaves ``dims``, and
+        ``dynamic_batching`` is enabled when no scheduler is configured."""
+        cfg = mc.ModelConfig()
+        cfg.CopyFrom(spec.config)
+        if cfg.input and cfg.output:
+            return cfg
+        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+
+        path = os.path.join(spec.version_dir, cfg.default_model_filename or DEFAULT_FILENAME)
+        if not os.path.isfile(path):
+            raise ServingError(
+                f"model '{spec.name}': cannot complete the configuration: model file "
+                f"'{_relative(path, spec.repository)}' not found",
+                code=ErrorCode.NOT_FOUND,
+            )
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        tensors = list(session.get_inputs()) + list(session.get_outputs())
+        batchable = bool(tensors) and all(len(t.shape) > 0 and _model_dims(t.shape)[0] is None for t in tensors)
+        if cfg.max_batch_size > 0 and not batchable:
+            raise ServingError(
+                f"model '{spec.name}': max_batch_size {cfg.max_batch_size} needs a dynamic first dimension "
+                "in every input and output of the model",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+        if cfg.max_batch_size == 0 and batchable:
+            cfg.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        batching = cfg.max_batch_size > 0
+        for target, model_tensors in ((cfg.input, session.get_inputs()), (cfg.output, session.get_outputs())):
+            if len(target):
+                continue
+            for t in model_tensors:
+                dtype = ORT_TYPES.get(t.type)
+                if dtype is None:
+                    raise ServingError(
+                        f"model '{spec.name}': cannot complete the configuration: '{t.name}' has "
+                        f"unsupported type {t.type}",
+                        code=ErrorCode.INVALID_ARGUMENT,
+                    )
+                dims = [-1 if d is None else d for d in _model_dims(t.shape)]
+                if batching:
+                    dims = dims[1:]
+                entry = target.add(name=t.name, data_type=dtypes.BY_PROTOCOL[dtype].config_number)
+                if dims:
+                    entry.dims.extend(dims)
+                else:
+                    entry.dims.append(1)
+                    if batching:
+                        entry.reshape.SetInParent()
+        if cfg.max_batch_size > 1 and cfg.WhichOneof("scheduling_choice") is None:
+            cfg.dynamic_batching.SetInParent()
+        return cfg
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         """Run the session once on already-batched inputs."""

@@ -22,8 +22,9 @@ from typing import Any, ClassVar, Final, Self
 
 import numpy as np
 
-from proto.config_json import config_to_json
+from proto.config_json import config_from_json, config_to_json
 from proto.errors import ErrorCode, ServingError, Unsupported
+from proto.gen import model_config_pb2 as mc
 from workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
 
 _LOG: Final = logging.getLogger(__name__)
@@ -66,6 +67,30 @@ class PythonBackend(Backend):
         self._output_names = [o.name for o in spec.config.output]
         self._bytes_code = 13
         self._closed = False
+
+    @classmethod
+    def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
+        """Call the model's static ``auto_complete_config(config)`` when it has one."""
+        path = os.path.join(spec.version_dir, spec.config.default_model_filename or "model.py")
+        if not os.path.isfile(path):
+            return spec.config
+        pb = pb_utils()
+        sys.path.insert(0, spec.version_dir)
+        try:
+            module = _import_file(f"_shoal_autocomplete_{next(_MODULE_IDS)}", path)
+            hook = getattr(getattr(module, "TritonPythonModel", None), "auto_complete_config", None)
+            if hook is None:
+                return spec.config
+            completed = hook(pb.ModelConfig(config_to_json(spec.config)))
+            return config_from_json(completed.as_dict())
+        except ServingError:
+            raise
+        except Exception as exc:
+            raise ServingError(
+                f"model '{spec.name}': auto_complete_config failed: {_describe(exc)}", code=ErrorCode.INVALID_ARGUMENT
+            ) from exc
+        finally:
+            sys.path.remove(spec.version_dir)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
