@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from aiohttp import web
 from proto import wire
 from proto.errors import ErrorCode, ServingError
 from server import gpus
+from server.cloudrepo import RemoteRepository
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.dispatch.channel import WorkerChannel
@@ -35,6 +37,7 @@ from shm.mapper import Mapper
 
 log = logging.getLogger("shoal")
 PROBE_TIMEOUT_S = 30.0
+STREAM_GRACE_S = 1.0
 
 
 def server_version() -> str:
@@ -60,6 +63,11 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self.grpc_port = 0
         self._poll: asyncio.Future[None] | None = None
+        self.remote: RemoteRepository | None = None
+
+    async def _refresh_remote(self) -> None:
+        if self.remote is not None:
+            await asyncio.to_thread(self.remote.sync)
 
     def _forget_regions(self, region_ids: Sequence[int]) -> None:
         if self.models is not None:
@@ -118,14 +126,20 @@ class App:
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
         )
+        repository = cfg.model_repository
+        if cfg.model_repository_url:
+            self.remote = RemoteRepository(cfg.model_repository_url, Path(self.run_dir) / "repository")
+            await asyncio.to_thread(self.remote.sync)
+            repository = self.remote.cache
         self.models = ModelManager(
-            cfg.model_repository,
+            repository,
             channel=self.channel,
             ctx=ctx,
             settings=settings,
             mode=cfg.model_control_mode,
             drain_timeout_s=cfg.exit_timeout_s,
             auto_complete=not (cfg.strict_model_config or cfg.disable_auto_complete),
+            refresh=self._refresh_remote if self.remote is not None else None,
         )
         shm.on_forget = self._forget_regions
         shm.prober = self._probe_region
@@ -180,9 +194,10 @@ class App:
             await self._bounded(self.models.drain(timeout))
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
-        if grpc_stop is not None:
-            if self._force.is_set() and self._grpc is not None:
-                await self._grpc.stop(0)
+        if grpc_stop is not None and self._grpc is not None:
+            # Every accepted inference has finished (or the drain timed out); what is left
+            # are idle streams and answers being written: a short grace, not the full one.
+            await self._grpc.stop(0 if self._force.is_set() else STREAM_GRACE_S)
             await grpc_stop
         if self.models is not None:
             # Idle workers finalize their models and exit at once; a worker still busy after

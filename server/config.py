@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.cloudrepo import is_remote
+
 CONTROL_MODES = ("none", "poll", "explicit")
 
 
@@ -42,6 +44,9 @@ class ServerConfig:
     strict_readiness: bool = True
     model_control_mode: str = "none"
     repository_poll_s: float = 15.0
+    model_repository_url: str = ""
+    """An object-storage repository (``s3://...``, ``gs://...``); ``model_repository`` is
+    then the local copy the server makes."""
     load_models: tuple[str, ...] = ()
     """Models to load at start in explicit mode (``*``: all)."""
     http_max_input_bytes: int = 64 << 20
@@ -186,7 +191,8 @@ def parse(argv: list[str]) -> ServerConfig:
     elif len(repos) > 1:
         problems.append("only one --model-repository is supported")
     repo = Path(repos[0]) if repos else Path(".")
-    if repos and not repo.is_dir():
+    remote = repos[0] if repos and is_remote(repos[0]) else ""
+    if repos and not remote and not repo.is_dir():
         problems.append(f"--model-repository {repo}: not a directory")
     ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
     for flag, port in ports.items():
@@ -234,7 +240,8 @@ def parse(argv: list[str]) -> ServerConfig:
     if problems:
         raise ConfigError(problems)
     return ServerConfig(
-        model_repository=repo.resolve(),
+        model_repository=repo.resolve() if not remote else Path(),
+        model_repository_url=remote,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

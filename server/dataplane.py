@@ -147,6 +147,8 @@ class DataPlane:
                 )
             else:
                 raise InvalidInput(f"unknown load parameter '{key[:64]}'")
+        if self.models.refresh is not None:
+            await self.models.refresh()
         await self.models.load(name, override)
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +131,11 @@ class ModelManager:
         mode: str = "none",
         drain_timeout_s: float = 30.0,
         auto_complete: bool = True,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.auto_complete = auto_complete
+        self.refresh = refresh
+        """Brings a remote repository's local copy up to date (before polls and loads)."""
         self.repository = repository
         self.channel = channel
         self.ctx = ctx
@@ -267,6 +270,8 @@ class ModelManager:
 
     async def poll_once(self) -> None:
         """Pick up models, versions, configs and label files added, changed or removed."""
+        if self.refresh is not None:
+            await self.refresh()
         present = set(list_models(self.repository))
         known = set(self.fingerprints)
         for name in sorted(known - present):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tritonclient.http as httpclient
@@ -24,7 +25,7 @@ _GRPC_PORT_RE = re.compile(r"GRPC listening on \S+:(\d+)")
 class ServerProcess:
     """``python -m server serve`` as a child process; its log is kept in ``self.log``."""
 
-    def __init__(self, repository: Path, *extra: str) -> None:
+    def __init__(self, repository: Path | str, *extra: str) -> None:
         self.repository = repository
         self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
@@ -177,3 +178,13 @@ def make_repository(dest: Path, *models: str) -> Path:
             shutil.copytree(tmp / m, dest / m)
         shutil.rmtree(tmp)
     return dest
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0) -> None:
+    """Poll ``predicate`` every 0.1 s until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")

@@ -264,3 +264,31 @@ def test_many_concurrent_requests(server: ServerProcess) -> None:
             await asyncio.gather(*(one(k) for k in range(n)))
 
     asyncio.run(go())
+
+
+def test_idle_grpc_stream_does_not_hold_shutdown(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """A client that keeps a gRPC stream open (as sequence clients do) must not keep the
+    server from exiting for the whole --exit-timeout-secs once no request is in flight."""
+    import tritonclient.grpc as grpcclient
+
+    repo = make_repository(tmp_path / "repo", "identity_fp32")
+    srv = ServerProcess(repo, "--exit-timeout-secs", "30").start()
+    fresh_server.append(srv)
+    client = grpcclient.InferenceServerClient(srv.grpc_url)
+    got = threading.Event()
+
+    def on_response(result: object, error: object) -> None:
+        got.set()
+
+    client.start_stream(callback=on_response)
+    i = grpcclient.InferInput("INPUT0", [2], "FP32")
+    i.set_data_from_numpy(np.ones(2, dtype=np.float32))
+    client.async_stream_infer("identity_fp32", [i])
+    assert got.wait(30)
+    start = time.monotonic()
+    try:
+        assert srv.terminate() == 0
+        assert time.monotonic() - start < 10
+    finally:
+        client.stop_stream()
+        client.close()

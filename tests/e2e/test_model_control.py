@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, make_repository, wait_until
 
 
 def post(server: ServerProcess, path: str, body: Any = b"") -> tuple[int, Any]:
@@ -125,7 +125,7 @@ def test_config_override_and_reload(explicit: ServerProcess) -> None:
         assert not traffic.failures, traffic.failures[:3]
         assert traffic.ok > 0
         # two new workers started (the log is read on another thread: wait for it)
-        _wait(lambda: len(explicit.worker_pids("identity_fp32")) == len(before) + 2, 10)
+        wait_until(lambda: len(explicit.worker_pids("identity_fp32")) == len(before) + 2, 10)
         after = explicit.worker_pids("identity_fp32")
         assert [g["count"] for g in h.get_model_config("identity_fp32")["instance_group"]] == [2]
         # loading again without changes restarts nothing
@@ -212,15 +212,6 @@ def test_control_switched_off(server: ServerProcess) -> None:
         g.close()
 
 
-def _wait(predicate: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
-
-
 def _index(h: httpclient.InferenceServerClient) -> dict[tuple[str, str], dict[str, str]]:
     return {(e["name"], e.get("version", "")): e for e in h.get_model_repository_index()}
 
@@ -235,27 +226,27 @@ def test_poll_mode(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
         with Traffic(srv, "identity_fp32") as traffic:
             # a new model appears
             shutil.copytree(spare / "strings", repo / "strings")
-            _wait(lambda: h.is_model_ready("strings"))
+            wait_until(lambda: h.is_model_ready("strings"))
             # a new version: the default policy (latest 1) serves 2 and retires 1
             shutil.copytree(repo / "identity_fp32" / "1", repo / "identity_fp32" / "2")
-            _wait(lambda: h.is_model_ready("identity_fp32", "2") and not h.is_model_ready("identity_fp32", "1"))
+            wait_until(lambda: h.is_model_ready("identity_fp32", "2") and not h.is_model_ready("identity_fp32", "1"))
             # a changed config
             cfg = repo / "identity_fp32" / "config.pbtxt"
             text = cfg.read_text()
             cfg.write_text(text.replace("count: 1", "count: 2"))
-            _wait(lambda: len(srv.worker_pids("identity_fp32")) >= 4)
+            wait_until(lambda: len(srv.worker_pids("identity_fp32")) >= 4)
             # a broken config: the running version keeps serving, the index says why
             cfg.write_text("this is { not a config")
-            _wait(lambda: "reload failed" in _index(h).get(("identity_fp32", "2"), {}).get("reason", ""))
+            wait_until(lambda: "reload failed" in _index(h).get(("identity_fp32", "2"), {}).get("reason", ""))
             assert h.is_model_ready("identity_fp32", "2")
             cfg.write_text(text)
-            _wait(lambda: "reason" not in _index(h).get(("identity_fp32", "2"), {"reason": ""}))
+            wait_until(lambda: "reason" not in _index(h).get(("identity_fp32", "2"), {"reason": ""}))
             time.sleep(0.3)
         assert not traffic.failures, traffic.failures[:3]
         assert traffic.ok > 0
         # a removed model is unloaded
         shutil.rmtree(repo / "add_sub")
-        _wait(lambda: not h.is_model_ready("add_sub"))
+        wait_until(lambda: not h.is_model_ready("add_sub"))
         assert h.is_server_ready()
         os.sync()
     finally:
