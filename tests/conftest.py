@@ -11,7 +11,8 @@ import pytest
 def shoal_segments() -> set[str]:
     """Segments of Shoal servers and of the client regions tests create (``shoaltest_``)."""
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(("shoal_", "shoaltest_"))}
+        mine = f"shoaltest_{os.getpid()}_"  # client regions of this test process only
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("shoal_", mine))}
     except FileNotFoundError:
         return set()
 

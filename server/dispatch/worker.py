@@ -313,6 +313,10 @@ class Worker:
         """Ask the worker to shut down (its backend finalizes), kill it after ``timeout_s``."""
         self._stopping = True
         proc = self._proc
+        if proc is not None and proc.returncode is None and self.state is not WorkerState.READY:
+            # starting or restarting: it may not be connected yet, so a Shutdown message
+            # could be lost (and the worker would wait for work until killed): terminate it
+            await self._terminate(min(timeout_s, 5.0))
         if proc is not None and proc.returncode is None:
             try:
                 self.channel.send(self.identity, _shutdown())
