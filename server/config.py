@@ -94,6 +94,8 @@ _TYPES: dict[str, tuple[type, str]] = {
     "strict_model_config": (bool, "--strict-model-config"),
     "strict_readiness": (bool, "--strict-readiness"),
     "allow_client_shm": (bool, "--allow-client-shm"),
+    "allow_model_control": (bool, "--allow-model-control"),
+    "allow_poll_model_repository": (bool, "--allow-poll-model-repository"),
     "repository_poll_secs": (float, "--repository-poll-secs"),
     "http_max_input_size": (int, "--http-max-input-size"),
     "shm_arena_bytes": (int, "--shm-arena-bytes"),
@@ -153,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="let clients register system/CUDA shared memory (default true; false answers 501)",
     )
-    s.add_argument("--model-control-mode", default="none")
+    s.add_argument("--model-control-mode", default=None, help="none (default), poll or explicit")
+    # the seed's (TRTIS 19.08) spellings: --allow-model-control=true is explicit mode,
+    # --allow-poll-model-repository=true poll mode
+    s.add_argument("--allow-model-control", default=None)
+    s.add_argument("--allow-poll-model-repository", default=None)
     s.add_argument("--repository-poll-secs", default=15.0)
     s.add_argument(
         "--load-model", dest="load_model", action="append", default=[], help="explicit mode: load at start (* = all)"
@@ -201,6 +207,15 @@ def parse(argv: list[str]) -> ServerConfig:
     nonzero = [p for p in ports.values() if p]
     if len(nonzero) != len(set(nonzero)):
         problems.append("--http-port, --grpc-port and --metrics-port must differ")
+    seed_mode = "explicit" if args.allow_model_control else "poll" if args.allow_poll_model_repository else None
+    if args.allow_model_control and args.allow_poll_model_repository:
+        problems.append("--allow-model-control and --allow-poll-model-repository exclude each other")
+    if args.model_control_mode is None:
+        args.model_control_mode = seed_mode or "none"
+    elif seed_mode is not None and str(args.model_control_mode).strip().lower() != seed_mode:
+        problems.append(
+            f"--model-control-mode {args.model_control_mode} conflicts with the seed's spelling of {seed_mode}"
+        )
     args.model_control_mode = str(args.model_control_mode).strip().lower()
     if args.model_control_mode not in CONTROL_MODES:
         problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")

@@ -209,3 +209,15 @@ def test_load_model_needs_explicit(tmp_path: Path) -> None:
 
 def test_control_mode_none(tmp_path: Path) -> None:
     assert _parse(tmp_path, "--model-control-mode", "none").model_control_mode == "none"
+
+
+def test_seed_spellings_of_control_modes(tmp_path: Path) -> None:
+    assert _parse(tmp_path, "--allow-model-control=true").model_control_mode == "explicit"
+    assert _parse(tmp_path, "--allow-poll-model-repository", "true").model_control_mode == "poll"
+    assert _parse(tmp_path, "--allow-poll-model-repository", "false").model_control_mode == "none"
+    assert _problems(
+        "--model-repository", str(tmp_path), "--allow-model-control=true", "--model-control-mode=poll"
+    ) == ["--model-control-mode poll conflicts with the seed's spelling of explicit"]
+    assert _problems(
+        "--model-repository", str(tmp_path), "--allow-model-control=1", "--allow-poll-model-repository=1"
+    ) == ["--allow-model-control and --allow-poll-model-repository exclude each other"]
