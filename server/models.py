@@ -29,6 +29,7 @@ from server.repository import ModelSource, fingerprint, list_models, read_model,
 from server.scheduling.base import Scheduler
 from server.scheduling.direct import DirectScheduler
 from server.scheduling.dynamic import DynamicBatcher
+from server.scheduling.sequence import SequenceBatcher
 from server.stats import ModelStats
 
 log = logging.getLogger("shoal.models")
@@ -355,7 +356,9 @@ class ModelManager:
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
             return
         mv.pool = InstancePool(workers, self.ctx, mv.stats)
-        if mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
+        if mv.config.HasField("sequence_batching"):
+            mv.scheduler = SequenceBatcher(mv.pool, mv.config, mv.stats)
+        elif mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
             mv.scheduler = DynamicBatcher(mv.pool, mv.config, mv.stats)
         else:
             mv.scheduler = DirectScheduler(mv.pool, mv.stats)

@@ -60,6 +60,10 @@ class InferRequest:
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 1
+    correlation_id: int | str = 0
+    """Sequence id (set by the sequence batcher)."""
+    flags: int = 0
+    """Triton's request flags: 1 = sequence start, 2 = sequence end."""
     """Batch elements of the request (dimension 0 of batching models; 1 otherwise)."""
     shm_regions: list[Region] = field(default_factory=list)
     """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""

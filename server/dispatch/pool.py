@@ -56,12 +56,17 @@ class InstancePool:
             raise ModelNotReady("no instance of the model is ready", retryable=True)
         return best
 
-    async def run(self, batch: Sequence[InferRequest]) -> list[InferResult | ServingError]:
+    async def run(
+        self, batch: Sequence[InferRequest], worker: Worker | None = None
+    ) -> list[InferResult | ServingError]:
         """Execute ``batch`` on one instance; one result or error per request, in order.
 
         Raises ``ServingError`` when the whole batch failed (no ready instance, worker died).
         """
-        worker = self.pick()
+        if worker is None:
+            worker = self.pick()
+        elif not worker.ready:
+            raise ModelNotReady(f"{worker.label} is not ready", retryable=True)
         env = wire.envelope(0)
         buffers: list[Any] = []
         blocks: list[Block] = []
@@ -103,6 +108,12 @@ class InstancePool:
             r = infer.requests.add()
             r.id = i
             r.request_id = req.id
+            if req.correlation_id:
+                if isinstance(req.correlation_id, str):
+                    r.correlation_id_str = req.correlation_id
+                else:
+                    r.correlation_id = req.correlation_id
+            r.flags = req.flags
             for t in req.inputs:
                 ref = r.inputs.add()
                 ref.name = t.name

@@ -125,7 +125,7 @@ def test_config_override_and_reload(explicit: ServerProcess) -> None:
         assert not traffic.failures, traffic.failures[:3]
         assert traffic.ok > 0
         # two new workers started (the log is read on another thread: wait for it)
-        wait_until(lambda: len(explicit.worker_pids("identity_fp32")) == len(before) + 2, 10)
+        wait_until(lambda: len(explicit.worker_pids("identity_fp32")) >= len(before) + 2)
         after = explicit.worker_pids("identity_fp32")
         assert [g["count"] for g in h.get_model_config("identity_fp32")["instance_group"]] == [2]
         # loading again without changes restarts nothing

@@ -1,0 +1,239 @@
+"""``SequenceBatcher``: stateful models. Every request of a sequence (``sequence_id``)
+goes to the same instance and batch slot, in order, with the configured control inputs
+(START, END, READY, CORRID) added as input tensors.
+
+Slots: each instance has ``max(1, max_batch_size)`` (``max_candidate_sequences`` for the
+oldest strategy); a sequence holds one from its START to its END. A START that finds no
+free slot waits for one (backlog). A sequence idle for ``max_sequence_idle_microseconds``
+is released; a later request for it is refused, as is one whose instance died since the
+sequence started (the model's state for it is gone).
+
+This first version executes each request as its own batch on its sequence's instance
+(the requests of different sequences on one instance run one after another, not batched
+together), and treats the ``oldest`` strategy like ``direct``. Implicit state is not built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from proto import dtypes
+from proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
+from proto.gen import model_config_pb2 as mc
+from server.dispatch.pool import InstancePool
+from server.dispatch.worker import Worker
+from server.scheduling.base import wait_idle
+from server.stats import ModelStats
+from server.types import InferRequest, InferResult, InputTensor
+
+log = logging.getLogger("shoal.sequence")
+
+FLAG_START = 1
+FLAG_END = 2
+_KIND = mc.ModelSequenceBatching.Control
+
+
+@dataclass(slots=True)
+class Sequence:
+    corrid: int | str
+    worker: Worker
+    generation: int
+    slot: int
+    last_ns: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool, bool]:
+    """``(sequence_id, start, end)`` of a request to a sequence model."""
+    params = request.parameters
+    corrid = params.get("sequence_id", 0)
+    if isinstance(corrid, bool) or not isinstance(corrid, int | str) or (isinstance(corrid, int) and corrid < 0):
+        raise InvalidInput("request parameter 'sequence_id' must be an unsigned integer or a string")
+    if corrid in (0, ""):
+        raise InvalidInput(f"inference request to model '{model}' must specify a non-zero or non-empty correlation ID")
+    flags = []
+    for key in ("sequence_start", "sequence_end"):
+        value = params.get(key, False)
+        if not isinstance(value, bool):
+            raise InvalidInput(f"request parameter '{key}' must be a boolean")
+        flags.append(value)
+    return corrid, flags[0], flags[1]
+
+
+class SequenceBatcher:
+    def __init__(self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats) -> None:
+        self.pool = pool
+        self.stats = stats
+        self.name = config.name
+        sb = config.sequence_batching
+        if sb.HasField("oldest") and sb.oldest.max_candidate_sequences > 0:
+            self.slots_per_instance = int(sb.oldest.max_candidate_sequences)
+        else:
+            self.slots_per_instance = max(1, config.max_batch_size)
+        self.batching = config.max_batch_size > 0
+        self.idle_ns = int(sb.max_sequence_idle_microseconds or 1_000_000) * 1000
+        self.controls = [(c.name, ctl) for c in sb.control_input for ctl in c.control]
+        self._active: dict[int | str, Sequence] = {}
+        self._free: dict[int, list[int]] = {}
+        self._waiting: list[asyncio.Future[None]] = []
+        self._expired: OrderedDict[int | str, str] = OrderedDict()
+        self._inflight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # ---- slots --------------------------------------------------------------------------
+
+    def _free_slots(self, worker: Worker) -> list[int]:
+        key = id(worker)
+        if key not in self._free:
+            self._free[key] = list(range(self.slots_per_instance - 1, -1, -1))
+        return self._free[key]
+
+    async def _acquire(self, corrid: int | str, now: int) -> Sequence:
+        while True:
+            ready = [w for w in self.pool.workers if w.ready]
+            if not ready:
+                raise ServingError(f"no instance of model '{self.name}' is ready", code=ErrorCode.UNAVAILABLE)
+            best = max(ready, key=lambda w: len(self._free_slots(w)))
+            free = self._free_slots(best)
+            if free:
+                seq = Sequence(corrid, best, best.generation, free.pop(), now)
+                self._active[corrid] = seq
+                return seq
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)  # backlog: wait for a sequence to end
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+
+    def _release(self, seq: Sequence, why: str = "") -> None:
+        if self._active.get(seq.corrid) is seq:
+            del self._active[seq.corrid]
+        self._free_slots(seq.worker).append(seq.slot)
+        if why:
+            self._expired[seq.corrid] = why
+            while len(self._expired) > 10000:
+                self._expired.popitem(last=False)
+        while self._waiting:
+            waiter = self._waiting.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    # ---- requests -----------------------------------------------------------------------
+
+    async def submit(self, request: InferRequest) -> InferResult:
+        if self._draining:
+            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+        corrid, start, end = sequence_params(request, self.name)
+        if self._reaper is None:
+            self._reaper = asyncio.ensure_future(self._reap_idle())
+        self._inflight += 1
+        self._idle.clear()
+        t0 = time.monotonic_ns()
+        ok = False
+        try:
+            seq = self._active.get(corrid)
+            if start:
+                if seq is not None:
+                    self._release(seq)  # a new START ends the sequence that had this id
+                self._expired.pop(corrid, None)
+                seq = await self._acquire(corrid, t0)
+            elif seq is None:
+                why = self._expired.get(corrid)
+                if why:
+                    raise InvalidInput(f"sequence {corrid!r} of model '{self.name}' {why}; start it again")
+                raise InvalidInput(
+                    f"inference request for sequence {corrid!r} to model '{self.name}' must specify the "
+                    "START flag on the first request of the sequence"
+                )
+            async with seq.lock:
+                if seq.worker.generation != seq.generation:
+                    self._release(seq, "ended: its instance failed")
+                    raise WorkerDied(
+                        f"sequence {corrid!r} ended: the instance of model '{self.name}' running it failed"
+                    )
+                request.correlation_id = corrid
+                request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
+                request.inputs.extend(self._control_tensors(corrid, start, end))
+                try:
+                    (result,) = await self.pool.run((request,), worker=seq.worker)
+                except WorkerDied:
+                    self._release(seq, "ended: its instance failed")
+                    raise
+                seq.last_ns = time.monotonic_ns()
+                if end:
+                    self._release(seq)
+            if isinstance(result, ServingError):
+                raise result
+            ok = True
+            return result
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            self.stats.request_done(ok, time.monotonic_ns() - t0, 0)
+
+    def _control_tensors(self, corrid: int | str, start: bool, end: bool) -> list[InputTensor]:
+        out = []
+        shape = (1, 1) if self.batching else (1,)
+        for name, ctl in self.controls:
+            if ctl.kind == _KIND.CONTROL_SEQUENCE_CORRID:
+                dt = dtypes.BY_CONFIG_NUMBER[ctl.data_type]
+                if dt.protocol == "BYTES":
+                    data = dtypes.serialize_bytes(np.array([str(corrid).encode()], dtype=np.object_))
+                else:
+                    if isinstance(corrid, str):
+                        raise InvalidInput(f"model '{self.name}' takes integer sequence ids (CORRID {dt.protocol})")
+                    assert dt.numpy is not None
+                    data = np.array([corrid], dtype=np.uint64).astype(dt.numpy).tobytes()
+                out.append(InputTensor(name, dt.protocol, shape, data))
+                continue
+            value = {
+                _KIND.CONTROL_SEQUENCE_START: start,
+                _KIND.CONTROL_SEQUENCE_END: end,
+                _KIND.CONTROL_SEQUENCE_READY: True,
+            }.get(ctl.kind, False)
+            out.append(_flag_tensor(name, ctl, value, shape))
+        return out
+
+    async def _reap_idle(self) -> None:
+        interval = max(0.01, self.idle_ns / 2e9)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic_ns()
+            for seq in list(self._active.values()):
+                if not seq.lock.locked() and now - seq.last_ns > self.idle_ns:
+                    log.info("model '%s': sequence %r idle, released", self.name, seq.corrid)
+                    self._release(seq, "was released after being idle longer than max_sequence_idle_microseconds")
+
+    async def drain(self, timeout_s: float) -> None:
+        self._draining = True
+        await wait_idle(self._idle, timeout_s)
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+
+def _flag_tensor(name: str, ctl: Any, value: bool, shape: tuple[int, ...]) -> InputTensor:
+    if len(ctl.int32_false_true) == 2:
+        return InputTensor(name, "INT32", shape, np.array([ctl.int32_false_true[int(value)]], np.int32).tobytes())
+    if len(ctl.fp32_false_true) == 2:
+        return InputTensor(name, "FP32", shape, np.array([ctl.fp32_false_true[int(value)]], np.float32).tobytes())
+    if len(ctl.bool_false_true) == 2:
+        return InputTensor(name, "BOOL", shape, np.array([ctl.bool_false_true[int(value)]], np.bool_).tobytes())
+    raise InvalidInput(f"control input '{name}' has no false/true values")

@@ -1,0 +1,170 @@
+"""The sequence batcher through the real server: a Python accumulator driven by many
+interleaved sequences over HTTP, gRPC and a gRPC stream, integer and string ids, the
+backlog when slots are full, idle timeouts, START/END mistakes, and a crash mid-sequence."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.server import ServerProcess, make_repository, wait_until
+
+
+def _variant(repo: Path, name: str, **changes: str) -> None:
+    shutil.copytree(repo / "accumulator", repo / name)
+    cfg = (repo / name / "config.pbtxt").read_text().replace('name: "accumulator"', f'name: "{name}"')
+    for old, new in changes.items():
+        assert old in cfg
+        cfg = cfg.replace(old, new)
+    (repo / name / "config.pbtxt").write_text(cfg)
+
+
+@pytest.fixture(scope="module")
+def sserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "accumulator")
+    a = {"max_sequence_idle_microseconds: 2000000": "max_sequence_idle_microseconds: 300000"}
+    _variant(repo, "acc_idle", **a)
+    _variant(repo, "acc_string", **{"data_type: TYPE_UINT64 } ]": "data_type: TYPE_STRING } ]"})
+    _variant(repo, "acc_one_slot", **{"max_batch_size: 4": "max_batch_size: 1", "count: 2": "count: 1"})
+    srv = ServerProcess(repo).start()
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments()
+
+
+def _input(mod: Any, value: int) -> Any:
+    i = mod.InferInput("INPUT", [1, 1], "INT32")
+    i.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+    return i
+
+
+def _send(client: Any, model: str, sid: int | str, value: int, start: bool = False, end: bool = False) -> Any:
+    mod = httpclient if isinstance(client, httpclient.InferenceServerClient) else grpcclient
+    r = client.infer(model, [_input(mod, value)], sequence_id=sid, sequence_start=start, sequence_end=end)
+    return int(r.as_numpy("OUTPUT")[0, 0]), int(r.as_numpy("CORRID_SEEN")[0, 0])
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_interleaved_sequences(sserver: ServerProcess, proto: str) -> None:
+    if proto == "http":
+        client: Any = httpclient.InferenceServerClient(sserver.url)
+    else:
+        client = grpcclient.InferenceServerClient(sserver.grpc_url)
+    try:
+        ids = [1000 + i for i in range(6)]  # 6 sequences over 2 instances x 4 slots
+        values = {sid: [(sid % 7) + k for k in range(5)] for sid in ids}
+        for step in range(5):
+            for sid in ids:
+                total, seen = _send(client, "accumulator", sid, values[sid][step], start=step == 0, end=step == 4)
+                assert (total, seen) == (sum(values[sid][: step + 1]), sid)
+    finally:
+        client.close()
+
+
+def test_string_ids_and_stream(sserver: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(sserver.grpc_url)
+    responses: queue.Queue[Any] = queue.Queue()
+
+    def on_response(result: Any, error: Any) -> None:
+        responses.put(error or result)
+
+    client.start_stream(callback=on_response)
+    try:
+        ids = ["alpha", "b", "sequence-three"]
+        for step in range(4):
+            for sid in ids:
+                client.async_stream_infer(
+                    "acc_string", [_input(grpcclient, step + 1)], request_id=f"{sid}/{step}",
+                    sequence_id=sid, sequence_start=step == 0, sequence_end=step == 3,
+                )  # fmt: skip
+        got = {}
+        for _ in range(len(ids) * 4):
+            r = responses.get(timeout=30)
+            assert not isinstance(r, Exception), r
+            got[r.get_response().id] = (int(r.as_numpy("OUTPUT")[0, 0]), int(r.as_numpy("CORRID_SEEN")[0, 0]))
+        for sid in ids:
+            for step in range(4):
+                assert got[f"{sid}/{step}"] == (sum(range(1, step + 2)), len(sid))
+    finally:
+        client.stop_stream()
+        client.close()
+    h = httpclient.InferenceServerClient(sserver.url)
+    try:
+        with pytest.raises(InferenceServerException, match="integer sequence ids"):
+            _send(h, "accumulator", "text-id", 1, start=True)
+    finally:
+        h.close()
+
+
+def test_backlog_when_slots_are_full(sserver: ServerProcess) -> None:
+    """One instance with one slot: a second sequence's START waits until the first ends."""
+    g = grpcclient.InferenceServerClient(sserver.grpc_url)
+    h = httpclient.InferenceServerClient(sserver.url)
+    done = threading.Event()
+    result: list[Any] = []
+    try:
+        _send(h, "acc_one_slot", 1, 5, start=True)
+
+        def second() -> None:
+            result.append(_send(g, "acc_one_slot", 2, 7, start=True, end=True))
+            done.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        assert not done.wait(0.5)  # waiting for a slot
+        assert _send(h, "acc_one_slot", 1, 1, end=True) == (6, 1)
+        assert done.wait(30)
+        t.join()
+        assert result == [(7, 2)]
+    finally:
+        g.close()
+        h.close()
+
+
+def test_sequence_mistakes(sserver: ServerProcess) -> None:
+    h = httpclient.InferenceServerClient(sserver.url)
+    try:
+        with pytest.raises(InferenceServerException, match="must specify a non-zero or non-empty correlation ID"):
+            h.infer("accumulator", [_input(httpclient, 1)])
+        with pytest.raises(InferenceServerException, match="must specify the START flag"):
+            _send(h, "accumulator", 424242, 1, end=True)  # END for a sequence never started
+        # START without END: a later START of the same id begins again from zero
+        assert _send(h, "accumulator", 77, 5, start=True) == (5, 77)
+        assert _send(h, "accumulator", 77, 1, start=True) == (1, 77)
+        assert _send(h, "accumulator", 77, 1, end=True) == (2, 77)
+        # an idle sequence is released; its next request says so
+        assert _send(h, "acc_idle", 5, 1, start=True) == (1, 5)
+        time.sleep(1.0)
+        with pytest.raises(InferenceServerException, match="idle"):
+            _send(h, "acc_idle", 5, 1)
+        assert _send(h, "acc_idle", 5, 3, start=True, end=True) == (3, 5)
+    finally:
+        h.close()
+
+
+def test_crash_mid_sequence(sserver: ServerProcess) -> None:
+    h = httpclient.InferenceServerClient(sserver.url)
+    try:
+        assert _send(h, "accumulator", 9, 2, start=True) == (2, 9)
+        with pytest.raises(InferenceServerException) as err:
+            _send(h, "accumulator", 9, -1)  # the model kills its worker
+        assert err.value.status() == "503"
+        with pytest.raises(InferenceServerException, match="instance failed"):
+            _send(h, "accumulator", 9, 1)
+        wait_until(lambda: h.is_model_ready("accumulator") and len(sserver.worker_pids("accumulator")) >= 3)
+        assert _send(h, "accumulator", 9, 4, start=True, end=True) == (4, 9)
+        stats = h.get_inference_statistics("accumulator")["model_stats"][0]["inference_stats"]
+        assert stats["success"]["count"] > 0 and stats["fail"]["count"] >= 2
+    finally:
+        h.close()

@@ -1,0 +1,45 @@
+"""Running sum per sequence, driven by the START / END / READY / CORRID control inputs.
+CORRID_SEEN: the integer sequence id, or the length of a string one."""
+
+import os
+import signal
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.sums = {}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            value = int(pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()[0, 0])
+            start = int(pb_utils.get_input_tensor_by_name(request, "START").as_numpy()[0, 0])
+            end = float(pb_utils.get_input_tensor_by_name(request, "END").as_numpy()[0, 0])
+            ready = bool(pb_utils.get_input_tensor_by_name(request, "READY").as_numpy()[0, 0])
+            corrid = pb_utils.get_input_tensor_by_name(request, "CORRID").as_numpy()[0, 0]
+            corrid = corrid if isinstance(corrid, bytes) else int(corrid)
+            if value == -1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if not ready:
+                raise pb_utils.TritonModelException("READY control was false")
+            if start:
+                self.sums[corrid] = 0
+            if corrid not in self.sums:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"no state for {corrid}")))
+                continue
+            self.sums[corrid] += value
+            total = self.sums[corrid]
+            if end:
+                del self.sums[corrid]
+            outs = [
+                pb_utils.Tensor("OUTPUT", np.array([[total]], dtype=np.int32)),
+                # string ids (CORRID of TYPE_STRING): their length
+                pb_utils.Tensor(
+                    "CORRID_SEEN", np.array([[len(corrid) if isinstance(corrid, bytes) else corrid]], np.uint64)
+                ),
+            ]
+            responses.append(pb_utils.InferenceResponse(outs))
+        return responses
