@@ -8,9 +8,9 @@ free slot waits for one (backlog). A sequence idle for ``max_sequence_idle_micro
 is released; a later request for it is refused, as is one whose instance died since the
 sequence started (the model's state for it is gone).
 
-This first version executes each request as its own batch on its sequence's instance
-(the requests of different sequences on one instance run one after another, not batched
-together), and treats the ``oldest`` strategy like ``direct``. Implicit state is not built.
+Requests of different sequences waiting for the same instance are executed together as
+one batch (one request per sequence, so at most one per slot), the way the direct strategy
+fills slots; the ``oldest`` strategy is treated like ``direct``. Implicit state is not built.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ log = logging.getLogger("shoal.sequence")
 FLAG_START = 1
 FLAG_END = 2
 _KIND = mc.ModelSequenceBatching.Control
+
+
+@dataclass(slots=True)
+class _InstanceQueue:
+    pending: list[tuple[InferRequest, asyncio.Future[InferResult | ServingError]]] = field(default_factory=list)
+    running: bool = False
 
 
 @dataclass(slots=True)
@@ -89,6 +95,7 @@ class SequenceBatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._reaper: asyncio.Task[None] | None = None
+        self._queues: dict[int, _InstanceQueue] = {}
 
     @property
     def inflight(self) -> int:
@@ -141,6 +148,11 @@ class SequenceBatcher:
         if self._draining:
             raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
         corrid, start, end = sequence_params(request, self.name)
+        if self.batching and request.batch_size != 1:
+            raise InvalidInput(
+                f"inference request to model '{self.name}' with sequence batching must have batch size 1, "
+                f"got {request.batch_size}"
+            )
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap_idle())
         self._inflight += 1
@@ -172,7 +184,7 @@ class SequenceBatcher:
                 request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
                 request.inputs.extend(self._control_tensors(corrid, start, end))
                 try:
-                    (result,) = await self.pool.run((request,), worker=seq.worker)
+                    result = await self._execute(seq.worker, request)
                 except WorkerDied:
                     self._release(seq, "ended: its instance failed")
                     raise
@@ -188,6 +200,39 @@ class SequenceBatcher:
             if self._inflight == 0:
                 self._idle.set()
             self.stats.request_done(ok, time.monotonic_ns() - t0, 0)
+
+    async def _execute(self, worker: Worker, request: InferRequest) -> InferResult | ServingError:
+        """Queue ``request`` for ``worker``; requests queued meanwhile by other sequences on
+        it run in the same batch."""
+        q = self._queues.setdefault(id(worker), _InstanceQueue())
+        fut: asyncio.Future[InferResult | ServingError] = asyncio.get_running_loop().create_future()
+        q.pending.append((request, fut))
+        if not q.running:
+            q.running = True
+            asyncio.ensure_future(self._run_queue(worker, q))
+        return await fut
+
+    async def _run_queue(self, worker: Worker, q: _InstanceQueue) -> None:
+        try:
+            while q.pending:
+                batch, q.pending = q.pending, []
+                requests = [r for r, _ in batch]
+                try:
+                    results: list[InferResult | ServingError] = await self.pool.run(requests, worker=worker)
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
+                    err = exc if isinstance(exc, ServingError) else ServingError(f"batch failed: {exc!r}")
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    continue
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if fut.done():
+                        if isinstance(res, InferResult):
+                            res.done()
+                    else:
+                        fut.set_result(res)
+        finally:
+            q.running = False
 
     def _control_tensors(self, corrid: int | str, start: bool, end: bool) -> list[InputTensor]:
         out = []

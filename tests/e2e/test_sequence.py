@@ -168,3 +168,41 @@ def test_crash_mid_sequence(sserver: ServerProcess) -> None:
         assert stats["success"]["count"] > 0 and stats["fail"]["count"] >= 2
     finally:
         h.close()
+
+
+def test_sequences_share_executions(sserver: ServerProcess) -> None:
+    """Requests of different sequences waiting for one instance run as one batch."""
+    h = httpclient.InferenceServerClient(sserver.url)
+    before = h.get_inference_statistics("acc_string")["model_stats"][0]
+    errors: list[Any] = []
+
+    def run_sequence(sid: str) -> None:
+        g = grpcclient.InferenceServerClient(sserver.grpc_url)
+        try:
+            for step in range(3):
+                r = g.infer(
+                    "acc_string", [_input(grpcclient, 1)], sequence_id=sid,
+                    sequence_start=step == 0, sequence_end=step == 2, parameters={"delay_ms": 100},
+                )  # fmt: skip
+                if int(r.as_numpy("OUTPUT")[0, 0]) != step + 1:
+                    errors.append((sid, step, r.as_numpy("OUTPUT")))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            g.close()
+
+    threads = [threading.Thread(target=run_sequence, args=(f"s{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = h.get_inference_statistics("acc_string")["model_stats"][0]
+    with pytest.raises(InferenceServerException, match="must have batch size 1"):
+        i = httpclient.InferInput("INPUT", [2, 1], "INT32")
+        i.set_data_from_numpy(np.ones((2, 1), dtype=np.int32))
+        h.infer("acc_string", [i], sequence_id="x", sequence_start=True)
+    h.close()
+    assert not errors, errors
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == 18 and executions < 18, (inferences, executions)

@@ -1,8 +1,10 @@
 """Running sum per sequence, driven by the START / END / READY / CORRID control inputs.
 CORRID_SEEN: the integer sequence id, or the length of a string one."""
 
+import json
 import os
 import signal
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -13,6 +15,8 @@ class TritonPythonModel:
         self.sums = {}
 
     def execute(self, requests):
+        delay_ms = max(json.loads(r.parameters() or "{}").get("delay_ms", 0) for r in requests)
+        time.sleep(delay_ms / 1000.0)
         responses = []
         for request in requests:
             value = int(pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()[0, 0])
