@@ -357,7 +357,16 @@ class ModelManager:
             return
         mv.pool = InstancePool(workers, self.ctx, mv.stats)
         if mv.config.HasField("sequence_batching"):
-            mv.scheduler = SequenceBatcher(mv.pool, mv.config, mv.stats)
+            try:
+                mv.scheduler = SequenceBatcher(mv.pool, mv.config, mv.stats, self.repository / mv.name)
+            except (ServingError, OSError) as exc:
+                await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+                mv.pool = None
+                mv.state = ModelState.UNAVAILABLE
+                mv.reason = exc.message if isinstance(exc, ServingError) else str(exc)
+                mv.error_code = ErrorCode.INVALID_ARGUMENT
+                log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
+                return
         elif mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
             mv.scheduler = DynamicBatcher(mv.pool, mv.config, mv.stats)
         else:

@@ -10,7 +10,12 @@ sequence started (the model's state for it is gone).
 
 Requests of different sequences waiting for the same instance are executed together as
 one batch (one request per sequence, so at most one per slot), the way the direct strategy
-fills slots; the ``oldest`` strategy is treated like ``direct``. Implicit state is not built.
+fills slots; the ``oldest`` strategy is treated like ``direct``.
+
+Implicit state (``sequence_batching.state``): the router keeps each state output of a
+sequence's last response and feeds it back as the state input of its next request (the
+initial state on START: zeros, or ``initial_state.data_file`` under the model's
+``initial_state/`` directory). State tensors are never returned to the client.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +37,7 @@ from server.dispatch.pool import InstancePool
 from server.dispatch.worker import Worker
 from server.scheduling.base import wait_idle
 from server.stats import ModelStats
-from server.types import InferRequest, InferResult, InputTensor
+from server.types import InferRequest, InferResult, InputTensor, RequestedOutput
 
 log = logging.getLogger("shoal.sequence")
 
@@ -54,6 +60,8 @@ class Sequence:
     slot: int
     last_ns: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    state: dict[str, InputTensor] = field(default_factory=dict)
+    """State input name -> the tensor fed with the next request."""
 
 
 def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool, bool]:
@@ -74,7 +82,9 @@ def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool,
 
 
 class SequenceBatcher:
-    def __init__(self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats) -> None:
+    def __init__(
+        self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats, model_dir: Path | None = None
+    ) -> None:
         self.pool = pool
         self.stats = stats
         self.name = config.name
@@ -86,6 +96,8 @@ class SequenceBatcher:
         self.batching = config.max_batch_size > 0
         self.idle_ns = int(sb.max_sequence_idle_microseconds or 1_000_000) * 1000
         self.controls = [(c.name, ctl) for c in sb.control_input for ctl in c.control]
+        self.states = list(sb.state)
+        self.initial = {s.input_name: _initial_state(s, self.batching, model_dir) for s in self.states}
         self._active: dict[int | str, Sequence] = {}
         self._free: dict[int, list[int]] = {}
         self._waiting: list[asyncio.Future[None]] = []
@@ -183,12 +195,20 @@ class SequenceBatcher:
                 request.correlation_id = corrid
                 request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
                 request.inputs.extend(self._control_tensors(corrid, start, end))
+                if self.states:
+                    if start:
+                        seq.state = dict(self.initial)
+                    request.inputs.extend(seq.state.values())
+                    if request.outputs is not None:
+                        request.outputs.extend(RequestedOutput(s.output_name) for s in self.states)
                 try:
                     result = await self._execute(seq.worker, request)
                 except WorkerDied:
                     self._release(seq, "ended: its instance failed")
                     raise
                 seq.last_ns = time.monotonic_ns()
+                if self.states and isinstance(result, InferResult):
+                    self._keep_state(seq, result)
                 if end:
                     self._release(seq)
             if isinstance(result, ServingError):
@@ -200,6 +220,19 @@ class SequenceBatcher:
             if self._inflight == 0:
                 self._idle.set()
             self.stats.request_done(ok, time.monotonic_ns() - t0, 0)
+
+    def _keep_state(self, seq: Sequence, result: InferResult) -> None:
+        """Take the state outputs out of ``result`` (copied: their bytes may be a worker's
+        shared memory) and keep them as the next request's state inputs."""
+        by_output = {s.output_name: s.input_name for s in self.states}
+        kept = []
+        for t in result.outputs:
+            name = by_output.get(t.name)
+            if name is None:
+                kept.append(t)
+            else:
+                seq.state[name] = InputTensor(name, t.datatype, t.shape, bytes(t.data))
+        result.outputs = kept
 
     async def _execute(self, worker: Worker, request: InferRequest) -> InferResult | ServingError:
         """Queue ``request`` for ``worker``; requests queued meanwhile by other sequences on
@@ -282,3 +315,27 @@ def _flag_tensor(name: str, ctl: Any, value: bool, shape: tuple[int, ...]) -> In
     if len(ctl.bool_false_true) == 2:
         return InputTensor(name, "BOOL", shape, np.array([ctl.bool_false_true[int(value)]], np.bool_).tobytes())
     raise InvalidInput(f"control input '{name}' has no false/true values")
+
+
+def _initial_state(state: Any, batching: bool, model_dir: Path | None) -> InputTensor:
+    """The state input of a sequence's first request: ``initial_state`` (zeros or a data
+    file under <model>/initial_state/), else zeros of ``dims`` (a variable dim as 0)."""
+    dt = dtypes.BY_CONFIG_NUMBER[state.data_type]
+    init = state.initial_state[0] if len(state.initial_state) else None
+    dims = tuple(int(d) for d in (init.dims if init is not None and len(init.dims) else state.dims))
+    dims = tuple(max(d, 0) for d in dims)
+    shape = ((1,) if batching else ()) + dims
+    count = dtypes.element_count(shape)
+    if init is not None and init.WhichOneof("state_data") == "data_file":
+        if model_dir is None:
+            raise InvalidInput(f"state '{state.input_name}': no model directory for its initial data file")
+        root = (model_dir / "initial_state").resolve()
+        path = (root / init.data_file).resolve()
+        if root not in path.parents:
+            raise InvalidInput(f"state '{state.input_name}': initial data file is outside initial_state/")
+        data = path.read_bytes()
+    elif dt.protocol == "BYTES":
+        data = dtypes.serialize_bytes(np.array([b""] * count, dtype=np.object_))
+    else:
+        data = bytes(count * dt.itemsize)
+    return InputTensor(state.input_name, dt.protocol, shape, data)

@@ -206,3 +206,32 @@ def test_sequences_share_executions(sserver: ServerProcess) -> None:
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == 18 and executions < 18, (inferences, executions)
+
+
+def test_implicit_state(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """The server carries SUM_OUT of one request into SUM_IN of the next; clients never see
+    the state, and each sequence has its own."""
+    repo = make_repository(tmp_path / "repo", "acc_state")
+    srv = ServerProcess(repo).start()
+    fresh_server.append(srv)
+    h = httpclient.InferenceServerClient(srv.url)
+    g = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        for step, (a, b) in enumerate([(1, 10), (2, 20), (3, 30)]):
+            ra = h.infer("acc_state", [_input(httpclient, a)], sequence_id=1, sequence_start=step == 0)
+            rb = g.infer("acc_state", [_input(grpcclient, b)], sequence_id=2, sequence_start=step == 0,
+                         outputs=[grpcclient.InferRequestedOutput("OUTPUT")])  # fmt: skip
+            assert int(ra.as_numpy("OUTPUT")[0, 0]) == sum(x for x, _ in [(1, 10), (2, 20), (3, 30)][: step + 1])
+            assert int(rb.as_numpy("OUTPUT")[0, 0]) == sum(y for _, y in [(1, 10), (2, 20), (3, 30)][: step + 1])
+            assert [o["name"] for o in ra.get_response()["outputs"]] == ["OUTPUT"]
+            assert [o.name for o in rb.get_response().outputs] == ["OUTPUT"]
+        r = h.infer("acc_state", [_input(httpclient, 5)], sequence_id=1, sequence_start=True, sequence_end=True)
+        assert int(r.as_numpy("OUTPUT")[0, 0]) == 5  # START resets the state
+        with pytest.raises(InferenceServerException, match="unexpected inference input 'SUM_IN'"):
+            i = httpclient.InferInput("SUM_IN", [1, 1], "INT32")
+            i.set_data_from_numpy(np.ones((1, 1), dtype=np.int32))
+            h.infer("acc_state", [_input(httpclient, 1), i], sequence_id=3, sequence_start=True)
+    finally:
+        h.close()
+        g.close()
+    assert srv.terminate() == 0
