@@ -189,26 +189,25 @@ class DataPlane:
         uses_shm = any(t.shm is not None for t in request.inputs) or any(
             o.shm is not None for o in request.outputs or ()
         )
-        if not uses_shm:
-            validate(mv, request)
-            assert mv.scheduler is not None
-            result = await mv.scheduler.submit(request)
-            if request.outputs is not None:
-                try:
-                    classify(request, result, mv.labels, mv.config.max_batch_size > 0)
-                except BaseException:
-                    result.done()
-                    raise
-            return result
-        # The regions stay counted until this request is done here; the dispatcher counts its
-        # own use separately, until the worker has answered (even if this caller is cancelled).
-        self.shm.bind(request)
+        if uses_shm:
+            # The regions stay counted until this request is done here; the dispatcher counts
+            # its own use separately, until the worker has answered (even if this caller is
+            # cancelled).
+            self.shm.bind(request)
         try:
             validate(mv, request)
             assert mv.scheduler is not None
-            return await mv.scheduler.submit(request)
+            result = await mv.scheduler.submit(request)
         finally:
-            self.shm.unbind(request)
+            if uses_shm:
+                self.shm.unbind(request)
+        if request.outputs is not None:
+            try:
+                classify(request, result, mv.labels, mv.config.max_batch_size > 0)
+            except BaseException:
+                result.done()
+                raise
+        return result
 
 
 def validate(mv: ModelVersion, request: InferRequest) -> None:

@@ -345,38 +345,41 @@ class ModelManager:
         mv.state = ModelState.LOADING
         started = time.monotonic()
         workers = self._make_workers(mv)
+        pool = InstancePool(workers, self.ctx, mv.stats)
+        try:
+            # before any process starts: a scheduler's configuration errors (e.g. a missing
+            # initial-state file) need no worker to be found
+            scheduler = self._scheduler(mv, pool)
+        except (ServingError, OSError) as exc:
+            self._failed(mv, exc)
+            return
         results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-            first = errors[0]
-            mv.state = ModelState.UNAVAILABLE
-            mv.reason = first.message if isinstance(first, ServingError) else repr(first)
-            mv.error_code = first.code if isinstance(first, ServingError) else ErrorCode.INTERNAL
-            log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
+            self._failed(mv, errors[0])
             return
-        mv.pool = InstancePool(workers, self.ctx, mv.stats)
-        if mv.config.HasField("sequence_batching"):
-            try:
-                mv.scheduler = SequenceBatcher(mv.pool, mv.config, mv.stats, self.repository / mv.name)
-            except (ServingError, OSError) as exc:
-                await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-                mv.pool = None
-                mv.state = ModelState.UNAVAILABLE
-                mv.reason = exc.message if isinstance(exc, ServingError) else str(exc)
-                mv.error_code = ErrorCode.INVALID_ARGUMENT
-                log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
-                return
-        elif mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
-            mv.scheduler = DynamicBatcher(mv.pool, mv.config, mv.stats)
-        else:
-            mv.scheduler = DirectScheduler(mv.pool, mv.stats)
+        mv.pool, mv.scheduler = pool, scheduler
         mv.state = ModelState.READY
         mv.reason = ""
         mv.load_seconds = time.monotonic() - started
         log.info(
             "model '%s' version %d ready (%d instances, %.2f s)", mv.name, mv.version, len(workers), mv.load_seconds
         )
+
+    def _scheduler(self, mv: ModelVersion, pool: InstancePool) -> Scheduler:
+        if mv.config.HasField("sequence_batching"):
+            return SequenceBatcher(pool, mv.config, mv.stats, self.repository / mv.name)
+        if mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
+            return DynamicBatcher(pool, mv.config, mv.stats)
+        return DirectScheduler(pool, mv.stats)
+
+    @staticmethod
+    def _failed(mv: ModelVersion, exc: BaseException) -> None:
+        mv.state = ModelState.UNAVAILABLE
+        mv.reason = exc.message if isinstance(exc, ServingError) else str(exc) or repr(exc)
+        mv.error_code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
+        log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
 
     def _placements(self, group: mc.ModelInstanceGroup) -> list[tuple[str, int]]:
         """(device kind, server GPU ordinal or -1) of each instance of ``group``."""

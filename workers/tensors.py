@@ -109,14 +109,7 @@ class OutputWriter:
             frames.append(data if isinstance(data, bytes) else data.data.cast("B") if nbytes else b"")
             return
         block = self.arena.allocate(nbytes)
-        view = self.arena.view(block)
-        try:
-            if isinstance(data, bytes):
-                view[:] = data
-            else:
-                np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
-        finally:
-            view.release()
+        _copy_into(self.arena.view(block), data)
         s = ref.shm
         s.region = block.region
         s.offset = block.offset
@@ -140,15 +133,19 @@ class OutputWriter:
         if dest.device < 0:
             if is_device_array(data):
                 data = data.get()
-            view = self.regions.host_view(dest, nbytes)
-            try:
-                if isinstance(data, bytes):
-                    view[:] = data
-                else:
-                    np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
-            finally:
-                view.release()
+            _copy_into(self.regions.host_view(dest, nbytes), data)
         else:
             self.regions.write_cuda(dest, data, nbytes)
         ref.client.CopyFrom(dest)
         ref.client.nbytes = nbytes
+
+
+def _copy_into(view: memoryview, data: Any) -> None:
+    """Copy serialized bytes or an array into ``view``, then release the view."""
+    try:
+        if isinstance(data, bytes):
+            view[:] = data
+        else:
+            np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
+    finally:
+        view.release()

@@ -13,7 +13,7 @@ from proto.gen import worker_pb2 as wpb
 from server.dispatch.worker import Worker
 from server.sharedmem import Region, SharedMemoryRegistry
 from server.stats import ModelStats
-from server.types import InferRequest, InferResult, OutputTensor
+from server.types import InferRequest, InferResult, OutputTensor, ShmRef
 from shm.arena import Arena
 from shm.block import Block
 from shm.mapper import Mapper
@@ -120,11 +120,7 @@ class InstancePool:
                 ref.datatype = t.datatype
                 ref.shape.extend(t.shape)
                 if t.shm is not None:
-                    region = t.shm.region
-                    assert region is not None, "shared-memory reference not bound"
-                    region.users += 1
-                    regions.append(region)
-                    region.descriptor(t.shm.offset, t.shm.byte_size, ref.client)
+                    _use_region(t.shm, regions, ref.client)
                     continue
                 n = len(t.data)
                 if n <= inline_max:
@@ -145,11 +141,7 @@ class InstancePool:
                 for o in req.outputs:
                     r.outputs.append(o.name)
                     if o.shm is not None:
-                        region = o.shm.region
-                        assert region is not None, "shared-memory reference not bound"
-                        region.users += 1
-                        regions.append(region)
-                        region.descriptor(o.shm.offset, o.shm.byte_size, r.output_shm[o.name])
+                        _use_region(o.shm, regions, r.output_shm[o.name])
             params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
@@ -208,6 +200,16 @@ class InstancePool:
                 result.release = _releaser(worker, identity, held)
             out.append(result)
         return out
+
+
+def _use_region(ref: ShmRef, regions: list[Region], out: wpb.ClientShm) -> None:
+    """Count one more use of a bound client region (given back in ``_free``) and describe
+    the tensor's place in it for the worker."""
+    region = ref.region
+    assert region is not None, "shared-memory reference not bound"
+    region.users += 1
+    regions.append(region)
+    region.descriptor(ref.offset, ref.byte_size, out)
 
 
 def _releaser(worker: Worker, identity: bytes, held: list[wpb.ShmSlice]) -> Any:

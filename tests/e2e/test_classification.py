@@ -94,3 +94,25 @@ def test_missing_label_file_is_a_load_error(tmp_path: Path, fresh_server: list[S
     finally:
         h.close()
     assert srv.terminate() == 0
+
+
+def test_classification_with_an_input_in_shared_memory(cserver: ServerProcess) -> None:
+    """An input in client shared memory does not turn classification of an output off."""
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+
+    key = f"/shoaltest_{os.getpid()}_cls"
+    handle = shm.create_shared_memory_region("cls", key, X.nbytes)
+    c = httpclient.InferenceServerClient(cserver.url)
+    try:
+        shm.set_shared_memory_region(handle, [X])
+        c.register_system_shared_memory("cls", key, X.nbytes)
+        inp = httpclient.InferInput("INPUT0", [2, 4], "FP32")
+        inp.set_shared_memory("cls", X.nbytes)
+        r = c.infer("classifier", [inp], outputs=[httpclient.InferRequestedOutput("SCORES", class_count=1)])
+        assert _as_text(r.as_numpy("SCORES")) == [["0.700000:1:dog"], ["4.000000:0:cat"]]
+    finally:
+        c.unregister_system_shared_memory()
+        c.close()
+        shm.destroy_shared_memory_region(handle)
