@@ -9,8 +9,11 @@ is released; a later request for it is refused, as is one whose instance died si
 sequence started (the model's state for it is gone).
 
 Requests of different sequences waiting for the same instance are executed together as
-one batch (one request per sequence, so at most one per slot), the way the direct strategy
-fills slots; the ``oldest`` strategy is treated like ``direct``.
+one batch (one request per sequence, oldest first, at most ``max_batch_size``). A batch
+may wait up to the strategy's ``max_queue_delay_microseconds`` for more sequences'
+requests: until ``minimum_slot_utilization`` of the slots (direct) or the largest
+``preferred_batch_size`` (oldest) is reached. Batch rows are not pinned to slots: a
+model sees only the requests present (no padding rows with READY false).
 
 Implicit state (``sequence_batching.state``): the router keeps each state output of a
 sequence's last response and feeds it back as the state input of its next request (the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -50,6 +54,10 @@ _KIND = mc.ModelSequenceBatching.Control
 class _InstanceQueue:
     pending: list[tuple[InferRequest, asyncio.Future[InferResult | ServingError]]] = field(default_factory=list)
     running: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a request joins ``pending`` (wakes a batch waiting for its delay)."""
+    first_ns: int = 0
+    """Arrival of the oldest pending request (the queue delay counts from it)."""
 
 
 @dataclass(slots=True)
@@ -108,6 +116,15 @@ class SequenceBatcher:
         self._idle.set()
         self._reaper: asyncio.Task[None] | None = None
         self._queues: dict[int, _InstanceQueue] = {}
+        self.max_batch = max(1, config.max_batch_size)
+        if sb.HasField("oldest"):
+            self.delay_ns = int(sb.oldest.max_queue_delay_microseconds) * 1000
+            preferred = [int(p) for p in sb.oldest.preferred_batch_size if p > 0]
+            self.target = min(self.max_batch, max(preferred, default=self.max_batch))
+        else:
+            self.delay_ns = int(sb.direct.max_queue_delay_microseconds) * 1000
+            utilization = min(1.0, max(0.0, float(sb.direct.minimum_slot_utilization)))
+            self.target = min(self.max_batch, max(1, math.ceil(utilization * self.slots_per_instance)))
 
     @property
     def inflight(self) -> int:
@@ -239,7 +256,10 @@ class SequenceBatcher:
         it run in the same batch."""
         q = self._queues.setdefault(id(worker), _InstanceQueue())
         fut: asyncio.Future[InferResult | ServingError] = asyncio.get_running_loop().create_future()
+        if not q.pending:
+            q.first_ns = time.monotonic_ns()
         q.pending.append((request, fut))
+        q.arrived.set()
         if not q.running:
             q.running = True
             asyncio.ensure_future(self._run_queue(worker, q))
@@ -248,7 +268,9 @@ class SequenceBatcher:
     async def _run_queue(self, worker: Worker, q: _InstanceQueue) -> None:
         try:
             while q.pending:
-                batch, q.pending = q.pending, []
+                await self._gather(q)
+                # leftovers keep the oldest arrival: none waits longer than the delay
+                batch, q.pending = q.pending[: self.max_batch], q.pending[self.max_batch :]
                 requests = [r for r, _ in batch]
                 try:
                     results: list[InferResult | ServingError] = await self.pool.run(requests, worker=worker)
@@ -266,6 +288,18 @@ class SequenceBatcher:
                         fut.set_result(res)
         finally:
             q.running = False
+
+    async def _gather(self, q: _InstanceQueue) -> None:
+        """Wait (at most the queue delay from the oldest arrival) for ``target`` requests."""
+        while len(q.pending) < self.target:
+            left = q.first_ns + self.delay_ns - time.monotonic_ns()
+            if left <= 0:
+                return
+            q.arrived.clear()
+            try:
+                await asyncio.wait_for(q.arrived.wait(), left / 1e9)
+            except TimeoutError:
+                return
 
     def _control_tensors(self, corrid: int | str, start: bool, end: bool) -> list[InputTensor]:
         out = []

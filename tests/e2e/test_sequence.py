@@ -37,6 +37,15 @@ def sserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     _variant(repo, "acc_idle", **a)
     _variant(repo, "acc_string", **{"data_type: TYPE_UINT64 } ]": "data_type: TYPE_STRING } ]"})
     _variant(repo, "acc_one_slot", **{"max_batch_size: 4": "max_batch_size: 1", "count: 2": "count: 1"})
+    oldest = (
+        "max_sequence_idle_microseconds: 2000000\n  oldest { max_candidate_sequences: 8 "
+        "preferred_batch_size: [ 3 ] max_queue_delay_microseconds: 400000 }"
+    )
+    _variant(
+        repo, "acc_oldest",
+        **{"max_batch_size: 4": "max_batch_size: 3", "count: 2": "count: 1",
+           "max_sequence_idle_microseconds: 2000000": oldest},
+    )  # fmt: skip
     srv = ServerProcess(repo).start()
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -206,6 +215,47 @@ def test_sequences_share_executions(sserver: ServerProcess) -> None:
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == 18 and executions < 18, (inferences, executions)
+
+
+def test_oldest_strategy_waits_for_preferred_batches(sserver: ServerProcess) -> None:
+    """oldest: 8 candidate sequences on one instance, batches of at most max_batch_size 3,
+    a batch waits up to 400 ms for the preferred size 3."""
+    h = httpclient.InferenceServerClient(sserver.url)
+    before = h.get_inference_statistics("acc_oldest")["model_stats"][0]
+    errors: list[Any] = []
+    go = threading.Barrier(7)
+
+    def run_sequence(sid: int) -> None:
+        g = grpcclient.InferenceServerClient(sserver.grpc_url)
+        try:
+            go.wait()
+            for step in range(2):
+                total, seen = _send(g, "acc_oldest", sid, sid, start=step == 0, end=step == 1)
+                if (total, seen) != (sid * (step + 1), sid):
+                    errors.append((sid, step, total, seen))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            g.close()
+
+    threads = [threading.Thread(target=run_sequence, args=(100 + i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join(60)
+    elapsed = time.monotonic() - t0
+    after = h.get_inference_statistics("acc_oldest")["model_stats"][0]
+    h.close()
+    assert not errors, errors
+    sizes = {int(b["batch_size"]): b["compute_infer"]["count"] for b in after["batch_stats"]}
+    old = {int(b["batch_size"]): b["compute_infer"]["count"] for b in before["batch_stats"]}
+    new = {k: v - old.get(k, 0) for k, v in sizes.items() if v - old.get(k, 0)}
+    assert after["inference_count"] - before["inference_count"] == 12
+    assert max(new) <= 3, new  # never more than max_batch_size, though 8 sequences may be candidates
+    assert new.get(3, 0) >= 3, new  # 6 sequences x 2 steps: mostly full preferred batches
+    assert elapsed < 5, elapsed
 
 
 def test_implicit_state(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
