@@ -181,6 +181,9 @@ output [
     dims: [ {MLP_LAYERS[-1]} ]
   }}
 ]
+dynamic_batching {{
+  max_queue_delay_microseconds: 200
+}}
 instance_group [
   {{
     kind: KIND_CPU

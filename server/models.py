@@ -9,6 +9,7 @@ Owned by the router's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import os
@@ -21,18 +22,24 @@ from proto import dtypes
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
-from server import autocomplete, gpus
+from server import autocomplete, ensemble, gpus
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext, InstancePool
 from server.dispatch.worker import Worker, WorkerSpec
-from server.repository import ModelSource, fingerprint, list_models, read_model, validate_model_name
+from server.repository import ModelSource, fingerprint, list_models, parse_config, read_model, validate_model_name
 from server.scheduling.base import Scheduler
 from server.scheduling.direct import DirectScheduler
 from server.scheduling.dynamic import DynamicBatcher
+from server.scheduling.ensemble import EnsembleScheduler
 from server.scheduling.sequence import SequenceBatcher
 from server.stats import ModelStats
+from server.types import InferRequest, InferResult
+from server.validation import validate
 
 log = logging.getLogger("shoal.models")
+
+_LOADING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("loading", default=())
+"""The chain of ensembles whose loads led to the current load (finds cycles)."""
 
 
 class ModelState(enum.Enum):
@@ -72,13 +79,19 @@ class ModelVersion:
     labels: dict[str, list[str]] = field(default_factory=dict)
     """Lines of each output's ``label_filename`` (classification extension)."""
     stats: ModelStats = field(init=False)
+    unavailable: Callable[[], str] | None = None
+    """Ensembles: why a composing model cannot serve now ("" when all can)."""
 
     def __post_init__(self) -> None:
         self.stats = ModelStats(self.name, self.version)
 
     @property
     def ready(self) -> bool:
-        return self.state is ModelState.READY and self.pool is not None and self.pool.ready_count > 0
+        if self.state is not ModelState.READY or self.pool is None:
+            return False
+        if self.unavailable is not None:
+            return not self.unavailable()
+        return self.pool.ready_count > 0
 
 
 def _version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
@@ -180,6 +193,16 @@ class ModelManager:
         requests and stop. A version that fails to load keeps its old instance serving.
         Raises ``ServingError`` naming what failed."""
         validate_model_name(name)
+        chain = _LOADING.get()
+        if name in chain:
+            raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
+        token = _LOADING.set((*chain, name))
+        try:
+            await self._load(name, override)
+        finally:
+            _LOADING.reset(token)
+
+    async def _load(self, name: str, override: mc.ModelConfig | None) -> None:
         async with self._lock(name):
             self.wanted.add(name)
             fp = (fingerprint(self.repository / name), override.SerializeToString() if override else b"")
@@ -189,6 +212,8 @@ class ModelManager:
                         self.repository, name, override, self.settings.load_timeout_s
                     )
                 src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
+                if not src.error and ensemble.is_ensemble(src.config):
+                    await self._load_composing(src.config)
             except ServingError as exc:
                 src = ModelSource(name=name, path=self.repository / name, error=exc.message)
             old = self.models.get(name, {})
@@ -225,6 +250,10 @@ class ModelManager:
                 previous = serving.get(mv.version)
                 if previous is not None:
                     chosen[mv.version] = previous
+            if failed and serving and not any(mv.state is ModelState.READY for mv in chosen.values()):
+                # no newly chosen version could load (e.g. a broken new version directory):
+                # the versions serving now go on serving
+                chosen = {v: mv for v, mv in chosen.items() if mv.state is ModelState.READY} | serving
             src.reload_error = "; ".join(f"version {mv.version}: {mv.reason}" for mv in failed)
             self.sources[name] = src
             self.models[name] = chosen
@@ -236,9 +265,75 @@ class ModelManager:
                     code=failed[0].error_code,
                 )
 
-    async def unload(self, name: str) -> None:
-        """Stop serving ``name``: new requests fail at once, requests in flight finish."""
+    async def _load_composing(self, config: mc.ModelConfig) -> None:
+        """Make sure every model an ensemble's steps use is loaded (loading it if not)."""
+        self._check_cycle(config)
+        for sub in ensemble.composing_models(config):
+            if not sub:
+                continue  # the plan reports it, naming the step
+            lock = self._lock(sub)
+            if lock.locked():
+                async with lock:
+                    pass  # being loaded (e.g. at start-up): wait for that load
+            if any(mv.ready for mv in self.models.get(sub, {}).values()):
+                continue
+            try:
+                await self.load(sub)
+            except ServingError as exc:
+                raise InvalidInput(f"composing model '{sub}' failed to load: {exc.message}") from None
+
+    def _check_cycle(self, config: mc.ModelConfig) -> None:
+        """Refuse an ensemble that reaches itself through nested ensembles (read from the
+        repository's configs: two loads waiting for each other would never finish)."""
+
+        def visit(cfg: mc.ModelConfig, path: tuple[str, ...]) -> None:
+            for sub in ensemble.composing_models(cfg):
+                if sub in path:
+                    raise InvalidInput(f"ensembles form a cycle: {' -> '.join((*path, sub))}")
+                try:
+                    validate_model_name(sub)
+                    sub_cfg = parse_config(self.repository / sub, sub)
+                except ServingError:
+                    continue  # not an ensemble we can read: its own load reports it
+                if ensemble.is_ensemble(sub_cfg):
+                    visit(sub_cfg, (*path, sub))
+
+        visit(config, (config.name,))
+
+    async def unload(self, name: str, dependents: bool = False) -> None:
+        """Stop serving ``name``: new requests fail at once, requests in flight finish.
+        ``dependents``: also unload the ensembles using ``name`` and, when ``name`` is an
+        ensemble, the composing models no other loaded ensemble uses."""
         validate_model_name(name)
+        composing = self._composing_of(name) if dependents else []
+        users = self._ensembles_using(name) if dependents else []
+        await self._unload(name)
+        for other in users:
+            if self.models.get(other):
+                log.info("unloading ensemble '%s', which uses '%s'", other, name)
+                await self._unload(other)
+        for sub in composing:
+            if self.models.get(sub) and not self._ensembles_using(sub):
+                log.info("unloading '%s', a composing model of '%s'", sub, name)
+                await self.unload(sub, dependents=True)
+
+    def _composing_of(self, name: str) -> list[str]:
+        return sorted(
+            {sub for mv in self.models.get(name, {}).values() for sub in ensemble.composing_models(mv.config)}
+        )
+
+    def _ensembles_using(self, name: str) -> list[str]:
+        """Loaded ensembles with a step on ``name``."""
+        return sorted(
+            other
+            for other, versions in self.models.items()
+            if any(
+                mv.state is ModelState.READY and name in ensemble.composing_models(mv.config)
+                for mv in versions.values()
+            )
+        )
+
+    async def _unload(self, name: str) -> None:
         async with self._lock(name):
             self.wanted.discard(name)
             versions = self.models.get(name)
@@ -326,6 +421,9 @@ class ModelManager:
                     continue
                 entry = {"name": name, "version": str(v), "state": mv.state.value}
                 reason = mv.reason
+                why = mv.unavailable() if mv.unavailable is not None and mv.state is ModelState.READY else ""
+                if why:
+                    entry["state"], reason = ModelState.UNAVAILABLE.value, why
                 if mv.ready and src is not None and src.reload_error:
                     reason = f"reload failed, still serving: {src.reload_error}"
                 if reason:
@@ -368,6 +466,10 @@ class ModelManager:
         )
 
     def _scheduler(self, mv: ModelVersion, pool: InstancePool) -> Scheduler:
+        if ensemble.is_ensemble(mv.config):
+            plan = ensemble.plan(mv.config, lambda name, version: self.get(name, version).config)
+            mv.unavailable = lambda: self._steps_unavailable(plan)
+            return EnsembleScheduler(plan, self.run_step, mv.stats)
         if mv.config.HasField("sequence_batching"):
             return SequenceBatcher(pool, mv.config, mv.stats, self.repository / mv.name)
         if mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
@@ -430,8 +532,29 @@ class ModelManager:
         return workers
 
     def _on_worker_exit(self, worker: Worker) -> None:
-        # Outputs of the dead process are unreadable now; drop our mappings of its arena.
+        # Outputs of the dead process are unreadable now; drop our mappings of its arena,
+        # and those of other workers (ensemble steps read it in place).
         self.ctx.mapper.forget_prefix(worker.arena_prefix)
+        for other in self.workers():
+            if other is not worker:
+                other.forget(arena_prefixes=[worker.arena_prefix])
+
+    def _steps_unavailable(self, plan: ensemble.EnsemblePlan) -> str:
+        for step in plan.steps:
+            try:
+                self.get(step.model, step.version)
+            except ServingError:
+                return f"composing model '{step.model}' is not available"
+        return ""
+
+    async def run_step(self, request: InferRequest) -> InferResult:
+        """One ensemble step: ``request`` on the model it names, as a client request would
+        run (version policy, validation, that model's scheduler)."""
+        mv = self.get(request.model_name, request.model_version)
+        request.model_version = mv.version
+        validate(mv, request)
+        assert mv.scheduler is not None
+        return await mv.scheduler.submit(request)
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -443,8 +566,9 @@ class ModelManager:
         if version < 0:
             ready = [mv for mv in versions.values() if mv.ready]
             if not ready:
+                why = next((w for mv in versions.values() if mv.unavailable and (w := mv.unavailable())), "")
                 raise ServingError(
-                    f"Request for unknown model: '{name}' has no available versions",
+                    f"Request for unknown model: '{name}' has no available versions" + (f" ({why})" if why else ""),
                     code=ErrorCode.NOT_FOUND if not versions else ErrorCode.UNAVAILABLE,
                     retryable=bool(versions),
                 )

@@ -12,6 +12,38 @@ if TYPE_CHECKING:
 Buffer = bytes | bytearray | memoryview
 
 
+class Lease:
+    """Counts the holders of a result whose outputs other requests read in place (ensemble
+    steps): ``release`` runs when the last holder drops it."""
+
+    __slots__ = ("_count", "_release")
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._count = 1
+        self._release: Callable[[], None] | None = release
+
+    def hold(self) -> None:
+        self._count += 1
+
+    def drop(self) -> None:
+        self._count -= 1
+        if self._count == 0 and self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaRef:
+    """Tensor bytes already in a worker's output arena (an earlier ensemble step's output):
+    the next worker reads them there, kept alive by ``lease``."""
+
+    region: str
+    offset: int
+    nbytes: int
+    device: int
+    lease: Lease
+
+
 @dataclass(slots=True)
 class ShmRef:
     """A tensor placed in a client shared-memory region: the request's
@@ -35,6 +67,9 @@ class InputTensor:
     parameters: dict[str, Any] = field(default_factory=dict)
     shm: ShmRef | None = None
     """Set when the bytes are in client shared memory (``data`` is then empty)."""
+    arena: ArenaRef | None = None
+    """Set when ``data`` is a view of a worker's output arena that the next worker may read
+    in place (no copy through the router)."""
 
     @property
     def nbytes(self) -> int:
@@ -60,11 +95,11 @@ class InferRequest:
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 1
+    """Batch elements of the request (dimension 0 of batching models; 1 otherwise)."""
     correlation_id: int | str = 0
     """Sequence id (set by the sequence batcher)."""
     flags: int = 0
     """Triton's request flags: 1 = sequence start, 2 = sequence end."""
-    """Batch elements of the request (dimension 0 of batching models; 1 otherwise)."""
     shm_regions: list[Region] = field(default_factory=list)
     """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""
 
@@ -77,6 +112,10 @@ class OutputTensor:
     data: Buffer
     in_shm: bool = False
     """Written into the client's shared memory; ``data`` is empty and no bytes are sent."""
+    written: int = 0
+    """Bytes written into the client's shared memory (``in_shm``)."""
+    arena: tuple[str, int, int, int] | None = None
+    """(region, offset, nbytes, device) when ``data`` views a worker's output arena."""
 
 
 @dataclass(slots=True)

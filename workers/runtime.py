@@ -81,6 +81,8 @@ class WorkerRuntime:
                 elif kind == "forget":
                     log.debug("unmapping client regions %s", list(env.forget.region_ids))
                     self.regions.forget(env.forget.region_ids)
+                    for prefix in env.forget.arena_prefixes:
+                        self.mapper.forget_prefix(prefix)
                 elif kind == "probe":
                     self._probe(env)
                 elif kind == "ping":

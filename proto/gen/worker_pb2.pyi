@@ -481,22 +481,28 @@ Global___Release: _TypeAlias = Release  # noqa: Y015
 @_typing.final
 class Forget(_message.Message):
     """router -> worker: these client regions were unregistered and no request uses them any
-    more; unmap them (workers that never mapped one ignore it).
+    more; unmap them (workers that never mapped one ignore it). arena_prefixes: output arenas
+    of worker processes that exited (ensemble steps read other workers' outputs in place);
+    drop mappings of segments whose names start with one of them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REGION_IDS_FIELD_NUMBER: _builtins.int
+    ARENA_PREFIXES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def region_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def arena_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         region_ids: _abc.Iterable[_builtins.int] | None = ...,
+        arena_prefixes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["region_ids", b"region_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_prefixes", b"arena_prefixes", "region_ids", b"region_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

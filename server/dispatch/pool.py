@@ -13,7 +13,7 @@ from proto.gen import worker_pb2 as wpb
 from server.dispatch.worker import Worker
 from server.sharedmem import Region, SharedMemoryRegistry
 from server.stats import ModelStats
-from server.types import InferRequest, InferResult, OutputTensor, ShmRef
+from server.types import InferRequest, InferResult, Lease, OutputTensor, ShmRef
 from shm.arena import Arena
 from shm.block import Block
 from shm.mapper import Mapper
@@ -71,28 +71,32 @@ class InstancePool:
         buffers: list[Any] = []
         blocks: list[Block] = []
         regions: list[Region] = []
+        leases: list[Lease] = []
         try:
-            self._encode(batch, env.infer, buffers, blocks, regions)
-            # Input blocks are freed (and client regions given back) when the worker is done
-            # with them, which is later than this coroutine if the client goes away (the
-            # future is then cancelled but the worker still reads the blocks).
-            settle = (lambda: self._free(blocks, regions)) if blocks or regions else None
+            self._encode(batch, env.infer, buffers, blocks, regions, leases)
+            # Input blocks are freed (and client regions and other workers' outputs given
+            # back) when the worker is done with them, which is later than this coroutine if
+            # the client goes away (the future is then cancelled but the worker still reads).
+            settle = (lambda: self._free(blocks, regions, leases)) if blocks or regions or leases else None
             fut = worker.submit(env, buffers, settle)
         except BaseException:
-            self._free(blocks, regions)
+            self._free(blocks, regions, leases)
             raise
         reply, frames = await fut
         return self._decode(batch, worker, reply, frames)
 
-    def _free(self, blocks: list[Block], regions: list[Region]) -> None:
+    def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:
         arena = self.ctx.arena
         for b in blocks:
             arena.free(b)
         registry = self.ctx.shm
         for r in regions:
             registry.release(r)
+        for lease in leases:
+            lease.drop()
         regions.clear()
         blocks.clear()
+        leases.clear()
 
     def _encode(
         self,
@@ -101,6 +105,7 @@ class InstancePool:
         buffers: list[Any],
         blocks: list[Block],
         regions: list[Region],
+        leases: list[Lease],
     ) -> None:
         inline_max = self.ctx.inline_max_bytes
         arena = self.ctx.arena
@@ -121,6 +126,13 @@ class InstancePool:
                 ref.shape.extend(t.shape)
                 if t.shm is not None:
                     _use_region(t.shm, regions, ref.client)
+                    continue
+                if t.arena is not None:  # another worker's output: read in place
+                    a = t.arena
+                    a.lease.hold()
+                    leases.append(a.lease)
+                    s = ref.shm
+                    s.region, s.offset, s.nbytes, s.device = a.region, a.offset, a.nbytes, a.device
                     continue
                 n = len(t.data)
                 if n <= inline_max:
@@ -176,15 +188,17 @@ class InstancePool:
                 for ref in res.outputs:
                     where = ref.WhichOneof("location")
                     if where == "client":
-                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), b"", in_shm=True))
+                        written = ref.client.nbytes
+                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), b"", True, written))
                         continue
                     if where == "shm":
                         s = ref.shm
                         data: Any = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
                         held.append(s)
+                        place = (s.region, s.offset, s.nbytes, s.device)
+                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=place))
                     else:
-                        data = frames[ref.frame]
-                    tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data))
+                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
             except ServingError as exc:
                 worker.release(identity, held)
                 out.append(exc)

@@ -133,12 +133,14 @@ class Worker:
         except ServingError:
             pass
 
-    def forget(self, region_ids: Sequence[int]) -> None:
-        """Tell the worker to unmap these client regions (it ignores ids it never mapped)."""
+    def forget(self, region_ids: Sequence[int] = (), arena_prefixes: Sequence[str] = ()) -> None:
+        """Tell the worker to unmap these client regions and the output arenas of these
+        exited workers (it ignores what it never mapped)."""
         if not self.ready:
             return  # a restarting worker starts with no mappings
         env = wire.envelope(0)
         env.forget.region_ids.extend(region_ids)
+        env.forget.arena_prefixes.extend(arena_prefixes)
         try:
             self.channel.send(self.identity, env)
         except ServingError:

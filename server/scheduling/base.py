@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Protocol
 
+from proto.errors import ErrorCode, ServingError
 from server.types import InferRequest, InferResult
 
 
@@ -33,11 +34,50 @@ class Scheduler(Protocol):
         ...
 
 
-async def wait_idle(idle: asyncio.Event, timeout_s: float) -> None:
-    """Wait until ``idle`` is set or ``timeout_s`` passes (the shared part of ``drain``)."""
-    deadline = time.monotonic() + timeout_s
-    while not idle.is_set():
-        try:
-            await asyncio.wait_for(idle.wait(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            return
+class Admission:
+    """The part every scheduler shares: counts requests in flight, refuses new ones once
+    draining, and lets ``drain`` wait for the last one."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def check(self) -> None:
+        """Raise ``UNAVAILABLE`` when the model is being unloaded."""
+        if self.draining:
+            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting; wait up to ``timeout_s`` until nothing is in flight."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return
+
+
+class SchedulerBase:
+    """What the schedulers share: ``inflight``, ``drain`` and their ``Admission``."""
+
+    def __init__(self) -> None:
+        self._admission = Admission()
+
+    @property
+    def inflight(self) -> int:
+        return self._admission.inflight
+
+    async def drain(self, timeout_s: float) -> None:
+        await self._admission.drain(timeout_s)

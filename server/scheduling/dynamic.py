@@ -13,7 +13,7 @@ from typing import Any
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from server.dispatch.pool import InstancePool
-from server.scheduling.base import wait_idle
+from server.scheduling.base import SchedulerBase
 from server.scheduling.batchqueue import BatchConfig, BatchQueue, Item
 from server.stats import ModelStats
 from server.types import InferRequest, InferResult
@@ -28,7 +28,7 @@ def _uint_param(request: InferRequest, name: str) -> int:
     return value
 
 
-class DynamicBatcher:
+class DynamicBatcher(SchedulerBase):
     def __init__(
         self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats, clock: Clock = time.monotonic_ns
     ) -> None:
@@ -40,24 +40,16 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executing = 0
-        self._inflight = 0
-        self._draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        super().__init__()
         self._last_delivery: asyncio.Future[None] | None = None
         self._queue_ns: dict[int, int] = {}
         """Queue time of each dispatched request (by ``id`` of its item), for statistics."""
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     def _shape_key(self, request: InferRequest) -> tuple[Any, ...]:
         return tuple(sorted((t.name, t.shape[1:]) for t in request.inputs if t.name not in self._ragged))
 
     async def submit(self, request: InferRequest) -> InferResult:
-        if self._draining:
-            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+        self._admission.check()
         level = self.queue.level_of(_uint_param(request, "priority"))
         timeout_us = _uint_param(request, "timeout")
         start = self.clock()
@@ -69,8 +61,7 @@ class DynamicBatcher:
         except ServingError:
             self.stats.request_done(False, self.clock() - start, 0)
             raise
-        self._inflight += 1
-        self._idle.clear()
+        self._admission.enter()
         if self._task is None:
             self._task = asyncio.ensure_future(self._loop())
         self._wake.set()
@@ -83,9 +74,7 @@ class DynamicBatcher:
             self.queue.remove(item)  # still queued: it never runs; executing: the pool cleans up
             raise
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._admission.leave()
             self.stats.request_done(ok, self.clock() - start, self._queue_ns.pop(id(item), 0))
 
     async def _loop(self) -> None:
@@ -150,8 +139,7 @@ class DynamicBatcher:
             mine.set_result(None)
 
     async def drain(self, timeout_s: float) -> None:
-        self._draining = True
-        await wait_idle(self._idle, timeout_s)
+        await super().drain(timeout_s)
         for item in self.queue.drain_all():
             fut = item.payload[1]
             if not fut.done():

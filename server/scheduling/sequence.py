@@ -39,7 +39,7 @@ from proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
 from proto.gen import model_config_pb2 as mc
 from server.dispatch.pool import InstancePool
 from server.dispatch.worker import Worker
-from server.scheduling.base import wait_idle
+from server.scheduling.base import SchedulerBase
 from server.stats import ModelStats
 from server.types import InferRequest, InferResult, InputTensor, RequestedOutput
 
@@ -89,7 +89,7 @@ def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool,
     return corrid, flags[0], flags[1]
 
 
-class SequenceBatcher:
+class SequenceBatcher(SchedulerBase):
     def __init__(
         self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats, model_dir: Path | None = None
     ) -> None:
@@ -110,10 +110,7 @@ class SequenceBatcher:
         self._free: dict[int, list[int]] = {}
         self._waiting: list[asyncio.Future[None]] = []
         self._expired: OrderedDict[int | str, str] = OrderedDict()
-        self._inflight = 0
-        self._draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        super().__init__()
         self._reaper: asyncio.Task[None] | None = None
         self._queues: dict[int, _InstanceQueue] = {}
         self.max_batch = max(1, config.max_batch_size)
@@ -125,10 +122,6 @@ class SequenceBatcher:
             self.delay_ns = int(sb.direct.max_queue_delay_microseconds) * 1000
             utilization = min(1.0, max(0.0, float(sb.direct.minimum_slot_utilization)))
             self.target = min(self.max_batch, max(1, math.ceil(utilization * self.slots_per_instance)))
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     # ---- slots --------------------------------------------------------------------------
 
@@ -174,8 +167,7 @@ class SequenceBatcher:
     # ---- requests -----------------------------------------------------------------------
 
     async def submit(self, request: InferRequest) -> InferResult:
-        if self._draining:
-            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+        self._admission.check()
         corrid, start, end = sequence_params(request, self.name)
         if self.batching and request.batch_size != 1:
             raise InvalidInput(
@@ -184,8 +176,7 @@ class SequenceBatcher:
             )
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap_idle())
-        self._inflight += 1
-        self._idle.clear()
+        self._admission.enter()
         t0 = time.monotonic_ns()
         ok = False
         try:
@@ -233,9 +224,7 @@ class SequenceBatcher:
             ok = True
             return result
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._admission.leave()
             self.stats.request_done(ok, time.monotonic_ns() - t0, 0)
 
     def _keep_state(self, seq: Sequence, result: InferResult) -> None:
@@ -335,8 +324,7 @@ class SequenceBatcher:
                     self._release(seq, "was released after being idle longer than max_sequence_idle_microseconds")
 
     async def drain(self, timeout_s: float) -> None:
-        self._draining = True
-        await wait_idle(self._idle, timeout_s)
+        await super().drain(timeout_s)
         if self._reaper is not None:
             self._reaper.cancel()
 

@@ -1,4 +1,4 @@
-"""``dataplane.validate``: requests checked against a model's configuration."""
+"""``validation.validate``: requests checked against a model's configuration."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from google.protobuf import text_format
 from proto import dtypes
 from proto.errors import ErrorCode, InvalidInput
 from proto.gen import model_config_pb2 as mc
-from server.dataplane import validate
 from server.models import ModelVersion, _tensor_specs
 from server.types import InferRequest, InputTensor, RequestedOutput
+from server.validation import validate
 
 BATCHING = """
 name: "bm" backend: "python" max_batch_size: 8
