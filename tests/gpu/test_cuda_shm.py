@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -31,12 +32,17 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 
-MODELS = ("add_sub", "identity_fp32", "simple_onnx", "gpu_double", "slow")
+MODELS = ("add_sub", "identity_fp32", "simple_onnx", "gpu_double", "slow", "gpu_ens")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = make_repository(tmp_path_factory.mktemp("repo"), *MODELS)
+    on_gpu = repo / "gpu_double_on_gpu"
+    shutil.copytree(repo / "gpu_double", on_gpu)
+    cfg = (on_gpu / "config.pbtxt").read_text()
+    cfg = cfg.replace('name: "gpu_double"', 'name: "gpu_double_on_gpu"').replace("KIND_CPU", "KIND_GPU")
+    (on_gpu / "config.pbtxt").write_text(cfg)
     srv = ServerProcess(repo).start()
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -244,3 +250,25 @@ def test_unregister_while_in_flight(server: ServerProcess, regions: CudaRegions)
         np.testing.assert_array_equal(results[0].as_numpy("OUTPUT0"), x)
     finally:
         g.close()
+
+
+def test_ensemble_across_devices_with_cuda_shm(client: tuple[Any, Any], regions: CudaRegions) -> None:
+    """gpu_ens: a KIND_GPU step (PyTorch) then a CPU step; X and Y in CUDA shared memory,
+    then inline; 1 MiB tensors, so the GPU step's output reaches the CPU step through the
+    GPU worker's output arena."""
+    c, mod = client
+    x = np.random.default_rng(7).random(1 << 18, dtype=np.float32)
+    h_in = regions.create("ens_in", x.nbytes)
+    h_out = regions.create("ens_out", x.nbytes)
+    cudashm.set_shared_memory_region(h_in, [x])
+    c.register_cuda_shared_memory("ens_in", cudashm.get_raw_handle(h_in), 0, x.nbytes)
+    c.register_cuda_shared_memory("ens_out", cudashm.get_raw_handle(h_out), 0, x.nbytes)
+    i = mod.InferInput("X", [x.size], "FP32")
+    i.set_shared_memory("ens_in", x.nbytes)
+    o = mod.InferRequestedOutput("Y")
+    o.set_shared_memory("ens_out", x.nbytes)
+    c.infer("gpu_ens", [i], outputs=[o])
+    np.testing.assert_array_equal(cudashm.get_contents_as_numpy(h_out, np.float32, [x.size]), 2 * x)
+    inline = mod.InferInput("X", [x.size], "FP32")
+    inline.set_data_from_numpy(x)
+    np.testing.assert_array_equal(c.infer("gpu_ens", [inline]).as_numpy("Y"), 2 * x)
