@@ -25,7 +25,10 @@ from tritonclient.utils import InferenceServerException
 from tests.e2e.server import ServerProcess, make_repository, wait_until
 
 PIPELINE = ("preprocess", "mlp_onnx", "postprocess", "pipeline")
-MODELS = (*PIPELINE, "slow", "gate", "add_sub", "ens_diamond", "ens_chain3", "ens_nested", "ens_flat")
+MODELS = (
+    *PIPELINE, "slow", "gate", "add_sub", "accumulator",
+    "ens_diamond", "ens_chain3", "ens_nested", "ens_flat", "ens_tap", "ens_seq",
+)  # fmt: skip
 KEY_PREFIX = f"shoaltest_{os.getpid()}_ens_"
 
 
@@ -113,6 +116,42 @@ def test_pipeline_with_shared_memory(eserver: ServerProcess, proto: str) -> None
         client.close()
         shm.destroy_shared_memory_region(h_in)
         shm.destroy_shared_memory_region(h_out)
+
+
+def test_output_in_shared_memory_also_read_by_a_step(eserver: ServerProcess) -> None:
+    """ens_tap: A goes to the client's region and the next step reads it from there."""
+    client = grpcclient.InferenceServerClient(eserver.grpc_url)
+    x = np.random.default_rng(8).random(1000, dtype=np.float32)
+    key = f"/{KEY_PREFIX}tap"
+    h = shm.create_shared_memory_region("tap", key, x.nbytes)
+    try:
+        client.register_system_shared_memory("tap", key, x.nbytes)
+        i = grpcclient.InferInput("X", [x.size], "FP32")
+        i.set_data_from_numpy(x)
+        a = grpcclient.InferRequestedOutput("A")
+        a.set_shared_memory("tap", x.nbytes)
+        r = client.infer("ens_tap", [i], outputs=[a, grpcclient.InferRequestedOutput("Y")])
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(h, np.float32, [x.size]), x)
+        np.testing.assert_array_equal(r.as_numpy("Y"), x)
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        shm.destroy_shared_memory_region(h)
+
+
+def test_sequence_through_an_ensemble(eserver: ServerProcess) -> None:
+    client = grpcclient.InferenceServerClient(eserver.grpc_url)
+    try:
+        for sid in (71, 72):
+            for step, value in enumerate((3, 4, 5)):
+                i = grpcclient.InferInput("IN", [1, 1], "INT32")
+                i.set_data_from_numpy(np.array([[value + sid]], dtype=np.int32))
+                r = client.infer("ens_seq", [i], sequence_id=sid, sequence_start=step == 0, sequence_end=step == 2)
+                assert int(r.as_numpy("SUM")[0, 0]) == sum((3, 4, 5)[: step + 1]) + sid * (step + 1)
+        with pytest.raises(InferenceServerException, match="step 0 \\(model 'accumulator'\\).*correlation ID"):
+            client.infer("ens_seq", [i])
+    finally:
+        client.close()
 
 
 def test_diamond_branches_run_in_parallel(eserver: ServerProcess) -> None:
