@@ -376,15 +376,35 @@ class ModelManager:
                 await self.unload(name)
             except ServingError as exc:
                 log.error("unloading '%s' failed: %s", name, exc.message)
+        changed: set[str] = set()
         for name in sorted(present):
             fp = (fingerprint(self.repository / name), b"")
             if self.fingerprints.get(name) == fp:
                 continue
             log.info("model '%s' changed in the repository: (re)loading", name)
+            changed.add(name)
             try:
                 await self.load(name)
             except ServingError as exc:
                 log.error("%s", exc.message)
+        for name in sorted(present - changed):
+            # an ensemble that failed to load may load now that a composing model changed
+            src = self.sources.get(name)
+            if src is None or not src.error or not changed & set(self._composing_on_disk(name)):
+                continue
+            log.info("ensemble '%s': a composing model changed; loading it again", name)
+            try:
+                await self.load(name)
+            except ServingError as exc:
+                log.error("%s", exc.message)
+
+    def _composing_on_disk(self, name: str) -> list[str]:
+        """The composing models of ``name``'s config.pbtxt ([] if it is no readable ensemble)."""
+        try:
+            config = parse_config(self.repository / name, name)
+        except ServingError:
+            return []
+        return ensemble.composing_models(config) if ensemble.is_ensemble(config) else []
 
     async def poll_forever(self, interval_s: float) -> None:
         while True:

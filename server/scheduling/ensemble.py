@@ -176,6 +176,12 @@ class EnsembleScheduler(SchedulerBase):
             tensor = names.get(t.name)
             if tensor is not None:
                 run.made[tensor] = _Made(t, step.index, out_shm.get(tensor) if t.in_shm else None)
+        missing = [name for name, tensor in step.outputs if tensor not in run.made]
+        if missing:
+            raise ServingError(
+                f"in ensemble '{self.plan.name}', {step.label}: the model returned no output '{missing[0]}'",
+                code=ErrorCode.INTERNAL,
+            )
         readers = {c for tensor in names.values() for c in self.plan.consumers.get(tensor, ())}
         run.readers[step.index] = readers
         if not readers and step.index not in run.keep:

@@ -352,12 +352,23 @@ def test_explicit_load_and_unload_dependents(tmp_path: Path, fresh_server: list[
 
 
 def test_poll_picks_up_a_changed_composing_model(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
-    repo = make_repository(tmp_path / "repo", *PIPELINE)
+    repo = make_repository(tmp_path / "repo", *PIPELINE, "slow", "ens_tap", "gate")
+    gate = tmp_path / "gate"
+    shutil.move(repo / "gate", gate)  # ens_tap's second step is missing at start
     srv = ServerProcess(repo, "--model-control-mode=poll", "--repository-poll-secs=0.5").start()
     fresh_server.append(srv)
     client = grpcclient.InferenceServerClient(srv.grpc_url)
     raw = np.random.default_rng(6).integers(0, 256, (1, 256), dtype=np.uint8)
+    x = np.ones(3, np.float32)
     try:
+        h = httpclient.InferenceServerClient(srv.url)
+        state, reason = _state(h.get_model_repository_index(), "ens_tap")
+        assert state == "UNAVAILABLE" and "composing model 'gate'" in reason, (state, reason)
+        shutil.move(gate, repo / "gate")
+        wait_until(lambda: h.is_model_ready("ens_tap"))
+        h.close()
+        np.testing.assert_array_equal(_infer(client, "ens_tap", X=x).as_numpy("Y"), x)
+
         cls = int(_infer(client, "pipeline", RAW=raw).as_numpy("CLASS")[0, 0])
         assert 0 <= cls < 16
         v2 = repo / "postprocess" / "2"
