@@ -66,6 +66,10 @@ class DeadlineExceeded(ServingError):
     code = ErrorCode.DEADLINE_EXCEEDED
 
 
+class BackendError(ServingError):
+    """An error a worker reported for a request (the backend or model failed it)."""
+
+
 class WorkerDied(ServingError):
     code = ErrorCode.UNAVAILABLE
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from proto.errors import ErrorCode, ServingError
+from proto.errors import BackendError, ErrorCode, ServingError
 from proto.gen import worker_pb2 as wpb
 
 PROTOCOL_VERSION: Final = 1
@@ -48,4 +48,4 @@ def to_error(f: wpb.Failed) -> ServingError:
         code = ErrorCode(f.code)
     except ValueError:
         code = ErrorCode.UNKNOWN
-    return ServingError(f.message, code=code, retryable=f.retryable)
+    return BackendError(f.message, code=code, retryable=f.retryable)

@@ -29,6 +29,7 @@ from server.dispatch.pool import DispatchContext
 from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
 from server.logsettings import LogSettings
+from server.metrics import CONTENT_TYPE, Metrics, Sampler
 from server.models import InstanceSettings, ModelManager
 from server.sharedmem import Region, SharedMemoryRegistry
 from shm import region
@@ -64,6 +65,8 @@ class App:
         self.grpc_port = 0
         self._poll: asyncio.Future[None] | None = None
         self.remote: RemoteRepository | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     async def _refresh_remote(self) -> None:
         if self.remote is not None:
@@ -90,6 +93,25 @@ class App:
             ) from None
         if reply.WhichOneof("body") == "failed":
             raise wire.to_error(reply.failed)
+
+    async def _start_metrics(self) -> None:
+        cfg = self.config
+        assert self.models is not None
+        sampler = Sampler(cpu=cfg.allow_cpu_metrics, gpu=cfg.allow_gpu_metrics, gpu_devices=gpus.devices())
+        self.metrics = Metrics(self.models, sampler, cfg.metrics_interval_ms / 1000)
+        metrics = self.metrics
+
+        async def scrape(_: web.Request) -> web.Response:
+            return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+        app = web.Application()
+        app.router.add_get("/metrics", scrape)
+        self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._metrics_runner.setup()
+        sock = _listen(cfg.host, cfg.metrics_port)
+        await web.SockSite(self._metrics_runner, sock).start()
+        metrics.start()
+        log.info("Metrics listening on %s:%d", cfg.host, sock.getsockname()[1])
 
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
@@ -160,8 +182,8 @@ class App:
         grpc_host = cfg.grpc_host or cfg.host
         self._grpc, self.grpc_port = await start_grpc(self.dataplane, grpc_host, cfg.grpc_port, cfg.grpc)
         log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
-        if cfg.metrics_port:
-            log.info("the metrics endpoint is not built yet; --metrics-port is ignored")
+        if cfg.allow_metrics:
+            await self._start_metrics()
         if cfg.model_control_mode == "explicit":
             # --load-model NAME (repeatable; * = every model); none: start with nothing
             if "*" in cfg.load_models:
@@ -192,6 +214,10 @@ class App:
         grpc_stop = asyncio.ensure_future(self._grpc.stop(timeout)) if self._grpc is not None else None
         if self.models is not None:
             await self._bounded(self.models.drain(timeout))
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
         if grpc_stop is not None and self._grpc is not None:

@@ -37,6 +37,11 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    allow_metrics: bool = True
+    allow_gpu_metrics: bool = True
+    allow_cpu_metrics: bool = True
+    metrics_interval_ms: int = 2000
+    """How often CPU and GPU metrics are sampled."""
     exit_timeout_s: float = 30.0
     log_verbose: int = 0
     strict_model_config: bool = False
@@ -89,6 +94,10 @@ _TYPES: dict[str, tuple[type, str]] = {
     "http_port": (int, "--http-port"),
     "grpc_port": (int, "--grpc-port"),
     "metrics_port": (int, "--metrics-port"),
+    "allow_metrics": (bool, "--allow-metrics"),
+    "allow_gpu_metrics": (bool, "--allow-gpu-metrics"),
+    "allow_cpu_metrics": (bool, "--allow-cpu-metrics"),
+    "metrics_interval_ms": (int, "--metrics-interval-ms"),
     "exit_timeout_secs": (float, "--exit-timeout-secs"),
     "log_verbose": (int, "--log-verbose"),
     "strict_model_config": (bool, "--strict-model-config"),
@@ -142,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", "--http-address", dest="host", default="0.0.0.0")
     s.add_argument("--http-port", default=8000, help="0 picks a free port; the bound port is logged")
     s.add_argument("--grpc-port", default=8001)
-    s.add_argument("--metrics-port", default=8002)
+    s.add_argument("--metrics-port", default=8002, help="Prometheus metrics at /metrics; 0 picks a free port")
+    s.add_argument("--allow-metrics", default=True, help="serve Prometheus metrics (default true)")
+    s.add_argument("--allow-gpu-metrics", default=True, help="GPU metrics through NVML (default true)")
+    s.add_argument("--allow-cpu-metrics", default=True, help="CPU utilization and memory metrics (default true)")
+    s.add_argument("--metrics-interval-ms", default=2000, help="how often CPU/GPU metrics are sampled")
     s.add_argument("--exit-timeout-secs", default=30.0, help="seconds to let in-flight requests finish at shutdown")
     s.add_argument("--log-verbose", default=0)
     s.add_argument("--strict-model-config", default=False, help="true: no auto-complete (configs must be complete)")
@@ -227,6 +240,8 @@ def parse(argv: list[str]) -> ServerConfig:
         problems.append("--repository-poll-secs must be > 0")
     if args.log_verbose < 0:
         problems.append("--log-verbose must be >= 0")
+    if args.metrics_interval_ms <= 0:
+        problems.append("--metrics-interval-ms must be > 0")
     for flag, value in (
         ("--http-max-input-size", args.http_max_input_size),
         ("--shm-arena-bytes", args.shm_arena_bytes),
@@ -261,6 +276,10 @@ def parse(argv: list[str]) -> ServerConfig:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        allow_metrics=args.allow_metrics,
+        allow_gpu_metrics=args.allow_gpu_metrics,
+        allow_cpu_metrics=args.allow_cpu_metrics,
+        metrics_interval_ms=args.metrics_interval_ms,
         exit_timeout_s=args.exit_timeout_secs,
         log_verbose=args.log_verbose,
         strict_model_config=args.strict_model_config,

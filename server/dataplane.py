@@ -13,7 +13,7 @@ from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
 from proto.gen import model_config_pb2 as mc
 from server.classification import classify
 from server.logsettings import LogSettings
-from server.models import ModelManager
+from server.models import ModelManager, submit
 from server.sharedmem import SharedMemoryRegistry
 from server.types import InferRequest, InferResult
 from server.validation import validate
@@ -199,8 +199,7 @@ class DataPlane:
             self.shm.bind(request)
         try:
             validate(mv, request)
-            assert mv.scheduler is not None
-            result = await mv.scheduler.submit(request)
+            result = await submit(mv, request)
         finally:
             if uses_shm:
                 self.shm.unbind(request)

@@ -94,6 +94,16 @@ class ModelVersion:
         return self.pool.ready_count > 0
 
 
+async def submit(mv: ModelVersion, request: InferRequest) -> InferResult:
+    """``request`` (validated) to ``mv``'s scheduler; a failure is counted by its reason."""
+    assert mv.scheduler is not None
+    try:
+        return await mv.scheduler.submit(request)
+    except BaseException as exc:
+        mv.stats.failed(exc)
+        raise
+
+
 def _version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
     """The part of a model's fingerprint one version depends on: files outside version
     directories (config, labels) and those of its own directory."""
@@ -573,8 +583,7 @@ class ModelManager:
         mv = self.get(request.model_name, request.model_version)
         request.model_version = mv.version
         validate(mv, request)
-        assert mv.scheduler is not None
-        return await mv.scheduler.submit(request)
+        return await submit(mv, request)
 
     # ---- lookups -------------------------------------------------------------------------
 

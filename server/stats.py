@@ -4,11 +4,30 @@ perf_analyzer reads them without checking)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
+
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+"""The ``reason`` label of Triton's ``nv_inference_request_failure``."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Which ``FAILURE_REASONS`` a request that raised ``exc`` counts under."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"
+    if isinstance(exc, BackendError | WorkerDied):
+        return "BACKEND"
+    if isinstance(exc, ServingError):
+        if exc.code in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESOURCE_EXHAUSTED):
+            return "REJECTED"
+        if exc.code is ErrorCode.CANCELLED:
+            return "CANCELED"
+    return "OTHER"
 
 
 @dataclass(slots=True)
@@ -40,6 +59,11 @@ class ModelStats:
     last_inference_ms: int = 0
     durations: dict[str, Duration] = field(default_factory=lambda: {k: Duration() for k in DURATIONS})
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
+    """Failed requests by ``failure_reason`` (Prometheus metrics)."""
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures[failure_reason(exc)] += 1
 
     def request_done(self, ok: bool, total_ns: int, queue_ns: int) -> None:
         """One request answered: ``total_ns`` from arrival at the scheduler to the answer."""

@@ -28,6 +28,11 @@ class Scheduler(Protocol):
         """Requests accepted and not yet answered (queued + executing)."""
         ...
 
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet executing."""
+        ...
+
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting (new submits fail ``UNAVAILABLE``) and wait up to ``timeout_s``
         for in-flight requests to finish."""
@@ -78,6 +83,11 @@ class SchedulerBase:
     @property
     def inflight(self) -> int:
         return self._admission.inflight
+
+    @property
+    def pending(self) -> int:
+        """Requests received and not yet executing (queued)."""
+        return 0
 
     async def drain(self, timeout_s: float) -> None:
         await self._admission.drain(timeout_s)

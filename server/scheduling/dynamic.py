@@ -45,6 +45,10 @@ class DynamicBatcher(SchedulerBase):
         self._queue_ns: dict[int, int] = {}
         """Queue time of each dispatched request (by ``id`` of its item), for statistics."""
 
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
     def _shape_key(self, request: InferRequest) -> tuple[Any, ...]:
         return tuple(sorted((t.name, t.shape[1:]) for t in request.inputs if t.name not in self._ragged))
 

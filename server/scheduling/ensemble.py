@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proto.errors import ErrorCode, ServingError
+from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
 from server.ensemble import EnsemblePlan, StepPlan
 from server.scheduling.base import SchedulerBase
 from server.stats import ModelStats
@@ -236,7 +236,6 @@ def _input_from(name: str, made: _Made, lease: Lease) -> InputTensor:
 
 def _in_step(ensemble: str, step: StepPlan, exc: BaseException) -> ServingError:
     if isinstance(exc, ServingError):
-        return ServingError(
-            f"in ensemble '{ensemble}', {step.label}: {exc.message}", code=exc.code, retryable=exc.retryable
-        )
+        kind = BackendError if isinstance(exc, BackendError | WorkerDied) else ServingError
+        return kind(f"in ensemble '{ensemble}', {step.label}: {exc.message}", code=exc.code, retryable=exc.retryable)
     return ServingError(f"in ensemble '{ensemble}', {step.label}: {exc!r}", code=ErrorCode.INTERNAL)

@@ -123,6 +123,11 @@ class SequenceBatcher(SchedulerBase):
             utilization = min(1.0, max(0.0, float(sb.direct.minimum_slot_utilization)))
             self.target = min(self.max_batch, max(1, math.ceil(utilization * self.slots_per_instance)))
 
+    @property
+    def pending(self) -> int:
+        """Sequence starts waiting for a slot and requests waiting for their instance."""
+        return len(self._waiting) + sum(len(q.pending) for q in self._queues.values())
+
     # ---- slots --------------------------------------------------------------------------
 
     def _free_slots(self, worker: Worker) -> list[int]:

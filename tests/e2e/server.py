@@ -20,6 +20,7 @@ TEST_MODELS = ROOT / "tests" / "models"
 EXAMPLE_MODELS = ROOT / "examples" / "models"
 _PORT_RE = re.compile(r"HTTP listening on \S+:(\d+)")
 _GRPC_PORT_RE = re.compile(r"GRPC listening on \S+:(\d+)")
+_METRICS_PORT_RE = re.compile(r"Metrics listening on \S+:(\d+)")
 
 
 class ServerProcess:
@@ -31,6 +32,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.grpc_port = 0
+        self.metrics_port = 0
         self.lines: list[str] = []
         self._port_seen = threading.Event()
         self._ready_seen = threading.Event()
@@ -88,6 +90,9 @@ class ServerProcess:
             g = _GRPC_PORT_RE.search(line)
             if g:
                 self.grpc_port = int(g.group(1))
+            mp = _METRICS_PORT_RE.search(line)
+            if mp:
+                self.metrics_port = int(mp.group(1))
             m = _PORT_RE.search(line)
             if m:
                 self.port = int(m.group(1))

@@ -272,3 +272,20 @@ def test_ensemble_across_devices_with_cuda_shm(client: tuple[Any, Any], regions:
     inline = mod.InferInput("X", [x.size], "FP32")
     inline.set_data_from_numpy(x)
     np.testing.assert_array_equal(c.infer("gpu_ens", [inline]).as_numpy("Y"), 2 * x)
+
+
+def test_gpu_metrics(server: ServerProcess) -> None:
+    """nv_gpu_* per GPU, labelled only by gpu_uuid, in the form perf_analyzer's
+    --collect-metrics parser reads (its regex, applied to our text)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    gpus = cupy.cuda.runtime.getDeviceCount()
+    for name in ("nv_gpu_utilization", "nv_gpu_power_usage", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"):
+        found = re.findall(rf"\n{name}\{{gpu_uuid=\"([^\"]+)\"\}} (\d+\.?\d*)\n", text)
+        assert len(found) == gpus, (name, found, text[-2000:])
+        assert all(uuid.startswith("GPU-") for uuid, _ in found)
+    totals = [float(v) for _, v in re.findall(r"\nnv_gpu_memory_total_bytes\{gpu_uuid=\"([^\"]+)\"\} (\S+)", text)]
+    assert all(t > 1 << 30 for t in totals)
