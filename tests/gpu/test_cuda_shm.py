@@ -284,7 +284,7 @@ def test_gpu_metrics(server: ServerProcess) -> None:
         text = resp.read().decode()
     gpus = cupy.cuda.runtime.getDeviceCount()
     for name in ("nv_gpu_utilization", "nv_gpu_power_usage", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"):
-        found = re.findall(rf"\n{name}\{{gpu_uuid=\"([^\"]+)\"\}} (\d+\.?\d*)\n", text)
+        found = re.findall(rf"\n{name}\{{gpu_uuid=\"([^\"]+)\"\}} (\d+\.?\d*)(?=\n)", text)
         assert len(found) == gpus, (name, found, text[-2000:])
         assert all(uuid.startswith("GPU-") for uuid, _ in found)
     totals = [float(v) for _, v in re.findall(r"\nnv_gpu_memory_total_bytes\{gpu_uuid=\"([^\"]+)\"\} (\S+)", text)]
