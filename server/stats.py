@@ -72,17 +72,21 @@ class ModelStats:
             self.durations["queue"].add(queue_ns)
             self.last_inference_ms = time.time_ns() // 1_000_000
 
-    def execution(self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One model execution of ``requests`` requests, ``batch_size`` batch elements."""
+    def execution(
+        self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, rows: int = 0
+    ) -> None:
+        """One model execution of ``requests`` requests, ``batch_size`` batch elements;
+        ``rows``: the executed batch size when it includes null (filler) requests."""
         self.execution_count += 1
         self.inference_count += batch_size
         d = self.durations
         d["compute_input"].add(input_ns, requests)
         d["compute_infer"].add(infer_ns, requests)
         d["compute_output"].add(output_ns, requests)
-        b = self.batches.get(batch_size)
+        size = rows or batch_size
+        b = self.batches.get(size)
         if b is None:
-            b = self.batches[batch_size] = BatchStats()
+            b = self.batches[size] = BatchStats()
         b.compute_input.add(input_ns)
         b.compute_infer.add(infer_ns)
         b.compute_output.add(output_ns)

@@ -100,6 +100,8 @@ class InferRequest:
     """Sequence id (set by the sequence batcher)."""
     flags: int = 0
     """Triton's request flags: 1 = sequence start, 2 = sequence end."""
+    null: bool = False
+    """A filler for an empty sequence slot: executed, not counted, its result dropped."""
     shm_regions: list[Region] = field(default_factory=list)
     """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""
 

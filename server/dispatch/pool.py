@@ -168,12 +168,14 @@ class InstancePool:
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
         if self.stats is not None:
             done = reply.infer_done
+            real = [r for r in batch if not r.null]
             self.stats.execution(
-                sum(r.batch_size for r in batch),
-                len(batch),
+                sum(r.batch_size for r in real),
+                len(real),
                 done.compute_input_ns,
                 done.compute_infer_ns,
                 done.compute_output_ns,
+                rows=sum(r.batch_size for r in batch),
             )
         identity = worker.identity
         mapper = self.ctx.mapper

@@ -12,8 +12,12 @@ Requests of different sequences waiting for the same instance are executed toget
 one batch (one request per sequence, oldest first, at most ``max_batch_size``). A batch
 may wait up to the strategy's ``max_queue_delay_microseconds`` for more sequences'
 requests: until ``minimum_slot_utilization`` of the slots (direct) or the largest
-``preferred_batch_size`` (oldest) is reached. Batch rows are not pinned to slots: a
-model sees only the requests present (no padding rows with READY false).
+``preferred_batch_size`` (oldest) is reached. With the direct strategy (and a batching
+model) a sequence's requests always take the batch row of its slot, as in Triton: the
+rows below the highest slot in the batch whose sequences sent nothing are "null"
+requests (inputs of zeros shaped like a real request's, READY false, START/END false,
+CORRID 0) whose results are dropped; they count in the batch size of the execution
+statistics, not in the inference count.
 
 Implicit state (``sequence_batching.state``): the router keeps each state output of a
 sequence's last response and feeds it back as the state input of its next request (the
@@ -50,9 +54,13 @@ FLAG_END = 2
 _KIND = mc.ModelSequenceBatching.Control
 
 
+_Pending = tuple[InferRequest, "asyncio.Future[InferResult | ServingError]", int]
+"""A request waiting for its instance, the future its sequence awaits, and its slot."""
+
+
 @dataclass(slots=True)
 class _InstanceQueue:
-    pending: list[tuple[InferRequest, asyncio.Future[InferResult | ServingError]]] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
     running: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a request joins ``pending`` (wakes a batch waiting for its delay)."""
@@ -114,6 +122,8 @@ class SequenceBatcher(SchedulerBase):
         self._reaper: asyncio.Task[None] | None = None
         self._queues: dict[int, _InstanceQueue] = {}
         self.max_batch = max(1, config.max_batch_size)
+        self.pinned = self.batching and not sb.HasField("oldest")
+        """Direct strategy: each sequence's requests take the batch row of its slot."""
         if sb.HasField("oldest"):
             self.delay_ns = int(sb.oldest.max_queue_delay_microseconds) * 1000
             preferred = [int(p) for p in sb.oldest.preferred_batch_size if p > 0]
@@ -215,7 +225,7 @@ class SequenceBatcher(SchedulerBase):
                     if request.outputs is not None:
                         request.outputs.extend(RequestedOutput(s.output_name) for s in self.states)
                 try:
-                    result = await self._execute(seq.worker, request)
+                    result = await self._execute(seq.worker, request, seq.slot)
                 except WorkerDied:
                     self._release(seq, "ended: its instance failed")
                     raise
@@ -245,14 +255,14 @@ class SequenceBatcher(SchedulerBase):
                 seq.state[name] = InputTensor(name, t.datatype, t.shape, bytes(t.data))
         result.outputs = kept
 
-    async def _execute(self, worker: Worker, request: InferRequest) -> InferResult | ServingError:
+    async def _execute(self, worker: Worker, request: InferRequest, slot: int) -> InferResult | ServingError:
         """Queue ``request`` for ``worker``; requests queued meanwhile by other sequences on
         it run in the same batch."""
         q = self._queues.setdefault(id(worker), _InstanceQueue())
         fut: asyncio.Future[InferResult | ServingError] = asyncio.get_running_loop().create_future()
         if not q.pending:
             q.first_ns = time.monotonic_ns()
-        q.pending.append((request, fut))
+        q.pending.append((request, fut, slot))
         q.arrived.set()
         if not q.running:
             q.running = True
@@ -265,23 +275,47 @@ class SequenceBatcher(SchedulerBase):
                 await self._gather(q)
                 # leftovers keep the oldest arrival: none waits longer than the delay
                 batch, q.pending = q.pending[: self.max_batch], q.pending[self.max_batch :]
-                requests = [r for r, _ in batch]
+                rows = self._rows(batch)
                 try:
-                    results: list[InferResult | ServingError] = await self.pool.run(requests, worker=worker)
+                    results = await self.pool.run([r for r, _ in rows], worker=worker)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
                     err = exc if isinstance(exc, ServingError) else ServingError(f"batch failed: {exc!r}")
-                    for _, fut in batch:
-                        if not fut.done():
+                    for _, fut in rows:
+                        if fut is not None and not fut.done():
                             fut.set_exception(err)
                     continue
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if fut.done():
+                for (_, fut), res in zip(rows, results, strict=True):
+                    if fut is None or fut.done():  # a null row, or its client went away
                         if isinstance(res, InferResult):
                             res.done()
                     else:
                         fut.set_result(res)
         finally:
             q.running = False
+
+    def _rows(
+        self, batch: list[_Pending]
+    ) -> list[tuple[InferRequest, asyncio.Future[InferResult | ServingError] | None]]:
+        """The batch in execution order: arrival order, or (direct strategy) by slot with a
+        null request in each row below the highest slot whose sequence sent nothing."""
+        if not self.pinned:
+            return [(r, fut) for r, fut, _ in batch]
+        by_slot = {slot: (r, fut) for r, fut, slot in batch}
+        template = batch[0][0]
+        rows: list[tuple[InferRequest, asyncio.Future[InferResult | ServingError] | None]] = []
+        for slot in range(max(by_slot) + 1):
+            rows.append(by_slot.get(slot) or (self._null_request(template), None))
+        return rows
+
+    def _null_request(self, template: InferRequest) -> InferRequest:
+        """A request for an empty slot: the template's model inputs as zeros, controls false."""
+        skip = {name for name, _ in self.controls} | {s.input_name for s in self.states}
+        inputs = [_zeros_like(t) for t in template.inputs if t.name not in skip]
+        inputs += self._control_tensors(0, False, False, ready=False)
+        inputs += [self.initial[s.input_name] for s in self.states]
+        return InferRequest(
+            model_name=template.model_name, model_version=template.model_version, inputs=inputs, null=True
+        )
 
     async def _gather(self, q: _InstanceQueue) -> None:
         """Wait (at most the queue delay from the oldest arrival) for ``target`` requests."""
@@ -295,14 +329,15 @@ class SequenceBatcher(SchedulerBase):
             except TimeoutError:
                 return
 
-    def _control_tensors(self, corrid: int | str, start: bool, end: bool) -> list[InputTensor]:
+    def _control_tensors(self, corrid: int | str, start: bool, end: bool, ready: bool = True) -> list[InputTensor]:
         out = []
         shape = (1, 1) if self.batching else (1,)
         for name, ctl in self.controls:
             if ctl.kind == _KIND.CONTROL_SEQUENCE_CORRID:
                 dt = dtypes.BY_CONFIG_NUMBER[ctl.data_type]
                 if dt.protocol == "BYTES":
-                    data = dtypes.serialize_bytes(np.array([str(corrid).encode()], dtype=np.object_))
+                    text = str(corrid).encode() if ready else b""
+                    data = dtypes.serialize_bytes(np.array([text], dtype=np.object_))
                 else:
                     if isinstance(corrid, str):
                         raise InvalidInput(f"model '{self.name}' takes integer sequence ids (CORRID {dt.protocol})")
@@ -313,7 +348,7 @@ class SequenceBatcher(SchedulerBase):
             value = {
                 _KIND.CONTROL_SEQUENCE_START: start,
                 _KIND.CONTROL_SEQUENCE_END: end,
-                _KIND.CONTROL_SEQUENCE_READY: True,
+                _KIND.CONTROL_SEQUENCE_READY: ready,
             }.get(ctl.kind, False)
             out.append(_flag_tensor(name, ctl, value, shape))
         return out
@@ -332,6 +367,16 @@ class SequenceBatcher(SchedulerBase):
         await super().drain(timeout_s)
         if self._reaper is not None:
             self._reaper.cancel()
+
+
+def _zeros_like(t: InputTensor) -> InputTensor:
+    """Zeros with ``t``'s name, datatype and shape (BYTES: empty strings)."""
+    if t.datatype == "BYTES":
+        count = dtypes.element_count(t.shape)
+        data = dtypes.serialize_bytes(np.array([b""] * count, dtype=np.object_))
+    else:
+        data = bytes(t.nbytes)
+    return InputTensor(t.name, t.datatype, t.shape, data)
 
 
 def _flag_tensor(name: str, ctl: Any, value: bool, shape: tuple[int, ...]) -> InputTensor:

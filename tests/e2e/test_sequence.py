@@ -37,6 +37,7 @@ def sserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
     _variant(repo, "acc_idle", **a)
     _variant(repo, "acc_string", **{"data_type: TYPE_UINT64 } ]": "data_type: TYPE_STRING } ]"})
     _variant(repo, "acc_one_slot", **{"max_batch_size: 4": "max_batch_size: 1", "count: 2": "count: 1"})
+    _variant(repo, "acc_rows", **{"count: 2": "count: 1"})
     oldest = (
         "max_sequence_idle_microseconds: 2000000\n  oldest { max_candidate_sequences: 8 "
         "preferred_batch_size: [ 3 ] max_queue_delay_microseconds: 400000 }"
@@ -215,6 +216,32 @@ def test_sequences_share_executions(sserver: ServerProcess) -> None:
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == 18 and executions < 18, (inferences, executions)
+
+
+def test_direct_strategy_pins_batch_rows_to_slots(sserver: ServerProcess) -> None:
+    """Direct strategy: a sequence's requests take its slot's batch row; empty rows below it
+    are null requests (READY false), counted in the batch size but not as inferences."""
+    g = grpcclient.InferenceServerClient(sserver.grpc_url)
+
+    def send(sid: int, value: int, start: bool = False, end: bool = False) -> tuple[int, int, int]:
+        r = g.infer("acc_rows", [_input(grpcclient, value)], sequence_id=sid, sequence_start=start, sequence_end=end)
+        return tuple(int(r.as_numpy(n)[0, 0]) for n in ("OUTPUT", "ROW", "NULLS"))  # type: ignore[return-value]
+
+    try:
+        before = g.get_inference_statistics("acc_rows", as_json=True)["model_stats"][0]
+        assert send(501, 1, start=True) == (1, 0, 0)  # slot 0
+        assert send(502, 2, start=True) == (2, 1, 1)  # slot 1: row 1, a null request in row 0
+        assert send(503, 3, start=True) == (3, 2, 2)  # slot 2
+        assert send(502, 1, end=True) == (3, 1, 1)  # slot 1 is free again
+        assert send(503, 4) == (7, 2, 2)  # still row 2, rows 0 and 1 null
+        assert send(501, 5) == (6, 0, 0)
+        assert send(504, 6, start=True) == (6, 1, 1)  # the freed slot 1
+        after = g.get_inference_statistics("acc_rows", as_json=True)["model_stats"][0]
+    finally:
+        g.close()
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 7  # nulls not counted
+    sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    assert sizes == {1: 2, 2: 3, 3: 2}, sizes  # executions by rows, null rows included
 
 
 def test_oldest_strategy_waits_for_preferred_batches(sserver: ServerProcess) -> None:

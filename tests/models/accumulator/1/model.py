@@ -1,4 +1,5 @@
-"""Running sum per sequence, driven by the START / END / READY / CORRID control inputs.
+"""Running sum per sequence, driven by the START / END / READY / CORRID control inputs
+(READY false: a null request in an empty slot, answered with zeros).
 CORRID_SEEN: the integer sequence id, or the length of a string one."""
 
 import json
@@ -18,7 +19,8 @@ class TritonPythonModel:
         delay_ms = max(json.loads(r.parameters() or "{}").get("delay_ms", 0) for r in requests)
         time.sleep(delay_ms / 1000.0)
         responses = []
-        for request in requests:
+        nulls = sum(1 for r in requests if not pb_utils.get_input_tensor_by_name(r, "READY").as_numpy().all())
+        for row, request in enumerate(requests):
             value = int(pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()[0, 0])
             start = int(pb_utils.get_input_tensor_by_name(request, "START").as_numpy()[0, 0])
             end = float(pb_utils.get_input_tensor_by_name(request, "END").as_numpy()[0, 0])
@@ -28,7 +30,11 @@ class TritonPythonModel:
             if value == -1:
                 os.kill(os.getpid(), signal.SIGKILL)
             if not ready:
-                raise pb_utils.TritonModelException("READY control was false")
+                # a null request filling an empty batch slot (direct strategy): no state change
+                zeros = [pb_utils.Tensor(n, np.zeros((1, 1), np.int32)) for n in ("OUTPUT", "ROW", "NULLS")]
+                zeros.append(pb_utils.Tensor("CORRID_SEEN", np.zeros((1, 1), np.uint64)))
+                responses.append(pb_utils.InferenceResponse(zeros))
+                continue
             if start:
                 self.sums[corrid] = 0
             if corrid not in self.sums:
@@ -44,6 +50,10 @@ class TritonPythonModel:
                 pb_utils.Tensor(
                     "CORRID_SEEN", np.array([[len(corrid) if isinstance(corrid, bytes) else corrid]], np.uint64)
                 ),
+            ]
+            outs += [  # where this request sat in the batch, and how many null requests it had
+                pb_utils.Tensor("ROW", np.array([[row]], np.int32)),
+                pb_utils.Tensor("NULLS", np.array([[nulls]], np.int32)),
             ]
             responses.append(pb_utils.InferenceResponse(outs))
         return responses
