@@ -633,8 +633,14 @@ class ModelManager:
     # ---- shutdown ------------------------------------------------------------------------
 
     async def drain(self, timeout_s: float) -> None:
-        schedulers = [mv.scheduler for vs in self.models.values() for mv in vs.values() if mv.scheduler]
-        await asyncio.gather(*(s.drain(timeout_s) for s in schedulers))
+        """Stop admitting and let requests in flight finish: ensembles first (their later
+        steps still need the composing models), then every other model."""
+        deadline = time.monotonic() + timeout_s
+        versions = [mv for vs in self.models.values() for mv in vs.values() if mv.scheduler]
+        for ensembles in (True, False):
+            group = [mv.scheduler for mv in versions if ensemble.is_ensemble(mv.config) == ensembles]
+            left = max(0.0, deadline - time.monotonic())
+            await asyncio.gather(*(s.drain(left) for s in group if s is not None))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         for vs in self.models.values():

@@ -286,6 +286,32 @@ def test_nested_and_non_batching_ensembles(eserver: ServerProcess) -> None:
         client.close()
 
 
+def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """SIGTERM while a request is in the first of three steps: its later steps still run."""
+    srv = ServerProcess(make_repository(tmp_path / "repo", "slow", "gate", "ens_chain3")).start()
+    fresh_server.append(srv)
+    client = grpcclient.InferenceServerClient(srv.grpc_url)
+    x = np.arange(3, dtype=np.float32)
+    i = grpcclient.InferInput("X", [3], "FP32")
+    i.set_data_from_numpy(x)
+    results: list[Any] = []
+
+    def call() -> None:
+        try:
+            results.append(client.infer("ens_chain3", [i], parameters={"delay_ms": 300}).as_numpy("Y"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.15)
+    assert srv.terminate() == 0
+    t.join(30)
+    client.close()
+    assert len(results) == 1 and isinstance(results[0], np.ndarray), results
+    np.testing.assert_array_equal(results[0], x)
+
+
 def _state(index: list[dict[str, str]], name: str) -> tuple[str, str]:
     for e in index:
         if e["name"] == name:
