@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import numpy.typing as npt
 
-from proto.errors import ServingError
+from proto.errors import ErrorCode, ServingError
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
 
@@ -67,6 +67,24 @@ def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, d
         instance_name=instance_name,
         device=device,
     )
+
+
+def relative(path: str, repository: str) -> str:
+    """``path`` as shown in messages: relative to the repository (never a host path)."""
+    try:
+        return os.path.relpath(path, repository)
+    except ValueError:
+        return os.path.basename(path)
+
+
+def model_file(spec: ModelSpec, default_name: str) -> tuple[str, str]:
+    """The model file of ``spec`` (``default_model_filename`` or ``default_name`` in the
+    version directory) and its name for messages; ``NOT_FOUND`` when it is missing."""
+    path = os.path.join(spec.version_dir, spec.config.default_model_filename or default_name)
+    shown = relative(path, spec.repository)
+    if not os.path.isfile(path):
+        raise ServingError(f"model '{spec.name}': model file '{shown}' not found", code=ErrorCode.NOT_FOUND)
+    return path, shown
 
 
 @dataclass(slots=True)
@@ -157,7 +175,7 @@ class BatchedBackend(Backend):
         if not self.batching:
             return [WorkResponse(outputs=_select(self.run(r.inputs, names), r.requested_outputs)) for r in requests]
         sizes = [_batch_of(r) for r in requests]
-        merged = {k: np.concatenate([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+        merged = {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
         out = self.run(merged, names)
         responses: list[WorkResponse] = []
         start = 0
@@ -174,6 +192,15 @@ class BatchedBackend(Backend):
         for r in requests:
             wanted.update(dict.fromkeys(r.requested_outputs))
         return list(wanted)
+
+
+def _concat(arrays: list[Any]) -> Any:
+    """Join along dimension 0; CuPy arrays (inputs left in CUDA memory) on the device."""
+    if any(type(a).__module__.split(".", 1)[0] == "cupy" for a in arrays):
+        import cupy  # noqa: PLC0415 - only backends taking device inputs get here
+
+        return cupy.concatenate([cupy.asarray(a) for a in arrays])
+    return np.concatenate(arrays)
 
 
 def _batch_of(req: WorkRequest) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from proto import dtypes
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
-from workers.backends.base import Array, BatchedBackend, ModelSpec
+from workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
 
 DEFAULT_FILENAME: Final = "model.onnx"
 
@@ -74,11 +74,7 @@ class OnnxRuntimeBackend(BatchedBackend):
                 f"model '{spec.name}': onnxruntime is not installed; install shoal[onnx]",
                 code=ErrorCode.UNAVAILABLE,
             ) from None
-        cfg = spec.config
-        path = os.path.join(spec.version_dir, cfg.default_model_filename or DEFAULT_FILENAME)
-        shown = _relative(path, spec.repository)
-        if not os.path.isfile(path):
-            raise ServingError(f"model '{spec.name}': model file '{shown}' not found", code=ErrorCode.NOT_FOUND)
+        path, shown = model_file(spec, DEFAULT_FILENAME)
         options = _session_options(ort, spec)
         providers = _providers(ort, spec)
         try:
@@ -114,7 +110,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         if not os.path.isfile(path):
             raise ServingError(
                 f"model '{spec.name}': cannot complete the configuration: model file "
-                f"'{_relative(path, spec.repository)}' not found",
+                f"'{relative(path, spec.repository)}' not found",
                 code=ErrorCode.NOT_FOUND,
             )
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -192,13 +188,6 @@ class OnnxRuntimeBackend(BatchedBackend):
     def close(self) -> None:
         """Drop the session; onnxruntime frees its memory when the last reference goes."""
         self._session = None
-
-
-def _relative(path: str, repository: str) -> str:
-    try:
-        return os.path.relpath(path, repository)
-    except ValueError:
-        return os.path.basename(path)
 
 
 def _parameter(spec: ModelSpec, key: str) -> str | None:

@@ -1,0 +1,183 @@
+"""The PyTorch backend (``backend: "pytorch"`` / ``platform: "pytorch_libtorch"``): a
+TorchScript module (``model.pt``, saved with ``torch.jit.save``) run with LibTorch's
+Python bindings, configured as Triton's PyTorch backend is.
+
+Inputs reach ``forward`` by name when every configured input is a ``forward`` argument;
+otherwise by Triton's naming convention ``<name>__<index>`` (the argument position).
+Outputs: ``<name>__<index>`` picks element ``index`` of the tuple or list ``forward``
+returns (a single tensor is index 0); a returned ``Dict[str, Tensor]`` is matched by name.
+A KIND_GPU instance runs on its GPU (``cuda:0`` in the worker) and takes inputs in CUDA
+shared memory as GPU tensors through DLPack (no host copy); its outputs go back as CuPy
+arrays, so a client's CUDA region receives them device to device. Model ``parameters``:
+``INFERENCE_MODE`` (default true: ``torch.inference_mode``, else ``torch.no_grad``) and
+``DISABLE_OPTIMIZED_EXECUTION`` (default false). ``torch`` is imported inside ``load`` only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Self
+
+import numpy as np
+
+from proto.errors import ErrorCode, InvalidInput, ServingError
+from workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+
+DEFAULT_FILENAME: Final = "model.pt"
+
+
+def _index(name: str) -> int | None:
+    """``index`` of a ``<name>__<index>`` tensor name, else ``None``."""
+    _, sep, tail = name.rpartition("__")
+    return int(tail) if sep and tail.isdigit() else None
+
+
+def _bool_param(spec: ModelSpec, key: str, default: bool) -> bool:
+    p = spec.config.parameters.get(key)
+    if p is None or not p.string_value:
+        return default
+    value = p.string_value.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise InvalidInput(f"model '{spec.name}': parameter {key} must be true or false, got '{p.string_value}'")
+    return value in ("true", "1", "yes", "on")
+
+
+class PyTorchBackend(BatchedBackend):
+    """One TorchScript module on the CPU or on the worker's GPU."""
+
+    kind = "pytorch"
+
+    def __init__(self, spec: ModelSpec, torch: Any, module: Any, device: Any) -> None:
+        self._torch = torch
+        self._module = module
+        self._device = device
+        self._name = spec.name
+        self.batching = spec.config.max_batch_size > 0
+        self.device_inputs = spec.device.is_gpu
+        self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
+        cfg = spec.config
+        self._outputs = [o.name for o in cfg.output]
+        self._input_order = self._bind_inputs(spec, module)
+        for name in self._outputs:
+            if _index(name) is None and not self._returns_dict(module):
+                raise InvalidInput(
+                    f"model '{spec.name}': output '{name}' does not follow the <name>__<index> convention "
+                    "(needed unless forward returns a Dict[str, Tensor])"
+                )
+
+    @staticmethod
+    def _returns_dict(module: Any) -> bool:
+        try:
+            return bool(module.forward.schema.returns[0].type.kind() == "DictType")
+        except (AttributeError, IndexError, RuntimeError):
+            return False
+
+    @staticmethod
+    def _bind_inputs(spec: ModelSpec, module: Any) -> list[str]:
+        """Config input names in ``forward``'s argument order."""
+        names = [i.name for i in spec.config.input]
+        try:
+            args = [a.name for a in module.forward.schema.arguments][1:]  # drop self
+        except (AttributeError, RuntimeError):
+            args = []
+        if args and set(names) <= set(args):
+            return [n for n in args if n in names]
+        indexed: dict[int, str] = {}
+        for n in names:
+            i = _index(n)
+            if i is not None:
+                indexed[i] = n
+        if sorted(indexed) != list(range(len(names))):
+            raise InvalidInput(
+                f"model '{spec.name}': inputs must be named like forward's arguments "
+                f"({', '.join(args) or 'unknown'}) or follow the <name>__<index> convention"
+            )
+        return [indexed[i] for i in range(len(names))]
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Self:
+        try:
+            import torch  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415 - heavy runtime
+        except ImportError:
+            raise ServingError(
+                f"model '{spec.name}': PyTorch is not installed in the worker's environment",
+                code=ErrorCode.UNAVAILABLE,
+            ) from None
+        path, shown = model_file(spec, DEFAULT_FILENAME)
+        if spec.device.is_gpu:
+            if not torch.cuda.is_available():
+                raise ServingError(
+                    f"model '{spec.name}': instance is KIND_GPU but PyTorch sees no CUDA device",
+                    code=ErrorCode.UNAVAILABLE,
+                )
+            device = torch.device("cuda", 0)  # the worker's own GPU is its device 0
+        else:
+            device = torch.device("cpu")
+        if _bool_param(spec, "DISABLE_OPTIMIZED_EXECUTION", False):
+            torch._C._set_graph_executor_optimize(False)
+        try:
+            module = torch.jit.load(path, map_location=device)
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ...
+            raise InvalidInput(f"model '{spec.name}': cannot load TorchScript file '{shown}': {exc}") from None
+        module.eval()
+        return cls(spec, torch, module, device)
+
+    def _tensor(self, value: Any) -> Any:
+        torch = self._torch
+        if type(value).__module__.split(".", 1)[0] == "cupy":
+            return torch.from_dlpack(value).to(self._device)
+        array = np.asarray(value)
+        if array.dtype == np.object_:
+            raise InvalidInput(f"model '{self._name}': BYTES inputs are not supported by the PyTorch backend")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only views of shared memory
+            tensor = torch.from_numpy(array)
+        return tensor.to(self._device, non_blocking=False)
+
+    def _array(self, tensor: Any) -> Array:
+        tensor = tensor.detach()
+        if tensor.is_cuda:
+            try:
+                import cupy  # noqa: PLC0415 - GPU outputs stay on the device when CuPy is there
+
+                result: Array = cupy.from_dlpack(tensor.contiguous())
+                return result
+            except ImportError:
+                pass
+        return np.asarray(tensor.cpu().numpy())
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        torch = self._torch
+        missing = [name for name in self._input_order if name not in inputs]
+        if missing:
+            raise InvalidInput(f"model '{self._name}': the PyTorch backend needs input '{missing[0]}'")
+        args = [self._tensor(inputs[name]) for name in self._input_order]
+        context = torch.inference_mode() if self._inference_mode else torch.no_grad()
+        try:
+            with context:
+                result = self._module(*args)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported to the client
+            raise ServingError(f"model '{self._name}': forward failed: {exc}", code=ErrorCode.INTERNAL) from None
+        out: dict[str, Array] = {}
+        for name in output_names:
+            if isinstance(result, dict):
+                value = result.get(name)
+            else:
+                i = _index(name)
+                items = result if isinstance(result, list | tuple) else [result]
+                value = items[i] if i is not None and i < len(items) else None
+            if value is None:
+                raise ServingError(
+                    f"model '{self._name}': forward returned no tensor for output '{name}'", code=ErrorCode.INTERNAL
+                )
+            out[name] = self._array(value)
+        return out
+
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def close(self) -> None:
+        self._module = None
+        if self._device.type == "cuda":
+            self._torch.cuda.empty_cache()
