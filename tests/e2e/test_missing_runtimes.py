@@ -1,6 +1,6 @@
-"""Without PyTorch in the worker's environment a pytorch model fails its own load with a
-clear reason, and the server serves its other models. (The backend itself is tested in
-tests/gpu/test_pytorch.py where PyTorch is installed.)"""
+"""Models whose runtime cannot run here fail their own load with a clear reason, and the
+server serves its other models: a pytorch model without PyTorch, a TensorRT plan on a server
+without GPUs. (The backends themselves are tested in tests/gpu/ where their runtimes are.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.e2e.server import ServerProcess, make_repository
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="PyTorch is installed here")
 
 
-def test_pytorch_model_without_pytorch(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+def test_models_whose_runtime_is_missing(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     repo = make_repository(tmp_path / "repo", "add_sub")
     (repo / "pt" / "1").mkdir(parents=True)
     (repo / "pt" / "1" / "model.pt").write_bytes(b"PK")
@@ -25,12 +25,22 @@ def test_pytorch_model_without_pytorch(tmp_path: Path, fresh_server: list[Server
         'input [ { name: "INPUT__0", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
         'output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
     )
+    (repo / "plan" / "1").mkdir(parents=True)
+    (repo / "plan" / "1" / "model.plan").write_bytes(b"engine")
+    (repo / "plan" / "config.pbtxt").write_text(
+        'platform: "tensorrt_plan"\nmax_batch_size: 0\n'
+        'input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+        'output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+    )
     srv = ServerProcess(repo).start()
     fresh_server.append(srv)
     h = httpclient.InferenceServerClient(srv.url)
     try:
-        entry = next(e for e in h.get_model_repository_index() if e["name"] == "pt")
+        index = {e["name"]: e for e in h.get_model_repository_index()}
+        entry = index["pt"]
         assert entry.get("state") == "UNAVAILABLE" and "PyTorch is not installed" in entry.get("reason", ""), entry
+        entry = index["plan"]  # no GPU here: KIND_AUTO became KIND_CPU
+        assert entry.get("state") == "UNAVAILABLE" and "run on GPUs only" in entry.get("reason", ""), entry
         inputs = [httpclient.InferInput(n, [4], "FP32") for n in ("INPUT0", "INPUT1")]
         for i in inputs:
             i.set_data_from_numpy(np.ones(4, np.float32))
