@@ -10,7 +10,7 @@ datatype; the engine's optimization profile 0 is used. Inputs already in CUDA me
 client's CUDA shared memory) are used in place; host inputs are copied to the device on the
 instance's stream; outputs stay on the device as CuPy arrays (written device to device into
 a client's CUDA region, or copied to the host by the worker). ``optimization.priority``
-sets the stream priority (PRIORITY_MAX: the device's highest, PRIORITY_MIN: its lowest).
+sets the stream priority (PRIORITY_MAX: the device's highest).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class TensorRTBackend(BatchedBackend):
         self._inputs = [n for n, (is_in, _, _) in io.items() if is_in]
         self._outputs = [n for n, (is_in, _, _) in io.items() if not is_in]
         self._types = {n: dtypes.by_protocol(dt).numpy for n, (_, dt, _) in io.items()}
-        self._stream = cupy.cuda.Stream(non_blocking=True, priority=_stream_priority(cupy, spec))
+        self._stream = cupy.cuda.Stream(non_blocking=True, priority=_stream_priority(spec))
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -182,13 +182,10 @@ def _validate(spec: ModelSpec, io: dict[str, tuple[bool, str, tuple[int, ...]]])
                 )
 
 
-def _stream_priority(cupy: Any, spec: ModelSpec) -> int:
-    """CUDA stream priority for ``optimization.priority`` (lower numbers run first)."""
-    priority = spec.config.optimization.priority
-    if priority == mc.ModelOptimizationPolicy.PRIORITY_DEFAULT:
-        return 0
-    try:
-        least, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-    except Exception:  # noqa: BLE001 - no priorities on this device
-        return 0
-    return int(greatest if priority == mc.ModelOptimizationPolicy.PRIORITY_MAX else least)
+def _stream_priority(spec: ModelSpec) -> int:
+    """CUDA stream priority for ``optimization.priority``: lower numbers run first, and CUDA
+    clamps a value outside the device's range to it, so -100 is the device's highest. The
+    lowest priority is CUDA's default (0), so PRIORITY_MIN changes nothing."""
+    if spec.config.optimization.priority == mc.ModelOptimizationPolicy.PRIORITY_MAX:
+        return -100
+    return 0
