@@ -637,10 +637,17 @@ class ModelManager:
         steps still need the composing models), then every other model."""
         deadline = time.monotonic() + timeout_s
         versions = [mv for vs in self.models.values() for mv in vs.values() if mv.scheduler]
-        for ensembles in (True, False):
-            group = [mv.scheduler for mv in versions if ensemble.is_ensemble(mv.config) == ensembles]
+        waves: list[list[ModelVersion]] = []
+        ensembles = [mv for mv in versions if ensemble.is_ensemble(mv.config)]
+        while ensembles:  # outer ensembles before the nested ones they call
+            names = {mv.name for mv in ensembles}
+            wave = [mv for mv in ensembles if not names & set(self._ensembles_using(mv.name))] or ensembles
+            waves.append(wave)
+            ensembles = [mv for mv in ensembles if mv not in wave]
+        waves.append([mv for mv in versions if not ensemble.is_ensemble(mv.config)])
+        for wave in waves:
             left = max(0.0, deadline - time.monotonic())
-            await asyncio.gather(*(s.drain(left) for s in group if s is not None))
+            await asyncio.gather(*(mv.scheduler.drain(left) for mv in wave if mv.scheduler is not None))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         for vs in self.models.values():

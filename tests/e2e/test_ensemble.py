@@ -287,8 +287,21 @@ def test_nested_and_non_batching_ensembles(eserver: ServerProcess) -> None:
 
 
 def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
-    """SIGTERM while a request is in the first of three steps: its later steps still run."""
-    srv = ServerProcess(make_repository(tmp_path / "repo", "slow", "gate", "ens_chain3")).start()
+    """SIGTERM while a request is in the first step of an ensemble whose second step is
+    another ensemble (slow -> ens_chain3): every later step still runs."""
+    repo = make_repository(tmp_path / "repo", "slow", "gate", "ens_chain3")
+    (repo / "outer" / "1").mkdir(parents=True)
+    (repo / "outer" / "config.pbtxt").write_text(
+        'name: "outer" platform: "ensemble" max_batch_size: 0 '
+        'input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ] '
+        'output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ] '
+        'ensemble_scheduling { step [ '
+        '{ model_name: "slow" model_version: -1 input_map { key: "INPUT0" value: "X" } '
+        'output_map { key: "OUTPUT0" value: "x1" } }, '
+        '{ model_name: "ens_chain3" model_version: -1 input_map { key: "X" value: "x1" } '
+        'output_map { key: "Y" value: "Y" } } ] }'
+    )
+    srv = ServerProcess(repo).start()
     fresh_server.append(srv)
     client = grpcclient.InferenceServerClient(srv.grpc_url)
     x = np.arange(3, dtype=np.float32)
@@ -298,7 +311,7 @@ def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: 
 
     def call() -> None:
         try:
-            results.append(client.infer("ens_chain3", [i], parameters={"delay_ms": 300}).as_numpy("Y"))
+            results.append(client.infer("outer", [i], parameters={"delay_ms": 300}).as_numpy("Y"))
         except Exception as exc:  # noqa: BLE001 - reported below
             results.append(exc)
 
