@@ -295,7 +295,7 @@ def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: 
         'name: "outer" platform: "ensemble" max_batch_size: 0 '
         'input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ] '
         'output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ] '
-        'ensemble_scheduling { step [ '
+        "ensemble_scheduling { step [ "
         '{ model_name: "slow" model_version: -1 input_map { key: "INPUT0" value: "X" } '
         'output_map { key: "OUTPUT0" value: "x1" } }, '
         '{ model_name: "ens_chain3" model_version: -1 input_map { key: "X" value: "x1" } '
