@@ -153,7 +153,8 @@ class EnsembleScheduler(SchedulerBase):
         for model_input, tensor in step.inputs:
             source = given.get(tensor)
             if source is not None:
-                inputs.append(InputTensor(model_input, source.datatype, source.shape, source.data, shm=source.shm))
+                t = source  # passed on as it came: inline, in client shm, or in a worker's arena
+                inputs.append(InputTensor(model_input, t.datatype, t.shape, t.data, shm=t.shm, arena=t.arena))
                 continue
             made = run.made.get(tensor)
             if made is None:

@@ -27,7 +27,7 @@ from tests.e2e.server import ServerProcess, make_repository, wait_until
 PIPELINE = ("preprocess", "mlp_onnx", "postprocess", "pipeline")
 MODELS = (
     *PIPELINE, "slow", "gate", "add_sub", "accumulator",
-    "ens_diamond", "ens_chain3", "ens_nested", "ens_flat", "ens_tap", "ens_seq",
+    "ens_diamond", "ens_chain3", "ens_nested", "ens_flat", "ens_tap", "ens_seq", "ens_outer",
 )  # fmt: skip
 KEY_PREFIX = f"shoaltest_{os.getpid()}_ens_"
 
@@ -205,11 +205,12 @@ def test_large_intermediates_are_given_back(eserver: ServerProcess) -> None:
             np.testing.assert_array_equal(_infer(client, "ens_chain3", X=x).as_numpy("Y"), x)
         before = sorted(eserver.segments())
         for k in range(60):
+            model = "ens_outer" if k % 2 else "ens_chain3"  # ens_outer: the nested ensemble reads x1 in place
             if k % 10 == 5:
                 with pytest.raises(InferenceServerException, match="gate refuses"):
-                    _infer(client, "ens_chain3", X=bad)
+                    _infer(client, model, X=bad)
                 continue
-            np.testing.assert_array_equal(_infer(client, "ens_chain3", X=x).as_numpy("Y"), x)
+            np.testing.assert_array_equal(_infer(client, model, X=x).as_numpy("Y"), x)
         # clients that give up while their ensemble runs (the deadline passes in step 2)
         i = grpcclient.InferInput("X", [x.size], "FP32")
         i.set_data_from_numpy(x)
@@ -289,18 +290,7 @@ def test_nested_and_non_batching_ensembles(eserver: ServerProcess) -> None:
 def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     """SIGTERM while a request is in the first step of an ensemble whose second step is
     another ensemble (slow -> ens_chain3): every later step still runs."""
-    repo = make_repository(tmp_path / "repo", "slow", "gate", "ens_chain3")
-    (repo / "outer" / "1").mkdir(parents=True)
-    (repo / "outer" / "config.pbtxt").write_text(
-        'name: "outer" platform: "ensemble" max_batch_size: 0 '
-        'input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ] '
-        'output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ] '
-        "ensemble_scheduling { step [ "
-        '{ model_name: "slow" model_version: -1 input_map { key: "INPUT0" value: "X" } '
-        'output_map { key: "OUTPUT0" value: "x1" } }, '
-        '{ model_name: "ens_chain3" model_version: -1 input_map { key: "X" value: "x1" } '
-        'output_map { key: "Y" value: "Y" } } ] }'
-    )
+    repo = make_repository(tmp_path / "repo", "slow", "gate", "ens_chain3", "ens_outer")
     srv = ServerProcess(repo).start()
     fresh_server.append(srv)
     client = grpcclient.InferenceServerClient(srv.grpc_url)
@@ -311,7 +301,7 @@ def test_shutdown_lets_ensembles_in_flight_finish(tmp_path: Path, fresh_server: 
 
     def call() -> None:
         try:
-            results.append(client.infer("outer", [i], parameters={"delay_ms": 300}).as_numpy("Y"))
+            results.append(client.infer("ens_outer", [i], parameters={"delay_ms": 300}).as_numpy("Y"))
         except Exception as exc:  # noqa: BLE001 - reported below
             results.append(exc)
 
