@@ -20,8 +20,13 @@ from server.config import ConfigError, parse
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["workers"]:
+        from server import admincli
+
+        return admincli.main(args[1:])
     try:
-        config = parse(sys.argv[1:] if argv is None else argv)
+        config = parse(args)
     except ConfigError as exc:
         print("shoal: invalid command line:", file=sys.stderr)
         for p in exc.problems:

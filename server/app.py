@@ -171,6 +171,7 @@ class App:
             strict_readiness=cfg.strict_readiness,
             shm=shm,
             logs=LogSettings(verbose=cfg.log_verbose),
+            allow_admin=cfg.allow_admin_api,
         )
         app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.exit_timeout_s)

@@ -67,6 +67,8 @@ class ServerConfig:
     """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
     model_load_timeout_s: float = 120.0
     allow_client_shm: bool = True
+    allow_admin_api: bool = False
+    """Operators may restart single workers (``POST /v2/admin/...``); listing is always on."""
     """Clients may register system and CUDA shared-memory regions (Triton's extensions)."""
     grpc_host: str = ""
     """gRPC bind address; empty: same as ``host``."""
@@ -103,6 +105,7 @@ _TYPES: dict[str, tuple[type, str]] = {
     "strict_model_config": (bool, "--strict-model-config"),
     "strict_readiness": (bool, "--strict-readiness"),
     "allow_client_shm": (bool, "--allow-client-shm"),
+    "allow_admin_api": (bool, "--allow-admin-api"),
     "allow_model_control": (bool, "--allow-model-control"),
     "allow_poll_model_repository": (bool, "--allow-poll-model-repository"),
     "repository_poll_secs": (float, "--repository-poll-secs"),
@@ -167,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-client-shm",
         default=True,
         help="let clients register system/CUDA shared memory (default true; false answers 501)",
+    )
+    s.add_argument(
+        "--allow-admin-api", default=False, help="let operators restart single workers over HTTP (default false)"
     )
     s.add_argument("--model-control-mode", default=None, help="none (default), poll or explicit")
     # the seed's (TRTIS 19.08) spellings: --allow-model-control=true is explicit mode,
@@ -285,6 +291,7 @@ def parse(argv: list[str]) -> ServerConfig:
         strict_model_config=args.strict_model_config,
         strict_readiness=args.strict_readiness,
         allow_client_shm=args.allow_client_shm,
+        allow_admin_api=args.allow_admin_api,
         model_control_mode=args.model_control_mode,
         repository_poll_s=args.repository_poll_secs,
         load_models=tuple(args.load_model),

@@ -40,8 +40,11 @@ class DataPlane:
         strict_readiness: bool = True,
         logs: LogSettings | None = None,
         shm: SharedMemoryRegistry | None = None,
+        allow_admin: bool = False,
     ) -> None:
         self.models = models
+        self.allow_admin = allow_admin
+        """Operators may restart workers through the admin API."""
         self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.logs = logs or LogSettings()
         self.version = version
@@ -164,6 +167,19 @@ class DataPlane:
                 raise InvalidInput("unload parameter 'unload_dependents' must be a boolean")
             dependents = value
         await self.models.unload(name, dependents)
+
+    # ---- admin: worker processes (Shoal's own API) ---------------------------------------------
+
+    def workers(self) -> list[dict[str, object]]:
+        return self.models.instances()
+
+    async def restart_worker(self, name: str, instance: str, version: int) -> list[dict[str, object]]:
+        if not self.allow_admin:
+            raise ServingError(
+                "restarting workers is not allowed: start the server with --allow-admin-api=true",
+                code=ErrorCode.UNAVAILABLE,
+            )
+        return await self.models.restart_instance(name, instance, version)
 
     # ---- statistics ---------------------------------------------------------------------------
 

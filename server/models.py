@@ -627,6 +627,43 @@ class ModelManager:
                 return False
         return True
 
+    def instances(self) -> list[dict[str, object]]:
+        """Every worker process (the admin API's list)."""
+        out: list[dict[str, object]] = []
+        for name, versions in sorted(self.models.items()):
+            for v, mv in sorted(versions.items()):
+                for w in mv.pool.workers if mv.pool is not None else ():
+                    load = w.spec.load
+                    out.append(
+                        {
+                            "model": name,
+                            "version": str(v),
+                            "instance": w.spec.instance_name,
+                            "state": w.state.value,
+                            "pid": w.pid,
+                            "restarts": w.restarts,
+                            "outstanding": w.outstanding,
+                            "device": f"GPU {load.device_index}" if load.device_kind == "GPU" else load.device_kind,
+                        }
+                    )
+        return out
+
+    async def restart_instance(self, name: str, instance: str, version: int = -1) -> list[dict[str, object]]:
+        """Restart one instance (of every loaded version, or of ``version``): the others keep
+        serving; its in-flight batches finish first (up to the drain timeout)."""
+        versions = self.models.get(name)
+        if not versions:
+            raise ServingError(f"model '{name}' is not loaded", code=ErrorCode.NOT_FOUND)
+        chosen = [mv for v, mv in versions.items() if version < 0 or v == version]
+        workers = [
+            w for mv in chosen if mv.pool is not None for w in mv.pool.workers if w.spec.instance_name == instance
+        ]
+        if not workers:
+            where = f"version {version} of model '{name}'" if version >= 0 else f"model '{name}'"
+            raise ServingError(f"{where} has no instance '{instance}'", code=ErrorCode.NOT_FOUND)
+        await asyncio.gather(*(w.restart(self.drain_timeout_s) for w in workers))
+        return [i for i in self.instances() if i["model"] == name and i["instance"] == instance]
+
     def workers(self) -> list[Worker]:
         return [w for vs in self.models.values() for mv in vs.values() if mv.pool for w in mv.pool.workers]
 

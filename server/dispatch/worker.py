@@ -34,6 +34,8 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 class WorkerState(enum.Enum):
     STARTING = "STARTING"
     READY = "READY"
+    DRAINING = "DRAINING"
+    """An operator asked for a restart: no new work; in-flight batches finish first."""
     RESTARTING = "RESTARTING"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
@@ -86,6 +88,8 @@ class Worker:
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._planned = False
+        """The current process exits because an operator asked for a restart."""
         self._first_load: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -169,6 +173,10 @@ class Worker:
             self.restarts += 1
             if self.on_exit is not None:
                 self.on_exit(self)
+            if self._planned:
+                self._planned = False
+                log.info("%s: restarting on request", self.label)
+                continue
             log.warning("%s: restarting in %.1f s", self.label, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.spec.restart_backoff_max_s)
@@ -207,7 +215,9 @@ class Worker:
             raise
         finally:
             self.channel.unregister(self.identity)
-        if not self._stopping:
+        if self._planned:
+            log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
+        elif not self._stopping:
             log.error("%s: %s", self.label, self._death_message(rc))
         self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {self._death_message(rc)}"))
         region.unlink_prefix(self.arena_prefix)
@@ -305,6 +315,32 @@ class Worker:
         if self._proc is not None and self._proc.returncode is None:
             await self._terminate()
         region.unlink_prefix(self.arena_prefix)
+
+    async def restart(self, drain_timeout_s: float) -> None:
+        """An operator's restart: no new work goes here, in-flight batches get up to
+        ``drain_timeout_s`` to finish, then the process is replaced (its model loads
+        again). Returns once the new process is READY; raises ``ServingError`` otherwise."""
+        if self.state is not WorkerState.READY:
+            raise ServingError(f"{self.label} is {self.state.value}, not READY", code=ErrorCode.FAILED_PRECONDITION)
+        generation = self.generation
+        self.state = WorkerState.DRAINING
+        deadline = time.monotonic() + drain_timeout_s
+        while self.outstanding > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._planned = True
+        try:
+            self.channel.send(self.identity, _shutdown())
+        except ServingError:
+            self.kill()
+        # a busy backend gets the drain time again to finish and exit, then is killed
+        kill_at = time.monotonic() + drain_timeout_s + 5.0
+        give_up = kill_at + self.spec.load_timeout_s + 5.0
+        while not (self.generation > generation and self.state is WorkerState.READY):
+            if self.state in (WorkerState.FAILED, WorkerState.STOPPED) or time.monotonic() > give_up:
+                raise ServingError(f"{self.label} did not come back after the restart", code=ErrorCode.UNAVAILABLE)
+            if self.generation == generation and time.monotonic() > kill_at:
+                self.kill()
+            await asyncio.sleep(0.02)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the worker process (operators and tests)."""

@@ -237,6 +237,16 @@ def _compress(payload: bytes, encoding: str) -> bytes:
     return c.compress(payload) + c.flush()
 
 
+async def admin_workers(request: web.Request) -> web.Response:
+    return _json_response({"workers": request.app[DATAPLANE].workers()})
+
+
+async def admin_restart(request: web.Request) -> web.Response:
+    m = request.match_info
+    done = await request.app[DATAPLANE].restart_worker(m["model"], m["instance"], _version(request))
+    return _json_response({"workers": done})
+
+
 def add_routes(app: web.Application) -> None:
     v = "/versions/{version:[0-9]+}"
     r = app.router
@@ -249,6 +259,9 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v2/repository/index", repository_index)
     r.add_post("/v2/repository/models/{model}/load", repository_load)
     r.add_post("/v2/repository/models/{model}/unload", repository_unload)
+    r.add_get("/v2/admin/workers", admin_workers)
+    r.add_post("/v2/admin/models/{model}/instances/{instance}/restart", admin_restart)
+    r.add_post("/v2/admin/models/{model}" + v + "/instances/{instance}/restart", admin_restart)
     for kind, status, register, unregister in (
         ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
         ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
