@@ -117,7 +117,7 @@ class PyTorchBackend(BatchedBackend):
         if _bool_param(spec, "DISABLE_OPTIMIZED_EXECUTION", False):
             torch._C._set_graph_executor_optimize(False)
         try:
-            module = torch.jit.load(path, map_location=device)
+            module = torch.jit.load(path, map_location=device)  # type: ignore[no-untyped-call, unused-ignore]
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ...
             raise InvalidInput(f"model '{spec.name}': cannot load TorchScript file '{shown}': {exc}") from None
         module.eval()

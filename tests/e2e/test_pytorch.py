@@ -1,8 +1,8 @@
-"""The PyTorch (TorchScript) backend through the real server: inputs by argument name and by
-the <name>__<index> convention, tuple and dict outputs, dynamic batching on the CPU, a
-KIND_GPU instance fed from CUDA shared memory (DLPack, no host copy) and writing its output
-back there, and a broken model file. Needs PyTorch (and a GPU for the GPU cases); run with
-``scripts/gpu_check`` on the device machine."""
+"""The PyTorch (TorchScript) backend through the real server, on the CPU: inputs by argument
+name and by the <name>__<index> convention, tuple and dict outputs, dynamic batching, a
+PyTorch step inside an ensemble with a Python model, and a broken model file. Skipped
+without PyTorch (.ci/run installs the CPU build where its wheel is on disk); the GPU cases
+are in tests/gpu/test_pytorch_gpu.py."""
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import threading
@@ -14,17 +14,12 @@ from typing import Any, Dict, Tuple  # noqa: UP035 - TorchScript's spelling
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gpu
-
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA GPU", allow_module_level=True)
-cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
-from tests.e2e.server import ServerProcess  # noqa: E402
+from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 
 
 class AddSub(torch.nn.Module):  # type: ignore[misc,name-defined]
@@ -42,7 +37,8 @@ class DictOut(torch.nn.Module):  # type: ignore[misc,name-defined]
         return {"doubled": x * 2, "negated": -x}
 
 
-def _model(repo: Path, name: str, module: Any, config: str) -> None:
+def save_model(repo: Path, name: str, module: Any, config: str) -> None:
+    """A TorchScript ``model.pt`` of ``module`` and its configuration in ``repo``."""
     (repo / name / "1").mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in new PyTorch
@@ -50,20 +46,35 @@ def _model(repo: Path, name: str, module: Any, config: str) -> None:
     (repo / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "pytorch"\n{config}')
 
 
+DOUBLE = """max_batch_size: 0
+input [ { name: "INPUT__0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+instance_group [ { kind: KIND_GPU, count: 1, gpus: [ 0 ] } ]"""
+
+ENSEMBLE = """name: "pt_ens" platform: "ensemble" max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+ensemble_scheduling { step [
+  { model_name: "pt_double", model_version: -1, input_map { key: "INPUT__0" value: "X" },
+    output_map { key: "OUTPUT__0" value: "d" } },
+  { model_name: "slow", model_version: -1, input_map { key: "INPUT0" value: "d" },
+    output_map { key: "OUTPUT0" value: "Y" } } ] }
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = tmp_path_factory.mktemp("repo")
-    _model(repo, "pt_add_sub", AddSub(), """max_batch_size: 8
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "slow")
+    save_model(repo, "pt_add_sub", AddSub(), """max_batch_size: 8
 input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] }, { name: "INPUT1", data_type: TYPE_FP32, dims: [ 4 ] } ]
 output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ 4 ] },
          { name: "OUTPUT__1", data_type: TYPE_FP32, dims: [ 4 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 20000 }
 instance_group [ { kind: KIND_CPU, count: 1 } ]""")  # fmt: skip
-    _model(repo, "pt_double_gpu", Double(), """max_batch_size: 0
-input [ { name: "INPUT__0", data_type: TYPE_FP32, dims: [ -1 ] } ]
-output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ -1 ] } ]
-instance_group [ { kind: KIND_GPU, count: 1, gpus: [ 0 ] } ]""")  # fmt: skip
-    _model(repo, "pt_dict", DictOut(), """max_batch_size: 0
+    save_model(repo, "pt_double", Double(), DOUBLE.replace("KIND_GPU, count: 1, gpus: [ 0 ]", "KIND_CPU"))
+    (repo / "pt_ens" / "1").mkdir(parents=True)
+    (repo / "pt_ens" / "config.pbtxt").write_text(ENSEMBLE)
+    save_model(repo, "pt_dict", DictOut(), """max_batch_size: 0
 input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
 output [ { name: "doubled", data_type: TYPE_FP32, dims: [ -1 ] },
          { name: "negated", data_type: TYPE_FP32, dims: [ -1 ] } ]
@@ -129,29 +140,18 @@ def test_dynamic_batching_on_cpu(server: ServerProcess) -> None:
     assert after["execution_count"] - before["execution_count"] < 8
 
 
-def test_gpu_instance_with_cuda_shared_memory(server: ServerProcess) -> None:
+def test_index_convention_inside_an_ensemble(server: ServerProcess) -> None:
+    """pt_double (INPUT__0 / OUTPUT__0) alone, then as the first step of an ensemble whose
+    second step is a Python model; 1 MiB, so the step output goes through shared memory."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    x = np.random.default_rng(3).random(1 << 16, dtype=np.float32)
-    h_in = cudashm.create_shared_memory_region("pt_in", x.nbytes, 0)
-    h_out = cudashm.create_shared_memory_region("pt_out", x.nbytes, 0)
     try:
-        cudashm.set_shared_memory_region(h_in, [x])
-        client.register_cuda_shared_memory("pt_in", cudashm.get_raw_handle(h_in), 0, x.nbytes)
-        client.register_cuda_shared_memory("pt_out", cudashm.get_raw_handle(h_out), 0, x.nbytes)
-        i = grpcclient.InferInput("INPUT__0", [x.size], "FP32")
-        i.set_shared_memory("pt_in", x.nbytes)
-        o = grpcclient.InferRequestedOutput("OUTPUT__0")
-        o.set_shared_memory("pt_out", x.nbytes)
-        client.infer("pt_double_gpu", [i], outputs=[o])
-        np.testing.assert_array_equal(cudashm.get_contents_as_numpy(h_out, np.float32, [x.size]), 2 * x)
-        inline = grpcclient.InferInput("INPUT__0", [x.size], "FP32")
-        inline.set_data_from_numpy(x)
-        np.testing.assert_array_equal(client.infer("pt_double_gpu", [inline]).as_numpy("OUTPUT__0"), 2 * x)
+        x = np.random.default_rng(4).random(1 << 18, dtype=np.float32)
+        for model, name_in, name_out in (("pt_double", "INPUT__0", "OUTPUT__0"), ("pt_ens", "X", "Y")):
+            i = grpcclient.InferInput(name_in, [x.size], "FP32")
+            i.set_data_from_numpy(x)
+            np.testing.assert_array_equal(client.infer(model, [i]).as_numpy(name_out), 2 * x)
     finally:
-        client.unregister_cuda_shared_memory()
         client.close()
-        cudashm.destroy_shared_memory_region(h_in)
-        cudashm.destroy_shared_memory_region(h_out)
 
 
 def test_dict_outputs_and_a_broken_model(server: ServerProcess) -> None:
