@@ -39,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     _die_with_parent(args.parent_pid)
     # The router drives shutdown: SIGINT from a terminal's Ctrl-C reaches the whole
-    # process group, and the worker must not die before the router drains it.
+    # process group, and the worker must not die before the router drains it. SIGTERM
+    # (an operator's `kill`, or a service manager signalling the whole group) ends the
+    # worker, but only once the batch it is executing has been answered.
+    runtime = WorkerRuntime(endpoint=args.endpoint, identity=args.identity.encode())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return WorkerRuntime(endpoint=args.endpoint, identity=args.identity.encode()).run()
+    signal.signal(signal.SIGTERM, lambda *_: runtime.on_sigterm())
+    return runtime.run()
 
 
 if __name__ == "__main__":

@@ -62,6 +62,16 @@ class WorkerRuntime:
         self.output_types: dict[str, dtypes.DType] = {}
         self.output_dims: dict[str, tuple[int, ...]] = {}
         self.batching = False
+        self.busy = False
+        """Executing a batch (a SIGTERM then waits for its answer)."""
+        self.stop_requested = False
+
+    def on_sigterm(self) -> None:
+        """SIGTERM: exit now when idle, else right after answering the current batch."""
+        if self.busy:
+            self.stop_requested = True
+            return
+        raise SystemExit(0)
 
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
@@ -75,7 +85,14 @@ class WorkerRuntime:
                 env = wire.parse(frames[0].buffer)
                 kind = env.WhichOneof("body")
                 if kind == "infer":
-                    self._infer(env, [f.buffer for f in frames[1:]])
+                    self.busy = True
+                    try:
+                        self._infer(env, [f.buffer for f in frames[1:]])
+                    finally:
+                        self.busy = False
+                    if self.stop_requested:
+                        log.info("SIGTERM: exiting after answering the batch in flight")
+                        return 0
                 elif kind == "release":
                     self._release(env.release)
                 elif kind == "forget":

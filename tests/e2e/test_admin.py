@@ -6,6 +6,8 @@ without ``--allow-admin-api`` give clear errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.e2e.server import ROOT, ServerProcess, make_repository
+from tests.e2e.server import ROOT, ServerProcess, make_repository, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,38 @@ def test_bad_restarts(aserver: ServerProcess, tmp_path: Path, fresh_server: list
     assert err.value.code == 503
     err.value.close()
     assert off.terminate() == 0
+
+
+def test_sigterm_to_workers_lets_their_batch_finish(aserver: ServerProcess) -> None:
+    """`kill` (SIGTERM) to the workers, as a service manager signalling the whole group
+    would: the busy one answers its request first, the idle one exits at once; both are
+    replaced."""
+    before = {r["instance"]: r["pid"] for r in _workers(aserver) if r["model"] == "slow"}
+    client = grpcclient.InferenceServerClient(aserver.grpc_url)
+    x = np.arange(4, dtype=np.float32)
+    i = grpcclient.InferInput("INPUT0", [4], "FP32")
+    i.set_data_from_numpy(x)
+    result: list[Any] = []
+
+    def call() -> None:
+        try:
+            result.append(client.infer("slow", [i], parameters={"delay_ms": 800}).as_numpy("OUTPUT0"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            result.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)
+    for pid in before.values():
+        os.kill(pid, signal.SIGTERM)
+    t.join(30)
+    client.close()
+    assert len(result) == 1 and isinstance(result[0], np.ndarray), result
+    np.testing.assert_array_equal(result[0], x)
+
+    def replaced() -> bool:
+        now = {r["instance"]: r for r in _workers(aserver) if r["model"] == "slow"}
+        return all(now[k]["pid"] != before[k] and now[k]["state"] == "READY" for k in before)
+
+    wait_until(replaced)
+    assert "exiting after answering the batch in flight" in aserver.log
