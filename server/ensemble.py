@@ -11,7 +11,7 @@ cannot take, and cycles.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proto import dtypes
 from proto.errors import InvalidInput, ServingError
@@ -30,6 +30,10 @@ class StepPlan:
     """(composing model input, ensemble tensor)."""
     outputs: tuple[tuple[str, str], ...]
     """(composing model output, ensemble tensor)."""
+    after: frozenset[int] = frozenset()
+    """Steps whose outputs this step reads."""
+    readers: frozenset[int] = frozenset()
+    """Steps that read this step's outputs."""
 
     @property
     def label(self) -> str:
@@ -164,9 +168,17 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
                 f"{where}: {steps[i].label} writes '{tensor}', which no step reads and is not an ensemble output"
             )
     order = _topological(steps, producer, where)
+    linked = [
+        replace(
+            s,
+            after=frozenset(producer[t] for _, t in s.inputs if t in producer),
+            readers=frozenset(c for _, t in s.outputs for c in consumers.get(t, ())),
+        )
+        for s in steps
+    ]
     return EnsemblePlan(
         name=name,
-        steps=tuple(steps[i] for i in order),
+        steps=tuple(linked[i] for i in order),
         inputs=frozenset(inputs),
         outputs=tuple(outputs),
         producer=producer,

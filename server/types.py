@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shm.block import Block
+
 if TYPE_CHECKING:
     from server.sharedmem import Region
 
@@ -37,10 +39,7 @@ class ArenaRef:
     """Tensor bytes already in a worker's output arena (an earlier ensemble step's output):
     the next worker reads them there, kept alive by ``lease``."""
 
-    region: str
-    offset: int
-    nbytes: int
-    device: int
+    block: Block
     lease: Lease
 
 
@@ -116,8 +115,8 @@ class OutputTensor:
     """Written into the client's shared memory; ``data`` is empty and no bytes are sent."""
     written: int = 0
     """Bytes written into the client's shared memory (``in_shm``)."""
-    arena: tuple[str, int, int, int] | None = None
-    """(region, offset, nbytes, device) when ``data`` views a worker's output arena."""
+    arena: Block | None = None
+    """Where ``data`` lies when it views a worker's output arena."""
 
 
 @dataclass(slots=True)

@@ -128,11 +128,9 @@ class InstancePool:
                     _use_region(t.shm, regions, ref.client)
                     continue
                 if t.arena is not None:  # another worker's output: read in place
-                    a = t.arena
-                    a.lease.hold()
-                    leases.append(a.lease)
-                    s = ref.shm
-                    s.region, s.offset, s.nbytes, s.device = a.region, a.offset, a.nbytes, a.device
+                    t.arena.lease.hold()
+                    leases.append(t.arena.lease)
+                    _describe(t.arena.block, ref.shm)
                     continue
                 n = len(t.data)
                 if n <= inline_max:
@@ -144,11 +142,7 @@ class InstancePool:
                     view = arena.view(block)
                     view[:] = t.data
                     view.release()
-                    s = ref.shm
-                    s.region = block.region
-                    s.offset = block.offset
-                    s.nbytes = block.nbytes
-                    s.device = block.device
+                    _describe(block, ref.shm)
             if req.outputs is not None:
                 for o in req.outputs:
                     r.outputs.append(o.name)
@@ -195,10 +189,10 @@ class InstancePool:
                         continue
                     if where == "shm":
                         s = ref.shm
-                        data: Any = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
+                        block = Block(s.region, s.offset, s.nbytes, s.device)
+                        data: Any = mapper.view(block)
                         held.append(s)
-                        place = (s.region, s.offset, s.nbytes, s.device)
-                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=place))
+                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=block))
                     else:
                         tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
             except ServingError as exc:
@@ -216,6 +210,10 @@ class InstancePool:
                 result.release = _releaser(worker, identity, held)
             out.append(result)
         return out
+
+
+def _describe(block: Block, out: wpb.ShmSlice) -> None:
+    out.region, out.offset, out.nbytes, out.device = block.region, block.offset, block.nbytes, block.device
 
 
 def _use_region(ref: ShmRef, regions: list[Region], out: wpb.ClientShm) -> None:

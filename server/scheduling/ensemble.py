@@ -102,7 +102,7 @@ class EnsembleScheduler(SchedulerBase):
         running: dict[asyncio.Task[InferResult], StepPlan] = {}
         try:
             while waiting or running:
-                for step in [s for s in waiting if self._can_start(s, run, given)]:
+                for step in [s for s in waiting if s.after <= run.leases.keys()]:  # its producers are done
                     waiting.remove(step)
                     task = asyncio.ensure_future(self.run_step(self._step_request(step, run, given, out_shm)))
                     running[task] = step
@@ -132,18 +132,6 @@ class EnsembleScheduler(SchedulerBase):
             for index in list(run.leases):
                 run.drop(index)
             raise
-
-    def _can_start(self, step: StepPlan, run: _Run, given: dict[str, InputTensor]) -> bool:
-        for _, tensor in step.inputs:
-            if tensor in self.plan.inputs:
-                continue  # given, or an optional input left out
-            if tensor not in run.made:
-                return False
-        return True
-
-    def _producers(self, step: StepPlan) -> set[int]:
-        producer = self.plan.producer
-        return {producer[t] for _, t in step.inputs if t in producer}
 
     def _step_request(
         self, step: StepPlan, run: _Run, given: dict[str, InputTensor], out_shm: dict[str, ShmRef]
@@ -183,14 +171,13 @@ class EnsembleScheduler(SchedulerBase):
                 f"in ensemble '{self.plan.name}', {step.label}: the model returned no output '{missing[0]}'",
                 code=ErrorCode.INTERNAL,
             )
-        readers = {c for tensor in names.values() for c in self.plan.consumers.get(tensor, ())}
-        run.readers[step.index] = readers
-        if not readers and step.index not in run.keep:
+        run.readers[step.index] = set(step.readers)
+        if not step.readers and step.index not in run.keep:
             run.drop(step.index)  # nothing reads it and it is not returned
 
     def _finished(self, step: StepPlan, run: _Run) -> None:
         """``step`` no longer needs its inputs: give back results nobody else will read."""
-        for producer in self._producers(step):
+        for producer in step.after:
             readers = run.readers.get(producer)
             if readers is None:
                 continue
@@ -230,8 +217,7 @@ def _input_from(name: str, made: _Made, lease: Lease) -> InputTensor:
         ref = ShmRef(made.shm.region_name, made.shm.offset, t.written, made.shm.region)
         return InputTensor(name, t.datatype, t.shape, b"", shm=ref)
     if t.arena is not None:
-        region, offset, nbytes, device = t.arena
-        return InputTensor(name, t.datatype, t.shape, t.data, arena=ArenaRef(region, offset, nbytes, device, lease))
+        return InputTensor(name, t.datatype, t.shape, t.data, arena=ArenaRef(t.arena, lease))
     return InputTensor(name, t.datatype, t.shape, t.data)
 
 
