@@ -162,14 +162,14 @@ class InstancePool:
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
         if self.stats is not None:
             done = reply.infer_done
-            real = [r for r in batch if not r.null]
+            rows = inferences = requests = 0
+            for r in batch:
+                rows += r.batch_size
+                if not r.null:  # filler rows of the sequence batcher count in the batch size only
+                    inferences += r.batch_size
+                    requests += 1
             self.stats.execution(
-                sum(r.batch_size for r in real),
-                len(real),
-                done.compute_input_ns,
-                done.compute_infer_ns,
-                done.compute_output_ns,
-                rows=sum(r.batch_size for r in batch),
+                inferences, requests, done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns, rows
             )
         identity = worker.identity
         mapper = self.ctx.mapper
