@@ -24,6 +24,7 @@ class ErrorCode(IntEnum):
     CANCELLED = 8
     UNIMPLEMENTED = 9
     INTERNAL = 10
+    PERMISSION_DENIED = 11
 
 
 class ServingError(Exception):
@@ -81,9 +82,29 @@ class Unsupported(ServingError):
     code = ErrorCode.UNIMPLEMENTED
 
 
+class PermissionDenied(ServingError):
+    code = ErrorCode.PERMISSION_DENIED
+
+
 def from_exception(exc: BaseException) -> ServingError:
     """Wrap any exception as a ServingError: ``INTERNAL`` with ``"<module.Class>: <msg>"``."""
     if isinstance(exc, ServingError):
         return exc
     cls = type(exc)
     return ServingError(f"{cls.__module__}.{cls.__qualname__}: {exc}", code=ErrorCode.INTERNAL)
+
+
+def detach(exc: BaseException) -> None:
+    """Drop what an answered error still holds. Its traceback keeps every frame it passed
+    through alive (request bodies included), and a frame that holds the error (``raise
+    result``, a future's exception) makes a cycle that only a full garbage collection
+    frees. Frontends call this once the error is turned into a response."""
+    cur: BaseException | None = exc
+    for _ in range(16):
+        if cur is None:
+            break
+        nxt = cur.__context__ or cur.__cause__
+        cur.__traceback__ = None
+        cur.__context__ = None
+        cur.__cause__ = None
+        cur = nxt

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proto import wire
 from proto.errors import ErrorCode, ServingError
-from server import gpus
+from server import gpus, resources, restrict
 from server.cloudrepo import RemoteRepository
 from server.config import ServerConfig
 from server.dataplane import DataPlane
@@ -28,7 +28,10 @@ from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext
 from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
+from server.frontends.http.body import BodyBudget, HttpLimits
+from server.frontends.http.connections import ConnectionGuard, GuardedSite
 from server.logsettings import LogSettings
+from server.memory import Trimmer
 from server.metrics import CONTENT_TYPE, Metrics, Sampler
 from server.models import InstanceSettings, ModelManager
 from server.sharedmem import Region, SharedMemoryRegistry
@@ -67,6 +70,9 @@ class App:
         self.remote: RemoteRepository | None = None
         self.metrics: Metrics | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self.trimmer = Trimmer()
+        self.budget: resources.Budget | None = None
+        self.http_guard: ConnectionGuard | None = None
 
     async def _refresh_remote(self) -> None:
         if self.remote is not None:
@@ -138,7 +144,16 @@ class App:
         self.arena = Arena(f"{self.prefix}_in", segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes)
         self.channel = WorkerChannel(f"ipc://{self.run_dir}/workers.sock")
         self.channel.start()
-        shm = SharedMemoryRegistry(allowed=cfg.allow_client_shm, gpu_count=gpus.count)
+        limits = resources.budget(cfg)
+        self.budget = limits
+        shm = SharedMemoryRegistry(
+            allowed=cfg.allow_client_shm,
+            gpu_count=gpus.count,
+            access=cfg.client_shm_access,
+            key_prefixes=cfg.client_shm_key_prefixes,
+            max_regions=cfg.client_shm_max_regions,
+            max_regions_per_client=cfg.client_shm_max_regions_per_client,
+        )
         ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes, shm=shm)
         settings = InstanceSettings(
             run_prefix=self.prefix,
@@ -147,6 +162,10 @@ class App:
             log_verbose=cfg.log_verbose,
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
+            heartbeat_timeout_s=cfg.worker_heartbeat_timeout_s,
+            # a server-side deadline makes a batch unanswered for twice as long a stuck backend
+            stall_timeout_s=2 * cfg.request_timeout_s,
+            max_workers=limits.max_worker_processes,
         )
         repository = cfg.model_repository
         if cfg.model_repository_url:
@@ -172,16 +191,47 @@ class App:
             shm=shm,
             logs=LogSettings(verbose=cfg.log_verbose),
             allow_admin=cfg.allow_admin_api,
+            request_timeout_s=cfg.request_timeout_s,
         )
-        app = make_app(self.dataplane, max_body_bytes=cfg.http_max_body_bytes, max_json_bytes=cfg.http_max_input_bytes)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.exit_timeout_s)
+        http_restrictions, _ = restrict.parse(cfg.http_restricted_api, flag="--http-restricted-api", what="api")
+        grpc_restrictions, _ = restrict.parse(
+            cfg.grpc_restricted_protocol,
+            flag="--grpc-restricted-protocol",
+            what="protocol",
+            header_prefix=restrict.GRPC_HEADER_PREFIX,
+        )
+        self.http_guard = ConnectionGuard(limits.http_max_connections)
+        http_limits = HttpLimits(
+            max_body_bytes=cfg.http_max_body_bytes,
+            max_json_bytes=cfg.http_max_input_bytes,
+            body_timeout_s=cfg.http_body_timeout_s,
+            budget=BodyBudget(limits.http_max_buffered_bytes),
+        )
+        app = make_app(self.dataplane, http_limits, restrictions=http_restrictions, guard=self.http_guard)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=cfg.exit_timeout_s,
+            keepalive_timeout=cfg.http_keepalive_timeout_s,
+            # inference bodies are inflated by frontends/http/body.py, within the body limit
+            auto_decompress=False,
+        )
         await self._runner.setup()
         sock = _listen(cfg.host, cfg.http_port)
         self.http_port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
         log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
         grpc_host = cfg.grpc_host or cfg.host
-        self._grpc, self.grpc_port = await start_grpc(self.dataplane, grpc_host, cfg.grpc_port, cfg.grpc)
+        self._grpc, self.grpc_port = await start_grpc(
+            self.dataplane,
+            grpc_host,
+            cfg.grpc_port,
+            cfg.grpc,
+            max_connections=limits.grpc_max_connections,
+            stream_max_pending=cfg.grpc_stream_max_pending,
+            restrictions=grpc_restrictions,
+        )
         log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.allow_metrics:
             await self._start_metrics()
@@ -195,6 +245,7 @@ class App:
             await self.models.load_all()
         if cfg.model_control_mode == "poll":
             self._poll = asyncio.ensure_future(self.models.poll_forever(cfg.repository_poll_s))
+        self.trimmer.start()
         self.dataplane.started = True
         ready = self.models.all_ready()
         log.info("server %s: %s", "ready" if ready else "started, NOT ready", _summary(self.models))
@@ -219,6 +270,7 @@ class App:
             await self._metrics_runner.cleanup()
         if self.metrics is not None:
             await self.metrics.stop()
+        await self.trimmer.stop()
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
         if grpc_stop is not None and self._grpc is not None:

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import restrict
 from server.cloudrepo import is_remote
 
 CONTROL_MODES = ("none", "poll", "explicit")
@@ -57,7 +58,36 @@ class ServerConfig:
     http_max_input_bytes: int = 64 << 20
     """Largest JSON request body (Triton's --http-max-input-size)."""
     http_max_body_bytes: int = 2 << 30
-    """Largest request body of any kind (binary tensors included)."""
+    """Largest inference request body (binary tensors included; inflated size when compressed)."""
+    http_max_buffered_bytes: int = 0
+    """Bytes of request bodies held at once, all requests together (0: half the machine's memory)."""
+    http_body_timeout_s: float = 60.0
+    """A request body that sends nothing for this long is answered 408."""
+    http_keepalive_timeout_s: float = 75.0
+    """An idle connection (or one that never finishes its request headers) is closed after this."""
+    http_max_connections: int = 0
+    """Open HTTP connections served fully (0: from the descriptor limit); past it, a reserve of
+    connections answers health checks only, and further ones are refused."""
+    grpc_max_connections: int = 0
+    """Open gRPC connections (0: from the descriptor limit)."""
+    grpc_stream_max_pending: int = 256
+    """Requests of one gRPC stream in flight or answered but not yet read by the client; the
+    stream's next request is not read until this drops."""
+    http_restricted_api: tuple[str, ...] = ()
+    grpc_restricted_protocol: tuple[str, ...] = ()
+    client_shm_access: str = "local"
+    """``local``: only clients on this host register shared memory, only objects of their own
+    user, each client sees its own regions; ``any``: Triton's behaviour."""
+    client_shm_key_prefixes: tuple[str, ...] = ()
+    client_shm_max_regions: int = 4096
+    client_shm_max_regions_per_client: int = 1024
+    max_worker_processes: int = 0
+    """Worker processes (model instances) the server runs at most (0: 16 per CPU, at least 64)."""
+    worker_heartbeat_timeout_s: float = 30.0
+    """A worker that sends no heartbeat for this long (stopped, or stuck holding the GIL) is
+    killed and replaced; 0: never."""
+    request_timeout_s: float = 0.0
+    """Deadline of every request (0: none); the ``timeout`` request parameter may shorten it."""
     shm_arena_bytes: int = 64 << 20
     """Size of each segment of the router's input arena."""
     shm_arena_max_bytes: int = 1 << 30
@@ -67,9 +97,9 @@ class ServerConfig:
     """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
     model_load_timeout_s: float = 120.0
     allow_client_shm: bool = True
+    """Clients may register system and CUDA shared-memory regions (Triton's extensions)."""
     allow_admin_api: bool = False
     """Operators may restart single workers (``POST /v2/admin/...``); listing is always on."""
-    """Clients may register system and CUDA shared-memory regions (Triton's extensions)."""
     grpc_host: str = ""
     """gRPC bind address; empty: same as ``host``."""
     grpc: GrpcOptions = field(default_factory=lambda: GrpcOptions())
@@ -121,6 +151,18 @@ _TYPES: dict[str, tuple[type, str]] = {
     "grpc_http2_max_pings_without_data": (int, "--grpc-http2-max-pings-without-data"),
     "grpc_http2_min_recv_ping_interval_without_data": (int, "--grpc-http2-min-recv-ping-interval-without-data"),
     "grpc_http2_max_ping_strikes": (int, "--grpc-http2-max-ping-strikes"),
+    "http_max_body_size": (int, "--http-max-body-size"),
+    "http_max_buffered_bytes": (int, "--http-max-buffered-bytes"),
+    "http_body_timeout_secs": (float, "--http-body-timeout-secs"),
+    "http_keepalive_timeout_secs": (float, "--http-keepalive-timeout-secs"),
+    "http_max_connections": (int, "--http-max-connections"),
+    "grpc_max_connections": (int, "--grpc-max-connections"),
+    "grpc_stream_max_pending": (int, "--grpc-stream-max-pending"),
+    "client_shm_max_regions": (int, "--client-shm-max-regions"),
+    "client_shm_max_regions_per_client": (int, "--client-shm-max-regions-per-client"),
+    "max_worker_processes": (int, "--max-worker-processes"),
+    "worker_heartbeat_timeout_secs": (float, "--worker-heartbeat-timeout-secs"),
+    "request_timeout_secs": (float, "--request-timeout-secs"),
 }
 
 
@@ -183,7 +225,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--load-model", dest="load_model", action="append", default=[], help="explicit mode: load at start (* = all)"
     )
-    s.add_argument("--http-max-input-size", default=64 << 20)
+    s.add_argument("--http-max-input-size", default=64 << 20, help="largest JSON part of a request (bytes)")
+    s.add_argument(
+        "--http-max-body-size", default=2 << 30, help="largest inference request body, inflated size (bytes)"
+    )
+    s.add_argument("--http-max-buffered-bytes", default=0, help="request body bytes held at once (0: half the memory)")
+    s.add_argument("--http-body-timeout-secs", default=60.0, help="408 when a request body stalls this long")
+    s.add_argument("--http-keepalive-timeout-secs", default=75.0, help="close idle HTTP connections after this")
+    s.add_argument("--http-max-connections", default=0, help="open HTTP connections (0: from the fd limit)")
+    s.add_argument("--grpc-max-connections", default=0, help="open gRPC connections (0: from the fd limit)")
+    s.add_argument(
+        "--grpc-stream-max-pending", default=256, help="unread responses per gRPC stream before reading pauses"
+    )
+    s.add_argument(
+        "--http-restricted-api",
+        action="append",
+        default=[],
+        help="<apis>:<key>=<value>: these API groups need header <key> with <value> (repeatable)",
+    )
+    s.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        default=[],
+        help="<protocols>:<key>=<value>: these groups need metadata triton-grpc-protocol-<key> (repeatable)",
+    )
+    s.add_argument(
+        "--client-shm-access",
+        default="local",
+        help="local (default: clients on this host, own objects, own regions) or any (as Triton)",
+    )
+    s.add_argument(
+        "--client-shm-key-prefix",
+        dest="client_shm_key_prefix",
+        action="append",
+        default=[],
+        help="only shared memory keys starting with this may be registered (repeatable)",
+    )
+    s.add_argument("--client-shm-max-regions", default=4096)
+    s.add_argument("--client-shm-max-regions-per-client", default=1024)
+    s.add_argument("--max-worker-processes", default=0, help="model instances at most (0: 16 per CPU, >= 64)")
+    s.add_argument(
+        "--worker-heartbeat-timeout-secs", default=30.0, help="kill and replace a silent worker after this (0: off)"
+    )
+    s.add_argument("--request-timeout-secs", default=0.0, help="deadline of every request (0: none)")
     s.add_argument("--shm-arena-bytes", default=64 << 20)
     s.add_argument("--shm-arena-max-bytes", default=1 << 30)
     s.add_argument("--worker-arena-bytes", default=16 << 20)
@@ -255,6 +339,33 @@ def parse(argv: list[str]) -> ServerConfig:
     ):
         if value <= 0:
             problems.append(f"{flag} must be > 0")
+    for flag, value in (
+        ("--http-max-body-size", args.http_max_body_size),
+        ("--http-body-timeout-secs", args.http_body_timeout_secs),
+        ("--http-keepalive-timeout-secs", args.http_keepalive_timeout_secs),
+        ("--grpc-stream-max-pending", args.grpc_stream_max_pending),
+        ("--client-shm-max-regions", args.client_shm_max_regions),
+        ("--client-shm-max-regions-per-client", args.client_shm_max_regions_per_client),
+    ):
+        if value <= 0:
+            problems.append(f"{flag} must be > 0")
+    for flag, value in (
+        ("--http-max-buffered-bytes", args.http_max_buffered_bytes),
+        ("--http-max-connections", args.http_max_connections),
+        ("--grpc-max-connections", args.grpc_max_connections),
+        ("--max-worker-processes", args.max_worker_processes),
+        ("--worker-heartbeat-timeout-secs", args.worker_heartbeat_timeout_secs),
+        ("--request-timeout-secs", args.request_timeout_secs),
+    ):
+        if value < 0:
+            problems.append(f"{flag} must be >= 0")
+    args.client_shm_access = str(args.client_shm_access).strip().lower()
+    if args.client_shm_access not in ("local", "any"):
+        problems.append(f"--client-shm-access '{args.client_shm_access}': expected local or any")
+    _, found = restrict.parse(args.http_restricted_api, flag="--http-restricted-api", what="api")
+    problems += found
+    _, found = restrict.parse(args.grpc_restricted_protocol, flag="--grpc-restricted-protocol", what="protocol")
+    problems += found
     if args.inline_max_bytes < 0:
         problems.append("--inline-max-bytes must be >= 0")
     if args.model_load_timeout_secs <= 0:
@@ -303,6 +414,22 @@ def parse(argv: list[str]) -> ServerConfig:
         inline_max_bytes=args.inline_max_bytes,
         model_load_timeout_s=args.model_load_timeout_secs,
         grpc_host=args.grpc_address,
+        http_max_body_bytes=args.http_max_body_size,
+        http_max_buffered_bytes=args.http_max_buffered_bytes,
+        http_body_timeout_s=args.http_body_timeout_secs,
+        http_keepalive_timeout_s=args.http_keepalive_timeout_secs,
+        http_max_connections=args.http_max_connections,
+        grpc_max_connections=args.grpc_max_connections,
+        grpc_stream_max_pending=args.grpc_stream_max_pending,
+        http_restricted_api=tuple(args.http_restricted_api),
+        grpc_restricted_protocol=tuple(args.grpc_restricted_protocol),
+        client_shm_access=args.client_shm_access,
+        client_shm_key_prefixes=tuple(args.client_shm_key_prefix),
+        client_shm_max_regions=args.client_shm_max_regions,
+        client_shm_max_regions_per_client=args.client_shm_max_regions_per_client,
+        max_worker_processes=args.max_worker_processes,
+        worker_heartbeat_timeout_s=args.worker_heartbeat_timeout_secs,
+        request_timeout_s=args.request_timeout_secs,
         grpc=GrpcOptions(
             keepalive_time_ms=args.grpc_keepalive_time,
             keepalive_timeout_ms=args.grpc_keepalive_timeout,

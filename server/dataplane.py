@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 
 from proto import dtypes
 from proto.config_json import config_from_json, config_to_json
-from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
 from proto.gen import model_config_pb2 as mc
 from server.classification import classify
 from server.logsettings import LogSettings
-from server.models import ModelManager, submit
+from server.models import ModelManager, ModelVersion, submit
 from server.sharedmem import SharedMemoryRegistry
 from server.types import InferRequest, InferResult
 from server.validation import validate
@@ -41,8 +42,11 @@ class DataPlane:
         logs: LogSettings | None = None,
         shm: SharedMemoryRegistry | None = None,
         allow_admin: bool = False,
+        request_timeout_s: float = 0.0,
     ) -> None:
         self.models = models
+        self.request_timeout_s = request_timeout_s
+        """Deadline of every request (0: none); a request's ``timeout`` parameter may shorten it."""
         self.allow_admin = allow_admin
         """Operators may restart workers through the admin API."""
         self.shm = shm if shm is not None else SharedMemoryRegistry()
@@ -200,14 +204,25 @@ class DataPlane:
 
     # ---- inference ----------------------------------------------------------------------------
 
+    def _deadline_s(self, mv: ModelVersion, request: InferRequest) -> float:
+        """Seconds ``request`` may take (0: no deadline): the server's ``--request-timeout-secs``,
+        shortened by the request's ``timeout`` parameter (microseconds) unless the model's
+        dynamic-batcher queue policy reads that parameter itself (Triton's meaning there)."""
+        deadline = self.request_timeout_s
+        timeout_us = request.parameters.get("timeout")
+        if timeout_us is not None and not _queue_policy_reads_timeout(mv.config):
+            if type(timeout_us) is not int or timeout_us < 0:
+                raise InvalidInput("request parameter 'timeout' must be a non-negative integer")
+            if timeout_us:
+                deadline = min(deadline, timeout_us / 1e6) if deadline else timeout_us / 1e6
+        return deadline
+
     async def infer(self, request: InferRequest) -> InferResult:
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE, retryable=True)
         mv = self.models.get(request.model_name, request.model_version)
         request.model_version = mv.version
-        uses_shm = any(t.shm is not None for t in request.inputs) or any(
-            o.shm is not None for o in request.outputs or ()
-        )
+        uses_shm = request.uses_shm
         if uses_shm:
             # The regions stay counted until this request is done here; the dispatcher counts
             # its own use separately, until the worker has answered (even if this caller is
@@ -215,7 +230,21 @@ class DataPlane:
             self.shm.bind(request)
         try:
             validate(mv, request)
-            result = await submit(mv, request)
+            deadline_s = self._deadline_s(mv, request)
+            if deadline_s:
+                try:
+                    async with asyncio.timeout(deadline_s):
+                        result = await submit(mv, request)
+                except TimeoutError:
+                    where = (
+                        f"instance '{request.instance}' is still executing it" if request.instance else "still queued"
+                    )
+                    raise DeadlineExceeded(
+                        f"request for model '{mv.name}' version {mv.version} did not complete within its deadline "
+                        f"of {deadline_s:g} s ({where})"
+                    ) from None
+            else:
+                result = await submit(mv, request)
         finally:
             if uses_shm:
                 self.shm.unbind(request)
@@ -226,3 +255,12 @@ class DataPlane:
                 result.done()
                 raise
         return result
+
+
+def _queue_policy_reads_timeout(config: mc.ModelConfig) -> bool:
+    if not config.HasField("dynamic_batching"):
+        return False
+    db = config.dynamic_batching
+    return db.default_queue_policy.allow_timeout_override or any(
+        p.allow_timeout_override for p in db.priority_queue_policy.values()
+    )

@@ -25,7 +25,7 @@ from proto.gen import worker_pb2 as wpb
 from server import autocomplete, ensemble, gpus
 from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext, InstancePool
-from server.dispatch.worker import Worker, WorkerSpec
+from server.dispatch.worker import Worker, WorkerSpec, WorkerState
 from server.repository import ModelSource, fingerprint, list_models, parse_config, read_model, validate_model_name
 from server.scheduling.base import Scheduler
 from server.scheduling.direct import DirectScheduler
@@ -104,6 +104,12 @@ async def submit(mv: ModelVersion, request: InferRequest) -> InferResult:
         raise
 
 
+def _no_instance(workers: list[Worker]) -> str:
+    """Why a loaded version has no instance serving (the index's reason)."""
+    why = "; ".join(f"instance '{w.spec.instance_name}': {w.reason}" for w in workers if w.reason)
+    return "no instance is running" + (f" ({why})" if why else " (restarting)")
+
+
 def _version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
     """The part of a model's fingerprint one version depends on: files outside version
     directories (config, labels) and those of its own directory."""
@@ -139,6 +145,10 @@ class InstanceSettings:
     load_timeout_s: float = 120.0
     gpu_devices: tuple[str, ...] = ()
     """The server's GPUs as CUDA_VISIBLE_DEVICES entries (``server.gpus.devices``)."""
+    heartbeat_timeout_s: float = 30.0
+    stall_timeout_s: float = 0.0
+    max_workers: int = 1024
+    """Worker processes the server runs at most (``--max-worker-processes``)."""
 
 
 class ModelManager:
@@ -174,6 +184,8 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._instance_counter = 0
         self._retiring: set[asyncio.Task[None]] = set()
+        self._live: set[Worker] = set()
+        """Every worker made and not yet stopped (the ``max_workers`` bound counts these)."""
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -185,7 +197,7 @@ class ModelManager:
 
         async def one(name: str) -> None:
             try:
-                await self.load(name)
+                await self.load(name, record_missing=True)
             except ServingError:
                 pass  # logged and recorded by load()
 
@@ -197,12 +209,20 @@ class ModelManager:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def load(self, name: str, override: mc.ModelConfig | None = None) -> None:
+    async def load(self, name: str, override: mc.ModelConfig | None = None, *, record_missing: bool = False) -> None:
         """Load or reload ``name``. New or changed versions are loaded while the old ones
         keep serving, then swapped in; versions no longer chosen (or replaced) finish their
         requests and stop. A version that fails to load keeps its old instance serving.
-        Raises ``ServingError`` naming what failed."""
+        Raises ``ServingError`` naming what failed.
+
+        A name that is neither a directory of the repository nor a known model fails at once
+        and leaves no trace (index, readiness), as in Triton; ``record_missing`` (models
+        named on the command line) records it as UNAVAILABLE instead."""
         validate_model_name(name)
+        if not record_missing and name not in self.sources and not (self.repository / name).is_dir():
+            raise ServingError(
+                f"failed to load '{name}', failed to poll from model repository", code=ErrorCode.NOT_FOUND
+            )
         chain = _LOADING.get()
         if name in chain:
             raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
@@ -452,6 +472,8 @@ class ModelManager:
                 entry = {"name": name, "version": str(v), "state": mv.state.value}
                 reason = mv.reason
                 why = mv.unavailable() if mv.unavailable is not None and mv.state is ModelState.READY else ""
+                if not why and mv.state is ModelState.READY and mv.pool is not None and not mv.pool.ready_count:
+                    why = _no_instance(mv.pool.workers)
                 if why:
                     entry["state"], reason = ModelState.UNAVAILABLE.value, why
                 if mv.ready and src is not None and src.reload_error:
@@ -469,10 +491,28 @@ class ModelManager:
         mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
         return mv
 
+    def _check_worker_budget(self, mv: ModelVersion) -> None:
+        """Refuse a version whose instances would pass ``--max-worker-processes``."""
+        self._live = {w for w in self._live if w.state not in (WorkerState.STOPPED, WorkerState.FAILED)}
+        wanted = sum(len(self._placements(g)) for g in mv.config.instance_group)
+        limit = self.settings.max_workers
+        if len(self._live) + wanted > limit:
+            raise ServingError(
+                f"model '{mv.name}' version {mv.version} needs {wanted} worker processes; the server runs "
+                f"{len(self._live)} of at most {limit} (--max-worker-processes)",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+            )
+
     async def _load_version(self, mv: ModelVersion) -> None:
         mv.state = ModelState.LOADING
         started = time.monotonic()
+        try:
+            self._check_worker_budget(mv)
+        except ServingError as exc:
+            self._failed(mv, exc)
+            return
         workers = self._make_workers(mv)
+        self._live.update(workers)
         pool = InstancePool(workers, self.ctx, mv.stats)
         try:
             # before any process starts: a scheduler's configuration errors (e.g. a missing
@@ -556,6 +596,8 @@ class ModelManager:
                     load_timeout_s=self.settings.load_timeout_s,
                     log_verbose=self.settings.log_verbose,
                     env=env,
+                    heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+                    stall_timeout_s=self.settings.stall_timeout_s,
                 )
                 prefix = f"{self.settings.run_prefix}_w{self._instance_counter}"
                 workers.append(Worker(spec, channel=self.channel, arena_prefix=prefix, on_exit=self._on_worker_exit))
@@ -644,6 +686,7 @@ class ModelManager:
                             "restarts": w.restarts,
                             "outstanding": w.outstanding,
                             "device": f"GPU {load.device_index}" if load.device_kind == "GPU" else load.device_kind,
+                            "reason": w.reason,
                         }
                     )
         return out

@@ -18,7 +18,8 @@ from proto.errors import InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
-_NAME_RE = re.compile(r"^[^/\\\x00]+$")
+_NAME_RE = re.compile(r"^[^/\\\x00-\x1f\x7f]+$")
+_NAME_MAX_BYTES = 255
 
 # backend -> (platform, default model file name)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -49,9 +50,22 @@ class ModelSource:
 
 
 def validate_model_name(name: str) -> None:
-    """Refuse names that could escape the repository (``..``, separators, NUL)."""
-    if not name or name in (".", "..") or not _NAME_RE.match(name):
-        raise InvalidInput(f"invalid model name '{name}'")
+    """Refuse names that could escape the repository (``..``, separators, NUL), that no
+    directory can have (longer than 255 bytes), or that would forge log lines (control
+    characters). The message quotes at most the first 64 characters."""
+    if (
+        not name
+        or name in (".", "..")
+        or not _NAME_RE.match(name)
+        or len(name.encode("utf-8", "surrogatepass")) > _NAME_MAX_BYTES
+    ):
+        raise InvalidInput(f"invalid model name '{_shown(name)}'")
+
+
+def _shown(name: str) -> str:
+    """``name`` as error messages quote it: printable, at most 64 characters."""
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in name[:64])
+    return text + "..." if len(name) > 64 else text
 
 
 def fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
@@ -97,6 +111,9 @@ def read_model(repo: Path, name: str, gpu_count: int = 0, override: mc.ModelConf
         src.labels = read_labels(path, src.config)
     except ServingError as exc:
         src.error = exc.message
+    except OSError as exc:
+        # never the absolute path: messages reach clients
+        src.error = f"model '{name}': cannot read the model directory: {exc.strerror or type(exc).__name__}"
     return src
 
 

@@ -10,8 +10,16 @@ A region is reference counted by the requests that use it. Unregistering removes
 at once (it can be registered again); the registration itself lives until the last request
 using it has finished, and only then are workers told to unmap it (``on_forget``).
 
-Errors sent to clients never contain region names or keys (a leaked name was the first
-step of CVE-2025-23320); the server log has them.
+Access (``access="local"``, the default; ``"any"`` is Triton's behaviour): only clients on
+this host (loopback) may register regions, or remote ones that passed the shared-memory
+restricted-API check; a local client may only register objects its own user owns (the
+kernel tells its uid, ``server.peers``); every client sees, uses and unregisters only its own
+regions (its namespace: its user, else its address). ``key_prefixes`` optionally limits the
+keys any client may register. The number of regions is bounded per client and overall.
+
+Errors sent to clients never contain keys, and a failed registration says the same thing
+whether the key does not exist, may not be used or is too small (no existence or size
+oracle; a leaked name was the first step of CVE-2025-23320); the server log has details.
 """
 
 from __future__ import annotations
@@ -22,26 +30,33 @@ import itertools
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import posix_ipc
-
-from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError, Unsupported
 from proto.gen import worker_pb2 as wpb
+from server.peers import Peer
 from server.types import InferRequest, ShmRef
+from shm import client as shm_client
 from shm.region import SERVER_PREFIX
 
 log = logging.getLogger("shoal.shm")
 
 CUDA_IPC_HANDLE_SIZE = 64
 MAX_REGIONS = 4096
+MAX_REGIONS_PER_CLIENT = 1024
+ACCESS_MODES = ("local", "any")
 RESERVED_KEY_PREFIXES = (SERVER_PREFIX, "triton_python_backend_shm_region_", "sem.")
 _NAME_MAX = 255
 _KEY_RE = re.compile(r"^[^/\x00]{1,255}$")
 _U64 = 2**64
 DISABLED_MESSAGE = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
+REMOTE_MESSAGE = (
+    "shared memory regions can only be registered by clients on the server's host "
+    "(start the server with --client-shm-access=any to allow any client, as Triton does)"
+)
 
 
 @dataclass(eq=False, slots=True)
@@ -54,6 +69,9 @@ class Region:
     offset: int = 0  # system: where the region starts in the object
     device_id: int = -1  # CUDA: the client's device ordinal
     raw_handle: bytes = b""  # CUDA: cudaIpcMemHandle_t
+    owner: str = ""  # the namespace of the client that registered it
+    object_device: int = 0  # system: st_dev and st_ino of the object checked at registration
+    object_inode: int = 0
     users: int = 0
     registered: bool = True
 
@@ -72,6 +90,8 @@ class Region:
         else:
             out.key = self.key
             out.region_offset = self.offset
+            out.object_device = self.object_device
+            out.object_inode = self.object_inode
             out.device = -1
 
 
@@ -85,7 +105,7 @@ def u64(value: Any, what: str) -> int:
 def normalize_key(key: str) -> str:
     """The POSIX object name of ``key`` (leading slashes dropped, as glibc does)."""
     name = key.lstrip("/")
-    if not _KEY_RE.match(name):
+    if not _KEY_RE.match(name) or name in (".", ".."):
         raise InvalidInput(
             "shared memory key must be a POSIX shared memory name: 1 to 255 characters, no '/' after the leading one"
         )
@@ -95,36 +115,84 @@ def normalize_key(key: str) -> str:
 
 
 class SharedMemoryRegistry:
-    def __init__(self, *, allowed: bool = True, gpu_count: Callable[[], int] = lambda: 0) -> None:
+    """The registered regions of every client. Owned by the router's event loop.
+
+    ``peer``: the client calling (``None``: a caller inside the server, trusted, in the one
+    shared namespace); ``trusted``: it passed the shared-memory restricted-API check."""
+
+    def __init__(
+        self,
+        *,
+        allowed: bool = True,
+        gpu_count: Callable[[], int] = lambda: 0,
+        access: str = "local",
+        key_prefixes: Sequence[str] = (),
+        max_regions: int = MAX_REGIONS,
+        max_regions_per_client: int = MAX_REGIONS_PER_CLIENT,
+    ) -> None:
+        if access not in ACCESS_MODES:
+            raise ValueError(f"access must be one of {ACCESS_MODES}")
         self.allowed = allowed
+        self.access = access
+        self.key_prefixes = tuple(p.lstrip("/") for p in key_prefixes)
+        self.max_regions = max_regions
+        self.max_regions_per_client = max_regions_per_client
         self._gpu_count = gpu_count
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[tuple[str, str], Region] = {}
+        self._per_owner: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self.on_forget: Callable[[Sequence[int]], None] | None = None
         self.prober: Callable[[Region], Awaitable[None]] | None = None
         """Opens a new CUDA region in a worker (the router has no CUDA); raises if it fails."""
 
+    def owner(self, peer: Peer | None) -> str:
+        """The namespace of ``peer``'s regions ("" for everyone under ``access="any"``)."""
+        if peer is None or self.access == "any":
+            return ""
+        return peer.owner
+
     def _check_allowed(self) -> None:
         if not self.allowed:
             raise Unsupported(DISABLED_MESSAGE)
 
-    def _check_new(self, name: str) -> None:
+    def _check_new(self, name: str, peer: Peer | None, trusted: bool) -> str:
+        """Checks before a registration; returns the owner namespace of the new region."""
         self._check_allowed()
+        if self.access == "local" and peer is not None and not (peer.local or trusted):
+            log.info("shared memory registration from remote peer %s refused", peer.host)
+            raise PermissionDenied(REMOTE_MESSAGE)
         if not name or len(name) > _NAME_MAX or "\x00" in name:
             raise InvalidInput(f"shared memory region name must be 1 to {_NAME_MAX} characters")
-        if name in self._regions:
+        owner = self.owner(peer)
+        if (owner, name) in self._regions:
             raise ServingError(
                 "a shared memory region with this name is already registered", code=ErrorCode.ALREADY_EXISTS
             )
-        if len(self._regions) >= MAX_REGIONS:
+        if self._per_owner[owner] >= self.max_regions_per_client:
             raise ServingError(
-                f"too many shared memory regions registered (limit {MAX_REGIONS})", code=ErrorCode.RESOURCE_EXHAUSTED
+                f"too many shared memory regions registered by this client (limit {self.max_regions_per_client}, "
+                "--client-shm-max-regions-per-client); unregister some first",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
             )
+        if len(self._regions) >= self.max_regions:
+            raise ServingError(
+                f"too many shared memory regions registered on this server (limit {self.max_regions}, "
+                "--client-shm-max-regions)",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+            )
+        return owner
+
+    def _add(self, region: Region) -> Region:
+        self._regions[(region.owner, region.name)] = region
+        self._per_owner[region.owner] += 1
+        return region
 
     # ---- system regions -----------------------------------------------------------------------
 
-    def register_system(self, name: str, key: Any, offset: Any, byte_size: Any) -> Region:
-        self._check_new(name)
+    def register_system(
+        self, name: str, key: Any, offset: Any, byte_size: Any, peer: Peer | None = None, *, trusted: bool = False
+    ) -> Region:
+        owner = self._check_new(name, peer, trusted)
         if not isinstance(key, str):
             raise InvalidInput("system shared memory registration needs a string 'key'")
         offset = u64(offset, "'offset'")
@@ -132,23 +200,45 @@ class SharedMemoryRegistry:
         if byte_size == 0:
             raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
         obj = normalize_key(key)
-        size = _object_size(obj)
-        if offset + byte_size > size:
-            log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, size)
-            raise InvalidInput(
-                f"failed to register shared memory region: offset {offset} + byte_size {byte_size} "
-                f"exceeds the size of the shared memory object ({size} bytes)"
-            )
-        region = Region(name=name, id=next(self._ids), byte_size=byte_size, key=obj, key_given=key, offset=offset)
-        self._regions[name] = region
+        if self.key_prefixes and not obj.startswith(self.key_prefixes):
+            log.info("register %r: key %r is not under an allowed prefix", name, obj)
+            raise _unusable(name)
+        ident = _open_checked(obj, name)
+        uid = peer.uid if peer is not None and self.access == "local" else None
+        if uid not in (None, 0) and ident.uid != uid:
+            log.info("register %r: key %r belongs to uid %d, not to the client's uid %d", name, obj, ident.uid, uid)
+            raise _unusable(name)
+        if offset + byte_size > ident.size:
+            log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, ident.size)
+            raise _unusable(name)
+        region = Region(
+            name=name,
+            id=next(self._ids),
+            byte_size=byte_size,
+            key=obj,
+            key_given=key,
+            offset=offset,
+            owner=owner,
+            object_device=ident.device,
+            object_inode=ident.inode,
+        )
         log.info("registered system shared memory region %r (key %r, %d bytes at %d)", name, obj, byte_size, offset)
-        return region
+        return self._add(region)
 
     # ---- CUDA regions -------------------------------------------------------------------------
 
-    def register_cuda(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> Region:
+    def register_cuda(
+        self,
+        name: str,
+        raw_handle: Any,
+        device_id: Any,
+        byte_size: Any,
+        peer: Peer | None = None,
+        *,
+        trusted: bool = False,
+    ) -> Region:
         """``raw_handle``: the 64 handle bytes (gRPC) or their base64 text (HTTP)."""
-        self._check_new(name)
+        owner = self._check_new(name, peer, trusted)
         if isinstance(raw_handle, str):
             try:
                 # perf_analyzer's libb64 breaks its base64 into lines; whitespace is not data
@@ -169,31 +259,43 @@ class SharedMemoryRegistry:
                 f"failed to register CUDA shared memory region: device_id {device_id} is not one of "
                 f"the server's {gpus} GPUs"
             )
-        region = Region(name=name, id=next(self._ids), byte_size=byte_size, device_id=device_id, raw_handle=raw_handle)
-        self._regions[name] = region
+        region = Region(
+            name=name, id=next(self._ids), byte_size=byte_size, device_id=device_id, raw_handle=raw_handle, owner=owner
+        )
         log.info("registered CUDA shared memory region %r (device %d, %d bytes)", name, device_id, byte_size)
-        return region
+        return self._add(region)
 
-    async def register_cuda_checked(self, name: str, raw_handle: Any, device_id: Any, byte_size: Any) -> Region:
+    async def register_cuda_checked(
+        self,
+        name: str,
+        raw_handle: Any,
+        device_id: Any,
+        byte_size: Any,
+        peer: Peer | None = None,
+        *,
+        trusted: bool = False,
+    ) -> Region:
         """``register_cuda``, then have a worker open the handle, as Triton opens it at
         registration; a handle that does not open is not registered. With no worker running
         the check happens at first use."""
-        region = self.register_cuda(name, raw_handle, device_id, byte_size)
+        region = self.register_cuda(name, raw_handle, device_id, byte_size, peer, trusted=trusted)
         if self.prober is not None:
             try:
                 await self.prober(region)
             except BaseException:
-                if self._regions.get(name) is region:
-                    self.unregister(name, cuda=True)
+                if self._regions.get((region.owner, name)) is region:
+                    self._remove([region])
                 raise
         return region
 
     # ---- status and unregister ----------------------------------------------------------------
 
-    def status(self, name: str | None, *, cuda: bool) -> list[Region]:
+    def status(self, name: str | None, *, cuda: bool, peer: Peer | None = None) -> list[Region]:
+        """The calling client's regions of one kind (or the one named)."""
         self._check_allowed()
+        owner = self.owner(peer)
         if name:
-            region = self._regions.get(name)
+            region = self._regions.get((owner, name))
             if region is None or region.cuda != cuda:
                 kind = "CUDA" if cuda else "system"
                 raise ServingError(
@@ -201,22 +303,30 @@ class SharedMemoryRegistry:
                     code=ErrorCode.NOT_FOUND,
                 )
             return [region]
-        return [r for r in self._regions.values() if r.cuda == cuda]
+        return [r for r in self._regions.values() if r.cuda == cuda and r.owner == owner]
 
-    def unregister(self, name: str | None, *, cuda: bool) -> None:
-        """Unregister one region or, with no name, every region of the kind. Unknown names
-        succeed (as Triton). Requests already using a region keep it until they finish."""
+    def unregister(self, name: str | None, *, cuda: bool, peer: Peer | None = None) -> None:
+        """Unregister one of the client's regions or, with no name, every region of the kind
+        it registered. Unknown names succeed (as Triton). Requests already using a region
+        keep it until they finish."""
         self._check_allowed()
+        owner = self.owner(peer)
         if name:
-            region = self._regions.get(name)
+            region = self._regions.get((owner, name))
             targets = [region] if region is not None and region.cuda == cuda else []
         else:
-            targets = [r for r in self._regions.values() if r.cuda == cuda]
+            targets = [r for r in self._regions.values() if r.cuda == cuda and r.owner == owner]
+        self._remove(targets)
+
+    def _remove(self, targets: list[Region]) -> None:
         gone = []
         for region in targets:
-            del self._regions[region.name]
+            del self._regions[(region.owner, region.name)]
+            self._per_owner[region.owner] -= 1
+            if not self._per_owner[region.owner]:
+                del self._per_owner[region.owner]
             region.registered = False
-            log.info("unregistered %s shared memory region %r", "CUDA" if cuda else "system", region.name)
+            log.info("unregistered %s shared memory region %r", "CUDA" if region.cuda else "system", region.name)
             if region.users == 0:
                 gone.append(region.id)
             else:
@@ -231,12 +341,12 @@ class SharedMemoryRegistry:
 
     # ---- use by requests ----------------------------------------------------------------------
 
-    def resolve(self, ref: ShmRef, what: str) -> Region:
-        """The registered region ``ref`` names, bounds-checked, with a use counted (give it
-        back with ``release``)."""
+    def resolve(self, ref: ShmRef, what: str, owner: str = "") -> Region:
+        """The region ``ref`` names in ``owner``'s namespace, bounds-checked, with a use
+        counted (give it back with ``release``)."""
         if not self.allowed:
             raise Unsupported(DISABLED_MESSAGE)
-        region = self._regions.get(ref.region_name)
+        region = self._regions.get((owner, ref.region_name))
         if region is None:
             raise ServingError(f"{what}: the shared memory region it names is not registered", code=ErrorCode.NOT_FOUND)
         if ref.offset + ref.byte_size > region.byte_size:
@@ -254,16 +364,17 @@ class SharedMemoryRegistry:
             self._forget([region.id])
 
     def bind(self, request: InferRequest) -> None:
-        """Resolve every shared-memory reference of ``request``; on failure nothing stays
-        counted."""
+        """Resolve every shared-memory reference of ``request`` in its client's namespace;
+        on failure nothing stays counted."""
+        owner = self.owner(request.peer)
         bound: list[Region] = []
         try:
             for t in request.inputs:
                 if t.shm is not None:
-                    bound.append(self.resolve(t.shm, f"input '{t.name}'"))
+                    bound.append(self.resolve(t.shm, f"input '{t.name}'", owner))
             for o in request.outputs or ():
                 if o.shm is not None:
-                    region = self.resolve(o.shm, f"output '{o.name}'")
+                    region = self.resolve(o.shm, f"output '{o.name}'", owner)
                     bound.append(region)
         except BaseException:
             for r in bound:
@@ -277,22 +388,25 @@ class SharedMemoryRegistry:
             self.release(r)
 
 
-def _object_size(name: str) -> int:
-    """Size of the POSIX shm object ``name`` (opened read-write, as the worker will)."""
+def _unusable(name: str) -> InvalidInput:
+    """The one answer to a key that cannot be registered, whatever the reason (no existence
+    or size oracle); the log says why."""
+    return InvalidInput(
+        f"failed to register shared memory region '{name[:64]}': unable to use the shared memory key "
+        "(it does not exist, this client may not use it, or it is smaller than offset + byte_size)"
+    )
+
+
+def _open_checked(name: str, region: str) -> shm_client.Identity:
+    """The identity of the client's object ``name``; refuses what is not a regular file
+    (directories, symlinks, FIFOs) the same way as a key that does not exist."""
     try:
-        obj = posix_ipc.SharedMemory("/" + name)
-    except posix_ipc.ExistentialError:
-        log.info("register: shared memory key %r does not exist", name)
-        raise ServingError(
-            "unable to open the shared memory key: it does not exist", code=ErrorCode.NOT_FOUND
-        ) from None
-    except posix_ipc.PermissionsError:
-        log.info("register: shared memory key %r: permission denied", name)
-        raise InvalidInput("unable to open the shared memory key: permission denied") from None
-    try:
-        return os.fstat(obj.fd).st_size
-    finally:
-        obj.close_fd()
+        fd, ident = shm_client.open_object(name)
+    except OSError as exc:
+        log.info("register %r: cannot open key %r: %s", region, name, exc.strerror or exc)
+        raise _unusable(region) from None
+    os.close(fd)
+    return ident
 
 
 def shm_params(params: dict[str, Any], what: str) -> ShmRef | None:

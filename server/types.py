@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from shm.block import Block
 
 if TYPE_CHECKING:
+    from server.peers import Peer
     from server.sharedmem import Region
 
 Buffer = bytes | bytearray | memoryview
@@ -103,6 +104,15 @@ class InferRequest:
     """A filler for an empty sequence slot: executed, not counted, its result dropped."""
     shm_regions: list[Region] = field(default_factory=list)
     """Client regions this request holds while it runs (``SharedMemoryRegistry.bind``)."""
+    peer: Peer | None = None
+    """The client that sent it (frontends set it when the request names shared memory)."""
+    instance: str = ""
+    """The instance it was last sent to (named when its deadline passes)."""
+
+    @property
+    def uses_shm(self) -> bool:
+        """Some input or requested output is in a client shared-memory region."""
+        return any(t.shm is not None for t in self.inputs) or any(o.shm is not None for o in self.outputs or ())
 
 
 @dataclass(slots=True)

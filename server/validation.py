@@ -62,6 +62,13 @@ def validate(mv: ModelVersion, request: InferRequest) -> None:
                     f"input byte size mismatch for input '{t.name}' for model '{name}'. "
                     f"Expected {expected}, got {t.nbytes}"
                 )
+        elif t.nbytes < 4 * dtypes.element_count(shape):
+            # each element carries a 4-byte length: fewer bytes cannot hold the shape (the
+            # worker checks the elements themselves)
+            raise InvalidInput(
+                f"expected {dtypes.element_count(shape)} string elements for inference input '{t.name}' "
+                f"for model '{name}', but its {t.nbytes} bytes hold at most {t.nbytes // 4}"
+            )
         if spec.reshape is not None:
             t.shape = ((shape[0],) if max_batch > 0 else ()) + _reshape(spec, dims)
     if batch_size is not None:

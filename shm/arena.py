@@ -80,10 +80,14 @@ class _FreeList:
 class Arena:
     """Owner-side allocator; see the module docstring for ownership rules."""
 
-    def __init__(self, prefix: str, *, segment_bytes: int, max_bytes: int) -> None:
+    def __init__(
+        self, prefix: str, *, segment_bytes: int, max_bytes: int, setting: str = "--shm-arena-max-bytes"
+    ) -> None:
         """No segment exists until ``start`` or the first ``allocate``. ``prefix`` must be
-        unique on the host; segments are named ``<prefix>_<n>``."""
+        unique on the host; segments are named ``<prefix>_<n>``. ``setting``: the option that
+        sizes this arena, named when it is full."""
         self.prefix = prefix
+        self.setting = setting
         self.segment_bytes = segment_bytes
         self.max_bytes = max(max_bytes, segment_bytes)
         self._segments: dict[str, tuple[Segment, _FreeList]] = {}
@@ -122,7 +126,7 @@ class Arena:
         if capacity + grow > self.max_bytes:
             raise ServingError(
                 f"shared-memory arena full: {nbytes} bytes requested, {self._in_use} of "
-                f"{self.max_bytes} in use (raise --shm-arena-max-bytes)",
+                f"{self.max_bytes} in use (raise {self.setting})",
                 code=ErrorCode.RESOURCE_EXHAUSTED,
                 retryable=True,
             )

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity", required=True)
     p.add_argument("--parent-pid", type=int, default=os.getppid())
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--heartbeat-ms", type=int, default=0, help="send a heartbeat this often (0: none)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.log_verbose else logging.INFO,
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # process group, and the worker must not die before the router drains it. SIGTERM
     # (an operator's `kill`, or a service manager signalling the whole group) ends the
     # worker, but only once the batch it is executing has been answered.
-    runtime = WorkerRuntime(endpoint=args.endpoint, identity=args.identity.encode())
+    runtime = WorkerRuntime(endpoint=args.endpoint, identity=args.identity.encode(), heartbeat_ms=args.heartbeat_ms)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: runtime.on_sigterm())
     return runtime.run()

@@ -1,9 +1,12 @@
-"""``ClientRegions``: a worker's mappings of client shared-memory regions.
+"""``ClientRegions``: a worker's access to client shared-memory regions.
 
-System regions are POSIX shm objects the client created; the worker opens them by key,
-maps them once per registration (``region_id``) and reads inputs / writes outputs in
-place. Before each use the object's current size is checked again (a client may have
-truncated it since registration; touching pages past the end would be a SIGBUS).
+System regions are POSIX shm objects the client created. The worker opens each by key once
+(``shm.client``: regular files only, and the very object the router checked at
+registration) and keeps the descriptor, at most ``MAX_OPEN`` of them (least recently used
+closed first). Bytes are copied with ``preadv``/``pwritev``: a client that truncates its
+object under a request, or a full ``/dev/shm`` under a sparse one, fails that request
+instead of raising SIGBUS in this process. Inputs are therefore one copy in the worker (the
+router still copies nothing).
 
 CUDA regions are CUDA IPC handles; the worker opens each once with CuPy (imported only
 when a CUDA region is used) and caches the device pointer. A CPU backend gets a host copy
@@ -11,40 +14,38 @@ of a CUDA input (one device-to-host copy, here in the worker); outputs are copie
 the region and the copy is synchronized before the worker replies.
 
 The router sends ``Forget`` once a region is unregistered and no request uses it; the
-mapping is then closed.
+descriptor or mapping is then closed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import posix_ipc
 
 from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import worker_pb2 as wpb
+from shm import client as shm_client
 
 log = logging.getLogger("shoal.worker.shm")
 
+MAX_OPEN = 256
+"""Descriptors of client system regions a worker keeps open."""
+_TRUNCATED = "the shared memory region is now smaller than when it was registered"
+
 
 class _SystemRegion:
-    __slots__ = ("fd", "mm", "end")
+    __slots__ = ("fd", "end")
 
-    def __init__(self, fd: int, mm: mmap.mmap, end: int) -> None:
+    def __init__(self, fd: int, end: int) -> None:
         self.fd = fd
-        self.mm = mm
         self.end = end
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:
-            # a view is still alive (a backend kept an input); it unmaps when that is freed
-            log.debug("a client region is still referenced; unmapped when the last view goes")
         os.close(self.fd)
 
 
@@ -64,8 +65,9 @@ class _CudaRegion:
 
 
 class ClientRegions:
-    def __init__(self) -> None:
-        self._system: dict[int, _SystemRegion] = {}
+    def __init__(self, max_open: int = MAX_OPEN) -> None:
+        self.max_open = max_open
+        self._system: OrderedDict[int, _SystemRegion] = OrderedDict()
         self._cuda: dict[int, _CudaRegion] = {}
         self.gpu_order: list[int] = []
         """Server GPU ordinals in this worker's CUDA order (empty: the same order)."""
@@ -83,36 +85,64 @@ class ClientRegions:
 
     def _system_region(self, c: wpb.ClientShm) -> _SystemRegion:
         region = self._system.get(c.region_id)
-        if region is None:
-            end = c.region_offset + c.region_bytes
-            try:
-                obj = posix_ipc.SharedMemory("/" + c.key)
-            except (posix_ipc.ExistentialError, posix_ipc.PermissionsError) as exc:
-                log.warning("cannot open client shm key %r: %s", c.key, exc)
-                raise ServingError(
-                    "unable to open the shared memory region: its key no longer exists", code=ErrorCode.NOT_FOUND
-                ) from None
-            fd = obj.fd
-            try:
-                if os.fstat(fd).st_size < end:
-                    raise InvalidInput("the shared memory region is now smaller than when it was registered")
-                mm = mmap.mmap(fd, end)
-            except BaseException:
-                os.close(fd)
-                raise
-            region = _SystemRegion(fd, mm, end)
-            self._system[c.region_id] = region
-        elif os.fstat(region.fd).st_size < region.end:
-            raise InvalidInput("the shared memory region is now smaller than when it was registered")
+        if region is not None:
+            self._system.move_to_end(c.region_id)
+            return region
+        try:
+            fd, ident = shm_client.open_object(c.key)
+        except OSError as exc:
+            log.debug("cannot open client shm key %r: %s", c.key, exc)
+            raise ServingError(
+                "unable to open the shared memory region: its key no longer exists", code=ErrorCode.NOT_FOUND
+            ) from None
+        if c.object_inode and (ident.device, ident.inode) != (c.object_device, c.object_inode):
+            os.close(fd)
+            log.warning("client shm key %r names another object than the one registered", c.key)
+            raise ServingError(
+                "the shared memory region's key names another object than the one registered; register it again",
+                code=ErrorCode.FAILED_PRECONDITION,
+            )
+        while len(self._system) >= self.max_open:
+            _, old = self._system.popitem(last=False)
+            old.close()
+        region = _SystemRegion(fd, c.region_offset + c.region_bytes)
+        self._system[c.region_id] = region
         return region
 
-    def host_view(self, c: wpb.ClientShm, nbytes: int | None = None) -> memoryview:
-        """A writable view of ``nbytes`` (default: the tensor's) at the tensor's offset."""
-        n = c.nbytes if nbytes is None else nbytes
-        if c.offset + n > c.region_bytes:
+    def _span(self, c: wpb.ClientShm, nbytes: int) -> int:
+        """Where the tensor's ``nbytes`` start in the object (bounds checked)."""
+        if c.offset + nbytes > c.region_bytes:
             raise InvalidInput("shared memory offset + byte size is outside the registered region")
-        start = c.region_offset + c.offset
-        return memoryview(self._system_region(c).mm)[start : start + n]
+        return c.region_offset + c.offset
+
+    def read_host(self, c: wpb.ClientShm) -> memoryview:
+        """A private copy of the tensor's bytes (a truncated object is an error, not SIGBUS)."""
+        start = self._span(c, c.nbytes)
+        region = self._system_region(c)
+        out = np.empty(c.nbytes, dtype=np.uint8)
+        if shm_client.read_into(region.fd, start, out.data) != c.nbytes:
+            raise InvalidInput(_TRUNCATED)
+        return out.data
+
+    def write_host(self, c: wpb.ClientShm, data: Any, nbytes: int) -> None:
+        """Copy ``nbytes`` of ``data`` (bytes or a C-contiguous array) to the tensor's place."""
+        start = self._span(c, nbytes)
+        region = self._system_region(c)
+        if nbytes == 0:
+            return
+        if os.fstat(region.fd).st_size < region.end:
+            raise InvalidInput(_TRUNCATED)
+        if isinstance(data, bytes):
+            view = memoryview(data)
+        else:
+            view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+        try:
+            shm_client.write_from(region.fd, start, view[:nbytes])
+        except OSError as exc:
+            raise ServingError(
+                f"cannot write the output into the shared memory region: {exc.strerror or exc}",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+            ) from None
 
     # ---- CUDA memory --------------------------------------------------------------------------
 
@@ -124,7 +154,7 @@ class ClientRegions:
         return region
 
     def open(self, c: wpb.ClientShm) -> None:
-        """Map the region now (registration-time check); raises as a use would."""
+        """Open the region now (registration-time check); raises as a use would."""
         if c.device >= 0:
             self._cuda_region(c)
         else:

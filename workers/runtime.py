@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -43,12 +44,50 @@ def _apply_priority(priority: int) -> None:
             log.warning("PRIORITY_MAX: not allowed to raise this worker's CPU priority; running at default")
 
 
+HEARTBEAT_SUFFIX = b"/hb"
+
+
+class Heartbeat(threading.Thread):
+    """Sends ``Pong`` on its own socket (``<identity>/hb``) every ``interval_ms``. It needs the
+    GIL like any Python thread, so it stops when the process is stopped (SIGSTOP) or when a
+    backend holds the GIL without end; the router then kills and replaces the worker."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, interval_ms: int) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.identity = identity + HEARTBEAT_SUFFIX
+        self.interval_s = interval_ms / 1000
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.connect(self.endpoint)
+        beat = wire.envelope(0)
+        beat.pong.SetInParent()
+        msg = beat.SerializeToString()
+        try:
+            while True:
+                try:
+                    sock.send(msg, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the router is not reading; it will see the next one
+                if self.done.wait(self.interval_s):
+                    return
+        finally:
+            sock.close(linger=0)
+
+
 class WorkerRuntime:
     """Owns the DEALER socket, the backend, the output arena and the input mapper."""
 
-    def __init__(self, *, endpoint: str, identity: bytes) -> None:
+    def __init__(self, *, endpoint: str, identity: bytes, heartbeat_ms: int = 0) -> None:
         self.endpoint = endpoint
         self.identity = identity
+        self.heartbeat_ms = heartbeat_ms
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.ROUTING_ID, identity)
@@ -76,6 +115,10 @@ class WorkerRuntime:
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
         self.sock.connect(self.endpoint)
+        heartbeat = None
+        if self.heartbeat_ms > 0:
+            heartbeat = Heartbeat(self.ctx, self.endpoint, self.identity, self.heartbeat_ms)
+            heartbeat.start()
         hello = wire.envelope(0)
         hello.ready.pid = os.getpid()
         self.sock.send(hello.SerializeToString())
@@ -113,6 +156,9 @@ class WorkerRuntime:
                 else:
                     log.error("unexpected message %s", kind)
         finally:
+            if heartbeat is not None:
+                heartbeat.done.set()
+                heartbeat.join(1.0)
             self.close()
 
     def _load(self, env: wpb.Envelope) -> None:
@@ -130,7 +176,12 @@ class WorkerRuntime:
             # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``
             self.output_dims = {o.name: tuple(o.dims) for o in config.output if o.HasField("reshape")}
             self.batching = config.max_batch_size > 0
-            self.arena = Arena(req.arena_prefix, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16)
+            self.arena = Arena(
+                req.arena_prefix,
+                segment_bytes=req.arena_bytes,
+                max_bytes=req.arena_bytes * 16,
+                setting="--worker-arena-bytes: a worker's outputs may use 16 times it",
+            )
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
             self.backend = backend_class(config.backend).load(self.spec)
             reply.ready.pid = os.getpid()

@@ -43,7 +43,7 @@ def read_input(
         buf = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
     elif which == "client":
         c = ref.client
-        buf = regions.host_view(c) if c.device < 0 else regions.read_cuda_to_host(c)
+        buf = regions.read_host(c) if c.device < 0 else regions.read_cuda_to_host(c)
     else:
         raise InvalidInput(f"input '{ref.name}' carries no data")
     count = dtypes.element_count(shape)
@@ -133,7 +133,7 @@ class OutputWriter:
         if dest.device < 0:
             if is_device_array(data):
                 data = data.get()
-            _copy_into(self.regions.host_view(dest, nbytes), data)
+            self.regions.write_host(dest, data, nbytes)
         else:
             self.regions.write_cuda(dest, data, nbytes)
         ref.client.CopyFrom(dest)

@@ -39,6 +39,7 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     CANCELLED: _ErrorCode.ValueType  # 8
     UNIMPLEMENTED: _ErrorCode.ValueType  # 9
     INTERNAL: _ErrorCode.ValueType  # 10
+    PERMISSION_DENIED: _ErrorCode.ValueType  # 11
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """Equal to proto/errors.py ErrorCode (a unit test checks)."""
@@ -54,6 +55,7 @@ DEADLINE_EXCEEDED: ErrorCode.ValueType  # 7
 CANCELLED: ErrorCode.ValueType  # 8
 UNIMPLEMENTED: ErrorCode.ValueType  # 9
 INTERNAL: ErrorCode.ValueType  # 10
+PERMISSION_DENIED: ErrorCode.ValueType  # 11
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 @_typing.final
@@ -105,6 +107,8 @@ class ClientShm(_message.Message):
     REGION_BYTES_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    OBJECT_DEVICE_FIELD_NUMBER: _builtins.int
+    OBJECT_INODE_FIELD_NUMBER: _builtins.int
     region_id: _builtins.int
     key: _builtins.str
     """POSIX shm object name (system regions)"""
@@ -120,6 +124,11 @@ class ClientShm(_message.Message):
     """tensor offset inside the registered region"""
     nbytes: _builtins.int
     """tensor bytes (outputs: capacity on the way in, written size back)"""
+    object_device: _builtins.int
+    """System regions: st_dev and st_ino of the object the router checked at registration; the
+    worker refuses a key that names another object by now.
+    """
+    object_inode: _builtins.int
     def __init__(
         self,
         *,
@@ -131,10 +140,12 @@ class ClientShm(_message.Message):
         region_bytes: _builtins.int = ...,
         offset: _builtins.int = ...,
         nbytes: _builtins.int = ...,
+        object_device: _builtins.int = ...,
+        object_inode: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_handle", b"cuda_handle", "device", b"device", "key", b"key", "nbytes", b"nbytes", "offset", b"offset", "region_bytes", b"region_bytes", "region_id", b"region_id", "region_offset", b"region_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_handle", b"cuda_handle", "device", b"device", "key", b"key", "nbytes", b"nbytes", "object_device", b"object_device", "object_inode", b"object_inode", "offset", b"offset", "region_bytes", b"region_bytes", "region_id", b"region_id", "region_offset", b"region_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,7 +73,7 @@ class InstancePool:
         regions: list[Region] = []
         leases: list[Lease] = []
         try:
-            self._encode(batch, env.infer, buffers, blocks, regions, leases)
+            self._encode(batch, env.infer, buffers, blocks, regions, leases, worker.spec.instance_name)
             # Input blocks are freed (and client regions and other workers' outputs given
             # back) when the worker is done with them, which is later than this coroutine if
             # the client goes away (the future is then cancelled but the worker still reads).
@@ -106,10 +106,12 @@ class InstancePool:
         blocks: list[Block],
         regions: list[Region],
         leases: list[Lease],
+        instance: str = "",
     ) -> None:
         inline_max = self.ctx.inline_max_bytes
         arena = self.ctx.arena
         for i, req in enumerate(batch):
+            req.instance = instance
             r = infer.requests.add()
             r.id = i
             r.request_id = req.id

@@ -29,6 +29,15 @@ from shm import region
 log = logging.getLogger("shoal.worker")
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+HEARTBEAT_SUFFIX = b"/hb"
+"""A worker's heartbeat thread connects its own socket under ``<identity>/hb``."""
+
+
+def _beat_interval_ms(timeout_s: float) -> int:
+    """Heartbeats every sixth of the timeout (at most 5 s); 0: none."""
+    if not timeout_s:
+        return 0
+    return max(50, min(5000, int(timeout_s * 1000 / 6)))
 
 
 class WorkerState(enum.Enum):
@@ -54,6 +63,12 @@ class WorkerSpec:
     log_verbose: int = 0
     env: tuple[tuple[str, str], ...] = ()
     """Extra environment of the worker process (e.g. its CUDA_VISIBLE_DEVICES)."""
+    heartbeat_timeout_s: float = 30.0
+    """No heartbeat for this long: the process is stopped or stuck (holding the GIL), and is
+    killed and replaced. 0: never."""
+    stall_timeout_s: float = 0.0
+    """A batch unanswered for this long means the backend is stuck (e.g. in C with the GIL
+    released): the process is killed and replaced. 0: never."""
 
 
 Reply = tuple[wpb.Envelope, list[bytes]]
@@ -92,6 +107,14 @@ class Worker:
         """The current process exits because an operator asked for a restart."""
         self._first_load: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self.reason = ""
+        """Why the instance is not READY (the last start failure), for the index and admin API."""
+        self.last_beat = 0.0
+        """``loop.time()`` of the last heartbeat of the current process."""
+        self._sent: dict[int, float] = {}
+        """``loop.time()`` each outstanding batch was sent (stall detection)."""
+        self._hung = ""
+        """Set when the watchdog killed the process: why (replaces "killed by SIGKILL")."""
 
     @property
     def ready(self) -> bool:
@@ -121,6 +144,8 @@ class Worker:
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self.channel.send(self.identity, infer, buffers)
         self._pending[rid] = fut
+        if self.spec.stall_timeout_s:
+            self._sent[rid] = self._loop.time()
         if on_settled is not None:
             self._settle[rid] = on_settled
         self.outstanding += 1
@@ -151,19 +176,27 @@ class Worker:
             pass
 
     async def _supervise(self) -> None:
+        """Run the process, and replace it whenever it exits, until ``stop``. Every failure
+        here is caught, logged and retried with backoff (the first load's failure is
+        reported to ``start`` instead): this task never dies."""
         backoff = 0.1
         while not self._stopping:
             started = time.monotonic()
             try:
-                rc = await self._run_once()
-            except ServingError as exc:
-                # the model failed to load in a fresh process
+                rc: int | None = await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a spawn or load failure, or a bug
+                err = exc if isinstance(exc, ServingError) else ServingError(f"{self.label}: {exc!r}")
+                if not isinstance(exc, ServingError):
+                    log.exception("%s: supervising the worker failed", self.label)
+                self.reason = err.message
                 if self._first_load is not None and not self._first_load.done():
                     self.state = WorkerState.FAILED
-                    self._first_load.set_exception(exc)
+                    self._first_load.set_exception(err)
                     await self._reap()
                     return
-                log.error("%s: restart failed: %s", self.label, exc.message)
+                log.error("%s: restart failed: %s", self.label, err.message)
                 rc = None
             if self._stopping:
                 break
@@ -187,34 +220,41 @@ class Worker:
         self.generation += 1
         self.identity = f"{self.spec.instance_name}#{self.generation}#{id(self)}".encode()
         self.arena_prefix = f"{self.arena_prefix_base}_g{self.generation}"
+        self._hung = ""
         hello: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[0] = hello
         self.channel.register(self.identity, self._on_message)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
-        env.update(self.spec.env)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers",
-            "--endpoint", self.channel.endpoint,
-            "--identity", self.identity.decode(),
-            "--parent-pid", str(os.getpid()),
-            "--log-verbose", str(self.spec.log_verbose),
-            env=env, stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        self.channel.register(self.identity + HEARTBEAT_SUFFIX, self._on_heartbeat)
+        try:
+            proc = await self._spawn()
+        except BaseException:
+            self._pending.pop(0, None)
+            self.channel.unregister(self.identity)
+            self.channel.unregister(self.identity + HEARTBEAT_SUFFIX)
+            raise
         self._proc = proc
         self.pid = proc.pid
+        self.last_beat = self._loop.time()
         exited = asyncio.ensure_future(proc.wait())
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self._handshake(hello, exited)
             self.state = WorkerState.READY
+            self.reason = ""
             if self._first_load is not None and not self._first_load.done():
                 self._first_load.set_result(None)
             log.info("%s: ready (pid %d)", self.label, proc.pid)
+            if self.spec.heartbeat_timeout_s or self.spec.stall_timeout_s:
+                watchdog = asyncio.create_task(self._watchdog(proc), name=f"watchdog {self.spec.instance_name}")
             rc = await exited
         except BaseException:
             exited.cancel()
             raise
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             self.channel.unregister(self.identity)
+            self.channel.unregister(self.identity + HEARTBEAT_SUFFIX)
         if self._planned:
             log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
         elif not self._stopping:
@@ -222,6 +262,49 @@ class Worker:
         self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {self._death_message(rc)}"))
         region.unlink_prefix(self.arena_prefix)
         return rc
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
+        env.update(self.spec.env)
+        beat_ms = _beat_interval_ms(self.spec.heartbeat_timeout_s)
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "workers",
+                "--endpoint", self.channel.endpoint,
+                "--identity", self.identity.decode(),
+                "--parent-pid", str(os.getpid()),
+                "--log-verbose", str(self.spec.log_verbose),
+                "--heartbeat-ms", str(beat_ms),
+                env=env, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError as exc:
+            # fork/exec failed: no descriptors, no processes left, no memory
+            raise ServingError(
+                f"cannot start a worker process for {self.label}: {exc.strerror or exc}", code=ErrorCode.UNAVAILABLE
+            ) from None
+
+    def _on_heartbeat(self, env: wpb.Envelope, frames: list[bytes]) -> None:
+        self.last_beat = self._loop.time()
+
+    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill the process when its heartbeats stop or a batch stays unanswered too long;
+        the supervisor then fails its batches and starts a new one."""
+        beat_timeout = self.spec.heartbeat_timeout_s
+        stall = self.spec.stall_timeout_s
+        step = min(t for t in (beat_timeout / 4, stall / 4, 1.0) if t > 0)
+        while proc.returncode is None:
+            await asyncio.sleep(step)
+            now = self._loop.time()
+            why = ""
+            if beat_timeout and now - self.last_beat > beat_timeout:
+                why = f"stopped answering (no heartbeat for {now - self.last_beat:.0f} s)"
+            elif stall and self._sent and now - min(self._sent.values()) > stall:
+                why = f"stopped answering (a batch unanswered for {now - min(self._sent.values()):.0f} s)"
+            if why and proc.returncode is None:
+                self._hung = why
+                log.error("%s (pid %d) %s; killing it", self.label, proc.pid, why)
+                proc.kill()
+                return
 
     async def _handshake(self, hello: asyncio.Future[Reply], exited: asyncio.Future[int]) -> None:
         timeout = self.spec.load_timeout_s
@@ -263,6 +346,7 @@ class Worker:
             return  # a keep-alive answer nobody waits for
         fut = self._pending.pop(rid, None)
         if rid and fut is not None:
+            self._sent.pop(rid, None)
             self._settled(rid)
         if fut is not None and not fut.done():
             fut.set_result((env, frames))
@@ -280,14 +364,16 @@ class Worker:
 
     def _fail_pending(self, err: ServingError) -> None:
         pending, self._pending = self._pending, {}
+        self._sent.clear()
         for rid, fut in pending.items():
             if rid:
                 self._settled(rid)
             if not fut.done():
                 fut.set_exception(err)
 
-    @staticmethod
-    def _death_message(rc: int | None) -> str:
+    def _death_message(self, rc: int | None) -> str:
+        if self._hung:
+            return f"{self._hung}: killed and restarted"
         if rc is None:
             return "did not start"
         if rc < 0:

@@ -1,42 +1,100 @@
-"""The grpc.aio server: services, message-size limits, keepalive and compression."""
+"""The grpc.aio server: services, message-size limits, connection limits, keepalive and
+compression. Requests that do not parse are answered INVALID_ARGUMENT by the services
+(``service.MALFORMED``), not UNKNOWN by grpc."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
 
-from proto.gen import grpc_service_pb2_grpc as pb_grpc
-from proto.gen import health_pb2_grpc
+from proto.gen import grpc_service_pb2 as pb
+from proto.gen import health_pb2
+from server import restrict
 from server.config import GrpcOptions
 from server.dataplane import DataPlane
-from server.frontends.grpc.service import HealthService, InferenceService
+from server.frontends.grpc.service import MALFORMED, HealthService, InferenceService
+from server.peers import PeerCache
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Triton's and tritonclient's limit (INT32_MAX)
+HANDSHAKE_TIMEOUT_MS = 20_000
+"""A connection that has not finished its HTTP/2 handshake by then is closed."""
 
 
 _LEVELS = {"none": 0, "low": 1, "medium": 2, "high": 3}
 
 
-async def start_grpc(dataplane: DataPlane, host: str, port: int, opts: GrpcOptions) -> tuple[grpc.aio.Server, int]:
+def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, or worse: the service answers
+            return MALFORMED
+
+    return deserialize
+
+
+def _handler(servicer: object, service: Any, module: Any) -> grpc.GenericRpcHandler:
+    """The service's method handlers, with deserializers that never raise."""
+    handlers = {}
+    for m in service.methods:
+        request = getattr(module, m.input_type.name)
+        response = getattr(module, m.output_type.name)
+        kw = {"request_deserializer": _safe(request.FromString), "response_serializer": response.SerializeToString}
+        fn = getattr(servicer, m.name)
+        if m.client_streaming and m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(fn, **kw)
+        elif m.server_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(fn, **kw)
+        else:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(fn, **kw)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+async def start_grpc(
+    dataplane: DataPlane,
+    host: str,
+    port: int,
+    opts: GrpcOptions,
+    *,
+    max_connections: int = 0,
+    stream_max_pending: int = 256,
+    restrictions: restrict.Restrictions | None = None,
+) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", opts.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", opts.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(opts.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", opts.http2_max_pings_without_data),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", opts.http2_min_recv_ping_interval_without_data_ms),
+        ("grpc.http2.max_ping_strikes", opts.http2_max_ping_strikes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.default_compression_level", _LEVELS[opts.compression_level]),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ]
+    if max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
     server = grpc.aio.server(
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", opts.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", opts.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", int(opts.keepalive_permit_without_calls)),
-            ("grpc.http2.max_pings_without_data", opts.http2_max_pings_without_data),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", opts.http2_min_recv_ping_interval_without_data_ms),
-            ("grpc.http2.max_ping_strikes", opts.http2_max_ping_strikes),
-            ("grpc.so_reuseport", 0),
-            ("grpc.default_compression_level", _LEVELS[opts.compression_level]),
-        ],
+        options=options,
         compression=grpc.Compression.Gzip if opts.compression_level != "none" else grpc.Compression.NoCompression,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(dataplane), server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthService(dataplane), server)
+    rules = restrictions or restrict.Restrictions()
+    peers = PeerCache(0)
+    inference = InferenceService(dataplane, restrictions=rules, peers=peers, stream_max_pending=stream_max_pending)
+    health = HealthService(dataplane, restrictions=rules)
+    server.add_generic_rpc_handlers(
+        (
+            _handler(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb),
+            _handler(health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2),
+        )
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
+    peers.server_port = bound
     await server.start()
     return server, bound

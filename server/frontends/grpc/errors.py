@@ -21,5 +21,6 @@ GRPC_STATUS = MappingProxyType(
         ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
         ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
         ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+        ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     }
 )

@@ -1,5 +1,6 @@
 """``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on grpc.aio: decode,
-call ``DataPlane``, encode. One wrapper maps every ``ServingError`` to a status."""
+call ``DataPlane``, encode. One wrapper checks restricted groups, refuses messages that did
+not parse, and maps every ``ServingError`` to a status."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from proto.errors import InvalidInput, ServingError, Unsupported, from_exception
+from proto.errors import InvalidInput, ServingError, Unsupported, detach, from_exception
 from proto.gen import grpc_service_pb2 as pb
 from proto.gen import grpc_service_pb2_grpc as pb_grpc
 from proto.gen import health_pb2, health_pb2_grpc
+from server import restrict
 from server.dataplane import DataPlane
 from server.frontends.grpc import codec
 from server.frontends.grpc.errors import GRPC_STATUS
+from server.logthrottle import client_error
+from server.peers import Peer, PeerCache
 
 log = logging.getLogger("shoal.grpc")
 
@@ -26,27 +30,55 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
+MALFORMED: Any = type("Malformed", (), {"__repr__": lambda self: "<malformed message>"})()
+"""What the deserializers return for bytes that are not the expected message."""
+MALFORMED_MESSAGE = "failed to parse the request message"
 
-def rpc(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Turn ``ServingError`` (and any bug) into a gRPC status with the error's message."""
 
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        try:
-            return await fn(self, request, context)
-        except asyncio.CancelledError:
-            raise
-        except ServingError as exc:
-            await context.abort(GRPC_STATUS[exc.code], exc.message)
-        except Exception as exc:  # noqa: BLE001 - an RPC never takes the router down
-            if isinstance(exc, grpc.aio.AbortError):
+def _restricted(service: Any, category: str, context: Any) -> str | None:
+    rules: restrict.Restrictions = service.restrictions
+    if not rules:
+        return None
+    metadata = dict(context.invocation_metadata() or ())
+    missing = rules.check(category, metadata.get)
+    return restrict.message(missing, grpc=True) if missing is not None else None
+
+
+def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
+    """Check the restricted group ``category``, then turn ``ServingError`` (and any bug)
+    into a gRPC status with the error's message. The error is detached before the status is
+    sent, so nothing it passed through (a request of hundreds of MB) outlives the call."""
+
+    def wrap(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+        @functools.wraps(fn)
+        async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+            denied = _restricted(self, category, context)
+            if denied is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
+            if request is MALFORMED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE)
+            try:
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
                 raise
-            log.exception("unhandled error in %s", fn.__name__)
-            err = from_exception(exc)
-            await context.abort(GRPC_STATUS[err.code], err.message)
-        raise AssertionError("unreachable")  # context.abort always raises
+            except ServingError as exc:
+                status, message = GRPC_STATUS[exc.code], exc.message
+                client_error(log, exc, fn.__name__)
+                detach(exc)
+            except Exception as exc:  # noqa: BLE001 - an RPC never takes the router down
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                log.exception("unhandled error in %s", fn.__name__)
+                err = from_exception(exc)
+                status, message = GRPC_STATUS[err.code], err.message
+                detach(exc)
+            del request
+            await context.abort(status, message)
+            raise AssertionError("unreachable")  # context.abort always raises
 
-    return wrapper
+        return wrapper
+
+    return wrap
 
 
 def _version(v: str) -> int:
@@ -66,28 +98,45 @@ def _not_yet(what: str) -> Unsupported:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        restrictions: restrict.Restrictions | None = None,
+        peers: PeerCache | None = None,
+        stream_max_pending: int = 256,
+    ) -> None:
         self.dp = dataplane
+        self.restrictions = restrictions or restrict.Restrictions()
+        self.peers = peers or PeerCache(0)
+        self.stream_max_pending = stream_max_pending
 
-    @rpc
+    def _peer(self, context: Any) -> Peer | None:
+        return self.peers.get(context.peer())
+
+    def _trusted(self) -> bool:
+        """The shared-memory group is restricted (so this caller passed the check)."""
+        return "shared-memory" in self.restrictions.rules
+
+    @rpc("health")
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dp.live())
 
-    @rpc
+    @rpc("health")
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.dp.ready())
 
-    @rpc
+    @rpc("health")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         self.dp.model_ready(request.name, _version(request.version))
         return pb.ModelReadyResponse(ready=True)
 
-    @rpc
+    @rpc("metadata")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         meta = self.dp.server_metadata()
         return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
 
-    @rpc
+    @rpc("metadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         meta = self.dp.model_metadata(request.name, _version(request.version))
         resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
@@ -96,18 +145,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
         return resp
 
-    @rpc
+    @rpc("model-config")
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         resp = pb.ModelConfigResponse()
         resp.config.CopyFrom(self.dp.model_config_message(request.name, _version(request.version)))
         return resp
 
-    @rpc
+    @rpc("inference")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         req = codec.decode_request(request)
+        if req.uses_shm:
+            req.peer = self._peer(context)
         result = await self.dp.infer(req)
         resp = pb.ModelInferResponse()
         try:
@@ -120,31 +171,45 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, possibly out of order; a failed request answers with
-        ``error_message`` and the stream goes on."""
+        ``error_message`` and the stream goes on. At most ``stream_max_pending`` requests are
+        in flight or answered and not yet taken by the client: past that the stream's next
+        request is not read (so a client that never reads cannot grow the router)."""
+        denied = _restricted(self, "inference", context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
         queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.stream_max_pending)
 
         async def handle(req: pb.ModelInferRequest) -> None:
             try:
-                msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req))
+                if req is MALFORMED:
+                    raise InvalidInput(MALFORMED_MESSAGE)
+                msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req, context))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported on the stream
                 err = from_exception(exc)
                 if not isinstance(exc, ServingError):
                     log.exception("unhandled error in a streamed request")
+                else:
+                    client_error(log, exc, "ModelStreamInfer")
                 msg = pb.ModelStreamInferResponse(error_message=err.message)
-                msg.infer_response.id = req.id
-                msg.infer_response.model_name = req.model_name
-                msg.infer_response.model_version = req.model_version
+                if req is not MALFORMED:
+                    msg.infer_response.id = req.id
+                    msg.infer_response.model_name = req.model_name
+                    msg.infer_response.model_version = req.model_version
+                detach(exc)
             queue.put_nowait(msg)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    await slots.acquire()
                     task = asyncio.create_task(handle(req))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    del req
                 while running:
                     await asyncio.wait(set(running))
             finally:
@@ -154,13 +219,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (msg := await queue.get()) is not None:
                 yield msg
+                slots.release()
             await reader  # re-raise a broken request stream
         finally:
             reader.cancel()
             for task in list(running):
                 task.cancel()
 
-    @rpc
+    @rpc("logging")
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
         changes = {}
         for key, value in request.settings.items():
@@ -178,85 +244,94 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 entry.string_param = str(v)
         return resp
 
-    @rpc
+    @rpc("statistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         if request.version and not request.version.isdigit():
             raise InvalidInput(f"model version '{request.version[:32]}' is not a number")
         stats = self.dp.statistics(request.name, _version(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
-    @rpc
+    @rpc("model-repository")
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         resp = pb.RepositoryIndexResponse()
         for entry in self.dp.repository_index(request.ready):
             resp.models.add(**entry)
         return resp
 
-    @rpc
+    @rpc("model-repository")
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         await self.dp.load_model(request.model_name, _repo_params(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @rpc
+    @rpc("model-repository")
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         await self.dp.unload_model(request.model_name, _repo_params(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
-    @rpc
+    @rpc("shared-memory")
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         resp = pb.SystemSharedMemoryStatusResponse()
-        for r in self.dp.shm.status(request.name, cuda=False):
+        for r in self.dp.shm.status(request.name, cuda=False, peer=self._peer(context)):
             st = resp.regions[r.name]
             st.name, st.key, st.offset, st.byte_size = r.name, r.key_given, r.offset, r.byte_size
         return resp
 
-    @rpc
+    @rpc("shared-memory")
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self.dp.shm.register_system(request.name, request.key, request.offset, request.byte_size)
+        self.dp.shm.register_system(
+            request.name, request.key, request.offset, request.byte_size, self._peer(context), trusted=self._trusted()
+        )
         return pb.SystemSharedMemoryRegisterResponse()
 
-    @rpc
+    @rpc("shared-memory")
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.dp.shm.unregister(request.name, cuda=False)
+        self.dp.shm.unregister(request.name, cuda=False, peer=self._peer(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @rpc
+    @rpc("shared-memory")
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
         resp = pb.CudaSharedMemoryStatusResponse()
-        for r in self.dp.shm.status(request.name, cuda=True):
+        for r in self.dp.shm.status(request.name, cuda=True, peer=self._peer(context)):
             st = resp.regions[r.name]
             st.name, st.device_id, st.byte_size = r.name, r.device_id, r.byte_size
         return resp
 
-    @rpc
+    @rpc("shared-memory")
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
     ) -> pb.CudaSharedMemoryRegisterResponse:
         if request.device_id < 0:
             raise InvalidInput("'device_id' must not be negative")
-        await self.dp.shm.register_cuda_checked(request.name, request.raw_handle, request.device_id, request.byte_size)
+        await self.dp.shm.register_cuda_checked(
+            request.name,
+            request.raw_handle,
+            request.device_id,
+            request.byte_size,
+            self._peer(context),
+            trusted=self._trusted(),
+        )
         return pb.CudaSharedMemoryRegisterResponse()
 
-    @rpc
+    @rpc("shared-memory")
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.dp.shm.unregister(request.name, cuda=True)
+        self.dp.shm.unregister(request.name, cuda=True, peer=self._peer(context))
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    @rpc
+    @rpc("trace")
     async def TraceSetting(self, request: Any, context: Any) -> Any:
         raise _not_yet("the trace extension")
 
@@ -264,21 +339,31 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 class HealthService(health_pb2_grpc.HealthServicer):
     """``grpc.health.v1.Health``: SERVING while the server is ready."""
 
-    def __init__(self, dataplane: DataPlane, *, watch_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        watch_interval_s: float = 1.0,
+        restrictions: restrict.Restrictions | None = None,
+    ) -> None:
         self.dp = dataplane
         self.watch_interval_s = watch_interval_s
+        self.restrictions = restrictions or restrict.Restrictions()
 
     def _status(self) -> int:
         ready = self.dp.ready()
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
 
-    @rpc
+    @rpc("health")
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=self._status())  # type: ignore[arg-type]
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        denied = _restricted(self, "health", context)
+        if denied is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
         last = None
         while True:
             status = self._status()

@@ -1,4 +1,5 @@
-"""The aiohttp application: routes plus the one error middleware."""
+"""The aiohttp application: routes plus the one middleware (restricted APIs, the connection
+reserve, and the error map)."""
 
 from __future__ import annotations
 
@@ -8,43 +9,93 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proto.errors import ServingError, from_exception
+from proto.errors import ServingError, detach, from_exception
+from server import restrict
 from server.dataplane import DataPlane
+from server.frontends.http.body import BodyError, HttpLimits
+from server.frontends.http.connections import ConnectionGuard
 from server.frontends.http.errors import HTTP_STATUS
-from server.frontends.http.routes import DATAPLANE, MAX_JSON_BYTES, add_routes
+from server.frontends.http.routes import CATEGORY, DATAPLANE, LIMITS, PEER, RESTRICTIONS, add_routes
+from server.logthrottle import client_error
 
 log = logging.getLogger("shoal.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("guard", ConnectionGuard)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, *, close: bool = False) -> web.Response:
+    resp = web.json_response({"error": message}, status=status)
+    if close:
+        resp.force_close()
+    return resp
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    restrictions = app[RESTRICTIONS]
+    if restrictions:
+        category = CATEGORY.get(request.match_info.handler)
+        if category is not None:
+            missing = restrictions.check(category, request.headers.get)
+            if missing is not None:
+                return _error(403, restrict.message(missing))
+    guard = app.get(GUARD)
+    if guard is None:
+        return await _handle(request, handler)
+    if not guard.begin(request):
+        return _error(503, "the server has too many open HTTP connections; retry later", close=True)
+    close = True
+    try:
+        resp = await _handle(request, handler)
+    finally:
+        close = guard.end(request)
+    if close:
+        resp.force_close()
+    return resp
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except asyncio.CancelledError:
         raise
     except ServingError as exc:
-        return _error(HTTP_STATUS[exc.code], exc.message)
+        status = exc.status if isinstance(exc, BodyError) else HTTP_STATUS[exc.code]
+        client_error(log, exc, request.path)
+        resp = _error(status, exc.message, close=isinstance(exc, BodyError))
+        detach(exc)
+        return resp
     except web.HTTPException as exc:
-        if exc.status == 413:
-            return _error(413, f"request body too large: {exc.text}")
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason)
+        resp = _error(exc.status, exc.reason)
+        detach(exc)
+        return resp
     except Exception as exc:  # noqa: BLE001 - the router never dies of one request
         log.exception("unhandled error for %s %s", request.method, request.path)
         err = from_exception(exc)
-        return _error(HTTP_STATUS[err.code], err.message)
+        resp = _error(HTTP_STATUS[err.code], err.message)
+        detach(exc)
+        return resp
 
 
-def make_app(dataplane: DataPlane, *, max_body_bytes: int, max_json_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+def make_app(
+    dataplane: DataPlane,
+    limits: HttpLimits,
+    *,
+    restrictions: restrict.Restrictions | None = None,
+    guard: ConnectionGuard | None = None,
+) -> web.Application:
+    # aiohttp's own body limit applies to the small JSON APIs; inference bodies are read by
+    # ``body.read`` within ``limits``
+    app = web.Application(middlewares=[middleware], client_max_size=limits.max_json_bytes)
     app[DATAPLANE] = dataplane
-    app[MAX_JSON_BYTES] = max_json_bytes
+    app[LIMITS] = limits
+    app[RESTRICTIONS] = restrictions or restrict.Restrictions()
+    if guard is not None:
+        app[GUARD] = guard
+        app[PEER] = guard.peer
     add_routes(app)
     return app

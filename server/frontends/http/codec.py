@@ -34,7 +34,7 @@ def parse_header_length(value: str | None, body_len: int) -> int | None:
     return n
 
 
-def decode_request(body: bytes, header_len: int | None, model: str, version: int) -> InferRequest:
+def decode_request(body: bytes | bytearray, header_len: int | None, model: str, version: int) -> InferRequest:
     """Decode a JSON or JSON+binary inference body (not the raw form)."""
     view = memoryview(body)
     head = body if header_len is None else body[:header_len]
@@ -191,7 +191,7 @@ def _decode_output(spec: Any, index: int) -> RequestedOutput:
 
 
 def raw_request(
-    body: bytes, model: str, version: int, name: str, datatype: str, shape: tuple[int, ...]
+    body: bytes | bytearray, model: str, version: int, name: str, datatype: str, shape: tuple[int, ...]
 ) -> InferRequest:
     """The raw-body form: the whole body is the one input's bytes."""
     t = InputTensor(name=name, datatype=datatype, shape=shape, data=memoryview(body))

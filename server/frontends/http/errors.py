@@ -19,5 +19,6 @@ HTTP_STATUS = MappingProxyType(
         ErrorCode.CANCELLED: 499,
         ErrorCode.UNIMPLEMENTED: 501,
         ErrorCode.INTERNAL: 500,
+        ErrorCode.PERMISSION_DENIED: 403,
     }
 )

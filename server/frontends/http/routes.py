@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proto.errors import InvalidInput, Unsupported
+from proto.errors import InvalidInput
+from server import restrict
 from server.dataplane import DataPlane
-from server.frontends.http import codec
+from server.frontends.http import body, codec
+from server.frontends.http.body import HttpLimits
+from server.peers import Peer
 
 DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
-MAX_JSON_BYTES: web.AppKey[int] = web.AppKey("max_json_bytes", int)
+LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
+PEER: web.AppKey[Callable[[web.Request], Peer | None]] = web.AppKey("peer")
+RESTRICTIONS: web.AppKey[restrict.Restrictions] = web.AppKey("restrictions", restrict.Restrictions)
+CATEGORY: dict[Callable[..., Any], str] = {}
+"""Route handler -> its restricted-API group (``server.restrict``)."""
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _JSON = "application/json"
@@ -117,8 +125,19 @@ async def _json_body(request: web.Request, what: str) -> dict[str, Any]:
     return obj
 
 
+def _peer(request: web.Request) -> Peer | None:
+    get = request.app.get(PEER)
+    return get(request) if get is not None else None
+
+
+def _trusted(request: web.Request) -> bool:
+    """The shared-memory group is restricted and this request passed the check (the
+    middleware refused it otherwise)."""
+    return "shared-memory" in request.app[RESTRICTIONS].rules
+
+
 async def system_shm_status(request: web.Request) -> web.Response:
-    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=False)
+    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=False, peer=_peer(request))
     return _json_response(
         [{"name": r.name, "key": r.key_given, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
     )
@@ -130,18 +149,23 @@ async def system_shm_register(request: web.Request) -> web.Response:
         if field not in body:
             raise InvalidInput(f"system shared memory registration needs '{field}'")
     request.app[DATAPLANE].shm.register_system(
-        request.match_info["region"], body["key"], body.get("offset", 0), body["byte_size"]
+        request.match_info["region"],
+        body["key"],
+        body.get("offset", 0),
+        body["byte_size"],
+        _peer(request),
+        trusted=_trusted(request),
     )
     return web.Response(status=200)
 
 
 async def system_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=False)
+    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=False, peer=_peer(request))
     return web.Response(status=200)
 
 
 async def cuda_shm_status(request: web.Request) -> web.Response:
-    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=True)
+    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=True, peer=_peer(request))
     return _json_response([{"name": r.name, "device_id": r.device_id, "byte_size": r.byte_size} for r in regions])
 
 
@@ -155,44 +179,62 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
     if not isinstance(b64, str):
         raise InvalidInput("'raw_handle' must be an object {\"b64\": <base64 cudaIpcMemHandle_t>}")
     await request.app[DATAPLANE].shm.register_cuda_checked(
-        request.match_info["region"], b64, body["device_id"], body["byte_size"]
+        request.match_info["region"],
+        b64,
+        body["device_id"],
+        body["byte_size"],
+        _peer(request),
+        trusted=_trusted(request),
     )
     return web.Response(status=200)
 
 
 async def cuda_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=True)
+    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=True, peer=_peer(request))
     return web.Response(status=200)
 
 
 async def infer(request: web.Request) -> web.StreamResponse:
     dp = request.app[DATAPLANE]
+    limits = request.app[LIMITS]
     model = request.match_info["model"]
     version = _version(request)
-    body = await _read_body(request)
-    header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-    if header_len is None and len(body) > request.app[MAX_JSON_BYTES]:
+    held = await body.read(request, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s, budget=limits.budget)
+    try:
+        return await _infer(request, dp, limits, model, version, held.data)
+    finally:
+        held.release()
+
+
+async def _infer(
+    request: web.Request, dp: DataPlane, limits: HttpLimits, model: str, version: int, data: bytes | bytearray
+) -> web.StreamResponse:
+    header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(data))
+    json_len = len(data) if header_len is None else header_len
+    if json_len > limits.max_json_bytes:
         raise InvalidInput(
-            f"the JSON request body of {len(body)} bytes exceeds the limit of "
-            f"{request.app[MAX_JSON_BYTES]} bytes (--http-max-input-size); use binary tensor data"
+            f"request JSON size of {json_len} bytes exceeds the maximum allowed input size of "
+            f"{limits.max_json_bytes} bytes. Use --http-max-input-size to increase the limit."
         )
     if header_len == 0:
-        name, datatype, shape = dp.raw_input(model, version, len(body))
-        req = codec.raw_request(body, model, version, name, datatype, shape)
+        name, datatype, shape = dp.raw_input(model, version, len(data))
+        req = codec.raw_request(data, model, version, name, datatype, shape)
     else:
-        req = codec.decode_request(body, header_len, model, version)
+        req = codec.decode_request(data, header_len, model, version)
+    if req.uses_shm:
+        req.peer = _peer(request)
     result = await dp.infer(req)
     try:
-        chunks, json_len = codec.encode_result(req, result)
+        chunks, out_json_len = codec.encode_result(req, result)
         payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
     finally:
         result.done()
     headers = {}
-    if json_len is None:
+    if out_json_len is None:
         content_type = _JSON
     else:
         content_type = "application/octet-stream"
-        headers[HEADER_LENGTH] = str(json_len)
+        headers[HEADER_LENGTH] = str(out_json_len)
     encoding = _response_encoding(request.headers.get("Accept-Encoding"))
     if encoding is not None:
         payload = _compress(payload, encoding)
@@ -200,13 +242,17 @@ async def infer(request: web.Request) -> web.StreamResponse:
     return web.Response(body=payload, headers=headers, content_type=content_type)
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """The request body; aiohttp inflates gzip/deflate bodies itself (bounded by
-    ``client_max_size``), so only the encoding name is checked here."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity", "gzip", "deflate"):
-        raise Unsupported(f"unsupported Content-Encoding '{encoding[:32]}'; use gzip, deflate or identity")
-    return await request.read()
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
+    limit = request.app[LIMITS].max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        resp = web.json_response({"error": body.too_large(length, limit).message}, status=413)
+        resp.force_close()
+        return resp
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
 
 
 def _response_encoding(accept: str | None) -> str | None:
@@ -250,31 +296,36 @@ async def admin_restart(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     v = "/versions/{version:[0-9]+}"
     r = app.router
-    r.add_get("/v2/health/live", health_live)
-    r.add_get("/v2/health/ready", health_ready)
-    r.add_get("/v2", server_metadata)
-    r.add_get("/v2/logging", logging_get)
-    r.add_post("/v2/logging", logging_post)
-    r.add_get("/v2/models/stats", model_stats)
-    r.add_post("/v2/repository/index", repository_index)
-    r.add_post("/v2/repository/models/{model}/load", repository_load)
-    r.add_post("/v2/repository/models/{model}/unload", repository_unload)
-    r.add_get("/v2/admin/workers", admin_workers)
-    r.add_post("/v2/admin/models/{model}/instances/{instance}/restart", admin_restart)
-    r.add_post("/v2/admin/models/{model}" + v + "/instances/{instance}/restart", admin_restart)
+
+    def add(method: str, path: str, handler: Callable[..., Any], category: str, **kw: Any) -> None:
+        r.add_route(method, path, handler, **kw)
+        CATEGORY[handler] = category
+
+    add("GET", "/v2/health/live", health_live, "health")
+    add("GET", "/v2/health/ready", health_ready, "health")
+    add("GET", "/v2", server_metadata, "metadata")
+    add("GET", "/v2/logging", logging_get, "logging")
+    add("POST", "/v2/logging", logging_post, "logging")
+    add("GET", "/v2/models/stats", model_stats, "statistics")
+    add("POST", "/v2/repository/index", repository_index, "model-repository")
+    add("POST", "/v2/repository/models/{model}/load", repository_load, "model-repository")
+    add("POST", "/v2/repository/models/{model}/unload", repository_unload, "model-repository")
+    add("GET", "/v2/admin/workers", admin_workers, "admin")
+    add("POST", "/v2/admin/models/{model}/instances/{instance}/restart", admin_restart, "admin")
+    add("POST", "/v2/admin/models/{model}" + v + "/instances/{instance}/restart", admin_restart, "admin")
     for kind, status, register, unregister in (
         ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
         ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
     ):
         base = f"/v2/{kind}"
-        r.add_get(base + "/status", status)
-        r.add_get(base + "/region/{region}/status", status)
-        r.add_post(base + "/region/{region}/register", register)
-        r.add_post(base + "/unregister", unregister)
-        r.add_post(base + "/region/{region}/unregister", unregister)
+        add("GET", base + "/status", status, "shared-memory")
+        add("GET", base + "/region/{region}/status", status, "shared-memory")
+        add("POST", base + "/region/{region}/register", register, "shared-memory")
+        add("POST", base + "/unregister", unregister, "shared-memory")
+        add("POST", base + "/region/{region}/unregister", unregister, "shared-memory")
     for prefix in ("/v2/models/{model}", "/v2/models/{model}" + v):
-        r.add_get(prefix, model_metadata)
-        r.add_get(prefix + "/ready", model_ready)
-        r.add_get(prefix + "/config", model_config)
-        r.add_get(prefix + "/stats", model_stats)
-        r.add_post(prefix + "/infer", infer)
+        add("GET", prefix, model_metadata, "metadata")
+        add("GET", prefix + "/ready", model_ready, "health")
+        add("GET", prefix + "/config", model_config, "model-config")
+        add("GET", prefix + "/stats", model_stats, "statistics")
+        add("POST", prefix + "/infer", infer, "inference", expect_handler=expect_continue)

@@ -1,0 +1,191 @@
+"""Reading an inference request body within limits.
+
+One limit, ``--http-max-body-size``, bounds a body as the server will hold it: the bytes on
+the wire for a plain body, the inflated bytes for a gzip/deflate one. A ``Content-Length``
+over it is answered 413 before a byte of the body is read (also instead of ``100 Continue``);
+a chunked body is cut off as soon as it passes the limit. A compressed body is inflated in
+a worker thread with the output bounded by the limit, so a small gzip bomb costs at most the
+limit and never stalls the event loop. A client that stops sending in the middle of its body
+gets 408 after ``--http-body-timeout-secs``. ``BodyBudget`` bounds the bytes of all bodies
+held at once (``--http-max-buffered-bytes``): past it, new requests get 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+
+_PIECE = 4 << 20
+"""Inflated bytes per step: the first step runs on the loop, later ones in a thread."""
+_ENCODINGS = ("identity", "gzip", "deflate")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What an HTTP request may cost (see ``server.config.ServerConfig``)."""
+
+    max_body_bytes: int
+    max_json_bytes: int
+    body_timeout_s: float
+    budget: BodyBudget
+
+
+class BodyError(ServingError):
+    """A body the server stops reading: answered with ``status`` (413, 408) and
+    ``Connection: close``."""
+
+    def __init__(self, message: str, *, status: int, code: ErrorCode) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+def too_large(nbytes: int | None, limit: int) -> BodyError:
+    size = f"of {nbytes} bytes " if nbytes is not None else ""
+    return BodyError(
+        f"request body {size}exceeds the maximum allowed size of {limit} bytes. "
+        "Use --http-max-body-size to increase the limit.",
+        status=413,
+        code=ErrorCode.RESOURCE_EXHAUSTED,
+    )
+
+
+class BodyBudget:
+    """Bytes of request bodies the server holds at once. Owned by the router's loop."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.held + nbytes > self.max_bytes:
+            raise ServingError(
+                f"the server is holding {self.held} bytes of request bodies and this one would pass its limit of "
+                f"{self.max_bytes} bytes (--http-max-buffered-bytes); retry later",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+                retryable=True,
+            )
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
+def encoding_of(request: web.Request) -> str:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+    if encoding not in _ENCODINGS:
+        raise Unsupported(f"unsupported Content-Encoding '{encoding[:32]}'; use gzip, deflate or identity")
+    return encoding
+
+
+def check_length(request: web.Request, limit: int) -> None:
+    """413 at once when the declared length is over the limit (no body byte read)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large(length, limit)
+
+
+class Held:
+    """A body read within the limits; ``release`` gives its bytes back to the budget."""
+
+    __slots__ = ("data", "_budget", "_counted")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.data: bytes | bytearray = bytearray()
+        self._budget = budget
+        self._counted = 0
+
+    def count(self, nbytes: int) -> None:
+        self._budget.take(nbytes)
+        self._counted += nbytes
+
+    def uncount(self, nbytes: int) -> None:
+        self._budget.give(nbytes)
+        self._counted -= nbytes
+
+    def release(self) -> None:
+        self.uncount(self._counted)
+        self.data = b""
+
+
+async def read(request: web.Request, *, limit: int, timeout_s: float, budget: BodyBudget) -> Held:
+    """The request body (inflated when compressed), at most ``limit`` bytes, counted in
+    ``budget`` until ``Held.release``. Raises 413, 408, 400 or 429 as ``ServingError``."""
+    encoding = encoding_of(request)
+    check_length(request, limit)
+    held = Held(budget)
+    try:
+        length = request.content_length
+        if length:
+            held.count(length)
+        raw = bytearray()
+        held.data = raw
+        stream = request.content
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    chunk = await stream.readany()
+            except TimeoutError:
+                raise BodyError(
+                    f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)",
+                    status=408,
+                    code=ErrorCode.DEADLINE_EXCEEDED,
+                ) from None
+            if not chunk:
+                break
+            if len(raw) + len(chunk) > limit:
+                raise too_large(None, limit)
+            if length is None:
+                held.count(len(chunk))
+            raw += chunk
+        if length is not None and len(raw) != length:
+            raise InvalidInput(f"the request body has {len(raw)} bytes, Content-Length says {length}")
+        if encoding != "identity":
+            compressed = len(raw)
+            held.data = await _inflate(raw, encoding, limit, held)
+            del raw
+            held.uncount(compressed)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+async def _inflate(data: bytearray, encoding: str, limit: int, held: Held) -> bytearray:
+    """Inflate a gzip or deflate body in pieces of at most ``_PIECE`` bytes, each counted in
+    the budget as it comes: the first on the loop, the rest in a worker thread (zlib releases
+    the GIL), so a bomb costs at most ``limit`` bytes and never stalls other clients."""
+    if encoding == "gzip":
+        wbits = 31
+    else:
+        # HTTP's "deflate" is zlib-wrapped (RFC 1950), but raw deflate is common too
+        wbits = 15 if data[:1] and data[0] & 0x0F == 8 else -15
+    inflater = zlib.decompressobj(wbits=wbits)
+    out = bytearray()
+    pending: bytes | bytearray = data
+    first = True
+    while True:
+        try:
+            if first:
+                piece = inflater.decompress(pending, _PIECE)
+            else:
+                piece = await asyncio.to_thread(inflater.decompress, pending, _PIECE)
+        except zlib.error as exc:
+            raise InvalidInput(f"failed to decompress the request body ({encoding}): {exc}") from None
+        first = False
+        pending = inflater.unconsumed_tail
+        if len(out) + len(piece) > limit:
+            raise too_large(None, limit)
+        held.count(len(piece))
+        out += piece
+        if inflater.eof:
+            break
+        if not pending and not piece:
+            raise InvalidInput(f"failed to decompress the request body ({encoding}): the compressed data is truncated")
+    if inflater.unused_data:
+        raise InvalidInput(f"failed to decompress the request body ({encoding}): data after the end of the stream")
+    return out

@@ -1,0 +1,79 @@
+"""Giving freed memory back to the system.
+
+A request of hundreds of MB passes through grpc's and aiohttp's buffers in many pieces
+allocated by several threads; once the request is gone, glibc keeps those freed pieces in
+its per-thread arenas, so the router's resident memory stays at its high-water mark
+although nothing references it. ``Trimmer`` watches the router's anonymous memory every
+``interval_s`` and, when it has grown by ``threshold_bytes`` since the last look, asks glibc
+to return free pages (``malloc_trim``) in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+
+log = logging.getLogger("shoal.memory")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def anonymous_bytes() -> int:
+    """Resident memory that is not file-backed or shared (``/proc/self/statm``)."""
+    with open("/proc/self/statm", "rb") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
+
+
+def _malloc_trim() -> object:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class Trimmer:
+    """Trims when anonymous memory is ``threshold_bytes`` above what it was after the last
+    trim, and at most every ``quiet_s`` while it stays that far above its level at start."""
+
+    def __init__(self, *, interval_s: float = 1.0, threshold_bytes: int = 64 << 20, quiet_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self.threshold_bytes = threshold_bytes
+        self.quiet_s = quiet_s
+        self._trim = _malloc_trim()
+        self._task: asyncio.Task[None] | None = None
+        self.trims = 0
+
+    def start(self) -> None:
+        if self._trim is not None:
+            self._task = asyncio.create_task(self._run(), name="malloc trim")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        floor = last = anonymous_bytes()
+        last_at = loop.time()
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                now = anonymous_bytes()
+            except OSError:
+                return
+            grew = now > last + self.threshold_bytes
+            high = now > floor + self.threshold_bytes and loop.time() - last_at >= self.quiet_s
+            if grew or high:
+                await asyncio.to_thread(self._trim, 0)  # type: ignore[arg-type]
+                self.trims += 1
+                last, last_at = anonymous_bytes(), loop.time()
+                log.debug("malloc_trim: %d MiB -> %d MiB", now >> 20, last >> 20)
+            else:
+                last = min(last, now)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,80 @@
+"""The router's share of the machine: descriptors, connections, memory, processes.
+
+Defaults that depend on the machine are computed here once at start-up, so that the
+configured bounds always fit inside what the process may actually use (a connection cap
+above the descriptor limit would let clients exhaust descriptors before the cap applies).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass
+
+from server.config import ServerConfig
+
+log = logging.getLogger("shoal")
+
+_RESERVED_FDS = 512
+"""Descriptors kept for everything but client connections (workers, shm, files)."""
+_MAX_AUTO_CONNECTIONS = 65536
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (as servers do); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return int(soft)
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The bounds the router applies (from the config, or computed)."""
+
+    http_max_connections: int
+    grpc_max_connections: int
+    http_max_buffered_bytes: int
+    max_worker_processes: int
+
+
+def budget(config: ServerConfig) -> Budget:
+    """Resolve the ``0 = automatic`` settings of ``config`` on this machine. Raises the
+    descriptor limit first."""
+    fds = raise_nofile_limit()
+    share = max(64, (fds - _RESERVED_FDS) * 2 // 5)
+    auto_conns = min(share, _MAX_AUTO_CONNECTIONS)
+    http = config.http_max_connections or auto_conns
+    grpc = config.grpc_max_connections or auto_conns
+    # the HTTP reserve for health checks is a sixteenth on top (frontends/http/connections)
+    needed = http + max(16, http // 16) + grpc + _RESERVED_FDS
+    if needed > fds:
+        log.warning(
+            "the descriptor limit (%d) is below what %d HTTP and %d gRPC connections need (%d); "
+            "raise it (ulimit -n, LimitNOFILE=) or lower --http-max-connections / --grpc-max-connections",
+            fds,
+            http,
+            grpc,
+            needed,
+        )
+    cpus = os.cpu_count() or 1
+    return Budget(
+        http_max_connections=http,
+        grpc_max_connections=grpc,
+        http_max_buffered_bytes=config.http_max_buffered_bytes or max(physical_memory_bytes() // 2, 1 << 30),
+        max_worker_processes=config.max_worker_processes or max(64, 16 * cpus),
+    )
