@@ -116,14 +116,14 @@ def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int, *, nam
         # every element needs its 4-byte length: refuse before allocating ``count`` slots
         # (a shape of [200000000] with no data must not cost 1.6 GB)
         raise InvalidInput(
-            f"expected {count} string elements for inference input '{name}', "
+            f"expected {count} string elements for BYTES tensor '{name}', "
             f"but its {end} bytes hold at most {end // 4}"
         )
     out = np.empty(count, dtype=np.object_)
     pos = 0
     for i in range(count):
         if pos + 4 > end:
-            raise InvalidInput(f"expected {count} string elements for inference input '{name}', got {i}")
+            raise InvalidInput(f"expected {count} string elements for BYTES tensor '{name}', got {i}")
         (n,) = _LEN.unpack_from(view, pos)
         pos += 4
         if pos + n > end:

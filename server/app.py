@@ -6,9 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from importlib import metadata
@@ -34,6 +32,7 @@ from server.logsettings import LogSettings
 from server.memory import Trimmer
 from server.metrics import CONTENT_TYPE, Metrics, Sampler
 from server.models import InstanceSettings, ModelManager
+from server.rundir import RunDir, reclaim_run_dirs
 from server.sharedmem import Region, SharedMemoryRegistry
 from shm import region
 from shm.arena import Arena
@@ -56,6 +55,7 @@ class App:
         self.config = config
         self.prefix = f"{region.SERVER_PREFIX}{os.getpid()}_{secrets.token_hex(3)}"
         self.run_dir = ""
+        self._run: RunDir | None = None
         self.http_port = 0
         self._runner: web.AppRunner | None = None
         self.arena: Arena | None = None
@@ -137,10 +137,14 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
+        self._run = RunDir.create(self.prefix)
+        self.run_dir = str(self._run.path)
         stale = region.reclaim_stale()
         if stale:
             log.warning("removed %d shared-memory segments left by a server that is gone", len(stale))
-        self.run_dir = tempfile.mkdtemp(prefix="shoal-")
+        old_dirs = reclaim_run_dirs()
+        if old_dirs:
+            log.warning("removed %d run directories left by a server that is gone", len(old_dirs))
         self.arena = Arena(f"{self.prefix}_in", segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes)
         self.channel = WorkerChannel(f"ipc://{self.run_dir}/workers.sock")
         self.channel.start()
@@ -288,9 +292,9 @@ class App:
         self.mapper.close()
         if self.arena is not None:
             self.arena.close()
-        region.unlink_prefix(self.prefix)
-        if self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        region.unlink_prefix(self.prefix + "_")
+        if self._run is not None:
+            self._run.close()
         log.info("server stopped")
 
 

@@ -220,9 +220,7 @@ class ModelManager:
         named on the command line) records it as UNAVAILABLE instead."""
         validate_model_name(name)
         if not record_missing and name not in self.sources and not (self.repository / name).is_dir():
-            raise ServingError(
-                f"failed to load '{name}', failed to poll from model repository", code=ErrorCode.NOT_FOUND
-            )
+            raise InvalidInput(f"failed to load '{name}', failed to poll from model repository")
         chain = _LOADING.get()
         if name in chain:
             raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
@@ -472,8 +470,9 @@ class ModelManager:
                 entry = {"name": name, "version": str(v), "state": mv.state.value}
                 reason = mv.reason
                 why = mv.unavailable() if mv.unavailable is not None and mv.state is ModelState.READY else ""
-                if not why and mv.state is ModelState.READY and mv.pool is not None and not mv.pool.ready_count:
-                    why = _no_instance(mv.pool.workers)
+                pool = mv.pool
+                if not why and mv.state is ModelState.READY and pool is not None and pool.workers and not pool.ready_count:
+                    why = _no_instance(pool.workers)
                 if why:
                     entry["state"], reason = ModelState.UNAVAILABLE.value, why
                 if mv.ready and src is not None and src.reload_error:

@@ -202,15 +202,15 @@ class SharedMemoryRegistry:
         obj = normalize_key(key)
         if self.key_prefixes and not obj.startswith(self.key_prefixes):
             log.info("register %r: key %r is not under an allowed prefix", name, obj)
-            raise _unusable(name)
+            raise _unusable()
         ident = _open_checked(obj, name)
         uid = peer.uid if peer is not None and self.access == "local" else None
         if uid not in (None, 0) and ident.uid != uid:
             log.info("register %r: key %r belongs to uid %d, not to the client's uid %d", name, obj, ident.uid, uid)
-            raise _unusable(name)
+            raise _unusable()
         if offset + byte_size > ident.size:
             log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, ident.size)
-            raise _unusable(name)
+            raise _unusable()
         region = Region(
             name=name,
             id=next(self._ids),
@@ -388,11 +388,11 @@ class SharedMemoryRegistry:
             self.release(r)
 
 
-def _unusable(name: str) -> InvalidInput:
+def _unusable() -> InvalidInput:
     """The one answer to a key that cannot be registered, whatever the reason (no existence
     or size oracle); the log says why."""
     return InvalidInput(
-        f"failed to register shared memory region '{name[:64]}': unable to use the shared memory key "
+        "failed to register shared memory region: unable to use the shared memory key "
         "(it does not exist, this client may not use it, or it is smaller than offset + byte_size)"
     )
 
@@ -404,7 +404,7 @@ def _open_checked(name: str, region: str) -> shm_client.Identity:
         fd, ident = shm_client.open_object(name)
     except OSError as exc:
         log.info("register %r: cannot open key %r: %s", region, name, exc.strerror or exc)
-        raise _unusable(region) from None
+        raise _unusable() from None
     os.close(fd)
     return ident
 

@@ -7,6 +7,7 @@ is an error at creation (``RESOURCE_EXHAUSTED``) rather than a ``SIGBUS`` on fir
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -25,6 +26,8 @@ SERVER_PREFIX = "shoal_"
 shared-memory registration API refuses keys with this prefix."""
 
 _OWNER_RE = re.compile(r"^shoal_(\d+)_")
+_RUN_RE = re.compile(r"^(shoal_\d+_[0-9a-f]+)(?:_|\.lock$)")
+LOCK_SUFFIX = ".lock"
 
 
 class Segment:
@@ -118,34 +121,83 @@ def unlink_prefix(prefix: str) -> list[str]:
     return removed
 
 
+class OwnerLock:
+    """An exclusive ``flock`` the live server holds for its whole life on a file named after
+    its run. Another server tells a live run from a dead one by trying that lock: it works
+    across PID namespaces (two containers sharing /dev/shm with ``--ipc=host``, where the
+    other's pid means nothing), and a zombie or killed router no longer holds it."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, path: str) -> OwnerLock:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock; idempotent."""
+        if self._fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = -1
+
+
+def is_held(path: str) -> bool | None:
+    """Whether a live process holds the lock at ``path``; ``None`` when there is no lock file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # not ours to judge (permissions): leave it alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def lock_name(run_prefix: str) -> str:
+    """The /dev/shm name of a run's owner lock."""
+    return run_prefix + LOCK_SUFFIX
+
+
 def reclaim_stale() -> list[str]:
     """Unlink segments left by Shoal servers that are no longer running.
 
-    Names carry the creating server's pid (``shoal_<pid>_...``); a segment whose pid is not
-    alive is stale. Returns the names removed.
+    Segments are named ``shoal_<pid>_<token>_...``; the run's owner lock
+    (``shoal_<pid>_<token>.lock``) tells whether the server that made them is alive. A run
+    whose lock is free or missing is gone. Returns the names removed.
     """
     removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return removed
+    runs: dict[str, list[str]] = {}
     for name in names:
-        m = _OWNER_RE.match(name)
-        if m is None:
+        m = _RUN_RE.match(name)
+        if m is not None:
+            runs.setdefault(m.group(1), []).append(name)
+    for run, members in runs.items():
+        if is_held(str(SHM_DIR / lock_name(run))):
             continue
-        pid = int(m.group(1))
-        if pid == os.getpid() or _alive(pid):
-            continue
-        unlink(name)
-        removed.append(name)
+        for name in sorted(members, key=lambda n: n.endswith(LOCK_SUFFIX)):  # the lock last
+            unlink(name)
+            removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from proto import dtypes, wire
-from proto.errors import ServingError, from_exception
+from proto.errors import ErrorCode, ServingError, from_exception
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
 from shm.arena import Arena
@@ -45,6 +45,10 @@ def _apply_priority(priority: int) -> None:
 
 
 HEARTBEAT_SUFFIX = b"/hb"
+_LOG_PER_S = 5
+_CLIENT_ERRORS = frozenset(
+    {ErrorCode.INVALID_ARGUMENT, ErrorCode.NOT_FOUND, ErrorCode.FAILED_PRECONDITION, ErrorCode.PERMISSION_DENIED}
+)
 
 
 class Heartbeat(threading.Thread):
@@ -103,6 +107,9 @@ class WorkerRuntime:
         self.batching = False
         self.busy = False
         """Executing a batch (a SIGTERM then waits for its answer)."""
+        self._log_window = 0.0
+        self._log_count = 0
+        self._log_dropped = 0
         self.stop_requested = False
 
     def on_sigterm(self) -> None:
@@ -247,13 +254,28 @@ class WorkerRuntime:
             done.compute_output_ns = t3 - t2
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
             err = from_exception(exc)
-            log.error("%s: batch failed: %s", self.spec.instance_name if self.spec else "?", err.message)
+            self._log_failure(err)
             for res in done.results:
                 self._free_result(res)
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)
         self.sock.send_multipart([reply.SerializeToString(), *out_frames], copy=False)
+
+    def _log_failure(self, err: ServingError) -> None:
+        """A request's own fault (bad data) is logged at verbose level only; a backend's at
+        ERROR; either at most ``_LOG_PER_S`` lines a second."""
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_dropped:
+                log.warning("%d failed batches were not logged", self._log_dropped)
+            self._log_window, self._log_count, self._log_dropped = now, 0, 0
+        self._log_count += 1
+        if self._log_count > _LOG_PER_S:
+            self._log_dropped += 1
+            return
+        level = logging.DEBUG if err.code in _CLIENT_ERRORS else logging.ERROR
+        log.log(level, "%s: batch failed: %s", self.spec.instance_name if self.spec else "?", err.message)
 
     def _write_outputs(
         self,

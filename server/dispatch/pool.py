@@ -82,7 +82,10 @@ class InstancePool:
         except BaseException:
             self._free(blocks, regions, leases)
             raise
-        reply, frames = await fut
+        try:
+            reply, frames = await fut
+        finally:
+            del fut  # a future that failed holds the error, whose traceback holds this frame
         return self._decode(batch, worker, reply, frames)
 
     def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:

@@ -80,6 +80,8 @@ class DynamicBatcher(SchedulerBase):
         finally:
             self._admission.leave()
             self.stats.request_done(ok, self.clock() - start, self._queue_ns.pop(id(item), 0))
+            # a future that failed holds the error, whose traceback holds this frame
+            del fut, item
 
     async def _loop(self) -> None:
         queue = self.queue
@@ -121,7 +123,7 @@ class DynamicBatcher(SchedulerBase):
             try:
                 results: list[InferResult | ServingError] = await self.pool.run(requests)
             except ServingError as exc:
-                results = [exc] * len(requests)
+                results = [exc.with_traceback(None)] * len(requests)  # shared: holds no frame
             except Exception as exc:  # noqa: BLE001 - a bug must not strand the requests
                 results = [ServingError(f"batch failed: {exc!r}")] * len(requests)
         finally:

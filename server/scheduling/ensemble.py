@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
+from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied, detach
 from server.ensemble import EnsemblePlan, StepPlan
 from server.scheduling.base import SchedulerBase
 from server.stats import ModelStats
@@ -118,7 +118,13 @@ class EnsembleScheduler(SchedulerBase):
                     self._finished(step, run)
                     exc = task.exception()
                     if exc is not None:
-                        raise _in_step(plan.name, step, exc)
+                        err = _in_step(plan.name, step, exc)
+                        detach(exc)  # its traceback holds the step's frames (and their request)
+                        del exc
+                        try:
+                            raise err
+                        finally:
+                            del err  # no cycle through this frame's local
                     self._collect(step, task.result(), run, out_shm)
             return self._result(request, run, wanted)
         except BaseException:

@@ -235,7 +235,10 @@ class SequenceBatcher(SchedulerBase):
                 if end:
                     self._release(seq)
             if isinstance(result, ServingError):
-                raise result
+                try:
+                    raise result
+                finally:
+                    del result  # the error's traceback holds this frame: no cycle through the local
             ok = True
             return result
         finally:
@@ -267,7 +270,10 @@ class SequenceBatcher(SchedulerBase):
         if not q.running:
             q.running = True
             asyncio.ensure_future(self._run_queue(worker, q))
-        return await fut
+        try:
+            return await fut
+        finally:
+            del fut
 
     async def _run_queue(self, worker: Worker, q: _InstanceQueue) -> None:
         try:
@@ -280,6 +286,7 @@ class SequenceBatcher(SchedulerBase):
                     results = await self.pool.run([r for r, _ in rows], worker=worker)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the batch's error
                     err = exc if isinstance(exc, ServingError) else ServingError(f"batch failed: {exc!r}")
+                    err = err.with_traceback(None)  # shared by every waiter: holds no frame
                     for _, fut in rows:
                         if fut is not None and not fut.done():
                             fut.set_exception(err)

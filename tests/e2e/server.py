@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +27,19 @@ _METRICS_PORT_RE = re.compile(r"Metrics listening on \S+:(\d+)")
 class ServerProcess:
     """``python -m server serve`` as a child process; its log is kept in ``self.log``."""
 
-    def __init__(self, repository: Path | str, *extra: str) -> None:
+    def __init__(
+        self,
+        repository: Path | str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        rlimits: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
+        """``env``: extra environment; ``rlimits``: resource limits of the server process
+        (and so of its workers), e.g. ``{resource.RLIMIT_AS: (4 << 30, 4 << 30)}``."""
         self.repository = repository
         self.extra = extra
+        self.env = env or {}
+        self.rlimits = rlimits or {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.grpc_port = 0
@@ -69,9 +80,23 @@ class ServerProcess:
             *self.extra,
         ]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path}
+        env = {**os.environ, "PYTHONPATH": path, **self.env}
+        limits = dict(self.rlimits)
+
+        def apply_limits() -> None:
+            import resource
+
+            for which, value in limits.items():
+                resource.setrlimit(which, value)
+
         self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
+            cmd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=apply_limits if limits else None,
         )
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
@@ -146,12 +171,18 @@ class ServerProcess:
             self.proc.stderr.close()
 
     def kill(self) -> None:
+        """SIGKILL, then remove what the server could not (its shared memory, its owner lock
+        and run directory), as the next server's start-up would."""
         self.close_clients()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
         if self.proc is not None:
             self._close_pipe()
+            for name in self.segments():
+                Path("/dev/shm", name).unlink(missing_ok=True)
+            for run in Path(tempfile.gettempdir()).glob(f"shoal_{self.proc.pid}_*"):
+                shutil.rmtree(run, ignore_errors=True)
 
     def segments(self) -> list[str]:
         assert self.proc is not None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,14 +78,6 @@ def _create_raw(name: str, nbytes: int = 256) -> None:
 
 def _exists(name: str) -> bool:
     return (SHM / name).exists()
-
-
-def _dead_pid() -> int:
-    # pid_max itself is never handed out; walk down in case of an odd setup.
-    pid = int(Path("/proc/sys/kernel/pid_max").read_text())
-    while region._alive(pid):
-        pid -= 1
-    return pid
 
 
 # ---- allocation ----------------------------------------------------------------------------
@@ -456,24 +451,58 @@ def test_unlink_prefix(shm_guard: ShmGuard) -> None:
     assert region.unlink_prefix(p) == [f"{p}_b_0"]
 
 
-def test_reclaim_stale(shm_guard: ShmGuard) -> None:
+_HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_reclaim_stale_follows_owner_locks(shm_guard: ShmGuard) -> None:
+    """A run whose owner lock is held survives, whatever its pid says (another PID
+    namespace); a run whose lock is free (its router was killed, or is a zombie) or missing
+    is removed, lock included; names that are not Shoal's are left alone."""
     tag = secrets.token_hex(4)
-    dead = shm_guard.track(f"shoal_{_dead_pid()}_x{tag}_0")
-    live = shm_guard.track(f"shoal_{os.getppid()}_x{tag}_0")
-    init = shm_guard.track(f"shoal_1_x{tag}_0")
-    mine = f"{shm_guard.prefix}_0"
-    not_ours = shm_guard.track(f"shoalx_{_dead_pid()}_x{tag}_0")
-    for name in (dead, live, init, mine, not_ours):
-        _create_raw(name)
+    runs = {kind: f"shoal_{999_000 + i}_{tag}" for i, kind in enumerate(("live", "dead", "nolock", "zombie"))}
+    for kind, run in runs.items():
+        _create_raw(shm_guard.track(f"{run}_in_0"))
+        if kind != "nolock":
+            shm_guard.track(region.lock_name(run))
+    lock = str(SHM / region.lock_name(runs["dead"]))
+    Path(lock).write_bytes(b"")  # a lock file nobody holds
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(SHM / region.lock_name(runs["live"]))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    zombie = subprocess.Popen([sys.executable, "-c", _HOLD, str(SHM / region.lock_name(runs["zombie"]))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    not_ours = shm_guard.track(f"shoalx_1_{tag}_0")
+    _create_raw(not_ours)
     try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert zombie.stdout is not None and zombie.stdout.readline() == "locked\n"
+        assert zombie.stdin is not None
+        zombie.stdin.close()  # it exits; not waited for yet, so it stays a zombie
+        while Path(f"/proc/{zombie.pid}/status").read_text().find("State:\tZ") < 0:
+            time.sleep(0.01)
         removed = region.reclaim_stale()
-        assert dead in removed
-        assert not _exists(dead)
-        for kept in (live, init, mine, not_ours):
-            assert kept not in removed
-            assert _exists(kept)
+        for kind in ("dead", "nolock", "zombie"):
+            assert f"{runs[kind]}_in_0" in removed and not _exists(f"{runs[kind]}_in_0"), kind
+        assert not _exists(region.lock_name(runs["dead"])) and not _exists(region.lock_name(runs["zombie"]))
+        assert _exists(f"{runs['live']}_in_0") and _exists(region.lock_name(runs["live"]))
+        assert _exists(not_ours) and not_ours not in removed
     finally:
-        for name in (live, init, mine, not_ours):
+        for proc in (holder, zombie):
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
+            proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
+        for name in list(shm_guard.extra):
             region.unlink(name)
 
 

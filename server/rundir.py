@@ -1,0 +1,102 @@
+"""The run directory: a private folder in the temp directory holding the workers' ZeroMQ
+socket, and the owner locks that tell a live run from a dead one.
+
+A run is named ``shoal_<pid>_<token>``. While the router lives it holds two exclusive
+locks (``shm.region.OwnerLock``): ``/dev/shm/<run>.lock`` for its shared-memory segments
+and ``<tmp>/<run>/lock`` for this folder (two, because containers may share one and not the
+other). At start, segments and folders of runs whose lock is free are removed: those of a
+router that was killed, or is a zombie, but never those of a live server in another PID
+namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from shm.region import SHM_DIR, OwnerLock, is_held, lock_name
+
+log = logging.getLogger("shoal")
+
+_RUN_DIR_RE = re.compile(r"^shoal_\d+_[0-9a-f]+$")
+_OLD_RUN_DIR_RE = re.compile(r"^shoal-[A-Za-z0-9_]{8}$")
+"""``tempfile.mkdtemp(prefix="shoal-")`` folders of Shoal before owner locks."""
+_OLD_GRACE_S = 60.0
+
+
+class RunDir:
+    """Owned by the router: created at start, removed (locks released) at stop."""
+
+    def __init__(self, run: str, path: Path, locks: list[OwnerLock]) -> None:
+        self.run = run
+        self.path = path
+        self._locks = locks
+
+    @classmethod
+    def create(cls, run: str) -> RunDir:
+        """Take the run's locks and make its folder; raises ``OSError``."""
+        shm_lock = OwnerLock.acquire(str(SHM_DIR / lock_name(run)))
+        try:
+            path = Path(tempfile.gettempdir()) / run
+            path.mkdir(mode=0o700)
+            dir_lock = OwnerLock.acquire(str(path / "lock"))
+        except BaseException:
+            shm_lock.release()
+            raise
+        return cls(run, path, [shm_lock, dir_lock])
+
+    def close(self) -> None:
+        """Remove the folder, then release the locks (the /dev/shm one last, after the
+        caller has unlinked the run's segments)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        for lock in reversed(self._locks):
+            lock.release()
+
+
+def reclaim_run_dirs() -> list[str]:
+    """Remove run folders of Shoal servers that are gone; returns their paths."""
+    removed: list[str] = []
+    tmp = Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        if _RUN_DIR_RE.match(entry.name):
+            stale = not is_held(os.path.join(entry.path, "lock"))
+        elif _OLD_RUN_DIR_RE.match(entry.name):
+            stale = _old_run_gone(Path(entry.path))
+        else:
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _old_run_gone(path: Path) -> bool:
+    """A pre-lock run folder is stale when nothing listens on its socket any more."""
+    sock_path = path / "workers.sock"
+    if not sock_path.exists():
+        try:
+            return time.time() - path.stat().st_mtime > _OLD_GRACE_S
+        except OSError:
+            return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock_path))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False

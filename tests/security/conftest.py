@@ -1,0 +1,155 @@
+"""The server as an attacker meets it: each test sends one attack while a good client keeps
+using the server, then checks the answer, the good client's service, and memory.
+
+Servers here run under an address-space limit (``RLIMIT_AS``, also on their workers), so an
+attack that would exhaust memory fails in the server instead of the machine."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.server import ServerProcess, make_repository
+
+MEMORY_LIMIT = 6 << 30
+"""Address space of every server process here (virtual: the router maps ~1 GB at rest)."""
+MODELS = ("add_sub", "identity_fp32", "strings", "slow", "crashy", "batcher")
+ADD_SUB = json.dumps(
+    {
+        "inputs": [
+            {"name": "INPUT0", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]},
+            {"name": "INPUT1", "datatype": "FP32", "shape": [4], "data": [1, 1, 1, 1]},
+        ]
+    }
+).encode()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/security/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+def limited(repo: Path, *extra: str, **kw: Any) -> ServerProcess:
+    """A server under ``MEMORY_LIMIT`` (not started)."""
+    rlimits = {resource.RLIMIT_AS: (MEMORY_LIMIT, MEMORY_LIMIT), **kw.pop("rlimits", {})}
+    return ServerProcess(repo, *extra, rlimits=rlimits, **kw)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repository(tmp_path_factory.mktemp("repo"), *MODELS)
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerProcess]:
+    """One limited server per module, with small limits so attacks stay cheap:
+    64 MiB bodies, a 3 s body timeout."""
+    srv = limited(
+        repo,
+        "--http-max-body-size",
+        str(64 << 20),
+        "--http-body-timeout-secs",
+        "3",
+        "--log-verbose",
+        "1",
+    ).start()
+    yield srv
+    rc = srv.terminate()
+    assert rc == 0, srv.log
+    assert not srv.segments()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for srv in started:
+        srv.kill()
+
+
+def status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem and VmHWM of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def wait_for(predicate: Any, timeout_s: float = 30.0, step_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step_s)
+    raise AssertionError("condition not reached in time")
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> tuple[int, dict[str, Any]]:
+    """One HTTP request on a fresh connection; the status and the JSON body ({} if none)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    return resp.status, (json.loads(data) if data else {})
+
+
+class GoodClient:
+    """Keeps sending add_sub over HTTP (a fresh connection each time, as a new client
+    would) while an attack runs; records failures and the slowest answer."""
+
+    def __init__(self, port: int, *, interval_s: float = 0.05) -> None:
+        self.port = port
+        self.interval_s = interval_s
+        self.failures: list[str] = []
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GoodClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                code, body = request(self.port, "POST", "/v2/models/add_sub/infer", ADD_SUB, timeout_s=20)
+                if code != 200 or body["outputs"][0]["data"] != [2.0, 3.0, 4.0, 5.0]:
+                    self.failures.append(f"{code} {body}")
+            except Exception as exc:  # noqa: BLE001 - recorded
+                self.failures.append(repr(exc))
+            self.latencies.append(time.monotonic() - t0)
+            self._stop.wait(self.interval_s)
+
+    def check(self, max_latency_s: float = 2.0) -> None:
+        """Served throughout, every answer within ``max_latency_s``."""
+        assert self.latencies, "the good client never ran"
+        assert not self.failures, self.failures[:5]
+        assert max(self.latencies) < max_latency_s, f"slowest good request {max(self.latencies):.2f} s"
