@@ -112,6 +112,8 @@ def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int, *, nam
     """
     view = memoryview(buffer).cast("B")
     end = len(view)
+    if count < 0:
+        raise InvalidInput(f"BYTES tensor '{name}' has a negative element count")
     if count > end // 4:
         # every element needs its 4-byte length: refuse before allocating ``count`` slots
         # (a shape of [200000000] with no data must not cost 1.6 GB)

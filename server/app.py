@@ -41,6 +41,7 @@ from shm.mapper import Mapper
 log = logging.getLogger("shoal")
 PROBE_TIMEOUT_S = 30.0
 STREAM_GRACE_S = 1.0
+METRICS_MAX_CONNECTIONS = 64
 
 
 def server_version() -> str:
@@ -112,10 +113,13 @@ class App:
 
         app = web.Application()
         app.router.add_get("/metrics", scrape)
-        self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._metrics_runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=cfg.http_keepalive_timeout_s
+        )
         await self._metrics_runner.setup()
         sock = _listen(cfg.host, cfg.metrics_port)
-        await web.SockSite(self._metrics_runner, sock).start()
+        # scrapers are few: a small bound keeps the port from costing descriptors
+        await GuardedSite(self._metrics_runner, sock, ConnectionGuard(METRICS_MAX_CONNECTIONS), backlog=128).start()
         metrics.start()
         log.info("Metrics listening on %s:%d", cfg.host, sock.getsockname()[1])
 
@@ -170,6 +174,7 @@ class App:
             # a server-side deadline makes a batch unanswered for twice as long a stuck backend
             stall_timeout_s=2 * cfg.request_timeout_s,
             max_workers=limits.max_worker_processes,
+            python=cfg.worker_python,
         )
         repository = cfg.model_repository
         if cfg.model_repository_url:

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from proto.errors import InvalidInput, ServingError
+from proto.errors import ErrorCode, InvalidInput, ServingError
 from proto.gen import model_config_pb2 as mc
 from proto.gen import worker_pb2 as wpb
 from server.repository import available_versions, backend_of, parse_config
@@ -32,7 +32,7 @@ def needs_completion(config: mc.ModelConfig, version_dir: Path) -> bool:
 
 
 async def complete(
-    repository: Path, name: str, override: mc.ModelConfig | None, timeout_s: float
+    repository: Path, name: str, override: mc.ModelConfig | None, timeout_s: float, python: str = ""
 ) -> mc.ModelConfig | None:
     """The completed configuration of ``name`` (``override`` or its config.pbtxt), or
     ``override`` unchanged when nothing needs completing or the config is unreadable (the
@@ -59,10 +59,16 @@ async def complete(
         model_version=versions[-1],
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "workers.autocomplete",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            python or sys.executable, "-m", "workers.autocomplete",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+    except OSError as exc:
+        raise ServingError(
+            f"model '{name}': cannot start the auto-complete process: {exc.strerror or exc}",
+            code=ErrorCode.UNAVAILABLE,
+        ) from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(load.SerializeToString()), timeout_s)
     except TimeoutError:

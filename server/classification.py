@@ -46,7 +46,8 @@ def classify(request: InferRequest, result: InferResult, labels: dict[str, list[
         if dt.numpy is None or dt.protocol in ("BYTES", "BOOL"):
             raise InvalidInput(f"output '{t.name}': classification needs a numeric output, not {t.datatype}")
         values = np.frombuffer(t.data, dtype=dt.numpy, count=dtypes.element_count(t.shape))
-        rows = values.reshape(t.shape[0], -1) if batching and t.shape else values.reshape(1, -1)
+        batch = t.shape[0] if batching and t.shape else 1
+        rows = values.reshape(batch, -1) if batch else values.reshape(0, 0)
         k = min(n, rows.shape[1])
         names = labels.get(t.name, [])
         kind = "f" if dt.numpy.kind == "f" else "i"

@@ -88,6 +88,9 @@ class ServerConfig:
     killed and replaced; 0: never."""
     request_timeout_s: float = 0.0
     """Deadline of every request (0: none); the ``timeout`` request parameter may shorten it."""
+    worker_python: str = ""
+    """The Python interpreter that runs workers (empty: the router's own). It needs Shoal's
+    dependencies and the models' runtimes; the router needs neither runtime."""
     shm_arena_bytes: int = 64 << 20
     """Size of each segment of the router's input arena."""
     shm_arena_max_bytes: int = 1 << 30
@@ -268,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-heartbeat-timeout-secs", default=30.0, help="kill and replace a silent worker after this (0: off)"
     )
     s.add_argument("--request-timeout-secs", default=0.0, help="deadline of every request (0: none)")
+    s.add_argument("--worker-python", default="", help="Python interpreter that runs workers (default: this one)")
     s.add_argument("--shm-arena-bytes", default=64 << 20)
     s.add_argument("--shm-arena-max-bytes", default=1 << 30)
     s.add_argument("--worker-arena-bytes", default=16 << 20)
@@ -430,6 +434,7 @@ def parse(argv: list[str]) -> ServerConfig:
         max_worker_processes=args.max_worker_processes,
         worker_heartbeat_timeout_s=args.worker_heartbeat_timeout_secs,
         request_timeout_s=args.request_timeout_secs,
+        worker_python=args.worker_python,
         grpc=GrpcOptions(
             keepalive_time_ms=args.grpc_keepalive_time,
             keepalive_timeout_ms=args.grpc_keepalive_timeout,

@@ -149,6 +149,8 @@ class InstanceSettings:
     stall_timeout_s: float = 0.0
     max_workers: int = 1024
     """Worker processes the server runs at most (``--max-worker-processes``)."""
+    python: str = ""
+    """The interpreter that runs workers (``--worker-python``; empty: the router's)."""
 
 
 class ModelManager:
@@ -237,7 +239,7 @@ class ModelManager:
             try:
                 if self.auto_complete:
                     override = await autocomplete.complete(
-                        self.repository, name, override, self.settings.load_timeout_s
+                        self.repository, name, override, self.settings.load_timeout_s, self.settings.python
                     )
                 src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
                 if not src.error and ensemble.is_ensemble(src.config):
@@ -471,7 +473,8 @@ class ModelManager:
                 reason = mv.reason
                 why = mv.unavailable() if mv.unavailable is not None and mv.state is ModelState.READY else ""
                 pool = mv.pool
-                if not why and mv.state is ModelState.READY and pool is not None and pool.workers and not pool.ready_count:
+                serving = mv.state is ModelState.READY and pool is not None and pool.workers
+                if not why and serving and pool is not None and not pool.ready_count:
                     why = _no_instance(pool.workers)
                 if why:
                     entry["state"], reason = ModelState.UNAVAILABLE.value, why
@@ -597,6 +600,7 @@ class ModelManager:
                     env=env,
                     heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
                     stall_timeout_s=self.settings.stall_timeout_s,
+                    python=self.settings.python,
                 )
                 prefix = f"{self.settings.run_prefix}_w{self._instance_counter}"
                 workers.append(Worker(spec, channel=self.channel, arena_prefix=prefix, on_exit=self._on_worker_exit))

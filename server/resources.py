@@ -16,8 +16,12 @@ from server.config import ServerConfig
 
 log = logging.getLogger("shoal")
 
-_RESERVED_FDS = 512
-"""Descriptors kept for everything but client connections (workers, shm, files)."""
+_RESERVED_FDS = 128
+"""Descriptors kept for the router itself (sockets, files, metrics scrapes)."""
+_FDS_PER_WORKER = 4
+"""Descriptors the router spends on each worker (its two ZeroMQ connections, process
+handling). libzmq aborts the whole process when it cannot accept a worker's connection for
+want of a descriptor, so these are never left to client connections."""
 _MAX_AUTO_CONNECTIONS = 65536
 
 
@@ -53,28 +57,41 @@ class Budget:
 
 
 def budget(config: ServerConfig) -> Budget:
-    """Resolve the ``0 = automatic`` settings of ``config`` on this machine. Raises the
-    descriptor limit first."""
+    """Resolve the ``0 = automatic`` settings of ``config`` on this machine, so that workers,
+    then client connections, fit in the descriptor limit (raised to its hard limit first)."""
     fds = raise_nofile_limit()
-    share = max(64, (fds - _RESERVED_FDS) * 2 // 5)
+    cpus = os.cpu_count() or 1
+    workers = config.max_worker_processes or max(64, 16 * cpus)
+    fit = max(1, (fds - _RESERVED_FDS) // (2 * _FDS_PER_WORKER))
+    if workers > fit:
+        if config.max_worker_processes:
+            log.warning(
+                "--max-worker-processes %d does not fit the descriptor limit (%d); raise it (ulimit -n, LimitNOFILE=)",
+                workers,
+                fds,
+            )
+        else:
+            workers = fit
+    left = fds - _RESERVED_FDS - workers * _FDS_PER_WORKER
+    share = max(16, left * 2 // 5)
     auto_conns = min(share, _MAX_AUTO_CONNECTIONS)
     http = config.http_max_connections or auto_conns
     grpc = config.grpc_max_connections or auto_conns
     # the HTTP reserve for health checks is a sixteenth on top (frontends/http/connections)
-    needed = http + max(16, http // 16) + grpc + _RESERVED_FDS
+    needed = http + max(16, http // 16) + grpc + _RESERVED_FDS + workers * _FDS_PER_WORKER
     if needed > fds:
         log.warning(
-            "the descriptor limit (%d) is below what %d HTTP and %d gRPC connections need (%d); "
+            "the descriptor limit (%d) is below what %d HTTP and %d gRPC connections and %d workers need (%d); "
             "raise it (ulimit -n, LimitNOFILE=) or lower --http-max-connections / --grpc-max-connections",
             fds,
             http,
             grpc,
+            workers,
             needed,
         )
-    cpus = os.cpu_count() or 1
     return Budget(
         http_max_connections=http,
         grpc_max_connections=grpc,
         http_max_buffered_bytes=config.http_max_buffered_bytes or max(physical_memory_bytes() // 2, 1 << 30),
-        max_worker_processes=config.max_worker_processes or max(64, 16 * cpus),
+        max_worker_processes=workers,
     )

@@ -13,6 +13,19 @@ if TYPE_CHECKING:
     from server.models import ModelVersion, TensorSpec
 
 
+_MAX_VERSION_DIGITS = 18
+
+
+def version_number(text: str) -> int:
+    """A model version as clients write it ("" or "-1": the version policy chooses, -1);
+    raises ``InvalidInput`` for anything but up to 18 ASCII digits."""
+    if not text:
+        return -1
+    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_VERSION_DIGITS):
+        raise InvalidInput(f"model version '{text[:32]}' is not a number")
+    return int(text)
+
+
 def validate(mv: ModelVersion, request: InferRequest) -> None:
     """Check names, datatypes, shapes and byte sizes against the configuration; errors name
     the tensor. Applies ``reshape`` so workers see the shapes the model expects."""

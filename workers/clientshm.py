@@ -20,8 +20,10 @@ descriptor or mapping is then closed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import resource
 from collections import OrderedDict
 from typing import Any
 
@@ -34,7 +36,8 @@ from shm import client as shm_client
 log = logging.getLogger("shoal.worker.shm")
 
 MAX_OPEN = 256
-"""Descriptors of client system regions a worker keeps open."""
+"""Descriptors of client system regions a worker keeps open (at most a quarter of its
+descriptor limit)."""
 _TRUNCATED = "the shared memory region is now smaller than when it was registered"
 
 
@@ -65,8 +68,8 @@ class _CudaRegion:
 
 
 class ClientRegions:
-    def __init__(self, max_open: int = MAX_OPEN) -> None:
-        self.max_open = max_open
+    def __init__(self, max_open: int = 0) -> None:
+        self.max_open = max_open or min(MAX_OPEN, max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
         self._system: OrderedDict[int, _SystemRegion] = OrderedDict()
         self._cuda: dict[int, _CudaRegion] = {}
         self.gpu_order: list[int] = []
@@ -92,6 +95,12 @@ class ClientRegions:
             fd, ident = shm_client.open_object(c.key)
         except OSError as exc:
             log.debug("cannot open client shm key %r: %s", c.key, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise ServingError(
+                    "the instance has no descriptor left to open the shared memory region; retry later",
+                    code=ErrorCode.RESOURCE_EXHAUSTED,
+                    retryable=True,
+                ) from None
             raise ServingError(
                 "unable to open the shared memory region: its key no longer exists", code=ErrorCode.NOT_FOUND
             ) from None

@@ -69,6 +69,8 @@ class WorkerSpec:
     stall_timeout_s: float = 0.0
     """A batch unanswered for this long means the backend is stuck (e.g. in C with the GIL
     released): the process is killed and replaced. 0: never."""
+    python: str = ""
+    """The interpreter that runs the worker (empty: the router's)."""
 
 
 Reply = tuple[wpb.Envelope, list[bytes]]
@@ -269,7 +271,7 @@ class Worker:
         beat_ms = _beat_interval_ms(self.spec.heartbeat_timeout_s)
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "workers",
+                self.spec.python or sys.executable, "-m", "workers",
                 "--endpoint", self.channel.endpoint,
                 "--identity", self.identity.decode(),
                 "--parent-pid", str(os.getpid()),
@@ -293,8 +295,14 @@ class Worker:
         stall = self.spec.stall_timeout_s
         step = min(t for t in (beat_timeout / 4, stall / 4, 1.0) if t > 0)
         while proc.returncode is None:
+            expected = self._loop.time() + step
             await asyncio.sleep(step)
             now = self._loop.time()
+            if now - expected > step:
+                # the router's own loop was held up: heartbeats may be waiting unread in the
+                # channel; judge on the next round, not on stale times
+                self.last_beat = max(self.last_beat, now - step)
+                continue
             why = ""
             if beat_timeout and now - self.last_beat > beat_timeout:
                 why = f"stopped answering (no heartbeat for {now - self.last_beat:.0f} s)"

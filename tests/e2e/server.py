@@ -50,6 +50,11 @@ class ServerProcess:
         self._clients: list[httpclient.InferenceServerClient] = []
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 

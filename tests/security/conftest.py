@@ -51,21 +51,28 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerProcess]:
-    """One limited server per module, with small limits so attacks stay cheap:
-    64 MiB bodies, a 3 s body timeout."""
+    """One limited server per module, with small limits so attacks stay cheap (64 MiB
+    bodies, a 3 s body timeout, workers' outputs up to 16 MiB, 32 unread responses per
+    gRPC stream). Its garbage collector never runs (``SHOAL_GC_CHECK``): at the end no frame
+    of router code may be left in a reference cycle by anything the module sent."""
     srv = limited(
         repo,
         "--http-max-body-size",
         str(64 << 20),
         "--http-body-timeout-secs",
         "3",
-        "--log-verbose",
-        "1",
+        "--worker-arena-bytes",
+        str(1 << 20),
+        "--grpc-stream-max-pending",
+        "32",
+        env={"SHOAL_GC_CHECK": "1"},
     ).start()
     yield srv
     rc = srv.terminate()
     assert rc == 0, srv.log
     assert not srv.segments()
+    assert "gc check: 0 router frames in reference cycles" in srv.log, srv.log[-3000:]
+    assert "Traceback" not in srv.log, srv.log[-5000:]  # no attack makes the server log one
 
 
 @pytest.fixture
@@ -104,7 +111,7 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout_s: float = 30.0,
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, Any]:
     """One HTTP request on a fresh connection; the status and the JSON body ({} if none)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     try:

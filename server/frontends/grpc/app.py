@@ -4,6 +4,7 @@ compression. Requests that do not parse are answered INVALID_ARGUMENT by the ser
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +19,28 @@ from server.frontends.grpc.service import MALFORMED, HealthService, InferenceSer
 from server.peers import PeerCache
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Triton's and tritonclient's limit (INT32_MAX)
-HANDSHAKE_TIMEOUT_MS = 20_000
+HANDSHAKE_TIMEOUT_MS = 10_000
 """A connection that has not finished its HTTP/2 handshake by then is closed."""
+MAX_CONNECTION_IDLE_MS = 300_000
+"""A connection with no call for this long is closed (clients reconnect on their next call)."""
 
 
 _LEVELS = {"none": 0, "low": 1, "medium": 2, "high": 3}
+
+
+class _ClientWentAway(logging.Filter):
+    """grpc logs an ERROR with a traceback when a client cancels a stream while a response
+    is being written to it; that is the client's doing, worth a verbose line at most."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError" not in record.getMessage():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger("shoal").isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientWentAway())
 
 
 def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -75,6 +93,7 @@ async def start_grpc(
         ("grpc.so_reuseport", 0),
         ("grpc.default_compression_level", _LEVELS[opts.compression_level]),
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
     ]
     if max_connections:
         options.append(("grpc.max_allowed_incoming_connections", max_connections))

@@ -17,6 +17,7 @@ from proto.gen import grpc_service_pb2 as pb
 from server.classification import class_count
 from server.sharedmem import shm_params
 from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
+from server.validation import version_number
 
 # typed-contents field and the numpy type it is read with, per datatype
 _CONTENTS: dict[str, tuple[str, Any]] = {
@@ -65,11 +66,7 @@ def _params(m: Any, where: str) -> dict[str, Any]:
 
 
 def decode_request(req: pb.ModelInferRequest) -> InferRequest:
-    version = -1
-    if req.model_version:
-        if not req.model_version.isdigit():
-            raise InvalidInput(f"model_version '{req.model_version[:32]}' is not a number")
-        version = int(req.model_version)
+    version = version_number(req.model_version)
     raw = req.raw_input_contents
     raw_next = 0
     inputs: list[InputTensor] = []

@@ -23,6 +23,7 @@ from server.frontends.grpc import codec
 from server.frontends.grpc.errors import GRPC_STATUS
 from server.logthrottle import client_error
 from server.peers import Peer, PeerCache
+from server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
 
@@ -54,9 +55,13 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
         async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
             denied = _restricted(self, category, context)
             if denied is not None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details(denied)
+                return None  # type: ignore[return-value]
             if request is MALFORMED:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE)
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(MALFORMED_MESSAGE)
+                return None  # type: ignore[return-value]
             try:
                 return await fn(self, request, context)
             except asyncio.CancelledError:
@@ -73,8 +78,11 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
                 status, message = GRPC_STATUS[err.code], err.message
                 detach(exc)
             del request
-            await context.abort(status, message)
-            raise AssertionError("unreachable")  # context.abort always raises
+            # not context.abort(): grpc keeps the AbortError it raises on the call's state, and
+            # its traceback holds this frame and the context (a cycle per failed call)
+            context.set_code(status)
+            context.set_details(message)
+            return None  # type: ignore[return-value]  # grpc sends no message with a non-OK status
 
         return wrapper
 
@@ -82,7 +90,7 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
 
 
 def _version(v: str) -> int:
-    return int(v) if v.isdigit() else -1
+    return version_number(v)
 
 
 def _repo_params(params: Any) -> dict[str, Any]:
@@ -176,7 +184,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         request is not read (so a client that never reads cannot grow the router)."""
         denied = _restricted(self, "inference", context)
         if denied is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(denied)
+            return
         queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(self.stream_max_pending)
@@ -246,8 +256,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("statistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        if request.version and not request.version.isdigit():
-            raise InvalidInput(f"model version '{request.version[:32]}' is not a number")
         stats = self.dp.statistics(request.name, _version(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
@@ -363,7 +371,9 @@ class HealthService(health_pb2_grpc.HealthServicer):
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         denied = _restricted(self, "health", context)
         if denied is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, denied)
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(denied)
+            return
         last = None
         while True:
             status = self._status()

@@ -26,9 +26,11 @@ def parse_header_length(value: str | None, body_len: int) -> int | None:
     if value is None:
         return None
     v = value.strip()
-    if not v.isascii() or not v.lstrip("-").isdigit():
+    negative = v.startswith("-")
+    digits = v[1:] if negative else v
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
         raise InvalidInput(f"Inference-Header-Content-Length '{value[:32]}' is not an integer")
-    n = int(v)
+    n = -int(digits) if negative else int(digits)
     if n < 0 or n > body_len:
         raise InvalidInput(f"Inference-Header-Content-Length {n} is outside the body of {body_len} bytes")
     return n

@@ -1,9 +1,11 @@
 """The HTTP listener with a bound on open connections, and who is on each one.
 
 At most ``max_connections`` connections are open for clients. When one more arrives, the
-connection that has been idle longest (no request in progress: a keep-alive connection, or
-one that never sent complete headers) is closed to make room, so connections that are
-opened and left hanging cannot lock out real clients. When every connection is busy, a
+connection that has been idle longest (no request in progress for a second or more: a
+keep-alive connection, or one that never sent complete headers) is closed to make room, so
+connections that are opened and left hanging cannot lock out real clients (a flood of new
+connections faster than ``max_connections`` a second still can: that needs a limit in
+front of the server). When every connection is busy, a
 reserve (one sixteenth, at least 16) is still accepted for the health endpoints only (each
 answers one request, then closes, and is closed after ``RESERVE_TIMEOUT_S`` regardless), so
 a kubelet or load balancer can tell the server is alive while it is saturated. Past the
@@ -32,6 +34,7 @@ _FULL_RESPONSE = (
 )
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 RESERVE_TIMEOUT_S = 5.0
+EVICT_GRACE_S = 1.0
 
 
 class _Refuse(asyncio.Protocol):
@@ -43,12 +46,14 @@ class _Refuse(asyncio.Protocol):
 
 
 class _State:
-    __slots__ = ("busy", "since", "opened", "reserve")
+    __slots__ = ("busy", "since", "opened", "reserve", "seen")
 
     def __init__(self, reserve: bool) -> None:
         self.busy = 0
         self.opened = self.since = time.monotonic()
         self.reserve = reserve
+        self.seen = False
+        """Seen connected (a handler gets its connection a moment after it is made)."""
 
 
 class ConnectionGuard:
@@ -76,12 +81,9 @@ class ConnectionGuard:
         return make
 
     def _admit(self, server: web.Server) -> asyncio.Protocol:
-        if len(self._states) > 2 * (self.max_connections + self.reserve):
-            self._prune()
-        regular = len(self._states) - sum(1 for s in self._states.values() if s.reserve)
-        if regular >= self.max_connections:
-            self._prune()
-            regular = sum(1 for s in self._states.values() if not s.reserve)
+        if len(self._states) >= self.max_connections:
+            self._prune(server)  # only near the limit: it walks every connection
+        regular = sum(1 for s in self._states.values() if not s.reserve) if self._states else 0
         reserve = False
         if regular >= self.max_connections and not self._evict_idle():
             if len(self._states) - regular >= self.reserve:
@@ -94,15 +96,29 @@ class ConnectionGuard:
             asyncio.get_running_loop().call_later(RESERVE_TIMEOUT_S, _close, handler)
         return handler
 
-    def _prune(self) -> None:
-        """Forget connections that have closed (a handler gets its transport a moment after
-        it is made: young ones without one are kept)."""
+    def _prune(self, server: web.Server) -> None:
+        """Forget connections that have closed: those aiohttp no longer counts, once seen
+        connected (or made more than a second ago and never connected)."""
+        connected: set[object] = set(server.connections)
         now = time.monotonic()
-        self._states = {h: s for h, s in self._states.items() if _open(h) or s.busy or now - s.opened < 1.0}
+        kept: dict[object, _State] = {}
+        for handler, state in self._states.items():
+            if handler in connected:
+                state.seen = True
+                kept[handler] = state
+            elif not state.seen and now - state.opened < 1.0:
+                kept[handler] = state
+        self._states = kept
 
     def _evict_idle(self) -> bool:
-        """Close the regular connection idle longest; ``False`` when all are busy."""
-        idle = [(s.since, id(h), h) for h, s in self._states.items() if not s.busy and not s.reserve and _open(h)]
+        """Close the regular connection idle longest (for at least ``EVICT_GRACE_S``: a new
+        connection whose request is still in the socket is not idle); ``False`` when none is."""
+        oldest = time.monotonic() - EVICT_GRACE_S
+        idle = [
+            (s.since, id(h), h)
+            for h, s in self._states.items()
+            if not s.busy and not s.reserve and s.since <= oldest and _open(h)
+        ]
         if not idle:
             return False
         _, _, handler = min(idle)
@@ -117,6 +133,7 @@ class ConnectionGuard:
         state = self._states.get(request.protocol)
         if state is None:
             return True
+        state.seen = True
         if state.reserve and request.path not in HEALTH_PATHS:
             return False
         state.busy += 1

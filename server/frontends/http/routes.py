@@ -15,6 +15,7 @@ from server.dataplane import DataPlane
 from server.frontends.http import body, codec
 from server.frontends.http.body import HttpLimits
 from server.peers import Peer
+from server.validation import version_number
 
 DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
 LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
@@ -28,8 +29,7 @@ _JSON = "application/json"
 
 
 def _version(request: web.Request) -> int:
-    v = request.match_info.get("version")
-    return int(v) if v else -1
+    return version_number(request.match_info.get("version") or "")
 
 
 def _json_response(obj: Any) -> web.Response:
