@@ -175,6 +175,7 @@ class App:
             stall_timeout_s=2 * cfg.request_timeout_s,
             max_workers=limits.max_worker_processes,
             python=cfg.worker_python,
+            client_shm_mapped=cfg.client_shm_mapped,
         )
         repository = cfg.model_repository
         if cfg.model_repository_url:

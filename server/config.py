@@ -79,6 +79,9 @@ class ServerConfig:
     """``local``: only clients on this host register shared memory, only objects of their own
     user, each client sees its own regions; ``any``: Triton's behaviour."""
     client_shm_key_prefixes: tuple[str, ...] = ()
+    client_shm_mapped: bool = False
+    """Workers map client system regions and use them in place (no input copy; a client that
+    truncates its object during a request can crash the worker with SIGBUS)."""
     client_shm_max_regions: int = 4096
     client_shm_max_regions_per_client: int = 1024
     max_worker_processes: int = 0
@@ -162,6 +165,7 @@ _TYPES: dict[str, tuple[type, str]] = {
     "grpc_max_connections": (int, "--grpc-max-connections"),
     "grpc_stream_max_pending": (int, "--grpc-stream-max-pending"),
     "client_shm_max_regions": (int, "--client-shm-max-regions"),
+    "client_shm_mapped": (bool, "--client-shm-mapped"),
     "client_shm_max_regions_per_client": (int, "--client-shm-max-regions-per-client"),
     "max_worker_processes": (int, "--max-worker-processes"),
     "worker_heartbeat_timeout_secs": (float, "--worker-heartbeat-timeout-secs"),
@@ -263,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="only shared memory keys starting with this may be registered (repeatable)",
+    )
+    s.add_argument(
+        "--client-shm-mapped",
+        default=False,
+        help="workers use client regions in place (faster; a client truncating its object can crash a worker)",
     )
     s.add_argument("--client-shm-max-regions", default=4096)
     s.add_argument("--client-shm-max-regions-per-client", default=1024)
@@ -429,6 +438,7 @@ def parse(argv: list[str]) -> ServerConfig:
         grpc_restricted_protocol=tuple(args.grpc_restricted_protocol),
         client_shm_access=args.client_shm_access,
         client_shm_key_prefixes=tuple(args.client_shm_key_prefix),
+        client_shm_mapped=args.client_shm_mapped,
         client_shm_max_regions=args.client_shm_max_regions,
         client_shm_max_regions_per_client=args.client_shm_max_regions_per_client,
         max_worker_processes=args.max_worker_processes,

@@ -151,6 +151,7 @@ class InstanceSettings:
     """Worker processes the server runs at most (``--max-worker-processes``)."""
     python: str = ""
     """The interpreter that runs workers (``--worker-python``; empty: the router's)."""
+    client_shm_mapped: bool = False
 
 
 class ModelManager:
@@ -589,6 +590,7 @@ class ModelManager:
                     inline_max_bytes=self.settings.inline_max_bytes,
                     gpu_order=order,
                     priority=int(mv.config.optimization.priority),
+                    client_shm_mapped=self.settings.client_shm_mapped,
                 )
                 spec = WorkerSpec(
                     model_name=mv.name,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import resource
 from collections import OrderedDict
@@ -42,14 +43,27 @@ _TRUNCATED = "the shared memory region is now smaller than when it was registere
 
 
 class _SystemRegion:
-    __slots__ = ("fd", "end")
+    """An open client object: a descriptor (copies), or a mapping (``mapped`` mode)."""
 
-    def __init__(self, fd: int, end: int) -> None:
+    __slots__ = ("fd", "end", "mm")
+
+    def __init__(self, fd: int, end: int, mm: mmap.mmap | None = None) -> None:
         self.fd = fd
         self.end = end
+        self.mm = mm
+
+    def size(self) -> int:
+        return self.mm.size() if self.mm is not None else os.fstat(self.fd).st_size
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                # a backend still holds an input view; the mapping goes with the last one
+                log.debug("a client region is still referenced; unmapped when the last view goes")
+        else:
+            os.close(self.fd)
 
 
 class _CudaRegion:
@@ -68,7 +82,12 @@ class _CudaRegion:
 
 
 class ClientRegions:
-    def __init__(self, max_open: int = 0) -> None:
+    """``mapped``: map system regions and use them in place (no input copy; a client that
+    truncates its object during a request can kill this process with SIGBUS), as the
+    ``--client-shm-mapped`` option asks; else copy through descriptors."""
+
+    def __init__(self, max_open: int = 0, *, mapped: bool = False) -> None:
+        self.mapped = mapped
         self.max_open = max_open or min(MAX_OPEN, max(8, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
         self._system: OrderedDict[int, _SystemRegion] = OrderedDict()
         self._cuda: dict[int, _CudaRegion] = {}
@@ -114,7 +133,17 @@ class ClientRegions:
         while len(self._system) >= self.max_open:
             _, old = self._system.popitem(last=False)
             old.close()
-        region = _SystemRegion(fd, c.region_offset + c.region_bytes)
+        end = c.region_offset + c.region_bytes
+        mm = None
+        if self.mapped:
+            try:
+                if ident.size < end:
+                    raise InvalidInput(_TRUNCATED)
+                mm = mmap.mmap(fd, end)  # holds its own descriptor
+            finally:
+                os.close(fd)
+            fd = -1
+        region = _SystemRegion(fd, end, mm)
         self._system[c.region_id] = region
         return region
 
@@ -128,6 +157,10 @@ class ClientRegions:
         """A private copy of the tensor's bytes (a truncated object is an error, not SIGBUS)."""
         start = self._span(c, c.nbytes)
         region = self._system_region(c)
+        if region.mm is not None:
+            if region.size() < region.end:
+                raise InvalidInput(_TRUNCATED)
+            return memoryview(region.mm)[start : start + c.nbytes]
         out = np.empty(c.nbytes, dtype=np.uint8)
         if shm_client.read_into(region.fd, start, out.data) != c.nbytes:
             raise InvalidInput(_TRUNCATED)
@@ -139,12 +172,19 @@ class ClientRegions:
         region = self._system_region(c)
         if nbytes == 0:
             return
-        if os.fstat(region.fd).st_size < region.end:
+        if region.size() < region.end:
             raise InvalidInput(_TRUNCATED)
         if isinstance(data, bytes):
             view = memoryview(data)
         else:
             view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
+        if region.mm is not None:
+            target = memoryview(region.mm)[start : start + nbytes]
+            try:
+                target[:] = view[:nbytes]
+            finally:
+                target.release()
+            return
         try:
             shm_client.write_from(region.fd, start, view[:nbytes])
         except OSError as exc:

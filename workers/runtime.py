@@ -178,6 +178,7 @@ class WorkerRuntime:
             device = Device(req.device_kind or "CPU", 0 if req.device_kind == "GPU" else -1)
             self.spec = spec_from_load(req, config, req.instance_name, device)
             self.regions.gpu_order = list(req.gpu_order)
+            self.regions.mapped = req.client_shm_mapped
             _apply_priority(req.priority)
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
             # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``

@@ -235,6 +235,7 @@ class Load(_message.Message):
     INLINE_MAX_BYTES_FIELD_NUMBER: _builtins.int
     GPU_ORDER_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CLIENT_SHM_MAPPED_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -252,6 +253,10 @@ class Load(_message.Message):
     """outputs up to this size travel as frames"""
     priority: _builtins.int
     """optimization.priority: 0 default, 1 max, 2 min"""
+    client_shm_mapped: _builtins.bool
+    """Map client system regions and use them in place (--client-shm-mapped); else copy
+    through descriptors, so that a client truncating its object cannot raise SIGBUS here.
+    """
     @_builtins.property
     def gpu_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Server GPU ordinals in the order this worker's CUDA sees them (its CUDA_VISIBLE_DEVICES
@@ -273,10 +278,11 @@ class Load(_message.Message):
         inline_max_bytes: _builtins.int = ...,
         gpu_order: _abc.Iterable[_builtins.int] | None = ...,
         priority: _builtins.int = ...,
+        client_shm_mapped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -291,3 +291,23 @@ def test_output_into_a_sparse_region_on_a_full_dev_shm(tmp_path: Path) -> None:
     assert out["code"] in (429, 500) and "shared memory region" in out["reply"]["error"], out["reply"]
     assert out["after"] == 200
     assert "SIGBUS" not in out["log"] and "died" not in out["log"]
+
+
+def test_mapped_mode_uses_regions_in_place(repo: Path, fresh: list[ServerProcess], objects: Objects) -> None:
+    """--client-shm-mapped=true (trusted clients): the worker maps the object and answers
+    from it; a truncation seen before the use is still an error, not SIGBUS."""
+    srv = limited(repo, "--client-shm-mapped", "true").start()
+    fresh.append(srv)
+    data = np.arange(4, dtype=np.float32)
+    key = objects.create(4096, data.tobytes())
+    assert register("127.0.0.1", srv.port, "m", key, 4096)[0] == 200
+    assert shm_infer(srv.port, "m")[0] == 200
+    out = np.frombuffer(Path("/dev/shm", key).read_bytes()[16:32], dtype=np.float32)
+    assert (out == data).all()
+    worker = srv.worker_pids("identity_fp32")[0]
+    maps = Path(f"/proc/{worker}/maps").read_text()
+    assert key in maps
+    os.truncate(f"/dev/shm/{key}", 8)
+    code, reply = shm_infer(srv.port, "m")
+    assert code == 400 and "smaller than when it was registered" in reply["error"], reply
+    assert srv.worker_pids("identity_fp32") == [worker]
