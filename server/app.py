@@ -26,12 +26,13 @@ from server.dispatch.channel import WorkerChannel
 from server.dispatch.pool import DispatchContext
 from server.frontends.grpc.app import start_grpc
 from server.frontends.http.app import make_app
-from server.frontends.http.body import BodyBudget, HttpLimits
+from server.frontends.http.body import HttpLimits
 from server.frontends.http.connections import ConnectionGuard, GuardedSite
 from server.logsettings import LogSettings
 from server.memory import Trimmer
 from server.metrics import CONTENT_TYPE, Metrics, Sampler
 from server.models import InstanceSettings, ModelManager
+from server.resources import RequestBudget
 from server.rundir import RunDir, reclaim_run_dirs
 from server.sharedmem import Region, SharedMemoryRegistry
 from shm import region
@@ -215,7 +216,7 @@ class App:
             max_body_bytes=cfg.http_max_body_bytes,
             max_json_bytes=cfg.http_max_input_bytes,
             body_timeout_s=cfg.http_body_timeout_s,
-            budget=BodyBudget(limits.http_max_buffered_bytes),
+            budget=RequestBudget(limits.max_buffered_request_bytes),
         )
         app = make_app(self.dataplane, http_limits, restrictions=http_restrictions, guard=self.http_guard)
         self._runner = web.AppRunner(
@@ -241,6 +242,7 @@ class App:
             max_connections=limits.grpc_max_connections,
             stream_max_pending=cfg.grpc_stream_max_pending,
             restrictions=grpc_restrictions,
+            budget=http_limits.budget,
         )
         log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.allow_metrics:

@@ -59,8 +59,9 @@ class ServerConfig:
     """Largest JSON request body (Triton's --http-max-input-size)."""
     http_max_body_bytes: int = 2 << 30
     """Largest inference request body (binary tensors included; inflated size when compressed)."""
-    http_max_buffered_bytes: int = 0
-    """Bytes of request bodies held at once, all requests together (0: half the machine's memory)."""
+    max_buffered_request_bytes: int = 0
+    """Bytes of HTTP bodies and gRPC messages held at once, all requests together (0: half the
+    machine's memory)."""
     http_body_timeout_s: float = 60.0
     """A request body that sends nothing for this long is answered 408."""
     http_keepalive_timeout_s: float = 75.0
@@ -158,7 +159,7 @@ _TYPES: dict[str, tuple[type, str]] = {
     "grpc_http2_min_recv_ping_interval_without_data": (int, "--grpc-http2-min-recv-ping-interval-without-data"),
     "grpc_http2_max_ping_strikes": (int, "--grpc-http2-max-ping-strikes"),
     "http_max_body_size": (int, "--http-max-body-size"),
-    "http_max_buffered_bytes": (int, "--http-max-buffered-bytes"),
+    "max_buffered_request_bytes": (int, "--max-buffered-request-bytes"),
     "http_body_timeout_secs": (float, "--http-body-timeout-secs"),
     "http_keepalive_timeout_secs": (float, "--http-keepalive-timeout-secs"),
     "http_max_connections": (int, "--http-max-connections"),
@@ -236,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--http-max-body-size", default=2 << 30, help="largest inference request body, inflated size (bytes)"
     )
-    s.add_argument("--http-max-buffered-bytes", default=0, help="request body bytes held at once (0: half the memory)")
+    s.add_argument(
+        "--max-buffered-request-bytes", default=0, help="request bytes held at once, HTTP and gRPC (0: half the memory)"
+    )
     s.add_argument("--http-body-timeout-secs", default=60.0, help="408 when a request body stalls this long")
     s.add_argument("--http-keepalive-timeout-secs", default=75.0, help="close idle HTTP connections after this")
     s.add_argument("--http-max-connections", default=0, help="open HTTP connections (0: from the fd limit)")
@@ -363,7 +366,7 @@ def parse(argv: list[str]) -> ServerConfig:
         if value <= 0:
             problems.append(f"{flag} must be > 0")
     for flag, value in (
-        ("--http-max-buffered-bytes", args.http_max_buffered_bytes),
+        ("--max-buffered-request-bytes", args.max_buffered_request_bytes),
         ("--http-max-connections", args.http_max_connections),
         ("--grpc-max-connections", args.grpc_max_connections),
         ("--max-worker-processes", args.max_worker_processes),
@@ -428,7 +431,7 @@ def parse(argv: list[str]) -> ServerConfig:
         model_load_timeout_s=args.model_load_timeout_secs,
         grpc_host=args.grpc_address,
         http_max_body_bytes=args.http_max_body_size,
-        http_max_buffered_bytes=args.http_max_buffered_bytes,
+        max_buffered_request_bytes=args.max_buffered_request_bytes,
         http_body_timeout_s=args.http_body_timeout_secs,
         http_keepalive_timeout_s=args.http_keepalive_timeout_secs,
         http_max_connections=args.http_max_connections,

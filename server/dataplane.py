@@ -236,9 +236,10 @@ class DataPlane:
                     async with asyncio.timeout(deadline_s):
                         result = await submit(mv, request)
                 except TimeoutError:
-                    where = (
-                        f"instance '{request.instance}' is still executing it" if request.instance else "still queued"
-                    )
+                    if request.instance:
+                        where = f"instance '{request.instance}' is still executing it"
+                    else:
+                        where = "its steps were still running" if mv.config.platform == "ensemble" else "still queued"
                     raise DeadlineExceeded(
                         f"request for model '{mv.name}' version {mv.version} did not complete within its deadline "
                         f"of {deadline_s:g} s ({where})"

@@ -12,6 +12,7 @@ import os
 import resource
 from dataclasses import dataclass
 
+from proto.errors import ErrorCode, ServingError
 from server.config import ServerConfig
 
 log = logging.getLogger("shoal")
@@ -52,7 +53,7 @@ class Budget:
 
     http_max_connections: int
     grpc_max_connections: int
-    http_max_buffered_bytes: int
+    max_buffered_request_bytes: int
     max_worker_processes: int
 
 
@@ -92,6 +93,28 @@ def budget(config: ServerConfig) -> Budget:
     return Budget(
         http_max_connections=http,
         grpc_max_connections=grpc,
-        http_max_buffered_bytes=config.http_max_buffered_bytes or max(physical_memory_bytes() // 2, 1 << 30),
+        max_buffered_request_bytes=config.max_buffered_request_bytes or max(physical_memory_bytes() // 2, 1 << 30),
         max_worker_processes=workers,
     )
+
+
+class RequestBudget:
+    """Bytes of request bodies (HTTP) and messages (gRPC) the router holds at once, all
+    clients together. Owned by the router's loop."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.held + nbytes > self.max_bytes:
+            raise ServingError(
+                f"the server is holding {self.held} bytes of request bodies and this one would pass its limit of "
+                f"{self.max_bytes} bytes (--max-buffered-request-bytes); retry later",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+                retryable=True,
+            )
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes

@@ -269,8 +269,9 @@ def test_stalled_body_is_answered_408(server: ServerProcess) -> None:
 
 def test_buffered_bytes_budget(tmp_path: Path, fresh: list[ServerProcess], repo: Path) -> None:
     """Bodies held at once are bounded for all clients together: with a 32 MiB budget, a
-    second 24 MiB body arriving while the first one is held gets 429."""
-    srv = limited(repo, "--http-max-buffered-bytes", str(32 * MiB), "--http-body-timeout-secs", "5").start()
+    second 24 MiB body (or gRPC message) arriving while the first one is held gets 429
+    (RESOURCE_EXHAUSTED)."""
+    srv = limited(repo, "--max-buffered-request-bytes", str(32 * MiB), "--http-body-timeout-secs", "5").start()
     fresh.append(srv)
     first = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
     try:
@@ -280,7 +281,19 @@ def test_buffered_bytes_budget(tmp_path: Path, fresh: list[ServerProcess], repo:
         code, body = request(
             srv.port, "POST", "/v2/models/add_sub/infer", bytes(24 * MiB), {"Inference-Header-Content-Length": "0"}
         )
-        assert code == 429 and "--http-max-buffered-bytes" in body["error"], body
+        assert code == 429 and "--max-buffered-request-bytes" in body["error"], body
+        # a gRPC message counts in the same budget
+        g = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            inp = grpcclient.InferInput("INPUT0", [6 * MiB], "FP32")
+            inp.set_data_from_numpy(np.zeros(6 * MiB, np.float32))
+            with pytest.raises(InferenceServerException) as err:
+                g.infer("identity_fp32", [inp])
+            assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "--max-buffered-request-bytes" in str(
+                err.value
+            )
+        finally:
+            g.close()
     finally:
         first.close()
     # once the first one is gone, the budget is free again

@@ -17,6 +17,7 @@ from server.config import GrpcOptions
 from server.dataplane import DataPlane
 from server.frontends.grpc.service import MALFORMED, HealthService, InferenceService
 from server.peers import PeerCache
+from server.resources import RequestBudget
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Triton's and tritonclient's limit (INT32_MAX)
 HANDSHAKE_TIMEOUT_MS = 10_000
@@ -79,6 +80,7 @@ async def start_grpc(
     max_connections: int = 0,
     stream_max_pending: int = 256,
     restrictions: restrict.Restrictions | None = None,
+    budget: RequestBudget | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port."""
     options: list[tuple[str, Any]] = [
@@ -103,7 +105,9 @@ async def start_grpc(
     )
     rules = restrictions or restrict.Restrictions()
     peers = PeerCache(0)
-    inference = InferenceService(dataplane, restrictions=rules, peers=peers, stream_max_pending=stream_max_pending)
+    inference = InferenceService(
+        dataplane, restrictions=rules, peers=peers, stream_max_pending=stream_max_pending, budget=budget
+    )
     health = HealthService(dataplane, restrictions=rules)
     server.add_generic_rpc_handlers(
         (

@@ -23,6 +23,7 @@ from server.frontends.grpc import codec
 from server.frontends.grpc.errors import GRPC_STATUS
 from server.logthrottle import client_error
 from server.peers import Peer, PeerCache
+from server.resources import RequestBudget
 from server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
@@ -89,10 +90,6 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
-def _version(v: str) -> int:
-    return version_number(v)
-
-
 def _repo_params(params: Any) -> dict[str, Any]:
     out = {}
     for key, p in params.items():
@@ -113,8 +110,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         restrictions: restrict.Restrictions | None = None,
         peers: PeerCache | None = None,
         stream_max_pending: int = 256,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.dp = dataplane
+        self.budget = budget or RequestBudget(1 << 62)
         self.restrictions = restrictions or restrict.Restrictions()
         self.peers = peers or PeerCache(0)
         self.stream_max_pending = stream_max_pending
@@ -136,7 +135,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("health")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        self.dp.model_ready(request.name, _version(request.version))
+        self.dp.model_ready(request.name, version_number(request.version))
         return pb.ModelReadyResponse(ready=True)
 
     @rpc("metadata")
@@ -146,7 +145,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("metadata")
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        meta = self.dp.model_metadata(request.name, _version(request.version))
+        meta = self.dp.model_metadata(request.name, version_number(request.version))
         resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
         for kind in ("inputs", "outputs"):
             for t in meta[kind]:
@@ -156,7 +155,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @rpc("model-config")
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         resp = pb.ModelConfigResponse()
-        resp.config.CopyFrom(self.dp.model_config_message(request.name, _version(request.version)))
+        resp.config.CopyFrom(self.dp.model_config_message(request.name, version_number(request.version)))
         return resp
 
     @rpc("inference")
@@ -164,10 +163,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        req = codec.decode_request(request)
-        if req.uses_shm:
-            req.peer = self._peer(context)
-        result = await self.dp.infer(req)
+        held = request.ByteSize()
+        self.budget.take(held)  # grpc has the whole message in memory already: refuse to keep it
+        try:
+            req = codec.decode_request(request)
+            if req.uses_shm:
+                req.peer = self._peer(context)
+            result = await self.dp.infer(req)
+        finally:
+            self.budget.give(held)
         resp = pb.ModelInferResponse()
         try:
             codec.encode_response(result, resp)
@@ -256,7 +260,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("statistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        stats = self.dp.statistics(request.name, _version(request.version))
+        stats = self.dp.statistics(request.name, version_number(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @rpc("model-repository")

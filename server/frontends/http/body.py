@@ -6,8 +6,8 @@ over it is answered 413 before a byte of the body is read (also instead of ``100
 a chunked body is cut off as soon as it passes the limit. A compressed body is inflated in
 a worker thread with the output bounded by the limit, so a small gzip bomb costs at most the
 limit and never stalls the event loop. A client that stops sending in the middle of its body
-gets 408 after ``--http-body-timeout-secs``. ``BodyBudget`` bounds the bytes of all bodies
-held at once (``--http-max-buffered-bytes``): past it, new requests get 429.
+gets 408 after ``--http-body-timeout-secs``. The bytes of all bodies held at once count in the
+server's ``RequestBudget`` (``--max-buffered-request-bytes``): past it, new requests get 429.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from server.resources import RequestBudget
 
 _PIECE = 4 << 20
 """Inflated bytes per step: the first step runs on the loop, later ones in a thread."""
@@ -32,7 +33,7 @@ class HttpLimits:
     max_body_bytes: int
     max_json_bytes: int
     body_timeout_s: float
-    budget: BodyBudget
+    budget: RequestBudget
 
 
 class BodyError(ServingError):
@@ -54,27 +55,6 @@ def too_large(nbytes: int | None, limit: int) -> BodyError:
     )
 
 
-class BodyBudget:
-    """Bytes of request bodies the server holds at once. Owned by the router's loop."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.held = 0
-
-    def take(self, nbytes: int) -> None:
-        if self.held + nbytes > self.max_bytes:
-            raise ServingError(
-                f"the server is holding {self.held} bytes of request bodies and this one would pass its limit of "
-                f"{self.max_bytes} bytes (--http-max-buffered-bytes); retry later",
-                code=ErrorCode.RESOURCE_EXHAUSTED,
-                retryable=True,
-            )
-        self.held += nbytes
-
-    def give(self, nbytes: int) -> None:
-        self.held -= nbytes
-
-
 def encoding_of(request: web.Request) -> str:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
     if encoding not in _ENCODINGS:
@@ -94,7 +74,7 @@ class Held:
 
     __slots__ = ("data", "_budget", "_counted")
 
-    def __init__(self, budget: BodyBudget) -> None:
+    def __init__(self, budget: RequestBudget) -> None:
         self.data: bytes | bytearray = bytearray()
         self._budget = budget
         self._counted = 0
@@ -112,7 +92,7 @@ class Held:
         self.data = b""
 
 
-async def read(request: web.Request, *, limit: int, timeout_s: float, budget: BodyBudget) -> Held:
+async def read(request: web.Request, *, limit: int, timeout_s: float, budget: RequestBudget) -> Held:
     """The request body (inflated when compressed), at most ``limit`` bytes, counted in
     ``budget`` until ``Held.release``. Raises 413, 408, 400 or 429 as ``ServingError``."""
     encoding = encoding_of(request)
