@@ -19,6 +19,8 @@ import pytest
 
 from tests.e2e.server import ServerProcess, make_repository
 
+pytest.register_assert_rewrite("tests.security.fuzzing")
+
 MEMORY_LIMIT = 6 << 30
 """Address space of every server process here (virtual: the router maps ~1 GB at rest)."""
 MODELS = ("add_sub", "identity_fp32", "strings", "slow", "crashy", "batcher")
@@ -92,6 +94,12 @@ def status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "RssAnon", "RssShmem", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM afresh at the current RSS (it is otherwise the peak since the process began)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
 
 
 def wait_for(predicate: Any, timeout_s: float = 30.0, step_s: float = 0.1) -> Any:

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from proto.gen import grpc_service_pb2 as pb
 from proto.gen import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.server import ServerProcess
-from tests.security.conftest import GoodClient, limited, request, status, wait_for
+from tests.security.conftest import GoodClient, limited, request, reset_peak, status, wait_for
 
 MiB = 1 << 20
 
@@ -232,6 +232,7 @@ def test_gzip_bomb(server: ServerProcess) -> None:
     peak cost near the limit, while other clients are served."""
     bomb = gzip.compress(b"\0" * (1 << 30), compresslevel=9)
     pid = server.pid
+    reset_peak(pid)
     before = status(pid)["VmRSS"]
     with GoodClient(server.port) as good:
         answer, took = raw_http(server.port, post_head(len(bomb), encoding="gzip"), (bomb,))

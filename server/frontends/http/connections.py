@@ -67,6 +67,7 @@ class ConnectionGuard:
         """Per aiohttp request handler (one per connection; they cannot be weakly
         referenced, so closed ones are pruned when the guard looks for room)."""
         self._peers: weakref.WeakKeyDictionary[object, Peer] = weakref.WeakKeyDictionary()
+        self._next_prune = 64
         self.evicted = 0
         self.refused = 0
 
@@ -81,8 +82,11 @@ class ConnectionGuard:
         return make
 
     def _admit(self, server: web.Server) -> asyncio.Protocol:
-        if len(self._states) >= self.max_connections:
-            self._prune(server)  # only near the limit: it walks every connection
+        if len(self._states) >= min(self._next_prune, self.max_connections):
+            # near the limit, or twice as many entries as open connections at the last look:
+            # walking every connection stays amortized O(1) per accepted one
+            self._prune(server)
+            self._next_prune = 2 * len(self._states) + 64
         regular = sum(1 for s in self._states.values() if not s.reserve) if self._states else 0
         reserve = False
         if regular >= self.max_connections and not self._evict_idle():
