@@ -106,17 +106,23 @@ async def read(request: web.Request, *, limit: int, timeout_s: float, budget: Re
         held.data = raw
         stream = request.content
         while True:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    chunk = await stream.readany()
-            except TimeoutError:
-                raise BodyError(
-                    f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)",
-                    status=408,
-                    code=ErrorCode.DEADLINE_EXCEEDED,
-                ) from None
+            # what has arrived already is taken without a timer (a small body usually came
+            # with its headers); only waiting for more is bounded by the timeout
+            chunk = stream.read_nowait()
             if not chunk:
-                break
+                if stream.at_eof():
+                    break
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        chunk = await stream.readany()
+                except TimeoutError:
+                    raise BodyError(
+                        f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)",
+                        status=408,
+                        code=ErrorCode.DEADLINE_EXCEEDED,
+                    ) from None
+                if not chunk:
+                    break
             if len(raw) + len(chunk) > limit:
                 raise too_large(None, limit)
             if length is None:
