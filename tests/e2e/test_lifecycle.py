@@ -87,6 +87,16 @@ def test_worker_death_fails_only_its_request(crash_server: ServerProcess, value:
     assert not crash_server.segments()
 
 
+def _outstanding(server: ServerProcess, model: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/v2/admin/workers")
+        workers = json.loads(conn.getresponse().read())["workers"]
+    finally:
+        conn.close()
+    return sum(int(w["outstanding"]) for w in workers if w["model"] == model)
+
+
 def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess) -> None:
     c = crash_server.client()
     (pid,) = crash_server.worker_pids("crashy")
@@ -98,17 +108,22 @@ def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess
             crash_server,
             "crashy",
             {
-                "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1], "data": [5]}]  # sleeps 1 s
+                "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1], "data": [6]}]  # sleeps 5 s
             },
         )
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.3)
+    # kill once the request is on the worker (a fixed sleep raced with a loaded machine: the
+    # kill could come before the request, which then found no ready instance or the new one)
+    deadline = time.monotonic() + 10
+    while _outstanding(crash_server, "crashy") == 0:
+        assert time.monotonic() < deadline, "the request never reached the worker"
+        time.sleep(0.01)
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     t.join(10)
-    assert time.monotonic() - started < 0.9, "the in-flight request was not failed promptly"
+    assert time.monotonic() - started < 3.0, "the in-flight request was not failed promptly (it sleeps 5 s)"
     assert result["status"] == 503, result
     assert "SIGKILL" in str(result["body"])
     # one instance, restarting: the model is not ready until the new worker has loaded

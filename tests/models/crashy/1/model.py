@@ -1,5 +1,5 @@
 """INPUT0 selects the behaviour: 0 echo, 1 SIGKILL itself, 2 segfault, 3 raise, 4 exit(3),
-5 sleep 1 s then echo."""
+5 sleep 1 s then echo, 6 sleep 5 s then echo."""
 
 import ctypes
 import os
@@ -25,6 +25,8 @@ class TritonPythonModel:
                 os._exit(3)
             elif value == 5:
                 time.sleep(1.0)
+            elif value == 6:
+                time.sleep(5.0)
             responses.append(
                 pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.array([value], dtype=np.int32))])
             )
