@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 from shm.region import SHM_DIR, OwnerLock, is_held, lock_name
@@ -27,7 +26,6 @@ log = logging.getLogger("shoal")
 _RUN_DIR_RE = re.compile(r"^shoal_\d+_[0-9a-f]+$")
 _OLD_RUN_DIR_RE = re.compile(r"^shoal-[A-Za-z0-9_]{8}$")
 """``tempfile.mkdtemp(prefix="shoal-")`` folders of Shoal before owner locks."""
-_OLD_GRACE_S = 60.0
 
 
 class RunDir:
@@ -83,13 +81,11 @@ def reclaim_run_dirs() -> list[str]:
 
 
 def _old_run_gone(path: Path) -> bool:
-    """A pre-lock run folder is stale when nothing listens on its socket any more."""
+    """A pre-lock run folder is stale when nothing listens on its socket any more (a folder
+    of that name without the socket is not known to be Shoal's: left alone)."""
     sock_path = path / "workers.sock"
-    if not sock_path.exists():
-        try:
-            return time.time() - path.stat().st_mtime > _OLD_GRACE_S
-        except OSError:
-            return False
+    if not sock_path.is_socket():
+        return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(sock_path))
