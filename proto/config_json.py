@@ -14,8 +14,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from proto.errors import InvalidInput
-from proto.gen import model_config_pb2
+from shoal.proto.errors import InvalidInput
+from shoal.proto.gen import model_config_pb2
 
 __all__ = ["config_from_json", "config_to_json"]
 

@@ -15,7 +15,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from proto.errors import InvalidInput
+from shoal.proto.errors import InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +118,7 @@ def deserialize_bytes(buffer: bytes | bytearray | memoryview, count: int, *, nam
         # every element needs its 4-byte length: refuse before allocating ``count`` slots
         # (a shape of [200000000] with no data must not cost 1.6 GB)
         raise InvalidInput(
-            f"expected {count} string elements for BYTES tensor '{name}', "
-            f"but its {end} bytes hold at most {end // 4}"
+            f"expected {count} string elements for BYTES tensor '{name}', but its {end} bytes hold at most {end // 4}"
         )
     out = np.empty(count, dtype=np.object_)
     pos = 0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from proto.errors import BackendError, ErrorCode, ServingError
-from proto.gen import worker_pb2 as wpb
+from shoal.proto.errors import BackendError, ErrorCode, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
 
 PROTOCOL_VERSION: Final = 1
 

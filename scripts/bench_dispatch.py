@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from server.app import App  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from server.types import InferRequest, InputTensor  # noqa: E402
+from shoal.server.app import App  # noqa: E402
+from shoal.server.config import ServerConfig  # noqa: E402
+from shoal.server.types import InferRequest, InputTensor  # noqa: E402
 
 
 async def run_case(app: App, nbytes: int, requests: int, concurrency: int) -> tuple[float, float]:

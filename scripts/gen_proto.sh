@@ -8,8 +8,8 @@
 # Uses ${PYTHON:-python3}; that interpreter needs grpcio-tools and mypy-protobuf, and
 # protoc-gen-mypy / protoc-gen-mypy_grpc are taken from the same bin/ folder as the
 # interpreter. Idempotent: the output folder's generated files are replaced as a whole.
-# Generated modules import each other as `from proto.gen import x_pb2`, so they work as the
-# package `proto.gen`.
+# Generated modules import each other as `from shoal.proto.gen import x_pb2`, so they work as
+# the package `shoal.proto.gen`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,10 +53,10 @@ trap 'rm -rf "$TMP"' EXIT
   "${SERVICE_PROTOS[@]/#/$ROOT/proto/}"
 
 # Imports between our own generated modules (x_pb2.py/.pyi and x_pb2_grpc.py/.pyi alike):
-# `import x_pb2 [as y]` -> `from proto.gen import x_pb2 [as y]`.
+# `import x_pb2 [as y]` -> `from shoal.proto.gen import x_pb2 [as y]`.
 for proto in "${PROTOS[@]}"; do
   mod="${proto%.proto}_pb2"
-  sed -i -E "s/^import ${mod}( as |\$)/from proto.gen import ${mod}\1/" "$TMP"/*.py "$TMP"/*.pyi
+  sed -i -E "s/^import ${mod}( as |\$)/from shoal.proto.gen import ${mod}\1/" "$TMP"/*.py "$TMP"/*.pyi
 done
 
 # Our messages live in a private descriptor pool: tritonclient registers Triton's own
@@ -64,7 +64,7 @@ done
 # and grpcio-health-checking registers grpc.health.v1; a process that imports both (a test,
 # a client tool) would otherwise fail with duplicate symbols. The x_pb2_grpc modules only use
 # the message classes, so they need no change for this.
-sed -i -E 's/^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(/from proto.gen import POOL as _POOL  # noqa: E402\nDESCRIPTOR = _POOL.AddSerializedFile(/' "$TMP"/*_pb2.py
+sed -i -E 's/^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(/from shoal.proto.gen import POOL as _POOL  # noqa: E402\nDESCRIPTOR = _POOL.AddSerializedFile(/' "$TMP"/*_pb2.py
 
 cat > "$TMP/__init__.py" <<'PY'
 # generated; do not edit

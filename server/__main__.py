@@ -1,4 +1,4 @@
-"""``shoal serve ...`` / ``python -m server serve ...``: run the router until a signal."""
+"""``shoal serve ...`` / ``python -m shoal.server serve ...``: run the router until a signal."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import types
 from collections.abc import Coroutine
 from typing import Any
 
-from server.app import App
-from server.config import ConfigError, parse
+from shoal.server.app import App
+from shoal.server.config import ConfigError, parse
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["workers"]:
-        from server import admincli
+        from shoal.server import admincli
 
         return admincli.main(args[1:])
     try:
@@ -53,7 +53,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: object) -> int:
-    from server.config import ServerConfig
+    from shoal.server.config import ServerConfig
 
     assert isinstance(config, ServerConfig)
     gc_check = os.environ.get("SHOAL_GC_CHECK") == "1"

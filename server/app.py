@@ -16,28 +16,28 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from proto import wire
-from proto.errors import ErrorCode, ServingError
-from server import gpus, resources, restrict
-from server.cloudrepo import RemoteRepository
-from server.config import ServerConfig
-from server.dataplane import DataPlane
-from server.dispatch.channel import WorkerChannel
-from server.dispatch.pool import DispatchContext
-from server.frontends.grpc.app import start_grpc
-from server.frontends.http.app import make_app
-from server.frontends.http.body import HttpLimits
-from server.frontends.http.connections import ConnectionGuard, GuardedSite
-from server.logsettings import LogSettings
-from server.memory import Trimmer
-from server.metrics import CONTENT_TYPE, Metrics, Sampler
-from server.models import InstanceSettings, ModelManager
-from server.resources import RequestBudget
-from server.rundir import RunDir, reclaim_run_dirs
-from server.sharedmem import Region, SharedMemoryRegistry
-from shm import region
-from shm.arena import Arena
-from shm.mapper import Mapper
+from shoal.proto import wire
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.server import gpus, resources, restrict
+from shoal.server.cloudrepo import RemoteRepository
+from shoal.server.config import ServerConfig
+from shoal.server.dataplane import DataPlane
+from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.dispatch.pool import DispatchContext
+from shoal.server.frontends.grpc.app import start_grpc
+from shoal.server.frontends.http.app import make_app
+from shoal.server.frontends.http.body import HttpLimits
+from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
+from shoal.server.logsettings import LogSettings
+from shoal.server.memory import Trimmer
+from shoal.server.metrics import CONTENT_TYPE, Metrics, Sampler
+from shoal.server.models import InstanceSettings, ModelManager
+from shoal.server.resources import RequestBudget
+from shoal.server.rundir import RunDir, reclaim_run_dirs
+from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.shm import region
+from shoal.shm.arena import Arena
+from shoal.shm.mapper import Mapper
 
 log = logging.getLogger("shoal")
 PROBE_TIMEOUT_S = 30.0

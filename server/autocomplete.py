@@ -1,7 +1,7 @@
 """Auto-complete (Triton's default since 22.07; off with ``--strict-model-config=true`` or
 ``--disable-auto-complete-config``): a configuration that lacks inputs or outputs, or a
 Python model with an ``auto_complete_config`` hook, is completed by the model's backend in
-a short-lived ``python -m workers.autocomplete`` process (the router imports no ML
+a short-lived ``python -m shoal.workers.autocomplete`` process (the router imports no ML
 runtime). The completed configuration then goes through the usual normalization."""
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2 as wpb
-from server.repository import available_versions, backend_of, parse_config
-
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.repository import available_versions, backend_of, parse_config
 
 
 def needs_completion(config: mc.ModelConfig, version_dir: Path) -> bool:
@@ -58,10 +56,10 @@ async def complete(
         model_name=name,
         model_version=versions[-1],
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     try:
         proc = await asyncio.create_subprocess_exec(
-            python or sys.executable, "-m", "workers.autocomplete",
+            python or sys.executable, "-P", "-m", "shoal.workers.autocomplete",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
     except OSError as exc:

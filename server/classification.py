@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from proto import dtypes
-from proto.errors import InvalidInput
-from server.types import InferRequest, InferResult, OutputTensor
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput
+from shoal.server.types import InferRequest, InferResult, OutputTensor
 
 
 def class_count(params: dict[str, Any], what: str) -> int | None:

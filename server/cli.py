@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from server.__main__ import main
+from shoal.server.__main__ import main
 
 
 def run() -> None:

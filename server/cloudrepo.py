@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from proto.errors import ErrorCode, ServingError
+from shoal.proto.errors import ErrorCode, ServingError
 
 log = logging.getLogger("shoal.repository")
 

@@ -10,8 +10,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import restrict
-from server.cloudrepo import is_remote
+from shoal.server import restrict
+from shoal.server.cloudrepo import is_remote
 
 CONTROL_MODES = ("none", "poll", "explicit")
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import orjson
 
-from proto import dtypes
-from proto.config_json import config_from_json, config_to_json
-from proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
-from proto.gen import model_config_pb2 as mc
-from server.classification import classify
-from server.logsettings import LogSettings
-from server.models import ModelManager, ModelVersion, submit
-from server.sharedmem import SharedMemoryRegistry
-from server.types import InferRequest, InferResult
-from server.validation import validate
+from shoal.proto import dtypes
+from shoal.proto.config_json import config_from_json, config_to_json
+from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.classification import classify
+from shoal.server.logsettings import LogSettings
+from shoal.server.models import ModelManager, ModelVersion, submit
+from shoal.server.sharedmem import SharedMemoryRegistry
+from shoal.server.types import InferRequest, InferResult
+from shoal.server.validation import validate
 
 SERVER_NAME = "shoal"
 EXTENSIONS = [

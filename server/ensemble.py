@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from proto import dtypes
-from proto.errors import InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
 
 ENSEMBLE = "ensemble"
 

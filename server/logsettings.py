@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from proto.errors import InvalidInput, Unsupported
+from shoal.proto.errors import InvalidInput, Unsupported
 
 _FORMATS = {"default": "%(asctime)s %(levelname)s %(name)s: %(message)s", "ISO8601": None}
 

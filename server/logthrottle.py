@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from proto.errors import ServingError
+from shoal.proto.errors import ServingError
 
 _PER_SECOND = 10
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.models import ModelManager, ModelVersion
-from server.stats import FAILURE_REASONS
+from shoal.server.models import ModelManager, ModelVersion
+from shoal.server.stats import FAILURE_REASONS
 
 log = logging.getLogger("shoal.metrics")
 

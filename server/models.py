@@ -18,23 +18,23 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2 as wpb
-from server import autocomplete, ensemble, gpus
-from server.dispatch.channel import WorkerChannel
-from server.dispatch.pool import DispatchContext, InstancePool
-from server.dispatch.worker import Worker, WorkerSpec, WorkerState
-from server.repository import ModelSource, fingerprint, list_models, parse_config, read_model, validate_model_name
-from server.scheduling.base import Scheduler
-from server.scheduling.direct import DirectScheduler
-from server.scheduling.dynamic import DynamicBatcher
-from server.scheduling.ensemble import EnsembleScheduler
-from server.scheduling.sequence import SequenceBatcher
-from server.stats import ModelStats
-from server.types import InferRequest, InferResult
-from server.validation import validate
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server import autocomplete, ensemble, gpus
+from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.dispatch.pool import DispatchContext, InstancePool
+from shoal.server.dispatch.worker import Worker, WorkerSpec, WorkerState
+from shoal.server.repository import ModelSource, fingerprint, list_models, parse_config, read_model, validate_model_name
+from shoal.server.scheduling.base import Scheduler
+from shoal.server.scheduling.direct import DirectScheduler
+from shoal.server.scheduling.dynamic import DynamicBatcher
+from shoal.server.scheduling.ensemble import EnsembleScheduler
+from shoal.server.scheduling.sequence import SequenceBatcher
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult
+from shoal.server.validation import validate
 
 log = logging.getLogger("shoal.models")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from proto.errors import InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
+from shoal.proto.errors import InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _NAME_RE = re.compile(r"^[^/\\\x00-\x1f\x7f]+$")

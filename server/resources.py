@@ -12,8 +12,8 @@ import os
 import resource
 from dataclasses import dataclass
 
-from proto.errors import ErrorCode, ServingError
-from server.config import ServerConfig
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.server.config import ServerConfig
 
 log = logging.getLogger("shoal")
 

@@ -19,7 +19,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from shm.region import SHM_DIR, OwnerLock, is_held, lock_name
+from shoal.shm.region import SHM_DIR, OwnerLock, is_held, lock_name
 
 log = logging.getLogger("shoal")
 

@@ -35,12 +35,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError, Unsupported
-from proto.gen import worker_pb2 as wpb
-from server.peers import Peer
-from server.types import InferRequest, ShmRef
-from shm import client as shm_client
-from shm.region import SERVER_PREFIX
+from shoal.proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError, Unsupported
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.peers import Peer
+from shoal.server.types import InferRequest, ShmRef
+from shoal.shm import client as shm_client
+from shoal.shm.region import SERVER_PREFIX
 
 log = logging.getLogger("shoal.shm")
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
+from shoal.proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")

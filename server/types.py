@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shm.block import Block
+from shoal.shm.block import Block
 
 if TYPE_CHECKING:
-    from server.peers import Peer
-    from server.sharedmem import Region
+    from shoal.server.peers import Peer
+    from shoal.server.sharedmem import Region
 
 Buffer = bytes | bytearray | memoryview
 

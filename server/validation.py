@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proto import dtypes
-from proto.errors import InvalidInput
-from server.types import InferRequest
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput
+from shoal.server.types import InferRequest
 
 if TYPE_CHECKING:
-    from server.models import ModelVersion, TensorSpec
+    from shoal.server.models import ModelVersion, TensorSpec
 
 
 _MAX_VERSION_DIGITS = 18

@@ -16,9 +16,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from proto.errors import ErrorCode, ServingError
-from shm.block import HOST, Block
-from shm.region import Segment
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.shm.block import HOST, Block
+from shoal.shm.region import Segment
 
 _ALIGN = 256
 

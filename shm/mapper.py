@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shm.block import Block
-from shm.region import Segment
+from shoal.shm.block import Block
+from shoal.shm.region import Segment
 
 
 class Mapper:
@@ -21,7 +21,7 @@ class Mapper:
             self._segments[block.region] = seg
         end = block.offset + block.nbytes
         if block.offset < 0 or end > seg.nbytes:
-            from proto.errors import InvalidInput
+            from shoal.proto.errors import InvalidInput
 
             raise InvalidInput(f"block [{block.offset}, {end}) outside region of {seg.nbytes} bytes")
         return memoryview(seg.mm)[block.offset : end]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import posix_ipc
 
-from proto.errors import ErrorCode, ServingError
+from shoal.proto.errors import ErrorCode, ServingError
 
 log = logging.getLogger("shoal.shm")
 

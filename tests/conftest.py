@@ -26,7 +26,7 @@ def no_leaked_segments() -> Iterator[None]:
     leaked = shoal_segments() - before
     # segments of module-scoped servers that a test merely caused to grow stay with
     # their (live) server and are checked when it stops
-    from shm.region import _RUN_RE, SHM_DIR, is_held, lock_name
+    from shoal.shm.region import _RUN_RE, SHM_DIR, is_held, lock_name
 
     leaked = {n for n in leaked if not ((m := _RUN_RE.match(n)) and is_held(str(SHM_DIR / lock_name(m.group(1)))))}
     assert not leaked, f"shared memory leaked: {sorted(leaked)}"

@@ -1,4 +1,4 @@
-"""``python -m workers --endpoint ipc://... --identity NAME``: one model instance."""
+"""``python -m shoal.workers --endpoint ipc://... --identity NAME``: one model instance."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from workers.runtime import WorkerRuntime
+from shoal.workers.runtime import WorkerRuntime
 
 _PR_SET_PDEATHSIG = 1
 
@@ -26,7 +26,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers")
+    p = argparse.ArgumentParser(prog="python -m shoal.workers")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--identity", required=True)
     p.add_argument("--parent-pid", type=int, default=os.getppid())

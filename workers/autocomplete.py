@@ -1,4 +1,4 @@
-"""``python -m workers.autocomplete``: complete a model configuration from the model itself
+"""``python -m shoal.workers.autocomplete``: complete a model configuration from the model itself
 (the backend's ``auto_complete``), in a short-lived process so the router imports no ML
 runtime. Reads a serialized ``shoal.worker.Load`` on stdin (config, repository, model name,
 version) and writes the completed ``ModelConfig`` on stdout; on failure exits 2 with the
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from proto.errors import from_exception
-from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2 as wpb
-from workers.backends.base import Device, spec_from_load
-from workers.backends.registry import backend_class
+from shoal.proto.errors import from_exception
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.backends.base import Device, spec_from_load
+from shoal.workers.backends.registry import backend_class
 
 
 def main() -> int:

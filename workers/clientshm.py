@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import worker_pb2 as wpb
-from shm import client as shm_client
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.shm import client as shm_client
 
 log = logging.getLogger("shoal.worker.shm")
 

@@ -17,17 +17,17 @@ from typing import Any
 
 import zmq
 
-from proto import dtypes, wire
-from proto.errors import ErrorCode, ServingError, from_exception
-from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2 as wpb
-from shm.arena import Arena
-from shm.block import Block
-from shm.mapper import Mapper
-from workers.backends.base import Backend, Device, ModelSpec, WorkRequest, spec_from_load
-from workers.backends.registry import backend_class
-from workers.clientshm import ClientRegions
-from workers.tensors import OutputWriter, read_input
+from shoal.proto import dtypes, wire
+from shoal.proto.errors import ErrorCode, ServingError, from_exception
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.shm.arena import Arena
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, spec_from_load
+from shoal.workers.backends.registry import backend_class
+from shoal.workers.clientshm import ClientRegions
+from shoal.workers.tensors import OutputWriter, read_input
 
 log = logging.getLogger("shoal.worker")
 

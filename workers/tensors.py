@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import worker_pb2 as wpb
-from shm.arena import Arena
-from shm.block import Block
-from shm.mapper import Mapper
-from workers.clientshm import ClientRegions
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.shm.arena import Arena
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+from shoal.workers.clientshm import ClientRegions
 
 Array = npt.NDArray[Any]
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.gen import grpc_service_pb2 as grpc__service__pb2
+from shoal.proto.gen import grpc_service_pb2 as grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -11,7 +11,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
-from proto.gen import grpc_service_pb2 as _grpc_service_pb2
+from shoal.proto.gen import grpc_service_pb2 as _grpc_service_pb2
 import sys
 import typing as _typing
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.gen import health_pb2 as health__pb2
+from shoal.proto.gen import health_pb2 as health__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -10,7 +10,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
-from proto.gen import health_pb2 as _health_pb2
+from shoal.proto.gen import health_pb2 as _health_pb2
 import sys
 import typing as _typing
 

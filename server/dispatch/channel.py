@@ -14,9 +14,9 @@ from typing import Any
 
 import zmq
 
-from proto import wire
-from proto.errors import ErrorCode, ServingError
-from proto.gen import worker_pb2 as wpb
+from shoal.proto import wire
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
 
 log = logging.getLogger("shoal.channel")
 

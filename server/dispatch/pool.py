@@ -7,16 +7,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from proto import wire
-from proto.errors import ErrorCode, ModelNotReady, ServingError
-from proto.gen import worker_pb2 as wpb
-from server.dispatch.worker import Worker
-from server.sharedmem import Region, SharedMemoryRegistry
-from server.stats import ModelStats
-from server.types import InferRequest, InferResult, Lease, OutputTensor, ShmRef
-from shm.arena import Arena
-from shm.block import Block
-from shm.mapper import Mapper
+from shoal.proto import wire
+from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dispatch.worker import Worker
+from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult, Lease, OutputTensor, ShmRef
+from shoal.shm.arena import Arena
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
 
 RESERVED_PARAMETERS = frozenset(
     {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}

@@ -17,18 +17,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from proto import wire
-from proto.errors import ErrorCode, ServingError, WorkerDied
-from proto.gen import worker_pb2 as wpb
-from server.dispatch.channel import WorkerChannel
-from shm import region
+from shoal.proto import wire
+from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dispatch.channel import WorkerChannel
+from shoal.shm import region
 
 log = logging.getLogger("shoal.worker")
 
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 HEARTBEAT_SUFFIX = b"/hb"
 """A worker's heartbeat thread connects its own socket under ``<identity>/hb``."""
 
@@ -266,12 +264,14 @@ class Worker:
         return rc
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}
-        env.update(self.spec.env)
+        # the worker imports Shoal as the router does (installed, or on the inherited PYTHONPATH)
+        env = {**os.environ, **dict(self.spec.env)}
         beat_ms = _beat_interval_ms(self.spec.heartbeat_timeout_s)
+        # -P: no current directory on the worker's sys.path (started from a checkout, its
+        # folders would shadow a model's own top-level packages, such as proto-plus's `proto`)
         try:
             return await asyncio.create_subprocess_exec(
-                self.spec.python or sys.executable, "-m", "workers",
+                self.spec.python or sys.executable, "-P", "-m", "shoal.workers",
                 "--endpoint", self.channel.endpoint,
                 "--identity", self.identity.decode(),
                 "--parent-pid", str(os.getpid()),

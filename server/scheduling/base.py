@@ -11,8 +11,8 @@ import asyncio
 import time
 from typing import Protocol
 
-from proto.errors import ErrorCode, ServingError
-from server.types import InferRequest, InferResult
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.server.types import InferRequest, InferResult
 
 
 class Scheduler(Protocol):

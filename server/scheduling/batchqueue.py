@@ -21,8 +21,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.errors import DeadlineExceeded, InvalidInput, QueueFull, ServingError
-from proto.gen import model_config_pb2 as mc
+from shoal.proto.errors import DeadlineExceeded, InvalidInput, QueueFull, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
 
 REJECT = mc.ModelQueuePolicy.REJECT
 DELAY = mc.ModelQueuePolicy.DELAY

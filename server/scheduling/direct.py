@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from proto.errors import ServingError
-from server.dispatch.pool import InstancePool
-from server.scheduling.base import SchedulerBase
-from server.stats import ModelStats
-from server.types import InferRequest, InferResult
+from shoal.proto.errors import ServingError
+from shoal.server.dispatch.pool import InstancePool
+from shoal.server.scheduling.base import SchedulerBase
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult
 
 
 class DirectScheduler(SchedulerBase):

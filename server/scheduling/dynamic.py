@@ -10,13 +10,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
-from server.dispatch.pool import InstancePool
-from server.scheduling.base import SchedulerBase
-from server.scheduling.batchqueue import BatchConfig, BatchQueue, Item
-from server.stats import ModelStats
-from server.types import InferRequest, InferResult
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.dispatch.pool import InstancePool
+from shoal.server.scheduling.base import SchedulerBase
+from shoal.server.scheduling.batchqueue import BatchConfig, BatchQueue, Item
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult
 
 Clock = Callable[[], int]
 

@@ -19,11 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proto.errors import BackendError, ErrorCode, ServingError, WorkerDied, detach
-from server.ensemble import EnsemblePlan, StepPlan
-from server.scheduling.base import SchedulerBase
-from server.stats import ModelStats
-from server.types import (
+from shoal.proto.errors import BackendError, ErrorCode, ServingError, WorkerDied, detach
+from shoal.server.ensemble import EnsemblePlan, StepPlan
+from shoal.server.scheduling.base import SchedulerBase
+from shoal.server.stats import ModelStats
+from shoal.server.types import (
     ArenaRef,
     InferRequest,
     InferResult,

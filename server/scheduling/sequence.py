@@ -38,14 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
-from proto.gen import model_config_pb2 as mc
-from server.dispatch.pool import InstancePool
-from server.dispatch.worker import Worker
-from server.scheduling.base import SchedulerBase
-from server.stats import ModelStats
-from server.types import InferRequest, InferResult, InputTensor, RequestedOutput
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.dispatch.pool import InstancePool
+from shoal.server.dispatch.worker import Worker
+from shoal.server.scheduling.base import SchedulerBase
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult, InputTensor, RequestedOutput
 
 log = logging.getLogger("shoal.sequence")
 

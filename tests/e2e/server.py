@@ -25,7 +25,7 @@ _METRICS_PORT_RE = re.compile(r"Metrics listening on \S+:(\d+)")
 
 
 class ServerProcess:
-    """``python -m server serve`` as a child process; its log is kept in ``self.log``."""
+    """``python -m shoal.server serve`` as a child process; its log is kept in ``self.log``."""
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "server",
+            "shoal.server",
             "serve",
             "--model-repository",
             str(self.repository),
@@ -84,8 +84,7 @@ class ServerProcess:
             "0",
             *self.extra,
         ]
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": path, **self.env}
+        env = {**os.environ, **self.env}
         limits = dict(self.rlimits)
 
         def apply_limits() -> None:

@@ -35,7 +35,7 @@ def aserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 
 def _cli(srv: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "server", "workers", "--url", f"http://{srv.url}", *args]
+    cmd = [sys.executable, "-m", "shoal.server", "workers", "--url", f"http://{srv.url}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
 
 

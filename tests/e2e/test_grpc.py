@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from proto.gen import grpc_service_pb2 as pb
-from proto.gen import grpc_service_pb2_grpc as pb_grpc
-from proto.gen import health_pb2, health_pb2_grpc
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
+from shoal.proto.gen import health_pb2, health_pb2_grpc
 from tests.e2e.server import ServerProcess
 from tests.e2e.test_http_datatypes import SAMPLES
 

@@ -242,7 +242,7 @@ def test_bad_command_line_reports_every_problem(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server",
+            "shoal.server",
             "serve",
             "--model-repository",
             str(tmp_path / "missing"),

@@ -11,11 +11,11 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from proto import dtypes
-from proto.gen import grpc_service_pb2 as pb
-from server.frontends.grpc import codec as grpc_codec
-from server.frontends.http import codec as http_codec
-from server.models import ModelVersion
+from shoal.proto import dtypes
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.server.frontends.grpc import codec as grpc_codec
+from shoal.server.frontends.http import codec as http_codec
+from shoal.server.models import ModelVersion
 from tests.security.fuzz_values import (
     DATATYPES,
     DIMS,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from proto import dtypes
+from shoal.proto import dtypes
 from tests.security.fuzzing import MODELS
 
 # ---- datatypes, dimensions, names, JSON, parameters --------------------------------------------

@@ -29,17 +29,17 @@ from google.protobuf import text_format
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from proto import dtypes
-from proto.errors import ErrorCode, ServingError
-from proto.gen import grpc_service_pb2 as pb
-from proto.gen import model_config_pb2 as mc
-from server.classification import classify
-from server.dataplane import DataPlane
-from server.frontends.grpc import codec as grpc_codec
-from server.frontends.http import codec as http_codec
-from server.models import ModelVersion, _tensor_specs
-from server.types import InferRequest, InferResult, OutputTensor
-from server.validation import validate
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.classification import classify
+from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.grpc import codec as grpc_codec
+from shoal.server.frontends.http import codec as http_codec
+from shoal.server.models import ModelVersion, _tensor_specs
+from shoal.server.types import InferRequest, InferResult, OutputTensor
+from shoal.server.validation import validate
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from proto.gen import health_pb2, health_pb2_grpc
+from shoal.proto.gen import health_pb2, health_pb2_grpc
 from tests.e2e.server import ServerProcess
 from tests.security.conftest import ADD_SUB, limited, request
 
@@ -117,7 +117,7 @@ def test_restricted_settings_are_checked(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server",
+            "shoal.server",
             "serve",
             "--model-repository",
             str(tmp_path),

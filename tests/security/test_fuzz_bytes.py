@@ -9,8 +9,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from proto import dtypes
-from proto.errors import InvalidInput, ServingError
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput, ServingError
 from tests.security.fuzz_values import BYTES_COUNTS, length_prefixed
 from tests.security.fuzzing import bounded, fuzz
 

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from proto.errors import InvalidInput, ServingError
-from server.classification import classify
-from server.frontends.http import codec as http_codec
-from server.validation import validate
+from shoal.proto.errors import InvalidInput, ServingError
+from shoal.server.classification import classify
+from shoal.server.frontends.http import codec as http_codec
+from shoal.server.validation import validate
 from tests.security.fuzz_requests import chaos_http_requests, http_requests
 from tests.security.fuzz_values import HEADER_VALUES, item_size, length_prefixed
 from tests.security.fuzzing import MODELS, RAW_MODELS, bounded, echo, fuzz, serve_http

@@ -18,8 +18,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from proto.gen import grpc_service_pb2 as pb
-from proto.gen import grpc_service_pb2_grpc as pb_grpc
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
 from tests.e2e.server import ServerProcess
 from tests.security.conftest import GoodClient, limited, request, reset_peak, status, wait_for
 

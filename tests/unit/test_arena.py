@@ -13,12 +13,12 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from shm import region
-from shm.arena import Arena
-from shm.block import HOST, Block
-from shm.mapper import Mapper
-from shm.region import Segment
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.shm import region
+from shoal.shm.arena import Arena
+from shoal.shm.block import HOST, Block
+from shoal.shm.mapper import Mapper
+from shoal.shm.region import Segment
 
 SHM = Path("/dev/shm")
 KB4 = 4096

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from proto.errors import ErrorCode, ServingError
-from proto.gen import model_config_pb2 as mc
-from server.scheduling.batchqueue import DELAY, REJECT, BatchConfig, BatchQueue, Item, Policy
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.scheduling.batchqueue import DELAY, REJECT, BatchConfig, BatchQueue, Item, Policy
 
 MS = 1_000_000
 

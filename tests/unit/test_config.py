@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, parse
+from shoal.server.config import ConfigError, ServerConfig, parse
 
 
 def _parse(repo: Path, *args: str) -> ServerConfig:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from google.protobuf import text_format
 
-from proto.errors import InvalidInput, ModelNotFound
-from proto.gen import model_config_pb2 as mc
-from server import ensemble
+from shoal.proto.errors import InvalidInput, ModelNotFound
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server import ensemble
 
 MODELS = {
     "pre": """name: "pre" max_batch_size: 8

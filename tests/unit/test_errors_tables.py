@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proto import errors
-from proto.errors import ErrorCode, ServingError
-from server.frontends.http.errors import HTTP_STATUS
+from shoal.proto import errors
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.server.frontends.http.errors import HTTP_STATUS
 
 
 @pytest.mark.parametrize("code", list(ErrorCode))
@@ -96,7 +96,7 @@ def test_explicit_code_overrides_class_code() -> None:
 
 
 def test_grpc_table_covers_every_code() -> None:
-    from server.frontends.grpc.errors import GRPC_STATUS
+    from shoal.server.frontends.grpc.errors import GRPC_STATUS
 
     assert set(GRPC_STATUS) == set(ErrorCode)
     assert GRPC_STATUS[ErrorCode.UNAVAILABLE].name == "UNAVAILABLE"

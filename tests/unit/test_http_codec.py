@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from server.frontends.http import codec
-from server.types import InferRequest, InferResult, OutputTensor, RequestedOutput
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.server.frontends.http import codec
+from shoal.server.types import InferRequest, InferResult, OutputTensor, RequestedOutput
 
 
 def _json(obj: Any) -> bytes:

@@ -12,17 +12,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
-    "server": ("workers", "onnxruntime", "torch", "tensorrt", "cupy", "onnx"),
-    "workers": ("server", "aiohttp"),
-    "shm": ("server", "workers"),
-    "proto": ("server", "workers", "shm"),
+    "server": ("shoal.workers", "onnxruntime", "torch", "tensorrt", "cupy", "onnx"),
+    "workers": ("shoal.server", "aiohttp"),
+    "shm": ("shoal.server", "shoal.workers"),
+    "proto": ("shoal.server", "shoal.workers", "shoal.shm"),
 }
 
 
 def modules_of(package: str) -> list[str]:
+    """Every module of ``shoal.<package>`` (the folder ``<package>/``)."""
     path = ROOT / package
-    names = [package]
-    for info in pkgutil.walk_packages([str(path)], prefix=f"{package}."):
+    names = [f"shoal.{package}"]
+    for info in pkgutil.walk_packages([str(path)], prefix=f"shoal.{package}."):
         if ".gen." in info.name or info.name.endswith("__main__"):
             continue
         names.append(info.name)

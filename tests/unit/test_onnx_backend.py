@@ -14,10 +14,10 @@ from google.protobuf import text_format
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from proto.errors import ErrorCode, ServingError  # noqa: E402
-from proto.gen import model_config_pb2 as mc  # noqa: E402
-from workers.backends.base import Device, ModelSpec, WorkRequest  # noqa: E402
-from workers.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from shoal.proto.errors import ErrorCode, ServingError  # noqa: E402
+from shoal.proto.gen import model_config_pb2 as mc  # noqa: E402
+from shoal.workers.backends.base import Device, ModelSpec, WorkRequest  # noqa: E402
+from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

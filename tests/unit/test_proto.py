@@ -11,10 +11,10 @@ from typing import Any, cast
 
 import pytest
 
-from proto import errors
-from proto.config_json import config_from_json, config_to_json
-from proto.gen import POOL, grpc_service_pb2, grpc_service_pb2_grpc, health_pb2, health_pb2_grpc, worker_pb2
-from proto.gen import model_config_pb2 as mc
+from shoal.proto import errors
+from shoal.proto.config_json import config_from_json, config_to_json
+from shoal.proto.gen import POOL, grpc_service_pb2, grpc_service_pb2_grpc, health_pb2, health_pb2_grpc, worker_pb2
+from shoal.proto.gen import model_config_pb2 as mc
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = ROOT / "proto" / "gen"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from proto.errors import ErrorCode, ServingError
-from proto.gen import model_config_pb2 as mc
-from workers.backends.base import Device, ModelSpec, WorkRequest
-from workers.backends.python import PythonBackend, pb_utils
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends.base import Device, ModelSpec, WorkRequest
+from shoal.workers.backends.python import PythonBackend, pb_utils
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "models"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proto.errors import InvalidInput
-from server.config import ConfigError, parse
-from server.frontends.http import codec
-from shm.arena import Arena
+from shoal.proto.errors import InvalidInput
+from shoal.server.config import ConfigError, parse
+from shoal.server.frontends.http import codec
+from shoal.shm.arena import Arena
 
 
 def test_in_use_bytes_back_to_zero_after_free() -> None:

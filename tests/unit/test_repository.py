@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from proto.errors import InvalidInput
-from proto.gen import model_config_pb2 as mc
-from server import repository
-from server.repository import ModelSource, read_model
+from shoal.proto.errors import InvalidInput
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server import repository
+from shoal.server.repository import ModelSource, read_model
 
 IO = """
 input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]

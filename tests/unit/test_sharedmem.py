@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import posix_ipc
 import pytest
 
-from proto.errors import ErrorCode, ServingError
-from server.sharedmem import SharedMemoryRegistry, normalize_key, shm_params
-from server.types import InferRequest, InputTensor, RequestedOutput, ShmRef
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.server.sharedmem import SharedMemoryRegistry, normalize_key, shm_params
+from shoal.server.types import InferRequest, InputTensor, RequestedOutput, ShmRef
 
 KEY = f"shoaltest_{os.getpid()}_unit"
 

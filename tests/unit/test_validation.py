@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput
-from proto.gen import model_config_pb2 as mc
-from server.models import ModelVersion, _tensor_specs
-from server.types import InferRequest, InputTensor, RequestedOutput
-from server.validation import validate
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.models import ModelVersion, _tensor_specs
+from shoal.server.types import InferRequest, InputTensor, RequestedOutput
+from shoal.server.validation import validate
 
 BATCHING = """
 name: "bm" backend: "python" max_batch_size: 8

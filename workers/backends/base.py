@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import numpy.typing as npt
 
-from proto.errors import ErrorCode, ServingError
-from proto.gen import model_config_pb2 as mc
-from proto.gen import worker_pb2 as wpb
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
 
 Array = npt.NDArray[Any]
 

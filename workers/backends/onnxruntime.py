@@ -16,10 +16,10 @@ from typing import Any, Final, Self
 
 import numpy as np
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
-from workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
 
 DEFAULT_FILENAME: Final = "model.onnx"
 

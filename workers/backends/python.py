@@ -22,10 +22,10 @@ from typing import Any, ClassVar, Final, Self
 
 import numpy as np
 
-from proto.config_json import config_from_json, config_to_json
-from proto.errors import ErrorCode, ServingError, Unsupported
-from proto.gen import model_config_pb2 as mc
-from workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
+from shoal.proto.config_json import config_from_json, config_to_json
+from shoal.proto.errors import ErrorCode, ServingError, Unsupported
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
 
 _LOG: Final = logging.getLogger(__name__)
 PB_DIR: Final = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pb")

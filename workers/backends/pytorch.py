@@ -21,8 +21,8 @@ from typing import Any, Final, Self
 
 import numpy as np
 
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
 
 DEFAULT_FILENAME: Final = "model.pt"
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from proto.errors import ErrorCode, ServingError
-from workers.backends.base import Backend
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.workers.backends.base import Backend
 
 _BACKENDS: dict[str, str] = {
-    "python": "workers.backends.python:PythonBackend",
-    "onnxruntime": "workers.backends.onnxruntime:OnnxRuntimeBackend",
-    "pytorch": "workers.backends.pytorch:PyTorchBackend",
-    "tensorrt": "workers.backends.tensorrt:TensorRTBackend",
+    "python": "shoal.workers.backends.python:PythonBackend",
+    "onnxruntime": "shoal.workers.backends.onnxruntime:OnnxRuntimeBackend",
+    "pytorch": "shoal.workers.backends.pytorch:PyTorchBackend",
+    "tensorrt": "shoal.workers.backends.tensorrt:TensorRTBackend",
 }
 
 

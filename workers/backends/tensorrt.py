@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Self
 
-from proto import dtypes
-from proto.errors import ErrorCode, InvalidInput, ServingError
-from proto.gen import model_config_pb2 as mc
-from workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
 
 DEFAULT_FILENAME: Final = "model.plan"
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import grpc
 
-from proto.gen import grpc_service_pb2 as pb
-from proto.gen import health_pb2
-from server import restrict
-from server.config import GrpcOptions
-from server.dataplane import DataPlane
-from server.frontends.grpc.service import MALFORMED, HealthService, InferenceService
-from server.peers import PeerCache
-from server.resources import RequestBudget
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import health_pb2
+from shoal.server import restrict
+from shoal.server.config import GrpcOptions
+from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.grpc.service import MALFORMED, HealthService, InferenceService
+from shoal.server.peers import PeerCache
+from shoal.server.resources import RequestBudget
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # Triton's and tritonclient's limit (INT32_MAX)
 HANDSHAKE_TIMEOUT_MS = 10_000

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from proto import dtypes
-from proto.errors import InvalidInput
-from proto.gen import grpc_service_pb2 as pb
-from server.classification import class_count
-from server.sharedmem import shm_params
-from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
-from server.validation import version_number
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.server.classification import class_count
+from shoal.server.sharedmem import shm_params
+from shoal.server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
+from shoal.server.validation import version_number
 
 # typed-contents field and the numpy type it is read with, per datatype
 _CONTENTS: dict[str, tuple[str, Any]] = {

@@ -6,7 +6,7 @@ from types import MappingProxyType
 
 import grpc
 
-from proto.errors import ErrorCode
+from shoal.proto.errors import ErrorCode
 
 GRPC_STATUS = MappingProxyType(
     {

@@ -13,18 +13,18 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import json_format
 
-from proto.errors import InvalidInput, ServingError, Unsupported, detach, from_exception
-from proto.gen import grpc_service_pb2 as pb
-from proto.gen import grpc_service_pb2_grpc as pb_grpc
-from proto.gen import health_pb2, health_pb2_grpc
-from server import restrict
-from server.dataplane import DataPlane
-from server.frontends.grpc import codec
-from server.frontends.grpc.errors import GRPC_STATUS
-from server.logthrottle import client_error
-from server.peers import Peer, PeerCache
-from server.resources import RequestBudget
-from server.validation import version_number
+from shoal.proto.errors import InvalidInput, ServingError, Unsupported, detach, from_exception
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
+from shoal.proto.gen import health_pb2, health_pb2_grpc
+from shoal.server import restrict
+from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.grpc import codec
+from shoal.server.frontends.grpc.errors import GRPC_STATUS
+from shoal.server.logthrottle import client_error
+from shoal.server.peers import Peer, PeerCache
+from shoal.server.resources import RequestBudget
+from shoal.server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
 

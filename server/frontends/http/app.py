@@ -9,14 +9,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proto.errors import ServingError, detach, from_exception
-from server import restrict
-from server.dataplane import DataPlane
-from server.frontends.http.body import BodyError, HttpLimits
-from server.frontends.http.connections import ConnectionGuard
-from server.frontends.http.errors import HTTP_STATUS
-from server.frontends.http.routes import CATEGORY, DATAPLANE, LIMITS, PEER, RESTRICTIONS, add_routes
-from server.logthrottle import client_error
+from shoal.proto.errors import ServingError, detach, from_exception
+from shoal.server import restrict
+from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.http.body import BodyError, HttpLimits
+from shoal.server.frontends.http.connections import ConnectionGuard
+from shoal.server.frontends.http.errors import HTTP_STATUS
+from shoal.server.frontends.http.routes import CATEGORY, DATAPLANE, LIMITS, PEER, RESTRICTIONS, add_routes
+from shoal.server.logthrottle import client_error
 
 log = logging.getLogger("shoal.http")
 

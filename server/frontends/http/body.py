@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
-from server.resources import RequestBudget
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from shoal.server.resources import RequestBudget
 
 _PIECE = 4 << 20
 """Inflated bytes per step: the first step runs on the loop, later ones in a thread."""

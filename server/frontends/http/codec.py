@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from proto import dtypes
-from proto.errors import InvalidInput
-from server.classification import class_count
-from server.sharedmem import shm_params
-from server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
+from shoal.proto import dtypes
+from shoal.proto.errors import InvalidInput
+from shoal.server.classification import class_count
+from shoal.server.sharedmem import shm_params
+from shoal.server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
 JSON_UNSUPPORTED = frozenset({"FP16", "BF16"})
 _MAX_NESTING = 64

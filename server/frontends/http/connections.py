@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.peers import Peer
+from shoal.server.peers import Peer
 
 _FULL_BODY = b'{"error":"the server has too many open HTTP connections; retry later"}'
 _FULL_RESPONSE = (

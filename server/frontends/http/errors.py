@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from proto.errors import ErrorCode
+from shoal.proto.errors import ErrorCode
 
 HTTP_STATUS = MappingProxyType(
     {

@@ -9,13 +9,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proto.errors import InvalidInput
-from server import restrict
-from server.dataplane import DataPlane
-from server.frontends.http import body, codec
-from server.frontends.http.body import HttpLimits
-from server.peers import Peer
-from server.validation import version_number
+from shoal.proto.errors import InvalidInput
+from shoal.server import restrict
+from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.http import body, codec
+from shoal.server.frontends.http.body import HttpLimits
+from shoal.server.peers import Peer
+from shoal.server.validation import version_number
 
 DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
 LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
