@@ -51,10 +51,6 @@ class InvalidInput(ServingError):
     code = ErrorCode.INVALID_ARGUMENT
 
 
-class ModelNotFound(ServingError):
-    code = ErrorCode.NOT_FOUND
-
-
 class ModelNotReady(ServingError):
     code = ErrorCode.UNAVAILABLE
 

@@ -27,8 +27,10 @@ def parse(header: bytes | memoryview) -> wpb.Envelope:
     env = wpb.Envelope()
     try:
         env.ParseFromString(header)  # type: ignore[arg-type]  # upb accepts any buffer
-    except Exception as exc:  # protobuf raises DecodeError; anything else is as bad
-        raise ServingError(f"malformed worker message: {exc}", code=ErrorCode.INTERNAL) from None
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError; anything else is as bad
+        raise ServingError(
+            f"malformed message between the server and a model instance: {exc}", code=ErrorCode.INTERNAL
+        ) from None
     if env.protocol_version != PROTOCOL_VERSION:
         raise ServingError(
             f"worker protocol version {env.protocol_version}, expected {PROTOCOL_VERSION}",

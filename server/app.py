@@ -82,11 +82,11 @@ class App:
 
     def _forget_regions(self, region_ids: Sequence[int]) -> None:
         if self.models is not None:
-            for worker in self.models.workers():
+            for worker in self.models.registry.workers():
                 worker.forget(region_ids)
 
     async def _probe_region(self, region: Region) -> None:
-        workers = [w for w in self.models.workers() if w.ready] if self.models is not None else []
+        workers = [w for w in self.models.registry.workers() if w.ready] if self.models is not None else []
         if not workers:
             return
         worker = min(workers, key=lambda w: w.outstanding)
@@ -259,8 +259,8 @@ class App:
             self._poll = asyncio.ensure_future(self.models.poll_forever(cfg.repository_poll_s))
         self.trimmer.start()
         self.dataplane.started = True
-        ready = self.models.all_ready()
-        log.info("server %s: %s", "ready" if ready else "started, NOT ready", _summary(self.models))
+        ready = self.models.registry.all_ready()
+        log.info("server %s: %s", "ready" if ready else "started, NOT ready", self.models.registry.summary())
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded by --exit-timeout-secs),
@@ -319,15 +319,3 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _summary(models: ModelManager) -> str:
-    parts = []
-    for name in sorted(models.sources):
-        src = models.sources[name]
-        if src.error:
-            parts.append(f"{name}: UNAVAILABLE")
-            continue
-        for v, mv in sorted(models.models.get(name, {}).items()):
-            parts.append(f"{name}/{v}: {mv.state.value}")
-    return ", ".join(parts) or "no models"

@@ -15,7 +15,8 @@ from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
 from shoal.server.models import ModelManager, ModelVersion, submit
-from shoal.server.sharedmem import SharedMemoryRegistry
+from shoal.server.peers import Peer
+from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
 
@@ -39,18 +40,20 @@ class DataPlane:
         *,
         version: str,
         strict_readiness: bool = True,
-        logs: LogSettings | None = None,
-        shm: SharedMemoryRegistry | None = None,
+        logs: LogSettings,
+        shm: SharedMemoryRegistry,
         allow_admin: bool = False,
         request_timeout_s: float = 0.0,
     ) -> None:
         self.models = models
+        self.registry = models.registry
         self.request_timeout_s = request_timeout_s
         """Deadline of every request (0: none); a request's ``timeout`` parameter may shorten it."""
         self.allow_admin = allow_admin
         """Operators may restart workers through the admin API."""
-        self.shm = shm if shm is not None else SharedMemoryRegistry()
-        self.logs = logs or LogSettings()
+        self.shm = shm
+        """The client shared-memory regions; the dispatcher uses the same one."""
+        self.logs = logs
         self.version = version
         self.strict_readiness = strict_readiness
         self.accepting = True
@@ -64,22 +67,22 @@ class DataPlane:
     def ready(self) -> bool:
         if not (self.started and self.accepting):
             return False
-        return self.models.all_ready() if self.strict_readiness else True
+        return self.registry.all_ready() if self.strict_readiness else True
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": self.version, "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: int) -> None:
         """Returns when the version is ready; raises the lookup error otherwise."""
-        self.models.get(name, version)
+        self.registry.get(name, version)
 
     def model_metadata(self, name: str, version: int) -> dict[str, Any]:
-        mv = self.models.get(name, version)
+        mv = self.registry.get(name, version)
         cfg = mv.config
         if version >= 0:
             versions = [str(version)]
         else:
-            versions = [str(v) for v, m in sorted(self.models.models[name].items()) if m.ready]
+            versions = [str(m.version) for m in self.registry.ready_versions(name)]
         batch = [-1] if cfg.max_batch_size > 0 else []
         return {
             "name": name,
@@ -94,15 +97,15 @@ class DataPlane:
         }
 
     def model_config(self, name: str, version: int) -> dict[str, Any]:
-        return config_to_json(self.models.get(name, version).config)
+        return config_to_json(self.registry.get(name, version).config)
 
     def model_config_message(self, name: str, version: int) -> mc.ModelConfig:
         """The normalized configuration; callers must not modify it."""
-        return self.models.get(name, version).config
+        return self.registry.get(name, version).config
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
         """Name, datatype and shape of the one input a raw-body request feeds."""
-        mv = self.models.get(name, version)
+        mv = self.registry.get(name, version)
         if len(mv.inputs) != 1:
             raise InvalidInput(f"raw binary request body needs a model with one input; '{name}' has {len(mv.inputs)}")
         spec = next(iter(mv.inputs.values()))
@@ -172,10 +175,36 @@ class DataPlane:
             dependents = value
         await self.models.unload(name, dependents)
 
+    # ---- shared-memory extensions (the registry decides who may do what) ----------------------
+
+    def shm_status(self, name: str | None, *, cuda: bool, peer: Peer | None) -> list[Region]:
+        return self.shm.status(name, cuda=cuda, peer=peer)
+
+    def register_system_shm(
+        self, name: str, key: Any, offset: Any, byte_size: Any, peer: Peer | None, *, trusted: bool
+    ) -> None:
+        self.shm.register_system(name, key, offset, byte_size, peer, trusted=trusted)
+
+    async def register_cuda_shm(
+        self, name: str, raw_handle: Any, device_id: Any, byte_size: Any, peer: Peer | None, *, trusted: bool
+    ) -> None:
+        await self.shm.register_cuda_checked(name, raw_handle, device_id, byte_size, peer, trusted=trusted)
+
+    def unregister_shm(self, name: str | None, *, cuda: bool, peer: Peer | None) -> None:
+        self.shm.unregister(name, cuda=cuda, peer=peer)
+
+    # ---- logging extension --------------------------------------------------------------------
+
+    def log_settings(self) -> dict[str, Any]:
+        return self.logs.as_dict()
+
+    def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.logs.update(changes) if changes else self.logs.as_dict()
+
     # ---- admin: worker processes (Shoal's own API) ---------------------------------------------
 
     def workers(self) -> list[dict[str, object]]:
-        return self.models.instances()
+        return self.registry.instances()
 
     async def restart_worker(self, name: str, instance: str, version: int) -> list[dict[str, object]]:
         if not self.allow_admin:
@@ -190,17 +219,17 @@ class DataPlane:
     def statistics(self, name: str, version: int) -> list[dict[str, Any]]:
         """Statistics of every READY version (of one model, or of one version)."""
         if not name:
-            versions = [mv for vs in self.models.models.values() for mv in vs.values() if mv.ready]
+            versions = self.registry.ready_versions()
         elif version >= 0:
             try:
-                versions = [self.models.get(name, version)]
+                versions = [self.registry.get(name, version)]
             except ServingError:
                 raise InvalidInput(f"requested model '{name}' is not available") from None
         else:
-            versions = [mv for mv in self.models.models.get(name, {}).values() if mv.ready]
+            versions = self.registry.ready_versions(name)
             if not versions:
                 raise InvalidInput(f"requested model '{name}' is not available")
-        return [mv.stats.as_dict() for mv in sorted(versions, key=lambda m: (m.name, m.version))]
+        return [mv.stats.as_dict() for mv in versions]
 
     # ---- inference ----------------------------------------------------------------------------
 
@@ -220,7 +249,7 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResult:
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE, retryable=True)
-        mv = self.models.get(request.model_name, request.model_version)
+        mv = self.registry.get(request.model_name, request.model_version)
         request.model_version = mv.version
         uses_shm = request.uses_shm
         if uses_shm:

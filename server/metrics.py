@@ -109,7 +109,7 @@ class Sampler:
 
     def _open_nvml(self, wanted: list[str] | None) -> None:
         try:
-            import pynvml  # type: ignore[import-untyped]  # noqa: PLC0415 - no NVML, no GPU metrics
+            import pynvml  # type: ignore[import-untyped]  # no NVML, no GPU metrics
 
             pynvml.nvmlInit()
             found = []
@@ -222,10 +222,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        versions = sorted(
-            (mv for vs in self.models.models.values() for mv in vs.values() if mv.ready),
-            key=lambda mv: (mv.name, mv.version),
-        )
+        versions = self.models.registry.ready_versions()
         labels = {id(mv): model_labels(mv) for mv in versions}
         _family(
             lines, "nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes"

@@ -1,10 +1,10 @@
 """``SharedMemoryRegistry``: the client shared-memory regions (Triton's system and CUDA
-shared-memory extensions), one namespace for both kinds.
+shared-memory extensions); system and CUDA regions share each client's namespace.
 
-The router never maps a client region: it checks the key at registration (the object
-exists, is large enough, and is not one of the server's own), checks every tensor's offset
-and size against the registration, and hands workers a descriptor (``ClientShm``); the
-worker that executes the request maps the region and reads or writes the bytes there.
+The router never maps a client region: it checks the key at registration (``shmkeys``: a
+regular file, large enough, not one of the server's own), checks every tensor's offset and
+size against the registration, and hands workers a descriptor (``ClientShm``); the worker
+that executes the request opens the region and reads or writes the bytes there.
 
 A region is reference counted by the requests that use it. Unregistering removes the name
 at once (it can be registered again); the registration itself lives until the last request
@@ -28,8 +28,6 @@ import base64
 import binascii
 import itertools
 import logging
-import os
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,9 +36,8 @@ from typing import Any
 from shoal.proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError, Unsupported
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.peers import Peer
+from shoal.server.shmkeys import normalize_key, open_checked, u64, unusable
 from shoal.server.types import InferRequest, ShmRef
-from shoal.shm import client as shm_client
-from shoal.shm.region import SERVER_PREFIX
 
 log = logging.getLogger("shoal.shm")
 
@@ -48,10 +45,7 @@ CUDA_IPC_HANDLE_SIZE = 64
 MAX_REGIONS = 4096
 MAX_REGIONS_PER_CLIENT = 1024
 ACCESS_MODES = ("local", "any")
-RESERVED_KEY_PREFIXES = (SERVER_PREFIX, "triton_python_backend_shm_region_", "sem.")
 _NAME_MAX = 255
-_KEY_RE = re.compile(r"^[^/\x00]{1,255}$")
-_U64 = 2**64
 DISABLED_MESSAGE = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
 REMOTE_MESSAGE = (
     "shared memory regions can only be registered by clients on the server's host "
@@ -93,25 +87,6 @@ class Region:
             out.object_device = self.object_device
             out.object_inode = self.object_inode
             out.device = -1
-
-
-def u64(value: Any, what: str) -> int:
-    """``value`` as an unsigned 64-bit integer (JSON ``true`` is not one)."""
-    if type(value) is not int or not 0 <= value < _U64:
-        raise InvalidInput(f"{what} must be an unsigned 64-bit integer")
-    return value
-
-
-def normalize_key(key: str) -> str:
-    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does)."""
-    name = key.lstrip("/")
-    if not _KEY_RE.match(name) or name in (".", ".."):
-        raise InvalidInput(
-            "shared memory key must be a POSIX shared memory name: 1 to 255 characters, no '/' after the leading one"
-        )
-    if name.startswith(RESERVED_KEY_PREFIXES):
-        raise InvalidInput("shared memory key uses a prefix reserved for the server's own shared memory")
-    return name
 
 
 class SharedMemoryRegistry:
@@ -202,15 +177,15 @@ class SharedMemoryRegistry:
         obj = normalize_key(key)
         if self.key_prefixes and not obj.startswith(self.key_prefixes):
             log.info("register %r: key %r is not under an allowed prefix", name, obj)
-            raise _unusable()
-        ident = _open_checked(obj, name)
+            raise unusable()
+        ident = open_checked(obj, name)
         uid = peer.uid if peer is not None and self.access == "local" else None
         if uid not in (None, 0) and ident.uid != uid:
             log.info("register %r: key %r belongs to uid %d, not to the client's uid %d", name, obj, ident.uid, uid)
-            raise _unusable()
+            raise unusable()
         if offset + byte_size > ident.size:
             log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, ident.size)
-            raise _unusable()
+            raise unusable()
         region = Region(
             name=name,
             id=next(self._ids),
@@ -358,6 +333,11 @@ class SharedMemoryRegistry:
         ref.region = region
         return region
 
+    def hold(self, region: Region) -> None:
+        """One more use of a region already resolved (the dispatcher's, until the worker
+        is done with it); given back with ``release``."""
+        region.users += 1
+
     def release(self, region: Region) -> None:
         region.users -= 1
         if region.users == 0 and not region.registered:
@@ -386,42 +366,3 @@ class SharedMemoryRegistry:
         regions, request.shm_regions = request.shm_regions, []
         for r in regions:
             self.release(r)
-
-
-def _unusable() -> InvalidInput:
-    """The one answer to a key that cannot be registered, whatever the reason (no existence
-    or size oracle); the log says why."""
-    return InvalidInput(
-        "failed to register shared memory region: unable to use the shared memory key "
-        "(it does not exist, this client may not use it, or it is smaller than offset + byte_size)"
-    )
-
-
-def _open_checked(name: str, region: str) -> shm_client.Identity:
-    """The identity of the client's object ``name``; refuses what is not a regular file
-    (directories, symlinks, FIFOs) the same way as a key that does not exist."""
-    try:
-        fd, ident = shm_client.open_object(name)
-    except OSError as exc:
-        log.info("register %r: cannot open key %r: %s", region, name, exc.strerror or exc)
-        raise _unusable() from None
-    os.close(fd)
-    return ident
-
-
-def shm_params(params: dict[str, Any], what: str) -> ShmRef | None:
-    """Take the ``shared_memory_*`` parameters out of a tensor's ``params``; ``None`` when
-    the tensor does not use shared memory."""
-    if "shared_memory_region" not in params:
-        for k in ("shared_memory_offset", "shared_memory_byte_size"):
-            if k in params:
-                raise InvalidInput(f"{what}: '{k}' given without 'shared_memory_region'")
-        return None
-    name = params.pop("shared_memory_region")
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"{what}: 'shared_memory_region' must be a non-empty string")
-    if "shared_memory_byte_size" not in params:
-        raise InvalidInput(f"{what}: 'shared_memory_byte_size' is required with 'shared_memory_region'")
-    byte_size = u64(params.pop("shared_memory_byte_size"), f"{what}: 'shared_memory_byte_size'")
-    offset = u64(params.pop("shared_memory_offset", 0), f"{what}: 'shared_memory_offset'")
-    return ShmRef(region_name=name, offset=offset, byte_size=byte_size)

@@ -125,7 +125,7 @@ class Arena:
         grow = max(self.segment_bytes, size)
         if capacity + grow > self.max_bytes:
             raise ServingError(
-                f"shared-memory arena full: {nbytes} bytes requested, {self._in_use} of "
+                f"the server's shared memory for tensors is full: {nbytes} bytes requested, {self._in_use} of "
                 f"{self.max_bytes} in use (raise {self.setting})",
                 code=ErrorCode.RESOURCE_EXHAUSTED,
                 retryable=True,

@@ -3,7 +3,8 @@
 Protocol (``proto/worker.proto``): on start the worker sends ``Ready(loaded=false)``; the
 router answers ``Load``; the worker loads its backend and sends ``Ready(loaded=true)`` or
 ``Failed``; then it serves ``Infer`` (answering ``InferDone`` with the same request id),
-``Release`` (frees output blocks), ``Ping`` (``Pong``) until ``Shutdown``.
+``Release`` (frees output blocks), ``Forget`` and ``Probe`` until ``Shutdown``; a thread
+sends heartbeats (``Pong``) meanwhile.
 """
 
 from __future__ import annotations
@@ -152,10 +153,6 @@ class WorkerRuntime:
                         self.mapper.forget_prefix(prefix)
                 elif kind == "probe":
                     self._probe(env)
-                elif kind == "ping":
-                    reply = wire.envelope(env.request_id)
-                    reply.pong.SetInParent()
-                    self.sock.send(reply.SerializeToString())
                 elif kind == "load":
                     self._load(env)
                 elif kind == "shutdown":

@@ -50,7 +50,10 @@ def read_input(
     if dt.protocol == "BYTES":
         return dtypes.deserialize_bytes(buf, count, name=ref.name).reshape(shape)
     if dt.numpy is None:
-        raise ServingError(f"datatype {dt.protocol} needs ml_dtypes in the worker", code=ErrorCode.UNIMPLEMENTED)
+        raise ServingError(
+            f"datatype {dt.protocol} needs the ml_dtypes package in the model's Python environment",
+            code=ErrorCode.UNIMPLEMENTED,
+        )
     if len(buf) != count * dt.itemsize:
         raise InvalidInput(f"input '{ref.name}' has {len(buf)} bytes, expected {count * dt.itemsize}")
     return np.frombuffer(buf, dtype=dt.numpy).reshape(shape)

@@ -367,20 +367,16 @@ class Infer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
-    DEADLINE_NS_FIELD_NUMBER: _builtins.int
-    deadline_ns: _builtins.int
-    """CLOCK_MONOTONIC; 0 = none"""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Request]: ...
     def __init__(
         self,
         *,
         requests: _abc.Iterable[Global___Request] | None = ...,
-        deadline_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_ns", b"deadline_ns", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -550,21 +546,6 @@ class Probe(_message.Message):
 Global___Probe: _TypeAlias = Probe  # noqa: Y015
 
 @_typing.final
-class Ping(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Ping: _TypeAlias = Ping  # noqa: Y015
-
-@_typing.final
 class Pong(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -602,7 +583,6 @@ class Envelope(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     INFER_FIELD_NUMBER: _builtins.int
-    PING_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     FORGET_FIELD_NUMBER: _builtins.int
@@ -619,9 +599,9 @@ class Envelope(_message.Message):
     @_builtins.property
     def infer(self) -> Global___Infer: ...
     @_builtins.property
-    def ping(self) -> Global___Ping: ...
-    @_builtins.property
-    def shutdown(self) -> Global___Shutdown: ...
+    def shutdown(self) -> Global___Shutdown:
+        """12 was Ping: the router never asks; workers send heartbeats of their own"""
+
     @_builtins.property
     def release(self) -> Global___Release: ...
     @_builtins.property
@@ -643,7 +623,6 @@ class Envelope(_message.Message):
         request_id: _builtins.int = ...,
         load: Global___Load | None = ...,
         infer: Global___Infer | None = ...,
-        ping: Global___Ping | None = ...,
         shutdown: Global___Shutdown | None = ...,
         release: Global___Release | None = ...,
         forget: Global___Forget | None = ...,
@@ -653,11 +632,11 @@ class Envelope(_message.Message):
         failed: Global___Failed | None = ...,
         pong: Global___Pong | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "ping", b"ping", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "ping", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

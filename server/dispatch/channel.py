@@ -69,7 +69,9 @@ class WorkerChannel:
                 send(env.SerializeToString(), 0)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise ServingError("worker is not connected", code=ErrorCode.UNAVAILABLE, retryable=True) from None
+                raise ServingError(
+                    "the model instance is not connected (it is restarting)", code=ErrorCode.UNAVAILABLE, retryable=True
+                ) from None
             raise
         # ZMQ_FD is edge-triggered: a send may consume the readiness edge of pending input.
         self._schedule_drain()

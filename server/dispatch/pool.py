@@ -27,13 +27,11 @@ class DispatchContext:
     """Router-wide resources shared by every pool: the input arena (owned here, on the
     router's loop) and the mapper of worker output arenas."""
 
-    def __init__(
-        self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int, shm: SharedMemoryRegistry | None = None
-    ) -> None:
+    def __init__(self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int, shm: SharedMemoryRegistry) -> None:
         self.arena = arena
         self.mapper = mapper
         self.inline_max_bytes = inline_max_bytes
-        self.shm = shm if shm is not None else SharedMemoryRegistry()
+        self.shm = shm
 
 
 class InstancePool:
@@ -130,7 +128,7 @@ class InstancePool:
                 ref.datatype = t.datatype
                 ref.shape.extend(t.shape)
                 if t.shm is not None:
-                    _use_region(t.shm, regions, ref.client)
+                    _use_region(t.shm, self.ctx.shm, regions, ref.client)
                     continue
                 if t.arena is not None:  # another worker's output: read in place
                     t.arena.lease.hold()
@@ -152,7 +150,7 @@ class InstancePool:
                 for o in req.outputs:
                     r.outputs.append(o.name)
                     if o.shm is not None:
-                        _use_region(o.shm, regions, r.output_shm[o.name])
+                        _use_region(o.shm, self.ctx.shm, regions, r.output_shm[o.name])
             params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
@@ -221,12 +219,12 @@ def _describe(block: Block, out: wpb.ShmSlice) -> None:
     out.region, out.offset, out.nbytes, out.device = block.region, block.offset, block.nbytes, block.device
 
 
-def _use_region(ref: ShmRef, regions: list[Region], out: wpb.ClientShm) -> None:
+def _use_region(ref: ShmRef, registry: SharedMemoryRegistry, regions: list[Region], out: wpb.ClientShm) -> None:
     """Count one more use of a bound client region (given back in ``_free``) and describe
     the tensor's place in it for the worker."""
     region = ref.region
     assert region is not None, "shared-memory reference not bound"
-    region.users += 1
+    registry.hold(region)
     regions.append(region)
     region.descriptor(ref.offset, ref.byte_size, out)
 

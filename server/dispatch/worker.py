@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,20 +20,11 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dispatch import process
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.shm import region
 
 log = logging.getLogger("shoal.worker")
-
-HEARTBEAT_SUFFIX = b"/hb"
-"""A worker's heartbeat thread connects its own socket under ``<identity>/hb``."""
-
-
-def _beat_interval_ms(timeout_s: float) -> int:
-    """Heartbeats every sixth of the timeout (at most 5 s); 0: none."""
-    if not timeout_s:
-        return 0
-    return max(50, min(5000, int(timeout_s * 1000 / 6)))
 
 
 class WorkerState(enum.Enum):
@@ -224,13 +213,13 @@ class Worker:
         hello: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[0] = hello
         self.channel.register(self.identity, self._on_message)
-        self.channel.register(self.identity + HEARTBEAT_SUFFIX, self._on_heartbeat)
+        self.channel.register(self.identity + process.HEARTBEAT_SUFFIX, self._on_heartbeat)
         try:
-            proc = await self._spawn()
+            proc = await process.spawn(self.spec, endpoint=self.channel.endpoint, identity=self.identity)
         except BaseException:
             self._pending.pop(0, None)
             self.channel.unregister(self.identity)
-            self.channel.unregister(self.identity + HEARTBEAT_SUFFIX)
+            self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
             raise
         self._proc = proc
         self.pid = proc.pid
@@ -254,36 +243,14 @@ class Worker:
             if watchdog is not None:
                 watchdog.cancel()
             self.channel.unregister(self.identity)
-            self.channel.unregister(self.identity + HEARTBEAT_SUFFIX)
+            self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
         if self._planned:
             log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
         elif not self._stopping:
-            log.error("%s: %s", self.label, self._death_message(rc))
-        self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {self._death_message(rc)}"))
+            log.error("%s: %s", self.label, process.death_message(self._hung, rc))
+        self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {process.death_message(self._hung, rc)}"))
         region.unlink_prefix(self.arena_prefix)
         return rc
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        # the worker imports Shoal as the router does (installed, or on the inherited PYTHONPATH)
-        env = {**os.environ, **dict(self.spec.env)}
-        beat_ms = _beat_interval_ms(self.spec.heartbeat_timeout_s)
-        # -P: no current directory on the worker's sys.path (started from a checkout, its
-        # folders would shadow a model's own top-level packages, such as proto-plus's `proto`)
-        try:
-            return await asyncio.create_subprocess_exec(
-                self.spec.python or sys.executable, "-P", "-m", "shoal.workers",
-                "--endpoint", self.channel.endpoint,
-                "--identity", self.identity.decode(),
-                "--parent-pid", str(os.getpid()),
-                "--log-verbose", str(self.spec.log_verbose),
-                "--heartbeat-ms", str(beat_ms),
-                env=env, stdin=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-        except OSError as exc:
-            # fork/exec failed: no descriptors, no processes left, no memory
-            raise ServingError(
-                f"cannot start a worker process for {self.label}: {exc.strerror or exc}", code=ErrorCode.UNAVAILABLE
-            ) from None
 
     def _on_heartbeat(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         self.last_beat = self._loop.time()
@@ -326,7 +293,7 @@ class Worker:
         env, _ = await self._await_or_exit(loaded, exited, timeout, "load")
         if env.WhichOneof("body") == "failed":
             err = wire.to_error(env.failed)
-            await self._terminate()
+            await process.terminate(self._proc)
             raise ServingError(f"failed to load {self.label}: {err.message}", code=err.code)
 
     async def _await_or_exit(
@@ -338,11 +305,9 @@ class Worker:
             return fut.result()
         self._pending.pop(0, None)
         if exited in done:
-            raise ServingError(
-                f"failed to load {self.label}: worker {self._death_message(exited.result())} during {what}",
-                code=ErrorCode.UNAVAILABLE,
-            )
-        await self._terminate()
+            how = process.death_message(self._hung, exited.result())
+            raise ServingError(f"failed to load {self.label}: worker {how} during {what}", code=ErrorCode.UNAVAILABLE)
+        await process.terminate(self._proc)
         raise ServingError(
             f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}", code=ErrorCode.UNAVAILABLE
         )
@@ -379,35 +344,9 @@ class Worker:
             if not fut.done():
                 fut.set_exception(err)
 
-    def _death_message(self, rc: int | None) -> str:
-        if self._hung:
-            return f"{self._hung}: killed and restarted"
-        if rc is None:
-            return "did not start"
-        if rc < 0:
-            try:
-                name = signal.Signals(-rc).name
-            except ValueError:
-                name = f"signal {-rc}"
-            return f"died: killed by signal {name}"
-        return f"died: exited with status {rc}"
-
-    async def _terminate(self, timeout_s: float = 5.0) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            proc.terminate()
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        except ProcessLookupError:
-            pass
-
     async def _reap(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
-            await self._terminate()
+            await process.terminate(self._proc)
         region.unlink_prefix(self.arena_prefix)
 
     async def restart(self, drain_timeout_s: float) -> None:
@@ -448,7 +387,7 @@ class Worker:
         if proc is not None and proc.returncode is None and self.state is not WorkerState.READY:
             # starting or restarting: it may not be connected yet, so a Shutdown message
             # could be lost (and the worker would wait for work until killed): terminate it
-            await self._terminate(min(timeout_s, 5.0))
+            await process.terminate(self._proc, min(timeout_s, 5.0))
         if proc is not None and proc.returncode is None:
             try:
                 self.channel.send(self.identity, _shutdown())

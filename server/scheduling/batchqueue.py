@@ -56,7 +56,6 @@ class Item:
     deadline_ns: int = 0
     """0: no timeout."""
     seq: int = 0
-    delayed: bool = False
     error: ServingError | None = field(default=None)
 
 
@@ -141,7 +140,6 @@ class BatchQueue:
             for item in q:
                 if item.deadline_ns and item.deadline_ns <= now:
                     if self.policy(index + 1).timeout_action == DELAY:
-                        item.delayed = True
                         self._delayed[index].append(item)
                     else:
                         item.error = DeadlineExceeded("Request timeout expired")

@@ -40,6 +40,7 @@ class DynamicBatcher(SchedulerBase):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executing = 0
+        self._batches: set[asyncio.Future[None]] = set()
         super().__init__()
         self._last_delivery: asyncio.Future[None] | None = None
         self._queue_ns: dict[int, int] = {}
@@ -99,7 +100,9 @@ class DynamicBatcher(SchedulerBase):
                     self._executing += 1
                     for item in batch:
                         self._queue_ns[id(item)] = now - item.enqueued_ns
-                    asyncio.ensure_future(self._run(batch))
+                    task = asyncio.ensure_future(self._run(batch))
+                    self._batches.add(task)  # the loop holds only weak references to tasks
+                    task.add_done_callback(self._batches.discard)
                     continue
             deadline = queue.next_deadline()
             times = [t for t in (wake_at, deadline) if t]

@@ -118,6 +118,7 @@ class SequenceBatcher(SchedulerBase):
         self._free: dict[int, list[int]] = {}
         self._waiting: list[asyncio.Future[None]] = []
         self._expired: OrderedDict[int | str, str] = OrderedDict()
+        self._runners: set[asyncio.Future[None]] = set()
         super().__init__()
         self._reaper: asyncio.Task[None] | None = None
         self._queues: dict[int, _InstanceQueue] = {}
@@ -269,7 +270,9 @@ class SequenceBatcher(SchedulerBase):
         q.arrived.set()
         if not q.running:
             q.running = True
-            asyncio.ensure_future(self._run_queue(worker, q))
+            task = asyncio.ensure_future(self._run_queue(worker, q))
+            self._runners.add(task)  # the loop holds only weak references to tasks
+            task.add_done_callback(self._runners.discard)
         try:
             return await fut
         finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.e2e.server import ServerProcess
 
-MODEL = '''
+MODEL = """
 import numpy as np
 import proto  # proto-plus's import name
 import triton_python_backend_utils as pb_utils
@@ -20,7 +20,7 @@ class TritonPythonModel:
     def execute(self, requests):
         marker = np.array([proto.MARKER.encode()], dtype=np.object_)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("WHICH", marker)]) for _ in requests]
-'''
+"""
 CONFIG = """
 name: "uses_proto"
 backend: "python"

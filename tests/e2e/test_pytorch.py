@@ -23,7 +23,7 @@ from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 
 
 class AddSub(torch.nn.Module):  # type: ignore[misc,name-defined]
-    def forward(self, INPUT0: torch.Tensor, INPUT1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: N803, UP006
+    def forward(self, INPUT0: torch.Tensor, INPUT1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
         return INPUT0 + INPUT1, INPUT0 - INPUT1
 
 

@@ -37,7 +37,8 @@ from shoal.server.classification import classify
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.grpc import codec as grpc_codec
 from shoal.server.frontends.http import codec as http_codec
-from shoal.server.models import ModelVersion, _tensor_specs
+from shoal.server.models import ModelVersion
+from shoal.server.models.version import tensor_specs
 from shoal.server.types import InferRequest, InferResult, OutputTensor
 from shoal.server.validation import validate
 
@@ -166,8 +167,8 @@ def _model(text: str) -> ModelVersion:
     """A ModelVersion as ``ModelManager._new_version`` builds it."""
     config = text_format.Parse(text, mc.ModelConfig())
     mv = ModelVersion(name=config.name, version=1, config=config)
-    mv.inputs = _tensor_specs(list(config.input))
-    mv.outputs = _tensor_specs(list(config.output))
+    mv.inputs = tensor_specs(list(config.input))
+    mv.outputs = tensor_specs(list(config.output))
     mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
     return mv
 
@@ -199,7 +200,7 @@ class _Models:
 
 def _raw_input(mv: ModelVersion, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
     """``DataPlane.raw_input`` (what the HTTP route asks for a raw body) over one model."""
-    dataplane = cast(DataPlane, SimpleNamespace(models=_Models(mv)))
+    dataplane = cast(DataPlane, SimpleNamespace(registry=_Models(mv)))
     return DataPlane.raw_input(dataplane, mv.name, mv.version, nbytes)
 
 

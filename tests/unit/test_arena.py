@@ -222,7 +222,7 @@ def test_growth_by_extra_segments(make_arena: Callable[..., Arena], prefix: str)
         arena.allocate(5000)
     assert ei.value.code is ErrorCode.RESOURCE_EXHAUSTED
     assert ei.value.retryable
-    assert "shared-memory arena full" in ei.value.message
+    assert "shared memory for tensors is full" in ei.value.message
     d = arena.allocate(KB4)
     assert d.region == f"{prefix}_a_2"
     with pytest.raises(ServingError) as ei:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import text_format
 
-from shoal.proto.errors import InvalidInput, ModelNotFound
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server import ensemble
 
@@ -32,7 +32,7 @@ MODELS = {
 
 def lookup(name: str, version: int) -> mc.ModelConfig:
     if name not in MODELS:
-        raise ModelNotFound(f"model '{name}' is not available")
+        raise ServingError(f"model '{name}' is not available", code=ErrorCode.NOT_FOUND)
     return text_format.Parse(MODELS[name], mc.ModelConfig())
 
 

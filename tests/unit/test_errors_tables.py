@@ -71,7 +71,6 @@ def test_from_exception_keeps_serving_errors(exc: ServingError) -> None:
     ("cls", "code"),
     [
         (errors.InvalidInput, ErrorCode.INVALID_ARGUMENT),
-        (errors.ModelNotFound, ErrorCode.NOT_FOUND),
         (errors.ModelNotReady, ErrorCode.UNAVAILABLE),
         (errors.QueueFull, ErrorCode.RESOURCE_EXHAUSTED),
         (errors.DeadlineExceeded, ErrorCode.DEADLINE_EXCEEDED),

@@ -738,3 +738,26 @@ def test_codec_errors_are_serving_errors() -> None:
     with pytest.raises(ServingError) as ei:
         _decode({"inputs": 1})
     assert ei.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_triton_parameter_keys_are_reserved_in_requests() -> None:
+    """Triton's rule and text (HTTP); per-tensor parameters are not checked (nor by Triton)."""
+    with pytest.raises(InvalidInput, match="parameter keys starting with 'triton_' are reserved for Triton usage"):
+        _decode({"inputs": [], "parameters": {"triton_anything": 1}})
+    req = _decode(
+        {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1.0], "parameters": {"triton_x": 1}}]}
+    )
+    assert req.inputs[0].parameters == {"triton_x": 1}
+
+
+def test_triton_parameter_keys_are_reserved_in_grpc_requests() -> None:
+    from shoal.proto.gen import grpc_service_pb2 as pb
+    from shoal.server.frontends.grpc import codec as grpc_codec
+
+    req = pb.ModelInferRequest(model_name="m")
+    req.parameters["triton_secret"].bool_param = True
+    with pytest.raises(InvalidInput, match="Only the following keys starting with 'triton_' are allowed"):
+        grpc_codec.decode_request(req)
+    ok = pb.ModelInferRequest(model_name="m")
+    ok.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert grpc_codec.decode_request(ok).parameters == {"triton_enable_empty_final_response": True}

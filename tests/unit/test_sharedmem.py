@@ -12,7 +12,8 @@ import posix_ipc
 import pytest
 
 from shoal.proto.errors import ErrorCode, ServingError
-from shoal.server.sharedmem import SharedMemoryRegistry, normalize_key, shm_params
+from shoal.server.sharedmem import SharedMemoryRegistry
+from shoal.server.shmkeys import normalize_key, shm_params
 from shoal.server.types import InferRequest, InputTensor, RequestedOutput, ShmRef
 
 KEY = f"shoaltest_{os.getpid()}_unit"

@@ -9,7 +9,8 @@ from google.protobuf import text_format
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput
 from shoal.proto.gen import model_config_pb2 as mc
-from shoal.server.models import ModelVersion, _tensor_specs
+from shoal.server.models import ModelVersion
+from shoal.server.models.version import tensor_specs
 from shoal.server.types import InferRequest, InputTensor, RequestedOutput
 from shoal.server.validation import validate
 
@@ -37,8 +38,8 @@ def _mv(text: str, version: int = 1) -> ModelVersion:
     """A ModelVersion as ``ModelManager._new_version`` builds it."""
     config = text_format.Parse(text, mc.ModelConfig())
     mv = ModelVersion(name=config.name, version=version, config=config)
-    mv.inputs = _tensor_specs(list(config.input))
-    mv.outputs = _tensor_specs(list(config.output))
+    mv.inputs = tensor_specs(list(config.input))
+    mv.outputs = tensor_specs(list(config.output))
     mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
     return mv
 

@@ -197,7 +197,7 @@ class BatchedBackend(Backend):
 def _concat(arrays: list[Any]) -> Any:
     """Join along dimension 0; CuPy arrays (inputs left in CUDA memory) on the device."""
     if any(type(a).__module__.split(".", 1)[0] == "cupy" for a in arrays):
-        import cupy  # noqa: PLC0415 - only backends taking device inputs get here
+        import cupy  # only backends taking device inputs get here
 
         return cupy.concatenate([cupy.asarray(a) for a in arrays])
     return np.concatenate(arrays)

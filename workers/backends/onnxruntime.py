@@ -79,7 +79,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         providers = _providers(ort, spec)
         try:
             session = ort.InferenceSession(path, sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own pybind exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
             raise ServingError(
                 f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
@@ -167,7 +167,7 @@ class OnnxRuntimeBackend(BatchedBackend):
             results = session.run(list(output_names), feed)
         except ServingError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are pybind types, told apart by name
             code = ErrorCode.INVALID_ARGUMENT if type(exc).__name__ == "InvalidArgument" else ErrorCode.INTERNAL
             raise ServingError(f"model '{self._name}': onnxruntime: {exc}", code=code) from None
         out: dict[str, Array] = {}

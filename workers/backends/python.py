@@ -235,7 +235,7 @@ class PythonBackend(Backend):
         if fin is not None:
             try:
                 fin()
-            except Exception:
+            except Exception:  # noqa: BLE001 - a model's finalize must not stop the shutdown
                 _LOG.error("model '%s': finalize raised", self._spec.name, exc_info=True)
         sys.modules.pop(self._module.__name__, None)
         if self._added_path is not None and self._added_path in sys.path:

@@ -98,7 +98,7 @@ class PyTorchBackend(BatchedBackend):
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
         try:
-            import torch  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415 - heavy runtime
+            import torch  # type: ignore[import-not-found, unused-ignore]  # heavy runtime
         except ImportError:
             raise ServingError(
                 f"model '{spec.name}': PyTorch is not installed in the worker's environment",
@@ -139,7 +139,7 @@ class PyTorchBackend(BatchedBackend):
         tensor = tensor.detach()
         if tensor.is_cuda:
             try:
-                import cupy  # noqa: PLC0415 - GPU outputs stay on the device when CuPy is there
+                import cupy  # GPU outputs stay on the device when CuPy is there
 
                 result: Array = cupy.from_dlpack(tensor.contiguous())
                 return result

@@ -28,8 +28,8 @@ DEFAULT_FILENAME: Final = "model.plan"
 
 def _import(spec: ModelSpec) -> tuple[Any, Any]:
     try:
-        import cupy  # noqa: PLC0415 - heavy runtimes: imported by this backend only
-        import tensorrt as trt  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+        import cupy  # heavy runtimes: imported by this backend only
+        import tensorrt as trt  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
         raise ServingError(
             f"model '{spec.name}': the TensorRT backend needs the tensorrt and cupy packages ({exc})",

@@ -58,7 +58,7 @@ class ModelConfig:
                 )
         self._config.setdefault("dynamic_batching", {})
 
-    def add_input(self, input: Mapping[str, Any]) -> None:  # noqa: A002 - Triton's name
+    def add_input(self, input: Mapping[str, Any]) -> None:  # Triton's name
         """Add an input (``name``, ``data_type``, ``dims``, optional ``optional``) or complete
         the configured input of that name; ValueError on a contradiction."""
         self._add_tensor("input", input, _INPUT_PROPERTIES)

@@ -15,7 +15,7 @@ from shoal.proto import dtypes
 from shoal.proto.errors import InvalidInput
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.server.classification import class_count
-from shoal.server.sharedmem import shm_params
+from shoal.server.shmkeys import shm_params
 from shoal.server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 from shoal.server.validation import version_number
 
@@ -37,9 +37,14 @@ _CONTENTS: dict[str, tuple[str, Any]] = {
 ALLOWED_TRITON_PARAMETERS = frozenset({"triton_enable_empty_final_response"})
 
 
-def param_value(p: pb.InferParameter) -> Any:
-    which = p.WhichOneof("parameter_choice")
-    return None if which is None else getattr(p, which)
+def param_values(params: Any) -> dict[str, Any]:
+    """A map of ``InferParameter`` (or ``LogSettings`` values: the same ``parameter_choice``
+    oneof) as plain values; an unset value is ``None``."""
+    out = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        out[key] = None if which is None else getattr(p, which)
+    return out
 
 
 def set_param(p: pb.InferParameter, value: Any) -> None:
@@ -56,12 +61,15 @@ def set_param(p: pb.InferParameter, value: Any) -> None:
         p.string_param = str(value)
 
 
-def _params(m: Any, where: str) -> dict[str, Any]:
-    out = {}
-    for k, v in m.items():
+def _request_params(m: Any) -> dict[str, Any]:
+    """A request's parameters; keys starting with ``triton_`` are Triton's (its rule and text)."""
+    out = param_values(m)
+    for k in out:
         if k.startswith("triton_") and k not in ALLOWED_TRITON_PARAMETERS:
-            raise InvalidInput(f"{where} parameter '{k}' uses the reserved prefix 'triton_'")
-        out[k] = param_value(v)
+            raise InvalidInput(
+                "parameter keys starting with 'triton_' are reserved for Triton usage. Only the following keys "
+                "starting with 'triton_' are allowed: " + " ".join(sorted(ALLOWED_TRITON_PARAMETERS))
+            )
     return out
 
 
@@ -78,7 +86,7 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         shape = tuple(t.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
-        params = _params(t.parameters, f"input '{name}'")
+        params = param_values(t.parameters)
         ref = shm_params(params, f"input '{name}'")
         data: Buffer
         if ref is not None:
@@ -108,7 +116,7 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
     if len(req.outputs):
         outputs = []
         for o in req.outputs:
-            oparams = _params(o.parameters, f"output '{o.name}'")
+            oparams = param_values(o.parameters)
             class_count(oparams, f"output '{o.name}'")
             oref = shm_params(oparams, f"output '{o.name}'")
             outputs.append(RequestedOutput(name=o.name, parameters=oparams, shm=oref))
@@ -118,7 +126,7 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         inputs=inputs,
         outputs=outputs,
         id=req.id,
-        parameters=_params(req.parameters, "request"),
+        parameters=_request_params(req.parameters),
     )
 
 

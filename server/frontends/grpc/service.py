@@ -90,14 +90,6 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
-def _repo_params(params: Any) -> dict[str, Any]:
-    out = {}
-    for key, p in params.items():
-        which = p.WhichOneof("parameter_choice")
-        out[key] = None if which is None else getattr(p, which)
-    return out
-
-
 def _not_yet(what: str) -> Unsupported:
     return Unsupported(f"{what} is not supported yet by this server")
 
@@ -242,11 +234,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("logging")
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
-        changes = {}
-        for key, value in request.settings.items():
-            which = value.WhichOneof("parameter_choice")
-            changes[key] = None if which is None else getattr(value, which)
-        settings = self.dp.logs.update(changes) if changes else self.dp.logs.as_dict()
+        settings = self.dp.update_log_settings(codec.param_values(request.settings))
         resp = pb.LogSettingsResponse()
         for key, v in settings.items():
             entry = resp.settings[key]
@@ -274,14 +262,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self.dp.load_model(request.model_name, _repo_params(request.parameters))
+        await self.dp.load_model(request.model_name, codec.param_values(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc("model-repository")
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.dp.unload_model(request.model_name, _repo_params(request.parameters))
+        await self.dp.unload_model(request.model_name, codec.param_values(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
     @rpc("shared-memory")
@@ -289,7 +277,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         resp = pb.SystemSharedMemoryStatusResponse()
-        for r in self.dp.shm.status(request.name, cuda=False, peer=self._peer(context)):
+        for r in self.dp.shm_status(request.name, cuda=False, peer=self._peer(context)):
             st = resp.regions[r.name]
             st.name, st.key, st.offset, st.byte_size = r.name, r.key_given, r.offset, r.byte_size
         return resp
@@ -298,7 +286,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self.dp.shm.register_system(
+        self.dp.register_system_shm(
             request.name, request.key, request.offset, request.byte_size, self._peer(context), trusted=self._trusted()
         )
         return pb.SystemSharedMemoryRegisterResponse()
@@ -307,7 +295,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.dp.shm.unregister(request.name, cuda=False, peer=self._peer(context))
+        self.dp.unregister_shm(request.name, cuda=False, peer=self._peer(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc("shared-memory")
@@ -315,7 +303,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
         resp = pb.CudaSharedMemoryStatusResponse()
-        for r in self.dp.shm.status(request.name, cuda=True, peer=self._peer(context)):
+        for r in self.dp.shm_status(request.name, cuda=True, peer=self._peer(context)):
             st = resp.regions[r.name]
             st.name, st.device_id, st.byte_size = r.name, r.device_id, r.byte_size
         return resp
@@ -326,7 +314,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.CudaSharedMemoryRegisterResponse:
         if request.device_id < 0:
             raise InvalidInput("'device_id' must not be negative")
-        await self.dp.shm.register_cuda_checked(
+        await self.dp.register_cuda_shm(
             request.name,
             request.raw_handle,
             request.device_id,
@@ -340,7 +328,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.dp.shm.unregister(request.name, cuda=True, peer=self._peer(context))
+        self.dp.unregister_shm(request.name, cuda=True, peer=self._peer(context))
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc("trace")

@@ -14,7 +14,7 @@ import orjson
 from shoal.proto import dtypes
 from shoal.proto.errors import InvalidInput
 from shoal.server.classification import class_count
-from shoal.server.sharedmem import shm_params
+from shoal.server.shmkeys import shm_params
 from shoal.server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 
 JSON_UNSUPPORTED = frozenset({"FP16", "BF16"})
@@ -53,6 +53,10 @@ def decode_request(body: bytes | bytearray, header_len: int | None, model: str, 
     if not isinstance(request_id, str):
         raise InvalidInput("request 'id' must be a string")
     params = _params(obj.get("parameters"), "request")
+    if any(k.startswith("triton_") for k in params):
+        raise InvalidInput(
+            "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified."
+        )
     pos = header_len if header_len is not None else len(body)
     inputs = []
     for i, spec in enumerate(inputs_obj):

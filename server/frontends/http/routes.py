@@ -63,7 +63,7 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def logging_get(request: web.Request) -> web.Response:
-    return _json_response(request.app[DATAPLANE].logs.as_dict())
+    return _json_response(request.app[DATAPLANE].log_settings())
 
 
 async def logging_post(request: web.Request) -> web.Response:
@@ -73,7 +73,7 @@ async def logging_post(request: web.Request) -> web.Response:
         raise InvalidInput(f"failed to parse the logging settings JSON: {exc}") from None
     if not isinstance(changes, dict):
         raise InvalidInput("logging settings must be a JSON object")
-    return _json_response(request.app[DATAPLANE].logs.update(changes))
+    return _json_response(request.app[DATAPLANE].update_log_settings(changes))
 
 
 async def model_stats(request: web.Request) -> web.Response:
@@ -137,7 +137,7 @@ def _trusted(request: web.Request) -> bool:
 
 
 async def system_shm_status(request: web.Request) -> web.Response:
-    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=False, peer=_peer(request))
+    regions = request.app[DATAPLANE].shm_status(request.match_info.get("region"), cuda=False, peer=_peer(request))
     return _json_response(
         [{"name": r.name, "key": r.key_given, "offset": r.offset, "byte_size": r.byte_size} for r in regions]
     )
@@ -148,7 +148,7 @@ async def system_shm_register(request: web.Request) -> web.Response:
     for field in ("key", "byte_size"):
         if field not in body:
             raise InvalidInput(f"system shared memory registration needs '{field}'")
-    request.app[DATAPLANE].shm.register_system(
+    request.app[DATAPLANE].register_system_shm(
         request.match_info["region"],
         body["key"],
         body.get("offset", 0),
@@ -160,12 +160,12 @@ async def system_shm_register(request: web.Request) -> web.Response:
 
 
 async def system_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=False, peer=_peer(request))
+    request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=False, peer=_peer(request))
     return web.Response(status=200)
 
 
 async def cuda_shm_status(request: web.Request) -> web.Response:
-    regions = request.app[DATAPLANE].shm.status(request.match_info.get("region"), cuda=True, peer=_peer(request))
+    regions = request.app[DATAPLANE].shm_status(request.match_info.get("region"), cuda=True, peer=_peer(request))
     return _json_response([{"name": r.name, "device_id": r.device_id, "byte_size": r.byte_size} for r in regions])
 
 
@@ -178,7 +178,7 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
     b64 = handle.get("b64") if isinstance(handle, dict) else None
     if not isinstance(b64, str):
         raise InvalidInput("'raw_handle' must be an object {\"b64\": <base64 cudaIpcMemHandle_t>}")
-    await request.app[DATAPLANE].shm.register_cuda_checked(
+    await request.app[DATAPLANE].register_cuda_shm(
         request.match_info["region"],
         b64,
         body["device_id"],
@@ -190,7 +190,7 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
 
 
 async def cuda_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].shm.unregister(request.match_info.get("region"), cuda=True, peer=_peer(request))
+    request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=True, peer=_peer(request))
     return web.Response(status=200)
 
 

@@ -1,0 +1,137 @@
+"""``Registry``: what the server knows of each model (its repository source and versions)
+and the lookups every request makes. Lookups follow Triton's rules (unknown model:
+INVALID_ARGUMENT; unknown version: NOT_FOUND; not ready: UNAVAILABLE). Owned by the router's
+event loop; ``ModelManager`` is the only writer."""
+
+from __future__ import annotations
+
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.server import ensemble
+from shoal.server.dispatch.worker import Worker
+from shoal.server.models.version import ModelState, ModelVersion
+from shoal.server.repository import ModelSource
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.sources: dict[str, ModelSource] = {}
+        """Each model's last read of its repository directory (config, versions, error)."""
+        self.models: dict[str, dict[int, ModelVersion]] = {}
+        """The versions chosen to serve, by model."""
+        self.wanted: set[str] = set()
+        """Models that should be loaded: strict readiness looks at these."""
+        self.fingerprints: dict[str, tuple[object, ...]] = {}
+
+    # ---- lookups -------------------------------------------------------------------------
+
+    def get(self, name: str, version: int = -1) -> ModelVersion:
+        """The version to serve; raises Triton's errors for unknown / unready models."""
+        versions = self.models.get(name)
+        if versions is None:
+            raise InvalidInput(f"Request for unknown model: '{name}' is not found")
+        if version < 0:
+            ready = [mv for mv in versions.values() if mv.ready]
+            if not ready:
+                why = next((w for mv in versions.values() if mv.unavailable and (w := mv.unavailable())), "")
+                raise ServingError(
+                    f"Request for unknown model: '{name}' has no available versions" + (f" ({why})" if why else ""),
+                    code=ErrorCode.NOT_FOUND if not versions else ErrorCode.UNAVAILABLE,
+                )
+            return max(ready, key=lambda mv: mv.version)
+        mv = versions.get(version)
+        if mv is None:
+            raise ServingError(
+                f"Request for unknown model: '{name}' version {version} is not found", code=ErrorCode.NOT_FOUND
+            )
+        if not mv.ready:
+            raise ServingError(
+                f"Request for unknown model: '{name}' version {version} is not at ready state",
+                code=ErrorCode.UNAVAILABLE,
+            )
+        return mv
+
+    def ready_versions(self, name: str | None = None) -> list[ModelVersion]:
+        """The READY versions of ``name`` (every model's when ``None``), by name and version."""
+        groups = [self.models.get(name, {})] if name is not None else list(self.models.values())
+        return sorted((mv for vs in groups for mv in vs.values() if mv.ready), key=lambda m: (m.name, m.version))
+
+    def versions(self) -> list[ModelVersion]:
+        """Every version chosen to serve, in any state."""
+        return [mv for vs in self.models.values() for mv in vs.values()]
+
+    def all_ready(self) -> bool:
+        """Every model that should be loaded has every chosen version ready (strict
+        readiness); in explicit mode only the models loaded on request count."""
+        for name in self.wanted:
+            src = self.sources.get(name)
+            versions = self.models.get(name)
+            if src is None or src.error or not versions:
+                return False
+            if not all(mv.ready for mv in versions.values()):
+                return False
+        return True
+
+    def steps_unavailable(self, plan: ensemble.EnsemblePlan) -> str:
+        """Why an ensemble cannot serve now ("" when every composing model can)."""
+        for step in plan.steps:
+            try:
+                self.get(step.model, step.version)
+            except ServingError:
+                return f"composing model '{step.model}' is not available"
+        return ""
+
+    # ---- ensembles -----------------------------------------------------------------------
+
+    def composing_of(self, name: str) -> list[str]:
+        return sorted(
+            {sub for mv in self.models.get(name, {}).values() for sub in ensemble.composing_models(mv.config)}
+        )
+
+    def ensembles_using(self, name: str) -> list[str]:
+        """Loaded ensembles with a step on ``name``."""
+        return sorted(
+            other
+            for other, versions in self.models.items()
+            if any(
+                mv.state is ModelState.READY and name in ensemble.composing_models(mv.config)
+                for mv in versions.values()
+            )
+        )
+
+    # ---- workers -------------------------------------------------------------------------
+
+    def workers(self) -> list[Worker]:
+        return [w for mv in self.versions() if mv.pool for w in mv.pool.workers]
+
+    def instances(self) -> list[dict[str, object]]:
+        """Every worker process (the admin API's list)."""
+        out: list[dict[str, object]] = []
+        for name, versions in sorted(self.models.items()):
+            for v, mv in sorted(versions.items()):
+                for w in mv.pool.workers if mv.pool is not None else ():
+                    load = w.spec.load
+                    out.append(
+                        {
+                            "model": name,
+                            "version": str(v),
+                            "instance": w.spec.instance_name,
+                            "state": w.state.value,
+                            "pid": w.pid,
+                            "restarts": w.restarts,
+                            "outstanding": w.outstanding,
+                            "device": f"GPU {load.device_index}" if load.device_kind == "GPU" else load.device_kind,
+                            "reason": w.reason,
+                        }
+                    )
+        return out
+
+    def summary(self) -> str:
+        """One line for the log: every model and the state of each version."""
+        parts = []
+        for name in sorted(self.sources):
+            if self.sources[name].error:
+                parts.append(f"{name}: UNAVAILABLE")
+                continue
+            for v, mv in sorted(self.models.get(name, {}).items()):
+                parts.append(f"{name}/{v}: {mv.state.value}")
+        return ", ".join(parts) or "no models"

@@ -1,0 +1,114 @@
+"""``ModelVersion``: one version of one model as the router serves it, with its state,
+tensors, pool of workers, scheduler and statistics."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.proto import dtypes
+from shoal.proto.errors import ErrorCode
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.dispatch.pool import InstancePool
+from shoal.server.repository import ModelSource
+from shoal.server.scheduling.base import Scheduler
+from shoal.server.stats import ModelStats
+from shoal.server.types import InferRequest, InferResult
+
+
+class ModelState(enum.Enum):
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A config input/output in the form request validation needs."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool
+    reshape: tuple[int, ...] | None
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    name: str
+    version: int
+    config: mc.ModelConfig
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    pool: InstancePool | None = None
+    scheduler: Scheduler | None = None
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    required_inputs: int = 0
+    load_seconds: float = 0.0
+    config_bytes: bytes = b""
+    fingerprint: tuple[object, ...] = ()
+    error_code: ErrorCode = ErrorCode.INTERNAL
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    """Lines of each output's ``label_filename`` (classification extension)."""
+    stats: ModelStats = field(init=False)
+    unavailable: Callable[[], str] | None = None
+    """Ensembles: why a composing model cannot serve now ("" when all can)."""
+
+    def __post_init__(self) -> None:
+        self.stats = ModelStats(self.name, self.version)
+
+    @property
+    def ready(self) -> bool:
+        if self.state is not ModelState.READY or self.pool is None:
+            return False
+        if self.unavailable is not None:
+            return not self.unavailable()
+        return self.pool.ready_count > 0
+
+
+def new_version(src: ModelSource, version: int) -> ModelVersion:
+    """A version of ``src`` not loaded yet (UNAVAILABLE)."""
+    mv = ModelVersion(name=src.name, version=version, config=src.config)
+    mv.labels = src.labels
+    mv.inputs = tensor_specs(list(src.config.input))
+    mv.outputs = tensor_specs(list(src.config.output))
+    mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
+    return mv
+
+
+async def submit(mv: ModelVersion, request: InferRequest) -> InferResult:
+    """``request`` (validated) to ``mv``'s scheduler; a failure is counted by its reason."""
+    assert mv.scheduler is not None
+    try:
+        return await mv.scheduler.submit(request)
+    except BaseException as exc:
+        mv.stats.failed(exc)
+        raise
+
+
+def version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
+    """The part of a model's fingerprint one version depends on: files outside version
+    directories (config, labels) and those of its own directory."""
+    files, override = fp
+    assert isinstance(files, tuple)
+    prefix = f"{version}{os.sep}"
+    mine = tuple(f for f in files if f[0].startswith(prefix) or not f[0].split(os.sep, 1)[0].isdigit())
+    return (mine, override)
+
+
+def tensor_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
+    out = {}
+    for t in tensors:
+        reshape = tuple(t.reshape.shape) if t.HasField("reshape") else None
+        out[t.name] = TensorSpec(
+            name=t.name,
+            datatype=dtypes.BY_CONFIG_NUMBER[t.data_type].protocol,
+            dims=tuple(t.dims),
+            optional=bool(getattr(t, "optional", False)),
+            reshape=reshape,
+        )
+    return out
