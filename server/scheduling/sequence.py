@@ -162,18 +162,29 @@ class SequenceBatcher(SchedulerBase):
             self._waiting.append(waiter)  # backlog: wait for a sequence to end
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_next()  # woken, but its client went away: the slot is the next one's
+                raise
             finally:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
 
     def _release(self, seq: Sequence, why: str = "") -> None:
-        if self._active.get(seq.corrid) is seq:
-            del self._active[seq.corrid]
+        """End ``seq`` and give its slot back, once: a sequence already replaced (a new START
+        with its id) or already ended (its instance failed) is not released again."""
+        if self._active.get(seq.corrid) is not seq:
+            return
+        del self._active[seq.corrid]
         self._free_slots(seq.worker).append(seq.slot)
         if why:
             self._expired[seq.corrid] = why
             while len(self._expired) > 10000:
                 self._expired.popitem(last=False)
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Let the oldest START waiting for a slot try again."""
         while self._waiting:
             waiter = self._waiting.pop(0)
             if not waiter.done():
@@ -196,6 +207,8 @@ class SequenceBatcher(SchedulerBase):
         t0 = time.monotonic_ns()
         ok = False
         try:
+            # refused before a slot is taken (e.g. a string id for an integer CORRID)
+            controls = self._control_tensors(corrid, start, end)
             seq = self._active.get(corrid)
             if start:
                 if seq is not None:
@@ -218,7 +231,7 @@ class SequenceBatcher(SchedulerBase):
                     )
                 request.correlation_id = corrid
                 request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
-                request.inputs.extend(self._control_tensors(corrid, start, end))
+                request.inputs.extend(controls)
                 if self.states:
                     if start:
                         seq.state = dict(self.initial)
