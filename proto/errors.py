@@ -36,12 +36,11 @@ class ServingError(Exception):
 
     code: ErrorCode = ErrorCode.INTERNAL
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         self.message = message
-        self.retryable = retryable
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.name}, {self.message!r})"
@@ -69,9 +68,6 @@ class BackendError(ServingError):
 
 class WorkerDied(ServingError):
     code = ErrorCode.UNAVAILABLE
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=True)
 
 
 class Unsupported(ServingError):

@@ -42,7 +42,6 @@ def parse(header: bytes | memoryview) -> wpb.Envelope:
 def failed(err: ServingError, out: wpb.Failed) -> None:
     out.code = wpb.ErrorCode.ValueType(int(err.code))
     out.message = err.message
-    out.retryable = err.retryable
 
 
 def to_error(f: wpb.Failed) -> ServingError:
@@ -50,4 +49,4 @@ def to_error(f: wpb.Failed) -> ServingError:
         code = ErrorCode(f.code)
     except ValueError:
         code = ErrorCode.UNKNOWN
-    return BackendError(f.message, code=code, retryable=f.retryable)
+    return BackendError(f.message, code=code)

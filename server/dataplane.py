@@ -248,7 +248,7 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResult:
         if not self.accepting:
-            raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE, retryable=True)
+            raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
         request.model_version = mv.version
         uses_shm = request.uses_shm

@@ -112,7 +112,6 @@ class RequestBudget:
                 f"the server is holding {self.held} bytes of request bodies and this one would pass its limit of "
                 f"{self.max_bytes} bytes (--max-buffered-request-bytes); retry later",
                 code=ErrorCode.RESOURCE_EXHAUSTED,
-                retryable=True,
             )
         self.held += nbytes
 

@@ -128,7 +128,6 @@ class Arena:
                 f"the server's shared memory for tensors is full: {nbytes} bytes requested, {self._in_use} of "
                 f"{self.max_bytes} in use (raise {self.setting})",
                 code=ErrorCode.RESOURCE_EXHAUSTED,
-                retryable=True,
             )
         seg, fl = self._add_segment(grow)
         off = fl.allocate(size)

@@ -118,7 +118,6 @@ class ClientRegions:
                 raise ServingError(
                     "the instance has no descriptor left to open the shared memory region; retry later",
                     code=ErrorCode.RESOURCE_EXHAUSTED,
-                    retryable=True,
                 ) from None
             raise ServingError(
                 "unable to open the shared memory region: its key no longer exists", code=ErrorCode.NOT_FOUND

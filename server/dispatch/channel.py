@@ -70,7 +70,7 @@ class WorkerChannel:
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise ServingError(
-                    "the model instance is not connected (it is restarting)", code=ErrorCode.UNAVAILABLE, retryable=True
+                    "the model instance is not connected (it is restarting)", code=ErrorCode.UNAVAILABLE
                 ) from None
             raise
         # ZMQ_FD is edge-triggered: a send may consume the readiness edge of pending input.

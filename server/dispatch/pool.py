@@ -51,7 +51,7 @@ class InstancePool:
             if w.ready and (best is None or w.outstanding < best.outstanding):
                 best = w
         if best is None:
-            raise ModelNotReady("no instance of the model is ready", retryable=True)
+            raise ModelNotReady("no instance of the model is ready")
         return best
 
     async def run(
@@ -64,7 +64,7 @@ class InstancePool:
         if worker is None:
             worker = self.pick()
         elif not worker.ready:
-            raise ModelNotReady(f"{worker.label} is not ready", retryable=True)
+            raise ModelNotReady(f"{worker.label} is not ready")
         env = wire.envelope(0)
         buffers: list[Any] = []
         blocks: list[Block] = []

@@ -406,7 +406,7 @@ class Worker:
             except (asyncio.CancelledError, ServingError):
                 pass
         self.state = WorkerState.STOPPED
-        self._fail_pending(ServingError(f"{self.label} stopped", code=ErrorCode.UNAVAILABLE, retryable=True))
+        self._fail_pending(ServingError(f"{self.label} stopped", code=ErrorCode.UNAVAILABLE))
         region.unlink_prefix(self.arena_prefix_base)
 
 

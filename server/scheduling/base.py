@@ -52,7 +52,7 @@ class Admission:
     def check(self) -> None:
         """Raise ``UNAVAILABLE`` when the model is being unloaded."""
         if self.draining:
-            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE, retryable=True)
+            raise ServingError("the model is being unloaded", code=ErrorCode.UNAVAILABLE)
 
     def enter(self) -> None:
         self.inflight += 1

@@ -116,10 +116,7 @@ class BatchQueue:
         policy = self.policy(item.level)
         index = item.level - 1
         if policy.max_queue_size and len(self._queues[index]) + len(self._delayed[index]) >= policy.max_queue_size:
-            raise QueueFull(
-                f"exceeds maximum queue size ({policy.max_queue_size}) of priority level {item.level}",
-                retryable=True,
-            )
+            raise QueueFull(f"exceeds maximum queue size ({policy.max_queue_size}) of priority level {item.level}")
         timeout_ns = policy.default_timeout_ns
         if timeout_us is not None and timeout_us > 0 and policy.allow_timeout_override:
             timeout_ns = timeout_us * 1000

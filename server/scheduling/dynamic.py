@@ -152,6 +152,6 @@ class DynamicBatcher(SchedulerBase):
         for item in self.queue.drain_all():
             fut = item.payload[1]
             if not fut.done():
-                fut.set_exception(ServingError("the model was unloaded", code=ErrorCode.UNAVAILABLE, retryable=True))
+                fut.set_exception(ServingError("the model was unloaded", code=ErrorCode.UNAVAILABLE))
         if self._task is not None:
             self._task.cancel()

@@ -230,5 +230,5 @@ def _input_from(name: str, made: _Made, lease: Lease) -> InputTensor:
 def _in_step(ensemble: str, step: StepPlan, exc: BaseException) -> ServingError:
     if isinstance(exc, ServingError):
         kind = BackendError if isinstance(exc, BackendError | WorkerDied) else ServingError
-        return kind(f"in ensemble '{ensemble}', {step.label}: {exc.message}", code=exc.code, retryable=exc.retryable)
+        return kind(f"in ensemble '{ensemble}', {step.label}: {exc.message}", code=exc.code)
     return ServingError(f"in ensemble '{ensemble}', {step.label}: {exc!r}", code=ErrorCode.INTERNAL)

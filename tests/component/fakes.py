@@ -131,7 +131,7 @@ class FakePool:
     def pick(self) -> FakeWorker:
         ready = [w for w in self.workers if w.ready]
         if not ready:
-            raise ModelNotReady("no instance of the model is ready", retryable=True)
+            raise ModelNotReady("no instance of the model is ready")
         return min(ready, key=lambda w: w.outstanding)
 
     @property
@@ -144,7 +144,7 @@ class FakePool:
         if worker is None:
             worker = self.pick()
         elif not worker.ready:
-            raise ModelNotReady(f"{worker.label} is not ready", retryable=True)
+            raise ModelNotReady(f"{worker.label} is not ready")
         call = Call(list(batch), worker, asyncio.get_running_loop().create_future())
         self.calls.append(call)
         worker.outstanding += 1

@@ -58,7 +58,7 @@ async def test_drain_waits_for_requests_in_flight_and_refuses_new_ones(h: Harnes
     await settle()
     with pytest.raises(ServingError) as ei:
         await direct.submit(request("late"))
-    assert ei.value.code is ErrorCode.UNAVAILABLE and ei.value.retryable
+    assert ei.value.code is ErrorCode.UNAVAILABLE
     assert not drain.done()
     pool.calls[0].finish()
     await settle()

@@ -242,7 +242,7 @@ async def test_max_queue_size_refuses_at_admission(h: Harness) -> None:
     low = s.submit(h, request("low"))  # level 2 has no limit
     await settle()
     err = error_of(over)
-    assert err.code is ErrorCode.RESOURCE_EXHAUSTED and err.retryable
+    assert err.code is ErrorCode.RESOURCE_EXHAUSTED
     assert "maximum queue size (2)" in err.message
     assert not any(t.done() for t in [*high, low])
     assert s.batcher.pending == 3 and s.batcher.inflight == 4
@@ -393,7 +393,7 @@ async def test_drain_fails_queued_requests_and_refuses_new_ones(h: Harness) -> N
     await settle()
     for task in queued:
         err = error_of(task)
-        assert err.code is ErrorCode.UNAVAILABLE and err.retryable
+        assert err.code is ErrorCode.UNAVAILABLE
     with pytest.raises(ServingError) as ei:
         await s.batcher.submit(request("late"))
     assert ei.value.code is ErrorCode.UNAVAILABLE

@@ -44,7 +44,6 @@ def test_from_exception_wraps_value_error() -> None:
     assert wrapped.code is ErrorCode.INTERNAL
     assert wrapped.message == "builtins.ValueError: msg"
     assert str(wrapped) == "builtins.ValueError: msg"
-    assert not wrapped.retryable
 
 
 def test_from_exception_names_module_and_qualified_class() -> None:
@@ -84,13 +83,9 @@ def test_subclass_codes(cls: type[ServingError], code: ErrorCode) -> None:
     assert e.message == "m"
 
 
-def test_worker_died_is_retryable() -> None:
-    assert errors.WorkerDied("x").retryable
-
-
 def test_explicit_code_overrides_class_code() -> None:
-    e = errors.InvalidInput("m", code=ErrorCode.NOT_FOUND, retryable=True)
-    assert (e.code, e.retryable) == (ErrorCode.NOT_FOUND, True)
+    e = errors.InvalidInput("m", code=ErrorCode.NOT_FOUND)
+    assert e.code is ErrorCode.NOT_FOUND
     assert repr(e) == "InvalidInput(NOT_FOUND, 'm')"
 
 
