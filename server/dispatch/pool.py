@@ -10,7 +10,7 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.server.dispatch.worker import Worker
+from shoal.server.dispatch.worker import Worker, shm_outputs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.server.stats import ModelStats
 from shoal.server.types import InferRequest, InferResult, Lease, OutputTensor, ShmRef
@@ -162,6 +162,8 @@ class InstancePool:
         if body == "failed":
             raise wire.to_error(reply.failed)
         if body != "infer_done" or len(reply.infer_done.results) != len(batch):
+            if body == "infer_done":  # the output blocks it names go back, or they stay allocated
+                worker.release(worker.identity, shm_outputs(reply.infer_done))
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
         if self.stats is not None:
             done = reply.infer_done
@@ -193,11 +195,16 @@ class InstancePool:
                     if where == "shm":
                         s = ref.shm
                         block = Block(s.region, s.offset, s.nbytes, s.device)
+                        held.append(s)  # given back even when it cannot be mapped
                         data: Any = mapper.view(block)
-                        held.append(s)
                         tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=block))
-                    else:
+                    elif ref.frame < len(frames):
                         tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
+                    else:
+                        raise ServingError(
+                            f"{worker.label}: malformed reply (output '{ref.name}' names a missing frame)",
+                            code=ErrorCode.INTERNAL,
+                        )
             except ServingError as exc:
                 worker.release(identity, held)
                 out.append(exc)

@@ -142,7 +142,7 @@ class Worker:
 
     def release(self, identity: bytes, blocks: list[wpb.ShmSlice]) -> None:
         """Hand output blocks back to the worker generation that wrote them."""
-        if identity != self.identity or not self.ready:
+        if not blocks or identity != self.identity or not self.ready:
             return  # that process is gone, and its arena with it
         env = wire.envelope(0)
         env.release.blocks.extend(blocks)
@@ -309,7 +309,7 @@ class Worker:
             raise ServingError(f"failed to load {self.label}: worker {how} during {what}", code=ErrorCode.UNAVAILABLE)
         await process.terminate(self._proc)
         raise ServingError(
-            f"failed to load {self.label}: no answer within {timeout:.0f} s during {what}", code=ErrorCode.UNAVAILABLE
+            f"failed to load {self.label}: no answer within {timeout:g} s during {what}", code=ErrorCode.UNAVAILABLE
         )
 
     def _on_message(self, env: wpb.Envelope, frames: list[bytes]) -> None:
@@ -325,7 +325,7 @@ class Worker:
             fut.set_result((env, frames))
         elif body == "infer_done":
             # the request was abandoned: give any output blocks straight back
-            blocks = [o.shm for r in env.infer_done.results for o in r.outputs if o.WhichOneof("location") == "shm"]
+            blocks = shm_outputs(env.infer_done)
             if blocks:
                 self.release(self.identity, blocks)
 
@@ -414,3 +414,8 @@ def _shutdown() -> wpb.Envelope:
     env = wire.envelope(0)
     env.shutdown.SetInParent()
     return env
+
+
+def shm_outputs(done: wpb.InferDone) -> list[wpb.ShmSlice]:
+    """The output blocks a reply names in its worker's arena."""
+    return [o.shm for r in done.results for o in r.outputs if o.WhichOneof("location") == "shm"]
