@@ -34,16 +34,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.dispatch.pool import InstancePool
 from shoal.server.dispatch.worker import Worker
 from shoal.server.scheduling.base import SchedulerBase
+from shoal.server.scheduling.sequencetensors import Controls, initial_state, sequence_params, zeros_like
 from shoal.server.stats import ModelStats
 from shoal.server.types import InferRequest, InferResult, InputTensor, RequestedOutput
 
@@ -51,7 +48,6 @@ log = logging.getLogger("shoal.sequence")
 
 FLAG_START = 1
 FLAG_END = 2
-_KIND = mc.ModelSequenceBatching.Control
 
 
 _Pending = tuple[InferRequest, "asyncio.Future[InferResult | ServingError]", int]
@@ -80,23 +76,6 @@ class Sequence:
     """State input name -> the tensor fed with the next request."""
 
 
-def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool, bool]:
-    """``(sequence_id, start, end)`` of a request to a sequence model."""
-    params = request.parameters
-    corrid = params.get("sequence_id", 0)
-    if isinstance(corrid, bool) or not isinstance(corrid, int | str) or (isinstance(corrid, int) and corrid < 0):
-        raise InvalidInput("request parameter 'sequence_id' must be an unsigned integer or a string")
-    if corrid in (0, ""):
-        raise InvalidInput(f"inference request to model '{model}' must specify a non-zero or non-empty correlation ID")
-    flags = []
-    for key in ("sequence_start", "sequence_end"):
-        value = params.get(key, False)
-        if not isinstance(value, bool):
-            raise InvalidInput(f"request parameter '{key}' must be a boolean")
-        flags.append(value)
-    return corrid, flags[0], flags[1]
-
-
 class SequenceBatcher(SchedulerBase):
     def __init__(
         self, pool: InstancePool, config: mc.ModelConfig, stats: ModelStats, model_dir: Path | None = None
@@ -111,9 +90,9 @@ class SequenceBatcher(SchedulerBase):
             self.slots_per_instance = max(1, config.max_batch_size)
         self.batching = config.max_batch_size > 0
         self.idle_ns = int(sb.max_sequence_idle_microseconds or 1_000_000) * 1000
-        self.controls = [(c.name, ctl) for c in sb.control_input for ctl in c.control]
+        self.controls = Controls(config)
         self.states = list(sb.state)
-        self.initial = {s.input_name: _initial_state(s, self.batching, model_dir) for s in self.states}
+        self.initial = {s.input_name: initial_state(s, self.batching, model_dir) for s in self.states}
         self._active: dict[int | str, Sequence] = {}
         self._free: dict[int, list[int]] = {}
         self._waiting: list[asyncio.Future[None]] = []
@@ -208,7 +187,7 @@ class SequenceBatcher(SchedulerBase):
         ok = False
         try:
             # refused before a slot is taken (e.g. a string id for an integer CORRID)
-            controls = self._control_tensors(corrid, start, end)
+            controls = self.controls.tensors(corrid, start, end)
             seq = self._active.get(corrid)
             if start:
                 if seq is not None:
@@ -332,9 +311,9 @@ class SequenceBatcher(SchedulerBase):
 
     def _null_request(self, template: InferRequest) -> InferRequest:
         """A request for an empty slot: the template's model inputs as zeros, controls false."""
-        skip = {name for name, _ in self.controls} | {s.input_name for s in self.states}
-        inputs = [_zeros_like(t) for t in template.inputs if t.name not in skip]
-        inputs += self._control_tensors(0, False, False, ready=False)
+        skip = self.controls.names | {s.input_name for s in self.states}
+        inputs = [zeros_like(t) for t in template.inputs if t.name not in skip]
+        inputs += self.controls.tensors(0, False, False, ready=False)
         inputs += [self.initial[s.input_name] for s in self.states]
         return InferRequest(
             model_name=template.model_name, model_version=template.model_version, inputs=inputs, null=True
@@ -352,30 +331,6 @@ class SequenceBatcher(SchedulerBase):
             except TimeoutError:
                 return
 
-    def _control_tensors(self, corrid: int | str, start: bool, end: bool, ready: bool = True) -> list[InputTensor]:
-        out = []
-        shape = (1, 1) if self.batching else (1,)
-        for name, ctl in self.controls:
-            if ctl.kind == _KIND.CONTROL_SEQUENCE_CORRID:
-                dt = dtypes.BY_CONFIG_NUMBER[ctl.data_type]
-                if dt.protocol == "BYTES":
-                    text = str(corrid).encode() if ready else b""
-                    data = dtypes.serialize_bytes(np.array([text], dtype=np.object_))
-                else:
-                    if isinstance(corrid, str):
-                        raise InvalidInput(f"model '{self.name}' takes integer sequence ids (CORRID {dt.protocol})")
-                    assert dt.numpy is not None
-                    data = np.array([corrid], dtype=np.uint64).astype(dt.numpy).tobytes()
-                out.append(InputTensor(name, dt.protocol, shape, data))
-                continue
-            value = {
-                _KIND.CONTROL_SEQUENCE_START: start,
-                _KIND.CONTROL_SEQUENCE_END: end,
-                _KIND.CONTROL_SEQUENCE_READY: ready,
-            }.get(ctl.kind, False)
-            out.append(_flag_tensor(name, ctl, value, shape))
-        return out
-
     async def _reap_idle(self) -> None:
         interval = max(0.01, self.idle_ns / 2e9)
         while True:
@@ -390,47 +345,3 @@ class SequenceBatcher(SchedulerBase):
         await super().drain(timeout_s)
         if self._reaper is not None:
             self._reaper.cancel()
-
-
-def _zeros_like(t: InputTensor) -> InputTensor:
-    """Zeros with ``t``'s name, datatype and shape (BYTES: empty strings)."""
-    if t.datatype == "BYTES":
-        count = dtypes.element_count(t.shape)
-        data = dtypes.serialize_bytes(np.array([b""] * count, dtype=np.object_))
-    else:
-        data = bytes(t.nbytes)
-    return InputTensor(t.name, t.datatype, t.shape, data)
-
-
-def _flag_tensor(name: str, ctl: Any, value: bool, shape: tuple[int, ...]) -> InputTensor:
-    if len(ctl.int32_false_true) == 2:
-        return InputTensor(name, "INT32", shape, np.array([ctl.int32_false_true[int(value)]], np.int32).tobytes())
-    if len(ctl.fp32_false_true) == 2:
-        return InputTensor(name, "FP32", shape, np.array([ctl.fp32_false_true[int(value)]], np.float32).tobytes())
-    if len(ctl.bool_false_true) == 2:
-        return InputTensor(name, "BOOL", shape, np.array([ctl.bool_false_true[int(value)]], np.bool_).tobytes())
-    raise InvalidInput(f"control input '{name}' has no false/true values")
-
-
-def _initial_state(state: Any, batching: bool, model_dir: Path | None) -> InputTensor:
-    """The state input of a sequence's first request: ``initial_state`` (zeros or a data
-    file under <model>/initial_state/), else zeros of ``dims`` (a variable dim as 0)."""
-    dt = dtypes.BY_CONFIG_NUMBER[state.data_type]
-    init = state.initial_state[0] if len(state.initial_state) else None
-    dims = tuple(int(d) for d in (init.dims if init is not None and len(init.dims) else state.dims))
-    dims = tuple(max(d, 0) for d in dims)
-    shape = ((1,) if batching else ()) + dims
-    count = dtypes.element_count(shape)
-    if init is not None and init.WhichOneof("state_data") == "data_file":
-        if model_dir is None:
-            raise InvalidInput(f"state '{state.input_name}': no model directory for its initial data file")
-        root = (model_dir / "initial_state").resolve()
-        path = (root / init.data_file).resolve()
-        if root not in path.parents:
-            raise InvalidInput(f"state '{state.input_name}': initial data file is outside initial_state/")
-        data = path.read_bytes()
-    elif dt.protocol == "BYTES":
-        data = dtypes.serialize_bytes(np.array([b""] * count, dtype=np.object_))
-    else:
-        data = bytes(count * dt.itemsize)
-    return InputTensor(state.input_name, dt.protocol, shape, data)
