@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
 
 from shoal.proto import dtypes
 from shoal.proto.config_json import config_from_json, config_to_json
-from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
+from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
@@ -259,22 +258,7 @@ class DataPlane:
             self.shm.bind(request)
         try:
             validate(mv, request)
-            deadline_s = self._deadline_s(mv, request)
-            if deadline_s:
-                try:
-                    async with asyncio.timeout(deadline_s):
-                        result = await submit(mv, request)
-                except TimeoutError:
-                    if request.instance:
-                        where = f"instance '{request.instance}' is still executing it"
-                    else:
-                        where = "its steps were still running" if mv.config.platform == "ensemble" else "still queued"
-                    raise DeadlineExceeded(
-                        f"request for model '{mv.name}' version {mv.version} did not complete within its deadline "
-                        f"of {deadline_s:g} s ({where})"
-                    ) from None
-            else:
-                result = await submit(mv, request)
+            result = await submit(mv, request, self._deadline_s(mv, request))
         finally:
             if uses_shm:
                 self.shm.unbind(request)

@@ -408,6 +408,8 @@ class Worker:
         self.state = WorkerState.STOPPED
         self._fail_pending(ServingError(f"{self.label} stopped", code=ErrorCode.UNAVAILABLE))
         region.unlink_prefix(self.arena_prefix_base)
+        if self.on_exit is not None:
+            self.on_exit(self)  # the router and other workers drop their mappings of its arena
 
 
 def _shutdown() -> wpb.Envelope:

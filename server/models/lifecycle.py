@@ -135,7 +135,8 @@ class ModelManager:
             fp = (fingerprint(self.repository / name), override.SerializeToString() if override else b"")
             src = await self._read(name, override)
             old = reg.models.get(name, {})
-            serving = {v: mv for v, mv in old.items() if mv.ready}
+            # READY versions, even one whose only worker is restarting now: a failed reload keeps it
+            serving = {v: mv for v, mv in old.items() if mv.state is ModelState.READY}
             if src.error:
                 log.error("model '%s' cannot be loaded: %s", name, src.error)
                 if serving:

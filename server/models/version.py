@@ -3,13 +3,14 @@ tensors, pool of workers, scheduler and statistics."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.proto import dtypes
-from shoal.proto.errors import ErrorCode
+from shoal.proto.errors import DeadlineExceeded, ErrorCode
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.dispatch.pool import InstancePool
 from shoal.server.repository import ModelSource
@@ -80,11 +81,26 @@ def new_version(src: ModelSource, version: int) -> ModelVersion:
     return mv
 
 
-async def submit(mv: ModelVersion, request: InferRequest) -> InferResult:
-    """``request`` (validated) to ``mv``'s scheduler; a failure is counted by its reason."""
+async def submit(mv: ModelVersion, request: InferRequest, deadline_s: float = 0.0) -> InferResult:
+    """``request`` (validated) to ``mv``'s scheduler, given up after ``deadline_s`` seconds
+    (0: never); a failure is counted by its reason (a deadline: REJECTED, as Triton counts a
+    request that timed out)."""
     assert mv.scheduler is not None
     try:
-        return await mv.scheduler.submit(request)
+        if not deadline_s:
+            return await mv.scheduler.submit(request)
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await mv.scheduler.submit(request)
+        except TimeoutError:
+            if request.instance:
+                where = f"instance '{request.instance}' is still executing it"
+            else:
+                where = "its steps were still running" if mv.config.platform == "ensemble" else "still queued"
+            raise DeadlineExceeded(
+                f"request for model '{mv.name}' version {mv.version} did not complete within its deadline "
+                f"of {deadline_s:g} s ({where})"
+            ) from None
     except BaseException as exc:
         mv.stats.failed(exc)
         raise

@@ -353,7 +353,9 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, worker_class: type[FakeWorker] = FakeWorker) -> int:
+    """Run one fake worker process; ``worker_class``: a ``FakeWorker`` subclass to run instead
+    (tests/component/models picks the plan from the model the process is told to load)."""
     p = argparse.ArgumentParser(prog="fake_worker")
     p.add_argument("-P", action="store_true")
     p.add_argument("-m", dest="module")
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_ms=args.heartbeat_ms,
         log_verbose=args.log_verbose,
     )
-    worker = FakeWorker(args.endpoint, args.identity.encode(), args.heartbeat_ms, plan, events)
+    worker = worker_class(args.endpoint, args.identity.encode(), args.heartbeat_ms, plan, events)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         events.log("sigterm")
