@@ -241,7 +241,9 @@ def make_examples(repo: Path, force: bool = False) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("repo", nargs="?", type=Path, default=Path("examples/models"), help="model repository directory")
+    parser.add_argument(
+        "repo", nargs="?", type=Path, default=Path("examples/models"), help="model repository directory"
+    )
     parser.add_argument("--force", action="store_true", help="rewrite model.onnx files even when unchanged")
     args = parser.parse_args(argv)
     for path in make_examples(args.repo, force=args.force):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-# grpc's fork handlers only log noise when the router spawns workers (fork + exec) while
-# grpc threads run; workers never use grpc. Must be set before grpc is imported.
+# With grpc's fork handlers on, a fork while grpc threads run can abort the child before it
+# execs ("epoll_wait error: Bad file descriptor", grpc/grpc#43055): the router forks for every
+# worker it starts, and workers never use the router's grpc. Set before grpc is imported.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import asyncio  # noqa: E402

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-import pytest
+# Before anything imports grpc: with its fork support on (grpcio's default), a process that
+# forks while its gRPC threads run (subprocess with preexec_fn, as ServerProcess uses for
+# rlimits; os.fork) can abort the child before exec: "Epoll1Poller ... epoll_wait error: Bad
+# file descriptor", SIGABRT (grpc/grpc#43055; ~1 in 300 such forks here). The router sets
+# the same for itself.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 def shoal_segments() -> set[str]:

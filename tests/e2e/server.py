@@ -104,9 +104,15 @@ class ServerProcess:
         )
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
-        if not self._port_seen.wait(timeout_s):
-            self.kill()
-            raise RuntimeError(f"server did not report its port:\n{self.log}")
+        deadline = time.monotonic() + timeout_s
+        while not self._port_seen.wait(0.05):
+            if self.proc.poll() is not None:  # no point waiting for a process that is gone
+                self._pump_thread.join(5)
+                status = self.proc.returncode
+                raise RuntimeError(f"server exited with status {status} before reporting its port:\n{self.log}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not report its port:\n{self.log}")
         if wait_ready and not self._ready_seen.wait(timeout_s):
             self.kill()
             raise RuntimeError(f"server did not finish loading:\n{self.log}")

@@ -13,9 +13,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request."""
         return [
-            pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("OUTPUT0", _input(r, "INPUT0"))]
-            )
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT0", _input(r, "INPUT0"))])
             for r in requests
         ]
 
