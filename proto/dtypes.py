@@ -1,6 +1,6 @@
 """The one datatype table: KServe protocol string <-> config ``DataType`` <-> numpy.
 
-Tensor bytes everywhere in Shoal (HTTP binary bodies, shared memory, ZeroMQ frames) are
+Tensor bytes everywhere in Shoal (HTTP binary bodies, shared memory, worker message frames) are
 little-endian, row-major, unpadded. BOOL is one byte (0/1). BYTES tensors are serialized as,
 for every element in row-major order, a 4-byte little-endian unsigned length followed by the
 element's bytes (Triton's encoding); their byte size therefore depends on the contents.

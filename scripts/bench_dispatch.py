@@ -3,7 +3,7 @@
 
 Measures what the router's own dispatch path costs (router CPU microseconds per request,
 from time.process_time) and end-to-end requests/s against a real worker process, for
-several tensor sizes, with tensors inline in ZeroMQ frames or in the shared-memory arena.
+several tensor sizes, with tensors inline in worker message frames or in the shared-memory arena.
 This is how the default --inline-max-bytes was chosen.
 
 Run: .venv/bin/python scripts/bench_dispatch.py [--requests N] [--concurrency C]

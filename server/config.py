@@ -101,7 +101,7 @@ class ServerConfig:
     worker_arena_bytes: int = 16 << 20
     """Size of each segment of a worker's output arena."""
     inline_max_bytes: int = 32 << 10
-    """Tensors up to this size travel inside ZeroMQ frames instead of shared memory."""
+    """Tensors up to this size travel inside the worker messages instead of shared memory."""
     model_load_timeout_s: float = 120.0
     allow_client_shm: bool = True
     """Clients may register system and CUDA shared-memory regions (Triton's extensions)."""

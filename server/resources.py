@@ -20,9 +20,8 @@ log = logging.getLogger("shoal")
 _RESERVED_FDS = 128
 """Descriptors kept for the router itself (sockets, files, metrics scrapes)."""
 _FDS_PER_WORKER = 4
-"""Descriptors the router spends on each worker (its two ZeroMQ connections, process
-handling). libzmq aborts the whole process when it cannot accept a worker's connection for
-want of a descriptor, so these are never left to client connections."""
+"""Descriptors the router spends on each worker (its two channel connections, process
+handling): never left to client connections, or a restarting worker could not connect."""
 _MAX_AUTO_CONNECTIONS = 65536
 
 

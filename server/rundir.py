@@ -1,4 +1,4 @@
-"""The run directory: a private folder in the temp directory holding the workers' ZeroMQ
+"""The run directory: a private folder in the temp directory holding the workers' channel
 socket, and the owner locks that tell a live run from a dead one.
 
 A run is named ``shoal_<pid>_<token>``. While the router lives it holds two exclusive

@@ -16,9 +16,7 @@ import threading
 import time
 from typing import Any
 
-import zmq
-
-from shoal.proto import dtypes, wire
+from shoal.proto import dtypes, framing, wire
 from shoal.proto.errors import ErrorCode, ServingError, from_exception
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
@@ -53,50 +51,45 @@ _CLIENT_ERRORS = frozenset(
 
 
 class Heartbeat(threading.Thread):
-    """Sends ``Pong`` on its own socket (``<identity>/hb``) every ``interval_ms``. It needs the
-    GIL like any Python thread, so it stops when the process is stopped (SIGSTOP) or when a
+    """Sends ``Pong`` on its own connection (``<identity>/hb``) every ``interval_ms``. It needs
+    the GIL like any Python thread, so it stops when the process is stopped (SIGSTOP) or when a
     backend holds the GIL without end; the router then kills and replaces the worker."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, interval_ms: int) -> None:
+    def __init__(self, endpoint: str, identity: bytes, interval_ms: int) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.ctx = ctx
         self.endpoint = endpoint
         self.identity = identity + HEARTBEAT_SUFFIX
         self.interval_s = interval_ms / 1000
         self.done = threading.Event()
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4)
-        sock.connect(self.endpoint)
+        try:
+            conn = framing.Connection(self.endpoint, self.identity)
+        except OSError:
+            return  # the router is gone; the main loop sees it too
         beat = wire.envelope(0)
         beat.pong.SetInParent()
-        msg = beat.SerializeToString()
+        msg = [beat.SerializeToString()]
         try:
             while True:
                 try:
-                    sock.send(msg, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the router is not reading; it will see the next one
+                    conn.send(msg)  # blocks while the router does not read: beats resume after
+                except OSError:
+                    return
                 if self.done.wait(self.interval_s):
                     return
         finally:
-            sock.close(linger=0)
+            conn.close()
 
 
 class WorkerRuntime:
-    """Owns the DEALER socket, the backend, the output arena and the input mapper."""
+    """Owns the connection to the router, the backend, the output arena and the input mapper."""
 
     def __init__(self, *, endpoint: str, identity: bytes, heartbeat_ms: int = 0) -> None:
         self.endpoint = endpoint
         self.identity = identity
         self.heartbeat_ms = heartbeat_ms
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, identity)
-        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.conn: framing.Connection | None = None
         self.backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.mapper = Mapper()
@@ -122,23 +115,27 @@ class WorkerRuntime:
 
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
-        self.sock.connect(self.endpoint)
+        self.conn = conn = framing.Connection(self.endpoint, self.identity)
         heartbeat = None
         if self.heartbeat_ms > 0:
-            heartbeat = Heartbeat(self.ctx, self.endpoint, self.identity, self.heartbeat_ms)
+            heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms)
             heartbeat.start()
         hello = wire.envelope(0)
         hello.ready.pid = os.getpid()
-        self.sock.send(hello.SerializeToString())
+        conn.send([hello.SerializeToString()])
         try:
             while True:
-                frames = self.sock.recv_multipart(copy=False)
-                env = wire.parse(frames[0].buffer)
+                try:
+                    frames = conn.recv()
+                except EOFError:
+                    log.info("the router closed its connection; exiting")
+                    return 0
+                env = wire.parse(frames[0])
                 kind = env.WhichOneof("body")
                 if kind == "infer":
                     self.busy = True
                     try:
-                        self._infer(env, [f.buffer for f in frames[1:]])
+                        self._infer(env, frames[1:])
                     finally:
                         self.busy = False
                     if self.stop_requested:
@@ -197,9 +194,13 @@ class WorkerRuntime:
             err = from_exception(exc)
             log.exception("loading %s failed", req.model_name)
             wire.failed(err, reply.failed)
-        self.sock.send(reply.SerializeToString())
+        self._send([reply.SerializeToString()])
 
-    def _infer(self, env: wpb.Envelope, frames: list[memoryview]) -> None:
+    def _send(self, frames: list[Any]) -> None:
+        assert self.conn is not None
+        self.conn.send(frames)
+
+    def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         reply = wire.envelope(env.request_id)
         done = reply.infer_done
         out_frames: list[Any] = []
@@ -258,7 +259,7 @@ class WorkerRuntime:
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)
-        self.sock.send_multipart([reply.SerializeToString(), *out_frames], copy=False)
+        self._send([reply.SerializeToString(), *out_frames])
 
     def _log_failure(self, err: ServingError) -> None:
         """A request's own fault (bad data) is logged at verbose level only; a backend's at
@@ -325,7 +326,7 @@ class WorkerRuntime:
             reply.pong.SetInParent()
         except Exception as exc:  # noqa: BLE001 - a bad handle is the client's error, not ours
             wire.failed(from_exception(exc), reply.failed)
-        self.sock.send(reply.SerializeToString())
+        self._send([reply.SerializeToString()])
 
     def _release(self, rel: wpb.Release) -> None:
         if self.arena is None:
@@ -346,4 +347,5 @@ class WorkerRuntime:
         self.regions.close()
         if self.arena is not None:
             self.arena.close()
-        self.sock.close(linger=500)
+        if self.conn is not None:
+            self.conn.close()

@@ -24,7 +24,7 @@ def is_device_array(obj: object) -> bool:
 
 
 def read_input(
-    ref: wpb.TensorRef, frames: list[memoryview], mapper: Mapper, regions: ClientRegions, device_ok: bool = False
+    ref: wpb.TensorRef, frames: list[bytes], mapper: Mapper, regions: ClientRegions, device_ok: bool = False
 ) -> Array:
     """A numpy view (no copy for fixed-size types) of one input tensor. Inputs in client CUDA
     memory are CuPy arrays over that memory when ``device_ok``, else copied to the host."""
@@ -36,6 +36,7 @@ def read_input(
         if ref.client.nbytes != count * dt.itemsize:
             raise InvalidInput(f"input '{ref.name}' has {ref.client.nbytes} bytes, expected {count * dt.itemsize}")
         return regions.device_array(ref.client, dt.numpy, count).reshape(shape)  # type: ignore[no-any-return]
+    buf: bytes | memoryview
     if which == "frame":
         buf = frames[ref.frame]
     elif which == "shm":

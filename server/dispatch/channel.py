@@ -1,20 +1,21 @@
-"""``WorkerChannel``: the router's one ZeroMQ ROUTER socket, driven by the event loop.
+"""``WorkerChannel``: the router's end of its workers' connections, driven by the event loop.
 
-Workers connect DEALER sockets whose routing id is their identity. Incoming messages are
-parsed and handed to the handler registered for that identity. Owned by the router's
-event loop; not thread-safe.
+Workers connect to one Unix-domain stream socket in the run directory and name themselves
+with their first message (``proto.framing``: ``[HELLO, identity]``); after that each
+connection's messages are parsed and handed to the handler registered for that identity.
+Owned by the router's event loop; not thread-safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import zmq
-
-from shoal.proto import wire
+from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 
@@ -22,29 +23,80 @@ log = logging.getLogger("shoal.channel")
 
 Handler = Callable[[wpb.Envelope, list[bytes]], None]
 
-_MORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-_ZERO_COPY_BYTES = 1 << 16
+_BACKLOG = 4096
+
+
+class _Conn(asyncio.Protocol):
+    """One worker connection: no identity until its hello arrives."""
+
+    __slots__ = ("channel", "transport", "identity", "decoder")
+
+    def __init__(self, channel: WorkerChannel) -> None:
+        self.channel = channel
+        self.transport: Any = None
+        self.identity: bytes | None = None
+        self.decoder = framing.Decoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except framing.FramingError as exc:
+            log.error("worker %r: %s; closing its connection", self.identity, exc)
+            self.transport.abort()
+            return
+        for frames in messages:
+            if self.identity is None:
+                if len(frames) != 2 or frames[0] != framing.HELLO:
+                    log.error("a connection did not start with a worker hello; closed")
+                    self.transport.abort()
+                    return
+                self.identity = frames[1]
+                self.channel._connected(self)
+                continue
+            self.channel._deliver(self.identity, frames)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.identity is not None:
+            self.channel._disconnected(self)
 
 
 class WorkerChannel:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._path = framing.socket_path(endpoint)
         self._handlers: dict[bytes, Handler] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_pending = False
+        self._conns: dict[bytes, _Conn] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._starting: asyncio.Task[asyncio.AbstractServer] | None = None
 
     def start(self) -> None:
-        self._sock.bind(self.endpoint)
-        self._loop = asyncio.get_running_loop()
-        self._fd: int = self._sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-        self._loop.add_reader(self._fd, self._drain)
+        """Bind and listen now (workers may connect at once); serve from the running loop."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self._path)
+            os.chmod(self._path, 0o600)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        loop = asyncio.get_running_loop()
+        self._starting = loop.create_task(loop.create_unix_server(lambda: _Conn(self), sock=sock))
+        self._starting.add_done_callback(self._serving)
+
+    def _serving(self, task: asyncio.Task[asyncio.AbstractServer]) -> None:
+        self._starting = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("the worker channel could not start serving: %r", task.exception())
+            return
+        self._server = task.result()
 
     def register(self, identity: bytes, handler: Handler) -> None:
         self._handlers[identity] = handler
@@ -54,63 +106,47 @@ class WorkerChannel:
 
     def send(self, identity: bytes, env: wpb.Envelope, buffers: Sequence[Any] = ()) -> None:
         """Queue a message for a worker; raises ``UNAVAILABLE`` if it is not connected."""
-        # Frame by frame with plain int flags: pyzmq's send_multipart costs several times
-        # more per message in Python. Only large buffers go zero-copy (zmq copies small
-        # ones anyway, and a zero-copy frame is slower to set up).
-        send = self._sock.send
+        conn = self._conns.get(identity)
+        if conn is None or conn.transport.is_closing():
+            raise ServingError("the model instance is not connected (it is restarting)", code=ErrorCode.UNAVAILABLE)
+        conn.transport.writelines(framing.encode([env.SerializeToString(), *buffers]))
+
+    def _connected(self, conn: _Conn) -> None:
+        assert conn.identity is not None
+        old = self._conns.get(conn.identity)
+        if old is not None and old is not conn:
+            log.warning("worker %r connected again; its earlier connection is closed", conn.identity)
+            old.identity = None
+            old.transport.abort()
+        self._conns[conn.identity] = conn
+
+    def _disconnected(self, conn: _Conn) -> None:
+        if self._conns.get(conn.identity) is conn:  # type: ignore[arg-type]
+            del self._conns[conn.identity]  # type: ignore[arg-type]
+
+    def _deliver(self, identity: bytes, frames: list[bytes]) -> None:
+        handler = self._handlers.get(identity)
+        if handler is None:
+            log.debug("message from unknown worker %r dropped", identity)
+            return
         try:
-            send(identity, _MORE)
-            if buffers:
-                send(env.SerializeToString(), _MORE)
-                last = len(buffers) - 1
-                for i, buf in enumerate(buffers):
-                    send(buf, _MORE if i < last else 0, copy=len(buf) < _ZERO_COPY_BYTES)
-            else:
-                send(env.SerializeToString(), 0)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                raise ServingError(
-                    "the model instance is not connected (it is restarting)", code=ErrorCode.UNAVAILABLE
-                ) from None
-            raise
-        # ZMQ_FD is edge-triggered: a send may consume the readiness edge of pending input.
-        self._schedule_drain()
-
-    def _schedule_drain(self) -> None:
-        if not self._drain_pending and self._loop is not None:
-            self._drain_pending = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._drain_pending = False
-        sock = self._sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
-            try:
-                # Copying receive: frames are small (large tensors travel in shared
-                # memory), and bytes are cheaper to get than zero-copy Frame objects.
-                frames = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                break
-            identity = frames[0]
-            handler = self._handlers.get(identity)
-            if handler is None:
-                log.debug("message from unknown worker %r dropped", identity)
-                continue
-            try:
-                env = wire.parse(frames[1])
-            except ServingError as exc:
-                log.error("worker %r: %s", identity, exc.message)
-                continue
-            try:
-                handler(env, frames[2:])
-            except Exception:  # noqa: BLE001 - one bad message must not stop the loop
-                log.exception("handling a message from worker %r failed", identity)
+            env = wire.parse(frames[0])
+        except ServingError as exc:
+            log.error("worker %r: %s", identity, exc.message)
+            return
+        try:
+            handler(env, frames[1:])
+        except Exception:  # noqa: BLE001 - one bad message must not stop the loop
+            log.exception("handling a message from worker %r failed", identity)
 
     def close(self) -> None:
-        if self._loop is not None and not self._sock.closed:
-            try:
-                self._loop.remove_reader(self._fd)
-            except (ValueError, zmq.ZMQError):
-                pass
-        self._sock.close(linger=0)
-        self._ctx.term()
+        for conn in list(self._conns.values()):
+            conn.transport.abort()
+        self._conns.clear()
+        if self._starting is not None:
+            self._starting.cancel()
+        if self._server is not None:
+            self._server.close()
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None

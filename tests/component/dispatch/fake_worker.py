@@ -60,9 +60,7 @@ import time
 from types import FrameType
 from typing import Any
 
-import zmq
-
-from shoal.proto import wire
+from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
@@ -95,34 +93,33 @@ class Events:
 
 
 class Heartbeat(threading.Thread):
-    """``Pong`` every ``interval_s`` from a DEALER socket named ``<identity>/hb``."""
+    """``Pong`` every ``interval_s`` from a connection named ``<identity>/hb``."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes, interval_s: float) -> None:
+    def __init__(self, endpoint: str, identity: bytes, interval_s: float) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.ctx = ctx
         self.endpoint = endpoint
         self.identity = identity + HEARTBEAT_SUFFIX
         self.interval_s = interval_s
         self.done = threading.Event()
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
+        try:
+            conn = framing.Connection(self.endpoint, self.identity)
+        except OSError:
+            return
         beat = wire.envelope(0)
         beat.pong.SetInParent()
-        msg = beat.SerializeToString()
+        msg = [beat.SerializeToString()]
         try:
             while True:
                 try:
-                    sock.send(msg, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                    conn.send(msg)
+                except OSError:
+                    return
                 if self.done.wait(self.interval_s):
                     return
         finally:
-            sock.close(linger=0)
+            conn.close()
 
 
 def _failed(code: str, message: str, out: wpb.Failed) -> None:
@@ -136,10 +133,7 @@ class FakeWorker:
         self.heartbeat_ms = heartbeat_ms
         self.plan = plan
         self.events = events
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.ROUTING_ID, identity)
-        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.conn: framing.Connection | None = None
         self.heartbeat: Heartbeat | None = None
         self.arena: Arena | None = None
         self.mapper = Mapper()
@@ -148,17 +142,17 @@ class FakeWorker:
         self.backlog: list[list[bytes]] = []
 
     def run(self) -> int:
-        self.sock.connect(self.endpoint)
+        self.conn = framing.Connection(self.endpoint, self.identity)
         if self.heartbeat_ms > 0 and self.plan.get("heartbeat", True):
-            self.heartbeat = Heartbeat(self.ctx, self.endpoint, self.identity, self.heartbeat_ms / 1000)
+            self.heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms / 1000)
             self.heartbeat.start()
         if self.plan.get("hello", True):
             hello = wire.envelope(0)
             hello.ready.pid = os.getpid()
-            self.sock.send(hello.SerializeToString())
+            self.send([hello.SerializeToString()])
         try:
             while True:
-                frames = self.backlog.pop(0) if self.backlog else self.sock.recv_multipart()
+                frames = self.backlog.pop(0) if self.backlog else self.recv()
                 env = wire.parse(frames[0])
                 kind = env.WhichOneof("body")
                 if kind == "load":
@@ -180,6 +174,18 @@ class FakeWorker:
         finally:
             self.close()
 
+    def send(self, frames: list[bytes]) -> None:
+        assert self.conn is not None
+        self.conn.send(frames)
+
+    def recv(self) -> list[bytes]:
+        assert self.conn is not None
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.events.log("router closed")
+            raise SystemExit(0) from None
+
     def stop_heartbeat(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.done.set()
@@ -191,8 +197,8 @@ class FakeWorker:
         self.mapper.close()
         if self.arena is not None:
             self.arena.close()
-        self.sock.close(linger=500)
-        self.ctx.term()
+        if self.conn is not None:
+            self.conn.close()
 
     def _load(self, env: wpb.Envelope) -> None:
         req = env.load
@@ -221,7 +227,7 @@ class FakeWorker:
             self.inline_max = req.inline_max_bytes
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
-        self.sock.send(reply.SerializeToString())
+        self.send([reply.SerializeToString()])
 
     def _action(self) -> Plan:
         actions: list[Plan] = self.plan.get("infer", [])
@@ -259,8 +265,9 @@ class FakeWorker:
         hold = action.get("hold")
         if hold:
             while not os.path.exists(hold):
-                if self.sock.poll(5, zmq.POLLIN):
-                    msg = self.sock.recv_multipart()
+                assert self.conn is not None
+                if self.conn.poll(5):
+                    msg = self.recv()
                     self.events.log("arrived", kind=wire.parse(msg[0]).WhichOneof("body"), busy=env.request_id)
                     self.backlog.append(msg)
         time.sleep(float(action.get("delay_s", 0.0)))
@@ -281,8 +288,8 @@ class FakeWorker:
         else:
             self._results(env, action, inputs, reply.infer_done, out_frames)
         if action.get("garbage_first"):
-            self.sock.send(b"\xff\xfe not an envelope")
-        self.sock.send_multipart([reply.SerializeToString(), *out_frames])
+            self.send([b"\xff\xfe not an envelope"])
+        self.send([reply.SerializeToString(), *out_frames])
         self.events.log("answered", rid=env.request_id)
 
     def _results(

@@ -1,0 +1,55 @@
+"""``proto.framing``: messages survive any split of the stream; malformed heads are refused."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shoal.proto import framing
+
+messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=5), min_size=1, max_size=6)
+
+
+@given(messages, st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20))
+def test_any_split_of_the_stream_gives_back_the_messages(msgs: list[list[bytes]], cuts: list[int]) -> None:
+    stream = b"".join(b"".join(framing.encode(m)) for m in msgs)
+    dec = framing.Decoder()
+    got: list[list[bytes]] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        step = cuts[i % len(cuts)]
+        got.extend(dec.feed(stream[pos : pos + step]))
+        pos += step
+        i += 1
+    assert got == msgs
+
+
+def test_memoryview_frames_are_measured_in_bytes() -> None:
+    import numpy as np
+
+    arr = np.arange(4, dtype=np.float32)
+    (msg,) = framing.Decoder().feed(b"".join(bytes(b) for b in framing.encode([b"h", memoryview(arr)])))
+    assert msg == [b"h", arr.tobytes()]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        struct.pack("<II", 8, 0),  # no frames
+        struct.pack("<II", 4, 2),  # lengths do not fit
+        struct.pack("<II", (1 << 31) + 1, 1),  # too big
+        struct.pack("<II", 4, framing.MAX_FRAMES + 1),
+    ],
+)
+def test_bad_heads_are_refused(head: bytes) -> None:
+    with pytest.raises(framing.FramingError):
+        framing.Decoder().feed(head + b"\0" * 16)
+
+
+def test_frame_lengths_must_add_up_to_the_size() -> None:
+    bad = struct.pack("<III", 4 + 3, 1, 5) + b"abc"  # says 5 bytes of frame, carries 3
+    with pytest.raises(framing.FramingError):
+        framing.Decoder().feed(bad + b"\0" * 8)
