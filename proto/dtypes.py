@@ -71,8 +71,26 @@ def by_protocol(name: str) -> DType:
         raise InvalidInput(f"invalid datatype '{name}'") from None
 
 
+_BY_NUMPY: Final[dict[object, DType]] = {}
+"""``from_numpy`` answers by dtype (and type), filled as dtypes are seen."""
+
+
 def from_numpy(dtype: npt.DTypeLike) -> DType:
     """The datatype of a numpy dtype; bytes, str and object arrays are BYTES."""
+    try:
+        return _BY_NUMPY[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
+        pass
+    found = _from_numpy(dtype)
+    if len(_BY_NUMPY) < 256:
+        try:
+            _BY_NUMPY[dtype] = found
+        except TypeError:
+            pass
+    return found
+
+
+def _from_numpy(dtype: npt.DTypeLike) -> DType:
     dt = np.dtype(dtype)
     if dt.kind in ("O", "S", "U"):
         return BY_PROTOCOL["BYTES"]

@@ -7,8 +7,13 @@ perf_analyzer does not ask for statistics), model metadata/config/ready and infe
 Infer parses the JSON header, takes INPUT0 (binary tensor extension or JSON "data"),
 and returns it as OUTPUT0: binary unless the request asked for JSON output.
 
-Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity]
-With --port 0 it binds any free port. Once bound it prints ``LISTENING <port>``.
+With ``--grpc-port`` it also serves the same over gRPC (grpc.aio, the generated messages,
+one handler per call perf_analyzer makes): the minimal grpc.aio server that gRPC numbers are
+compared with.
+
+Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity] [--grpc-port 0]
+With --port 0 it binds any free port. Once bound it prints ``LISTENING <port>`` (and
+``GRPC listening on <host>:<port>``).
 """
 
 from __future__ import annotations
@@ -174,10 +179,83 @@ def make_app(model_name: str) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, sock: socket.socket) -> None:
+async def start_grpc(host: str, port: int, model_name: str) -> Any:
+    """The gRPC ceiling: ModelInfer returns INPUT0 as OUTPUT0; the metadata calls answer
+    what perf_analyzer asks."""
+    import grpc
+
+    from shoal.proto.gen import grpc_service_pb2 as pb
+    from shoal.proto.gen import model_config_pb2 as mc
+
+    async def server_live(req: Any, ctx: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(req: Any, ctx: Any) -> Any:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def model_ready(req: Any, ctx: Any) -> Any:
+        return pb.ModelReadyResponse(ready=req.name == model_name)
+
+    async def server_metadata(req: Any, ctx: Any) -> Any:
+        return pb.ServerMetadataResponse(name="ceiling", version="0.0.0")
+
+    def _tensor(cls: Any, name: str) -> Any:
+        return cls(name=name, datatype="FP32", shape=[-1])
+
+    async def model_metadata(req: Any, ctx: Any) -> Any:
+        return pb.ModelMetadataResponse(
+            name=model_name,
+            versions=["1"],
+            platform="python",
+            inputs=[_tensor(pb.ModelMetadataResponse.TensorMetadata, INPUT_NAME)],
+            outputs=[_tensor(pb.ModelMetadataResponse.TensorMetadata, OUTPUT_NAME)],
+        )
+
+    async def model_config(req: Any, ctx: Any) -> Any:
+        cfg = mc.ModelConfig(name=model_name, backend="python", max_batch_size=0)
+        cfg.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[-1])
+        cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[-1])
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def model_infer(req: Any, ctx: Any) -> Any:
+        if req.model_name != model_name or len(req.inputs) != 1 or len(req.raw_input_contents) != 1:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "one raw FP32 input INPUT0 expected")
+        t = req.inputs[0]
+        resp = pb.ModelInferResponse(model_name=model_name, model_version="1", id=req.id)
+        resp.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=t.shape)
+        resp.raw_output_contents.append(req.raw_input_contents[0])
+        return resp
+
+    calls = {
+        "ServerLive": (server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": (model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": (server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": (model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": (model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelInfer": (model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+        )
+        for name, (fn, req, resp) in calls.items()
+    }
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"GRPC listening on {host}:{bound}", flush=True)
+    return server
+
+
+async def serve(app: web.Application, sock: socket.socket, grpc_port: int | None = None) -> None:
     runner = web.AppRunner(app, access_log=None)  # no per-request logging in a ceiling
     await runner.setup()
+    grpc_server = None
     try:
+        if grpc_port is not None:
+            grpc_server = await start_grpc(sock.getsockname()[0], grpc_port, app[MODEL_NAME])
         await web.SockSite(runner, sock).start()
         print(f"LISTENING {sock.getsockname()[1]}", flush=True)  # bound *and* listening
         stop = asyncio.Event()
@@ -186,6 +264,8 @@ async def serve(app: web.Application, sock: socket.socket) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(0)
         await runner.cleanup()
 
 
@@ -194,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
     parser.add_argument("--model", default="identity", help="the identity model's name")
+    parser.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC here (0 = any free port)")
     args = parser.parse_args(argv)
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -204,9 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(make_app(args.model), sock))
+        asyncio.run(serve(make_app(args.model), sock, args.grpc_port))
     else:
-        uvloop.run(serve(make_app(args.model), sock))
+        uvloop.run(serve(make_app(args.model), sock, args.grpc_port))
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ class WorkerRuntime:
                         id=r.id,
                         inputs=inputs,
                         requested_outputs=list(r.outputs),
-                        parameters=json.loads(r.parameters_json) if r.parameters_json else {},
+                        parameters=r.parameters_json or {},
                         request_id=r.request_id,
                         correlation_id=r.correlation_id_str or r.correlation_id,
                         flags=r.flags,
@@ -241,8 +241,9 @@ class WorkerRuntime:
                     continue
                 try:
                     self._write_outputs(req, resp.outputs, result, out_frames, writer, dest)
-                    if resp.parameters:
-                        result.parameters_json = json.dumps(resp.parameters)
+                    params = resp.parameters
+                    if params:
+                        result.parameters_json = params if isinstance(params, str) else json.dumps(params)
                 except ServingError as exc:
                     self._free_result(result)
                     del result.outputs[:]

@@ -30,6 +30,10 @@ class Registry:
         if versions is None:
             raise InvalidInput(f"Request for unknown model: '{name}' is not found")
         if version < 0:
+            if len(versions) == 1:  # the common case: one version, no list to build
+                for only in versions.values():
+                    if only.ready:
+                        return only
             ready = [mv for mv in versions.values() if mv.ready]
             if not ready:
                 why = next((w for mv in versions.values() if mv.unavailable and (w := mv.unavailable())), "")

@@ -165,7 +165,8 @@ def test_initialize_args(tmp_path: Path, loaded: list[PythonBackend]) -> None:
         flags=1,
     )
     (resp,) = backend.execute([req])
-    assert resp.parameters == {
+    assert isinstance(resp.parameters, str)  # the model's JSON text, passed on unparsed
+    assert json.loads(resp.parameters) == {
         "echo": '{"p": 1}',
         "flags": 1,
         "id": "r7",

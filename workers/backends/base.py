@@ -102,7 +102,9 @@ class WorkRequest:
     inputs: dict[str, Array]
     requested_outputs: list[str]
     """Names the client asked for; empty means every output."""
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] | str = field(default_factory=dict)
+    """The request's parameters; a ``str`` is their JSON text as it arrived (not parsed unless
+    a backend needs them)."""
     request_id: str = ""
     correlation_id: int | str = 0
     flags: int = 0
@@ -114,7 +116,8 @@ class WorkResponse:
 
     outputs: dict[str, Array] = field(default_factory=dict)
     error: ServingError | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] | str = field(default_factory=dict)
+    """A ``str`` is JSON text of an object, sent on as it is."""
 
 
 class Backend(ABC):

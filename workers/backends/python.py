@@ -190,7 +190,7 @@ class PythonBackend(Backend):
             request_id=req.request_id,
             correlation_id=req.correlation_id,
             flags=req.flags,
-            parameters=req.parameters,
+            parameters=req.parameters or None,
         )
 
     def _to_work_response(self, resp: Any, req: WorkRequest) -> WorkResponse:
@@ -203,7 +203,9 @@ class PythonBackend(Backend):
                     code=ErrorCode.INTERNAL,
                 )
             )
-        params = json.loads(resp.parameters())
+        params = resp.parameters()
+        if params == "{}":
+            params = ""
         if resp.has_error():
             err = resp.error()
             code = _ERROR_CODES.get(err.code(), ErrorCode.INTERNAL)

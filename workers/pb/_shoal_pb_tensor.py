@@ -52,6 +52,10 @@ def triton_to_numpy_type(data_type: int) -> type[Any] | None:
 def numpy_to_triton_type(data_type: Any) -> int | None:
     """The ``TRITONSERVER_DataType`` number of a numpy type or dtype, or None."""
     try:
+        return _DTYPE_TO_CODE[data_type]  # most calls: a dtype of the table
+    except (KeyError, TypeError):
+        pass
+    try:
         dt = np.dtype(data_type)
     except TypeError:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -92,6 +93,44 @@ class Held:
         self.data = b""
 
 
+async def _read_exactly(stream: Any, first: bytes, length: int, timeout_s: float) -> bytearray:
+    """``length`` bytes (the Content-Length, already checked against the limit) into one
+    buffer: no reallocation as chunks arrive."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    chunk = first
+    while True:
+        if chunk:
+            n = len(chunk)
+            if got + n > length:
+                raise InvalidInput(f"the request body is longer than its Content-Length of {length} bytes")
+            view[got : got + n] = chunk
+            got += n
+        if got == length and stream.at_eof():
+            return buf
+        chunk = stream.read_nowait()
+        if chunk:
+            continue
+        if stream.at_eof():
+            raise InvalidInput(f"the request body has {got} bytes, Content-Length says {length}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await stream.readany()
+        except TimeoutError:
+            raise _timed_out(timeout_s) from None
+        if not chunk and stream.at_eof() and got != length:
+            raise InvalidInput(f"the request body has {got} bytes, Content-Length says {length}")
+
+
+def _timed_out(timeout_s: float) -> BodyError:
+    return BodyError(
+        f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)",
+        status=408,
+        code=ErrorCode.DEADLINE_EXCEEDED,
+    )
+
+
 async def read(request: web.Request, *, limit: int, timeout_s: float, budget: RequestBudget) -> Held:
     """The request body (inflated when compressed), at most ``limit`` bytes, counted in
     ``budget`` until ``Held.release``. Raises 413, 408, 400 or 429 as ``ServingError``."""
@@ -102,9 +141,17 @@ async def read(request: web.Request, *, limit: int, timeout_s: float, budget: Re
         length = request.content_length
         if length:
             held.count(length)
+        stream = request.content
+        if length and encoding == "identity":
+            # the usual case: a declared length, often all of it already here with the headers
+            first = stream.read_nowait()
+            if len(first) == length and stream.at_eof():
+                held.data = first
+                return held
+            held.data = await _read_exactly(stream, first, length, timeout_s)
+            return held
         raw = bytearray()
         held.data = raw
-        stream = request.content
         while True:
             # what has arrived already is taken without a timer (a small body usually came
             # with its headers); only waiting for more is bounded by the timeout
@@ -116,11 +163,7 @@ async def read(request: web.Request, *, limit: int, timeout_s: float, budget: Re
                     async with asyncio.timeout(timeout_s):
                         chunk = await stream.readany()
                 except TimeoutError:
-                    raise BodyError(
-                        f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)",
-                        status=408,
-                        code=ErrorCode.DEADLINE_EXCEEDED,
-                    ) from None
+                    raise _timed_out(timeout_s) from None
                 if not chunk:
                     break
             if len(raw) + len(chunk) > limit:
