@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,6 +22,10 @@ from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
 
 SERVER_NAME = "shoal"
+StreamItem = tuple[InferResult | ServingError | None, bool]
+"""One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
+HTTP_DECOUPLED_ERROR = "HTTP end point doesn't support models with decoupled transaction policy"
+GRPC_DECOUPLED_ERROR = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 EXTENSIONS = [
     "model_configuration",
     "binary_tensor_data",
@@ -245,10 +251,73 @@ class DataPlane:
                 deadline = min(deadline, timeout_us / 1e6) if deadline else timeout_us / 1e6
         return deadline
 
-    async def infer(self, request: InferRequest) -> InferResult:
+    async def infer(self, request: InferRequest, *, decoupled_error: str = HTTP_DECOUPLED_ERROR) -> InferResult:
+        """One request, one result. A decoupled model's requests go through ``infer_stream``:
+        here they fail with ``decoupled_error`` (Triton's text for the calling endpoint)."""
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
+        if mv.config.model_transaction_policy.decoupled:
+            raise Unsupported(decoupled_error)
+        return await self._infer(mv, request)
+
+    def is_decoupled(self, name: str, version: int) -> bool:
+        """The model version a request names uses the decoupled transaction policy (False
+        when it cannot serve: the request then fails with the lookup's error)."""
+        try:
+            return self.registry.get(name, version).config.model_transaction_policy.decoupled
+        except ServingError:
+            return False
+
+    async def infer_stream(self, request: InferRequest) -> AsyncIterator[StreamItem]:
+        """A decoupled model's responses to one request, as they come: ``(response, final)``
+        pairs, where a response is an ``InferResult`` (the caller ``done``s it), a
+        ``ServingError`` or ``None`` (the final flag alone). Ends after the final one. A
+        request refused before it ran raises. Leaving the loop early stops delivery: later
+        responses are dropped and their shared memory given back."""
+        if not self.accepting:
+            raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
+        mv = self.registry.get(request.model_name, request.model_version)
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        listening = True
+
+        def sink(item: InferResult | ServingError | None, final: bool) -> None:
+            if listening:
+                queue.put_nowait((item, final))
+            elif isinstance(item, InferResult):
+                item.done()
+
+        request.responses = sink
+        run = asyncio.ensure_future(self._infer(mv, request))
+        try:
+            while True:
+                if queue.empty() and not run.done():
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait((getter, run), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        exc = run.exception()  # the request failed, or execute returned
+                        if exc is not None:
+                            raise exc
+                        continue
+                    item, final = getter.result()
+                else:
+                    item, final = await queue.get()
+                yield item, final
+                if final:
+                    return
+        finally:
+            listening = False
+            while not queue.empty():
+                item, _ = queue.get_nowait()
+                if isinstance(item, InferResult):
+                    item.done()
+            if not run.done():
+                run.cancel()
+            elif not run.cancelled() and run.exception() is None:
+                run.result().done()
+
+    async def _infer(self, mv: ModelVersion, request: InferRequest) -> InferResult:
         request.model_version = mv.version
         uses_shm = request.uses_shm
         if uses_shm:

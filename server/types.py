@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 from shoal.shm.block import Block
 
 if TYPE_CHECKING:
+    from shoal.proto.errors import ServingError
+
+if TYPE_CHECKING:
     from shoal.server.peers import Peer
     from shoal.server.sharedmem import Region
 
@@ -108,6 +111,10 @@ class InferRequest:
     """The client that sent it (frontends set it when the request names shared memory)."""
     instance: str = ""
     """The instance it was last sent to (named when its deadline passes)."""
+    responses: Callable[[InferResult | ServingError | None, bool], None] | None = None
+    """A decoupled model's request: where each response goes as the worker sends it (``None``:
+    no response, only the final flag), with whether it is the last. The sink owns each
+    ``InferResult`` it gets (``done`` it)."""
 
     @property
     def uses_shm(self) -> bool:

@@ -9,6 +9,7 @@ sends heartbeats (``Pong``) meanwhile.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
-from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, spec_from_load
+from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, WorkResponse, spec_from_load
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.tensors import OutputWriter, read_input
@@ -90,6 +91,9 @@ class WorkerRuntime:
         self.identity = identity
         self.heartbeat_ms = heartbeat_ms
         self.conn: framing.Connection | None = None
+        self.lock = threading.RLock()
+        """Held for sends and the output arena: a decoupled model sends from its own threads."""
+        self.decoupled = False
         self.backend: Backend | None = None
         self.spec: ModelSpec | None = None
         self.mapper = Mapper()
@@ -178,6 +182,7 @@ class WorkerRuntime:
             # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``
             self.output_dims = {o.name: tuple(o.dims) for o in config.output if o.HasField("reshape")}
             self.batching = config.max_batch_size > 0
+            self.decoupled = config.model_transaction_policy.decoupled
             self.arena = Arena(
                 req.arena_prefix,
                 segment_bytes=req.arena_bytes,
@@ -198,7 +203,36 @@ class WorkerRuntime:
 
     def _send(self, frames: list[Any]) -> None:
         assert self.conn is not None
-        self.conn.send(frames)
+        with self.lock:
+            self.conn.send(frames)
+
+    def _fill(self, req: WorkRequest, resp: WorkResponse, result: wpb.Result, out_frames: list[Any], dest: Any) -> None:
+        """One response into ``result`` (outputs written, or its error)."""
+        if resp.error is not None:
+            wire.failed(resp.error, result.error)
+            return
+        assert self.writer is not None
+        try:
+            self._write_outputs(req, resp.outputs, result, out_frames, self.writer, dest)
+            params = resp.parameters
+            if params:
+                result.parameters_json = params if isinstance(params, str) else json.dumps(params)
+        except ServingError as exc:
+            self._free_result(result)
+            del result.outputs[:]
+            wire.failed(exc, result.error)
+
+    def _stream(self, rid: int, req: WorkRequest, dest: Any, resp: WorkResponse | None, final: bool) -> None:
+        """A decoupled model's response (from any thread): written and sent at once."""
+        env = wire.envelope(rid)
+        msg = env.streamed
+        msg.index = req.id
+        msg.final = final
+        out_frames: list[Any] = []
+        with self.lock:  # the arena and the connection are shared with the main loop
+            if resp is not None:
+                self._fill(req, resp, msg.result, out_frames, dest)
+            self._send([env.SerializeToString(), *out_frames])
 
     def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         reply = wire.envelope(env.request_id)
@@ -217,37 +251,31 @@ class WorkerRuntime:
                     for ref in r.inputs
                 }
                 dests.append(r.output_shm)
-                work.append(
-                    WorkRequest(
-                        id=r.id,
-                        inputs=inputs,
-                        requested_outputs=list(r.outputs),
-                        parameters=r.parameters_json or {},
-                        request_id=r.request_id,
-                        correlation_id=r.correlation_id_str or r.correlation_id,
-                        flags=r.flags,
-                    )
+                wr = WorkRequest(
+                    id=r.id,
+                    inputs=inputs,
+                    requested_outputs=list(r.outputs),
+                    parameters=r.parameters_json or {},
+                    request_id=r.request_id,
+                    correlation_id=r.correlation_id_str or r.correlation_id,
+                    flags=r.flags,
                 )
+                if self.decoupled:
+                    wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
+                work.append(wr)
             t1 = time.monotonic_ns()
             responses = backend.execute(work)
             t2 = time.monotonic_ns()
-            if len(responses) != len(work):
+            if self.decoupled:
+                if responses:
+                    raise ServingError(f"backend returned {len(responses)} responses for a decoupled model")
+            elif len(responses) != len(work):
                 raise ServingError(f"backend returned {len(responses)} responses for {len(work)} requests")
-            for req, resp, dest in zip(work, responses, dests, strict=True):
-                result = done.results.add()
-                result.id = req.id
-                if resp.error is not None:
-                    wire.failed(resp.error, result.error)
-                    continue
-                try:
-                    self._write_outputs(req, resp.outputs, result, out_frames, writer, dest)
-                    params = resp.parameters
-                    if params:
-                        result.parameters_json = params if isinstance(params, str) else json.dumps(params)
-                except ServingError as exc:
-                    self._free_result(result)
-                    del result.outputs[:]
-                    wire.failed(exc, result.error)
+            with self.lock:
+                for req, resp, dest in zip(work, responses, dests, strict=self.decoupled is False):
+                    result = done.results.add()
+                    result.id = req.id
+                    self._fill(req, resp, result, out_frames, dest)
             t3 = time.monotonic_ns()
             done.compute_input_ns = t1 - t0
             done.compute_infer_ns = t2 - t1
@@ -255,8 +283,9 @@ class WorkerRuntime:
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
             err = from_exception(exc)
             self._log_failure(err)
-            for res in done.results:
-                self._free_result(res)
+            with self.lock:
+                for res in done.results:
+                    self._free_result(res)
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)
@@ -332,10 +361,11 @@ class WorkerRuntime:
     def _release(self, rel: wpb.Release) -> None:
         if self.arena is None:
             return
-        for s in rel.blocks:
-            block = Block(s.region, s.offset, s.nbytes, s.device)
-            if self.arena.owns(block):
-                self.arena.free(block)
+        with self.lock:
+            for s in rel.blocks:
+                block = Block(s.region, s.offset, s.nbytes, s.device)
+                if self.arena.owns(block):
+                    self.arena.free(block)
 
     def close(self) -> None:
         if self.backend is not None:

@@ -412,6 +412,40 @@ class Result(_message.Message):
 Global___Result: _TypeAlias = Result  # noqa: Y015
 
 @_typing.final
+class Streamed(_message.Message):
+    """worker -> router: one response of a decoupled model's request (any number per request, in
+    order, from execute or from threads the model started; the last one has final set).
+    request_id is the batch's; the InferDone of a decoupled batch carries no results.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """the request's place in the batch (Infer.requests)"""
+    final: _builtins.bool
+    @_builtins.property
+    def result(self) -> Global___Result:
+        """absent: a final flag with no response"""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        result: Global___Result | None = ...,
+        final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "index", b"index", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Streamed: _TypeAlias = Streamed  # noqa: Y015
+
+@_typing.final
 class InferDone(_message.Message):
     """worker -> router: the batch finished."""
 
@@ -588,6 +622,7 @@ class Envelope(_message.Message):
     INFER_DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
+    STREAMED_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it"""
@@ -613,6 +648,8 @@ class Envelope(_message.Message):
     def failed(self) -> Global___Failed: ...
     @_builtins.property
     def pong(self) -> Global___Pong: ...
+    @_builtins.property
+    def streamed(self) -> Global___Streamed: ...
     def __init__(
         self,
         *,
@@ -628,12 +665,13 @@ class Envelope(_message.Message):
         infer_done: Global___InferDone | None = ...,
         failed: Global___Failed | None = ...,
         pong: Global___Pong | None = ...,
+        streamed: Global___Streamed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong", "streamed"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

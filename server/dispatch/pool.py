@@ -19,7 +19,16 @@ from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 
 RESERVED_PARAMETERS = frozenset(
-    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers", "binary_data_output"}
+    {
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "binary_data_output",
+        "triton_enable_empty_final_response",
+    }
 )
 
 
@@ -76,7 +85,8 @@ class InstancePool:
             # back) when the worker is done with them, which is later than this coroutine if
             # the client goes away (the future is then cancelled but the worker still reads).
             settle = (lambda: self._free(blocks, regions, leases)) if blocks or regions or leases else None
-            fut = worker.submit(env, buffers, settle)
+            stream = _Stream(self, worker, batch) if batch[0].responses is not None else None
+            fut = worker.submit(env, buffers, settle, stream)
         except BaseException:
             self._free(blocks, regions, leases)
             raise
@@ -84,7 +94,20 @@ class InstancePool:
             reply, frames = await fut
         finally:
             del fut  # a future that failed holds the error, whose traceback holds this frame
+        if stream is not None:
+            return self._decoupled_done(batch, reply)
         return self._decode(batch, worker, reply, frames)
+
+    def _decoupled_done(self, batch: Sequence[InferRequest], reply: wpb.Envelope) -> list[InferResult | ServingError]:
+        """A decoupled batch's execute returned: its responses go (went) to each request's
+        sink; the result here carries no outputs."""
+        if reply.WhichOneof("body") == "failed":
+            raise wire.to_error(reply.failed)
+        done = reply.infer_done
+        if self.stats is not None:
+            n = sum(r.batch_size for r in batch)
+            self.stats.execution(n, len(batch), done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns)
+        return [InferResult(req.model_name, req.model_version, [], id=req.id) for req in batch]
 
     def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:
         arena = self.ctx.arena
@@ -176,50 +199,93 @@ class InstancePool:
             self.stats.execution(
                 inferences, requests, done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns, rows
             )
+        return [self.result(req, worker, res, frames) for req, res in zip(batch, reply.infer_done.results, strict=True)]
+
+    def result(
+        self, req: InferRequest, worker: Worker, res: wpb.Result, frames: list[bytes]
+    ) -> InferResult | ServingError:
+        """One request's result as the worker described it (outputs in frames, in its arena,
+        or written into the client's region), or its error."""
+        if res.HasField("error"):
+            return wire.to_error(res.error)
         identity = worker.identity
-        mapper = self.ctx.mapper
-        out: list[InferResult | ServingError] = []
-        for req, res in zip(batch, reply.infer_done.results, strict=True):
-            if res.HasField("error"):
-                out.append(wire.to_error(res.error))
-                continue
-            tensors = []
-            held: list[wpb.ShmSlice] = []
-            try:
-                for ref in res.outputs:
-                    where = ref.WhichOneof("location")
-                    if where == "client":
-                        written = ref.client.nbytes
-                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), b"", True, written))
-                        continue
-                    if where == "shm":
-                        s = ref.shm
-                        block = Block(s.region, s.offset, s.nbytes, s.device)
-                        held.append(s)  # given back even when it cannot be mapped
-                        data: Any = mapper.view(block)
-                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=block))
-                    elif ref.frame < len(frames):
-                        tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
-                    else:
-                        raise ServingError(
-                            f"{worker.label}: malformed reply (output '{ref.name}' names a missing frame)",
-                            code=ErrorCode.INTERNAL,
-                        )
-            except ServingError as exc:
-                worker.release(identity, held)
-                out.append(exc)
-                continue
-            result = InferResult(
-                model_name=req.model_name,
-                model_version=req.model_version,
-                outputs=tensors,
-                id=req.id,
-                parameters=json.loads(res.parameters_json) if res.parameters_json else {},
-            )
-            if held:
-                result.release = _releaser(worker, identity, held)
-            out.append(result)
-        return out
+        tensors = []
+        held: list[wpb.ShmSlice] = []
+        try:
+            for ref in res.outputs:
+                where = ref.WhichOneof("location")
+                if where == "client":
+                    written = ref.client.nbytes
+                    tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), b"", True, written))
+                    continue
+                if where == "shm":
+                    s = ref.shm
+                    block = Block(s.region, s.offset, s.nbytes, s.device)
+                    held.append(s)  # given back even when it cannot be mapped
+                    data: Any = self.ctx.mapper.view(block)
+                    tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=block))
+                elif ref.frame < len(frames):
+                    tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
+                else:
+                    raise ServingError(
+                        f"{worker.label}: malformed reply (output '{ref.name}' names a missing frame)",
+                        code=ErrorCode.INTERNAL,
+                    )
+        except ServingError as exc:
+            worker.release(identity, held)
+            return exc
+        result = InferResult(
+            model_name=req.model_name,
+            model_version=req.model_version,
+            outputs=tensors,
+            id=req.id,
+            parameters=json.loads(res.parameters_json) if res.parameters_json else {},
+        )
+        if held:
+            result.release = _releaser(worker, identity, held)
+        return result
+
+
+class _Stream:
+    """A decoupled batch's responses, passed to each request's ``responses`` sink as they
+    arrive (``StreamSink`` of ``Worker``)."""
+
+    __slots__ = ("pool", "worker", "batch", "open")
+
+    def __init__(self, pool: InstancePool, worker: Worker, batch: Sequence[InferRequest]) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.batch = batch
+        self.open = set(range(len(batch)))
+
+    @property
+    def closed(self) -> bool:
+        return not self.open
+
+    def on(self, index: int, result: wpb.Result | None, frames: list[bytes], final: bool) -> None:
+        if index not in self.open:
+            if result is not None:  # a response after the final one (or for no request): dropped
+                late = self.pool.result(self.batch[0], self.worker, result, frames)
+                if isinstance(late, InferResult):
+                    late.done()
+            return
+        req = self.batch[index]
+        item = None if result is None else self.pool.result(req, self.worker, result, frames)
+        if final:
+            self.open.discard(index)
+        sink = req.responses
+        if sink is None:
+            if isinstance(item, InferResult):
+                item.done()
+            return
+        sink(item, final)
+
+    def fail(self, err: ServingError) -> None:
+        open_, self.open = self.open, set()
+        for index in sorted(open_):
+            sink = self.batch[index].responses
+            if sink is not None:
+                sink(err, True)
 
 
 def _describe(block: Block, out: wpb.ShmSlice) -> None:

@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
@@ -63,6 +63,20 @@ class WorkerSpec:
 Reply = tuple[wpb.Envelope, list[bytes]]
 
 
+class StreamSink(Protocol):
+    """Where a decoupled batch's responses go (``InstancePool``): each as it arrives, then
+    ``fail`` for the requests still open if the worker dies."""
+
+    def on(self, index: int, result: wpb.Result | None, frames: list[bytes], final: bool) -> None: ...
+
+    def fail(self, err: ServingError) -> None: ...
+
+    @property
+    def closed(self) -> bool:
+        """Every request of the batch has had its final response."""
+        ...
+
+
 class Worker:
     """Lifecycle: ``await start()`` (raises ``ServingError`` when the model fails to load),
     ``submit()`` batches while ``ready``, ``await stop()``."""
@@ -89,6 +103,8 @@ class Worker:
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._settle: dict[int, Callable[[], None]] = {}
+        self._streams: dict[int, StreamSink] = {}
+        """Decoupled batches whose requests are not all final yet."""
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -119,7 +135,11 @@ class Worker:
         await self._first_load
 
     def submit(
-        self, infer: wpb.Envelope, buffers: Sequence[Any], on_settled: Callable[[], None] | None = None
+        self,
+        infer: wpb.Envelope,
+        buffers: Sequence[Any],
+        on_settled: Callable[[], None] | None = None,
+        stream: StreamSink | None = None,
     ) -> asyncio.Future[Reply]:
         """Send a batch; the future resolves with the worker's reply or fails with
         ``WorkerDied``. The caller has checked ``ready``.
@@ -137,6 +157,9 @@ class Worker:
             self._sent[rid] = self._loop.time()
         if on_settled is not None:
             self._settle[rid] = on_settled
+        if stream is not None:
+            # a decoupled batch: its inputs stay in use until every request is final
+            self._streams[rid] = stream
         self.outstanding += 1
         return fut
 
@@ -315,8 +338,13 @@ class Worker:
     def _on_message(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         body = env.WhichOneof("body")
         rid = env.request_id
+        if body == "streamed":
+            self._on_streamed(rid, env.streamed, frames)
+            return
         if body == "pong" and rid not in self._pending:
             return  # a keep-alive answer nobody waits for
+        if body == "failed" and rid in self._streams:
+            self._streams.pop(rid).fail(wire.to_error(env.failed))
         fut = self._pending.pop(rid, None)
         if rid and fut is not None:
             self._sent.pop(rid, None)
@@ -329,20 +357,43 @@ class Worker:
             if blocks:
                 self.release(self.identity, blocks)
 
+    def _on_streamed(self, rid: int, msg: wpb.Streamed, frames: list[bytes]) -> None:
+        stream = self._streams.get(rid)
+        if stream is None:  # nobody listens (the batch failed): give its output blocks back
+            if msg.HasField("result"):
+                blocks = [ref.shm for ref in msg.result.outputs if ref.WhichOneof("location") == "shm"]
+                self.release(self.identity, blocks)
+            return
+        stream.on(msg.index, msg.result if msg.HasField("result") else None, frames, msg.final)
+        if stream.closed:
+            del self._streams[rid]
+            if rid not in self._pending:  # execute has returned too: the inputs are free
+                settle = self._settle.pop(rid, None)
+                if settle is not None:
+                    settle()
+
     def _settled(self, rid: int) -> None:
         self.outstanding -= 1
+        if rid in self._streams:
+            return  # a decoupled batch still streaming: its inputs are given back at its end
         settle = self._settle.pop(rid, None)
         if settle is not None:
             settle()
 
     def _fail_pending(self, err: ServingError) -> None:
         pending, self._pending = self._pending, {}
+        streams, self._streams = self._streams, {}
         self._sent.clear()
+        for stream in streams.values():
+            stream.fail(err)
         for rid, fut in pending.items():
             if rid:
                 self._settled(rid)
             if not fut.done():
                 fut.set_exception(err)
+        settles, self._settle = self._settle, {}
+        for settle in settles.values():  # streams whose execute had returned
+            settle()
 
     async def _reap(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

@@ -308,13 +308,57 @@ def test_missing_model_file(tmp_path: Path) -> None:
     assert str(tmp_path) not in info.value.message
 
 
-def test_decoupled_is_refused(tmp_path: Path) -> None:
-    _write_model(
-        tmp_path, "dec", "class TritonPythonModel:\n    pass\n", extra="model_transaction_policy { decoupled: true }"
-    )
-    with pytest.raises(ServingError) as info:
-        PythonBackend.load(_spec(tmp_path, "dec"))
-    assert info.value.code == ErrorCode.UNIMPLEMENTED
+_DECOUPLED = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for r in requests:
+            sender = r.get_response_sender()
+            x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x * 2)]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            try:
+                sender.send(pb_utils.InferenceResponse([]))
+            except pb_utils.TritonModelException as exc:
+                sender.after_final = str(exc)
+        return self.returns
+
+    returns = None
+"""
+
+
+def test_decoupled_responses_go_through_the_sender(tmp_path: Path, loaded: list[PythonBackend]) -> None:
+    _write_model(tmp_path, "dec", _DECOUPLED, extra="model_transaction_policy { decoupled: true }")
+    backend = PythonBackend.load(_spec(tmp_path, "dec"))
+    loaded.append(backend)
+    sent: list[tuple[Any, bool]] = []
+    req = WorkRequest(id=0, inputs={"INPUT0": np.ones(2, np.float32)}, requested_outputs=[])
+    req.send = lambda resp, final: sent.append((resp, final))
+    assert backend.execute([req]) == []
+    (first, f1), (second, f2) = sent
+    assert not f1 and f2 and second is None
+    np.testing.assert_array_equal(first.outputs["OUTPUT0"], np.full(2, 2, np.float32))
+    model = backend._model
+    model.returns = []  # anything but None is an error, with Triton's text
+    with pytest.raises(ServingError, match="is using the decoupled mode and the execute function must return None"):
+        backend.execute([req])
+
+
+def test_sender_refuses_a_send_after_the_final_one(pb: ModuleType) -> None:
+    got: list[Any] = []
+    req = pb.InferenceRequest(model_name="m")
+    req._send = lambda resp, final: got.append(final)
+    sender = req.get_response_sender()
+    assert req.get_response_sender() is sender
+    with pytest.raises(pb.TritonModelException, match="must be provided"):
+        sender.send(None, 0)
+    sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    with pytest.raises(pb.TritonModelException, match="Response sender has been closed"):
+        sender.send(pb.InferenceResponse([]))
+    assert got == [True]
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -108,6 +108,9 @@ class WorkRequest:
     request_id: str = ""
     correlation_id: int | str = 0
     flags: int = 0
+    send: Callable[[WorkResponse | None, bool], None] | None = None
+    """Decoupled models: sends one response (``None``: none) and whether it is the last; may be
+    called from any thread, during or after ``execute``."""
 
 
 @dataclass(slots=True)

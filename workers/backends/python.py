@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Self
 import numpy as np
 
 from shoal.proto.config_json import config_from_json, config_to_json
-from shoal.proto.errors import ErrorCode, ServingError, Unsupported
+from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
 
@@ -67,6 +67,7 @@ class PythonBackend(Backend):
         self._output_names = [o.name for o in spec.config.output]
         self._bytes_code = 13
         self._closed = False
+        self._decoupled = spec.config.model_transaction_policy.decoupled
 
     @classmethod
     def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
@@ -103,8 +104,6 @@ class PythonBackend(Backend):
                 f"model '{spec.name}': Python model file '{rel}' not found in the model repository",
                 code=ErrorCode.NOT_FOUND,
             )
-        if spec.config.model_transaction_policy.decoupled:
-            raise Unsupported(f"model '{spec.name}': decoupled Python models are not supported yet")
         pb_utils()
         added: str | None = None
         if spec.version_dir not in sys.path:
@@ -162,6 +161,14 @@ class PythonBackend(Backend):
         except Exception as exc:
             _LOG.error("model '%s': execute raised", self._spec.name, exc_info=True)
             raise ServingError(_describe(exc), code=ErrorCode.INTERNAL) from exc
+        if self._decoupled:
+            if responses is not None:
+                raise ServingError(
+                    f"Python model '{self._spec.name}' is using the decoupled mode and the execute function "
+                    "must return None.",
+                    code=ErrorCode.INTERNAL,
+                )
+            return []  # the responses go through each request's sender
         if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
             got = f"{len(responses)} responses" if isinstance(responses, (list, tuple)) else repr(type(responses))
             raise ServingError(
@@ -182,7 +189,7 @@ class PythonBackend(Backend):
         for name, arr in req.inputs.items():
             code = self._bytes_code if arr.dtype.kind == "O" else pb.numpy_to_triton_type(arr.dtype)
             tensors.append(pb.Tensor._wrap(name, arr, code))
-        return pb.InferenceRequest(
+        pb_req = pb.InferenceRequest(
             model_name=self._spec.name,
             model_version=self._spec.version,
             inputs=tensors,
@@ -192,6 +199,14 @@ class PythonBackend(Backend):
             flags=req.flags,
             parameters=req.parameters or None,
         )
+        if self._decoupled and req.send is not None:
+            send = req.send
+
+            def forward(resp: Any, final: bool) -> None:
+                send(None if resp is None else self._to_work_response(resp, req), final)
+
+            pb_req._send = forward
+        return pb_req
 
     def _to_work_response(self, resp: Any, req: WorkRequest) -> WorkResponse:
         pb = self._pb

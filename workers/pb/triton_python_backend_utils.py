@@ -1,14 +1,15 @@
 """Shoal's implementation of Triton's ``triton_python_backend_utils`` module.
 
 Imported by Python-backend models as ``import triton_python_backend_utils as pb_utils``; the
-worker puts this directory on ``sys.path``. It depends on numpy only. BLS (``exec``), decoupled
-response senders and custom metrics are not supported yet and fail with a clear exception.
+worker puts this directory on ``sys.path``. It depends on numpy only. BLS (``exec``) and custom
+metrics are not supported yet and fail with a clear exception.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from enum import IntEnum
 from typing import Any, ClassVar, Final
@@ -29,6 +30,7 @@ __all__ = [
     "TRITON_STRING_TO_NUMPY",
     "InferenceRequest",
     "InferenceResponse",
+    "InferenceResponseSender",
     "LogLevel",
     "Logger",
     "ModelConfig",
@@ -127,6 +129,9 @@ class InferenceRequest:
         self._flags = flags
         self._timeout = timeout
         self._parameters = _params_json(parameters)
+        self._send: Any = None
+        """Set by the worker for a decoupled model's requests: ``send(response, final)``."""
+        self._sender: InferenceResponseSender | None = None
 
     def inputs(self) -> list[Tensor]:
         """The input tensors."""
@@ -168,9 +173,15 @@ class InferenceRequest:
         """Whether the client cancelled the request (never, for now)."""
         return False
 
-    def get_response_sender(self) -> Any:
-        """Decoupled response senders are not supported yet: always raises."""
-        raise _not_supported("decoupled mode (InferenceRequest.get_response_sender)")
+    def get_response_sender(self) -> InferenceResponseSender:
+        """The sender of this request's responses (decoupled models only)."""
+        if self._send is None:
+            raise TritonModelException(
+                "Unable to get response sender: the model is not using the decoupled transaction policy"
+            )
+        if self._sender is None:
+            self._sender = InferenceResponseSender(self._send)
+        return self._sender
 
     def set_release_flags(self, flags: int) -> None:
         """Request rescheduling is not supported yet: always raises."""
@@ -219,6 +230,35 @@ class InferenceResponse:
     def parameters(self) -> str:
         """The response's parameters as a JSON string."""
         return self._parameters
+
+
+class InferenceResponseSender:
+    """Sends a decoupled model's responses to one request: any number of ``send(response)``
+    calls, from ``execute`` or any thread, the last with ``flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL``
+    (with a response, or ``None`` to only close the stream)."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        """Send ``response`` (``None``: none, only the flags); FINAL closes the sender."""
+        final = bool(int(flags) & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if response is None and not final:
+            raise TritonModelException("Inference Response object must be provided when the response flags is 0.")
+        if response is not None and not isinstance(response, InferenceResponse):
+            raise TritonModelException(f"response must be an InferenceResponse, not {type(response).__name__}")
+        with self._lock:
+            if self._closed:
+                raise TritonModelException("Unable to send response. Response sender has been closed.")
+            if final:
+                self._closed = True
+        self._send(response, final)
+
+    def is_cancelled(self) -> bool:
+        """Whether the client cancelled the request (never, for now)."""
+        return False
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:

@@ -18,7 +18,7 @@ from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
 from shoal.proto.gen import health_pb2, health_pb2_grpc
 from shoal.server import restrict
-from shoal.server.dataplane import DataPlane
+from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, DataPlane
 from shoal.server.frontends.grpc import codec
 from shoal.server.frontends.grpc.errors import GRPC_STATUS
 from shoal.server.logthrottle import client_error
@@ -27,6 +27,9 @@ from shoal.server.resources import RequestBudget
 from shoal.server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
+
+FINAL_PARAMETER = "triton_final_response"
+"""Set on every streamed response: true on the last one of its request (as Triton)."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -88,6 +91,31 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
         return wrapper
 
     return wrap
+
+
+def _version_or_any(text: str) -> int:
+    try:
+        return version_number(text)
+    except ServingError:
+        return -1  # the request fails on it later, with the error of its kind
+
+
+def _stream_error(req: Any, exc: BaseException) -> pb.ModelStreamInferResponse:
+    """A streamed request's failure: ``error_message``, and the request's id, model and
+    version (as Triton fills them), with ``triton_final_response`` true."""
+    err = from_exception(exc)
+    if not isinstance(exc, ServingError):
+        log.exception("unhandled error in a streamed request", exc_info=exc)
+    else:
+        client_error(log, exc, "ModelStreamInfer")
+    msg = pb.ModelStreamInferResponse(error_message=err.message)
+    if req is not MALFORMED:
+        msg.infer_response.id = req.id
+        msg.infer_response.model_name = req.model_name
+        msg.infer_response.model_version = req.model_version
+    msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
+    detach(exc)
+    return msg
 
 
 def _not_yet(what: str) -> Unsupported:
@@ -161,7 +189,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             req = codec.decode_request(request)
             if req.uses_shm:
                 req.peer = self._peer(context)
-            result = await self.dp.infer(req)
+            result = await self.dp.infer(req, decoupled_error=GRPC_DECOUPLED_ERROR)
         finally:
             self.budget.give(held)
         resp = pb.ModelInferResponse()
@@ -174,16 +202,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """One response per request, possibly out of order; a failed request answers with
-        ``error_message`` and the stream goes on. At most ``stream_max_pending`` requests are
-        in flight or answered and not yet taken by the client: past that the stream's next
-        request is not read (so a client that never reads cannot grow the router)."""
+        """Responses as they are ready, possibly out of order across requests: one per request
+        of a model that is not decoupled, any number (in order) for a decoupled model's request,
+        each with the ``triton_final_response`` parameter (true on a request's last). A failed
+        request answers with ``error_message`` and the stream goes on. At most
+        ``stream_max_pending`` requests are in flight or answered and not yet taken by the
+        client: past that the stream's next request is not read (so a client that never reads
+        cannot grow the router through new requests)."""
         denied = _restricted(self, "inference", context)
         if denied is not None:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(denied)
             return
-        queue: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # (message or None, whether it is its request's last); _END after the last request
+        queue: asyncio.Queue[tuple[pb.ModelStreamInferResponse | None, bool] | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(self.stream_max_pending)
 
@@ -191,22 +223,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 if req is MALFORMED:
                     raise InvalidInput(MALFORMED_MESSAGE)
+                if self.dp.is_decoupled(req.model_name, _version_or_any(req.model_version)):
+                    await self._stream_decoupled(req, context, queue.put_nowait)
+                    return
                 msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req, context))
+                msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported on the stream
-                err = from_exception(exc)
-                if not isinstance(exc, ServingError):
-                    log.exception("unhandled error in a streamed request")
-                else:
-                    client_error(log, exc, "ModelStreamInfer")
-                msg = pb.ModelStreamInferResponse(error_message=err.message)
-                if req is not MALFORMED:
-                    msg.infer_response.id = req.id
-                    msg.infer_response.model_name = req.model_name
-                    msg.infer_response.model_version = req.model_version
-                detach(exc)
-            queue.put_nowait(msg)
+                msg = _stream_error(req, exc)
+            queue.put_nowait((msg, True))
 
         async def read() -> None:
             try:
@@ -223,14 +249,54 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (msg := await queue.get()) is not None:
-                yield msg
-                slots.release()
+            while (entry := await queue.get()) is not None:
+                msg, last = entry
+                if msg is not None:
+                    yield msg
+                if last:
+                    slots.release()
             await reader  # re-raise a broken request stream
         finally:
             reader.cancel()
             for task in list(running):
                 task.cancel()
+
+    async def _stream_decoupled(
+        self,
+        request: pb.ModelInferRequest,
+        context: Any,
+        put: Callable[[tuple[pb.ModelStreamInferResponse | None, bool]], None],
+    ) -> None:
+        """A decoupled model's responses to one streamed request, each as it comes. The last
+        is only sent when it carries a response, or when the request set
+        ``triton_enable_empty_final_response`` (Triton's rule)."""
+        held = request.ByteSize()
+        self.budget.take(held)
+        try:
+            req = codec.decode_request(request)
+            if req.uses_shm:
+                req.peer = self._peer(context)
+            empty_final = req.parameters.get("triton_enable_empty_final_response") is True
+            async for item, final in self.dp.infer_stream(req):
+                msg = pb.ModelStreamInferResponse()
+                if item is None:
+                    if not (final and empty_final):
+                        put((None, final))
+                        continue
+                    msg.infer_response.id = request.id
+                    msg.infer_response.model_name = request.model_name
+                    msg.infer_response.model_version = request.model_version
+                elif isinstance(item, ServingError):
+                    msg = _stream_error(request, item)
+                else:
+                    try:
+                        codec.encode_response(item, msg.infer_response)
+                    finally:
+                        item.done()
+                msg.infer_response.parameters[FINAL_PARAMETER].bool_param = final
+                put((msg, final))
+        finally:
+            self.budget.give(held)
 
     @rpc("logging")
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
