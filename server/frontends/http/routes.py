@@ -14,6 +14,7 @@ from shoal.proto.errors import InvalidInput
 from shoal.server import restrict
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http import body, codec
+from shoal.server.frontends.http import generate as generate_ext
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.peers import Peer
 from shoal.server.validation import version_number
@@ -249,6 +250,24 @@ async def _infer(
     return web.Response(body=payload, headers=headers, content_type=content_type)
 
 
+async def _generate_body(request: web.Request) -> tuple[DataPlane, str, int, bytes]:
+    limits = request.app[LIMITS]
+    held = await body.read(request, limit=limits.max_json_bytes, timeout_s=limits.body_timeout_s, budget=limits.budget)
+    try:
+        data = bytes(held.data)
+    finally:
+        held.release()
+    return request.app[DATAPLANE], request.match_info["model"], _version(request), data
+
+
+async def generate(request: web.Request) -> web.Response:
+    return await generate_ext.generate(request, *await _generate_body(request))
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    return await generate_ext.generate_stream(request, *await _generate_body(request))
+
+
 async def expect_continue(request: web.Request) -> web.Response | None:
     """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
     limit = request.app[LIMITS].max_body_bytes
@@ -336,3 +355,5 @@ def add_routes(app: web.Application) -> None:
         add("GET", prefix + "/config", model_config, "model-config")
         add("GET", prefix + "/stats", model_stats, "statistics")
         add("POST", prefix + "/infer", infer, "inference", expect_handler=expect_continue)
+        add("POST", prefix + "/generate", generate, "inference", expect_handler=expect_continue)
+        add("POST", prefix + "/generate_stream", generate_stream, "inference", expect_handler=expect_continue)
