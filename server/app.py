@@ -19,6 +19,7 @@ from aiohttp import web
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.server import gpus, resources, restrict
+from shoal.server.bls import BlsRouter
 from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
 from shoal.server.dataplane import DataPlane
@@ -61,6 +62,7 @@ class App:
         self.http_port = 0
         self._runner: web.AppRunner | None = None
         self.arena: Arena | None = None
+        self.bls: BlsRouter | None = None
         self.mapper = Mapper()
         self.channel: WorkerChannel | None = None
         self.models: ModelManager | None = None
@@ -195,7 +197,7 @@ class App:
         )
         shm.on_forget = self._forget_regions
         shm.prober = self._probe_region
-        self.dataplane = DataPlane(
+        self.dataplane = dataplane = DataPlane(
             self.models,
             version=server_version(),
             strict_readiness=cfg.strict_readiness,
@@ -204,6 +206,7 @@ class App:
             allow_admin=cfg.allow_admin_api,
             request_timeout_s=cfg.request_timeout_s,
         )
+        self.bls = BlsRouter(dataplane, self.channel, self.mapper)
         http_restrictions, _ = restrict.parse(cfg.http_restricted_api, flag="--http-restricted-api", what="api")
         grpc_restrictions, _ = restrict.parse(
             cfg.grpc_restricted_protocol,
@@ -295,6 +298,8 @@ class App:
             # --exit-timeout-secs gets a short grace period, then SIGKILL.
             grace = 0.0 if self._force.is_set() else max(2.0, deadline - time.monotonic())
             await self.models.stop(grace)
+        if self.bls is not None:
+            self.bls.close()
         if self.channel is not None:
             self.channel.close()
         self.mapper.close()

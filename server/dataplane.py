@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -269,7 +269,7 @@ class DataPlane:
         except ServingError:
             return False
 
-    async def infer_stream(self, request: InferRequest) -> AsyncIterator[StreamItem]:
+    async def infer_stream(self, request: InferRequest) -> AsyncGenerator[StreamItem, None]:
         """A decoupled model's responses to one request, as they come: ``(response, final)``
         pairs, where a response is an ``InferResult`` (the caller ``done``s it), a
         ``ServingError`` or ``None`` (the final flag alone). Ends after the final one. A

@@ -26,7 +26,9 @@ from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, WorkResponse, spec_from_load
 from shoal.workers.backends.registry import backend_class
+from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
+from shoal.workers.inbox import Inbox
 from shoal.workers.tensors import OutputWriter, read_input
 
 log = logging.getLogger("shoal.worker")
@@ -91,6 +93,7 @@ class WorkerRuntime:
         self.identity = identity
         self.heartbeat_ms = heartbeat_ms
         self.conn: framing.Connection | None = None
+        self.inbox: Inbox | None = None
         self.lock = threading.RLock()
         """Held for sends and the output arena: a decoupled model sends from its own threads."""
         self.decoupled = False
@@ -120,6 +123,7 @@ class WorkerRuntime:
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
         self.conn = conn = framing.Connection(self.endpoint, self.identity)
+        self.inbox = inbox = Inbox(conn)
         heartbeat = None
         if self.heartbeat_ms > 0:
             heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms)
@@ -130,16 +134,15 @@ class WorkerRuntime:
         try:
             while True:
                 try:
-                    frames = conn.recv()
+                    env, frames = inbox.next()
                 except EOFError:
                     log.info("the router closed its connection; exiting")
                     return 0
-                env = wire.parse(frames[0])
                 kind = env.WhichOneof("body")
                 if kind == "infer":
                     self.busy = True
                     try:
-                        self._infer(env, frames[1:])
+                        self._infer(env, frames)
                     finally:
                         self.busy = False
                     if self.stop_requested:
@@ -191,6 +194,17 @@ class WorkerRuntime:
             )
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
             self.backend = backend_class(config.backend).load(self.spec)
+            assert self.inbox is not None
+            self.backend.set_bls(
+                BlsClient(
+                    inbox=self.inbox,
+                    send=self._send,
+                    lock=self.lock,
+                    writer=self.writer,
+                    arena=self.arena,
+                    mapper=self.mapper,
+                )
+            )
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported

@@ -446,6 +446,184 @@ class Streamed(_message.Message):
 Global___Streamed: _TypeAlias = Streamed  # noqa: Y015
 
 @_typing.final
+class BlsCall(_message.Message):
+    """worker -> router: a model's BLS request (pb_utils.InferenceRequest.exec / async_exec),
+    served through the target model's own scheduler. Inputs are frames or blocks of this
+    worker's output arena (kept by the worker until the call's final reply).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    DECOUPLED_FIELD_NUMBER: _builtins.int
+    TIMEOUT_US_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """chosen by the worker; replies echo it"""
+    model_name: _builtins.str
+    model_version: _builtins.int
+    """-1: the version policy chooses"""
+    decoupled: _builtins.bool
+    """exec(decoupled=True): any number of replies"""
+    timeout_us: _builtins.int
+    """0: none"""
+    @_builtins.property
+    def request(self) -> Global___Request: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        request: Global___Request | None = ...,
+        decoupled: _builtins.bool = ...,
+        timeout_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "decoupled", b"decoupled", "model_name", b"model_name", "model_version", b"model_version", "request", b"request", "timeout_us", b"timeout_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlsCall: _TypeAlias = BlsCall  # noqa: Y015
+
+@_typing.final
+class BlsReply(_message.Message):
+    """router -> worker: a BLS call's response; a decoupled call gets any number, the last with
+    final set (with no result: only the end). Outputs are frames, or blocks of the target's
+    output arena that the router holds until BlsDone names hold_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    final: _builtins.bool
+    hold_id: _builtins.int
+    """nonzero: some outputs are in shared memory"""
+    @_builtins.property
+    def result(self) -> Global___Result: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        result: Global___Result | None = ...,
+        final: _builtins.bool = ...,
+        hold_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "final", b"final", "hold_id", b"hold_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlsReply: _TypeAlias = BlsReply  # noqa: Y015
+
+@_typing.final
+class BlsDone(_message.Message):
+    """worker -> router: these replies' shared-memory outputs are no longer read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLD_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hold_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        hold_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_ids", b"hold_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlsDone: _TypeAlias = BlsDone  # noqa: Y015
+
+@_typing.final
+class MetricOp(_message.Message):
+    """worker -> router: a model's custom metric (pb_utils.MetricFamily / Metric). The router owns
+    the values (they outlive a worker restart; they go when the model is unloaded).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    LABELS_JSON_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """nonzero: answer with MetricReply (the metric's value, or an error)"""
+    family: _builtins.str
+    description: _builtins.str
+    kind: _builtins.int
+    """0 counter, 1 gauge, 2 histogram"""
+    labels_json: _builtins.str
+    """a JSON object of label name -> value"""
+    op: _builtins.int
+    """0 define the family, 1 define a metric, 2 increment, 3 set, 4 observe"""
+    value: _builtins.float
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        family: _builtins.str = ...,
+        description: _builtins.str = ...,
+        kind: _builtins.int = ...,
+        labels_json: _builtins.str = ...,
+        buckets: _abc.Iterable[_builtins.float] | None = ...,
+        op: _builtins.int = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "call_id", b"call_id", "description", b"description", "family", b"family", "kind", b"kind", "labels_json", b"labels_json", "op", b"op", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricOp: _TypeAlias = MetricOp  # noqa: Y015
+
+@_typing.final
+class MetricReply(_message.Message):
+    """router -> worker: the answer to a MetricOp with a call_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    value: _builtins.float
+    error: _builtins.str
+    """non-empty: the operation was refused"""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        value: _builtins.float = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricReply: _TypeAlias = MetricReply  # noqa: Y015
+
+@_typing.final
 class InferDone(_message.Message):
     """worker -> router: the batch finished."""
 
@@ -618,11 +796,16 @@ class Envelope(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     FORGET_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
+    BLS_REPLY_FIELD_NUMBER: _builtins.int
+    METRIC_REPLY_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     INFER_DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     STREAMED_FIELD_NUMBER: _builtins.int
+    BLS_CALL_FIELD_NUMBER: _builtins.int
+    BLS_DONE_FIELD_NUMBER: _builtins.int
+    METRIC_OP_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it"""
@@ -641,6 +824,10 @@ class Envelope(_message.Message):
     @_builtins.property
     def probe(self) -> Global___Probe: ...
     @_builtins.property
+    def bls_reply(self) -> Global___BlsReply: ...
+    @_builtins.property
+    def metric_reply(self) -> Global___MetricReply: ...
+    @_builtins.property
     def ready(self) -> Global___Ready: ...
     @_builtins.property
     def infer_done(self) -> Global___InferDone: ...
@@ -650,6 +837,12 @@ class Envelope(_message.Message):
     def pong(self) -> Global___Pong: ...
     @_builtins.property
     def streamed(self) -> Global___Streamed: ...
+    @_builtins.property
+    def bls_call(self) -> Global___BlsCall: ...
+    @_builtins.property
+    def bls_done(self) -> Global___BlsDone: ...
+    @_builtins.property
+    def metric_op(self) -> Global___MetricOp: ...
     def __init__(
         self,
         *,
@@ -661,17 +854,22 @@ class Envelope(_message.Message):
         release: Global___Release | None = ...,
         forget: Global___Forget | None = ...,
         probe: Global___Probe | None = ...,
+        bls_reply: Global___BlsReply | None = ...,
+        metric_reply: Global___MetricReply | None = ...,
         ready: Global___Ready | None = ...,
         infer_done: Global___InferDone | None = ...,
         failed: Global___Failed | None = ...,
         pong: Global___Pong | None = ...,
         streamed: Global___Streamed | None = ...,
+        bls_call: Global___BlsCall | None = ...,
+        bls_done: Global___BlsDone | None = ...,
+        metric_op: Global___MetricOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "ready", "infer_done", "failed", "pong", "streamed"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

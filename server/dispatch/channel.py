@@ -9,6 +9,7 @@ Owned by the router's event loop; not thread-safe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 log = logging.getLogger("shoal.channel")
 
 Handler = Callable[[wpb.Envelope, list[bytes]], None]
+_BLS_KINDS = frozenset({"bls_call", "bls_done"})
 
 _BACKLOG = 4096
 
@@ -75,6 +77,9 @@ class WorkerChannel:
         self._sock: socket.socket | None = None
         self._starting: asyncio.Task[asyncio.AbstractServer] | None = None
         self._unflushed: list[_Conn] = []
+        self.on_bls: Callable[[bytes, wpb.Envelope, list[bytes]], None] | None = None
+        """Where workers' BLS calls go (``server.bls.BlsRouter``), whoever the worker is."""
+        self.on_disconnect: Callable[[bytes], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -141,6 +146,8 @@ class WorkerChannel:
     def _disconnected(self, conn: _Conn) -> None:
         if self._conns.get(conn.identity) is conn:  # type: ignore[arg-type]
             del self._conns[conn.identity]  # type: ignore[arg-type]
+            if self.on_disconnect is not None and conn.identity is not None:
+                self.on_disconnect(conn.identity)
 
     def _deliver(self, identity: bytes, frames: list[bytes]) -> None:
         handler = self._handlers.get(identity)
@@ -152,6 +159,8 @@ class WorkerChannel:
         except ServingError as exc:
             log.error("worker %r: %s", identity, exc.message)
             return
+        if self.on_bls is not None and env.WhichOneof("body") in _BLS_KINDS:
+            handler = functools.partial(self.on_bls, identity)
         try:
             handler(env, frames[1:])
         except Exception:  # noqa: BLE001 - one bad message must not stop the loop

@@ -131,6 +131,10 @@ class Backend(ABC):
     """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
     copy); otherwise the worker copies them to the host first."""
 
+    def set_bls(self, client: Any) -> None:  # noqa: B027 - optional for backends
+        """The worker's BLS client (``workers.bls.BlsClient``); backends that let models
+        call other models keep it."""
+
     @classmethod
     @abstractmethod
     def load(cls, spec: ModelSpec) -> Self:

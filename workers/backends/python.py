@@ -8,8 +8,11 @@ module imports the very same top-level module so that the model's ``InferenceRes
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -68,6 +71,8 @@ class PythonBackend(Backend):
         self._bytes_code = 13
         self._closed = False
         self._decoupled = spec.config.model_transaction_policy.decoupled
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """Runs ``async def execute`` (created on first use)."""
 
     @classmethod
     def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
@@ -152,6 +157,10 @@ class PythonBackend(Backend):
         pb_requests = [self._to_pb_request(r) for r in requests]
         try:
             responses = self._model.execute(pb_requests)
+            if inspect.iscoroutine(responses):  # async def execute: on the worker's own loop
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                responses = self._loop.run_until_complete(responses)
         except ServingError:
             raise
         except self._pb.TritonError as exc:
@@ -243,6 +252,9 @@ class PythonBackend(Backend):
             outputs[tensor.name()] = _own(tensor.as_numpy())
         return WorkResponse(outputs=outputs, parameters=params)
 
+    def set_bls(self, client: Any) -> None:
+        self._pb._set_bls(functools.partial(_bls_exec, self._pb, client))
+
     def close(self) -> None:
         """Call the model's ``finalize`` (errors are logged) and forget the module; idempotent."""
         if self._closed:
@@ -254,10 +266,59 @@ class PythonBackend(Backend):
                 fin()
             except Exception:  # noqa: BLE001 - a model's finalize must not stop the shutdown
                 _LOG.error("model '%s': finalize raised", self._spec.name, exc_info=True)
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
         sys.modules.pop(self._module.__name__, None)
         if self._added_path is not None and self._added_path in sys.path:
             sys.path.remove(self._added_path)
         self._model = None
+
+
+_TRITON_CODES: Final = {v: k for k, v in _ERROR_CODES.items()}
+
+
+def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any:
+    """``InferenceRequest.exec``: the request through the router to its model; failures are
+    responses with an error (the calling model decides), never exceptions."""
+    inputs = []
+    for t in request.inputs():
+        if not isinstance(t, pb.Tensor):
+            raise pb.TritonModelException(f"BLS inputs must be pb_utils.Tensor, not {type(t).__name__}")
+        inputs.append((t.name(), t._array))
+    replies = client.call(
+        request.model_name(),
+        int(request.model_version()),
+        inputs,
+        list(request.requested_output_names()),
+        parameters_json=request.parameters(),
+        request_id=request.request_id(),
+        correlation_id=request.correlation_id(),
+        flags=request.flags(),
+        timeout_us=request.timeout(),
+        decoupled=decoupled,
+    )
+
+    def response(reply: Any) -> Any:
+        outputs, error, params, _final = reply
+        if error is not None:
+            code = _TRITON_CODES.get(error.code, pb.TritonError.INTERNAL)
+            return pb.InferenceResponse(error=pb.TritonError(error.message, code), parameters=params or None)
+        tensors = [pb.Tensor(name, array) for name, array in (outputs or {}).items()]
+        return pb.InferenceResponse(output_tensors=tensors, parameters=params or None)
+
+    if decoupled:
+        return (response(r) for r in replies)
+    got = [response(r) for r in replies]
+    data = [r for r in got if r.has_error() or r.output_tensors()]
+    if len(data) > 1:
+        return pb.InferenceResponse(
+            error=pb.TritonError(
+                f"model '{request.model_name()}' sent {len(data)} responses: call exec(decoupled=True)",
+                pb.TritonError.INVALID_ARG,
+            )
+        )
+    return data[0] if data else got[-1]
 
 
 def _import_file(module_name: str, path: str) -> ModuleType:

@@ -1,12 +1,13 @@
 """Shoal's implementation of Triton's ``triton_python_backend_utils`` module.
 
 Imported by Python-backend models as ``import triton_python_backend_utils as pb_utils``; the
-worker puts this directory on ``sys.path``. It depends on numpy only. BLS (``exec``) and custom
-metrics are not supported yet and fail with a clear exception.
+worker puts this directory on ``sys.path``. It depends on numpy only. Custom metrics are not
+supported yet and fail with a clear exception.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -89,6 +90,14 @@ class TritonError(Exception):
     def code(self) -> int:
         """One of the code constants of this class."""
         return self._code
+
+
+_BLS: list[Any] = [None]
+"""The worker's BLS entry point: ``call(request, decoupled)`` (set by the Python backend)."""
+
+
+def _set_bls(call: Any) -> None:
+    _BLS[0] = call
 
 
 def _not_supported(what: str) -> TritonModelException:
@@ -187,13 +196,22 @@ class InferenceRequest:
         """Request rescheduling is not supported yet: always raises."""
         raise _not_supported("request rescheduling (InferenceRequest.set_release_flags)")
 
-    def exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
-        """BLS is not supported yet: always raises ``TritonModelException``."""
-        raise _not_supported("BLS (InferenceRequest.exec)")
+    def exec(self, decoupled: bool = False) -> Any:
+        """Run this request on ``model_name`` (BLS): its ``InferenceResponse`` (check
+        ``has_error()``), or with ``decoupled=True`` an iterator of the responses of a
+        decoupled model (the last may be empty: it only ends the stream)."""
+        call = _BLS[0]
+        if call is None:
+            raise TritonModelException("BLS requests can only be made from a model running in a Shoal worker")
+        return call(self, decoupled)
 
-    async def async_exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
-        """BLS is not supported yet: always raises ``TritonModelException``."""
-        raise _not_supported("BLS (InferenceRequest.async_exec)")
+    async def async_exec(self, decoupled: bool = False) -> Any:
+        """``exec`` without blocking the model's event loop (several may run at once)."""
+        loop = asyncio.get_running_loop()
+        if decoupled:
+            responses = await loop.run_in_executor(None, lambda: list(self.exec(decoupled=True)))
+            return iter(responses)
+        return await loop.run_in_executor(None, self.exec)
 
 
 class InferenceResponse:

@@ -126,11 +126,11 @@ async def generate(request: web.Request, dp: DataPlane, model: str, version: int
     if not dp.is_decoupled(model, version):
         result = await dp.infer(req)
         try:
-            doc = to_json(result)
+            only = to_json(result)
         finally:
             result.done()
-        return web.Response(body=orjson.dumps(doc), content_type="application/json")
-    doc = None
+        return web.Response(body=orjson.dumps(only), content_type="application/json")
+    doc: dict[str, Any] | None = None
     stream = dp.infer_stream(req)
     try:
         async for item, _final in stream:

@@ -1,0 +1,189 @@
+"""BLS calls from models (``pb_utils.InferenceRequest.exec``): a worker's ``BlsCall`` becomes an
+ordinary request to the target model through the data plane (its version policy, validation
+and scheduler, so it batches with client traffic, and reaches ensembles and other BLS
+models alike); the responses go back as ``BlsReply``.
+
+No tensor bytes are copied here: inputs in the caller's arena are read in place by the target
+worker; outputs in the target's arena are passed by reference and the result is held until
+the caller says ``BlsDone`` (or goes away). Any failure is a reply with an error.
+
+A model that calls itself while it has no other ready instance would wait for itself
+forever: such a call fails at once, naming the model (a documented rule of Shoal; Triton
+deadlocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from typing import Any
+
+from shoal.proto import wire
+from shoal.proto.errors import ErrorCode, ServingError, from_exception
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dataplane import DataPlane
+from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.types import ArenaRef, InferRequest, InferResult, InputTensor, Lease, RequestedOutput
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+
+log = logging.getLogger("shoal.bls")
+
+
+def _noop() -> None:
+    pass
+
+
+class BlsRouter:
+    def __init__(self, dataplane: DataPlane, channel: WorkerChannel, mapper: Mapper) -> None:
+        self.dp = dataplane
+        self.channel = channel
+        self.mapper = mapper
+        self._holds: dict[tuple[bytes, int], InferResult] = {}
+        self._hold_ids = itertools.count(1)
+        self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
+        channel.on_bls = self.on_message
+        channel.on_disconnect = self.forget
+
+    def on_message(self, identity: bytes, env: wpb.Envelope, frames: list[bytes]) -> None:
+        body = env.WhichOneof("body")
+        if body == "bls_done":
+            for hold_id in env.bls_done.hold_ids:
+                result = self._holds.pop((identity, hold_id), None)
+                if result is not None:
+                    result.done()
+        elif body == "bls_call":
+            task = asyncio.get_running_loop().create_task(self._serve(identity, env.bls_call, frames))
+            tasks = self._tasks.setdefault(identity, set())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def forget(self, identity: bytes) -> None:
+        """The worker went away: its calls stop, the outputs it held go back."""
+        for task in self._tasks.pop(identity, set()):
+            task.cancel()
+        for key in [k for k in self._holds if k[0] == identity]:
+            self._holds.pop(key).done()
+
+    def close(self) -> None:
+        for identity in list(self._tasks):
+            self.forget(identity)
+        for result in self._holds.values():
+            result.done()
+        self._holds.clear()
+
+    async def _serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
+        try:
+            request = self._request(identity, call, frames)
+            if call.decoupled and self.dp.is_decoupled(request.model_name, request.model_version):
+                async for item, final in self.dp.infer_stream(request):
+                    self._reply(identity, call.call_id, item, final)
+                return
+            result = await self.dp.infer(
+                request,
+                decoupled_error=f"model '{call.model_name}' uses the decoupled transaction policy: "
+                "call exec(decoupled=True)",
+            )
+            self._reply(identity, call.call_id, result, True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the calling model
+            err = exc if isinstance(exc, ServingError) else from_exception(exc)
+            if not isinstance(exc, ServingError):
+                log.exception("BLS call to model '%s' failed", call.model_name)
+            self._reply(identity, call.call_id, err, True)
+
+    def _request(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> InferRequest:
+        r = call.request
+        inputs = []
+        lease = Lease(_noop)  # the caller frees its input blocks after the final reply
+        for ref in r.inputs:
+            where = ref.WhichOneof("location")
+            shape = tuple(ref.shape)
+            if where == "frame":
+                if ref.frame >= len(frames):
+                    raise ServingError(f"BLS input '{ref.name}' names a missing frame", code=ErrorCode.INTERNAL)
+                inputs.append(InputTensor(name=ref.name, datatype=ref.datatype, shape=shape, data=frames[ref.frame]))
+                continue
+            if where != "shm":
+                raise ServingError(f"BLS input '{ref.name}' carries no data", code=ErrorCode.INTERNAL)
+            s = ref.shm
+            block = Block(s.region, s.offset, s.nbytes, s.device)
+            t = InputTensor(name=ref.name, datatype=ref.datatype, shape=shape, data=self.mapper.view(block))
+            t.arena = ArenaRef(block, lease)
+            inputs.append(t)
+        params = json.loads(r.parameters_json) if r.parameters_json else {}
+        if call.timeout_us:
+            params["timeout"] = int(call.timeout_us)
+        request = InferRequest(
+            model_name=call.model_name,
+            model_version=int(call.model_version),
+            inputs=inputs,
+            outputs=[RequestedOutput(name) for name in r.outputs] or None,
+            id=r.request_id,
+            parameters=params,
+            correlation_id=r.correlation_id_str or r.correlation_id,
+            flags=r.flags,
+        )
+        self._refuse_self_wait(identity, request)
+        return request
+
+    def _refuse_self_wait(self, identity: bytes, request: InferRequest) -> None:
+        try:
+            mv = self.dp.registry.get(request.model_name, request.model_version)
+        except ServingError:
+            return  # the data plane answers with the lookup's error
+        if mv.pool is None or not any(w.identity == identity for w in mv.pool.workers):
+            return
+        if not any(w.ready and w.identity != identity for w in mv.pool.workers):
+            raise ServingError(
+                f"model '{mv.name}' version {mv.version} calls itself through BLS but has no other ready "
+                "instance: the call would wait for the instance making it",
+                code=ErrorCode.UNAVAILABLE,
+            )
+
+    def _reply(self, identity: bytes, call_id: int, item: InferResult | ServingError | None, final: bool) -> None:
+        env = wire.envelope(0)
+        reply = env.bls_reply
+        reply.call_id = call_id
+        reply.final = final
+        frames: list[Any] = []
+        held: InferResult | None = None
+        if isinstance(item, ServingError):
+            wire.failed(item, reply.result.error)
+        elif item is not None:
+            res = reply.result
+            if item.parameters:
+                res.parameters_json = json.dumps(item.parameters)
+            for t in item.outputs:
+                ref = res.outputs.add()
+                ref.name, ref.datatype = t.name, t.datatype
+                ref.shape.extend(t.shape)
+                if t.arena is not None:  # in the target's arena: the caller reads it there
+                    s = ref.shm
+                    s.region, s.offset, s.nbytes, s.device = (
+                        t.arena.region,
+                        t.arena.offset,
+                        t.arena.nbytes,
+                        t.arena.device,
+                    )
+                    held = item
+                else:
+                    ref.frame = len(frames)
+                    frames.append(t.data)
+            if held is not None:
+                reply.hold_id = next(self._hold_ids)
+                self._holds[(identity, reply.hold_id)] = held
+                log.debug("BLS reply to call %d: outputs held in shared memory (hold %d)", call_id, reply.hold_id)
+        try:
+            self.channel.send(identity, env, frames)
+        except ServingError:
+            if held is not None:
+                self._holds.pop((identity, reply.hold_id), None)
+        finally:
+            if isinstance(item, InferResult) and held is None:
+                item.done()
+            elif held is not None and (identity, reply.hold_id) not in self._holds:
+                held.done()

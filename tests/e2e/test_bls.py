@@ -1,0 +1,119 @@
+"""BLS (business logic scripting) through the real server: models that call other models with
+``InferenceRequest.exec`` / ``async_exec`` / ``exec(decoupled=True)``, large tensors through
+shared memory, errors as error responses, concurrency, and a model calling itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from tests.e2e.server import ServerProcess, make_repository
+
+pytestmark = pytest.mark.timeout(120)
+
+MODELS = ("bls_sync", "bls_async", "bls_decoupled", "bls_identity", "bls_self", "add_sub", "repeat", "identity_fp32")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = make_repository(tmp_path_factory.mktemp("repo"), *MODELS)
+    srv = ServerProcess(repo).start()
+    yield srv
+    rc = srv.terminate()
+    assert rc == 0, srv.log
+    assert not srv.segments(), srv.segments()
+
+
+def _inputs(mod: object, arrays: dict[str, np.ndarray]) -> list[object]:
+    out = []
+    for name, a in arrays.items():
+        i = mod.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))  # type: ignore[attr-defined]
+        i.set_data_from_numpy(a)
+        out.append(i)
+    return out
+
+
+def _add_sub_args(target: str, n: int = 4) -> dict[str, np.ndarray]:
+    a = np.arange(n, dtype=np.float32)
+    b = np.full(n, 2.0, dtype=np.float32)
+    return {"INPUT0": a, "INPUT1": b, "MODEL_NAME": np.array([target.encode()], dtype=np.object_)}
+
+
+@pytest.mark.parametrize("model", ["bls_sync", "bls_async"])
+def test_bls_calls_another_model(server: ServerProcess, model: str) -> None:
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        args = _add_sub_args("add_sub")
+        r = c.infer(model, _inputs(httpclient, args))
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), args["INPUT0"] + args["INPUT1"])
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), args["INPUT0"] - args["INPUT1"])
+    finally:
+        c.close()
+
+
+def test_bls_errors_reach_the_calling_model(server: ServerProcess) -> None:
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="Request for unknown model: 'missing' is not found"):
+            c.infer("bls_sync", _inputs(grpcclient, _add_sub_args("missing")))
+        with pytest.raises(InferenceServerException, match="unexpected shape for input 'INPUT0'"):
+            c.infer("bls_sync", _inputs(grpcclient, _add_sub_args("add_sub", n=3)))
+        # the calling model's worker is fine afterwards
+        r = c.infer("bls_sync", _inputs(grpcclient, _add_sub_args("add_sub")))
+        assert r.as_numpy("OUTPUT0") is not None
+    finally:
+        c.close()
+
+
+def test_bls_into_a_decoupled_model(server: ServerProcess) -> None:
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        values = np.arange(1, 101, dtype=np.int32)
+        r = c.infer("bls_decoupled", _inputs(httpclient, {"IN": values}))
+        assert int(r.as_numpy("SUM")[0]) == int(values.sum()) and int(r.as_numpy("COUNT")[0]) == 100
+        with pytest.raises(InferenceServerException, match="failed at element 2"):
+            c.infer("bls_decoupled", _inputs(httpclient, {"IN": values[:5]}), parameters={"mode": "error_after_two"})
+    finally:
+        c.close()
+
+
+def test_large_tensors_travel_through_shared_memory(server: ServerProcess) -> None:
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        for n in (16, 1 << 18, 1 << 21):  # 64 B, 1 MiB, 8 MiB
+            a = np.random.default_rng(n).random(n, dtype=np.float32)
+            r = c.infer("bls_identity", _inputs(httpclient, {"INPUT0": a}))
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a)
+    finally:
+        c.close()
+
+
+def test_many_clients_at_once(server: ServerProcess) -> None:
+    def one(k: int) -> None:
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for _ in range(5):
+                args = _add_sub_args("add_sub")
+                args["INPUT0"] = args["INPUT0"] + k
+                r = c.infer("bls_sync" if k % 2 else "bls_async", _inputs(grpcclient, args))
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), args["INPUT0"] + args["INPUT1"])
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, range(64)))
+
+
+def test_a_model_calling_itself_fails_instead_of_waiting(server: ServerProcess) -> None:
+    c = httpclient.InferenceServerClient(server.url, network_timeout=30)
+    try:
+        with pytest.raises(InferenceServerException, match="calls itself through BLS but has no other ready instance"):
+            c.infer("bls_self", _inputs(httpclient, {"INPUT0": np.ones(4, np.float32)}))
+    finally:
+        c.close()

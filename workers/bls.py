@@ -1,0 +1,166 @@
+"""A worker's BLS calls (business logic scripting): a model asks the router to run a request
+on any model, through that model's own scheduler, and waits for the response(s).
+
+Inputs travel as frames (small) or blocks of this worker's output arena (large: the target
+worker reads them in place; they are freed after the call's final reply). Outputs come back as
+frames, or as blocks of the target worker's arena, copied here and given back at once
+(``BlsDone``). Every failure is a response with an error, never an exception out of the call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from shoal.proto import dtypes, wire
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.shm.arena import Arena
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+from shoal.workers.inbox import Inbox
+from shoal.workers.tensors import OutputWriter
+
+Array = Any
+Reply = tuple[dict[str, Array] | None, ServingError | None, dict[str, Any], bool]
+"""(outputs, error, parameters, final) of one response; outputs None: no response (the end)."""
+
+
+class BlsClient:
+    def __init__(
+        self,
+        *,
+        inbox: Inbox,
+        send: Callable[[list[Any]], None],
+        lock: Any,
+        writer: OutputWriter,
+        arena: Arena,
+        mapper: Mapper,
+    ) -> None:
+        self.inbox = inbox
+        self.send = send
+        self.lock = lock
+        self.writer = writer
+        self.arena = arena
+        self.mapper = mapper
+
+    def call(
+        self,
+        model: str,
+        version: int,
+        inputs: Sequence[tuple[str, Array]],
+        outputs: Sequence[str],
+        *,
+        parameters_json: str = "",
+        request_id: str = "",
+        correlation_id: int | str = 0,
+        flags: int = 0,
+        timeout_us: int = 0,
+        decoupled: bool = False,
+    ) -> Iterator[Reply]:
+        """The responses to one request (one unless ``decoupled``)."""
+        env = wire.envelope(0)
+        call = env.bls_call
+        call.model_name = model
+        call.model_version = version
+        call.decoupled = decoupled
+        call.timeout_us = max(0, int(timeout_us))
+        req = call.request
+        req.request_id = request_id
+        if isinstance(correlation_id, str):
+            req.correlation_id_str = correlation_id
+        else:
+            req.correlation_id = int(correlation_id)
+        req.flags = int(flags)
+        req.outputs.extend(outputs)
+        if parameters_json and parameters_json != "{}":
+            req.parameters_json = parameters_json
+        frames: list[Any] = []
+        blocks: list[Block] = []
+        try:
+            with self.lock:
+                for name, array in inputs:
+                    ref = req.inputs.add()
+                    self.writer.write(name, array, None, ref, frames)
+                    if ref.WhichOneof("location") == "shm":
+                        s = ref.shm
+                        blocks.append(Block(s.region, s.offset, s.nbytes, s.device))
+        except ServingError as exc:
+            self._free(blocks)
+            yield None, exc, {}, True
+            return
+        call.call_id = call_id = self.inbox.new_call()
+        try:
+            self.send([env.SerializeToString(), *frames])
+            while True:
+                reply_env, reply_frames = self.inbox.reply(call_id)
+                reply = reply_env.bls_reply
+                yield self._decode(reply, reply_frames)
+                if reply.final:
+                    return
+        finally:
+            self.inbox.forget(call_id)
+            self._free(blocks)
+            self.give_back_orphans()
+
+    def _free(self, blocks: list[Block]) -> None:
+        if blocks:
+            with self.lock:
+                for b in blocks:
+                    self.arena.free(b)
+
+    def _decode(self, reply: wpb.BlsReply, frames: list[bytes]) -> Reply:
+        try:
+            if not reply.HasField("result"):
+                return None, None, {}, reply.final
+            res = reply.result
+            params = json.loads(res.parameters_json) if res.parameters_json else {}
+            if res.HasField("error"):
+                return None, wire.to_error(res.error), params, reply.final
+            out: dict[str, Array] = {}
+            for ref in res.outputs:
+                out[ref.name] = self._array(ref, frames)
+            return out, None, params, reply.final
+        finally:
+            if reply.hold_id:
+                self._done([reply.hold_id])
+
+    def _array(self, ref: wpb.TensorRef, frames: list[bytes]) -> Array:
+        dt = dtypes.by_protocol(ref.datatype)
+        shape = tuple(ref.shape)
+        count = dtypes.element_count(shape)
+        where = ref.WhichOneof("location")
+        if where == "frame":
+            buf: Any = frames[ref.frame]
+        elif where == "shm":
+            s = ref.shm
+            view = self.mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
+            try:
+                buf = bytes(view)  # the target's block is given back right after this reply
+            finally:
+                view.release()
+        else:
+            raise ServingError(f"BLS output '{ref.name}' carries no data", code=ErrorCode.INTERNAL)
+        if dt.protocol == "BYTES":
+            return dtypes.deserialize_bytes(buf, count, name=ref.name).reshape(shape)
+        if dt.numpy is None:
+            raise ServingError(f"BLS output '{ref.name}': datatype {dt.protocol} needs ml_dtypes")
+        return np.frombuffer(buf, dtype=dt.numpy, count=count).reshape(shape)
+
+    def _done(self, hold_ids: list[int]) -> None:
+        env = wire.envelope(0)
+        env.bls_done.hold_ids.extend(hold_ids)
+        self.send([env.SerializeToString()])
+
+    def give_back_orphans(self) -> None:
+        """Replies nobody waited for (an abandoned call): their held outputs go back."""
+        holds = []
+        while self.inbox.orphans:
+            env, _ = self.inbox.orphans.popleft()
+            if env.bls_reply.hold_id:
+                holds.append(env.bls_reply.hold_id)
+        if holds:
+            self._done(holds)

@@ -1,0 +1,99 @@
+"""``Inbox``: a worker's connection to the router, read by whichever thread needs a message.
+
+The main loop reads router messages (``next``); a thread waiting for the reply to a BLS call
+(``reply``) may be the main thread itself, inside the model's ``execute``, so it cannot wait
+for the main loop to read for it. Whoever holds the read lock reads one message and files
+it: a reply (BLS, custom metric) goes to the queue of its call, anything else to the main loop's backlog.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+
+from shoal.proto import framing, wire
+from shoal.proto.gen import worker_pb2 as wpb
+
+Message = tuple[wpb.Envelope, list[bytes]]
+_REPLIES = frozenset({"bls_reply", "metric_reply"})
+"""Answers to a call a thread waits for (by ``call_id``)."""
+
+
+class Inbox:
+    def __init__(self, conn: framing.Connection) -> None:
+        self.conn = conn
+        self._read = threading.Lock()
+        self._cond = threading.Condition()
+        self._backlog: deque[Message] = deque()
+        self._replies: dict[int, deque[Message]] = {}
+        self.orphans: deque[Message] = deque()
+        """Replies to calls nobody waits for any more (their held outputs must be given back)."""
+        self._eof = False
+        self._ids = itertools.count(1)
+
+    def new_call(self) -> int:
+        """A call id no other waiting call has; replies to it will be kept (``expect``)."""
+        call_id = next(self._ids)
+        self.expect(call_id)
+        return call_id
+
+    def _pump(self) -> None:
+        """Read one message (the read lock is held) and file it."""
+        try:
+            frames = self.conn.recv()
+        except EOFError:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+            raise
+        env = wire.parse(frames[0])
+        with self._cond:
+            body = env.WhichOneof("body")
+            if body in _REPLIES:
+                queue = self._replies.get(getattr(env, body).call_id)
+                (queue if queue is not None else self.orphans).append((env, frames[1:]))
+            else:
+                self._backlog.append((env, frames[1:]))
+            self._cond.notify_all()
+
+    def _wait_for(self, ready: deque[Message], timeout_s: float | None) -> Message:
+        while True:
+            with self._cond:
+                if ready:
+                    return ready.popleft()
+                if self._eof:
+                    raise EOFError("the router closed the connection")
+            if self._read.acquire(blocking=False):
+                try:
+                    with self._cond:
+                        if ready:
+                            return ready.popleft()
+                    self._pump()
+                finally:
+                    self._read.release()
+            else:
+                with self._cond:
+                    if not ready and not self._eof:
+                        self._cond.wait(timeout_s if timeout_s is not None else 0.1)
+
+    def next(self) -> Message:
+        """The next router message for the main loop (blocks); ``EOFError`` at the end."""
+        return self._wait_for(self._backlog, None)
+
+    def expect(self, call_id: int) -> None:
+        """Replies to ``call_id`` will be waited for (call before sending the call)."""
+        with self._cond:
+            self._replies[call_id] = deque()
+
+    def reply(self, call_id: int) -> Message:
+        """The next reply to ``call_id`` (blocks)."""
+        queue = self._replies[call_id]
+        return self._wait_for(queue, 0.05)
+
+    def forget(self, call_id: int) -> None:
+        """No more replies to ``call_id`` are wanted; late ones become orphans."""
+        with self._cond:
+            left = self._replies.pop(call_id, None)
+            if left:
+                self.orphans.extend(left)
