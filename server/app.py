@@ -22,6 +22,7 @@ from shoal.server import gpus, resources, restrict
 from shoal.server.bls import BlsRouter
 from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
+from shoal.server.custommetrics import CustomMetrics
 from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext
@@ -62,6 +63,7 @@ class App:
         self.http_port = 0
         self._runner: web.AppRunner | None = None
         self.arena: Arena | None = None
+        self.custom_metrics: CustomMetrics | None = None
         self.bls: BlsRouter | None = None
         self.mapper = Mapper()
         self.channel: WorkerChannel | None = None
@@ -108,7 +110,7 @@ class App:
         cfg = self.config
         assert self.models is not None
         sampler = Sampler(cpu=cfg.allow_cpu_metrics, gpu=cfg.allow_gpu_metrics, gpu_devices=gpus.devices())
-        self.metrics = Metrics(self.models, sampler, cfg.metrics_interval_ms / 1000)
+        self.metrics = Metrics(self.models, sampler, cfg.metrics_interval_ms / 1000, self.custom_metrics)
         metrics = self.metrics
 
         async def scrape(_: web.Request) -> web.Response:
@@ -207,6 +209,7 @@ class App:
             request_timeout_s=cfg.request_timeout_s,
         )
         self.bls = BlsRouter(dataplane, self.channel, self.mapper)
+        self.custom_metrics = CustomMetrics(self.channel, self.models.registry)
         http_restrictions, _ = restrict.parse(cfg.http_restricted_api, flag="--http-restricted-api", what="api")
         grpc_restrictions, _ = restrict.parse(
             cfg.grpc_restricted_protocol,

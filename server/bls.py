@@ -44,8 +44,8 @@ class BlsRouter:
         self._holds: dict[tuple[bytes, int], InferResult] = {}
         self._hold_ids = itertools.count(1)
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
-        channel.on_bls = self.on_message
-        channel.on_disconnect = self.forget
+        channel.services["bls_call"] = channel.services["bls_done"] = self.on_message
+        channel.on_disconnect.append(self.forget)
 
     def on_message(self, identity: bytes, env: wpb.Envelope, frames: list[bytes]) -> None:
         body = env.WhichOneof("body")

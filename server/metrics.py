@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.server.custommetrics import CustomMetrics
 from shoal.server.models import ModelManager, ModelVersion
 from shoal.server.stats import FAILURE_REASONS
 
@@ -191,7 +192,14 @@ class Sampler:
 
 
 class Metrics:
-    def __init__(self, models: ModelManager, sampler: Sampler | None = None, interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        sampler: Sampler | None = None,
+        interval_s: float = 2.0,
+        custom: CustomMetrics | None = None,
+    ) -> None:
+        self.custom = custom
         self.models = models
         self.sampler = sampler
         self.interval_s = interval_s
@@ -247,6 +255,8 @@ class Metrics:
                 if name in samples.cpu:
                     _family(lines, name, kind, text)
                     lines.append(f"{name} {number(samples.cpu[name])}")
+        if self.custom is not None:
+            self.custom.render(lines)
         return "\n".join(lines) + "\n"
 
 

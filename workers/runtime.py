@@ -9,6 +9,7 @@ sends heartbeats (``Pong``) meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest,
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
+from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox
 from shoal.workers.tensors import OutputWriter, read_input
 
@@ -193,18 +195,17 @@ class WorkerRuntime:
                 setting="--worker-arena-bytes: a worker's outputs may use 16 times it",
             )
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
-            self.backend = backend_class(config.backend).load(self.spec)
             assert self.inbox is not None
-            self.backend.set_bls(
-                BlsClient(
-                    inbox=self.inbox,
-                    send=self._send,
-                    lock=self.lock,
-                    writer=self.writer,
-                    arena=self.arena,
-                    mapper=self.mapper,
-                )
+            bls = BlsClient(
+                inbox=self.inbox,
+                send=self._send,
+                lock=self.lock,
+                writer=self.writer,
+                arena=self.arena,
+                mapper=self.mapper,
             )
+            self.spec = dataclasses.replace(self.spec, bls=bls, metrics=MetricsClient(self.inbox, self._send))
+            self.backend = backend_class(config.backend).load(self.spec)
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported

@@ -23,7 +23,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 log = logging.getLogger("shoal.channel")
 
 Handler = Callable[[wpb.Envelope, list[bytes]], None]
-_BLS_KINDS = frozenset({"bls_call", "bls_done"})
+Service = Callable[[bytes, wpb.Envelope, list[bytes]], None]
 
 _BACKLOG = 4096
 
@@ -72,14 +72,17 @@ class WorkerChannel:
         self.endpoint = endpoint
         self._path = framing.socket_path(endpoint)
         self._handlers: dict[bytes, Handler] = {}
+        self.models: dict[bytes, str] = {}
+        """The model each registered worker serves (for services that act per model)."""
         self._conns: dict[bytes, _Conn] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sock: socket.socket | None = None
         self._starting: asyncio.Task[asyncio.AbstractServer] | None = None
         self._unflushed: list[_Conn] = []
-        self.on_bls: Callable[[bytes, wpb.Envelope, list[bytes]], None] | None = None
-        """Where workers' BLS calls go (``server.bls.BlsRouter``), whoever the worker is."""
-        self.on_disconnect: Callable[[bytes], None] | None = None
+        self.services: dict[str, Service] = {}
+        """Message kinds a worker sends to the router as a whole (BLS calls, custom metrics)
+        rather than to its own supervisor: kind -> handler(identity, envelope, frames)."""
+        self.on_disconnect: list[Callable[[bytes], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -107,11 +110,14 @@ class WorkerChannel:
             return
         self._server = task.result()
 
-    def register(self, identity: bytes, handler: Handler) -> None:
+    def register(self, identity: bytes, handler: Handler, model: str = "") -> None:
         self._handlers[identity] = handler
+        if model:
+            self.models[identity] = model
 
     def unregister(self, identity: bytes) -> None:
         self._handlers.pop(identity, None)
+        self.models.pop(identity, None)
 
     def send(self, identity: bytes, env: wpb.Envelope, buffers: Sequence[Any] = ()) -> None:
         """Queue a message for a worker; raises ``UNAVAILABLE`` if it is not connected."""
@@ -146,8 +152,8 @@ class WorkerChannel:
     def _disconnected(self, conn: _Conn) -> None:
         if self._conns.get(conn.identity) is conn:  # type: ignore[arg-type]
             del self._conns[conn.identity]  # type: ignore[arg-type]
-            if self.on_disconnect is not None and conn.identity is not None:
-                self.on_disconnect(conn.identity)
+            for forget in self.on_disconnect:
+                forget(conn.identity)  # type: ignore[arg-type]
 
     def _deliver(self, identity: bytes, frames: list[bytes]) -> None:
         handler = self._handlers.get(identity)
@@ -159,8 +165,10 @@ class WorkerChannel:
         except ServingError as exc:
             log.error("worker %r: %s", identity, exc.message)
             return
-        if self.on_bls is not None and env.WhichOneof("body") in _BLS_KINDS:
-            handler = functools.partial(self.on_bls, identity)
+        if self.services:
+            service = self.services.get(env.WhichOneof("body"))  # type: ignore[arg-type]
+            if service is not None:
+                handler = functools.partial(service, identity)
         try:
             handler(env, frames[1:])
         except Exception:  # noqa: BLE001 - one bad message must not stop the loop

@@ -235,7 +235,7 @@ class Worker:
         self._hung = ""
         hello: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[0] = hello
-        self.channel.register(self.identity, self._on_message)
+        self.channel.register(self.identity, self._on_message, self.spec.model_name)
         self.channel.register(self.identity + process.HEARTBEAT_SUFFIX, self._on_heartbeat)
         try:
             proc = await process.spawn(self.spec, endpoint=self.channel.endpoint, identity=self.identity)

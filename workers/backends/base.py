@@ -52,6 +52,10 @@ class ModelSpec:
     """``<repository>/<name>/<version>``"""
     instance_name: str
     device: Device = field(default_factory=Device)
+    bls: Any = None
+    """The worker's BLS client (``workers.bls.BlsClient``): models may call other models."""
+    metrics: Any = None
+    """The worker's custom-metrics client (``workers.custommetrics.MetricsClient``)."""
 
 
 def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, device: Device) -> ModelSpec:
@@ -130,10 +134,6 @@ class Backend(ABC):
     device_inputs: bool = False
     """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
     copy); otherwise the worker copies them to the host first."""
-
-    def set_bls(self, client: Any) -> None:  # noqa: B027 - optional for backends
-        """The worker's BLS client (``workers.bls.BlsClient``); backends that let models
-        call other models keep it."""
 
     @classmethod
     @abstractmethod

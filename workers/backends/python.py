@@ -122,6 +122,9 @@ class PythonBackend(Backend):
                 raise AttributeError(f"'{filename}' defines no class TritonPythonModel")
             model = model_cls()
             backend = cls(spec, module, model, added)
+            pb = backend._pb
+            pb._set_bls(functools.partial(_bls_exec, pb, spec.bls) if spec.bls is not None else None)
+            pb._set_metrics(spec.metrics)
             backend.device_inputs = backend._device_inputs_wanted()
             init = getattr(model, "initialize", None)
             if init is not None:
@@ -251,9 +254,6 @@ class PythonBackend(Backend):
                 continue
             outputs[tensor.name()] = _own(tensor.as_numpy())
         return WorkResponse(outputs=outputs, parameters=params)
-
-    def set_bls(self, client: Any) -> None:
-        self._pb._set_bls(functools.partial(_bls_exec, self._pb, client))
 
     def close(self) -> None:
         """Call the model's ``finalize`` (errors are logged) and forget the module; idempotent."""
