@@ -233,6 +233,9 @@ class App:
             keepalive_timeout=cfg.http_keepalive_timeout_s,
             # inference bodies are inflated by frontends/http/body.py, within the body limit
             auto_decompress=False,
+            # a client that disconnects cancels its request (the model sees is_cancelled());
+            # repository and admin changes are shielded from it in routes.py
+            handler_cancellation=True,
         )
         await self._runner.setup()
         sock = _listen(cfg.host, cfg.http_port)

@@ -11,7 +11,7 @@ import orjson
 
 from shoal.proto import dtypes
 from shoal.proto.config_json import config_from_json, config_to_json
-from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
+from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
@@ -288,6 +288,7 @@ class DataPlane:
                 item.done()
 
         request.responses = sink
+        ended = False
         run = asyncio.ensure_future(self._infer(mv, request))
         try:
             while True:
@@ -305,8 +306,11 @@ class DataPlane:
                     item, final = await queue.get()
                 yield item, final
                 if final:
+                    ended = True
                     return
         finally:
+            if not ended and request.cancel is not None:
+                request.cancel()  # left before the final response: the model may stop
             listening = False
             while not queue.empty():
                 item, _ = queue.get_nowait()
@@ -328,6 +332,10 @@ class DataPlane:
         try:
             validate(mv, request)
             result = await submit(mv, request, self._deadline_s(mv, request))
+        except (asyncio.CancelledError, DeadlineExceeded):
+            if request.cancel is not None:  # the model may notice and stop early
+                request.cancel()
+            raise
         finally:
             if uses_shm:
                 self.shm.unbind(request)

@@ -111,6 +111,8 @@ class InferRequest:
     """The client that sent it (frontends set it when the request names shared memory)."""
     instance: str = ""
     """The instance it was last sent to (named when its deadline passes)."""
+    cancel: Callable[[], None] | None = None
+    """Set once the request is sent to a worker: tells the model its client went away."""
     responses: Callable[[InferResult | ServingError | None, bool], None] | None = None
     """A decoupled model's request: where each response goes as the worker sends it (``None``:
     no response, only the final flag), with whether it is the last. The sink owns each

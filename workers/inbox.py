@@ -31,6 +31,8 @@ class Inbox:
         """Replies to calls nobody waits for any more (their held outputs must be given back)."""
         self._eof = False
         self._ids = itertools.count(1)
+        self.cancelled: set[tuple[int, int]] = set()
+        """(batch request id, index) of requests whose clients went away (``Cancel``)."""
 
     def new_call(self) -> int:
         """A call id no other waiting call has; replies to it will be kept (``expect``)."""
@@ -50,7 +52,10 @@ class Inbox:
         env = wire.parse(frames[0])
         with self._cond:
             body = env.WhichOneof("body")
-            if body in _REPLIES:
+            if body == "cancel":  # filed at once: a model may be polling is_cancelled()
+                rid = env.request_id
+                self.cancelled.update((rid, i) for i in env.cancel.indexes)
+            elif body in _REPLIES:
                 queue = self._replies.get(getattr(env, body).call_id)
                 (queue if queue is not None else self.orphans).append((env, frames[1:]))
             else:
@@ -76,6 +81,29 @@ class Inbox:
                 with self._cond:
                     if not ready and not self._eof:
                         self._cond.wait(timeout_s if timeout_s is not None else 0.1)
+
+    def is_cancelled(self, rid: int, index: int) -> bool:
+        """Whether request ``index`` of batch ``rid`` was cancelled; reads what has arrived
+        if no other thread is reading (a model polling from inside ``execute``)."""
+        if (rid, index) in self.cancelled:
+            return True
+        if self._read.acquire(blocking=False):
+            try:
+                while self.conn.poll(0):
+                    self._pump()
+            except EOFError:
+                pass
+            finally:
+                self._read.release()
+        return (rid, index) in self.cancelled
+
+    def forget_cancelled(self, rid: int, index: int | None = None) -> None:
+        """The batch (or one request of it) is answered: its cancellation no longer matters."""
+        with self._cond:
+            if index is not None:
+                self.cancelled.discard((rid, index))
+            elif self.cancelled:
+                self.cancelled = {c for c in self.cancelled if c[0] != rid}
 
     def next(self) -> Message:
         """The next router message for the main loop (blocks); ``EOFError`` at the end."""

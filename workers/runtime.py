@@ -150,6 +150,8 @@ class WorkerRuntime:
                     if self.stop_requested:
                         log.info("SIGTERM: exiting after answering the batch in flight")
                         return 0
+                elif kind == "cancel":
+                    pass  # the inbox has noted it
                 elif kind == "release":
                     self._release(env.release)
                 elif kind == "forget":
@@ -248,6 +250,8 @@ class WorkerRuntime:
             if resp is not None:
                 self._fill(req, resp, msg.result, out_frames, dest)
             self._send([env.SerializeToString(), *out_frames])
+            if final and self.inbox is not None:
+                self.inbox.forget_cancelled(rid, req.id)
 
     def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         reply = wire.envelope(env.request_id)
@@ -275,6 +279,8 @@ class WorkerRuntime:
                     correlation_id=r.correlation_id_str or r.correlation_id,
                     flags=r.flags,
                 )
+                assert self.inbox is not None
+                wr.cancelled = functools.partial(self.inbox.is_cancelled, env.request_id, r.id)
                 if self.decoupled:
                     wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
                 work.append(wr)
@@ -305,6 +311,8 @@ class WorkerRuntime:
             out_frames = []
             wire.failed(err, reply.failed)
         self._send([reply.SerializeToString(), *out_frames])
+        if not self.decoupled and self.inbox is not None and self.inbox.cancelled:
+            self.inbox.forget_cancelled(env.request_id)
 
     def _log_failure(self, err: ServingError) -> None:
         """A request's own fault (bad data) is logged at verbose level only; a backend's at

@@ -624,6 +624,33 @@ class MetricReply(_message.Message):
 Global___MetricReply: _TypeAlias = MetricReply  # noqa: Y015
 
 @_typing.final
+class Cancel(_message.Message):
+    """router -> worker: the clients of these requests of batch request_id went away (or their
+    deadline passed): request.is_cancelled() turns true for them; the model may stop early.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        indexes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["indexes", b"indexes", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
+
+@_typing.final
 class InferDone(_message.Message):
     """worker -> router: the batch finished."""
 
@@ -798,6 +825,7 @@ class Envelope(_message.Message):
     PROBE_FIELD_NUMBER: _builtins.int
     BLS_REPLY_FIELD_NUMBER: _builtins.int
     METRIC_REPLY_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     INFER_DONE_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
@@ -828,6 +856,8 @@ class Envelope(_message.Message):
     @_builtins.property
     def metric_reply(self) -> Global___MetricReply: ...
     @_builtins.property
+    def cancel(self) -> Global___Cancel: ...
+    @_builtins.property
     def ready(self) -> Global___Ready: ...
     @_builtins.property
     def infer_done(self) -> Global___InferDone: ...
@@ -856,6 +886,7 @@ class Envelope(_message.Message):
         probe: Global___Probe | None = ...,
         bls_reply: Global___BlsReply | None = ...,
         metric_reply: Global___MetricReply | None = ...,
+        cancel: Global___Cancel | None = ...,
         ready: Global___Ready | None = ...,
         infer_done: Global___InferDone | None = ...,
         failed: Global___Failed | None = ...,
@@ -865,11 +896,11 @@ class Envelope(_message.Message):
         bls_done: Global___BlsDone | None = ...,
         metric_op: Global___MetricOp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -3,6 +3,7 @@ into a worker message (inputs inline or in the router's input arena) and back.""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,9 @@ class InstancePool:
             settle = (lambda: self._free(blocks, regions, leases)) if blocks or regions or leases else None
             stream = _Stream(self, worker, batch) if batch[0].responses is not None else None
             fut = worker.submit(env, buffers, settle, stream)
+            rid = env.request_id
+            for i, req in enumerate(batch):
+                req.cancel = functools.partial(worker.cancel, rid, i)
         except BaseException:
             self._free(blocks, regions, leases)
             raise

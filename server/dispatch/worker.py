@@ -174,6 +174,18 @@ class Worker:
         except ServingError:
             pass
 
+    def cancel(self, rid: int, index: int) -> None:
+        """Tell the worker that request ``index`` of batch ``rid`` lost its client (the model
+        sees ``request.is_cancelled()``); nothing when the batch is already answered."""
+        if rid not in self._pending and rid not in self._streams:
+            return
+        env = wire.envelope(rid)
+        env.cancel.indexes.append(index)
+        try:
+            self.channel.send(self.identity, env)
+        except ServingError:
+            pass
+
     def forget(self, region_ids: Sequence[int] = (), arena_prefixes: Sequence[str] = ()) -> None:
         """Tell the worker to unmap these client regions and the output arenas of these
         exited workers (it ignores what it never mapped)."""

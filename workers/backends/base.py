@@ -112,6 +112,8 @@ class WorkRequest:
     request_id: str = ""
     correlation_id: int | str = 0
     flags: int = 0
+    cancelled: Callable[[], bool] | None = None
+    """Whether the client went away (``request.is_cancelled()``)."""
     send: Callable[[WorkResponse | None, bool], None] | None = None
     """Decoupled models: sends one response (``None``: none) and whether it is the last; may be
     called from any thread, during or after ``execute``."""

@@ -211,6 +211,7 @@ class PythonBackend(Backend):
             flags=req.flags,
             parameters=req.parameters or None,
         )
+        pb_req._cancelled = req.cancelled
         if self._decoupled and req.send is not None:
             send = req.send
 

@@ -142,6 +142,8 @@ class InferenceRequest:
         self._timeout = timeout
         self._parameters = _params_json(parameters)
         self._send: Any = None
+        self._cancelled: Any = None
+        """Set by the worker: ``cancelled()`` reports the client's cancellation."""
         """Set by the worker for a decoupled model's requests: ``send(response, final)``."""
         self._sender: InferenceResponseSender | None = None
 
@@ -182,8 +184,9 @@ class InferenceRequest:
         return self._model_version
 
     def is_cancelled(self) -> bool:
-        """Whether the client cancelled the request (never, for now)."""
-        return False
+        """Whether the client went away (gRPC cancel, HTTP disconnect) or the request's
+        deadline passed: the model may stop working on it."""
+        return bool(self._cancelled is not None and self._cancelled())
 
     def get_response_sender(self) -> InferenceResponseSender:
         """The sender of this request's responses (decoupled models only)."""
@@ -192,7 +195,7 @@ class InferenceRequest:
                 "Unable to get response sender: the model is not using the decoupled transaction policy"
             )
         if self._sender is None:
-            self._sender = InferenceResponseSender(self._send)
+            self._sender = InferenceResponseSender(self._send, self._cancelled)
         return self._sender
 
     def set_release_flags(self, flags: int) -> None:
@@ -258,8 +261,9 @@ class InferenceResponseSender:
     calls, from ``execute`` or any thread, the last with ``flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL``
     (with a response, or ``None`` to only close the stream)."""
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, cancelled: Any = None) -> None:
         self._send = send
+        self._cancelled = cancelled
         self._closed = False
         self._lock = threading.Lock()
 
@@ -278,8 +282,8 @@ class InferenceResponseSender:
         self._send(response, final)
 
     def is_cancelled(self) -> bool:
-        """Whether the client cancelled the request (never, for now)."""
-        return False
+        """Whether the client went away: further responses would reach nobody."""
+        return bool(self._cancelled is not None and self._cancelled())
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:

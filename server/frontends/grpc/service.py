@@ -328,14 +328,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self.dp.load_model(request.model_name, codec.param_values(request.parameters))
+        # shielded: a client that gives up does not stop a load half way
+        await asyncio.shield(self.dp.load_model(request.model_name, codec.param_values(request.parameters)))
         return pb.RepositoryModelLoadResponse()
 
     @rpc("model-repository")
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.dp.unload_model(request.model_name, codec.param_values(request.parameters))
+        await asyncio.shield(self.dp.unload_model(request.model_name, codec.param_values(request.parameters)))
         return pb.RepositoryModelUnloadResponse()
 
     @rpc("shared-memory")

@@ -106,13 +106,13 @@ async def _load_params(request: web.Request, what: str) -> dict[str, Any]:
 
 async def repository_load(request: web.Request) -> web.Response:
     params = await _load_params(request, "model load")
-    await request.app[DATAPLANE].load_model(request.match_info["model"], params)
+    await asyncio.shield(request.app[DATAPLANE].load_model(request.match_info["model"], params))
     return web.Response(status=200)
 
 
 async def repository_unload(request: web.Request) -> web.Response:
     params = await _load_params(request, "model unload")
-    await request.app[DATAPLANE].unload_model(request.match_info["model"], params)
+    await asyncio.shield(request.app[DATAPLANE].unload_model(request.match_info["model"], params))
     return web.Response(status=200)
 
 
@@ -315,7 +315,7 @@ async def admin_workers(request: web.Request) -> web.Response:
 
 async def admin_restart(request: web.Request) -> web.Response:
     m = request.match_info
-    done = await request.app[DATAPLANE].restart_worker(m["model"], m["instance"], _version(request))
+    done = await asyncio.shield(request.app[DATAPLANE].restart_worker(m["model"], m["instance"], _version(request)))
     return _json_response({"workers": done})
 
 

@@ -61,6 +61,9 @@ class TritonPythonModel:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
             if mode == "slow":
                 time.sleep(0.02)
+                if sender.is_cancelled():
+                    pb_utils.Logger.log_info(f"repeat stopped: cancelled after {i + 1} responses")
+                    return
         if not (final_on_last and len(values)):
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
