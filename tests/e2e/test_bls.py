@@ -17,7 +17,18 @@ from tests.e2e.server import ServerProcess, make_repository
 
 pytestmark = pytest.mark.timeout(120)
 
-MODELS = ("bls_sync", "bls_async", "bls_decoupled", "bls_identity", "bls_self", "add_sub", "repeat", "identity_fp32")
+MODELS = (
+    "bls_sync",
+    "bls_async",
+    "bls_decoupled",
+    "bls_identity",
+    "bls_self",
+    "bls_outer",
+    "ens_bls",
+    "add_sub",
+    "repeat",
+    "identity_fp32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,5 +126,17 @@ def test_a_model_calling_itself_fails_instead_of_waiting(server: ServerProcess) 
     try:
         with pytest.raises(InferenceServerException, match="calls itself through BLS but has no other ready instance"):
             c.infer("bls_self", _inputs(httpclient, {"INPUT0": np.ones(4, np.float32)}))
+    finally:
+        c.close()
+
+
+def test_bls_through_an_ensemble_that_uses_bls(server: ServerProcess) -> None:
+    """client -> bls_outer (BLS) -> ens_bls (ensemble) -> bls_identity (BLS) -> identity_fp32."""
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for n in (8, 1 << 18):
+            a = np.random.default_rng(n).random(n, dtype=np.float32)
+            r = c.infer("bls_outer", _inputs(grpcclient, {"INPUT0": a}))
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a)
     finally:
         c.close()

@@ -219,10 +219,8 @@ def _check_decoded(request: InferRequest, *, grpc: bool) -> None:
         if t.shm is not None:
             assert len(t.data) == 0 and isinstance(t.shm.region_name, str) and t.shm.region_name
             assert 0 <= t.shm.offset < 2**64 and 0 <= t.shm.byte_size < 2**64
-        if grpc:
-            assert not any(
-                k.startswith("triton_") for k in t.parameters if k not in grpc_codec.ALLOWED_TRITON_PARAMETERS
-            )
+    # request parameters only: per-tensor parameters are not checked (nor by Triton)
+    assert not any(k.startswith("triton_") for k in request.parameters if k not in grpc_codec.ALLOWED_TRITON_PARAMETERS)
     for o in request.outputs or ():
         assert isinstance(o.name, str)
         assert not any(k.startswith("shared_memory_") for k in o.parameters), o.parameters

@@ -35,6 +35,7 @@ __all__ = [
     "Logger",
     "Metric",
     "MetricFamily",
+    "PreferredMemory",
     "ModelConfig",
     "Tensor",
     "TritonError",
@@ -91,6 +92,15 @@ class TritonError(Exception):
     def code(self) -> int:
         """One of the code constants of this class."""
         return self._code
+
+
+class PreferredMemory:
+    """Where a BLS call would like its outputs (``InferenceRequest(preferred_memory=...)``).
+    Accepted for compatibility: Shoal returns BLS outputs in host memory."""
+
+    def __init__(self, preferred_memory_type: int = TRITONSERVER_MEMORY_CPU, preferred_device_id: int = 0) -> None:
+        self.preferred_memory_type = int(preferred_memory_type)
+        self.preferred_device_id = int(preferred_device_id)
 
 
 _METRICS: list[Any] = [None]
