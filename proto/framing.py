@@ -64,14 +64,17 @@ def _check(size: int, count: int) -> None:
 
 
 class Decoder:
-    """Splits a byte stream into messages (lists of ``bytes`` frames)."""
+    """Splits a byte stream into messages (lists of ``bytes`` frames; ``bytearray`` frames when
+    ``writable``: a worker hands them to models as numpy arrays, which DLPack refuses to export
+    when read-only)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_frame")
 
-    def __init__(self) -> None:
+    def __init__(self, *, writable: bool = False) -> None:
         self._buf = bytearray()
+        self._frame: type[bytes] | type[bytearray] = bytearray if writable else bytes
 
-    def feed(self, data: bytes) -> list[list[bytes]]:
+    def feed(self, data: bytes) -> list[list[Any]]:
         """Messages completed by ``data``; raises ``FramingError`` on a malformed head."""
         buf: bytes | bytearray
         if self._buf:
@@ -79,7 +82,8 @@ class Decoder:
             buf = self._buf
         else:
             buf = data
-        out: list[list[bytes]] = []
+        out: list[list[Any]] = []
+        frame = self._frame
         pos, end = 0, len(buf)
         unpack = HEAD.unpack_from
         while end - pos >= 8:
@@ -92,7 +96,7 @@ class Decoder:
             p = pos + 8 + 4 * count
             frames = []
             for n in lens:
-                frames.append(bytes(buf[p : p + n]))
+                frames.append(frame(buf[p : p + n]))
                 p += n
             if p != stop:
                 raise FramingError(f"frame lengths add up to {p - pos - 8} bytes, the head says {size}")
@@ -114,8 +118,8 @@ class Connection:
     def __init__(self, endpoint: str, identity: bytes) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(socket_path(endpoint))
-        self._decoder = Decoder()
-        self._ready: list[list[bytes]] = []
+        self._decoder = Decoder(writable=True)
+        self._ready: list[list[Any]] = []
         self.send([HELLO, identity])
 
     def send(self, frames: Sequence[Any]) -> None:

@@ -53,3 +53,12 @@ def test_frame_lengths_must_add_up_to_the_size() -> None:
     bad = struct.pack("<III", 4 + 3, 1, 5) + b"abc"  # says 5 bytes of frame, carries 3
     with pytest.raises(framing.FramingError):
         framing.Decoder().feed(bad + b"\0" * 8)
+
+
+def test_writable_frames_for_workers() -> None:
+    """A worker's frames become numpy arrays handed to models; DLPack refuses read-only ones."""
+    data = b"".join(framing.encode([b"head", b"\x01\x02\x03\x04"]))
+    (msg,) = framing.Decoder(writable=True).feed(data)
+    assert all(isinstance(f, bytearray) for f in msg)
+    (msg,) = framing.Decoder().feed(data)
+    assert all(isinstance(f, bytes) for f in msg)
