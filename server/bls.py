@@ -45,6 +45,7 @@ class BlsRouter:
         self._hold_ids = itertools.count(1)
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
         channel.services["bls_call"] = channel.services["bls_done"] = self.on_message
+        channel.services["model_control"] = self.on_message
         channel.on_disconnect.append(self.forget)
 
     def on_message(self, identity: bytes, env: wpb.Envelope, frames: list[bytes]) -> None:
@@ -54,8 +55,12 @@ class BlsRouter:
                 result = self._holds.pop((identity, hold_id), None)
                 if result is not None:
                     result.done()
-        elif body == "bls_call":
-            task = asyncio.get_running_loop().create_task(self._serve(identity, env.bls_call, frames))
+        elif body in ("bls_call", "model_control"):
+            if body == "bls_call":
+                coro = self._serve(identity, env.bls_call, frames)
+            else:
+                coro = self._control(identity, env.model_control)
+            task = asyncio.get_running_loop().create_task(coro)
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -94,6 +99,35 @@ class BlsRouter:
             if not isinstance(exc, ServingError):
                 log.exception("BLS call to model '%s' failed", call.model_name)
             self._reply(identity, call.call_id, err, True)
+
+    async def _control(self, identity: bytes, m: wpb.ModelControl) -> None:
+        """pb_utils.load_model / unload_model / is_model_ready from a model."""
+        reply = wire.envelope(0)
+        out = reply.control_reply
+        out.call_id = m.call_id
+        try:
+            if m.action == 0:
+                await asyncio.shield(
+                    self.dp.load_model(m.model_name, {"config": m.config_json} if m.config_json else {})
+                )
+                out.ok = True
+            elif m.action == 1:
+                await asyncio.shield(self.dp.unload_model(m.model_name, {"unload_dependents": m.unload_dependents}))
+                out.ok = True
+            else:
+                try:
+                    self.dp.model_ready(m.model_name, int(m.model_version))
+                    out.ok = True
+                except ServingError:
+                    out.ok = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the calling model gets the error
+            out.error = (exc if isinstance(exc, ServingError) else from_exception(exc)).message
+        try:
+            self.channel.send(identity, reply)
+        except ServingError:
+            pass
 
     def _request(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> InferRequest:
         r = call.request

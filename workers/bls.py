@@ -155,6 +155,25 @@ class BlsClient:
         env.bls_done.hold_ids.extend(hold_ids)
         self.send([env.SerializeToString()])
 
+    def control(
+        self, action: int, model: str, *, config_json: str = "", dependents: bool = False, version: int = -1
+    ) -> tuple[bool, str]:
+        """Model management through the router: (ok, error)."""
+        env = wire.envelope(0)
+        m = env.model_control
+        m.action = action
+        m.model_name = model
+        m.config_json = config_json
+        m.unload_dependents = dependents
+        m.model_version = version
+        m.call_id = call_id = self.inbox.new_call()
+        try:
+            self.send([env.SerializeToString()])
+            reply_env, _ = self.inbox.reply(call_id)
+        finally:
+            self.inbox.forget(call_id)
+        return reply_env.control_reply.ok, reply_env.control_reply.error
+
     def give_back_orphans(self) -> None:
         """Replies nobody waited for (an abandoned call): their held outputs go back."""
         holds = []

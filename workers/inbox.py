@@ -16,7 +16,7 @@ from shoal.proto import framing, wire
 from shoal.proto.gen import worker_pb2 as wpb
 
 Message = tuple[wpb.Envelope, list[bytes]]
-_REPLIES = frozenset({"bls_reply", "metric_reply"})
+_REPLIES = frozenset({"bls_reply", "metric_reply", "control_reply"})
 """Answers to a call a thread waits for (by ``call_id``)."""
 
 

@@ -651,6 +651,76 @@ class Cancel(_message.Message):
 Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
+class ModelControl(_message.Message):
+    """worker -> router: model management from a model (pb_utils.load_model / unload_model /
+    is_model_ready), answered by ControlReply. Loading and unloading need explicit model control.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    UNLOAD_DEPENDENTS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    action: _builtins.int
+    """0 load, 1 unload, 2 is ready"""
+    model_name: _builtins.str
+    config_json: _builtins.str
+    """load: a configuration to use instead of config.pbtxt"""
+    unload_dependents: _builtins.bool
+    model_version: _builtins.int
+    """is ready: -1 = any version"""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        action: _builtins.int = ...,
+        model_name: _builtins.str = ...,
+        config_json: _builtins.str = ...,
+        unload_dependents: _builtins.bool = ...,
+        model_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call_id", b"call_id", "config_json", b"config_json", "model_name", b"model_name", "model_version", b"model_version", "unload_dependents", b"unload_dependents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelControl: _TypeAlias = ModelControl  # noqa: Y015
+
+@_typing.final
+class ControlReply(_message.Message):
+    """router -> worker: the answer to a ModelControl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    ok: _builtins.bool
+    """done (load, unload) or ready"""
+    error: _builtins.str
+    """non-empty: refused or failed"""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlReply: _TypeAlias = ControlReply  # noqa: Y015
+
+@_typing.final
 class InferDone(_message.Message):
     """worker -> router: the batch finished."""
 
@@ -834,6 +904,8 @@ class Envelope(_message.Message):
     BLS_CALL_FIELD_NUMBER: _builtins.int
     BLS_DONE_FIELD_NUMBER: _builtins.int
     METRIC_OP_FIELD_NUMBER: _builtins.int
+    MODEL_CONTROL_FIELD_NUMBER: _builtins.int
+    CONTROL_REPLY_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it"""
@@ -873,6 +945,10 @@ class Envelope(_message.Message):
     def bls_done(self) -> Global___BlsDone: ...
     @_builtins.property
     def metric_op(self) -> Global___MetricOp: ...
+    @_builtins.property
+    def model_control(self) -> Global___ModelControl: ...
+    @_builtins.property
+    def control_reply(self) -> Global___ControlReply: ...
     def __init__(
         self,
         *,
@@ -895,12 +971,14 @@ class Envelope(_message.Message):
         bls_call: Global___BlsCall | None = ...,
         bls_done: Global___BlsDone | None = ...,
         metric_op: Global___MetricOp | None = ...,
+        model_control: Global___ModelControl | None = ...,
+        control_reply: Global___ControlReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

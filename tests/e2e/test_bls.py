@@ -25,6 +25,8 @@ MODELS = (
     "bls_self",
     "bls_outer",
     "ens_bls",
+    "bls_batcher",
+    "batcher",
     "add_sub",
     "repeat",
     "identity_fp32",
@@ -140,3 +142,34 @@ def test_bls_through_an_ensemble_that_uses_bls(server: ServerProcess) -> None:
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a)
     finally:
         c.close()
+
+
+def test_bls_requests_batch_with_client_requests(server: ServerProcess) -> None:
+    """Two clients and two BLS calls reach "batcher" within its queue delay: one execution of
+    four requests (its preferred size), and the statistics count one batch of four."""
+    x = np.ones((1, 2), np.float32)
+
+    def direct() -> int:
+        c = httpclient.InferenceServerClient(server.url)
+        try:
+            return int(c.infer("batcher", _inputs(httpclient, {"INPUT0": x})).as_numpy("REQUESTS")[0, 0])
+        finally:
+            c.close()
+
+    def via_bls() -> int:
+        c = httpclient.InferenceServerClient(server.url)
+        try:
+            return int(c.infer("bls_batcher", _inputs(httpclient, {"INPUT0": x})).as_numpy("REQUESTS")[0, 0])
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(f) for f in (direct, via_bls, direct, via_bls)]
+        assert [f.result() for f in futures] == [4, 4, 4, 4]
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        stats = c.get_inference_statistics("batcher")["model_stats"][0]
+    finally:
+        c.close()
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [4]
+    assert stats["inference_count"] == 4 and stats["execution_count"] == 1

@@ -123,7 +123,7 @@ class PythonBackend(Backend):
             model = model_cls()
             backend = cls(spec, module, model, added)
             pb = backend._pb
-            pb._set_bls(functools.partial(_bls_exec, pb, spec.bls) if spec.bls is not None else None)
+            pb._set_bls(functools.partial(_bls_exec, pb, spec.bls) if spec.bls is not None else None, spec.bls)
             pb._set_metrics(spec.metrics)
             backend.device_inputs = backend._device_inputs_wanted()
             init = getattr(model, "initialize", None)

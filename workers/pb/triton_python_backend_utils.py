@@ -103,14 +103,17 @@ class PreferredMemory:
         self.preferred_device_id = int(preferred_device_id)
 
 
+_CONTROL: list[Any] = [None]
+"""The worker's client for model management (``workers.bls.BlsClient``)."""
 _METRICS: list[Any] = [None]
 """The worker's custom-metrics client (``workers.custommetrics.MetricsClient``)."""
 _BLS: list[Any] = [None]
 """The worker's BLS entry point: ``call(request, decoupled)`` (set by the Python backend)."""
 
 
-def _set_bls(call: Any) -> None:
+def _set_bls(call: Any, client: Any = None) -> None:
     _BLS[0] = call
+    _CONTROL[0] = client
 
 
 def _not_supported(what: str) -> TritonModelException:
@@ -335,19 +338,35 @@ def using_decoupled_model_transaction_policy(model_config: Mapping[str, Any]) ->
     return bool(policy.get("decoupled", False))
 
 
-def load_model(*args: Any, **kwargs: Any) -> None:
-    """Model management from a model is not supported yet: always raises."""
-    raise _not_supported("model management (load_model)")
+def _control(action: int, model_name: str, **kw: Any) -> bool:
+    client = _CONTROL[0]
+    if client is None:
+        raise TritonModelException("model management is only available to a model running in a Shoal worker")
+    ok, error = client.control(action, model_name, **kw)
+    if error:
+        raise TritonModelException(error)
+    return bool(ok)
 
 
-def unload_model(*args: Any, **kwargs: Any) -> None:
-    """Model management from a model is not supported yet: always raises."""
-    raise _not_supported("model management (unload_model)")
+def load_model(model_name: str, config: str = "", files: Mapping[str, bytes] | None = None) -> None:
+    """Load or reload ``model_name`` (the server must use explicit model control); ``config``:
+    JSON of a configuration to use instead of its config.pbtxt. Raises on failure."""
+    if files:
+        raise TritonModelException(
+            "model files sent with a load request are not accepted; put them in the model repository"
+        )
+    _control(0, model_name, config_json=config or "")
 
 
-def is_model_ready(*args: Any, **kwargs: Any) -> bool:
-    """Model management from a model is not supported yet: always raises."""
-    raise _not_supported("model management (is_model_ready)")
+def unload_model(model_name: str, unload_dependents: bool = False) -> None:
+    """Unload ``model_name`` (explicit model control); raises on failure."""
+    _control(1, model_name, dependents=bool(unload_dependents))
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    """Whether ``model_name`` (a version, or the one the version policy picks) is ready."""
+    version = int(model_version) if str(model_version).strip() else -1
+    return _control(2, model_name, version=version)
 
 
 class LogLevel(IntEnum):
