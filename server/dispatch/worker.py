@@ -9,72 +9,23 @@ exponential backoff (and its model reloaded). Owned by the router's event loop.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.dispatch import process
 from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.dispatch.spec import Reply, StreamSink, WorkerSpec, WorkerState
+
+__all__ = ["Reply", "StreamSink", "Worker", "WorkerSpec", "WorkerState", "shm_outputs"]
 from shoal.shm import region
 
 log = logging.getLogger("shoal.worker")
-
-
-class WorkerState(enum.Enum):
-    STARTING = "STARTING"
-    READY = "READY"
-    DRAINING = "DRAINING"
-    """An operator asked for a restart: no new work; in-flight batches finish first."""
-    RESTARTING = "RESTARTING"
-    FAILED = "FAILED"
-    STOPPED = "STOPPED"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """What a worker needs: the ``Load`` message (without its arena prefix) and limits."""
-
-    model_name: str
-    model_version: int
-    instance_name: str
-    load: wpb.Load
-    load_timeout_s: float = 120.0
-    restart_backoff_max_s: float = 10.0
-    log_verbose: int = 0
-    env: tuple[tuple[str, str], ...] = ()
-    """Extra environment of the worker process (e.g. its CUDA_VISIBLE_DEVICES)."""
-    heartbeat_timeout_s: float = 30.0
-    """No heartbeat for this long: the process is stopped or stuck (holding the GIL), and is
-    killed and replaced. 0: never."""
-    stall_timeout_s: float = 0.0
-    """A batch unanswered for this long means the backend is stuck (e.g. in C with the GIL
-    released): the process is killed and replaced. 0: never."""
-    python: str = ""
-    """The interpreter that runs the worker (empty: the router's)."""
-
-
-Reply = tuple[wpb.Envelope, list[bytes]]
-
-
-class StreamSink(Protocol):
-    """Where a decoupled batch's responses go (``InstancePool``): each as it arrives, then
-    ``fail`` for the requests still open if the worker dies."""
-
-    def on(self, index: int, result: wpb.Result | None, frames: list[bytes], final: bool) -> None: ...
-
-    def fail(self, err: ServingError) -> None: ...
-
-    @property
-    def closed(self) -> bool:
-        """Every request of the batch has had its final response."""
-        ...
 
 
 class Worker:

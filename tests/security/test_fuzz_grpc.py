@@ -12,7 +12,7 @@ from shoal.proto.errors import InvalidInput
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.server.frontends.grpc import codec as grpc_codec
 from shoal.server.frontends.grpc.app import _safe
-from shoal.server.frontends.grpc.service import MALFORMED
+from shoal.server.frontends.grpc.common import MALFORMED
 from tests.security.fuzz_requests import chaos_grpc_requests, grpc_requests, mutated_messages
 from tests.security.fuzzing import MODELS, TENSOR_MODELS, bounded, fuzz, serve_grpc
 

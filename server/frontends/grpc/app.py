@@ -15,7 +15,8 @@ from shoal.proto.gen import health_pb2
 from shoal.server import restrict
 from shoal.server.config import GrpcOptions
 from shoal.server.dataplane import DataPlane
-from shoal.server.frontends.grpc.service import MALFORMED, HealthService, InferenceService
+from shoal.server.frontends.grpc.common import MALFORMED
+from shoal.server.frontends.grpc.service import HealthService, InferenceService
 from shoal.server.peers import PeerCache
 from shoal.server.resources import RequestBudget
 

@@ -19,7 +19,8 @@ from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
 from shoal.proto.gen import health_pb2, health_pb2_grpc
 from shoal.server import restrict
 from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, DataPlane
-from shoal.server.frontends.grpc import codec
+from shoal.server.frontends.grpc import codec, stream
+from shoal.server.frontends.grpc.common import MALFORMED, MALFORMED_MESSAGE, restricted
 from shoal.server.frontends.grpc.errors import GRPC_STATUS
 from shoal.server.logthrottle import client_error
 from shoal.server.peers import Peer, PeerCache
@@ -28,25 +29,10 @@ from shoal.server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
 
-FINAL_PARAMETER = "triton_final_response"
-"""Set on every streamed response: true on the last one of its request (as Triton)."""
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-MALFORMED: Any = type("Malformed", (), {"__repr__": lambda self: "<malformed message>"})()
-"""What the deserializers return for bytes that are not the expected message."""
-MALFORMED_MESSAGE = "failed to parse the request message"
-
-
-def _restricted(service: Any, category: str, context: Any) -> str | None:
-    rules: restrict.Restrictions = service.restrictions
-    if not rules:
-        return None
-    metadata = dict(context.invocation_metadata() or ())
-    missing = rules.check(category, metadata.get)
-    return restrict.message(missing, grpc=True) if missing is not None else None
 
 
 def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
@@ -57,7 +43,7 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     def wrap(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
         @functools.wraps(fn)
         async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-            denied = _restricted(self, category, context)
+            denied = restricted(self, category, context)
             if denied is not None:
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(denied)
@@ -93,31 +79,6 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
-def _version_or_any(text: str) -> int:
-    try:
-        return version_number(text)
-    except ServingError:
-        return -1  # the request fails on it later, with the error of its kind
-
-
-def _stream_error(req: Any, exc: BaseException) -> pb.ModelStreamInferResponse:
-    """A streamed request's failure: ``error_message``, and the request's id, model and
-    version (as Triton fills them), with ``triton_final_response`` true."""
-    err = from_exception(exc)
-    if not isinstance(exc, ServingError):
-        log.exception("unhandled error in a streamed request", exc_info=exc)
-    else:
-        client_error(log, exc, "ModelStreamInfer")
-    msg = pb.ModelStreamInferResponse(error_message=err.message)
-    if req is not MALFORMED:
-        msg.infer_response.id = req.id
-        msg.infer_response.model_name = req.model_name
-        msg.infer_response.model_version = req.model_version
-    msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
-    detach(exc)
-    return msg
-
-
 def _not_yet(what: str) -> Unsupported:
     return Unsupported(f"{what} is not supported yet by this server")
 
@@ -138,7 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.peers = peers or PeerCache(0)
         self.stream_max_pending = stream_max_pending
 
-    def _peer(self, context: Any) -> Peer | None:
+    def peer(self, context: Any) -> Peer | None:
         return self.peers.get(context.peer())
 
     def _trusted(self) -> bool:
@@ -180,15 +141,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("inference")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request, context)
+        return await self.infer_message(request, context)
 
-    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def infer_message(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         held = request.ByteSize()
         self.budget.take(held)  # grpc has the whole message in memory already: refuse to keep it
         try:
             req = codec.decode_request(request)
             if req.uses_shm:
-                req.peer = self._peer(context)
+                req.peer = self.peer(context)
             result = await self.dp.infer(req, decoupled_error=GRPC_DECOUPLED_ERROR)
         finally:
             self.budget.give(held)
@@ -202,101 +163,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Responses as they are ready, possibly out of order across requests: one per request
-        of a model that is not decoupled, any number (in order) for a decoupled model's request,
-        each with the ``triton_final_response`` parameter (true on a request's last). A failed
-        request answers with ``error_message`` and the stream goes on. At most
-        ``stream_max_pending`` requests are in flight or answered and not yet taken by the
-        client: past that the stream's next request is not read (so a client that never reads
-        cannot grow the router through new requests)."""
-        denied = _restricted(self, "inference", context)
-        if denied is not None:
-            context.set_code(grpc.StatusCode.UNAVAILABLE)
-            context.set_details(denied)
-            return
-        # (message or None, whether it is its request's last); _END after the last request
-        queue: asyncio.Queue[tuple[pb.ModelStreamInferResponse | None, bool] | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.stream_max_pending)
-
-        async def handle(req: pb.ModelInferRequest) -> None:
-            try:
-                if req is MALFORMED:
-                    raise InvalidInput(MALFORMED_MESSAGE)
-                if self.dp.is_decoupled(req.model_name, _version_or_any(req.model_version)):
-                    await self._stream_decoupled(req, context, queue.put_nowait)
-                    return
-                msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req, context))
-                msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported on the stream
-                msg = _stream_error(req, exc)
-            queue.put_nowait((msg, True))
-
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(handle(req))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                    del req
-                while running:
-                    await asyncio.wait(set(running))
-            finally:
-                queue.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (entry := await queue.get()) is not None:
-                msg, last = entry
-                if msg is not None:
-                    yield msg
-                if last:
-                    slots.release()
-            await reader  # re-raise a broken request stream
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
-
-    async def _stream_decoupled(
-        self,
-        request: pb.ModelInferRequest,
-        context: Any,
-        put: Callable[[tuple[pb.ModelStreamInferResponse | None, bool]], None],
-    ) -> None:
-        """A decoupled model's responses to one streamed request, each as it comes. The last
-        is only sent when it carries a response, or when the request set
-        ``triton_enable_empty_final_response`` (Triton's rule)."""
-        held = request.ByteSize()
-        self.budget.take(held)
-        try:
-            req = codec.decode_request(request)
-            if req.uses_shm:
-                req.peer = self._peer(context)
-            empty_final = req.parameters.get("triton_enable_empty_final_response") is True
-            async for item, final in self.dp.infer_stream(req):
-                msg = pb.ModelStreamInferResponse()
-                if item is None:
-                    if not (final and empty_final):
-                        put((None, final))
-                        continue
-                    msg.infer_response.id = request.id
-                    msg.infer_response.model_name = request.model_name
-                    msg.infer_response.model_version = request.model_version
-                elif isinstance(item, ServingError):
-                    msg = _stream_error(request, item)
-                else:
-                    try:
-                        codec.encode_response(item, msg.infer_response)
-                    finally:
-                        item.done()
-                msg.infer_response.parameters[FINAL_PARAMETER].bool_param = final
-                put((msg, final))
-        finally:
-            self.budget.give(held)
+        """``stream.model_stream_infer``: responses as they are ready, any number per
+        request of a decoupled model."""
+        async for msg in stream.model_stream_infer(self, request_iterator, context):
+            yield msg
 
     @rpc("logging")
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
@@ -344,7 +214,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         resp = pb.SystemSharedMemoryStatusResponse()
-        for r in self.dp.shm_status(request.name, cuda=False, peer=self._peer(context)):
+        for r in self.dp.shm_status(request.name, cuda=False, peer=self.peer(context)):
             st = resp.regions[r.name]
             st.name, st.key, st.offset, st.byte_size = r.name, r.key_given, r.offset, r.byte_size
         return resp
@@ -354,7 +224,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self.dp.register_system_shm(
-            request.name, request.key, request.offset, request.byte_size, self._peer(context), trusted=self._trusted()
+            request.name, request.key, request.offset, request.byte_size, self.peer(context), trusted=self._trusted()
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -362,7 +232,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.dp.unregister_shm(request.name, cuda=False, peer=self._peer(context))
+        self.dp.unregister_shm(request.name, cuda=False, peer=self.peer(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc("shared-memory")
@@ -370,7 +240,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
         resp = pb.CudaSharedMemoryStatusResponse()
-        for r in self.dp.shm_status(request.name, cuda=True, peer=self._peer(context)):
+        for r in self.dp.shm_status(request.name, cuda=True, peer=self.peer(context)):
             st = resp.regions[r.name]
             st.name, st.device_id, st.byte_size = r.name, r.device_id, r.byte_size
         return resp
@@ -386,7 +256,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             request.raw_handle,
             request.device_id,
             request.byte_size,
-            self._peer(context),
+            self.peer(context),
             trusted=self._trusted(),
         )
         return pb.CudaSharedMemoryRegisterResponse()
@@ -395,7 +265,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.dp.unregister_shm(request.name, cuda=True, peer=self._peer(context))
+        self.dp.unregister_shm(request.name, cuda=True, peer=self.peer(context))
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc("trace")
@@ -428,7 +298,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        denied = _restricted(self, "health", context)
+        denied = restricted(self, "health", context)
         if denied is not None:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(denied)
