@@ -57,13 +57,14 @@ def test_health_and_metadata(client: Any) -> None:
     assert cfg["name"] == "simple_onnx" and cfg["max_batch_size"] == 8
 
 
-def test_model_ready_errors_are_statuses(client: Any) -> None:
-    with pytest.raises(InferenceServerException) as info:
-        client.is_model_ready("nope")
+def test_model_ready_is_false_for_unknown_models_and_versions(client: Any) -> None:
+    """As Triton: ready false with an OK status (tritonclient's is_model_ready returns False)."""
+    assert client.is_model_ready("nope") is False
+    assert client.is_model_ready("add_sub", "9") is False
+    assert client.is_model_ready("add_sub", "1") is True
+    with pytest.raises(InferenceServerException) as info:  # not a version at all
+        client.is_model_ready("add_sub", "x")
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-    with pytest.raises(InferenceServerException) as info:
-        client.is_model_ready("add_sub", "9")
-    assert info.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_standard_health_service(server: ServerProcess) -> None:

@@ -116,7 +116,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("health")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        self.dp.model_ready(request.name, version_number(request.version))
+        """``ready: false`` (OK status) for a model or version that is unknown, unloaded or not
+        ready, as Triton answers (tritonclient's ``is_model_ready`` returns False then)."""
+        version = version_number(request.version)
+        try:
+            self.dp.model_ready(request.name, version)
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @rpc("metadata")
