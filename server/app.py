@@ -203,6 +203,7 @@ class App:
             self.models,
             version=server_version(),
             strict_readiness=cfg.strict_readiness,
+            server_id=cfg.server_id,
             shm=shm,
             logs=LogSettings(verbose=cfg.log_verbose),
             allow_admin=cfg.allow_admin_api,

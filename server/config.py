@@ -48,6 +48,8 @@ class ServerConfig:
     strict_model_config: bool = False
     disable_auto_complete: bool = False
     strict_readiness: bool = True
+    server_id: str = "shoal"
+    """The name server metadata reports (``--id``; Triton's default is "triton")."""
     model_control_mode: str = "none"
     repository_poll_s: float = 15.0
     model_repository_url: str = ""
@@ -232,6 +234,7 @@ def parse(argv: list[str]) -> ServerConfig:
         log_verbose=args.log_verbose,
         strict_model_config=args.strict_model_config,
         strict_readiness=args.strict_readiness,
+        server_id=args.server_id,
         allow_client_shm=args.allow_client_shm,
         allow_admin_api=args.allow_admin_api,
         model_control_mode=args.model_control_mode,

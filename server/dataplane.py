@@ -49,7 +49,10 @@ class DataPlane:
         shm: SharedMemoryRegistry,
         allow_admin: bool = False,
         request_timeout_s: float = 0.0,
+        server_id: str = SERVER_NAME,
     ) -> None:
+        self.server_id = server_id
+        """The name server metadata reports (``--id``)."""
         self.models = models
         self.registry = models.registry
         self.request_timeout_s = request_timeout_s
@@ -75,7 +78,7 @@ class DataPlane:
         return self.registry.all_ready() if self.strict_readiness else True
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": self.version, "extensions": list(EXTENSIONS)}
+        return {"name": self.server_id, "version": self.version, "extensions": list(EXTENSIONS)}
 
     def model_ready(self, name: str, version: int) -> None:
         """Returns when the version is ready; raises the lookup error otherwise."""

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--disable-auto-complete-config", dest="disable_auto_complete", action="store_true", help="no auto-complete"
     )
     s.add_argument("--strict-readiness", default=True)
+    s.add_argument("--id", dest="server_id", default="shoal", help="the server's name in server metadata")
     s.add_argument(
         "--allow-client-shm",
         default=True,

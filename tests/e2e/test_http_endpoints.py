@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, make_repository
 
 
 def raw(
@@ -191,3 +193,17 @@ def test_python_model_exception_is_500_and_model_keeps_serving(server: ServerPro
     assert info.value.status() == "500"
     i.set_data_from_numpy(np.array([0], dtype=np.int32))
     assert c.infer("crashy", [i]).as_numpy("OUTPUT0")[0] == 0
+
+
+def test_server_id_names_the_server(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """``--id`` (as tritonserver's): Triton's health/metadata examples check the name."""
+    srv = ServerProcess(make_repository(tmp_path / "repo", "add_sub"), "--id", "triton").start()
+    fresh_server.append(srv)
+    h = httpclient.InferenceServerClient(srv.url)
+    g = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        assert h.get_server_metadata()["name"] == "triton"
+        assert g.get_server_metadata().name == "triton"
+    finally:
+        h.close()
+        g.close()
