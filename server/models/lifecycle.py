@@ -305,7 +305,14 @@ class ModelManager:
             reg.fingerprints.pop(name, None)
 
     async def _retire_all(self, versions: Iterable[ModelVersion]) -> None:
-        await asyncio.gather(*(self._retire(mv) for mv in list(versions)))
+        retiring = list(versions)
+        # UNLOADING at once, in the same step as the swap that retires them: gather starts the
+        # _retire tasks only on the next loop turn, and nothing may see a retired version
+        # still READY meanwhile (a component test caught that window)
+        for mv in retiring:
+            if not (mv.state is ModelState.UNAVAILABLE and mv.pool is None):
+                mv.state = ModelState.UNLOADING
+        await asyncio.gather(*(self._retire(mv) for mv in retiring))
 
     async def _retire(self, mv: ModelVersion) -> None:
         if mv.state is ModelState.UNAVAILABLE and mv.pool is None:
