@@ -27,15 +27,20 @@ StreamItem = tuple[InferResult | ServingError | None, bool]
 HTTP_DECOUPLED_ERROR = "HTTP end point doesn't support models with decoupled transaction policy"
 GRPC_DECOUPLED_ERROR = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 EXTENSIONS = [
-    "model_configuration",
-    "binary_tensor_data",
-    "statistics",
+    "classification",
+    "sequence",
     "model_repository",
     "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
     "system_shared_memory",
     "cuda_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
     "logging",
 ]
+"""The Triton extensions that work here, in Triton's order (no "trace" yet)."""
 
 
 class DataPlane:

@@ -33,7 +33,20 @@ def test_health_and_server_metadata(server: ServerProcess) -> None:
     assert c.is_server_ready()
     meta = c.get_server_metadata()
     assert meta["name"] == "shoal"
-    assert "binary_tensor_data" in meta["extensions"]
+    assert meta["extensions"] == [
+        "classification",
+        "sequence",
+        "model_repository",
+        "model_repository(unload_dependents)",
+        "schedule_policy",
+        "model_configuration",
+        "system_shared_memory",
+        "cuda_shared_memory",
+        "binary_tensor_data",
+        "parameters",
+        "statistics",
+        "logging",
+    ]
     status, _, body = raw(server, "GET", "/v2/health/ready")
     assert (status, body) == (200, b"")
 

@@ -42,6 +42,13 @@ An action (every key optional; the default answers with the inputs echoed inline
     garbage_first: bool         send a header that is not an Envelope before the reply
     bad_frame: bool             point the outputs at a frame that is not in the message
     bad_block: bool             point shm outputs past the end of their segment
+    stream: {n, after_done, final_alone, die_after, gate}
+                                a decoupled reply: n Streamed responses per request (OUT = the
+                                inputs joined, then its index as one byte), the last with the
+                                final flag unless final_alone (then a final-only message); with
+                                after_done the InferDone (no results) goes first; die_after exits
+                                after that many responses; gate holds the streaming (after the
+                                InferDone) until that file exists
 
 Output blocks live in an ``Arena`` named with the Load's ``arena_prefix``; ``Release`` frees
 them (logged with the number of blocks still live).
@@ -280,6 +287,9 @@ class FakeWorker:
         if "signal" in action:
             os.kill(os.getpid(), signal.Signals[action["signal"]])
             time.sleep(10.0)  # not reached for a fatal signal
+        if "stream" in action:
+            self._stream(env, action["stream"], inputs)
+            return
         reply = wire.envelope(env.request_id)
         out_frames: list[bytes] = []
         if "failed" in action:
@@ -291,6 +301,40 @@ class FakeWorker:
             self.send([b"\xff\xfe not an envelope"])
         self.send([reply.SerializeToString(), *out_frames])
         self.events.log("answered", rid=env.request_id)
+
+    def _stream(self, env: wpb.Envelope, spec: dict[str, Any], inputs: list[list[tuple[bytes, str]]]) -> None:
+        done = wire.envelope(env.request_id)
+        done.infer_done.SetInParent()
+        after_done = spec.get("after_done", False)
+        if after_done:
+            self.send([done.SerializeToString()])
+            gate = spec.get("gate")
+            while gate and not os.path.exists(gate):
+                time.sleep(0.005)
+        sent = 0
+        n = int(spec.get("n", 1))
+        for i, r in enumerate(env.infer.requests):
+            data = b"".join(d for d, _ in inputs[i])
+            for k in range(n):
+                if "die_after" in spec and sent == int(spec["die_after"]):
+                    self.events.log("dying mid-stream", sent=sent)
+                    os._exit(3)
+                msg = wire.envelope(env.request_id)
+                msg.streamed.index = r.id
+                msg.streamed.final = k == n - 1 and not spec.get("final_alone")
+                ref = msg.streamed.result.outputs.add()
+                ref.name, ref.datatype, ref.frame = "OUT", "UINT8", 0
+                ref.shape.append(len(data) + 1)
+                self.send([msg.SerializeToString(), data + bytes([k])])
+                sent += 1
+            if spec.get("final_alone"):
+                end = wire.envelope(env.request_id)
+                end.streamed.index = r.id
+                end.streamed.final = True
+                self.send([end.SerializeToString()])
+        if not after_done:
+            self.send([done.SerializeToString()])
+        self.events.log("streamed", rid=env.request_id, sent=sent)
 
     def _results(
         self,
