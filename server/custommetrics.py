@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from shoal.proto import wire
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server import promtext
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.models.registry import Registry
 from shoal.server.models.version import ModelState
@@ -165,28 +166,17 @@ class CustomMetrics:
             for key, m in family.metrics.items():
                 if family.kind == 2:
                     for bound, n in zip(m.buckets, m.counts, strict=True):  # counts are cumulative
-                        lines.append(f"{name}_bucket{_labels(key, ('le', _num(bound)))} {n}")
+                        lines.append(f"{name}_bucket{_labels(key, ('le', promtext.number(bound)))} {n}")
                     lines.append(f"{name}_bucket{_labels(key, ('le', '+Inf'))} {m.count}")
-                    lines.append(f"{name}_sum{_labels(key)} {_num(m.value)}")
+                    lines.append(f"{name}_sum{_labels(key)} {promtext.number(m.value)}")
                     lines.append(f"{name}_count{_labels(key)} {m.count}")
                 else:
-                    lines.append(f"{name}{_labels(key)} {_num(m.value)}")
+                    lines.append(f"{name}{_labels(key)} {promtext.number(m.value)}")
 
 
 def _help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _labels(key: tuple[tuple[str, str], ...], *extra: tuple[str, str]) -> str:
-    pairs = [*key, *extra]
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+    return promtext.labels([*key, *extra])

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.server.custommetrics import CustomMetrics
 from shoal.server.models import ModelManager, ModelVersion
+from shoal.server.promtext import labels as _labels
+from shoal.server.promtext import number
 from shoal.server.stats import FAILURE_REASONS
 
 log = logging.getLogger("shoal.metrics")
@@ -61,21 +63,6 @@ _CPU_METRICS = (
     ("nv_cpu_memory_total_bytes", "gauge", "CPU total memory (RAM), in bytes"),
     ("nv_cpu_memory_used_bytes", "gauge", "CPU used memory (RAM), in bytes"),
 )
-
-
-def number(value: float) -> str:
-    """Plain decimal, never an exponent (perf_analyzer's parser reads ``\\d+\\.?\\d*``)."""
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
-    return f"{value:.6f}".rstrip("0").rstrip(".")
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
 def model_labels(mv: ModelVersion) -> list[tuple[str, str]]:
