@@ -225,7 +225,7 @@ def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buff
             if len(t.data):
                 blobs.append(t.data)
         else:
-            entry["data"] = _to_json(t.name, t.datatype, t.shape, t.data)
+            entry["data"] = json_values(t.name, t.datatype, t.shape, t.data)
         outputs.append(entry)
     resp: dict[str, Any] = {}
     if result.id:
@@ -241,7 +241,8 @@ def encode_result(request: InferRequest, result: InferResult) -> tuple[list[Buff
     return [header, *blobs], len(header)
 
 
-def _to_json(name: str, datatype: str, shape: tuple[int, ...], data: Buffer) -> list[Any] | np.ndarray[Any, Any]:
+def json_values(name: str, datatype: str, shape: tuple[int, ...], data: Buffer) -> list[Any] | np.ndarray[Any, Any]:
+    """An output's elements for JSON, flat (BYTES as UTF-8 strings); FP16/BF16 refused."""
     dt = dtypes.by_protocol(datatype)
     if datatype in JSON_UNSUPPORTED:
         raise InvalidInput(f"output '{name}': sending {datatype} data via JSON is not supported; request binary output")

@@ -12,6 +12,7 @@ Errors before inference are JSON with an error status; an error during a stream 
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from aiohttp import web
 from shoal.proto import dtypes
 from shoal.proto.errors import InvalidInput, ServingError, from_exception
 from shoal.server.dataplane import DataPlane
+from shoal.server.frontends.http import codec
 from shoal.server.types import InferRequest, InferResult, InputTensor
 
 _BOOL_OK = frozenset({"BOOL"})
@@ -97,22 +99,13 @@ def to_request(dp: DataPlane, model: str, version: int, obj: dict[str, Any]) -> 
 
 
 def to_json(result: InferResult) -> dict[str, Any]:
-    """A response's outputs as generate fields."""
+    """A response's outputs as generate fields (the infer endpoint's JSON conversion: BYTES as
+    UTF-8 strings, no FP16/BF16)."""
     out: dict[str, Any] = {"model_name": result.model_name, "model_version": str(result.model_version)}
     for t in result.outputs:
-        count = dtypes.element_count(t.shape)
-        if t.datatype == "BYTES":
-            items = dtypes.deserialize_bytes(t.data, count, name=t.name).tolist()
-            try:
-                values: list[Any] = [b.decode("utf-8") for b in items]
-            except UnicodeDecodeError:
-                raise InvalidInput(f"output '{t.name}' holds bytes that are not UTF-8") from None
-        else:
-            dt = dtypes.by_protocol(t.datatype)
-            if dt.numpy is None:
-                raise InvalidInput(f"output '{t.name}' of datatype {t.datatype} cannot be sent as JSON")
-            values = np.frombuffer(t.data, dtype=dt.numpy, count=count).tolist()
-        out[t.name] = values[0] if count == 1 else values
+        data = codec.json_values(t.name, t.datatype, t.shape, t.data)
+        values = data.tolist() if isinstance(data, np.ndarray) else data
+        out[t.name] = values[0] if len(values) == 1 else values
     return out
 
 
@@ -123,21 +116,12 @@ def _error_json(err: ServingError) -> bytes:
 async def generate(request: web.Request, dp: DataPlane, model: str, version: int, body: bytes) -> web.Response:
     """``/generate``: exactly one response (a decoupled model must send exactly one)."""
     req = to_request(dp, model, version, _parse(body))
-    if not dp.is_decoupled(model, version):
-        result = await dp.infer(req)
-        try:
-            only = to_json(result)
-        finally:
-            result.done()
-        return web.Response(body=orjson.dumps(only), content_type="application/json")
     doc: dict[str, Any] | None = None
-    stream = dp.infer_stream(req)
+    stream = _responses(dp, req)
     try:
-        async for item, _final in stream:
+        async for item in stream:
             if isinstance(item, ServingError):
                 raise item
-            if item is None:
-                continue
             try:
                 if doc is not None:
                     raise InvalidInput(f"model '{model}' sent more than one response: use generate_stream")
@@ -185,7 +169,7 @@ async def generate_stream(
     return resp
 
 
-async def _responses(dp: DataPlane, req: InferRequest) -> Any:
+async def _responses(dp: DataPlane, req: InferRequest) -> AsyncGenerator[InferResult | ServingError, None]:
     """Every response of ``req`` (one for a model that is not decoupled); a failure is yielded
     as the ``ServingError`` it is, and ends the stream."""
     try:
