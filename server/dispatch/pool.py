@@ -98,20 +98,7 @@ class InstancePool:
             reply, frames = await fut
         finally:
             del fut  # a future that failed holds the error, whose traceback holds this frame
-        if stream is not None:
-            return self._decoupled_done(batch, reply)
-        return self._decode(batch, worker, reply, frames)
-
-    def _decoupled_done(self, batch: Sequence[InferRequest], reply: wpb.Envelope) -> list[InferResult | ServingError]:
-        """A decoupled batch's execute returned: its responses go (went) to each request's
-        sink; the result here carries no outputs."""
-        if reply.WhichOneof("body") == "failed":
-            raise wire.to_error(reply.failed)
-        done = reply.infer_done
-        if self.stats is not None:
-            n = sum(r.batch_size for r in batch)
-            self.stats.execution(n, len(batch), done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns)
-        return [InferResult(req.model_name, req.model_version, [], id=req.id) for req in batch]
+        return self._decode(batch, worker, reply, frames, decoupled=stream is not None)
 
     def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:
         arena = self.ctx.arena
@@ -183,12 +170,21 @@ class InstancePool:
                 r.parameters_json = json.dumps(params)
 
     def _decode(
-        self, batch: Sequence[InferRequest], worker: Worker, reply: wpb.Envelope, frames: list[bytes]
+        self,
+        batch: Sequence[InferRequest],
+        worker: Worker,
+        reply: wpb.Envelope,
+        frames: list[bytes],
+        *,
+        decoupled: bool = False,
     ) -> list[InferResult | ServingError]:
+        """The batch's results; a decoupled batch's responses went to each request's sink, so
+        its InferDone has none and each result here is empty."""
         body = reply.WhichOneof("body")
         if body == "failed":
             raise wire.to_error(reply.failed)
-        if body != "infer_done" or len(reply.infer_done.results) != len(batch):
+        expected = 0 if decoupled else len(batch)
+        if body != "infer_done" or len(reply.infer_done.results) != expected:
             if body == "infer_done":  # the output blocks it names go back, or they stay allocated
                 worker.release(worker.identity, shm_outputs(reply.infer_done))
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
@@ -203,6 +199,8 @@ class InstancePool:
             self.stats.execution(
                 inferences, requests, done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns, rows
             )
+        if decoupled:
+            return [InferResult(req.model_name, req.model_version, [], id=req.id) for req in batch]
         return [self.result(req, worker, res, frames) for req, res in zip(batch, reply.infer_done.results, strict=True)]
 
     def result(
