@@ -264,6 +264,8 @@ class WorkerRuntime:
             t0 = time.monotonic_ns()
             work: list[WorkRequest] = []
             dests: list[Any] = []
+            inbox = self.inbox
+            assert inbox is not None
             for r in env.infer.requests:
                 inputs = {
                     ref.name: read_input(ref, frames, self.mapper, self.regions, backend.device_inputs)
@@ -279,24 +281,23 @@ class WorkerRuntime:
                     correlation_id=r.correlation_id_str or r.correlation_id,
                     flags=r.flags,
                 )
-                assert self.inbox is not None
-                wr.cancelled = functools.partial(self.inbox.is_cancelled, env.request_id, r.id)
+                wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
                 if self.decoupled:
                     wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
                 work.append(wr)
             t1 = time.monotonic_ns()
             responses = backend.execute(work)
             t2 = time.monotonic_ns()
-            if self.decoupled:
-                if responses:
-                    raise ServingError(f"backend returned {len(responses)} responses for a decoupled model")
-            elif len(responses) != len(work):
-                raise ServingError(f"backend returned {len(responses)} responses for {len(work)} requests")
-            with self.lock:
-                for req, resp, dest in zip(work, responses, dests, strict=self.decoupled is False):
-                    result = done.results.add()
-                    result.id = req.id
-                    self._fill(req, resp, result, out_frames, dest)
+            # a decoupled model's responses went through each request's sender
+            expected = 0 if self.decoupled else len(work)
+            if len(responses) != expected:
+                raise ServingError(f"backend returned {len(responses)} responses where {expected} were expected")
+            if responses:
+                with self.lock:
+                    for req, resp, dest in zip(work, responses, dests, strict=True):
+                        result = done.results.add()
+                        result.id = req.id
+                        self._fill(req, resp, result, out_frames, dest)
             t3 = time.monotonic_ns()
             done.compute_input_ns = t1 - t0
             done.compute_infer_ns = t2 - t1
