@@ -908,7 +908,7 @@ class Envelope(_message.Message):
     CONTROL_REPLY_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
-    """router-assigned; replies echo it"""
+    """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
     @_builtins.property
     def load(self) -> Global___Load: ...
     @_builtins.property

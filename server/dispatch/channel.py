@@ -165,7 +165,9 @@ class WorkerChannel:
         except ServingError as exc:
             log.error("worker %r: %s", identity, exc.message)
             return
-        if self.services:
+        if self.services and not env.request_id:
+            # service messages (BLS, metrics, model control) carry no request id; replies to
+            # batches (every message of the hot path) do, and skip this lookup
             service = self.services.get(env.WhichOneof("body"))  # type: ignore[arg-type]
             if service is not None:
                 handler = functools.partial(service, identity)
