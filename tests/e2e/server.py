@@ -11,8 +11,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import tritonclient.http as httpclient
 
@@ -234,3 +235,13 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 30.0) -> None
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
+
+
+def served(tmp_path_factory: Any, models: tuple[str, ...], *args: str) -> Iterator[ServerProcess]:
+    """A module fixture's body: a server over ``models`` (with ``args``), checked when the
+    module is done: exit status 0 after SIGTERM and no shared memory left."""
+    srv = ServerProcess(make_repository(tmp_path_factory.mktemp("repo"), *models), *args).start()
+    yield srv
+    rc = srv.terminate()
+    assert rc == 0, srv.log
+    assert not srv.segments(), srv.segments()

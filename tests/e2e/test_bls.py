@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, served
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,12 +35,7 @@ MODELS = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), *MODELS)
-    srv = ServerProcess(repo).start()
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, srv.log
-    assert not srv.segments(), srv.segments()
+    yield from served(tmp_path_factory, MODELS)
 
 
 def _inputs(mod: object, arrays: dict[str, np.ndarray]) -> list[object]:

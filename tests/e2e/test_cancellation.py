@@ -15,19 +15,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, served
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "cancellable", "repeat")
-    srv = ServerProcess(repo).start()
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, srv.log
-    assert not srv.segments(), srv.segments()
+    yield from served(tmp_path_factory, ("cancellable", "repeat"))
 
 
 def _input() -> list[grpcclient.InferInput]:

@@ -17,19 +17,14 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, served
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "repeat", "add_sub")
-    srv = ServerProcess(repo).start()
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, srv.log
-    assert not srv.segments(), srv.segments()
+    yield from served(tmp_path_factory, ("repeat", "add_sub"))
 
 
 def _inputs(values: list[int]) -> list[grpcclient.InferInput]:

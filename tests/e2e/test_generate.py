@@ -13,19 +13,14 @@ import aiohttp
 import pytest
 import requests
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, served
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "tokens", "add_sub", "repeat")
-    srv = ServerProcess(repo).start()
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, srv.log
-    assert not srv.segments(), srv.segments()
+    yield from served(tmp_path_factory, ("tokens", "add_sub", "repeat"))
 
 
 def _url(server: ServerProcess, model: str, what: str) -> str:

@@ -11,19 +11,16 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess, make_repository
+from tests.e2e.server import ServerProcess, served
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "manager", "add_sub")
-    srv = ServerProcess(repo, "--model-control-mode", "explicit", "--load-model", "manager").start()
-    yield srv
-    rc = srv.terminate()
-    assert rc == 0, srv.log
-    assert not srv.segments(), srv.segments()
+    yield from served(
+        tmp_path_factory, ("manager", "add_sub"), "--model-control-mode", "explicit", "--load-model", "manager"
+    )
 
 
 def _act(server: ServerProcess, action: str, name: str, **params: object) -> bool:
