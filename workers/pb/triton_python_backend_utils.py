@@ -130,7 +130,7 @@ def _params_json(parameters: Mapping[str, Any] | str | None) -> str:
 
 
 class InferenceRequest:
-    """One inference request given to ``execute`` (building one for BLS is not supported yet)."""
+    """An inference request: given to ``execute``, or built by the model for a BLS call (``exec``)."""
 
     def __init__(
         self,
