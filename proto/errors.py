@@ -3,6 +3,7 @@
 ``ErrorCode`` values equal the ``shoal.worker.ErrorCode`` enum of ``worker.proto`` (a unit
 test checks this), so an error crosses the router/worker boundary as ``(code, message)``
 and is never pickled. Each frontend maps codes to its own status in exactly one table.
+Errors that Triton also has take its text and code from ``shoal.proto.errortexts``.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ class ModelNotReady(ServingError):
 
 
 class QueueFull(ServingError):
-    code = ErrorCode.RESOURCE_EXHAUSTED
+    """A scheduler queue at its ``max_queue_size`` (Triton: UNAVAILABLE)."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 class DeadlineExceeded(ServingError):
+    """A request past its deadline (a queue policy's timeout is Triton's UNAVAILABLE)."""
+
     code = ErrorCode.DEADLINE_EXCEEDED
 
 

@@ -18,28 +18,37 @@ import types
 from collections.abc import Coroutine
 from typing import Any
 
-from shoal.server.app import App
+from shoal.server.app import App, StartupError
 from shoal.server.config import ConfigError, parse
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, triton: bool = False) -> int:
+    """``shoal ...``; ``triton``: started as ``tritonserver`` (no subcommand, Triton's
+    defaults)."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["workers"]:
+    if args[:1] == ["workers"] and not triton:
         from shoal.server import admincli
 
         return admincli.main(args[1:])
     try:
-        config = parse(args)
+        config = parse(args, triton=triton)
     except ConfigError as exc:
-        print("shoal: invalid command line:", file=sys.stderr)
+        print(f"{'tritonserver' if triton else 'shoal'}: invalid command line:", file=sys.stderr)
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if config.log_verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if config.log.file:
+        # the router's log and its workers' (they inherit stderr) go to the file
+        try:
+            fd = os.open(config.log.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            print(f"--log-file {config.log.file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        os.dup2(fd, 2)
+        os.close(fd)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for note in config.warnings:
+        logging.getLogger("shoal").warning("%s", note)
     return _run(_serve(config))
 
 
@@ -81,7 +90,12 @@ async def _serve(config: object) -> int:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
-            start.result()
+            try:
+                start.result()
+            except StartupError as exc:
+                # Triton's words for it (tritonserver exits 1 with the same line)
+                logging.getLogger("shoal").error("error: creating server: Internal - %s", exc)
+                return 1
             await stopper
         else:
             start.cancel()

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError
-from shoal.server import gpus, resources, restrict
+from shoal.server import gpus, repository, resources, restrict
 from shoal.server.bls import BlsRouter
 from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
@@ -26,15 +26,19 @@ from shoal.server.custommetrics import CustomMetrics
 from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext
+from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.frontends.grpc.app import start_grpc
-from shoal.server.frontends.http.app import make_app
+from shoal.server.frontends.http.app import make_app, make_health_app
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
+from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
 from shoal.server.memory import Trimmer
 from shoal.server.metrics import CONTENT_TYPE, Metrics, Sampler
 from shoal.server.models import InstanceSettings, ModelManager
+from shoal.server.repositories import Repositories
 from shoal.server.resources import RequestBudget
+from shoal.server.responsecache import ResponseCache
 from shoal.server.rundir import RunDir, reclaim_run_dirs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.shm import region
@@ -76,6 +80,7 @@ class App:
         self.remote: RemoteRepository | None = None
         self.metrics: Metrics | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._health_runner: web.AppRunner | None = None
         self.trimmer = Trimmer()
         self.budget: resources.Budget | None = None
         self.http_guard: ConnectionGuard | None = None
@@ -110,7 +115,9 @@ class App:
         cfg = self.config
         assert self.models is not None
         sampler = Sampler(cpu=cfg.allow_cpu_metrics, gpu=cfg.allow_gpu_metrics, gpu_devices=gpus.devices())
-        self.metrics = Metrics(self.models, sampler, cfg.metrics_interval_ms / 1000, self.custom_metrics)
+        self.metrics = Metrics(
+            self.models, sampler, cfg.metrics_interval_ms / 1000, self.custom_metrics, cache_on=cfg.cache_bytes > 0
+        )
         metrics = self.metrics
 
         async def scrape(_: web.Request) -> web.Response:
@@ -122,11 +129,12 @@ class App:
             app, access_log=None, handle_signals=False, keepalive_timeout=cfg.http_keepalive_timeout_s
         )
         await self._metrics_runner.setup()
-        sock = _listen(cfg.host, cfg.metrics_port)
+        host = cfg.metrics_address or cfg.host
+        sock = _listen(host, cfg.metrics_port)
         # scrapers are few: a small bound keeps the port from costing descriptors
         await GuardedSite(self._metrics_runner, sock, ConnectionGuard(METRICS_MAX_CONNECTIONS), backlog=128).start()
         metrics.start()
-        log.info("Metrics listening on %s:%d", cfg.host, sock.getsockname()[1])
+        log.info("Metrics listening on %s:%d", host, sock.getsockname()[1])
 
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
@@ -167,12 +175,19 @@ class App:
             max_regions=cfg.client_shm_max_regions,
             max_regions_per_client=cfg.client_shm_max_regions_per_client,
         )
-        ctx = DispatchContext(arena=self.arena, mapper=self.mapper, inline_max_bytes=cfg.inline_max_bytes, shm=shm)
+        ctx = DispatchContext(
+            arena=self.arena,
+            mapper=self.mapper,
+            inline_max_bytes=cfg.inline_max_bytes,
+            shm=shm,
+            limiter=RateLimiter(cfg.rate_limit_resources) if cfg.rate_limit == "execution_count" else None,
+        )
         settings = InstanceSettings(
             run_prefix=self.prefix,
             worker_arena_bytes=cfg.worker_arena_bytes,
             inline_max_bytes=cfg.inline_max_bytes,
-            log_verbose=cfg.log_verbose,
+            log_verbose=cfg.log.verbose,
+            backend_config=cfg.backend_config,
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
             heartbeat_timeout_s=cfg.worker_heartbeat_timeout_s,
@@ -182,13 +197,18 @@ class App:
             python=cfg.worker_python,
             client_shm_mapped=cfg.client_shm_mapped,
         )
-        repository = cfg.model_repository
+        roots = (cfg.model_repository, *cfg.more_repositories)
         if cfg.model_repository_url:
             self.remote = RemoteRepository(cfg.model_repository_url, Path(self.run_dir) / "repository")
             await asyncio.to_thread(self.remote.sync)
-            repository = self.remote.cache
+            roots = (self.remote.cache,)
+        repository.use_config_name(cfg.model_config_name)
+        if cfg.model_namespacing:
+            log.warning("--model-namespacing=true is not supported: a model name must be unique across repositories")
         self.models = ModelManager(
-            repository,
+            Repositories(roots),
+            load_threads=cfg.model_load_thread_count,
+            load_retries=cfg.model_load_retry_count,
             channel=self.channel,
             ctx=ctx,
             settings=settings,
@@ -205,9 +225,17 @@ class App:
             strict_readiness=cfg.strict_readiness,
             server_id=cfg.server_id,
             shm=shm,
-            logs=LogSettings(verbose=cfg.log_verbose),
+            logs=LogSettings(
+                verbose=cfg.log.verbose,
+                log_file=cfg.log.file,
+                info=cfg.log.info,
+                warning=cfg.log.warning,
+                error=cfg.log.error,
+                log_format=cfg.log.format,
+            ),
             allow_admin=cfg.allow_admin_api,
             request_timeout_s=cfg.request_timeout_s,
+            cache=ResponseCache(cfg.cache_bytes) if cfg.cache_bytes > 0 else None,
         )
         self.bls = BlsRouter(dataplane, self.channel, self.mapper)
         self.custom_metrics = CustomMetrics(self.channel, self.models.registry)
@@ -225,7 +253,13 @@ class App:
             body_timeout_s=cfg.http_body_timeout_s,
             budget=RequestBudget(limits.max_buffered_request_bytes),
         )
-        app = make_app(self.dataplane, http_limits, restrictions=http_restrictions, guard=self.http_guard)
+        app = make_app(
+            self.dataplane,
+            http_limits,
+            restrictions=http_restrictions,
+            guard=self.http_guard,
+            forward=HeaderForwarder(cfg.http_header_forward_pattern),
+        )
         self._runner = web.AppRunner(
             app,
             access_log=None,
@@ -239,22 +273,26 @@ class App:
             handler_cancellation=True,
         )
         await self._runner.setup()
-        sock = _listen(cfg.host, cfg.http_port)
-        self.http_port = sock.getsockname()[1]
-        await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
-        log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
-        grpc_host = cfg.grpc_host or cfg.host
-        self._grpc, self.grpc_port = await start_grpc(
-            self.dataplane,
-            grpc_host,
-            cfg.grpc_port,
-            cfg.grpc,
-            max_connections=limits.grpc_max_connections,
-            stream_max_pending=cfg.grpc_stream_max_pending,
-            restrictions=grpc_restrictions,
-            budget=http_limits.budget,
-        )
-        log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
+        if cfg.allow_http:
+            sock = _listen(cfg.host, cfg.http_port, reuse_port=cfg.reuse_http_port)
+            self.http_port = sock.getsockname()[1]
+            await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
+            log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
+        if cfg.http_health_port >= 0:
+            await self._start_health()
+        if cfg.allow_grpc:
+            grpc_host = cfg.grpc_host or cfg.host
+            self._grpc, self.grpc_port = await start_grpc(
+                self.dataplane,
+                grpc_host,
+                cfg.grpc_port,
+                cfg.grpc,
+                max_connections=limits.grpc_max_connections,
+                stream_max_pending=cfg.grpc_stream_max_pending,
+                restrictions=grpc_restrictions,
+                budget=http_limits.budget,
+            )
+            log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.allow_metrics:
             await self._start_metrics()
         if cfg.model_control_mode == "explicit":
@@ -271,6 +309,18 @@ class App:
         self.dataplane.started = True
         ready = self.models.registry.all_ready()
         log.info("server %s: %s", "ready" if ready else "started, NOT ready", self.models.registry.summary())
+        if cfg.exit_on_error and not ready:
+            raise StartupError("failed to load all models")
+
+    async def _start_health(self) -> None:
+        assert self.dataplane is not None
+        self._health_runner = web.AppRunner(
+            make_health_app(self.dataplane), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._health_runner.setup()
+        sock = _listen(self.config.host, self.config.http_health_port)
+        await GuardedSite(self._health_runner, sock, ConnectionGuard(METRICS_MAX_CONNECTIONS), backlog=128).start()
+        log.info("HTTP health listening on %s:%d", self.config.host, sock.getsockname()[1])
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded by --exit-timeout-secs),
@@ -290,6 +340,8 @@ class App:
             await self._bounded(self.models.drain(timeout))
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self._health_runner is not None:
+            await self._health_runner.cleanup()
         if self.metrics is not None:
             await self.metrics.stop()
         await self.trimmer.stop()
@@ -318,12 +370,19 @@ class App:
         log.info("server stopped")
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; binding it ourselves is how the port chosen for 0 is known."""
+class StartupError(Exception):
+    """The server cannot serve as asked (``--exit-on-error`` and a model failed to load)."""
+
+
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; binding it ourselves is how the port chosen for 0 is known.
+    ``reuse_port``: several servers may listen on the port (the kernel spreads connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)

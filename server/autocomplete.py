@@ -14,7 +14,8 @@ from pathlib import Path
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.server.repository import available_versions, backend_of, parse_config
+from shoal.server.optionvalues import backend_settings
+from shoal.server.repository import available_versions, backend_of, config_file, parse_config
 
 
 def needs_completion(config: mc.ModelConfig, version_dir: Path) -> bool:
@@ -30,7 +31,12 @@ def needs_completion(config: mc.ModelConfig, version_dir: Path) -> bool:
 
 
 async def complete(
-    repository: Path, name: str, override: mc.ModelConfig | None, timeout_s: float, python: str = ""
+    repository: Path,
+    name: str,
+    override: mc.ModelConfig | None,
+    timeout_s: float,
+    python: str = "",
+    backend_config: tuple[tuple[str, str, str], ...] = (),
 ) -> mc.ModelConfig | None:
     """The completed configuration of ``name`` (``override`` or its config.pbtxt), or
     ``override`` unchanged when nothing needs completing or the config is unreadable (the
@@ -40,7 +46,7 @@ async def complete(
         config = mc.ModelConfig()
         if override is not None:
             config.CopyFrom(override)
-        elif (path / "config.pbtxt").is_file():
+        elif config_file(path).is_file():
             config.CopyFrom(parse_config(path, name))
         # else: no config.pbtxt at all; the backend completes an empty one (as Triton)
         versions = available_versions(path)
@@ -49,12 +55,13 @@ async def complete(
     except ServingError:
         return override
     if not versions or not needs_completion(config, path / str(versions[-1])):
-        return override if override is not None or (path / "config.pbtxt").is_file() else config
+        return override if override is not None or config_file(path).is_file() else config
     load = wpb.Load(
         model_config=config.SerializeToString(),
         repository=str(repository),
         model_name=name,
         model_version=versions[-1],
+        backend_config=backend_settings(backend_config, config.backend),
     )
     env = dict(os.environ)
     try:

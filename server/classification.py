@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.server.types import InferRequest, InferResult, OutputTensor
 
@@ -23,7 +24,7 @@ def class_count(params: dict[str, Any], what: str) -> int | None:
     if n == 0:
         return None  # 0: no classification (tritonclient's default class_count)
     if "shared_memory_region" in params:
-        raise InvalidInput(f"{what}: classification cannot be combined with shared memory")
+        raise T.OUTPUT_SHM_CLASSIFICATION()
     return n
 
 

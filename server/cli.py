@@ -9,3 +9,9 @@ from shoal.server.__main__ import main
 
 def run() -> None:
     sys.exit(main())
+
+
+def tritonserver() -> None:
+    """The ``tritonserver`` console script: Triton's command line and defaults, so that a
+    Triton deployment moves by renaming the executable."""
+    sys.exit(main(triton=True))

@@ -6,14 +6,29 @@ environment or the command line.
 
 from __future__ import annotations
 
+import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server import restrict
+from shoal.server import optionvalues, restrict
 from shoal.server.cloudrepo import is_remote
-from shoal.server.flags import TYPES, build_parser, convert
+from shoal.server.flags import build_parser, convert, flag_of, ignored_given
+from shoal.server.optionvalues import RateLimitResource
 
 CONTROL_MODES = ("none", "poll", "explicit")
+METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """gRPC over TLS (``--grpc-use-ssl``); ``mutual``: clients must present a certificate
+    that chains to ``root_cert``."""
+
+    server_cert: str
+    server_key: str
+    root_cert: str = ""
+    mutual: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +44,24 @@ class GrpcOptions:
     compression_level: str = "none"
     """Default response compression (gzip) level: none, low, medium, high. Clients may
     also ask for compression per call."""
+    max_connection_age_ms: int = 0
+    max_connection_age_grace_ms: int = 0
+    reuse_port: bool = False
+    header_forward_pattern: str = ""
+    """Metadata keys matching this (case-insensitive) become request parameters."""
+    tls: TlsOptions | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogOptions:
+    """Triton's logging flags; ``server.logsettings`` applies them."""
+
+    verbose: int = 0
+    info: bool = True
+    warning: bool = True
+    error: bool = True
+    format: str = "default"
+    file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +71,24 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    allow_http: bool = True
+    allow_grpc: bool = True
+    http_health_port: int = -1
+    """TRTIS's health port: the health endpoints alone, on a port of their own (-1: none)."""
+    reuse_http_port: bool = False
     allow_metrics: bool = True
+    metrics_address: str = ""
+    """Metrics bind address; empty: ``host``."""
+    metrics_config: tuple[tuple[str, str], ...] = ()
     allow_gpu_metrics: bool = True
     allow_cpu_metrics: bool = True
-    metrics_interval_ms: int = 2000
+    metrics_interval_ms: float = 2000.0
     """How often CPU and GPU metrics are sampled."""
     exit_timeout_s: float = 30.0
-    log_verbose: int = 0
+    exit_on_error: bool = False
+    """A model that fails to load at start stops the server (exit status 1); tritonserver's
+    default is true, ``shoal serve``'s false (serve what loaded, report the rest)."""
+    log: LogOptions = field(default_factory=lambda: LogOptions())
     strict_model_config: bool = False
     disable_auto_complete: bool = False
     strict_readiness: bool = True
@@ -52,11 +96,29 @@ class ServerConfig:
     """The name server metadata reports (``--id``; Triton's default is "triton")."""
     model_control_mode: str = "none"
     repository_poll_s: float = 15.0
+    more_repositories: tuple[Path, ...] = ()
+    """Further ``--model-repository`` directories (a model name must be unique across all)."""
     model_repository_url: str = ""
     """An object-storage repository (``s3://...``, ``gs://...``); ``model_repository`` is
     then the local copy the server makes."""
     load_models: tuple[str, ...] = ()
     """Models to load at start in explicit mode (``*``: all)."""
+    model_config_name: str = ""
+    """Read ``configs/<name>.pbtxt`` of a model instead of ``config.pbtxt`` where it exists."""
+    model_load_thread_count: int = 4
+    model_load_retry_count: int = 0
+    model_namespacing: bool = False
+    backend_config: tuple[tuple[str, str, str], ...] = ()
+    """``--backend-config`` settings as (backend, key, value); backend "" is global."""
+    cache_bytes: int = 0
+    """Size of the local response cache (0: no cache)."""
+    trace_config: tuple[tuple[str, str, str], ...] = ()
+    rate_limit: str = "off"
+    rate_limit_resources: tuple[RateLimitResource, ...] = ()
+    http_header_forward_pattern: str = ""
+    """HTTP headers matching this (case-insensitive) become request parameters."""
+    warnings: tuple[str, ...] = ()
+    """Deprecated and ignored options given: logged once at start."""
     http_max_input_bytes: int = 64 << 20
     """Largest JSON request body (Triton's --http-max-input-size)."""
     http_max_body_bytes: int = 2 << 30
@@ -122,76 +184,26 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def parse(argv: list[str]) -> ServerConfig:
-    """Parse ``shoal serve ...`` arguments; raises ``ConfigError`` listing every problem."""
-    args = build_parser().parse_args(argv)
+def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
+    """Parse ``shoal serve ...`` arguments (``triton``: the ``tritonserver`` executable's,
+    without the subcommand); raises ``ConfigError`` listing every problem."""
+    args = build_parser(triton=triton).parse_args(argv)
     problems: list[str] = []
+    notes: list[str] = []
     convert(args, problems)
     repos = args.model_repository or []
     if not repos:
         problems.append("--model-repository is required")
-    elif len(repos) > 1:
-        problems.append("only one --model-repository is supported")
-    repo = Path(repos[0]) if repos else Path(".")
-    remote = repos[0] if repos and is_remote(repos[0]) else ""
-    if repos and not remote and not repo.is_dir():
-        problems.append(f"--model-repository {repo}: not a directory")
-    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
-    for flag, port in ports.items():
-        if not 0 <= port <= 65535:
-            problems.append(f"{flag} {port}: must be between 0 and 65535")
-    nonzero = [p for p in ports.values() if p]
-    if len(nonzero) != len(set(nonzero)):
-        problems.append("--http-port, --grpc-port and --metrics-port must differ")
-    seed_mode = "explicit" if args.allow_model_control else "poll" if args.allow_poll_model_repository else None
-    if args.allow_model_control and args.allow_poll_model_repository:
-        problems.append("--allow-model-control and --allow-poll-model-repository exclude each other")
-    if args.model_control_mode is None:
-        args.model_control_mode = seed_mode or "none"
-    elif seed_mode is not None and str(args.model_control_mode).strip().lower() != seed_mode:
-        problems.append(
-            f"--model-control-mode {args.model_control_mode} conflicts with the seed's spelling of {seed_mode}"
-        )
-    args.model_control_mode = str(args.model_control_mode).strip().lower()
-    if args.model_control_mode not in CONTROL_MODES:
-        problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")
-    elif args.load_model and args.model_control_mode != "explicit":
-        problems.append("--load-model needs --model-control-mode=explicit")
-    if args.exit_timeout_secs < 0:
-        problems.append("--exit-timeout-secs must be >= 0")
-    if args.repository_poll_secs <= 0:
-        problems.append("--repository-poll-secs must be > 0")
-    if args.log_verbose < 0:
-        problems.append("--log-verbose must be >= 0")
-    if args.metrics_interval_ms <= 0:
-        problems.append("--metrics-interval-ms must be > 0")
-    for flag, value in (
-        ("--http-max-input-size", args.http_max_input_size),
-        ("--shm-arena-bytes", args.shm_arena_bytes),
-        ("--worker-arena-bytes", args.worker_arena_bytes),
-    ):
-        if value <= 0:
-            problems.append(f"{flag} must be > 0")
-    for flag, value in (
-        ("--http-max-body-size", args.http_max_body_size),
-        ("--http-body-timeout-secs", args.http_body_timeout_secs),
-        ("--http-keepalive-timeout-secs", args.http_keepalive_timeout_secs),
-        ("--grpc-stream-max-pending", args.grpc_stream_max_pending),
-        ("--client-shm-max-regions", args.client_shm_max_regions),
-        ("--client-shm-max-regions-per-client", args.client_shm_max_regions_per_client),
-    ):
-        if value <= 0:
-            problems.append(f"{flag} must be > 0")
-    for flag, value in (
-        ("--max-buffered-request-bytes", args.max_buffered_request_bytes),
-        ("--http-max-connections", args.http_max_connections),
-        ("--grpc-max-connections", args.grpc_max_connections),
-        ("--max-worker-processes", args.max_worker_processes),
-        ("--worker-heartbeat-timeout-secs", args.worker_heartbeat_timeout_secs),
-        ("--request-timeout-secs", args.request_timeout_secs),
-    ):
-        if value < 0:
-            problems.append(f"{flag} must be >= 0")
+    remote = [r for r in repos if is_remote(r)]
+    if remote and len(repos) > 1:
+        problems.append("an object-storage --model-repository cannot be combined with other repositories")
+    for r in repos:
+        if not is_remote(r) and not Path(r).is_dir():
+            problems.append(f"--model-repository {r}: not a directory")
+    local = list(dict.fromkeys(Path(r).resolve() for r in repos if not is_remote(r)))
+    _check_ports(args, problems)
+    _check_control_mode(args, problems)
+    _check_ranges(args, problems)
     args.client_shm_access = str(args.client_shm_access).strip().lower()
     if args.client_shm_access not in ("local", "any"):
         problems.append(f"--client-shm-access '{args.client_shm_access}': expected local or any")
@@ -199,40 +211,70 @@ def parse(argv: list[str]) -> ServerConfig:
     problems += found
     _, found = restrict.parse(args.grpc_restricted_protocol, flag="--grpc-restricted-protocol", what="protocol")
     problems += found
-    if args.inline_max_bytes < 0:
-        problems.append("--inline-max-bytes must be >= 0")
-    if args.model_load_timeout_secs <= 0:
-        problems.append("--model-load-timeout-secs must be > 0")
-    if args.shm_arena_max_bytes < args.shm_arena_bytes:
-        problems.append("--shm-arena-max-bytes must be >= --shm-arena-bytes")
     if args.grpc_compression not in ("none", "low", "medium", "high"):
         problems.append(
             f"--grpc-infer-response-compression-level '{args.grpc_compression}': expected none, low, medium or high"
         )
-    for attr, (_, flag) in TYPES.items():
-        if (
-            attr.startswith("grpc_")
-            and attr != "grpc_port"
-            and not isinstance(getattr(args, attr), bool)
-            and getattr(args, attr) < 0
-        ):
-            problems.append(f"{flag} must be >= 0")
+    if args.log_format not in ("default", "ISO8601"):
+        problems.append(f"--log-format '{args.log_format}': expected default or ISO8601")
+    for flag, pattern in (
+        ("--http-header-forward-pattern", args.http_header_forward_pattern),
+        ("--grpc-header-forward-pattern", args.grpc_header_forward_pattern),
+    ):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"{flag} '{pattern}': not a regular expression ({exc})")
+    if " " in args.model_config_name:
+        problems.append("--model-config-name must not contain spaces")
+    tls = _tls(args, problems)
+    backend = _backend_config(args, problems)
+    cache_bytes = _cache_config(args, problems, notes)
+    trace = _trace_config(args, problems, notes)
+    metrics_config = _metrics_config(args, problems)
+    if str(args.rate_limit).lower() not in ("off", "execution_count"):
+        problems.append(f"--rate-limit '{args.rate_limit}': expected off or execution_count")
+    resources = tuple(
+        r for r in (optionvalues.rate_limit_resource(t, problems) for t in args.rate_limit_resource) if r is not None
+    )
+    if args.strict_model_config is not None:
+        notes.append("--strict-model-config is deprecated: use --disable-auto-complete-config")
+    if args.allow_sagemaker or args.allow_vertex_ai:
+        problems.append("--allow-sagemaker and --allow-vertex-ai: Shoal serves no SageMaker or Vertex AI endpoint")
+    ignored = ignored_given(args)
+    if ignored:
+        notes.append(f"ignored (no meaning in Shoal): {', '.join(ignored)}")
     if problems:
         raise ConfigError(problems)
     return ServerConfig(
-        model_repository=repo.resolve() if not remote else Path(),
-        model_repository_url=remote,
+        model_repository=local[0] if local else Path(),
+        more_repositories=tuple(local[1:]),
+        model_repository_url=remote[0] if remote else "",
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        allow_http=args.allow_http,
+        allow_grpc=args.allow_grpc,
         allow_metrics=args.allow_metrics,
-        allow_gpu_metrics=args.allow_gpu_metrics,
-        allow_cpu_metrics=args.allow_cpu_metrics,
+        allow_gpu_metrics=args.allow_gpu_metrics and args.allow_metrics,
+        allow_cpu_metrics=args.allow_cpu_metrics and args.allow_metrics,
+        metrics_address=args.metrics_address,
         metrics_interval_ms=args.metrics_interval_ms,
+        metrics_config=metrics_config,
+        http_health_port=args.http_health_port,
+        reuse_http_port=args.reuse_http_port,
         exit_timeout_s=args.exit_timeout_secs,
-        log_verbose=args.log_verbose,
-        strict_model_config=args.strict_model_config,
+        exit_on_error=args.exit_on_error,
+        log=LogOptions(
+            verbose=args.log_verbose,
+            info=args.log_info,
+            warning=args.log_warning,
+            error=args.log_error,
+            format=args.log_format,
+            file=args.log_file,
+        ),
+        strict_model_config=bool(args.strict_model_config),
         strict_readiness=args.strict_readiness,
         server_id=args.server_id,
         allow_client_shm=args.allow_client_shm,
@@ -241,7 +283,17 @@ def parse(argv: list[str]) -> ServerConfig:
         repository_poll_s=args.repository_poll_secs,
         load_models=tuple(args.load_model),
         disable_auto_complete=args.disable_auto_complete,
+        model_config_name=args.model_config_name,
+        model_load_thread_count=args.model_load_thread_count,
+        model_load_retry_count=args.model_load_retry_count,
+        model_namespacing=args.model_namespacing,
+        backend_config=backend,
+        cache_bytes=cache_bytes,
+        trace_config=trace,
+        rate_limit=str(args.rate_limit).lower(),
+        rate_limit_resources=resources,
         http_max_input_bytes=args.http_max_input_size,
+        http_header_forward_pattern=args.http_header_forward_pattern,
         shm_arena_bytes=args.shm_arena_bytes,
         shm_arena_max_bytes=args.shm_arena_max_bytes,
         worker_arena_bytes=args.worker_arena_bytes,
@@ -274,5 +326,196 @@ def parse(argv: list[str]) -> ServerConfig:
             http2_min_recv_ping_interval_without_data_ms=args.grpc_http2_min_recv_ping_interval_without_data,
             http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
             compression_level=args.grpc_compression,
+            max_connection_age_ms=args.grpc_max_connection_age,
+            max_connection_age_grace_ms=args.grpc_max_connection_age_grace,
+            reuse_port=args.reuse_grpc_port,
+            header_forward_pattern=args.grpc_header_forward_pattern,
+            tls=tls,
         ),
+        warnings=tuple(notes),
     )
+
+
+def _check_ports(args: argparse.Namespace, problems: list[str]) -> None:
+    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+    if args.http_health_port >= 0:
+        ports["--http-health-port"] = args.http_health_port
+    for flag, port in ports.items():
+        if not 0 <= port <= 65535:
+            problems.append(f"{flag} {port}: must be between 0 and 65535")
+    used = {
+        "--http-port": args.allow_http,
+        "--grpc-port": args.allow_grpc,
+        "--metrics-port": args.allow_metrics,
+        "--http-health-port": True,
+    }
+    taken: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not used[flag] or not port:
+            continue
+        if port in taken:
+            problems.append(f"{taken[port]} and {flag} are both {port}: each service needs its own port")
+        taken.setdefault(port, flag)
+
+
+def _check_control_mode(args: argparse.Namespace, problems: list[str]) -> None:
+    seed_mode = "explicit" if args.allow_model_control else "poll" if args.allow_poll_model_repository else None
+    if args.allow_model_control and args.allow_poll_model_repository:
+        problems.append("--allow-model-control and --allow-poll-model-repository exclude each other")
+    if args.model_control_mode is None:
+        args.model_control_mode = seed_mode or "none"
+    elif seed_mode is not None and str(args.model_control_mode).strip().lower() != seed_mode:
+        problems.append(
+            f"--model-control-mode {args.model_control_mode} conflicts with the seed's spelling of {seed_mode}"
+        )
+    args.model_control_mode = str(args.model_control_mode).strip().lower()
+    if args.model_control_mode not in CONTROL_MODES:
+        problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")
+    elif args.load_model and args.model_control_mode != "explicit":
+        problems.append("--load-model needs --model-control-mode=explicit")
+    if "*" in args.load_model and len(set(args.load_model)) > 1:
+        problems.append("--load-model=* must be the only --load-model")
+
+
+def _check_ranges(args: argparse.Namespace, problems: list[str]) -> None:
+    positive = (
+        "exit_timeout_secs>=",
+        "repository_poll_secs>",
+        "log_verbose>=",
+        "metrics_interval_ms>",
+        "http_max_input_size>",
+        "shm_arena_bytes>",
+        "worker_arena_bytes>",
+        "http_max_body_size>",
+        "http_body_timeout_secs>",
+        "http_keepalive_timeout_secs>",
+        "grpc_stream_max_pending>",
+        "client_shm_max_regions>",
+        "client_shm_max_regions_per_client>",
+        "max_buffered_request_bytes>=",
+        "http_max_connections>=",
+        "grpc_max_connections>=",
+        "max_worker_processes>=",
+        "worker_heartbeat_timeout_secs>=",
+        "request_timeout_secs>=",
+        "inline_max_bytes>=",
+        "model_load_timeout_secs>",
+        "model_load_thread_count>",
+        "model_load_retry_count>=",
+        "grpc_infer_allocation_pool_size>=",
+        "grpc_max_response_pool_size>=",
+        "grpc_keepalive_time>=",
+        "grpc_keepalive_timeout>=",
+        "grpc_http2_max_pings_without_data>=",
+        "grpc_http2_min_recv_ping_interval_without_data>=",
+        "grpc_http2_max_ping_strikes>=",
+        "grpc_max_connection_age>=",
+        "grpc_max_connection_age_grace>=",
+    )
+    for rule in positive:
+        dest, op = (rule[:-2], ">=") if rule.endswith(">=") else (rule[:-1], ">")
+        value = getattr(args, dest)
+        if (op == ">" and value <= 0) or (op == ">=" and value < 0):
+            problems.append(f"{flag_of(dest)} must be {op} 0")
+    if args.shm_arena_max_bytes < args.shm_arena_bytes:
+        problems.append("--shm-arena-max-bytes must be >= --shm-arena-bytes")
+
+
+def _tls(args: argparse.Namespace, problems: list[str]) -> TlsOptions | None:
+    if not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
+        return None
+    files = {"--grpc-server-cert": args.grpc_server_cert, "--grpc-server-key": args.grpc_server_key}
+    if args.grpc_use_ssl_mutual:
+        files["--grpc-root-cert"] = args.grpc_root_cert
+    for flag, path in files.items():
+        if not path:
+            problems.append(f"--grpc-use-ssl{'-mutual' if args.grpc_use_ssl_mutual else ''} needs {flag}")
+        elif not Path(path).is_file():
+            problems.append(f"{flag} {path}: no such file")
+    return TlsOptions(
+        server_cert=args.grpc_server_cert,
+        server_key=args.grpc_server_key,
+        root_cert=args.grpc_root_cert,
+        mutual=args.grpc_use_ssl_mutual,
+    )
+
+
+def _backend_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str, str], ...]:
+    out = []
+    for text in args.backend_config:
+        setting = optionvalues.group_setting("--backend-config", text, problems, group_required=False)
+        if setting is None:
+            continue
+        backend, key, value = setting
+        if key == "default-max-batch-size":
+            try:
+                if int(value) < 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"--backend-config {text}: default-max-batch-size must be an integer >= 0")
+        out.append(setting)
+    return tuple(out)
+
+
+def _cache_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> int:
+    """The local response cache's size in bytes; 0: no cache."""
+    if args.response_cache_byte_size is not None and args.cache_config:
+        problems.append("--response-cache-byte-size and --cache-config exclude each other: give one")
+    if args.response_cache_byte_size is not None:
+        notes.append(
+            f"--response-cache-byte-size is deprecated: use --cache-config=local,size={args.response_cache_byte_size}"
+        )
+        args.cache_config = [f"local,size={args.response_cache_byte_size}"]
+    size = -1
+    for text in args.cache_config:
+        setting = optionvalues.group_setting("--cache-config", text, problems, group_required=True)
+        if setting is None:
+            continue
+        cache, key, value = setting
+        if cache != "local":
+            problems.append(f"--cache-config {text}: cache '{cache}' is not available (Shoal has 'local')")
+        elif key != "size":
+            problems.append(f"--cache-config {text}: the local cache takes 'size' only")
+        else:
+            try:
+                size = optionvalues.byte_size(value)
+            except ValueError:
+                problems.append(f"--cache-config {text}: size must be a number of bytes")
+    if args.cache_config and size < 0:
+        problems.append("--cache-config needs local,size=<bytes>")
+    return max(size, 0) if args.cache_config else 0
+
+
+def _trace_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> tuple[tuple[str, str, str], ...]:
+    """(mode, key, value) settings, the deprecated --trace-* flags folded in."""
+    out: list[tuple[str, str, str]] = []
+    for flag, key, mode in (
+        ("--trace-file", "file", "triton"),
+        ("--trace-rate", "rate", ""),
+        ("--trace-count", "count", ""),
+        ("--trace-log-frequency", "log-frequency", "triton"),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            notes.append(f"{flag} is deprecated: use --trace-config {mode + ',' if mode else ''}{key}=<value>")
+            out.append((mode, key, str(value)))
+    for level in args.trace_level:
+        notes.append("--trace-level is deprecated: use --trace-config level=<OFF|TIMESTAMPS|TENSORS>")
+        out.append(("", "level", level))
+    for text in args.trace_config:
+        setting = optionvalues.group_setting("--trace-config", text, problems, group_required=False)
+        if setting is not None:
+            out.append(setting)
+    return tuple(out)
+
+
+def _metrics_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for text in args.metrics_config:
+        kv = optionvalues.key_value("--metrics-config", text, problems)
+        if kv is None:
+            continue
+        if kv[0] not in METRICS_CONFIG_KEYS:
+            problems.append(f"--metrics-config {text}: unknown setting (expected {', '.join(METRICS_CONFIG_KEYS)})")
+        out.append(kv)
+    return tuple(out)

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.config_json import config_from_json, config_to_json
 from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.proto.gen import model_config_pb2 as mc
@@ -17,6 +19,8 @@ from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
 from shoal.server.models import ModelManager, ModelVersion, submit
 from shoal.server.peers import Peer
+from shoal.server.responsecache import ResponseCache, cacheable
+from shoal.server.responsecache import key as cache_key
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
@@ -24,8 +28,8 @@ from shoal.server.validation import validate
 SERVER_NAME = "shoal"
 StreamItem = tuple[InferResult | ServingError | None, bool]
 """One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
-HTTP_DECOUPLED_ERROR = "HTTP end point doesn't support models with decoupled transaction policy"
-GRPC_DECOUPLED_ERROR = "ModelInfer RPC doesn't support models with decoupled transaction policy"
+HTTP_DECOUPLED_ERROR = T.HTTP_DECOUPLED
+GRPC_DECOUPLED_ERROR = T.GRPC_DECOUPLED
 EXTENSIONS = [
     "classification",
     "sequence",
@@ -55,8 +59,11 @@ class DataPlane:
         allow_admin: bool = False,
         request_timeout_s: float = 0.0,
         server_id: str = SERVER_NAME,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.server_id = server_id
+        self.cache = cache
+        """The response cache (``--cache-config``); models opt in with ``response_cache``."""
         """The name server metadata reports (``--id``)."""
         self.models = models
         self.registry = models.registry
@@ -117,19 +124,20 @@ class DataPlane:
         return self.registry.get(name, version).config
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
-        """Name, datatype and shape of the one input a raw-body request feeds."""
+        """Name, datatype and shape of the one input a raw-body request feeds (Triton's
+        errors; such a request has no id)."""
         mv = self.registry.get(name, version)
         if len(mv.inputs) != 1:
-            raise InvalidInput(f"raw binary request body needs a model with one input; '{name}' has {len(mv.inputs)}")
+            raise T.RAW_INPUT_COUNT(count=len(mv.inputs), model=name)
         spec = next(iter(mv.inputs.values()))
         batch: tuple[int, ...] = (1,) if mv.config.max_batch_size > 0 else ()
-        if spec.datatype == "BYTES":
-            if spec.dims not in ((1,), (-1,)):
-                raise InvalidInput(f"raw binary request body for BYTES input '{spec.name}' needs shape [1]")
-            return spec.name, "BYTES", batch + (1,)
         variable = [i for i, d in enumerate(spec.dims) if d == -1]
         if len(variable) > 1:
-            raise InvalidInput(f"raw binary request body: input '{spec.name}' has more than one variable dimension")
+            raise T.RAW_INPUT_VARIABLE_DIMS(name=spec.name)
+        if spec.datatype == "BYTES":
+            if spec.dims != (1,):
+                raise T.RAW_INPUT_BYTES_SHAPE(name=spec.name)
+            return spec.name, "BYTES", batch + (1,)
         itemsize = dtypes.BY_PROTOCOL[spec.datatype].itemsize
         fixed = dtypes.element_count([d for d in spec.dims if d != -1]) * itemsize
         dims = list(spec.dims)
@@ -143,10 +151,7 @@ class DataPlane:
 
     def _check_control(self) -> None:
         if self.models.mode != "explicit":
-            raise ServingError(
-                "explicit model load / unload is not allowed: start the server with --model-control-mode=explicit",
-                code=ErrorCode.UNAVAILABLE,
-            )
+            raise T.CONTROL_DISABLED()
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.models.index(ready_only)
@@ -232,16 +237,14 @@ class DataPlane:
     def statistics(self, name: str, version: int) -> list[dict[str, Any]]:
         """Statistics of every READY version (of one model, or of one version)."""
         if not name:
-            versions = self.registry.ready_versions()
-        elif version >= 0:
-            try:
-                versions = [self.registry.get(name, version)]
-            except ServingError:
-                raise InvalidInput(f"requested model '{name}' is not available") from None
-        else:
-            versions = self.registry.ready_versions(name)
+            return [mv.stats.as_dict() for mv in self.registry.ready_versions()]
+        versions = self.registry.ready_versions(name)
+        if not versions:
+            raise T.STATS_MODEL_UNAVAILABLE(model=name)
+        if version >= 0:
+            versions = [mv for mv in versions if mv.version == version]
             if not versions:
-                raise InvalidInput(f"requested model '{name}' is not available")
+                raise T.STATS_VERSION_UNAVAILABLE(model=name)
         return [mv.stats.as_dict() for mv in versions]
 
     # ---- inference ----------------------------------------------------------------------------
@@ -259,14 +262,16 @@ class DataPlane:
                 deadline = min(deadline, timeout_us / 1e6) if deadline else timeout_us / 1e6
         return deadline
 
-    async def infer(self, request: InferRequest, *, decoupled_error: str = HTTP_DECOUPLED_ERROR) -> InferResult:
+    async def infer(
+        self, request: InferRequest, *, decoupled_error: T.ErrorText | str = HTTP_DECOUPLED_ERROR
+    ) -> InferResult:
         """One request, one result. A decoupled model's requests go through ``infer_stream``:
         here they fail with ``decoupled_error`` (Triton's text for the calling endpoint)."""
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
         if mv.config.model_transaction_policy.decoupled:
-            raise Unsupported(decoupled_error)
+            raise Unsupported(decoupled_error) if isinstance(decoupled_error, str) else decoupled_error()
         return await self._infer(mv, request)
 
     def is_decoupled(self, name: str, version: int) -> bool:
@@ -329,6 +334,23 @@ class DataPlane:
             elif not run.cancelled() and run.exception() is None:
                 run.result().done()
 
+    async def _cached(self, cache: ResponseCache, mv: ModelVersion, request: InferRequest) -> InferResult:
+        """A cache hit answers at once (Triton counts it as a success with its lookup time as
+        ``cache_hit``, and not as an inference); a miss runs the request and keeps its answer
+        (lookup and insertion time count as ``cache_miss``)."""
+        t0 = time.monotonic_ns()
+        k = cache_key(request)
+        entry = cache.get(k)
+        t1 = time.monotonic_ns()
+        if entry is not None:
+            mv.stats.cache_hit(t1 - t0)
+            return entry.result(request)
+        result = await submit(mv, request, self._deadline_s(mv, request))
+        t2 = time.monotonic_ns()
+        cache.put(k, result)
+        mv.stats.cache_miss(t1 - t0 + time.monotonic_ns() - t2)
+        return result
+
     async def _infer(self, mv: ModelVersion, request: InferRequest) -> InferResult:
         request.model_version = mv.version
         uses_shm = request.uses_shm
@@ -339,7 +361,11 @@ class DataPlane:
             self.shm.bind(request)
         try:
             validate(mv, request)
-            result = await submit(mv, request, self._deadline_s(mv, request))
+            cache = self.cache
+            if cache is not None and mv.config.response_cache.enable and cacheable(request):
+                result = await self._cached(cache, mv, request)
+            else:
+                result = await submit(mv, request, self._deadline_s(mv, request))
         except (asyncio.CancelledError, DeadlineExceeded):
             if request.cancel is not None:  # the model may notice and stop early
                 request.cancel()

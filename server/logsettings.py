@@ -13,13 +13,22 @@ _FORMATS = {"default": "%(asctime)s %(levelname)s %(name)s: %(message)s", "ISO86
 class LogSettings:
     """Owns the root logger's level and format. Used from the router's event loop."""
 
-    def __init__(self, *, verbose: int = 0, log_file: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        verbose: int = 0,
+        log_file: str = "",
+        info: bool = True,
+        warning: bool = True,
+        error: bool = True,
+        log_format: str = "default",
+    ) -> None:
         self.log_file = log_file
-        self.log_info = True
-        self.log_warning = True
-        self.log_error = True
+        self.log_info = info
+        self.log_warning = warning
+        self.log_error = error
         self.log_verbose_level = verbose
-        self.log_format = "default"
+        self.log_format = log_format
         self._apply()
 
     def as_dict(self) -> dict[str, Any]:

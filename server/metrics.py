@@ -50,6 +50,18 @@ _MODEL_METRICS: tuple[tuple[str, str, str, Any], ...] = (
     ("nv_model_load_duration_secs", "gauge", "Model load time in seconds", lambda mv: mv.load_seconds),
 )  # fmt: skip
 
+# the response cache's, for models that use it (Triton's per-model cache metrics)
+_CACHE_METRICS: tuple[tuple[str, str, str, Any], ...] = (
+    ("nv_cache_num_hits_per_model", "counter", "Number of cache hits per model",
+     lambda mv: mv.stats.durations["cache_hit"].count),
+    ("nv_cache_num_misses_per_model", "counter", "Number of cache misses per model",
+     lambda mv: mv.stats.durations["cache_miss"].count),
+    ("nv_cache_hit_duration_per_model", "counter", "Total cache hit duration per model, in microseconds",
+     lambda mv: mv.stats.durations["cache_hit"].ns // 1000),
+    ("nv_cache_miss_duration_per_model", "counter", "Total cache miss (insert+lookup) duration per model, in "
+     "microseconds", lambda mv: mv.stats.durations["cache_miss"].ns // 1000),
+)  # fmt: skip
+
 _GPU_METRICS = (
     ("nv_gpu_utilization", "gauge", "GPU utilization rate [0.0 - 1.0)"),
     ("nv_gpu_memory_total_bytes", "gauge", "GPU total memory, in bytes"),
@@ -185,8 +197,11 @@ class Metrics:
         sampler: Sampler | None = None,
         interval_s: float = 2.0,
         custom: CustomMetrics | None = None,
+        cache_on: bool = False,
     ) -> None:
         self.custom = custom
+        self.cache_on = cache_on
+        """The server has a response cache (``--cache-config``): cache metrics are exported."""
         self.models = models
         self.sampler = sampler
         self.interval_s = interval_s
@@ -229,6 +244,11 @@ class Metrics:
         for name, kind, text, value in _MODEL_METRICS:
             _family(lines, name, kind, text)
             for mv in versions:
+                lines.append(f"{name}{_labels(labels[id(mv)])} {number(value(mv))}")
+        cached = [mv for mv in versions if self.cache_on and mv.config.response_cache.enable]
+        for name, kind, text, value in _CACHE_METRICS if cached else ():
+            _family(lines, name, kind, text)
+            for mv in cached:
                 lines.append(f"{name}{_labels(labels[id(mv)])} {number(value(mv))}")
         samples = self.sampler.samples if self.sampler is not None else _Samples()
         if samples.gpus:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 
@@ -52,7 +53,12 @@ class ModelSource:
 def validate_model_name(name: str) -> None:
     """Refuse names that could escape the repository (``..``, separators, NUL), that no
     directory can have (longer than 255 bytes), or that would forge log lines (control
-    characters). The message quotes at most the first 64 characters."""
+    characters). The message quotes at most the first 64 characters; Triton's texts for an
+    empty name and for path traversal."""
+    if not name.strip():
+        raise T.MODEL_NAME_EMPTY()
+    if name.strip() == ".." or "/" in name:
+        raise T.MODEL_NAME_TRAVERSAL(model=_shown(name))
     if (
         not name
         or name in (".", "..")
@@ -117,15 +123,35 @@ def read_model(repo: Path, name: str, gpu_count: int = 0, override: mc.ModelConf
     return src
 
 
+_config_name = ""
+"""``--model-config-name``: ``configs/<name>.pbtxt`` of a model wins over config.pbtxt."""
+
+
+def use_config_name(name: str) -> None:
+    """Set once at start from ``--model-config-name``."""
+    global _config_name
+    _config_name = name
+
+
+def config_file(path: Path) -> Path:
+    """The configuration file of the model directory ``path``."""
+    if _config_name:
+        custom = path / "configs" / f"{_config_name}.pbtxt"
+        if custom.is_file():
+            return custom
+    return path / "config.pbtxt"
+
+
 def parse_config(path: Path, name: str) -> mc.ModelConfig:
     config = mc.ModelConfig()
-    cfg_file = path / "config.pbtxt"
+    cfg_file = config_file(path)
+    shown = cfg_file.relative_to(path)
     if not cfg_file.is_file():
         raise InvalidInput(f"model '{name}': no config.pbtxt")
     try:
         text_format.Parse(cfg_file.read_text(encoding="utf-8"), config)
     except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"model '{name}': config.pbtxt: {exc}") from None
+        raise InvalidInput(f"model '{name}': {shown}: {exc}") from None
     return config
 
 
@@ -172,6 +198,18 @@ def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]
     if config.HasField("dynamic_batching") and config.max_batch_size > 0:
         if not config.dynamic_batching.preferred_batch_size:
             config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
+    if config.response_cache.enable:
+        # Triton's words (its cache supports neither scheduler)
+        if config.HasField("sequence_batching"):
+            raise InvalidInput(
+                f"Response Cache does not currently support model {name} with sequence batching scheduler. "
+                "Please disable the response cache."
+            )
+        if config.model_transaction_policy.decoupled:
+            raise InvalidInput(
+                f"Response Cache does not currently support model {name} with 'decoupled' transaction policy. "
+                "Please disable the response cache."
+            )
     if config.HasField("sequence_batching") and not config.sequence_batching.max_sequence_idle_microseconds:
         config.sequence_batching.max_sequence_idle_microseconds = 1_000_000
     if config.platform != "ensemble":

@@ -17,9 +17,11 @@ kernel tells its uid, ``server.peers``); every client sees, uses and unregisters
 regions (its namespace: its user, else its address). ``key_prefixes`` optionally limits the
 keys any client may register. The number of regions is bounded per client and overall.
 
-Errors sent to clients never contain keys, and a failed registration says the same thing
-whether the key does not exist, may not be used or is too small (no existence or size
-oracle; a leaked name was the first step of CVE-2025-23320); the server log has details.
+Errors sent to clients never contain keys but the one the client sent, and a failed
+registration says the same thing (Triton's "invalid args") whether the key does not exist,
+may not be used or is too small (no existence or size oracle; a leaked name was the first
+step of CVE-2025-23320); the server log has details. Errors Triton also has use its texts
+(``proto.errortexts``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError, Unsupported
+from shoal.proto import errortexts as T
+from shoal.proto.errors import ErrorCode, InvalidInput, PermissionDenied, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.peers import Peer
 from shoal.server.shmkeys import normalize_key, open_checked, u64, unusable
@@ -46,7 +49,7 @@ MAX_REGIONS = 4096
 MAX_REGIONS_PER_CLIENT = 1024
 ACCESS_MODES = ("local", "any")
 _NAME_MAX = 255
-DISABLED_MESSAGE = "Client shared memory is disabled. Start the server with '--allow-client-shm=true' to enable."
+DISABLED_MESSAGE = T.SHM_DISABLED.template
 REMOTE_MESSAGE = (
     "shared memory regions can only be registered by clients on the server's host "
     "(start the server with --client-shm-access=any to allow any client, as Triton does)"
@@ -128,7 +131,7 @@ class SharedMemoryRegistry:
 
     def _check_allowed(self) -> None:
         if not self.allowed:
-            raise Unsupported(DISABLED_MESSAGE)
+            raise T.SHM_DISABLED()
 
     def _check_new(self, name: str, peer: Peer | None, trusted: bool) -> str:
         """Checks before a registration; returns the owner namespace of the new region."""
@@ -140,9 +143,7 @@ class SharedMemoryRegistry:
             raise InvalidInput(f"shared memory region name must be 1 to {_NAME_MAX} characters")
         owner = self.owner(peer)
         if (owner, name) in self._regions:
-            raise ServingError(
-                "a shared memory region with this name is already registered", code=ErrorCode.ALREADY_EXISTS
-            )
+            raise T.SHM_EXISTS(region=name)
         if self._per_owner[owner] >= self.max_regions_per_client:
             raise ServingError(
                 f"too many shared memory regions registered by this client (limit {self.max_regions_per_client}, "
@@ -174,18 +175,18 @@ class SharedMemoryRegistry:
         byte_size = u64(byte_size, "'byte_size'")
         if byte_size == 0:
             raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
-        obj = normalize_key(key)
+        obj = normalize_key(key, name)
         if self.key_prefixes and not obj.startswith(self.key_prefixes):
             log.info("register %r: key %r is not under an allowed prefix", name, obj)
-            raise unusable()
+            raise unusable(name)
         ident = open_checked(obj, name)
         uid = peer.uid if peer is not None and self.access == "local" else None
         if uid not in (None, 0) and ident.uid != uid:
             log.info("register %r: key %r belongs to uid %d, not to the client's uid %d", name, obj, ident.uid, uid)
-            raise unusable()
+            raise unusable(name)
         if offset + byte_size > ident.size:
             log.info("register %r: key %r offset %d + %d exceeds %d", name, obj, offset, byte_size, ident.size)
-            raise unusable()
+            raise unusable(name)
         region = Region(
             name=name,
             id=next(self._ids),
@@ -221,14 +222,14 @@ class SharedMemoryRegistry:
             except (binascii.Error, ValueError):
                 raw_handle = b""
         if not isinstance(raw_handle, bytes) or len(raw_handle) != CUDA_IPC_HANDLE_SIZE:
-            raise InvalidInput("'raw_handle' must be a valid base64 encoded cudaIpcMemHandle_t")
+            raise T.SHM_CUDA_HANDLE()
         device_id = u64(device_id, "'device_id'")
         byte_size = u64(byte_size, "'byte_size'")
         if byte_size == 0:
             raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
         gpus = self._gpu_count()
         if gpus == 0:
-            raise InvalidInput("failed to register CUDA shared memory region: GPUs not supported on this server")
+            raise T.SHM_CUDA_NO_GPUS(region=name)
         if device_id >= gpus:
             raise InvalidInput(
                 f"failed to register CUDA shared memory region: device_id {device_id} is not one of "
@@ -271,12 +272,11 @@ class SharedMemoryRegistry:
         owner = self.owner(peer)
         if name:
             region = self._regions.get((owner, name))
-            if region is None or region.cuda != cuda:
-                kind = "CUDA" if cuda else "system"
-                raise ServingError(
-                    f"no {kind} shared memory region is registered under the requested name",
-                    code=ErrorCode.NOT_FOUND,
-                )
+            if region is None:
+                raise T.SHM_STATUS_UNKNOWN(kind="cuda" if cuda else "system", region=name)
+            if region.cuda != cuda:
+                kinds = ("CUDA", "system") if region.cuda else ("system", "CUDA")
+                raise T.SHM_WRONG_KIND(region=name, is_kind=kinds[0], asked=kinds[1])
             return [region]
         return [r for r in self._regions.values() if r.cuda == cuda and r.owner == owner]
 
@@ -318,17 +318,16 @@ class SharedMemoryRegistry:
 
     def resolve(self, ref: ShmRef, what: str, owner: str = "") -> Region:
         """The region ``ref`` names in ``owner``'s namespace, bounds-checked, with a use
-        counted (give it back with ``release``)."""
+        counted (give it back with ``release``). ``what``: the tensor, for callers' logs."""
         if not self.allowed:
-            raise Unsupported(DISABLED_MESSAGE)
+            raise T.SHM_DISABLED()
         region = self._regions.get((owner, ref.region_name))
         if region is None:
-            raise ServingError(f"{what}: the shared memory region it names is not registered", code=ErrorCode.NOT_FOUND)
+            raise T.SHM_NOT_FOUND(region=ref.region_name)
+        if ref.offset >= region.byte_size:
+            raise T.SHM_BAD_OFFSET(region=ref.region_name)
         if ref.offset + ref.byte_size > region.byte_size:
-            raise InvalidInput(
-                f"{what}: shared memory offset {ref.offset} + byte size {ref.byte_size} is outside "
-                f"the registered region of {region.byte_size} bytes"
-            )
+            raise T.SHM_BAD_RANGE(region=ref.region_name)
         region.users += 1
         ref.region = region
         return region

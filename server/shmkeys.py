@@ -8,7 +8,8 @@ import os
 import re
 from typing import Any
 
-from shoal.proto.errors import InvalidInput
+from shoal.proto import errortexts as T
+from shoal.proto.errors import InvalidInput, ServingError
 from shoal.server.types import ShmRef
 from shoal.shm import client as shm_client
 from shoal.shm.region import SERVER_PREFIX
@@ -27,25 +28,28 @@ def u64(value: Any, what: str) -> int:
     return value
 
 
-def normalize_key(key: str) -> str:
-    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does)."""
+def normalize_key(key: str, region: str = "") -> str:
+    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does); refuses
+    what is not a POSIX shared memory name (1 to 255 characters, no '/' after the leading
+    ones) and the server's own prefixes, with Triton's texts (the key as the client sent it)."""
     name = key.lstrip("/")
     if not _KEY_RE.match(name) or name in (".", ".."):
-        raise InvalidInput(
-            "shared memory key must be a POSIX shared memory name: 1 to 255 characters, no '/' after the leading one"
-        )
+        raise T.SHM_INVALID_KEY(region=_shown(region), key=_shown(key))
     if name.startswith(RESERVED_KEY_PREFIXES):
-        raise InvalidInput("shared memory key uses a prefix reserved for the server's own shared memory")
+        prefix = next(p for p in RESERVED_KEY_PREFIXES if name.startswith(p))
+        raise T.SHM_RESERVED_KEY(region=_shown(region), key=_shown(key), prefix=prefix)
     return name
 
 
-def unusable() -> InvalidInput:
+def _shown(text: str) -> str:
+    """``text`` as error messages quote it: printable, at most 256 characters."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:256])
+
+
+def unusable(region: str) -> ServingError:
     """The one answer to a key that cannot be registered, whatever the reason (no existence
-    or size oracle); the log says why."""
-    return InvalidInput(
-        "failed to register shared memory region: unable to use the shared memory key "
-        "(it does not exist, this client may not use it, or it is smaller than offset + byte_size)"
-    )
+    or size oracle; Triton's text for a key smaller than offset + byte_size); the log says why."""
+    return T.SHM_INVALID_ARGS(region=_shown(region))
 
 
 def open_checked(name: str, region: str) -> shm_client.Identity:
@@ -55,7 +59,7 @@ def open_checked(name: str, region: str) -> shm_client.Identity:
         fd, ident = shm_client.open_object(name)
     except OSError as exc:
         log.info("register %r: cannot open key %r: %s", region, name, exc.strerror or exc)
-        raise unusable() from None
+        raise unusable(region) from None
     os.close(fd)
     return ident
 

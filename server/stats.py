@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.proto.errors import BackendError, ErrorCode, ServingError, WorkerDied
+from shoal.proto.errors import BackendError, DeadlineExceeded, ErrorCode, QueueFull, ServingError, WorkerDied
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -22,8 +22,10 @@ def failure_reason(exc: BaseException) -> str:
         return "CANCELED"
     if isinstance(exc, BackendError | WorkerDied):
         return "BACKEND"
+    if isinstance(exc, QueueFull | DeadlineExceeded):  # Triton's UNAVAILABLE, or the server's deadline
+        return "REJECTED"
     if isinstance(exc, ServingError):
-        if exc.code in (ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESOURCE_EXHAUSTED):
+        if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
             return "REJECTED"
         if exc.code is ErrorCode.CANCELLED:
             return "CANCELED"
@@ -71,6 +73,16 @@ class ModelStats:
         if ok:
             self.durations["queue"].add(queue_ns)
             self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def cache_hit(self, lookup_ns: int) -> None:
+        """A request answered from the response cache: a success (its whole time was the
+        lookup), not an inference or an execution."""
+        self.durations["cache_hit"].add(lookup_ns)
+        self.request_done(True, lookup_ns, 0)
+
+    def cache_miss(self, ns: int) -> None:
+        """A request the cache could not answer: ``ns`` is the lookup plus the insertion."""
+        self.durations["cache_miss"].add(ns)
 
     def execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, rows: int = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.server.types import InferRequest
 
@@ -17,91 +18,121 @@ _MAX_VERSION_DIGITS = 18
 
 
 def version_number(text: str) -> int:
-    """A model version as clients write it ("" or "-1": the version policy chooses, -1);
-    raises ``InvalidInput`` for anything but up to 18 ASCII digits."""
+    """A model version as clients write it ("": the version policy chooses, -1); raises
+    Triton's errors for anything but up to 18 ASCII digits (quoting at most 64 characters)."""
     if not text:
         return -1
-    if not (text.isascii() and text.isdigit() and len(text) <= _MAX_VERSION_DIGITS):
-        raise InvalidInput(f"model version '{text[:32]}' is not a number")
-    return int(text)
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_VERSION_DIGITS:
+        return int(text)
+    shown = text[:64]
+    digits = text[1:]
+    if text.startswith("-") and digits.isascii() and digits.isdigit() and len(digits) <= _MAX_VERSION_DIGITS:
+        raise T.VERSION_NEGATIVE(version=shown)
+    raise T.VERSION_PARSE(version=shown)
 
 
 def validate(mv: ModelVersion, request: InferRequest) -> None:
-    """Check names, datatypes, shapes and byte sizes against the configuration; errors name
-    the tensor. Applies ``reshape`` so workers see the shapes the model expects."""
+    """Check names, datatypes, shapes and byte sizes against the configuration, in the order
+    and with the texts of Triton's ``InferenceRequest::Normalize`` (``proto.errortexts``).
+    Applies ``reshape`` so workers see the shapes the model expects."""
     name = mv.name
-    max_batch = mv.config.max_batch_size
-    batch_size: int | None = None
+    rid = request.id
+    inputs = request.inputs
+    if request.outputs is not None:
+        for o in request.outputs:
+            if o.name not in mv.outputs:
+                raise T.UNEXPECTED_OUTPUT(name=o.name, model=name)
     seen: set[str] = set()
-    for t in request.inputs:
+    for t in inputs:
+        if t.name in seen:  # Triton refuses it while building the request, before any check
+            raise T.DUPLICATE_INPUT(rid, name=t.name)
+        seen.add(t.name)
+    count = len(inputs)
+    if count > len(mv.inputs) or count < mv.required_inputs:
+        raise _count_error(mv, request)
+    max_batch = mv.config.max_batch_size
+    batch_size = 0
+    if max_batch > 0:
+        for t in inputs:
+            if t.name not in mv.inputs:
+                raise T.UNEXPECTED_INPUT(name=t.name, model=name)
+            if not t.shape:
+                raise T.NO_BATCH_DIMENSION(rid, name=t.name, model=name)
+            if t.shape[0] < 0:
+                raise T.WILDCARD_DIMENSION(rid, name=t.name, model=name, shape=T.dims(t.shape))
+            if batch_size == 0:
+                batch_size = t.shape[0]
+            elif t.shape[0] != batch_size:
+                raise T.BATCH_SIZE_MISMATCH(rid, name=t.name, model=name)
+        if batch_size > max_batch:
+            raise T.BATCH_TOO_LARGE(rid, max_batch_size=max_batch, model=name)
+    for t in inputs:
         spec = mv.inputs.get(t.name)
         if spec is None:
-            raise InvalidInput(f"unexpected inference input '{t.name}' for model '{name}'")
-        if t.name in seen:
-            raise InvalidInput(f"input '{t.name}' appears more than once in the request for model '{name}'")
-        seen.add(t.name)
+            raise T.UNEXPECTED_INPUT(name=t.name, model=name)
         if t.datatype != spec.datatype:
-            raise InvalidInput(
-                f"inference input '{t.name}' data-type is '{t.datatype}', but model '{name}' expects '{spec.datatype}'"
-            )
+            got = t.datatype if t.datatype in dtypes.BY_PROTOCOL else T.INVALID_DATATYPE
+            raise T.INPUT_DATATYPE(rid, name=t.name, got=got, model=name, expected=spec.datatype)
         shape = t.shape
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"inference input '{t.name}' has a negative dimension in shape {list(shape)}")
-        dims = shape
-        if max_batch > 0:
-            if not shape:
-                raise InvalidInput(f"inference input '{t.name}' of batching model '{name}' needs a batch dimension")
-            if batch_size is None:
-                batch_size = shape[0]
-            elif shape[0] != batch_size:
-                raise InvalidInput(
-                    f"inference input '{t.name}' batch size {shape[0]} differs from other inputs ({batch_size})"
-                )
-            if shape[0] > max_batch:
-                raise InvalidInput(
-                    f"inference request batch-size must be <= {max_batch} for '{name}', "
-                    f"got {shape[0]} for input '{t.name}'"
-                )
-            dims = shape[1:]
+        dims = shape[1:] if max_batch > 0 else shape
         if not _dims_match(dims, spec.dims):
-            expect = ([-1] if max_batch > 0 else []) + list(spec.dims)
-            raise InvalidInput(
-                f"unexpected shape for input '{t.name}' for model '{name}'. Expected {expect}, got {list(shape)}"
-            )
+            if len(dims) == len(spec.dims) and _negative_first(dims, spec.dims):
+                raise T.WILDCARD_DIMENSION(rid, name=t.name, model=name, shape=T.dims(shape))
+            expect = ((-1,) if max_batch > 0 else ()) + spec.dims
+            note = T.IMPLICIT_BATCH_NOTE if max_batch > 0 else ""
+            raise T.INPUT_SHAPE(rid, name=t.name, model=name, expected=T.dims(expect), shape=T.dims(shape), note=note)
         if spec.datatype != "BYTES":
             expected = dtypes.element_count(shape) * dtypes.BY_PROTOCOL[spec.datatype].itemsize
             if t.nbytes != expected:
-                raise InvalidInput(
-                    f"input byte size mismatch for input '{t.name}' for model '{name}'. "
-                    f"Expected {expected}, got {t.nbytes}"
-                )
+                raise T.INPUT_BYTE_SIZE(rid, name=t.name, model=name, expected=expected, got=t.nbytes)
         elif t.nbytes < 4 * dtypes.element_count(shape):
             # each element carries a 4-byte length: fewer bytes cannot hold the shape (the
-            # worker checks the elements themselves)
+            # worker checks the elements themselves); Triton counts the elements it finds
             raise InvalidInput(
                 f"expected {dtypes.element_count(shape)} string elements for inference input '{t.name}' "
                 f"for model '{name}', but its {t.nbytes} bytes hold at most {t.nbytes // 4}"
             )
         if spec.reshape is not None:
             t.shape = ((shape[0],) if max_batch > 0 else ()) + _reshape(spec, dims)
-    if batch_size is not None:
+    if max_batch > 0 and inputs:
         request.batch_size = batch_size
-    if len(seen) < mv.required_inputs or any(n not in seen for n, s in mv.inputs.items() if not s.optional):
-        missing = [n for n, s in mv.inputs.items() if not s.optional and n not in seen]
-        raise InvalidInput(
-            f"expected {mv.required_inputs} inputs but got {len(seen)} inputs for model '{name}'. "
-            f"Missing: {', '.join(repr(m) for m in missing)}"
-        )
-    if request.outputs is not None:
-        for o in request.outputs:
-            if o.name not in mv.outputs:
-                raise InvalidInput(f"unexpected inference output '{o.name}' for model '{name}'")
+    if count < len(mv.inputs) and any(n not in seen for n, s in mv.inputs.items() if not s.optional):
+        # within the count Triton allows, yet a required input is missing (Triton lets the
+        # backend fail it): the count's text names what is missing
+        raise _count_error(mv, request)
+
+
+def _count_error(mv: ModelVersion, request: InferRequest) -> InvalidInput:
+    """Triton's ``ValidateRequestInputs`` text, quirks included: the inputs given in request
+    order, the missing ones in configuration order, an empty missing list written ``]``."""
+    given = {t.name for t in request.inputs}
+    missing = [n for n, s in mv.inputs.items() if not s.optional and n not in given]
+    missing_text = ("[" + ",".join(f"'{n}'" for n in missing) + "]") if missing else "]"
+    given_text = "[" + ",".join(f"'{t.name}'" for t in request.inputs) + "]"
+    fields = {"got": len(request.inputs), "model": mv.name, "given": given_text, "missing": missing_text}
+    if len(mv.inputs) == mv.required_inputs:
+        err = T.INPUT_COUNT(request.id, expected=len(mv.inputs), **fields)
+    else:
+        err = T.INPUT_COUNT_RANGE(request.id, required=mv.required_inputs, total=len(mv.inputs), **fields)
+    assert isinstance(err, InvalidInput)
+    return err
+
+
+def _negative_first(dims: tuple[int, ...], expect: tuple[int, ...]) -> bool:
+    """Triton's shape loop meets a dimension the client left unspecified (negative) before
+    one that differs from the configuration."""
+    for d, e in zip(dims, expect, strict=True):
+        if d < 0:
+            return True
+        if e != -1 and d != e:
+            return False
+    return False
 
 
 def _dims_match(dims: tuple[int, ...], expect: tuple[int, ...]) -> bool:
     if len(dims) != len(expect):
         return False
-    return all(e == -1 or d == e for d, e in zip(dims, expect, strict=True))
+    return all(d >= 0 and (e == -1 or d == e) for d, e in zip(dims, expect, strict=True))
 
 
 def _reshape(spec: TensorSpec, dims: tuple[int, ...]) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
+from shoal.workers import warmup
 from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, WorkResponse, spec_from_load
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
@@ -208,6 +209,9 @@ class WorkerRuntime:
             )
             self.spec = dataclasses.replace(self.spec, bls=bls, metrics=MetricsClient(self.inbox, self._send))
             self.backend = backend_class(config.backend).load(self.spec)
+            if config.model_warmup:
+                where = f"model '{req.model_name}' instance '{req.instance_name}'"
+                warmup.run(self.backend, config, self.spec.model_dir, lambda m: log.info("%s: %s", where, m))
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported

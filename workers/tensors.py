@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
@@ -130,10 +131,7 @@ class OutputWriter:
 
     def _write_client(self, name: str, data: Any, nbytes: int, dest: wpb.ClientShm, ref: wpb.TensorRef) -> None:
         if nbytes > dest.nbytes:
-            raise InvalidInput(
-                f"shared memory size specified with the request for output '{name}' ({dest.nbytes} bytes) "
-                f"should be at least {nbytes} bytes to hold the results"
-            )
+            raise T.SHM_OUTPUT_TOO_SMALL(name=name, size=dest.nbytes, needed=nbytes)
         if dest.device < 0:
             if is_device_array(data):
                 data = data.get()

@@ -220,6 +220,26 @@ class Load(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class BackendConfigEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_CONFIG_FIELD_NUMBER: _builtins.int
     REPOSITORY_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
@@ -233,6 +253,7 @@ class Load(_message.Message):
     GPU_ORDER_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     CLIENT_SHM_MAPPED_FIELD_NUMBER: _builtins.int
+    BACKEND_CONFIG_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -260,6 +281,12 @@ class Load(_message.Message):
         puts its own GPU first); empty = the server's order. Maps client CUDA device ids.
         """
 
+    @_builtins.property
+    def backend_config(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--backend-config settings of this model's backend, global ones ("" backend) first and
+        overridden by the backend's own: e.g. onnxruntime's intra_op_thread_count
+        """
+
     def __init__(
         self,
         *,
@@ -276,10 +303,11 @@ class Load(_message.Message):
         gpu_order: _abc.Iterable[_builtins.int] | None = ...,
         priority: _builtins.int = ...,
         client_shm_mapped: _builtins.bool = ...,
+        backend_config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.dispatch.worker import Worker, shm_outputs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.server.stats import ModelStats
@@ -37,11 +38,21 @@ class DispatchContext:
     """Router-wide resources shared by every pool: the input arena (owned here, on the
     router's loop) and the mapper of worker output arenas."""
 
-    def __init__(self, *, arena: Arena, mapper: Mapper, inline_max_bytes: int, shm: SharedMemoryRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        arena: Arena,
+        mapper: Mapper,
+        inline_max_bytes: int,
+        shm: SharedMemoryRegistry,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.arena = arena
         self.mapper = mapper
         self.inline_max_bytes = inline_max_bytes
         self.shm = shm
+        self.limiter = limiter
+        """``--rate-limit execution_count``: instances execute only while holding their resources."""
 
 
 class InstancePool:
@@ -75,6 +86,19 @@ class InstancePool:
             worker = self.pick()
         elif not worker.ready:
             raise ModelNotReady(f"{worker.label} is not ready")
+        limiter, needs = self.ctx.limiter, worker.rate
+        if limiter is not None and needs is not None:
+            await limiter.acquire(needs)
+            if not worker.ready:
+                limiter.release(needs)
+                raise ModelNotReady(f"{worker.label} is not ready")
+            return await self._run(batch, worker, _once(functools.partial(limiter.release, needs)))
+        return await self._run(batch, worker, None)
+
+    async def _run(
+        self, batch: Sequence[InferRequest], worker: Worker, held: Callable[[], None] | None
+    ) -> list[InferResult | ServingError]:
+        """``held``: gives the rate limiter's resources back once the worker is done."""
         env = wire.envelope(0)
         buffers: list[Any] = []
         blocks: list[Block] = []
@@ -86,6 +110,8 @@ class InstancePool:
             # back) when the worker is done with them, which is later than this coroutine if
             # the client goes away (the future is then cancelled but the worker still reads).
             settle = (lambda: self._free(blocks, regions, leases)) if blocks or regions or leases else None
+            if held is not None:
+                settle = _both(settle, held)
             stream = _Stream(self, worker, batch) if batch[0].responses is not None else None
             fut = worker.submit(env, buffers, settle, stream)
             rid = env.request_id
@@ -93,6 +119,8 @@ class InstancePool:
                 req.cancel = functools.partial(worker.cancel, rid, i)
         except BaseException:
             self._free(blocks, regions, leases)
+            if held is not None:
+                held()
             raise
         try:
             reply, frames = await fut
@@ -288,6 +316,27 @@ class _Stream:
             sink = self.batch[index].responses
             if sink is not None:
                 sink(err, True)
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return call
+
+
+def _both(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    def settle() -> None:
+        if first is not None:
+            first()
+        then()
+
+    return settle
 
 
 def _describe(block: Block, out: wpb.ShmSlice) -> None:

@@ -20,6 +20,7 @@ from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.dispatch import process
 from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.dispatch.ratelimit import Needs
 from shoal.server.dispatch.spec import Reply, StreamSink, WorkerSpec, WorkerState
 
 __all__ = ["Reply", "StreamSink", "Worker", "WorkerSpec", "WorkerState", "shm_outputs"]
@@ -53,6 +54,8 @@ class Worker:
         self.arena_prefix = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self.rate: Needs | None = None
+        """The resources this instance holds while it executes (``--rate-limit``)."""
         self._settle: dict[int, Callable[[], None]] = {}
         self._streams: dict[int, StreamSink] = {}
         """Decoupled batches whose requests are not all final yet."""

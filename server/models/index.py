@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 from shoal.server.dispatch.worker import Worker
 from shoal.server.models.registry import Registry
 from shoal.server.models.version import ModelState
-from shoal.server.repository import list_models
 
 
-def repository_index(registry: Registry, repository: Path, ready_only: bool = False) -> list[dict[str, str]]:
-    """One entry per known version; model directories never loaded appear with their name
-    only. A version is UNAVAILABLE with a reason when it cannot serve now."""
+def repository_index(
+    registry: Registry, listing: Callable[[], list[str]], ready_only: bool = False
+) -> list[dict[str, str]]:
+    """One entry per known version; model directories never loaded (``listing``: the
+    repositories' model names) appear with their name only. A version is UNAVAILABLE with
+    a reason when it cannot serve now."""
     out: list[dict[str, str]] = []
     names = set(registry.models) | set(registry.sources)
     try:
-        names |= set(list_models(repository))
+        names |= set(listing())
     except OSError:
         pass
     for name in sorted(names):

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server import gpus
 from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.dispatch.worker import Worker, WorkerSpec, WorkerState
 from shoal.server.models.version import ModelVersion
+from shoal.server.optionvalues import backend_settings
+from shoal.server.repositories import Repositories
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class InstanceSettings:
     python: str = ""
     """The interpreter that runs workers (``--worker-python``; empty: the router's)."""
     client_shm_mapped: bool = False
+    backend_config: tuple[tuple[str, str, str], ...] = ()
+    """``--backend-config`` settings as (backend, key, value)."""
 
 
 def placements(group: mc.ModelInstanceGroup) -> list[tuple[str, int]]:
@@ -52,12 +56,14 @@ class InstanceFactory:
     def __init__(
         self,
         *,
-        repository: Path,
+        repositories: Repositories,
         channel: WorkerChannel,
         settings: InstanceSettings,
         on_exit: Callable[[Worker], None],
+        limiter: RateLimiter | None = None,
     ) -> None:
-        self.repository = repository
+        self.limiter = limiter
+        self.repositories = repositories
         self.channel = channel
         self.settings = settings
         self.on_exit = on_exit
@@ -81,7 +87,10 @@ class InstanceFactory:
         workers = []
         for group in mv.config.instance_group:
             for i, (kind, gpu) in enumerate(placements(group)):
-                workers.append(self._worker(mv, config_bytes, f"{group.name}_{i}", kind, gpu))
+                worker = self._worker(mv, config_bytes, f"{group.name}_{i}", kind, gpu)
+                if self.limiter is not None:
+                    worker.rate = self.limiter.needs(group.rate_limiter, gpu)
+                workers.append(worker)
         self._live.update(workers)
         return workers
 
@@ -96,7 +105,7 @@ class InstanceFactory:
             order = gpus.worker_order(gpu, devs)
         load = wpb.Load(
             model_config=config_bytes,
-            repository=str(self.repository),
+            repository=str(self.repositories.root_of(mv.name)),
             model_name=mv.name,
             model_version=mv.version,
             instance_name=instance,
@@ -107,6 +116,7 @@ class InstanceFactory:
             gpu_order=order,
             priority=int(mv.config.optimization.priority),
             client_shm_mapped=s.client_shm_mapped,
+            backend_config=backend_settings(s.backend_config, mv.config.backend),
         )
         spec = WorkerSpec(
             model_name=mv.name,

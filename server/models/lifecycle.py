@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from shoal.proto import errortexts as T
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server import autocomplete, ensemble
@@ -26,7 +27,8 @@ from shoal.server.models.index import repository_index
 from shoal.server.models.instances import InstanceFactory, InstanceSettings
 from shoal.server.models.registry import Registry
 from shoal.server.models.version import ModelState, ModelVersion, new_version, submit, version_print
-from shoal.server.repository import ModelSource, fingerprint, list_models, parse_config, read_model, validate_model_name
+from shoal.server.repositories import Repositories
+from shoal.server.repository import ModelSource, fingerprint, parse_config, read_model, validate_model_name
 from shoal.server.scheduling.base import Scheduler
 from shoal.server.scheduling.direct import DirectScheduler
 from shoal.server.scheduling.dynamic import DynamicBatcher
@@ -39,6 +41,8 @@ log = logging.getLogger("shoal.models")
 
 _LOADING: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("loading", default=())
 """The chain of ensembles whose loads led to the current load (finds cycles)."""
+_ENSEMBLE_ERRORS = ("composing model ", "ensembles form a cycle")
+"""How the errors of an ensemble's composing models start (``_load_composing``)."""
 
 
 class ModelManager:
@@ -47,7 +51,7 @@ class ModelManager:
 
     def __init__(
         self,
-        repository: Path,
+        repository: Path | Repositories,
         *,
         channel: WorkerChannel,
         ctx: DispatchContext,
@@ -56,23 +60,32 @@ class ModelManager:
         drain_timeout_s: float = 30.0,
         auto_complete: bool = True,
         refresh: Callable[[], Awaitable[None]] | None = None,
+        load_threads: int = 4,
+        load_retries: int = 0,
     ) -> None:
         self.auto_complete = auto_complete
         self.refresh = refresh
         """Brings a remote repository's local copy up to date (before polls and loads)."""
-        self.repository = repository
+        self.repos = repository if isinstance(repository, Repositories) else Repositories((repository,))
         self.ctx = ctx
+        self.load_retries = load_retries
+        self._load_slots = asyncio.Semaphore(max(1, load_threads))
+        """``--model-load-thread-count``: loads (reading, auto-complete, starting workers) at once."""
         self.settings = settings
         self.mode = mode
         self.drain_timeout_s = drain_timeout_s
         self.registry = Registry()
         self.factory = InstanceFactory(
-            repository=repository, channel=channel, settings=settings, on_exit=self._on_worker_exit
+            repositories=self.repos,
+            channel=channel,
+            settings=settings,
+            on_exit=self._on_worker_exit,
+            limiter=ctx.limiter,
         )
         self._locks: dict[str, asyncio.Lock] = {}
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
-        return repository_index(self.registry, self.repository, ready_only)
+        return repository_index(self.registry, self.repos.names, ready_only)
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -80,13 +93,19 @@ class ModelManager:
         """Load every model of the repository (or ``names``) concurrently; failures are
         logged and kept as UNAVAILABLE with a reason, never raised."""
         if names is None:
-            names = list_models(self.repository)
+            names = self.repos.names()
 
         async def one(name: str) -> None:
-            try:
-                await self.load(name, record_missing=True)
-            except ServingError:
-                pass  # logged and recorded by load()
+            # --model-load-retry-count: a failed load is tried again that many times
+            for attempt in range(self.load_retries + 1):
+                try:
+                    async with self._load_slots:
+                        await self.load(name, record_missing=True)
+                    return
+                except ServingError:
+                    pass  # logged and recorded by load()
+                if attempt < self.load_retries:
+                    log.info("model '%s': load failed; retrying (%d of %d)", name, attempt + 1, self.load_retries)
 
         await asyncio.gather(*(one(name) for name in names))
 
@@ -103,8 +122,8 @@ class ModelManager:
         and leaves no trace (index, readiness), as in Triton; ``record_missing`` (models
         named on the command line) records it as UNAVAILABLE instead."""
         validate_model_name(name)
-        if not record_missing and name not in self.registry.sources and not (self.repository / name).is_dir():
-            raise InvalidInput(f"failed to load '{name}', failed to poll from model repository")
+        if not record_missing and name not in self.registry.sources and not self.repos.exists(name):
+            raise T.LOAD_POLL_FAILED(model=name)
         chain = _LOADING.get()
         if name in chain:
             raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
@@ -119,34 +138,48 @@ class ModelManager:
         try:
             if self.auto_complete:
                 override = await autocomplete.complete(
-                    self.repository, name, override, self.settings.load_timeout_s, self.settings.python
+                    self.repos.root_of(name),
+                    name,
+                    override,
+                    self.settings.load_timeout_s,
+                    self.settings.python,
+                    self.settings.backend_config,
                 )
-            src = read_model(self.repository, name, len(self.settings.gpu_devices), override)
+            conflict = self.repos.conflict(name)
+            if conflict:
+                raise InvalidInput(conflict)
+            src = read_model(self.repos.root_of(name), name, len(self.settings.gpu_devices), override)
             if not src.error and ensemble.is_ensemble(src.config):
                 await self._load_composing(src.config)
         except ServingError as exc:
-            src = ModelSource(name=name, path=self.repository / name, error=exc.message)
+            src = ModelSource(name=name, path=self.repos.path(name), error=exc.message)
         return src
 
     async def _load(self, name: str, override: mc.ModelConfig | None) -> None:
         reg = self.registry
         async with self._lock(name):
             reg.wanted.add(name)
-            fp = (fingerprint(self.repository / name), override.SerializeToString() if override else b"")
+            fp = (fingerprint(self.repos.path(name)), override.SerializeToString() if override else b"")
             src = await self._read(name, override)
             old = reg.models.get(name, {})
             # READY versions, even one whose only worker is restarting now: a failed reload keeps it
             serving = {v: mv for v, mv in old.items() if mv.state is ModelState.READY}
             if src.error:
                 log.error("model '%s' cannot be loaded: %s", name, src.error)
+                # Triton's text, unless an ensemble's composing models failed (Shoal's own texts)
+                polled = src.error.startswith(_ENSEMBLE_ERRORS)
                 if serving:
                     reg.sources[name].error = ""
                     reg.sources[name].reload_error = src.error
+                    if not polled:
+                        raise T.LOAD_POLL_FAILED(model=name)
                     raise InvalidInput(f"failed to load '{name}': {src.error}; the previous version keeps serving")
                 reg.sources[name] = src
                 reg.models[name] = {}
                 reg.fingerprints[name] = fp
                 await self._retire_all(old.values())
+                if not polled:
+                    raise T.LOAD_POLL_FAILED(model=name)
                 raise InvalidInput(f"failed to load '{name}': {src.error}")
             config_bytes = src.config.SerializeToString(deterministic=True)
             chosen: dict[int, ModelVersion] = {}
@@ -179,7 +212,8 @@ class ModelManager:
             reg.fingerprints[name] = fp
             await self._retire_all(mv for v, mv in old.items() if chosen.get(v) is not mv)
             if failed:
-                raise ServingError(f"failed to load '{name}': {src.reload_error}", code=failed[0].error_code)
+                reasons = "".join(T.LOAD_VERSION_FAILED.text(version=mv.version, reason=mv.reason) for mv in failed)
+                raise T.LOAD_FAILED(model=name, reasons=reasons)
 
     async def _load_composing(self, config: mc.ModelConfig) -> None:
         """Make sure every model an ensemble's steps use is loaded (loading it if not)."""
@@ -196,7 +230,7 @@ class ModelManager:
             try:
                 await self.load(sub)
             except ServingError as exc:
-                raise InvalidInput(f"composing model '{sub}' failed to load: {exc.message}") from None
+                raise InvalidInput(f"composing model '{sub}' failed to load: {exc.message.rstrip()}") from None
 
     def _check_cycle(self, config: mc.ModelConfig) -> None:
         """Refuse an ensemble that reaches itself through nested ensembles (read from the
@@ -208,7 +242,7 @@ class ModelManager:
                     raise InvalidInput(f"ensembles form a cycle: {' -> '.join((*path, sub))}")
                 try:
                     validate_model_name(sub)
-                    sub_cfg = parse_config(self.repository / sub, sub)
+                    sub_cfg = parse_config(self.repos.path(sub), sub)
                 except ServingError:
                     continue  # not an ensemble we can read: its own load reports it
                 if ensemble.is_ensemble(sub_cfg):
@@ -249,7 +283,7 @@ class ModelManager:
             mv.unavailable = lambda: reg.steps_unavailable(plan)
             return EnsembleScheduler(plan, self.run_step, mv.stats)
         if mv.config.HasField("sequence_batching"):
-            return SequenceBatcher(pool, mv.config, mv.stats, self.repository / mv.name)
+            return SequenceBatcher(pool, mv.config, mv.stats, self.repos.path(mv.name))
         if mv.config.max_batch_size > 0 and mv.config.HasField("dynamic_batching"):
             return DynamicBatcher(pool, mv.config, mv.stats)
         return DirectScheduler(pool, mv.stats)
@@ -334,7 +368,7 @@ class ModelManager:
         if self.refresh is not None:
             await self.refresh()
         reg = self.registry
-        present = set(list_models(self.repository))
+        present = set(self.repos.names())
         for name in sorted(set(reg.fingerprints) - present):
             log.info("model '%s' left the repository: unloading", name)
             try:
@@ -343,7 +377,7 @@ class ModelManager:
                 log.error("unloading '%s' failed: %s", name, exc.message)
         changed: set[str] = set()
         for name in sorted(present):
-            if reg.fingerprints.get(name) == (fingerprint(self.repository / name), b""):
+            if reg.fingerprints.get(name) == (fingerprint(self.repos.path(name)), b""):
                 continue
             log.info("model '%s' changed in the repository: (re)loading", name)
             changed.add(name)
@@ -365,7 +399,7 @@ class ModelManager:
     def _composing_on_disk(self, name: str) -> list[str]:
         """The composing models of ``name``'s config.pbtxt ([] if it is no readable ensemble)."""
         try:
-            config = parse_config(self.repository / name, name)
+            config = parse_config(self.repos.path(name), name)
         except ServingError:
             return []
         return ensemble.composing_models(config) if ensemble.is_ensemble(config) else []

@@ -1,11 +1,13 @@
 """``Registry``: what the server knows of each model (its repository source and versions)
-and the lookups every request makes. Lookups follow Triton's rules (unknown model:
-INVALID_ARGUMENT; unknown version: NOT_FOUND; not ready: UNAVAILABLE). Owned by the router's
+and the lookups every request makes. Lookups raise Triton's errors (``proto.errortexts``: unknown
+model INVALID_ARGUMENT; unknown version or none available NOT_FOUND; a named version not
+ready UNAVAILABLE). Owned by the router's
 event loop; ``ModelManager`` is the only writer."""
 
 from __future__ import annotations
 
-from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.proto import errortexts as T
+from shoal.proto.errors import ServingError
 from shoal.server import ensemble
 from shoal.server.dispatch.worker import Worker
 from shoal.server.models.version import ModelState, ModelVersion
@@ -28,7 +30,7 @@ class Registry:
         """The version to serve; raises Triton's errors for unknown / unready models."""
         versions = self.models.get(name)
         if versions is None:
-            raise InvalidInput(f"Request for unknown model: '{name}' is not found")
+            raise T.UNKNOWN_MODEL(model=name)
         if version < 0:
             if len(versions) == 1:  # the common case: one version, no list to build
                 for only in versions.values():
@@ -36,22 +38,13 @@ class Registry:
                         return only
             ready = [mv for mv in versions.values() if mv.ready]
             if not ready:
-                why = next((w for mv in versions.values() if mv.unavailable and (w := mv.unavailable())), "")
-                raise ServingError(
-                    f"Request for unknown model: '{name}' has no available versions" + (f" ({why})" if why else ""),
-                    code=ErrorCode.NOT_FOUND if not versions else ErrorCode.UNAVAILABLE,
-                )
+                raise T.NO_AVAILABLE_VERSIONS(model=name)
             return max(ready, key=lambda mv: mv.version)
         mv = versions.get(version)
         if mv is None:
-            raise ServingError(
-                f"Request for unknown model: '{name}' version {version} is not found", code=ErrorCode.NOT_FOUND
-            )
+            raise T.UNKNOWN_VERSION(model=name, version=version)
         if not mv.ready:
-            raise ServingError(
-                f"Request for unknown model: '{name}' version {version} is not at ready state",
-                code=ErrorCode.UNAVAILABLE,
-            )
+            raise T.VERSION_NOT_READY(model=name, version=version)
         return mv
 
     def ready_versions(self, name: str | None = None) -> list[ModelVersion]:

@@ -21,7 +21,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.proto.errors import DeadlineExceeded, InvalidInput, QueueFull, ServingError
+from shoal.proto import errortexts as T
+from shoal.proto.errors import InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 
 REJECT = mc.ModelQueuePolicy.REJECT
@@ -57,6 +58,8 @@ class Item:
     """0: no timeout."""
     seq: int = 0
     error: ServingError | None = field(default=None)
+    request_id: str = ""
+    """The request's ``id`` (errors name it, as Triton's do)."""
 
 
 @dataclass(slots=True)
@@ -112,11 +115,12 @@ class BatchQueue:
         return priority
 
     def add(self, item: Item, now: int, timeout_us: int | None = None) -> None:
-        """Queue ``item``; raises ``QueueFull`` when its level is at ``max_queue_size``."""
+        """Queue ``item``; raises ``QueueFull`` (Triton's UNAVAILABLE) when its level is at
+        ``max_queue_size``."""
         policy = self.policy(item.level)
         index = item.level - 1
         if policy.max_queue_size and len(self._queues[index]) + len(self._delayed[index]) >= policy.max_queue_size:
-            raise QueueFull(f"exceeds maximum queue size ({policy.max_queue_size}) of priority level {item.level}")
+            raise T.QUEUE_FULL(item.request_id)
         timeout_ns = policy.default_timeout_ns
         if timeout_us is not None and timeout_us > 0 and policy.allow_timeout_override:
             timeout_ns = timeout_us * 1000
@@ -139,7 +143,7 @@ class BatchQueue:
                     if self.policy(index + 1).timeout_action == DELAY:
                         self._delayed[index].append(item)
                     else:
-                        item.error = DeadlineExceeded("Request timeout expired")
+                        item.error = T.QUEUE_TIMEOUT()
                         rejected.append(item)
                 else:
                     keep.append(item)

@@ -59,7 +59,13 @@ class DynamicBatcher(SchedulerBase):
         timeout_us = _uint_param(request, "timeout")
         start = self.clock()
         fut: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
-        item = Item(payload=(request, fut), size=request.batch_size, shape_key=self._shape_key(request), enqueued_ns=0)
+        item = Item(
+            payload=(request, fut),
+            size=request.batch_size,
+            shape_key=self._shape_key(request),
+            enqueued_ns=0,
+            request_id=request.id,
+        )
         item.level = level
         try:
             self.queue.add(item, start, timeout_us)

@@ -35,7 +35,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, WorkerDied
+from shoal.proto import errortexts as T
+from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.dispatch.pool import InstancePool
 from shoal.server.dispatch.worker import Worker
@@ -176,10 +177,7 @@ class SequenceBatcher(SchedulerBase):
         self._admission.check()
         corrid, start, end = sequence_params(request, self.name)
         if self.batching and request.batch_size != 1:
-            raise InvalidInput(
-                f"inference request to model '{self.name}' with sequence batching must have batch size 1, "
-                f"got {request.batch_size}"
-            )
+            raise T.SEQUENCE_BATCH_SIZE(model=self.name)
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap_idle())
         self._admission.enter()
@@ -187,7 +185,7 @@ class SequenceBatcher(SchedulerBase):
         ok = False
         try:
             # refused before a slot is taken (e.g. a string id for an integer CORRID)
-            controls = self.controls.tensors(corrid, start, end)
+            controls = self.controls.tensors(corrid, start, end, request_id=request.id)
             seq = self._active.get(corrid)
             if start:
                 if seq is not None:
@@ -196,12 +194,9 @@ class SequenceBatcher(SchedulerBase):
                 seq = await self._acquire(corrid, t0)
             elif seq is None:
                 why = self._expired.get(corrid)
-                if why:
-                    raise InvalidInput(f"sequence {corrid!r} of model '{self.name}' {why}; start it again")
-                raise InvalidInput(
-                    f"inference request for sequence {corrid!r} to model '{self.name}' must specify the "
-                    "START flag on the first request of the sequence"
-                )
+                if why:  # Triton's text alone goes to the client
+                    log.info("sequence %r of model '%s' %s; a request without START came", corrid, self.name, why)
+                raise T.SEQUENCE_NO_START(sequence_id=corrid, model=self.name)
             async with seq.lock:
                 if seq.worker.generation != seq.generation:
                     self._release(seq, "ended: its instance failed")

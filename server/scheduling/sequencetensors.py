@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.types import InferRequest, InputTensor
@@ -24,7 +25,7 @@ def sequence_params(request: InferRequest, model: str) -> tuple[int | str, bool,
     if isinstance(corrid, bool) or not isinstance(corrid, int | str) or (isinstance(corrid, int) and corrid < 0):
         raise InvalidInput("request parameter 'sequence_id' must be an unsigned integer or a string")
     if corrid in (0, ""):
-        raise InvalidInput(f"inference request to model '{model}' must specify a non-zero or non-empty correlation ID")
+        raise T.SEQUENCE_NO_CORRELATION_ID(model=model)
     flags = []
     for key in ("sequence_start", "sequence_end"):
         value = params.get(key, False)
@@ -44,7 +45,9 @@ class Controls:
         self.pairs = [(c.name, ctl) for c in sb.control_input for ctl in c.control]
         self.names = {name for name, _ in self.pairs}
 
-    def tensors(self, corrid: int | str, start: bool, end: bool, ready: bool = True) -> list[InputTensor]:
+    def tensors(
+        self, corrid: int | str, start: bool, end: bool, ready: bool = True, request_id: str = ""
+    ) -> list[InputTensor]:
         """The control inputs of one request (a null request: ``ready`` false, CORRID 0 or empty)."""
         out = []
         shape = (1, 1) if self.batching else (1,)
@@ -56,7 +59,9 @@ class Controls:
                     data = dtypes.serialize_bytes(np.array([text], dtype=np.object_))
                 else:
                     if isinstance(corrid, str):
-                        raise InvalidInput(f"model '{self.name}' takes integer sequence ids (CORRID {dt.protocol})")
+                        raise T.SEQUENCE_ID_DATATYPE(
+                            request_id, name=name, got="BYTES", model=self.name, expected=dt.protocol
+                        )
                     assert dt.numpy is not None
                     data = np.array([corrid], dtype=np.uint64).astype(dt.numpy).tobytes()
                 out.append(InputTensor(name, dt.protocol, shape, data))

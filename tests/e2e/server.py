@@ -23,6 +23,7 @@ EXAMPLE_MODELS = ROOT / "examples" / "models"
 _PORT_RE = re.compile(r"HTTP listening on \S+:(\d+)")
 _GRPC_PORT_RE = re.compile(r"GRPC listening on \S+:(\d+)")
 _METRICS_PORT_RE = re.compile(r"Metrics listening on \S+:(\d+)")
+_HEALTH_PORT_RE = re.compile(r"HTTP health listening on \S+:(\d+)")
 
 
 class ServerProcess:
@@ -34,9 +35,13 @@ class ServerProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         rlimits: dict[int, tuple[int, int]] | None = None,
+        triton: bool = False,
     ) -> None:
         """``env``: extra environment; ``rlimits``: resource limits of the server process
-        (and so of its workers), e.g. ``{resource.RLIMIT_AS: (4 << 30, 4 << 30)}``."""
+        (and so of its workers), e.g. ``{resource.RLIMIT_AS: (4 << 30, 4 << 30)}``;
+        ``triton``: start it as ``tritonserver`` (Triton's command line and defaults)."""
+        self.triton = triton
+        self.health_port = 0
         self.repository = repository
         self.extra = extra
         self.env = env or {}
@@ -71,8 +76,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "shoal.server",
-            "serve",
+            *(("shoal.server.tritonserver",) if self.triton else ("shoal.server", "serve")),
             "--model-repository",
             str(self.repository),
             "--host",
@@ -129,11 +133,17 @@ class ServerProcess:
             mp = _METRICS_PORT_RE.search(line)
             if mp:
                 self.metrics_port = int(mp.group(1))
+            h = _HEALTH_PORT_RE.search(line)
+            if h:
+                self.health_port = int(h.group(1))
             m = _PORT_RE.search(line)
-            if m:
+            if m and not h:
                 self.port = int(m.group(1))
+            if m or g:
                 self._port_seen.set()
-            if "shoal: server " in line and self.grpc_port:
+            if "shoal: server " in line:
+                # the last line of start-up: every listener is up
+                self._port_seen.set()
                 self._ready_seen.set()
 
     def client(self, **kwargs: object) -> httpclient.InferenceServerClient:

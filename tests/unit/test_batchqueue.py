@@ -99,9 +99,11 @@ def test_max_queue_size_per_level() -> None:
     )
     q = BatchQueue(cfg)
     q.add(_item("a", level=1), 0)
-    with pytest.raises(ServingError, match="exceeds maximum queue size") as err:
+    with pytest.raises(ServingError) as err:
         q.add(_item("b", level=1), 0)
-    assert err.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    # Triton's text and code (UNAVAILABLE: HTTP 503)
+    assert err.value.message == "[request id: <id_unknown>] Exceeds maximum queue size"
+    assert err.value.code is ErrorCode.UNAVAILABLE
     q.add(_item("c", level=2), 0)  # level 2 is unbounded
 
 
@@ -117,7 +119,8 @@ def test_timeouts_reject_and_override() -> None:
     assert q.next_deadline() == 5 * MS
     assert q.expire(4 * MS) == []
     (gone,) = q.expire(5 * MS)
-    assert gone.payload == "a" and gone.error is not None and gone.error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert gone.payload == "a" and gone.error is not None and gone.error.code is ErrorCode.UNAVAILABLE
+    assert gone.error.message == "Request timeout expired"
     assert _names(q.next_batch(100 * MS)[0]) == ["b"]
 
 

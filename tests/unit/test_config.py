@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.server.config import ConfigError, ServerConfig, parse
+from shoal.server.config import ConfigError, LogOptions, ServerConfig, parse
 
 
 def _parse(repo: Path, *args: str) -> ServerConfig:
@@ -91,7 +91,7 @@ def test_flags_mapped(tmp_path: Path) -> None:
         grpc_port=9001,
         metrics_port=9002,
         exit_timeout_s=0.0,
-        log_verbose=2,
+        log=LogOptions(verbose=2),
         strict_model_config=False,
         strict_readiness=False,
         repository_poll_s=2.5,
@@ -101,6 +101,7 @@ def test_flags_mapped(tmp_path: Path) -> None:
         worker_arena_bytes=2048,
         inline_max_bytes=0,
         model_load_timeout_s=5.0,
+        warnings=("--strict-model-config is deprecated: use --disable-auto-complete-config",),
     )
 
 
@@ -173,9 +174,16 @@ def test_repository_required() -> None:
     assert _problems() == ["--model-repository is required"]
 
 
-def test_one_repository_only(tmp_path: Path) -> None:
-    assert _problems("--model-repository", str(tmp_path), "--model-store", str(tmp_path)) == [
-        "only one --model-repository is supported"
+def test_several_repositories(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cfg = parse(["serve", "--model-repository", str(tmp_path / "a"), "--model-store", str(tmp_path / "b")])
+    assert (cfg.model_repository, cfg.more_repositories) == ((tmp_path / "a").resolve(), ((tmp_path / "b").resolve(),))
+    # the same directory twice is one repository
+    cfg = parse(["serve", "--model-repository", str(tmp_path / "a"), "--model-repository", str(tmp_path / "a")])
+    assert cfg.more_repositories == ()
+    assert _problems("--model-repository", str(tmp_path), "--model-repository", "s3://bucket/models") == [
+        "an object-storage --model-repository cannot be combined with other repositories"
     ]
 
 
@@ -186,12 +194,26 @@ def test_repository_must_be_a_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "ports", [("--http-port", "9000", "--grpc-port", "9000"), ("--grpc-port", "8000"), ("--metrics-port", "8001")]
+    ("ports", "problem"),
+    [
+        (("--http-port", "9000", "--grpc-port", "9000"), "--http-port and --grpc-port are both 9000"),
+        (("--grpc-port", "8000"), "--http-port and --grpc-port are both 8000"),
+        (("--metrics-port", "8001"), "--grpc-port and --metrics-port are both 8001"),
+        (("--http-health-port", "8002"), "--metrics-port and --http-health-port are both 8002"),
+    ],
 )
-def test_duplicate_ports(tmp_path: Path, ports: tuple[str, ...]) -> None:
-    assert _problems("--model-repository", str(tmp_path), *ports) == [
-        "--http-port, --grpc-port and --metrics-port must differ"
-    ]
+def test_duplicate_ports(tmp_path: Path, ports: tuple[str, ...], problem: str) -> None:
+    assert _problems("--model-repository", str(tmp_path), *ports) == [f"{problem}: each service needs its own port"]
+
+
+def test_ports_of_disabled_services_may_collide(tmp_path: Path) -> None:
+    cfg = _parse(tmp_path, "--allow-grpc=false", "--grpc-port", "8000", "--allow-metrics", "false")
+    assert (cfg.allow_grpc, cfg.allow_metrics, cfg.allow_gpu_metrics, cfg.allow_cpu_metrics) == (
+        False,
+        False,
+        False,
+        False,
+    )
 
 
 @pytest.mark.parametrize("mode", ["poll", "explicit", "EXPLICIT", "Poll"])
@@ -203,8 +225,11 @@ def test_load_model_needs_explicit(tmp_path: Path) -> None:
     assert _problems("--model-repository", str(tmp_path), "--load-model", "a") == [
         "--load-model needs --model-control-mode=explicit"
     ]
-    cfg = _parse(tmp_path, "--model-control-mode", "explicit", "--load-model", "a", "--load-model", "*")
-    assert cfg.load_models == ("a", "*")
+    cfg = _parse(tmp_path, "--model-control-mode", "explicit", "--load-model", "a", "--load-model", "b")
+    assert cfg.load_models == ("a", "b")
+    assert _problems(
+        "--model-repository", str(tmp_path), "--model-control-mode=explicit", "--load-model=a", "--load-model=*"
+    ) == ["--load-model=* must be the only --load-model"]
 
 
 def test_control_mode_none(tmp_path: Path) -> None:

@@ -22,11 +22,15 @@ def test_http_table_has_only_error_codes() -> None:
 @pytest.mark.parametrize(
     ("code", "status"),
     [
+        # Triton's HttpCodeFromError: what has no HTTP counterpart is 400
         (ErrorCode.INVALID_ARGUMENT, 400),
         (ErrorCode.NOT_FOUND, 404),
         (ErrorCode.UNAVAILABLE, 503),
         (ErrorCode.UNIMPLEMENTED, 501),
         (ErrorCode.INTERNAL, 500),
+        (ErrorCode.UNKNOWN, 400),
+        (ErrorCode.ALREADY_EXISTS, 400),
+        (ErrorCode.CANCELLED, 400),
     ],
 )
 def test_key_http_statuses(code: ErrorCode, status: int) -> None:
@@ -71,7 +75,7 @@ def test_from_exception_keeps_serving_errors(exc: ServingError) -> None:
     [
         (errors.InvalidInput, ErrorCode.INVALID_ARGUMENT),
         (errors.ModelNotReady, ErrorCode.UNAVAILABLE),
-        (errors.QueueFull, ErrorCode.RESOURCE_EXHAUSTED),
+        (errors.QueueFull, ErrorCode.UNAVAILABLE),
         (errors.DeadlineExceeded, ErrorCode.DEADLINE_EXCEEDED),
         (errors.WorkerDied, ErrorCode.UNAVAILABLE),
         (errors.Unsupported, ErrorCode.UNIMPLEMENTED),
@@ -95,3 +99,23 @@ def test_grpc_table_covers_every_code() -> None:
     assert set(GRPC_STATUS) == set(ErrorCode)
     assert GRPC_STATUS[ErrorCode.UNAVAILABLE].name == "UNAVAILABLE"
     assert GRPC_STATUS[ErrorCode.UNIMPLEMENTED].name == "UNIMPLEMENTED"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        # Triton's grpc_utils.cc: each of its codes to the same-named status
+        (ErrorCode.UNKNOWN, "UNKNOWN"),
+        (ErrorCode.INTERNAL, "INTERNAL"),
+        (ErrorCode.NOT_FOUND, "NOT_FOUND"),
+        (ErrorCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (ErrorCode.UNAVAILABLE, "UNAVAILABLE"),
+        (ErrorCode.UNIMPLEMENTED, "UNIMPLEMENTED"),
+        (ErrorCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
+        (ErrorCode.CANCELLED, "CANCELLED"),
+    ],
+)
+def test_grpc_statuses_of_triton_codes(code: ErrorCode, status: str) -> None:
+    from shoal.server.frontends.grpc.errors import GRPC_STATUS
+
+    assert GRPC_STATUS[code].name == status

@@ -453,10 +453,25 @@ def test_model_without_tensors_allowed(tmp_path: Path) -> None:
 # ---- names and listing ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "", "\x00", "a\x00b", "a\\b", "../etc"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "/abs", "\x00", "a\x00b", "a\\b", "../etc"])
 def test_validate_model_name_refuses(name: str) -> None:
     with pytest.raises(InvalidInput, match="invalid model name"):
         repository.validate_model_name(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "Model name cannot be empty. Please enter a valid name to deploy."),
+        ("  ", "Model name cannot be empty. Please enter a valid name to deploy."),
+        ("..", "invalid model name '..', model name must not contain path traversal characters"),
+        ("a/b", "invalid model name 'a/b', model name must not contain path traversal characters"),
+    ],
+)
+def test_validate_model_name_triton_texts(name: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        repository.validate_model_name(name)
+    assert err.value.message == message
 
 
 @pytest.mark.parametrize("name", ["m", "add_sub", "model-1.v2", "...", "..a", "a..b", "\u00e9t\u00e9", "a b"])

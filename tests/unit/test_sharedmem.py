@@ -35,16 +35,27 @@ def registry() -> tuple[SharedMemoryRegistry, list[list[int]]]:
     return reg, forgotten
 
 
-@pytest.mark.parametrize("key", ["shoal_123_abc", "/shoal_x", "//triton_python_backend_shm_region_9", "sem.lock"])
-def test_reserved_keys(key: str) -> None:
-    with pytest.raises(ServingError, match="reserved"):
-        normalize_key(key)
+@pytest.mark.parametrize(
+    ("key", "prefix"),
+    [
+        ("shoal_123_abc", "shoal_"),
+        ("/shoal_x", "shoal_"),
+        ("//triton_python_backend_shm_region_9", "triton_python_backend_shm_region_"),
+        ("sem.lock", "sem."),
+    ],
+)
+def test_reserved_keys(key: str, prefix: str) -> None:
+    with pytest.raises(ServingError) as err:
+        normalize_key(key, "r")
+    assert err.value.message == (
+        f"cannot register shared memory region 'r' with key '{key}' as the key contains the reserved prefix '{prefix}'"
+    )
 
 
 @pytest.mark.parametrize("key", ["", "/", "a/b", "/a\x00b", "x" * 256, ".", "/.."])
 def test_malformed_keys(key: str) -> None:
-    with pytest.raises(ServingError, match="POSIX shared memory name"):
-        normalize_key(key)
+    with pytest.raises(ServingError, match="^cannot register shared memory region 'r' - invalid shm key '"):
+        normalize_key(key, "r")
 
 
 def test_key_spellings() -> None:
@@ -53,7 +64,7 @@ def test_key_spellings() -> None:
 
 def test_register_bounds_and_namespace(segment: str, registry: tuple[SharedMemoryRegistry, list[list[int]]]) -> None:
     reg, _ = registry
-    with pytest.raises(ServingError, match="unable to use the shared memory key"):
+    with pytest.raises(ServingError, match="^failed to register shared memory region 'r': invalid args$"):
         reg.register_system("r", segment, 4000, 97)
     r = reg.register_system("r", segment, 4000, 96)
     assert (r.key, r.key_given, r.offset, r.byte_size) == (KEY, segment, 4000, 96)
@@ -61,10 +72,18 @@ def test_register_bounds_and_namespace(segment: str, registry: tuple[SharedMemor
     with pytest.raises(ServingError) as err:
         reg.register_cuda("r", handle, 0, 8)  # one namespace for both kinds
     assert err.value.code is ErrorCode.ALREADY_EXISTS
+    assert err.value.message == "shared memory region 'r' already in manager"
     assert reg.status(None, cuda=False) == [r] and reg.status(None, cuda=True) == []
     with pytest.raises(ServingError) as err:
         reg.status("r", cuda=True)
     assert err.value.code is ErrorCode.NOT_FOUND
+    assert err.value.message == "The region named 'r' is registered as system shared memory, not CUDA shared memory"
+    with pytest.raises(ServingError) as err:
+        reg.status("q", cuda=True)
+    assert (err.value.code, err.value.message) == (
+        ErrorCode.NOT_FOUND,
+        "Unable to find cuda shared memory region: 'q'",
+    )
 
 
 def test_cuda_handle_base64_with_line_breaks(registry: tuple[SharedMemoryRegistry, list[list[int]]]) -> None:
@@ -118,13 +137,18 @@ def test_bind_failure_keeps_nothing(segment: str, registry: tuple[SharedMemoryRe
     reg, _ = registry
     r = reg.register_system("r", segment, 0, 32)
     req = _request(ShmRef("r", 0, 16), ShmRef("r", 16, 17))
-    with pytest.raises(ServingError, match="outside the registered region") as err:
+    with pytest.raises(ServingError) as err:
         reg.bind(req)
-    assert "'r'" not in err.value.message
+    assert err.value.message == "Invalid offset + byte size for shared memory region: 'r'"
+    assert r.users == 0
+    with pytest.raises(ServingError) as err:
+        reg.bind(_request(ShmRef("r", 32, 0)))
+    assert err.value.message == "Invalid offset for shared memory region: 'r'"
     assert r.users == 0
     with pytest.raises(ServingError) as nf:
         reg.bind(_request(ShmRef("nope", 0, 1)))
     assert nf.value.code is ErrorCode.NOT_FOUND
+    assert nf.value.message == "Unable to find shared memory region: 'nope'"
 
 
 def test_disabled_registry(segment: str) -> None:

@@ -8,11 +8,15 @@ from google.protobuf import text_format
 
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput
+from shoal.proto.errortexts import IMPLICIT_BATCH_NOTE as NOTE
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.models import ModelVersion
 from shoal.server.models.version import tensor_specs
 from shoal.server.types import InferRequest, InputTensor, RequestedOutput
 from shoal.server.validation import validate
+
+ID = "[request id: <id_unknown>] "
+"""How Triton starts the texts of its request checks (these requests have no id)."""
 
 BATCHING = """
 name: "bm" backend: "python" max_batch_size: 8
@@ -130,45 +134,68 @@ def test_input_name_is_case_sensitive() -> None:
 def test_duplicate_input() -> None:
     a, b = _ok_batch()
     msg = _invalid(_mv(BATCHING), _req(a, b, _t("A", "FP32", (2, 4))))
-    assert msg == "input 'A' appears more than once in the request for model 'bm'"
+    assert msg == f"{ID}input 'A' already exists in request"
 
 
 @pytest.mark.parametrize("datatype", ["FP64", "FP16", "INT32", "BYTES"])
 def test_wrong_datatype(datatype: str) -> None:
     bad = InputTensor("A", datatype, (2, 4), b"")
     msg = _invalid(_mv(BATCHING), _req(bad, _ok_batch()[1]))
-    assert msg == f"inference input 'A' data-type is '{datatype}', but model 'bm' expects 'FP32'"
+    assert msg == f"{ID}inference input 'A' data-type is '{datatype}', but model 'bm' expects 'FP32'"
+
+
+def test_unknown_datatype_is_invalid() -> None:
+    msg = _invalid(_mv(BATCHING), _req(InputTensor("A", "FLOAT", (2, 4), b""), _ok_batch()[1]))
+    assert msg == f"{ID}inference input 'A' data-type is '<invalid>', but model 'bm' expects 'FP32'"
+
+
+def test_request_id_is_named() -> None:
+    req = _req(InputTensor("A", "FP64", (2, 4), b""), _ok_batch()[1])
+    req.id = "42"
+    msg = _invalid(_mv(BATCHING), req)
+    assert msg == "[request id: 42] inference input 'A' data-type is 'FP64', but model 'bm' expects 'FP32'"
 
 
 @pytest.mark.parametrize(
     ("shape", "expect"),
     [
-        ((2, 5), "[-1, 4]"),
-        ((2, 4, 1), "[-1, 4]"),
-        ((2,), "[-1, 4]"),
+        ((2, 5), "[-1,4]"),
+        ((2, 4, 1), "[-1,4]"),
+        ((2,), "[-1,4]"),
     ],
 )
 def test_wrong_shape_batching(shape: tuple[int, ...], expect: str) -> None:
     msg = _invalid(_mv(BATCHING), _req(_t("A", "FP32", shape), _t("B", "INT32", (2, 3, 2))))
-    assert msg == f"unexpected shape for input 'A' for model 'bm'. Expected {expect}, got {list(shape)}"
+    got = "[" + ",".join(map(str, shape)) + "]"
+    assert msg == f"{ID}unexpected shape for input 'A' for model 'bm'. Expected {expect}, got {got}. {NOTE}"
 
 
 def test_wrong_shape_variable_dim_rank() -> None:
     msg = _invalid(_mv(BATCHING), _req(_t("A", "FP32", (2, 4)), _t("B", "INT32", (2, 3, 3))))
-    assert msg == "unexpected shape for input 'B' for model 'bm'. Expected [-1, -1, 2], got [2, 3, 3]"
+    assert msg == f"{ID}unexpected shape for input 'B' for model 'bm'. Expected [-1,-1,2], got [2,3,3]. {NOTE}"
 
 
 @pytest.mark.parametrize("shape", [(3, 2), (1, 2, 3), (6,), ()])
 def test_wrong_shape_non_batching(shape: tuple[int, ...]) -> None:
     s = dtypes.serialize_bytes(np.array([b"a"], dtype=np.object_))
     msg = _invalid(_mv(PLAIN), _req(_t("X", "UINT8", shape), _t("S", "BYTES", (1,), s), model="pm"))
-    assert msg == f"unexpected shape for input 'X' for model 'pm'. Expected [2, 3], got {list(shape)}"
+    got = "[" + ",".join(map(str, shape)) + "]"
+    # Triton's text for a non-batching model ends with ". " (where the batching note goes)
+    assert msg == f"{ID}unexpected shape for input 'X' for model 'pm'. Expected [2,3], got {got}. "
 
 
-def test_negative_dimension() -> None:
-    bad = InputTensor("A", "FP32", (2, -4), b"")
+@pytest.mark.parametrize("shape", [(2, -1), (2, -4), (-1, 4)])
+def test_unspecified_dimension(shape: tuple[int, ...]) -> None:
+    bad = InputTensor("A", "FP32", shape, b"")
     msg = _invalid(_mv(BATCHING), _req(bad, _ok_batch()[1]))
-    assert msg == "inference input 'A' has a negative dimension in shape [2, -4]"
+    got = "[" + ",".join(map(str, shape)) + "]"
+    assert msg == f"{ID}All input dimensions should be specified for input 'A' for model 'bm', got {got}"
+
+
+def test_unspecified_dimension_after_a_mismatch_is_a_shape_error() -> None:
+    bad = InputTensor("B", "INT32", (2, 3, -1, 1), b"")
+    msg = _invalid(_mv(BATCHING), _req(_ok_batch()[0], bad))
+    assert msg.startswith(f"{ID}unexpected shape for input 'B' for model 'bm'. Expected [-1,-1,2], got [2,3,-1,1]")
 
 
 def test_batching_model_needs_batch_dimension() -> None:
@@ -177,29 +204,29 @@ def test_batching_model_needs_batch_dimension() -> None:
         'input [ { name: "A" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } } ]'
     )
     msg = _invalid(mv, _req(_t("A", "FP32", ())))
-    assert msg == "inference input 'A' of batching model 's' needs a batch dimension"
+    assert msg == f"{ID}input 'A' has no shape but model requires batch dimension for 's'"
 
 
 def test_batch_larger_than_max_batch_size() -> None:
     msg = _invalid(_mv(BATCHING), _req(*_ok_batch(9)))
-    assert msg == "inference request batch-size must be <= 8 for 'bm', got 9 for input 'A'"
+    assert msg == f"{ID}inference request batch-size must be <= 8 for 'bm'"
 
 
 def test_inconsistent_batch_sizes() -> None:
     msg = _invalid(_mv(BATCHING), _req(_t("A", "FP32", (2, 4)), _t("B", "INT32", (3, 1, 2))))
-    assert msg == "inference input 'B' batch size 3 differs from other inputs (2)"
+    assert msg == f"{ID}input 'B' batch size does not match other inputs for 'bm'"
 
 
 def test_inconsistent_batch_size_of_optional_input() -> None:
     msg = _invalid(_mv(BATCHING), _req(*_ok_batch(2), _t("OPT", "FP32", (1, 1))))
-    assert msg == "inference input 'OPT' batch size 1 differs from other inputs (2)"
+    assert msg == f"{ID}input 'OPT' batch size does not match other inputs for 'bm'"
 
 
 @pytest.mark.parametrize("nbytes", [0, 31, 33, 64])
 def test_byte_size_mismatch(nbytes: int) -> None:
     bad = _t("A", "FP32", (2, 4), b"\x00" * nbytes)
     msg = _invalid(_mv(BATCHING), _req(bad, _ok_batch()[1]))
-    assert msg == f"input byte size mismatch for input 'A' for model 'bm'. Expected 32, got {nbytes}"
+    assert msg == f"{ID}input byte size mismatch for input 'A' for model 'bm'. Expected 32, got {nbytes}"
 
 
 def test_byte_size_of_memoryview() -> None:
@@ -209,12 +236,43 @@ def test_byte_size_of_memoryview() -> None:
 
 def test_missing_required_input() -> None:
     msg = _invalid(_mv(BATCHING), _req(_t("A", "FP32", (2, 4)), _t("OPT", "FP32", (2, 1))))
-    assert msg == "expected 2 inputs but got 2 inputs for model 'bm'. Missing: 'B'"
+    # within the count Triton checks (2 to 3), yet 'B' is missing: the count's text names it
+    assert msg == (
+        f"{ID}expected number of inputs between 2 and 3 but got 2 inputs for model 'bm'. Got input(s) "
+        "['A','OPT'], but missing required input(s) ['B']. Please provide all required input(s)."
+    )
 
 
 def test_no_inputs() -> None:
     msg = _invalid(_mv(BATCHING), _req())
-    assert msg == "expected 2 inputs but got 0 inputs for model 'bm'. Missing: 'A', 'B'"
+    assert msg == (
+        f"{ID}expected number of inputs between 2 and 3 but got 0 inputs for model 'bm'. Got input(s) [], "
+        "but missing required input(s) ['A','B']. Please provide all required input(s)."
+    )
+
+
+def test_input_count_without_optional_inputs() -> None:
+    s = dtypes.serialize_bytes(np.array([b"a"], dtype=np.object_))
+    msg = _invalid(_mv(PLAIN), _req(_t("S", "BYTES", (1,), s), model="pm"))
+    assert msg == (
+        f"{ID}expected 2 inputs but got 1 inputs for model 'pm'. Got input(s) ['S'], but missing required "
+        "input(s) ['X']. Please provide all required input(s)."
+    )
+
+
+def test_too_many_inputs_is_a_count_error() -> None:
+    # Triton counts before it looks at names; with nothing missing its list is written "]"
+    extra = [_t("A", "FP32", (2, 4)), _t("B", "INT32", (2, 3, 2)), _t("OPT", "FP32", (2, 1)), _t("W", "FP32", (2,))]
+    msg = _invalid(_mv(BATCHING), _req(*extra))
+    assert msg == (
+        f"{ID}expected number of inputs between 2 and 3 but got 4 inputs for model 'bm'. Got input(s) "
+        "['A','B','OPT','W'], but missing required input(s) ]. Please provide all required input(s)."
+    )
+
+
+def test_outputs_are_checked_first() -> None:
+    msg = _invalid(_mv(BATCHING), _req(_t("A", "FP64", (2, 4)), outputs=["W"]))
+    assert msg == "unexpected inference output 'W' for model 'bm'"
 
 
 def test_unknown_requested_output() -> None:
@@ -263,13 +321,13 @@ def test_reshape_applied(
 def test_reshape_checks_config_dims_not_reshape() -> None:
     mv = _reshape_model(0, "4", "2, 2")
     msg = _invalid(mv, _req(_t("I", "FP32", (2, 2))))
-    assert msg == "unexpected shape for input 'I' for model 'r'. Expected [4], got [2, 2]"
+    assert msg == f"{ID}unexpected shape for input 'I' for model 'r'. Expected [4], got [2,2]. "
 
 
 def test_byte_size_checked_before_reshape() -> None:
     mv = _reshape_model(0, "4", "2, 2")
     msg = _invalid(mv, _req(_t("I", "FP32", (4,), b"\x00" * 8)))
-    assert msg == "input byte size mismatch for input 'I' for model 'r'. Expected 16, got 8"
+    assert msg == f"{ID}input byte size mismatch for input 'I' for model 'r'. Expected 16, got 8"
 
 
 def test_specs_from_config() -> None:

@@ -56,6 +56,8 @@ class ModelSpec:
     """The worker's BLS client (``workers.bls.BlsClient``): models may call other models."""
     metrics: Any = None
     """The worker's custom-metrics client (``workers.custommetrics.MetricsClient``)."""
+    backend_config: dict[str, str] = field(default_factory=dict)
+    """``--backend-config`` settings for this backend (the model's ``parameters`` win)."""
 
 
 def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, device: Device) -> ModelSpec:
@@ -70,6 +72,7 @@ def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, d
         version_dir=os.path.join(model_dir, str(load.model_version)),
         instance_name=instance_name,
         device=device,
+        backend_config=dict(load.backend_config),
     )
 
 

@@ -20,6 +20,7 @@ from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
+from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.onnx"
 
@@ -63,6 +64,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._in_reshape = {i.name: list(i.reshape.shape) for i in cfg.input if i.HasField("reshape")}
         self._out_reshape = {o.name: list(o.dims) for o in cfg.output if o.HasField("reshape")}
         self._outputs = [o.name for o in cfg.output] or [o.name for o in session.get_outputs()]
+        self._outputs += [name for name in state_outputs(cfg) if name not in self._outputs]
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -123,7 +125,8 @@ class OnnxRuntimeBackend(BatchedBackend):
                 code=ErrorCode.INVALID_ARGUMENT,
             )
         if cfg.max_batch_size == 0 and batchable:
-            cfg.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+            # --backend-config=[onnxruntime,]default-max-batch-size=N (0: no batching)
+            cfg.max_batch_size = int(spec.backend_config.get("default-max-batch-size", DEFAULT_MAX_BATCH_SIZE))
         batching = cfg.max_batch_size > 0
         for target, model_tensors in ((cfg.input, session.get_inputs()), (cfg.output, session.get_outputs())):
             if len(target):
@@ -182,7 +185,8 @@ class OnnxRuntimeBackend(BatchedBackend):
         return out
 
     def output_names(self) -> list[str]:
-        """The outputs of the configuration (the model's own when the config lists none)."""
+        """The outputs of the configuration (the model's own when the config lists none) and
+        the state outputs of ``sequence_batching``."""
         return list(self._outputs)
 
     def close(self) -> None:
@@ -193,6 +197,8 @@ class OnnxRuntimeBackend(BatchedBackend):
 def _parameter(spec: ModelSpec, key: str) -> str | None:
     if key in spec.config.parameters:
         return spec.config.parameters[key].string_value.strip()
+    if key in spec.backend_config:
+        return spec.backend_config[key].strip()
     return None
 
 
@@ -319,8 +325,22 @@ def _check_tensor(
             )
 
 
+def _check_filled(spec: ModelSpec, kind: str, name: str, datatype: str, model_type: str) -> None:
+    """A control or state tensor's datatype (as the sequence batcher sends or keeps it)
+    against the model's."""
+    have = ORT_TYPES.get(model_type)
+    if have != datatype:
+        raise ServingError(
+            f"model '{spec.name}': sequence_batching {kind} '{name}' is {datatype} in the configuration "
+            f"but {model_type} in the model",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+
+
 def _validate(spec: ModelSpec, session: Any) -> None:
-    """Check every config input and output against the session's inputs and outputs."""
+    """Check every config input and output against the session's inputs and outputs. Model
+    inputs the sequence batcher fills (control and state inputs) need not be config inputs,
+    nor state outputs config outputs; their datatypes must match the configuration's."""
     model_inputs = {i.name: i for i in session.get_inputs()}
     model_outputs = {o.name: o for o in session.get_outputs()}
     cfg = spec.config
@@ -335,12 +355,31 @@ def _validate(spec: ModelSpec, session: Any) -> None:
         dims = list(inp.reshape.shape) if inp.HasField("reshape") else list(inp.dims)
         _check_tensor(spec, "input", inp.name, inp.data_type, dims, m.type, _model_dims(m.shape))
     configured = {i.name for i in cfg.input}
-    missing = [n for n in model_inputs if n not in configured]
+    filled = sequence_inputs(cfg)
+    missing = [n for n in model_inputs if n not in configured and n not in filled]
     if missing:
         raise ServingError(
             f"model '{spec.name}': model input '{missing[0]}' is missing from the configuration",
             code=ErrorCode.INVALID_ARGUMENT,
         )
+    for name, datatype in filled.items():
+        m = model_inputs.get(name)
+        if m is None:
+            raise ServingError(
+                f"model '{spec.name}': sequence_batching input '{name}' is not an input of the model "
+                f"(model inputs: {', '.join(model_inputs) or 'none'})",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+        _check_filled(spec, "input", name, datatype, m.type)
+    for name, datatype in state_outputs(cfg).items():
+        m = model_outputs.get(name)
+        if m is None:
+            raise ServingError(
+                f"model '{spec.name}': sequence_batching state output '{name}' is not an output of the model "
+                f"(model outputs: {', '.join(model_outputs) or 'none'})",
+                code=ErrorCode.INVALID_ARGUMENT,
+            )
+        _check_filled(spec, "output", name, datatype, m.type)
     for out in cfg.output:
         m = model_outputs.get(out.name)
         if m is None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.pt"
 
@@ -58,6 +59,7 @@ class PyTorchBackend(BatchedBackend):
         self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
         cfg = spec.config
         self._outputs = [o.name for o in cfg.output]
+        self._outputs += [name for name in state_outputs(cfg) if name not in self._outputs]
         self._input_order = self._bind_inputs(spec, module)
         for name in self._outputs:
             if _index(name) is None and not self._returns_dict(module):
@@ -75,8 +77,10 @@ class PyTorchBackend(BatchedBackend):
 
     @staticmethod
     def _bind_inputs(spec: ModelSpec, module: Any) -> list[str]:
-        """Config input names in ``forward``'s argument order."""
+        """Config input names, and the inputs the sequence batcher fills (control and state
+        inputs), in ``forward``'s argument order."""
         names = [i.name for i in spec.config.input]
+        names += [n for n in sequence_inputs(spec.config) if n not in names]
         try:
             args = [a.name for a in module.forward.schema.arguments][1:]  # drop self
         except (AttributeError, RuntimeError):

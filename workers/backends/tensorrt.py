@@ -22,6 +22,7 @@ from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.plan"
 
@@ -157,19 +158,22 @@ class TensorRTBackend(BatchedBackend):
 
 
 def _validate(spec: ModelSpec, io: dict[str, tuple[bool, str, tuple[int, ...]]]) -> None:
-    """Every configured tensor exists in the engine with its datatype, and the reverse."""
+    """Every configured tensor exists in the engine with its datatype, and the reverse; the
+    tensors the sequence batcher fills or keeps (control inputs, state inputs and outputs)
+    count as configured, with the datatypes the batcher uses."""
     batch = spec.config.max_batch_size > 0
     for kind, tensors, want_input in (("input", spec.config.input, True), ("output", spec.config.output, False)):
-        configured = {t.name: t for t in tensors}
+        configured = {t.name: dtypes.BY_CONFIG_NUMBER[t.data_type].protocol for t in tensors}
+        filled = sequence_inputs(spec.config) if want_input else state_outputs(spec.config)
+        configured.update({n: dt for n, dt in filled.items() if n not in configured})
         engine_names = [n for n, (is_in, _, _) in io.items() if is_in == want_input]
         for name in engine_names:
             if name not in configured:
                 raise InvalidInput(f"model '{spec.name}': engine {kind} '{name}' is not in the configuration")
-        for name, t in configured.items():
+        for name, datatype in configured.items():
             found = io.get(name)
             if found is None or found[0] != want_input:
                 raise InvalidInput(f"model '{spec.name}': configured {kind} '{name}' is not an engine {kind}")
-            datatype = dtypes.BY_CONFIG_NUMBER[t.data_type].protocol
             if datatype != found[1]:
                 raise InvalidInput(
                     f"model '{spec.name}': {kind} '{name}' is {datatype} in the configuration but {found[1]} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,10 +14,11 @@ import grpc
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.proto.gen import health_pb2
 from shoal.server import restrict
-from shoal.server.config import GrpcOptions
+from shoal.server.config import GrpcOptions, TlsOptions
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.grpc.common import MALFORMED
 from shoal.server.frontends.grpc.service import HealthService, InferenceService
+from shoal.server.headerforward import HeaderForwarder
 from shoal.server.peers import PeerCache
 from shoal.server.resources import RequestBudget
 
@@ -93,13 +95,17 @@ async def start_grpc(
         ("grpc.http2.max_pings_without_data", opts.http2_max_pings_without_data),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", opts.http2_min_recv_ping_interval_without_data_ms),
         ("grpc.http2.max_ping_strikes", opts.http2_max_ping_strikes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(opts.reuse_port)),
         ("grpc.default_compression_level", _LEVELS[opts.compression_level]),
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
     ]
     if max_connections:
         options.append(("grpc.max_allowed_incoming_connections", max_connections))
+    if opts.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", opts.max_connection_age_ms))
+    if opts.max_connection_age_grace_ms:
+        options.append(("grpc.max_connection_age_grace_ms", opts.max_connection_age_grace_ms))
     server = grpc.aio.server(
         options=options,
         compression=grpc.Compression.Gzip if opts.compression_level != "none" else grpc.Compression.NoCompression,
@@ -107,7 +113,12 @@ async def start_grpc(
     rules = restrictions or restrict.Restrictions()
     peers = PeerCache(0)
     inference = InferenceService(
-        dataplane, restrictions=rules, peers=peers, stream_max_pending=stream_max_pending, budget=budget
+        dataplane,
+        restrictions=rules,
+        peers=peers,
+        stream_max_pending=stream_max_pending,
+        budget=budget,
+        forward=HeaderForwarder(opts.header_forward_pattern),
     )
     health = HealthService(dataplane, restrictions=rules)
     server.add_generic_rpc_handlers(
@@ -116,9 +127,21 @@ async def start_grpc(
             _handler(health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2),
         )
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if opts.tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", _credentials(opts.tls))
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     peers.server_port = bound
     await server.start()
     return server, bound
+
+
+def _credentials(tls: TlsOptions) -> grpc.ServerCredentials:
+    """``--grpc-use-ssl``: the server's key pair; ``--grpc-use-ssl-mutual``: clients must
+    present a certificate signed by the root certificate."""
+    key = Path(tls.server_key).read_bytes()
+    cert = Path(tls.server_cert).read_bytes()
+    root = Path(tls.root_cert).read_bytes() if tls.root_cert else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=tls.mutual)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.server.classification import class_count
@@ -19,21 +20,20 @@ from shoal.server.shmkeys import shm_params
 from shoal.server.types import Buffer, InferRequest, InferResult, InputTensor, RequestedOutput
 from shoal.server.validation import version_number
 
-# typed-contents field and the numpy type it is read with, per datatype
-_CONTENTS: dict[str, tuple[str, Any]] = {
-    "BOOL": ("bool_contents", np.bool_),
-    "INT8": ("int_contents", np.int32),
-    "INT16": ("int_contents", np.int32),
-    "INT32": ("int_contents", np.int32),
-    "INT64": ("int64_contents", np.int64),
-    "UINT8": ("uint_contents", np.uint32),
-    "UINT16": ("uint_contents", np.uint32),
-    "UINT32": ("uint_contents", np.uint32),
-    "UINT64": ("uint64_contents", np.uint64),
-    "FP32": ("fp32_contents", np.float32),
-    "FP64": ("fp64_contents", np.float64),
-    "BYTES": ("bytes_contents", None),
-}
+# typed-contents fields in the order Triton reads them, with the numpy type each is read
+# in and the datatypes it can carry (the first is the one Triton reports for a mismatch)
+_FIELDS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+    ("bool_contents", np.bool_, ("BOOL",)),
+    ("int_contents", np.int32, ("INT32", "INT8", "INT16")),
+    ("int64_contents", np.int64, ("INT64",)),
+    ("uint_contents", np.uint32, ("UINT32", "UINT8", "UINT16")),
+    ("uint64_contents", np.uint64, ("UINT64",)),
+    ("fp32_contents", np.float32, ("FP32",)),
+    ("fp64_contents", np.float64, ("FP64",)),
+    ("bytes_contents", None, ("BYTES",)),
+)
+_CONTENTS: dict[str, tuple[str, Any]] = {dt: (f, wide) for f, wide, carries in _FIELDS for dt in carries}
+"""Each datatype's typed-contents field and the numpy type it is read in."""
 ALLOWED_TRITON_PARAMETERS = frozenset({"triton_enable_empty_final_response"})
 
 
@@ -66,45 +66,39 @@ def _request_params(m: Any) -> dict[str, Any]:
     out = param_values(m)
     for k in out:
         if k.startswith("triton_") and k not in ALLOWED_TRITON_PARAMETERS:
-            raise InvalidInput(
-                "parameter keys starting with 'triton_' are reserved for Triton usage. Only the following keys "
-                "starting with 'triton_' are allowed: " + " ".join(sorted(ALLOWED_TRITON_PARAMETERS))
-            )
+            raise T.GRPC_TRITON_PARAMETER(allowed=" ".join(sorted(ALLOWED_TRITON_PARAMETERS)))
     return out
 
 
 def decode_request(req: pb.ModelInferRequest) -> InferRequest:
+    """The request, refused with Triton's texts where Triton refuses it here. A datatype
+    this server does not know and negative dimensions pass: validation refuses them,
+    naming the model's expectation, as Triton does."""
     version = version_number(req.model_version)
+    model = req.model_name
     raw = req.raw_input_contents
     raw_next = 0
     inputs: list[InputTensor] = []
     for t in req.inputs:
         name = t.name
-        dt = dtypes.BY_PROTOCOL.get(t.datatype)
-        if dt is None:
-            raise InvalidInput(f"input '{name}' has invalid datatype '{t.datatype}'")
         shape = tuple(t.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
         params = param_values(t.parameters)
         ref = shm_params(params, f"input '{name}'")
         data: Buffer
         if ref is not None:
             if t.HasField("contents"):
-                raise InvalidInput(f"input '{name}' has both shared memory parameters and contents")
+                raise T.GRPC_CONTENTS_WITH_SHM(name=name, model=model)
             inputs.append(
                 InputTensor(name=name, datatype=t.datatype, shape=shape, data=b"", parameters=params, shm=ref)
             )
             continue
         if t.HasField("contents"):
             if len(raw):
-                raise InvalidInput(
-                    f"input '{name}': contents field must not be specified when using raw_input_contents"
-                )
-            data = _contents_bytes(t.contents, name, dt, dtypes.element_count(shape))
+                raise T.GRPC_CONTENTS_WITH_RAW(name=name, model=model)
+            data = _contents_bytes(t.contents, name, t.datatype, shape, model, req.id)
         else:
             if raw_next >= len(raw):
-                raise InvalidInput(f"unable to find data for input tensor '{name}'")
+                raise T.GRPC_NO_DATA(name=name, model=model)
             data = raw[raw_next]
             raw_next += 1
         inputs.append(InputTensor(name=name, datatype=t.datatype, shape=shape, data=data, parameters=params))
@@ -121,7 +115,7 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
             oref = shm_params(oparams, f"output '{o.name}'")
             outputs.append(RequestedOutput(name=o.name, parameters=oparams, shm=oref))
     return InferRequest(
-        model_name=req.model_name,
+        model_name=model,
         model_version=version,
         inputs=inputs,
         outputs=outputs,
@@ -130,25 +124,38 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def _contents_bytes(contents: pb.InferTensorContents, name: str, dt: dtypes.DType, count: int) -> bytes:
-    entry = _CONTENTS.get(dt.protocol)
-    if entry is None:
-        raise InvalidInput(
-            f"input '{name}': {dt.protocol} data cannot be sent in typed contents; use raw_input_contents"
-        )
-    field, wide = entry
-    values = getattr(contents, field)
-    if len(values) != count:
-        raise InvalidInput(f"input '{name}' has {len(values)} elements in contents.{field} but its shape needs {count}")
-    if dt.protocol == "BYTES":
-        return dtypes.serialize_bytes(np.array(list(values), dtype=np.object_))
-    arr = np.array(values, dtype=wide)
-    assert dt.numpy is not None
-    if arr.dtype != dt.numpy and arr.size:
-        info = np.iinfo(dt.numpy)  # type: ignore[type-var]  # only integer types narrow here
-        if arr.min() < info.min or arr.max() > info.max:
-            raise InvalidInput(f"input '{name}': a value in contents.{field} is out of range for {dt.protocol}")
-    return arr.astype(dt.numpy).tobytes()
+def _contents_bytes(
+    contents: pb.InferTensorContents, name: str, datatype: str, shape: tuple[int, ...], model: str, rid: str
+) -> bytes:
+    """The bytes of typed ``contents``: one field, of ``datatype`` (Triton's texts). Their
+    count is not checked here: validation compares the byte size with the shape."""
+    out: bytes | None = None
+    for field, wide, carries in _FIELDS:
+        values = getattr(contents, field)
+        if not len(values):
+            continue
+        if out is not None:
+            raise T.GRPC_CONTENTS_TWICE(name=name, model=model)
+        if datatype not in carries:
+            shown = datatype if datatype in dtypes.BY_PROTOCOL else T.INVALID_DATATYPE
+            raise T.GRPC_CONTENTS_DATATYPE(name=name, model=model, got=carries[0], expected=shown)
+        if wide is None:
+            count = dtypes.element_count(shape) if all(d >= 0 for d in shape) else -1
+            if count >= 0 and len(values) != count:
+                text = T.STRING_COUNT_EXCEEDED if len(values) > count else T.STRING_COUNT
+                got = count + 1 if len(values) > count else len(values)
+                raise text(rid, expected=count, name=name, model=model, got=got)
+            out = dtypes.serialize_bytes(np.array(list(values), dtype=np.object_))
+            continue
+        dt = dtypes.BY_PROTOCOL[datatype]
+        assert dt.numpy is not None
+        arr = np.array(values, dtype=wide)
+        if arr.dtype != dt.numpy and arr.size:
+            info = np.iinfo(dt.numpy)  # type: ignore[type-var]  # only integer types narrow here
+            if arr.min() < info.min or arr.max() > info.max:
+                raise InvalidInput(f"input '{name}': a value in contents.{field} is out of range for {datatype}")
+        out = arr.astype(dt.numpy).tobytes()
+    return out if out is not None else b""
 
 
 def encode_response(result: InferResult, out: pb.ModelInferResponse) -> None:

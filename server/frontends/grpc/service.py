@@ -22,6 +22,7 @@ from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, DataPlane
 from shoal.server.frontends.grpc import codec, stream
 from shoal.server.frontends.grpc.common import MALFORMED, MALFORMED_MESSAGE, restricted
 from shoal.server.frontends.grpc.errors import GRPC_STATUS
+from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logthrottle import client_error
 from shoal.server.peers import Peer, PeerCache
 from shoal.server.resources import RequestBudget
@@ -92,8 +93,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         peers: PeerCache | None = None,
         stream_max_pending: int = 256,
         budget: RequestBudget | None = None,
+        forward: HeaderForwarder | None = None,
     ) -> None:
         self.dp = dataplane
+        self.forward = forward or HeaderForwarder("")
         self.budget = budget or RequestBudget(1 << 62)
         self.restrictions = restrictions or restrict.Restrictions()
         self.peers = peers or PeerCache(0)
@@ -156,6 +159,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             req = codec.decode_request(request)
             if req.uses_shm:
                 req.peer = self.peer(context)
+            if self.forward:
+                self.forward.apply(context.invocation_metadata() or (), req.parameters)
             result = await self.dp.infer(req, decoupled_error=GRPC_DECOUPLED_ERROR)
         finally:
             self.budget.give(held)

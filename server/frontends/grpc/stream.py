@@ -130,6 +130,8 @@ async def stream_decoupled(
         req = codec.decode_request(request)
         if req.uses_shm:
             req.peer = service.peer(context)
+        if service.forward:
+            service.forward.apply(context.invocation_metadata() or (), req.parameters)
         empty_final = req.parameters.get("triton_enable_empty_final_response") is True
         async for item, final in service.dp.infer_stream(req):
             msg = pb.ModelStreamInferResponse()

@@ -15,7 +15,18 @@ from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http.body import BodyError, HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard
 from shoal.server.frontends.http.errors import HTTP_STATUS
-from shoal.server.frontends.http.routes import CATEGORY, DATAPLANE, LIMITS, PEER, RESTRICTIONS, add_routes
+from shoal.server.frontends.http.routes import (
+    CATEGORY,
+    DATAPLANE,
+    FORWARD,
+    LIMITS,
+    PEER,
+    RESTRICTIONS,
+    add_routes,
+    health_live,
+    health_ready,
+)
+from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logthrottle import client_error
 
 log = logging.getLogger("shoal.http")
@@ -87,6 +98,7 @@ def make_app(
     *,
     restrictions: restrict.Restrictions | None = None,
     guard: ConnectionGuard | None = None,
+    forward: HeaderForwarder | None = None,
 ) -> web.Application:
     # aiohttp's own body limit applies to the small JSON APIs; inference bodies are read by
     # ``body.read`` within ``limits``
@@ -97,5 +109,18 @@ def make_app(
     if guard is not None:
         app[GUARD] = guard
         app[PEER] = guard.peer
+    if forward:
+        app[FORWARD] = forward
     add_routes(app)
+    return app
+
+
+def make_health_app(dataplane: DataPlane) -> web.Application:
+    """TRTIS's health port: liveness and readiness alone, so that probes keep answering when
+    the inference port is saturated or restricted."""
+    app = web.Application(middlewares=[middleware])
+    app[DATAPLANE] = dataplane
+    app[RESTRICTIONS] = restrict.Restrictions()
+    app.router.add_get("/v2/health/live", health_live)
+    app.router.add_get("/v2/health/ready", health_ready)
     return app

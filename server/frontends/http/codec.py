@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 
 from shoal.proto import dtypes
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.server.classification import class_count
 from shoal.server.shmkeys import shm_params
@@ -54,16 +55,14 @@ def decode_request(body: bytes | bytearray, header_len: int | None, model: str, 
         raise InvalidInput("request 'id' must be a string")
     params = _params(obj.get("parameters"), "request")
     if any(k.startswith("triton_") for k in params):
-        raise InvalidInput(
-            "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified."
-        )
+        raise T.HTTP_TRITON_PARAMETER()
     pos = header_len if header_len is not None else len(body)
     inputs = []
     for i, spec in enumerate(inputs_obj):
-        t, pos = _decode_input(spec, i, view, pos, header_len is not None)
+        t, pos = _decode_input(spec, i, view, pos, model, request_id)
         inputs.append(t)
     if pos != len(body):
-        raise InvalidInput(f"unexpected additional input data: {len(body) - pos} bytes after the last binary input")
+        raise T.HTTP_EXTRA_DATA(model=model)
     outputs = None
     if "outputs" in obj:
         outs = obj["outputs"]
@@ -83,31 +82,38 @@ def _params(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary: bool) -> tuple[InputTensor, int]:
+def _decode_input(spec: Any, index: int, body: memoryview, pos: int, model: str, rid: str) -> tuple[InputTensor, int]:
+    """One input; its binary data starts at ``pos`` (the body's end: none follows the JSON)."""
     if not isinstance(spec, dict):
         raise InvalidInput(f"inputs[{index}] must be an object")
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{index}] has no 'name'")
-    datatype = spec.get("datatype")
-    if not isinstance(datatype, str):
-        raise InvalidInput(f"input '{name}' has no 'datatype'")
-    dt = dtypes.BY_PROTOCOL.get(datatype)
-    if dt is None:
-        raise InvalidInput(f"input '{name}' has invalid datatype '{datatype}'")
-    shape_obj = spec.get("shape")
-    if not isinstance(shape_obj, list) or not all(type(d) is int and d >= 0 for d in shape_obj):
-        raise InvalidInput(f"input '{name}' must have a 'shape' of non-negative integers")
-    shape = tuple(shape_obj)
     params = dict(_params(spec.get("parameters"), f"input '{name}'"))
     has_data = "data" in spec
     bin_size = params.get("binary_data_size")
     shm = "shared_memory_region" in params
     if has_data + (bin_size is not None) + shm != 1:
-        raise InvalidInput(
-            f"input '{name}' must set only one of the following fields: 'data', 'binary_data_size' in "
-            "'parameters', 'shared_memory_region' in 'parameters'"
+        fields = " set" + "".join(
+            f" '{f}'"
+            for f, is_set in (
+                ("data", has_data),
+                ("binary_data_size", bin_size is not None),
+                ("shared_memory_region", shm),
+            )
+            if is_set
         )
+        raise T.HTTP_INPUT_FIELDS(fields=fields if has_data or bin_size is not None or shm else " no field is set")
+    datatype = spec.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidInput(f"input '{name}' has no 'datatype'")
+    dt = dtypes.BY_PROTOCOL.get(datatype)  # None: validation refuses it, naming the model's datatype
+    shape_obj = spec.get("shape")
+    if not isinstance(shape_obj, list):
+        raise InvalidInput(f"input '{name}' must have a 'shape' of non-negative integers")
+    if not all(type(d) is int and d >= 0 for d in shape_obj):
+        raise T.HTTP_SHAPE()
+    shape = tuple(shape_obj)
     if shm:
         ref = shm_params(params, f"input '{name}'")
         return InputTensor(name=name, datatype=datatype, shape=shape, data=b"", parameters=params, shm=ref), pos
@@ -118,18 +124,17 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, has_binary:
     if bin_size is not None:
         if type(bin_size) is not int or bin_size < 0:
             raise InvalidInput(f"input '{name}': 'binary_data_size' must be a non-negative integer")
-        if not has_binary:
-            raise InvalidInput(f"input '{name}' has 'binary_data_size' but the request has no binary data")
         end = pos + bin_size
         if end > len(body):
-            raise InvalidInput(
-                f"unexpected size for input '{name}': expecting {bin_size} bytes, "
-                f"only {len(body) - pos} left in the body"
-            )
+            raise T.HTTP_INPUT_SHORT(name=name, missing=end - len(body), model=model)
         data = body[pos:end]
         pos = end
+    elif count == 0:
+        data = b""  # as Triton: the 'data' of an empty tensor is not read
+    elif dt is None:
+        raise T.HTTP_JSON_DATATYPE(name=name)
     else:
-        data = _json_data(spec["data"], name, dt, count)
+        data = _json_data(spec["data"], name, dt, count, model, rid)
     extra = {k: v for k, v in params.items() if k != "binary_data_size"}
     return InputTensor(name=name, datatype=datatype, shape=shape, data=data, parameters=extra), pos
 
@@ -155,16 +160,24 @@ def _flatten_into(seq: list[Any], name: str, out: list[Any], depth: int) -> None
             out.append(v)
 
 
-def _json_data(value: Any, name: str, dt: dtypes.DType, count: int) -> bytes:
+def _json_data(value: Any, name: str, dt: dtypes.DType, count: int, model: str, rid: str) -> bytes:
+    """``data`` as bytes; a count that does not fit the shape gets Triton's texts (those of
+    its JSON reader; BYTES: of the element check that follows)."""
     if dt.protocol in JSON_UNSUPPORTED:
-        raise InvalidInput(f"input '{name}': receiving {dt.protocol} data via JSON is not supported; use binary data")
+        raise T.HTTP_JSON_HALF(datatype=dt.protocol, name=name)
     flat = _flatten(value, name)
-    if len(flat) != count:
-        raise InvalidInput(f"input '{name}' has {len(flat)} elements in 'data' but its shape needs {count}")
     if dt.protocol == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise InvalidInput(f"input '{name}': BYTES data must be JSON strings")
+        if len(flat) > count:
+            raise T.STRING_COUNT_EXCEEDED(rid, got=count + 1, name=name, model=model, expected=count)
+        if len(flat) < count:
+            raise T.STRING_COUNT(rid, expected=count, name=name, model=model, got=len(flat))
         return dtypes.serialize_bytes(np.array(flat, dtype=np.object_))
+    if len(flat) > count:
+        raise T.HTTP_JSON_TOO_MANY()
+    if len(flat) < count:
+        raise T.HTTP_JSON_TOO_FEW()
     if dt.protocol == "BOOL":
         if not all(type(v) is bool for v in flat):
             raise InvalidInput(f"input '{name}': BOOL data must be JSON booleans")

@@ -10,12 +10,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
 from shoal.server import restrict
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http import body, codec
 from shoal.server.frontends.http import generate as generate_ext
 from shoal.server.frontends.http.body import HttpLimits
+from shoal.server.headerforward import HeaderForwarder
 from shoal.server.peers import Peer
 from shoal.server.validation import version_number
 
@@ -23,6 +25,7 @@ DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
 LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
 PEER: web.AppKey[Callable[[web.Request], Peer | None]] = web.AppKey("peer")
 RESTRICTIONS: web.AppKey[restrict.Restrictions] = web.AppKey("restrictions", restrict.Restrictions)
+FORWARD: web.AppKey[HeaderForwarder] = web.AppKey("forward", HeaderForwarder)
 CATEGORY: dict[Callable[..., Any], str] = {}
 """Route handler -> its restricted-API group (``server.restrict``)."""
 
@@ -149,9 +152,10 @@ async def system_shm_status(request: web.Request) -> web.Response:
 
 async def system_shm_register(request: web.Request) -> web.Response:
     body = await _json_body(request, "shared memory registration")
-    for field in ("key", "byte_size"):
-        if field not in body:
-            raise InvalidInput(f"system shared memory registration needs '{field}'")
+    if "key" not in body:
+        raise T.HTTP_SHM_NO_KEY()
+    if "byte_size" not in body:
+        raise T.HTTP_SHM_NO_BYTE_SIZE()
     request.app[DATAPLANE].register_system_shm(
         request.match_info["region"],
         body["key"],
@@ -175,7 +179,9 @@ async def cuda_shm_status(request: web.Request) -> web.Response:
 
 async def cuda_shm_register(request: web.Request) -> web.Response:
     body = await _json_body(request, "shared memory registration")
-    for field in ("raw_handle", "device_id", "byte_size"):
+    if "raw_handle" not in body:
+        raise T.HTTP_SHM_NO_RAW_HANDLE()
+    for field in ("device_id", "byte_size"):
         if field not in body:
             raise InvalidInput(f"CUDA shared memory registration needs '{field}'")
     handle = body["raw_handle"]
@@ -227,6 +233,9 @@ async def _infer(
         req = codec.decode_request(data, header_len, model, version)
     if req.uses_shm:
         req.peer = _peer(request)
+    forward = request.app.get(FORWARD)
+    if forward:
+        forward.apply(request.headers.items(), req.parameters)
     result = await dp.infer(req)
     try:
         chunks, out_json_len = codec.encode_result(req, result)

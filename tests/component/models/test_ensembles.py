@@ -46,8 +46,9 @@ async def test_unloading_a_composing_model_makes_the_ensemble_unavailable_until_
     assert env.index()[("e", "1")] == {"name": "e", "version": "1", "state": "UNAVAILABLE", "reason": why}
     with pytest.raises(ServingError) as info:
         await env.infer("e")
-    assert info.value.code is ErrorCode.UNAVAILABLE
-    assert info.value.message == f"Request for unknown model: 'e' has no available versions ({why})"
+    # Triton's text and code; the repository index says why
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert info.value.message == "Request for unknown model: 'e' has no available versions"
     assert not env.plane.ready()
     await env.models.load("b")
     assert out_bytes(await env.infer("e", b"back")) == b"back"
@@ -62,8 +63,8 @@ async def test_ensemble_whose_composing_model_fails_is_unavailable_with_the_reas
     env.write(ensemble_config("e", "a", "b"))
     with pytest.raises(ServingError) as info:
         await env.models.load("e")
-    a_reason = "version 1: failed to load model 'a' version 1 instance 'a_0': a is broken"
-    reason = f"composing model 'a' failed to load: failed to load 'a': {a_reason}"
+    a_reason = "version 1 is at UNAVAILABLE state: failed to load model 'a' version 1 instance 'a_0': a is broken;"
+    reason = f"composing model 'a' failed to load: load failed for model 'a': {a_reason}"
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
     assert info.value.message == f"failed to load 'e': {reason}"
     assert env.index()[("e", "")] == {"name": "e", "state": "UNAVAILABLE", "reason": reason}
