@@ -382,15 +382,6 @@ SHM_EXISTS = ErrorText(ErrorCode.ALREADY_EXISTS, "shared memory region '{region}
 SHM_INVALID_ARGS = ErrorText(_INVALID, "failed to register shared memory region '{region}': invalid args", _SHM)
 """Every key that cannot be used (missing, not the client's, smaller than offset + byte_size):
 one text, so that clients learn nothing about keys they may not use."""
-SHM_RESERVED_KEY = ErrorText(
-    _INVALID,
-    "cannot register shared memory region '{region}' with key '{key}' as the key contains the reserved prefix "
-    "'{prefix}'",
-    "server/src/common.cc",
-)
-SHM_INVALID_KEY = ErrorText(
-    _INVALID, "cannot register shared memory region '{region}' - invalid shm key '{key}'", "server/src/common.cc"
-)
 SHM_CUDA_NO_GPUS = ErrorText(
     _INVALID, "failed to register CUDA shared memory region: '{region}', GPUs not supported", _HTTP
 )

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError
-from shoal.server import gpus, repository, resources, restrict
+from shoal.server import gpus, repository, resources, restrict, tracing
 from shoal.server.bls import BlsRouter
 from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
@@ -41,6 +41,7 @@ from shoal.server.resources import RequestBudget
 from shoal.server.responsecache import ResponseCache
 from shoal.server.rundir import RunDir, reclaim_run_dirs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.server.tracing import TraceManager
 from shoal.shm import region
 from shoal.shm.arena import Arena
 from shoal.shm.mapper import Mapper
@@ -84,6 +85,7 @@ class App:
         self.trimmer = Trimmer()
         self.budget: resources.Budget | None = None
         self.http_guard: ConnectionGuard | None = None
+        self.tracer: TraceManager | None = None
 
     async def _refresh_remote(self) -> None:
         if self.remote is not None:
@@ -154,6 +156,10 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
+        try:
+            self.tracer = TraceManager(tracing.parse_options(cfg.trace_config))
+        except tracing.TraceConfigError as exc:
+            raise StartupError(str(exc)) from None
         self._run = RunDir.create(self.prefix)
         self.run_dir = str(self._run.path)
         stale = region.reclaim_stale()
@@ -221,6 +227,7 @@ class App:
         shm.prober = self._probe_region
         self.dataplane = dataplane = DataPlane(
             self.models,
+            tracer=self.tracer,
             version=server_version(),
             strict_readiness=cfg.strict_readiness,
             server_id=cfg.server_id,
@@ -352,6 +359,8 @@ class App:
             # are idle streams and answers being written: a short grace, not the full one.
             await self._grpc.stop(0 if self._force.is_set() else STREAM_GRACE_S)
             await grpc_stop
+        if self.tracer is not None:
+            self.tracer.close()  # the frontends are done: every trace is written
         if self.models is not None:
             # Idle workers finalize their models and exit at once; a worker still busy after
             # --exit-timeout-secs gets a short grace period, then SIGKILL.

@@ -161,6 +161,8 @@ class BlsRouter:
             correlation_id=r.correlation_id_str or r.correlation_id,
             flags=r.flags,
         )
+        if r.trace_id:  # InferenceRequest(trace=request.trace()) of a traced request
+            request.trace = self.dp.tracer.child_of(r.trace_id)
         self._refuse_self_wait(identity, request)
         return request
 

@@ -22,6 +22,7 @@ from shoal.server.peers import Peer
 from shoal.server.responsecache import ResponseCache, cacheable
 from shoal.server.responsecache import key as cache_key
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.server.tracing import NewSetting, TraceManager
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
 
@@ -42,9 +43,10 @@ EXTENSIONS = [
     "binary_tensor_data",
     "parameters",
     "statistics",
+    "trace",
     "logging",
 ]
-"""The Triton extensions that work here, in Triton's order (no "trace" yet)."""
+"""The Triton extensions that work here, in Triton's order."""
 
 
 class DataPlane:
@@ -60,7 +62,10 @@ class DataPlane:
         request_timeout_s: float = 0.0,
         server_id: str = SERVER_NAME,
         cache: ResponseCache | None = None,
+        tracer: TraceManager | None = None,
     ) -> None:
+        self.tracer = tracer or TraceManager()
+        """Trace settings and sampling (``server.tracing``); frontends test ``tracer.active``."""
         self.server_id = server_id
         self.cache = cache
         """The response cache (``--cache-config``); models opt in with ``response_cache``."""
@@ -219,6 +224,20 @@ class DataPlane:
     def update_log_settings(self, changes: dict[str, Any]) -> dict[str, Any]:
         return self.logs.update(changes) if changes else self.logs.as_dict()
 
+    # ---- trace extension ----------------------------------------------------------------------
+
+    def trace_settings(self, model: str, changes: NewSetting | None = None) -> TraceManager:
+        """Apply ``changes`` to the global (``model`` "") or a model's trace setting; the
+        caller reads the settings now in effect from the returned manager (``view``)."""
+        if model:
+            try:
+                self.registry.get(model, -1)
+            except ServingError:
+                raise InvalidInput(f"Request for unknown model : {model}") from None
+        if changes is not None and not changes.empty():
+            self.tracer.update(model, changes)
+        return self.tracer
+
     # ---- admin: worker processes (Shoal's own API) ---------------------------------------------
 
     def workers(self) -> list[dict[str, object]]:
@@ -293,9 +312,12 @@ class DataPlane:
         mv = self.registry.get(request.model_name, request.model_version)
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         listening = True
+        trace = request.trace
 
         def sink(item: InferResult | ServingError | None, final: bool) -> None:
             if listening:
+                if trace is not None and isinstance(item, InferResult):
+                    trace.outputs(item)
                 queue.put_nowait((item, final))
             elif isinstance(item, InferResult):
                 item.done()

@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server import batchio
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)$")
 _NAME_RE = re.compile(r"^[^/\\\x00-\x1f\x7f]+$")
@@ -195,6 +196,7 @@ def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]
     if config.max_batch_size < 0:
         raise InvalidInput(f"model '{name}': max_batch_size must be >= 0")
     _check_tensors(config)
+    batchio.check(config)
     if config.HasField("dynamic_batching") and config.max_batch_size > 0:
         if not config.dynamic_batching.preferred_batch_size:
             config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)

@@ -17,11 +17,12 @@ kernel tells its uid, ``server.peers``); every client sees, uses and unregisters
 regions (its namespace: its user, else its address). ``key_prefixes`` optionally limits the
 keys any client may register. The number of regions is bounded per client and overall.
 
-Errors sent to clients never contain keys but the one the client sent, and a failed
-registration says the same thing (Triton's "invalid args") whether the key does not exist,
-may not be used or is too small (no existence or size oracle; a leaked name was the first
-step of CVE-2025-23320); the server log has details. Errors Triton also has use its texts
-(``proto.errortexts``).
+Errors sent to clients never contain keys (so a malformed or reserved key keeps Shoal's
+texts: Triton's quote the key), and a failed registration says the same thing (Triton's
+"invalid args", naming the client's region) whether the key does not exist, may not be used
+or is too small (no existence or size oracle; a leaked name was the first step of
+CVE-2025-23320); the server log has details. The other errors Triton also has use its texts
+(``proto.errortexts``), which name the client's own region.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class SharedMemoryRegistry:
         byte_size = u64(byte_size, "'byte_size'")
         if byte_size == 0:
             raise InvalidInput("'byte_size' of a shared memory region must be greater than 0")
-        obj = normalize_key(key, name)
+        obj = normalize_key(key)
         if self.key_prefixes and not obj.startswith(self.key_prefixes):
             log.info("register %r: key %r is not under an allowed prefix", name, obj)
             raise unusable(name)

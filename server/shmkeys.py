@@ -28,16 +28,16 @@ def u64(value: Any, what: str) -> int:
     return value
 
 
-def normalize_key(key: str, region: str = "") -> str:
-    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does); refuses
-    what is not a POSIX shared memory name (1 to 255 characters, no '/' after the leading
-    ones) and the server's own prefixes, with Triton's texts (the key as the client sent it)."""
+def normalize_key(key: str) -> str:
+    """The POSIX object name of ``key`` (leading slashes dropped, as glibc does). Its errors
+    are Shoal's: Triton's texts for these quote the key, and no error quotes a key here."""
     name = key.lstrip("/")
     if not _KEY_RE.match(name) or name in (".", ".."):
-        raise T.SHM_INVALID_KEY(region=_shown(region), key=_shown(key))
+        raise InvalidInput(
+            "shared memory key must be a POSIX shared memory name: 1 to 255 characters, no '/' after the leading one"
+        )
     if name.startswith(RESERVED_KEY_PREFIXES):
-        prefix = next(p for p in RESERVED_KEY_PREFIXES if name.startswith(p))
-        raise T.SHM_RESERVED_KEY(region=_shown(region), key=_shown(key), prefix=prefix)
+        raise InvalidInput("shared memory key uses a prefix reserved for the server's own shared memory")
     return name
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from shoal.server.peers import Peer
     from shoal.server.sharedmem import Region
+    from shoal.server.tracing import Trace
 
 Buffer = bytes | bytearray | memoryview
 
@@ -117,6 +118,8 @@ class InferRequest:
     """A decoupled model's request: where each response goes as the worker sends it (``None``:
     no response, only the final flag), with whether it is the last. The sink owns each
     ``InferResult`` it gets (``done`` it)."""
+    trace: Trace | None = None
+    """Set when the request is traced (``server.tracing``): its stages record their times."""
 
     @property
     def uses_shm(self) -> bool:

@@ -60,6 +60,7 @@ class BlsClient:
         flags: int = 0,
         timeout_us: int = 0,
         decoupled: bool = False,
+        trace_id: int = 0,
     ) -> Iterator[Reply]:
         """The responses to one request (one unless ``decoupled``)."""
         env = wire.envelope(0)
@@ -75,6 +76,7 @@ class BlsClient:
         else:
             req.correlation_id = int(correlation_id)
         req.flags = int(flags)
+        req.trace_id = trace_id
         req.outputs.extend(outputs)
         if parameters_json and parameters_json != "{}":
             req.parameters_json = parameters_json

@@ -284,6 +284,7 @@ class WorkerRuntime:
                     request_id=r.request_id,
                     correlation_id=r.correlation_id_str or r.correlation_id,
                     flags=r.flags,
+                    trace_id=r.trace_id,
                 )
                 wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
                 if self.decoupled:

@@ -347,6 +347,7 @@ class Request(_message.Message):
     CORRELATION_ID_STR_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     OUTPUT_SHM_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     parameters_json: _builtins.str
     """request parameters as a JSON object ("" = none)"""
@@ -354,6 +355,11 @@ class Request(_message.Message):
     correlation_id: _builtins.int
     correlation_id_str: _builtins.str
     flags: _builtins.int
+    trace_id: _builtins.int
+    """nonzero: the request is traced under this id (router -> worker; the model's
+    request.trace()), or a BLS call made with InferenceRequest(trace=request.trace()) belongs
+    to that trace (worker -> router, BlsCall.request)
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorRef]: ...
     @_builtins.property
@@ -376,10 +382,11 @@ class Request(_message.Message):
         correlation_id_str: _builtins.str = ...,
         flags: _builtins.int = ...,
         output_shm: _abc.Mapping[_builtins.str, Global___ClientShm] | None = ...,
+        trace_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
@@ -19,6 +20,9 @@ from shoal.server.types import InferRequest, InferResult, Lease, OutputTensor, S
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
+
+if TYPE_CHECKING:
+    from shoal.server.tracing import Trace
 
 RESERVED_PARAMETERS = frozenset(
     {
@@ -113,6 +117,7 @@ class InstancePool:
             if held is not None:
                 settle = _both(settle, held)
             stream = _Stream(self, worker, batch) if batch[0].responses is not None else None
+            sent_ns = time.monotonic_ns()
             fut = worker.submit(env, buffers, settle, stream)
             rid = env.request_id
             for i, req in enumerate(batch):
@@ -126,7 +131,11 @@ class InstancePool:
             reply, frames = await fut
         finally:
             del fut  # a future that failed holds the error, whose traceback holds this frame
-        return self._decode(batch, worker, reply, frames, decoupled=stream is not None)
+        results = self._decode(batch, worker, reply, frames, decoupled=stream is not None)
+        for req in batch:
+            if req.trace is not None:
+                _trace_compute(req.trace, sent_ns, reply.infer_done)
+        return results
 
     def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:
         arena = self.ctx.arena
@@ -164,6 +173,8 @@ class InstancePool:
                 else:
                     r.correlation_id = req.correlation_id
             r.flags = req.flags
+            if req.trace is not None:
+                r.trace_id = req.trace.id
             for t in req.inputs:
                 ref = r.inputs.add()
                 ref.name = t.name
@@ -337,6 +348,12 @@ def _both(first: Callable[[], None] | None, then: Callable[[], None]) -> Callabl
         then()
 
     return settle
+
+
+def _trace_compute(trace: Trace, sent_ns: int, done: wpb.InferDone) -> None:
+    """COMPUTE_* of a traced request: the batch's send and reply times here and the
+    durations the worker measured (``server.tracing``)."""
+    trace.compute(sent_ns, time.monotonic_ns(), done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns)
 
 
 def _describe(block: Block, out: wpb.ShmSlice) -> None:

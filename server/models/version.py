@@ -84,14 +84,24 @@ def new_version(src: ModelSource, version: int) -> ModelVersion:
 async def submit(mv: ModelVersion, request: InferRequest, deadline_s: float = 0.0) -> InferResult:
     """``request`` (validated) to ``mv``'s scheduler, given up after ``deadline_s`` seconds
     (0: never); a failure is counted by its reason (a deadline: REJECTED, as Triton counts a
-    request that timed out)."""
+    request that timed out). A traced request records REQUEST_START, QUEUE_START (its
+    inputs), its outputs and REQUEST_END here, for client requests and ensemble steps alike."""
     assert mv.scheduler is not None
+    trace = request.trace
+    if trace is not None:
+        trace.begin(mv.name, mv.version, request)
     try:
         if not deadline_s:
-            return await mv.scheduler.submit(request)
+            result = await mv.scheduler.submit(request)
+            if trace is not None:
+                trace.outputs(result)
+            return result
         try:
             async with asyncio.timeout(deadline_s):
-                return await mv.scheduler.submit(request)
+                result = await mv.scheduler.submit(request)
+                if trace is not None:
+                    trace.outputs(result)
+                return result
         except TimeoutError:
             if request.instance:
                 where = f"instance '{request.instance}' is still executing it"
@@ -104,6 +114,9 @@ async def submit(mv: ModelVersion, request: InferRequest, deadline_s: float = 0.
     except BaseException as exc:
         mv.stats.failed(exc)
         raise
+    finally:
+        if trace is not None:
+            trace.end()
 
 
 def version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:

@@ -162,6 +162,7 @@ class EnsembleScheduler(SchedulerBase):
             outputs=outputs,
             id=parent.id,
             parameters=dict(parent.parameters),
+            trace=parent.trace.child() if parent.trace is not None else None,
         )
 
     def _collect(self, step: StepPlan, result: InferResult, run: _Run, out_shm: dict[str, ShmRef]) -> None:

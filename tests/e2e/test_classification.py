@@ -72,7 +72,9 @@ def test_classification_bad_input(cserver: ServerProcess) -> None:
         out = httpclient.InferRequestedOutput("SCORES", class_count=2)
         out._parameters["shared_memory_region"] = "r"
         out._parameters["shared_memory_byte_size"] = 16
-        with pytest.raises(InferenceServerException, match="cannot be combined with shared memory"):
+        with pytest.raises(
+            InferenceServerException, match="Output can't set both 'shared_memory_region' and 'classification'"
+        ):
             c.infer("classifier", [inp], outputs=[out])
         # class_count 0 (tritonclient's default) is the plain tensor
         r = c.infer("classifier", [inp], outputs=[httpclient.InferRequestedOutput("SCORES", class_count=0)])

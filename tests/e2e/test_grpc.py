@@ -149,15 +149,11 @@ def test_bad_requests(stub: Any) -> None:
     assert code(req)[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unbuilt_rpcs_say_unimplemented(client: Any) -> None:
-    calls = [
-        lambda: client.get_trace_settings(),
-    ]
-    for call in calls:
-        with pytest.raises(InferenceServerException) as info:
-            call()
-        assert info.value.status() == "StatusCode.UNIMPLEMENTED"
-        assert "not supported yet" in str(info.value)
+def test_trace_settings_default_to_off(client: Any) -> None:
+    """Tracing is off unless --trace-config turns it on (tests/e2e/test_trace.py has the rest)."""
+    settings = client.get_trace_settings(as_json=True)["settings"]
+    assert settings["trace_level"] == {"value": ["OFF"]}
+    assert settings["trace_mode"] == {"value": ["triton"]}
 
 
 def test_log_settings(client: Any, server: ServerProcess) -> None:

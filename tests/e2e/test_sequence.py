@@ -111,7 +111,11 @@ def test_string_ids_and_stream(sserver: ServerProcess) -> None:
         client.close()
     h = httpclient.InferenceServerClient(sserver.url)
     try:
-        with pytest.raises(InferenceServerException, match="integer sequence ids"):
+        with pytest.raises(
+            InferenceServerException,
+            match=r"^\[request id: <id_unknown>\] sequence batching control 'CORRID' data-type is 'BYTES', but "
+            r"model 'accumulator' expects 'UINT64'$",
+        ):
             _send(h, "accumulator", "text-id", 1, start=True)
     finally:
         h.close()
@@ -207,7 +211,7 @@ def test_sequences_share_executions(sserver: ServerProcess) -> None:
     for t in threads:
         t.join(60)
     after = h.get_inference_statistics("acc_string")["model_stats"][0]
-    with pytest.raises(InferenceServerException, match="must have batch size 1"):
+    with pytest.raises(InferenceServerException, match="must specify batch-size 1 due to requirements of sequence"):
         i = httpclient.InferInput("INPUT", [2, 1], "INT32")
         i.set_data_from_numpy(np.ones((2, 1), dtype=np.int32))
         h.infer("acc_string", [i], sequence_id="x", sequence_start=True)

@@ -220,7 +220,7 @@ def test_bad_cuda_registrations(server: ServerProcess, regions: CudaRegions) -> 
         i0.set_shared_memory("small", 16, offset=56)
         with pytest.raises(InferenceServerException) as err:
             c.infer("identity_fp32", [i0])
-        assert "outside the registered region" in str(err.value)
+        assert "Invalid offset + byte size for shared memory region: 'small'" in str(err.value)
         assert c.is_server_ready()
     finally:
         c.close()

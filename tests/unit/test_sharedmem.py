@@ -35,27 +35,16 @@ def registry() -> tuple[SharedMemoryRegistry, list[list[int]]]:
     return reg, forgotten
 
 
-@pytest.mark.parametrize(
-    ("key", "prefix"),
-    [
-        ("shoal_123_abc", "shoal_"),
-        ("/shoal_x", "shoal_"),
-        ("//triton_python_backend_shm_region_9", "triton_python_backend_shm_region_"),
-        ("sem.lock", "sem."),
-    ],
-)
-def test_reserved_keys(key: str, prefix: str) -> None:
-    with pytest.raises(ServingError) as err:
-        normalize_key(key, "r")
-    assert err.value.message == (
-        f"cannot register shared memory region 'r' with key '{key}' as the key contains the reserved prefix '{prefix}'"
-    )
+@pytest.mark.parametrize("key", ["shoal_123_abc", "/shoal_x", "//triton_python_backend_shm_region_9", "sem.lock"])
+def test_reserved_keys(key: str) -> None:
+    with pytest.raises(ServingError, match="reserved"):
+        normalize_key(key)
 
 
 @pytest.mark.parametrize("key", ["", "/", "a/b", "/a\x00b", "x" * 256, ".", "/.."])
 def test_malformed_keys(key: str) -> None:
-    with pytest.raises(ServingError, match="^cannot register shared memory region 'r' - invalid shm key '"):
-        normalize_key(key, "r")
+    with pytest.raises(ServingError, match="POSIX shared memory name"):
+        normalize_key(key)
 
 
 def test_key_spellings() -> None:

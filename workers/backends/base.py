@@ -19,6 +19,7 @@ import numpy.typing as npt
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.backends.ragged import Ragged
 
 Array = npt.NDArray[Any]
 
@@ -120,6 +121,9 @@ class WorkRequest:
     send: Callable[[WorkResponse | None, bool], None] | None = None
     """Decoupled models: sends one response (``None``: none) and whether it is the last; may be
     called from any thread, during or after ``execute``."""
+    trace_id: int = 0
+    """Nonzero when the router traces the request (``request.trace()`` of the Python backend:
+    BLS calls made with it belong to the trace)."""
 
 
 @dataclass(slots=True)
@@ -172,6 +176,9 @@ class BatchedBackend(Backend):
     """
 
     batching: bool = False
+    ragged: Ragged | None = None
+    """Ragged inputs, batch inputs and batch outputs of the configuration (``ragged.plan``);
+    subclasses set it at load."""
 
     @abstractmethod
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
@@ -183,6 +190,11 @@ class BatchedBackend(Backend):
 
     def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
         names = self._wanted(requests)
+        if self.ragged is not None:
+            sizes = [_batch_of(r) for r in requests]
+            out = self.run(self.ragged.merge(requests), names)
+            parts = self.ragged.split(out, requests, sizes)
+            return [WorkResponse(outputs=_select(p, r.requested_outputs)) for p, r in zip(parts, requests, strict=True)]
         if len(requests) == 1:
             req = requests[0]
             out = self.run(req.inputs, names)

@@ -19,6 +19,7 @@ import numpy as np
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends import ragged
 from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
@@ -58,6 +59,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._name = spec.name
         self._session: Any = session
         self.batching = spec.config.max_batch_size > 0
+        self.ragged = ragged.plan(spec.config)
         cfg = spec.config
         self._string_inputs = frozenset(i.name for i in cfg.input if i.data_type == mc.TYPE_STRING)
         self._string_outputs = frozenset(o.name for o in cfg.output if o.data_type == mc.TYPE_STRING)
@@ -285,11 +287,12 @@ def _check_tensor(
     kind: str,
     name: str,
     data_type: mc.DataType.ValueType,
-    dims: Sequence[int],
+    dims: Sequence[int] | None,
     model_type: str,
     model_shape: Dims,
 ) -> None:
-    """Raise INVALID_ARGUMENT when one config tensor disagrees with the model's."""
+    """Raise INVALID_ARGUMENT when one config tensor disagrees with the model's (``dims``
+    None: its datatype only)."""
     want = dtypes.BY_CONFIG_NUMBER.get(data_type)
     want_name = want.config_name if want is not None else mc.DataType.Name(data_type)
     have = ORT_TYPES.get(model_type)
@@ -300,6 +303,8 @@ def _check_tensor(
             f"but {model_type} ({have_name}) in the model",
             code=ErrorCode.INVALID_ARGUMENT,
         )
+    if dims is None:
+        return  # a ragged input or a scattered batch output: 1-D in the model, any shape here
     batching = spec.config.max_batch_size > 0
     shown = ("[-1, " if batching else "[") + ", ".join(map(str, dims)) + "]"
     model_shown = "[" + ", ".join("-1" if d is None else str(d) for d in model_shape) + "]"
@@ -353,10 +358,13 @@ def _validate(spec: ModelSpec, session: Any) -> None:
                 code=ErrorCode.INVALID_ARGUMENT,
             )
         dims = list(inp.reshape.shape) if inp.HasField("reshape") else list(inp.dims)
-        _check_tensor(spec, "input", inp.name, inp.data_type, dims, m.type, _model_dims(m.shape))
+        shape = None if inp.allow_ragged_batch else dims
+        _check_tensor(spec, "input", inp.name, inp.data_type, shape, m.type, _model_dims(m.shape))
     configured = {i.name for i in cfg.input}
     filled = sequence_inputs(cfg)
-    missing = [n for n in model_inputs if n not in configured and n not in filled]
+    plan = ragged.plan(cfg)
+    made = set(plan.model_inputs()) if plan else set()
+    missing = [n for n in model_inputs if n not in configured and n not in filled and n not in made]
     if missing:
         raise ServingError(
             f"model '{spec.name}': model input '{missing[0]}' is missing from the configuration",
@@ -389,7 +397,8 @@ def _validate(spec: ModelSpec, session: Any) -> None:
                 code=ErrorCode.INVALID_ARGUMENT,
             )
         dims = list(out.reshape.shape) if out.HasField("reshape") else list(out.dims)
-        _check_tensor(spec, "output", out.name, out.data_type, dims, m.type, _model_dims(m.shape))
+        shape = None if plan is not None and out.name in plan.scatter else dims
+        _check_tensor(spec, "output", out.name, out.data_type, shape, m.type, _model_dims(m.shape))
 
 
 def _reshape(array: Array, shape: Sequence[int], batching: bool) -> Array:

@@ -210,6 +210,7 @@ class PythonBackend(Backend):
             correlation_id=req.correlation_id,
             flags=req.flags,
             parameters=req.parameters or None,
+            trace=pb.InferenceTrace(req.trace_id),
         )
         pb_req._cancelled = req.cancelled
         if self._decoupled and req.send is not None:
@@ -298,6 +299,7 @@ def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any
         flags=request.flags(),
         timeout_us=request.timeout(),
         decoupled=decoupled,
+        trace_id=request.trace()._id,
     )
 
     def response(reply: Any) -> Any:

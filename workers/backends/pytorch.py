@@ -22,6 +22,7 @@ from typing import Any, Final, Self
 import numpy as np
 
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
+from shoal.workers.backends import ragged
 from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
@@ -55,7 +56,8 @@ class PyTorchBackend(BatchedBackend):
         self._device = device
         self._name = spec.name
         self.batching = spec.config.max_batch_size > 0
-        self.device_inputs = spec.device.is_gpu
+        self.ragged = ragged.plan(spec.config)
+        self.device_inputs = spec.device.is_gpu and self.ragged is None
         self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
         cfg = spec.config
         self._outputs = [o.name for o in cfg.output]
@@ -77,10 +79,12 @@ class PyTorchBackend(BatchedBackend):
 
     @staticmethod
     def _bind_inputs(spec: ModelSpec, module: Any) -> list[str]:
-        """Config input names, and the inputs the sequence batcher fills (control and state
-        inputs), in ``forward``'s argument order."""
+        """Config input names, the inputs the sequence batcher fills (control and state
+        inputs) and the batch inputs, in ``forward``'s argument order."""
         names = [i.name for i in spec.config.input]
         names += [n for n in sequence_inputs(spec.config) if n not in names]
+        plan = ragged.plan(spec.config)
+        names += [n for n in (plan.model_inputs() if plan else []) if n not in names]
         try:
             args = [a.name for a in module.forward.schema.arguments][1:]  # drop self
         except (AttributeError, RuntimeError):

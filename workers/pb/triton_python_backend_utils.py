@@ -33,6 +33,7 @@ __all__ = [
     "InferenceRequest",
     "InferenceResponse",
     "InferenceResponseSender",
+    "InferenceTrace",
     "LogLevel",
     "Logger",
     "Metric",
@@ -129,6 +130,20 @@ def _params_json(parameters: Mapping[str, Any] | str | None) -> str:
     return json.dumps(dict(parameters))
 
 
+class InferenceTrace:
+    """A request's trace (``request.trace()``): pass it to a BLS request,
+    ``InferenceRequest(..., trace=request.trace())``, and the call is traced under the
+    request's trace (Triton's ``parent_id``). An untraced request's trace is empty."""
+
+    def __init__(self, trace_id: int = 0, context: str | None = None) -> None:
+        self._id = int(trace_id)
+        self._context = context
+
+    def get_context(self, mode: str = "opentelemetry") -> str | None:
+        """The trace context Triton's OpenTelemetry mode propagates; none here."""
+        return self._context
+
+
 class InferenceRequest:
     """An inference request: given to ``execute``, or built by the model for a BLS call (``exec``)."""
 
@@ -143,8 +158,10 @@ class InferenceRequest:
         timeout: int = 0,
         model_version: int = -1,
         parameters: Mapping[str, Any] | str | None = None,
+        trace: InferenceTrace | None = None,
         **_ignored: Any,
     ) -> None:
+        self._trace = trace if trace is not None else InferenceTrace()
         self._model_name = model_name
         self._model_version = model_version
         self._inputs = list(inputs or [])
@@ -191,6 +208,10 @@ class InferenceRequest:
     def model_name(self) -> str:
         """The name of the model the request is for."""
         return self._model_name
+
+    def trace(self) -> InferenceTrace:
+        """The request's trace (for ``InferenceRequest(trace=...)`` of a BLS call)."""
+        return self._trace
 
     def model_version(self) -> int:
         """The version of the model the request is for (-1: unspecified)."""

@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 
-from shoal.proto.errors import InvalidInput, ServingError, Unsupported, detach, from_exception
+from shoal.proto.errors import InvalidInput, ServingError, detach, from_exception
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.proto.gen import grpc_service_pb2_grpc as pb_grpc
 from shoal.proto.gen import health_pb2, health_pb2_grpc
-from shoal.server import restrict
+from shoal.server import restrict, tracing
 from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, DataPlane
 from shoal.server.frontends.grpc import codec, stream
 from shoal.server.frontends.grpc.common import MALFORMED, MALFORMED_MESSAGE, restricted
@@ -26,6 +27,7 @@ from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logthrottle import client_error
 from shoal.server.peers import Peer, PeerCache
 from shoal.server.resources import RequestBudget
+from shoal.server.tracing import Trace
 from shoal.server.validation import version_number
 
 log = logging.getLogger("shoal.grpc")
@@ -78,10 +80,6 @@ def rpc(category: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
         return wrapper
 
     return wrap
-
-
-def _not_yet(what: str) -> Unsupported:
-    return Unsupported(f"{what} is not supported yet by this server")
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -150,9 +148,41 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("inference")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if self.dp.tracer.active:
+            return await self._infer_traced(request, context)
         return await self.infer_message(request, context)
 
-    async def infer_message(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    def sample_trace(self, request: pb.ModelInferRequest, context: Any) -> Trace | None:
+        """The request's trace if it is sampled, with Triton's GRPC_WAITREAD_* (both when the
+        message is in: grpc.aio calls the handler once it has read it)."""
+        now = time.monotonic_ns()
+        trace = self.dp.tracer.sample(request.model_name, dict(context.invocation_metadata() or ()))
+        if trace is not None:
+            trace.stamp("GRPC_WAITREAD_START", now)
+            trace.stamp("GRPC_WAITREAD_END", now)
+        return trace
+
+    async def _infer_traced(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        trace = self.sample_trace(request, context)
+        if trace is None:
+            return await self.infer_message(request, context)
+        sent = False
+
+        def done(_: Any) -> None:  # the response went out (or the call ended): write the trace
+            if sent:
+                trace.stamp("GRPC_SEND_END")
+            trace.finish()
+
+        context.add_done_callback(done)
+        resp = await self.infer_message(request, context, trace)
+        trace.stamp("INFER_RESPONSE_COMPLETE")
+        trace.stamp("GRPC_SEND_START")
+        sent = True
+        return resp
+
+    async def infer_message(
+        self, request: pb.ModelInferRequest, context: Any, trace: Trace | None = None
+    ) -> pb.ModelInferResponse:
         held = request.ByteSize()
         self.budget.take(held)  # grpc has the whole message in memory already: refuse to keep it
         try:
@@ -161,6 +191,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 req.peer = self.peer(context)
             if self.forward:
                 self.forward.apply(context.invocation_metadata() or (), req.parameters)
+            req.trace = trace
             result = await self.dp.infer(req, decoupled_error=GRPC_DECOUPLED_ERROR)
         finally:
             self.budget.give(held)
@@ -280,8 +311,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc("trace")
-    async def TraceSetting(self, request: Any, context: Any) -> Any:
-        raise _not_yet("the trace extension")
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
+        """Triton's trace extension: update (settings given) and read the global or a
+        model's trace settings."""
+        model = request.model_name
+        self.dp.trace_settings(model)
+        changes = None
+        if request.settings:
+            changes = tracing.from_grpc({k: list(v.value) for k, v in request.settings.items()})
+        tracer = self.dp.trace_settings(model, changes)
+        resp = pb.TraceSettingResponse()
+        for key, values in tracer.view_lists(model).items():
+            resp.settings[key].value.extend(values)
+        return resp
 
 
 class HealthService(health_pb2_grpc.HealthServicer):

@@ -20,6 +20,7 @@ from shoal.server.validation import version_number
 
 if TYPE_CHECKING:
     from shoal.server.frontends.grpc.service import InferenceService
+    from shoal.server.tracing import Trace
 
 log = logging.getLogger("shoal.grpc")
 
@@ -73,18 +74,25 @@ async def model_stream_infer(
     slots = asyncio.Semaphore(service.stream_max_pending)
 
     async def handle(req: pb.ModelInferRequest) -> None:
+        trace = None
+        if service.dp.tracer.active and req is not MALFORMED:
+            trace = service.sample_trace(req, context)
         try:
             if req is MALFORMED:
                 raise InvalidInput(MALFORMED_MESSAGE)
             if service.dp.is_decoupled(req.model_name, _version_or_any(req.model_version)):
-                await stream_decoupled(service, req, context, queue.put_nowait)
+                await stream_decoupled(service, req, context, queue.put_nowait, trace)
                 return
-            msg = pb.ModelStreamInferResponse(infer_response=await service.infer_message(req, context))
+            msg = pb.ModelStreamInferResponse(infer_response=await service.infer_message(req, context, trace))
             msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported on the stream
             msg = _stream_error(req, exc)
+        finally:
+            if trace is not None:  # handed to the stream's writer: Triton's GRPC_SEND_START
+                trace.stamp("GRPC_SEND_START")
+                trace.finish()
         queue.put_nowait((msg, True))
 
     async def read() -> None:
@@ -120,6 +128,7 @@ async def stream_decoupled(
     request: pb.ModelInferRequest,
     context: Any,
     put: Callable[[tuple[pb.ModelStreamInferResponse | None, bool]], None],
+    trace: Trace | None = None,
 ) -> None:
     """A decoupled model's responses to one streamed request, each as it comes. The last
     is only sent when it carries a response, or when the request set
@@ -133,6 +142,7 @@ async def stream_decoupled(
         if service.forward:
             service.forward.apply(context.invocation_metadata() or (), req.parameters)
         empty_final = req.parameters.get("triton_enable_empty_final_response") is True
+        req.trace = trace
         async for item, final in service.dp.infer_stream(req):
             msg = pb.ModelStreamInferResponse()
             if item is None:

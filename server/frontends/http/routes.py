@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
-from shoal.server import restrict
+from shoal.server import restrict, tracing
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http import body, codec
 from shoal.server.frontends.http import generate as generate_ext
@@ -20,6 +21,9 @@ from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.peers import Peer
 from shoal.server.validation import version_number
+
+if TYPE_CHECKING:
+    from shoal.server.tracing import Trace
 
 DATAPLANE: web.AppKey[DataPlane] = web.AppKey("dataplane", DataPlane)
 LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
@@ -81,6 +85,22 @@ async def logging_post(request: web.Request) -> web.Response:
     if not isinstance(changes, dict):
         raise InvalidInput("logging settings must be a JSON object")
     return _json_response(request.app[DATAPLANE].update_log_settings(changes))
+
+
+async def trace_setting(request: web.Request) -> web.Response:
+    """GET/POST ``/v2[/models/{model}]/trace/setting`` (Triton's trace extension)."""
+    dp = request.app[DATAPLANE]
+    model = request.match_info.get("model", "")
+    tracer = dp.trace_settings(model)
+    if request.method == "POST":
+        try:
+            changes = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"failed to parse the trace settings JSON: {exc}") from None
+        if not isinstance(changes, dict):
+            raise InvalidInput("trace settings must be a JSON object")
+        tracer = dp.trace_settings(model, tracing.from_json(changes))
+    return _json_response(tracer.view(model))
 
 
 async def model_stats(request: web.Request) -> web.Response:
@@ -209,15 +229,53 @@ async def infer(request: web.Request) -> web.StreamResponse:
     limits = request.app[LIMITS]
     model = request.match_info["model"]
     version = _version(request)
+    recv_ns = time.monotonic_ns() if dp.tracer.active else 0
     held = await body.read(request, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s, budget=limits.budget)
     try:
+        if recv_ns:
+            return await _infer_traced(request, dp, limits, model, version, held.data, recv_ns)
         return await _infer(request, dp, limits, model, version, held.data)
     finally:
         held.release()
 
 
+async def _infer_traced(
+    request: web.Request,
+    dp: DataPlane,
+    limits: HttpLimits,
+    model: str,
+    version: int,
+    data: bytes | bytearray,
+    recv_ns: int,
+) -> web.StreamResponse:
+    """``_infer`` of a request that may be traced: Triton's HTTP_RECV_*, then the response
+    sent here (HTTP_SEND_*) so that the trace is written after it."""
+    recv_end_ns = time.monotonic_ns()
+    trace = dp.tracer.sample(model, request.headers)
+    if trace is None:
+        return await _infer(request, dp, limits, model, version, data)
+    trace.stamp("HTTP_RECV_START", recv_ns)
+    trace.stamp("HTTP_RECV_END", recv_end_ns)
+    try:
+        resp = await _infer(request, dp, limits, model, version, data, trace)
+        trace.stamp("INFER_RESPONSE_COMPLETE")
+        trace.stamp("HTTP_SEND_START")
+        await resp.prepare(request)
+        await resp.write_eof()
+        trace.stamp("HTTP_SEND_END")
+        return resp
+    finally:
+        trace.finish()
+
+
 async def _infer(
-    request: web.Request, dp: DataPlane, limits: HttpLimits, model: str, version: int, data: bytes | bytearray
+    request: web.Request,
+    dp: DataPlane,
+    limits: HttpLimits,
+    model: str,
+    version: int,
+    data: bytes | bytearray,
+    trace: Trace | None = None,
 ) -> web.StreamResponse:
     header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(data))
     json_len = len(data) if header_len is None else header_len
@@ -236,6 +294,7 @@ async def _infer(
     forward = request.app.get(FORWARD)
     if forward:
         forward.apply(request.headers.items(), req.parameters)
+    req.trace = trace
     result = await dp.infer(req)
     try:
         chunks, out_json_len = codec.encode_result(req, result)
@@ -341,6 +400,10 @@ def add_routes(app: web.Application) -> None:
     add("GET", "/v2", server_metadata, "metadata")
     add("GET", "/v2/logging", logging_get, "logging")
     add("POST", "/v2/logging", logging_post, "logging")
+    add("GET", "/v2/trace/setting", trace_setting, "trace")
+    add("POST", "/v2/trace/setting", trace_setting, "trace")
+    add("GET", "/v2/models/{model}/trace/setting", trace_setting, "trace")
+    add("POST", "/v2/models/{model}/trace/setting", trace_setting, "trace")
     add("GET", "/v2/models/stats", model_stats, "statistics")
     add("POST", "/v2/repository/index", repository_index, "model-repository")
     add("POST", "/v2/repository/models/{model}/load", repository_load, "model-repository")
