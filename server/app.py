@@ -118,7 +118,12 @@ class App:
         assert self.models is not None
         sampler = Sampler(cpu=cfg.allow_cpu_metrics, gpu=cfg.allow_gpu_metrics, gpu_devices=gpus.devices())
         self.metrics = Metrics(
-            self.models, sampler, cfg.metrics_interval_ms / 1000, self.custom_metrics, cache_on=cfg.cache_bytes > 0
+            self.models,
+            sampler,
+            cfg.metrics_interval_ms / 1000,
+            self.custom_metrics,
+            cache_on=cfg.cache_bytes > 0,
+            latency=cfg.latency_metrics,
         )
         metrics = self.metrics
 
@@ -214,6 +219,7 @@ class App:
         self.models = ModelManager(
             Repositories(roots),
             load_threads=cfg.model_load_thread_count,
+            latency=cfg.latency_metrics,
             load_retries=cfg.model_load_retry_count,
             channel=self.channel,
             ctx=ctx,

@@ -11,13 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server import optionvalues, restrict
+from shoal.server import latencymetrics, optionvalues, restrict
 from shoal.server.cloudrepo import is_remote
 from shoal.server.flags import build_parser, convert, flag_of, ignored_given
+from shoal.server.latencymetrics import LatencyConfig
 from shoal.server.optionvalues import RateLimitResource
 
 CONTROL_MODES = ("none", "poll", "explicit")
-METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies")
+METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies", "histogram_latencies")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,8 @@ class ServerConfig:
     allow_metrics: bool = True
     metrics_address: str = ""
     """Metrics bind address; empty: ``host``."""
-    metrics_config: tuple[tuple[str, str], ...] = ()
+    latency_metrics: LatencyConfig = field(default_factory=lambda: LatencyConfig())
+    """``--metrics-config``: latency summaries, histograms, counters."""
     allow_gpu_metrics: bool = True
     allow_cpu_metrics: bool = True
     metrics_interval_ms: float = 2000.0
@@ -232,6 +234,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
     cache_bytes = _cache_config(args, problems, notes)
     trace = _trace_config(args, problems, notes)
     metrics_config = _metrics_config(args, problems)
+    latency = latencymetrics.parse(metrics_config, problems)
     if str(args.rate_limit).lower() not in ("off", "execution_count"):
         problems.append(f"--rate-limit '{args.rate_limit}': expected off or execution_count")
     resources = tuple(
@@ -261,7 +264,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         allow_cpu_metrics=args.allow_cpu_metrics and args.allow_metrics,
         metrics_address=args.metrics_address,
         metrics_interval_ms=args.metrics_interval_ms,
-        metrics_config=metrics_config,
+        latency_metrics=latency,
         http_health_port=args.http_health_port,
         reuse_http_port=args.reuse_http_port,
         exit_timeout_s=args.exit_timeout_secs,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.server.custommetrics import CustomMetrics
+from shoal.server.latencymetrics import SUMMARIES, LatencyConfig
 from shoal.server.models import ModelManager, ModelVersion
 from shoal.server.promtext import labels as _labels
 from shoal.server.promtext import number
@@ -198,7 +200,9 @@ class Metrics:
         interval_s: float = 2.0,
         custom: CustomMetrics | None = None,
         cache_on: bool = False,
+        latency: LatencyConfig | None = None,
     ) -> None:
+        self.latency = latency or LatencyConfig()
         self.custom = custom
         self.cache_on = cache_on
         """The server has a response cache (``--cache-config``): cache metrics are exported."""
@@ -242,6 +246,8 @@ class Metrics:
                 pairs = [*labels[id(mv)], ("reason", reason)]
                 lines.append(f"nv_inference_request_failure{_labels(pairs)} {mv.stats.failures[reason]}")
         for name, kind, text, value in _MODEL_METRICS:
+            if not self.latency.counters and name.endswith("_duration_us"):
+                continue  # --metrics-config counter_latencies=false
             _family(lines, name, kind, text)
             for mv in versions:
                 lines.append(f"{name}{_labels(labels[id(mv)])} {number(value(mv))}")
@@ -250,6 +256,7 @@ class Metrics:
             _family(lines, name, kind, text)
             for mv in cached:
                 lines.append(f"{name}{_labels(labels[id(mv)])} {number(value(mv))}")
+        self._render_latency(lines, versions, labels)
         samples = self.sampler.samples if self.sampler is not None else _Samples()
         if samples.gpus:
             for name, kind, text in _GPU_METRICS:
@@ -265,6 +272,43 @@ class Metrics:
         if self.custom is not None:
             self.custom.render(lines)
         return "\n".join(lines) + "\n"
+
+    def _render_latency(
+        self, lines: list[str], versions: list[ModelVersion], labels: dict[int, list[tuple[str, str]]]
+    ) -> None:
+        measured = [mv for mv in versions if mv.stats.latency is not None]
+        if not measured:
+            return
+        if self.latency.summaries:
+            cached = self.cache_on
+            for key, name, text in SUMMARIES:
+                if key.startswith("cache") and not cached:
+                    continue
+                _family(lines, name, "summary", text)
+                for mv in measured:
+                    lat = mv.stats.latency
+                    assert lat is not None
+                    if key.startswith("cache") and not mv.config.response_cache.enable:
+                        continue
+                    w = lat.summaries[key]
+                    base = labels[id(mv)]
+                    for q, v in w.quantiles(self.latency.quantiles):
+                        shown = "NaN" if math.isnan(v) else number(v)  # no observation in the window
+                        lines.append(f"{name}{_labels([*base, ('quantile', f'{q:g}')])} {shown}")
+                    lines.append(f"{name}_sum{_labels(base)} {number(w.sum)}")
+                    lines.append(f"{name}_count{_labels(base)} {w.count}")
+        if self.latency.histograms:
+            name = "nv_inference_first_response_histogram_ms"
+            _family(lines, name, "histogram", "Duration from request to first response in milliseconds")
+            for mv in measured:
+                h = mv.stats.latency.first_response if mv.stats.latency is not None else None
+                if h is None:
+                    continue
+                base = labels[id(mv)]
+                for le, n in h.cumulative():
+                    lines.append(f"{name}_bucket{_labels([*base, ('le', le)])} {n}")
+                lines.append(f"{name}_sum{_labels(base)} {number(h.sum)}")
+                lines.append(f"{name}_count{_labels(base)} {h.count}")
 
 
 def _family(lines: list[str], name: str, kind: str, text: str) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.proto.errors import BackendError, DeadlineExceeded, ErrorCode, QueueFull, ServingError, WorkerDied
+from shoal.server.latencymetrics import LatencyMetrics
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -63,6 +64,8 @@ class ModelStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
     """Failed requests by ``failure_reason`` (Prometheus metrics)."""
+    latency: LatencyMetrics | None = None
+    """``--metrics-config`` summaries and histograms (None: off)."""
 
     def failed(self, exc: BaseException) -> None:
         self.failures[failure_reason(exc)] += 1
@@ -73,16 +76,22 @@ class ModelStats:
         if ok:
             self.durations["queue"].add(queue_ns)
             self.last_inference_ms = time.time_ns() // 1_000_000
+            if self.latency is not None:
+                self.latency.request(total_ns, queue_ns)
 
     def cache_hit(self, lookup_ns: int) -> None:
         """A request answered from the response cache: a success (its whole time was the
         lookup), not an inference or an execution."""
         self.durations["cache_hit"].add(lookup_ns)
         self.request_done(True, lookup_ns, 0)
+        if self.latency is not None:
+            self.latency.cache(True, lookup_ns)
 
     def cache_miss(self, ns: int) -> None:
         """A request the cache could not answer: ``ns`` is the lookup plus the insertion."""
         self.durations["cache_miss"].add(ns)
+        if self.latency is not None:
+            self.latency.cache(False, ns)
 
     def execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, rows: int = 0
@@ -95,6 +104,8 @@ class ModelStats:
         d["compute_input"].add(input_ns, requests)
         d["compute_infer"].add(infer_ns, requests)
         d["compute_output"].add(output_ns, requests)
+        if self.latency is not None:
+            self.latency.compute(requests, input_ns, infer_ns, output_ns)
         size = rows or batch_size
         b = self.batches.get(size)
         if b is None:

@@ -23,6 +23,7 @@ from shoal.server import autocomplete, ensemble
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext, InstancePool
 from shoal.server.dispatch.worker import Worker
+from shoal.server.latencymetrics import LatencyConfig, LatencyMetrics
 from shoal.server.models.index import repository_index
 from shoal.server.models.instances import InstanceFactory, InstanceSettings
 from shoal.server.models.registry import Registry
@@ -62,7 +63,10 @@ class ModelManager:
         refresh: Callable[[], Awaitable[None]] | None = None,
         load_threads: int = 4,
         load_retries: int = 0,
+        latency: LatencyConfig | None = None,
     ) -> None:
+        self.latency = latency or LatencyConfig()
+        """``--metrics-config`` summaries and histograms of each version's latencies."""
         self.auto_complete = auto_complete
         self.refresh = refresh
         """Brings a remote repository's local copy up to date (before polls and loads)."""
@@ -190,6 +194,8 @@ class ModelManager:
                     chosen[v] = mv  # unchanged: keeps serving as it is
                     continue
                 fresh = new_version(src, v)
+                if self.latency.any:
+                    fresh.stats.latency = LatencyMetrics(self.latency)
                 fresh.config_bytes = config_bytes
                 fresh.fingerprint = version_print(fp, v)
                 chosen[v] = fresh

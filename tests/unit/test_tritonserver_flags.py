@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shoal.server.config import parse
+import pytest
+
+from shoal.server.config import ConfigError, parse
 from shoal.server.flags import FLAGS, GROUPS
 
 # tritonserver's options with a valid value each (Triton's src/command_line_parser.cc)
@@ -144,3 +146,18 @@ def test_deprecated_cache_size(tmp_path: Path) -> None:
 
 def test_groups_in_tritons_order() -> None:
     assert list(GROUPS)[:5] == ["Server", "Logging", "Model Repository", "HTTP", "GRPC"]
+
+
+def test_metrics_config_values(tmp_path: Path) -> None:
+    cfg = parse(
+        ["--model-repository", str(tmp_path), "--metrics-config=summary_quantiles=0.5:0.05,0.9:0.01"], triton=True
+    )
+    assert cfg.latency_metrics.quantiles == ((0.5, 0.05), (0.9, 0.01))
+    for bad, text in (
+        ("summary_quantiles=half", "summary_quantiles=half: expected <quantile>:<error>"),
+        ("colour=blue", "--metrics-config colour=blue: unknown setting"),
+        ("summary_latencies", "--metrics-config 'summary_latencies': expected <key>=<value>"),
+    ):
+        with pytest.raises(ConfigError) as ei:
+            parse(["--model-repository", str(tmp_path), f"--metrics-config={bad}"], triton=True)
+        assert any(text in p for p in ei.value.problems), ei.value.problems
