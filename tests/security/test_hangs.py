@@ -146,7 +146,9 @@ def test_worker_that_cannot_be_started(hang_repo: Path, tmp_path: Path, fresh: l
     fresh.append(srv)
     t0 = time.monotonic()
     code, body = request(srv.port, "POST", "/v2/repository/models/add_sub/load", b"{}")
-    assert code == 503 and "cannot start a worker process" in body["error"] and "No such file" in body["error"], body
+    # Triton's text and code for a failed load (INVALID_ARGUMENT: 400), naming the reason
+    assert code == 400 and body["error"].startswith("load failed for model 'add_sub': version 1 is at "), body
+    assert "cannot start a worker process" in body["error"] and "No such file" in body["error"], body
     assert time.monotonic() - t0 < 10
     assert request(srv.port, "GET", "/v2/health/ready")[0] == 400
     python.symlink_to(launcher)

@@ -119,3 +119,43 @@ def test_grpc_statuses_of_triton_codes(code: ErrorCode, status: str) -> None:
     from shoal.server.frontends.grpc.errors import GRPC_STATUS
 
     assert GRPC_STATUS[code].name == status
+
+
+# ---- Triton's error texts (shoal.proto.errortexts) ------------------------------------------------
+
+
+def test_error_text_table_entries_are_used_and_formed() -> None:
+    """Every entry is raised somewhere (no dead texts), names where Triton raises it, and
+    formats with the fields its template names."""
+    import re
+    import string
+    from pathlib import Path
+
+    from shoal.proto import errortexts as T
+
+    root = Path(__file__).resolve().parents[2]
+    code = "\n".join(
+        p.read_text()
+        for folder in ("server", "workers", "proto", "shm")
+        for p in (root / folder).rglob("*.py")
+        if p.name != "errortexts.py"
+    )
+    assert len(T.TABLE) >= 50
+    for name, entry in T.TABLE.items():
+        assert re.search(rf"\bT\.{name}\b", code), f"{name} is not used"
+        assert entry.source.startswith(("core/", "server/")), name
+        fields = {f for _, f, _, _ in string.Formatter().parse(entry.template) if f}
+        err = entry(request_id="", **{f: f"<{f}>" for f in fields})
+        assert err.code is entry.code and err.message.startswith("[request id: <id_unknown>] " * entry.request_prefix)
+        assert isinstance(err, errors.InvalidInput) == (entry.code is ErrorCode.INVALID_ARGUMENT) or entry.kind
+        if entry.triton_code is not None:  # Triton's 5xx for a client's mistake: 400 here
+            assert (entry.triton_code, entry.code) == (ErrorCode.INTERNAL, ErrorCode.INVALID_ARGUMENT), name
+
+
+def test_error_texts_as_triton_writes_them() -> None:
+    from shoal.proto import errortexts as T
+
+    assert T.dims([-1, 16]) == "[-1,16]" and T.dims([]) == "[]"
+    assert T.UNKNOWN_MODEL(model="x").message == "Request for unknown model: 'x' is not found"
+    assert T.QUEUE_FULL("r7").message == "[request id: r7] Exceeds maximum queue size"
+    assert isinstance(T.QUEUE_FULL(), errors.QueueFull) and T.QUEUE_FULL().code is ErrorCode.UNAVAILABLE
