@@ -296,6 +296,7 @@ class TraceSetting:
         "created",
         "collected",
         "pending",
+        "in_stream",
         "live",
         "retired",
         "streaming",
@@ -331,6 +332,8 @@ class TraceSetting:
         self.collected = 0
         self.pending: list[str] = []
         """Finished traces not written yet."""
+        self.in_stream = 0
+        """Traces finished since the last indexed file (Triton's sample_in_stream_)."""
         self.live = 0
         """Sampled traces not finished yet."""
         self.retired = False
@@ -373,12 +376,15 @@ class TraceSetting:
             if self.streaming:
                 self.file.save(text, indexed=False)
             else:
-                self.pending.append(text)
+                if text:  # a trace with nothing recorded (a level without TIMESTAMPS) counts, empty
+                    self.pending.append(text)
+                self.in_stream += 1
                 if (self.count == 0 and self.collected >= self.created) or (
-                    self.log_frequency and len(self.pending) >= self.log_frequency
+                    self.log_frequency and self.in_stream >= self.log_frequency
                 ):
                     self.file.save(",".join(self.pending), indexed=True)
                     self.pending.clear()
+                    self.in_stream = 0
         if self.retired and self.live == 0:
             self._flush()
 
@@ -398,6 +404,7 @@ class TraceSetting:
         if self.pending:
             self.file.save(",".join(self.pending), indexed=self.log_frequency != 0)
             self.pending.clear()
+        self.in_stream = 0
 
 
 def _stoi(name: str, text: str, *, grpc: bool, low: int) -> int:

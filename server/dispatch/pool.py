@@ -109,7 +109,7 @@ class InstancePool:
         regions: list[Region] = []
         leases: list[Lease] = []
         try:
-            self._encode(batch, env.infer, buffers, blocks, regions, leases, worker.spec.instance_name)
+            traced = self._encode(batch, env.infer, buffers, blocks, regions, leases, worker.spec.instance_name)
             # Input blocks are freed (and client regions and other workers' outputs given
             # back) when the worker is done with them, which is later than this coroutine if
             # the client goes away (the future is then cancelled but the worker still reads).
@@ -117,7 +117,7 @@ class InstancePool:
             if held is not None:
                 settle = _both(settle, held)
             stream = _Stream(self, worker, batch) if batch[0].responses is not None else None
-            sent_ns = time.monotonic_ns()
+            sent_ns = time.monotonic_ns() if traced else 0
             fut = worker.submit(env, buffers, settle, stream)
             rid = env.request_id
             for i, req in enumerate(batch):
@@ -132,9 +132,10 @@ class InstancePool:
         finally:
             del fut  # a future that failed holds the error, whose traceback holds this frame
         results = self._decode(batch, worker, reply, frames, decoupled=stream is not None)
-        for req in batch:
-            if req.trace is not None:
-                _trace_compute(req.trace, sent_ns, reply.infer_done)
+        if traced:
+            for req in batch:
+                if req.trace is not None:
+                    _trace_compute(req.trace, sent_ns, reply.infer_done)
         return results
 
     def _free(self, blocks: list[Block], regions: list[Region], leases: list[Lease]) -> None:
@@ -159,7 +160,9 @@ class InstancePool:
         regions: list[Region],
         leases: list[Lease],
         instance: str = "",
-    ) -> None:
+    ) -> bool:
+        """Fill ``infer``; returns whether a request of the batch is traced."""
+        traced = False
         inline_max = self.ctx.inline_max_bytes
         arena = self.ctx.arena
         for i, req in enumerate(batch):
@@ -175,6 +178,7 @@ class InstancePool:
             r.flags = req.flags
             if req.trace is not None:
                 r.trace_id = req.trace.id
+                traced = True
             for t in req.inputs:
                 ref = r.inputs.add()
                 ref.name = t.name
@@ -207,6 +211,7 @@ class InstancePool:
             params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
+        return traced
 
     def _decode(
         self,
