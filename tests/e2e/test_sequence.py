@@ -111,12 +111,12 @@ def test_string_ids_and_stream(sserver: ServerProcess) -> None:
         client.close()
     h = httpclient.InferenceServerClient(sserver.url)
     try:
-        with pytest.raises(
-            InferenceServerException,
-            match=r"^\[request id: <id_unknown>\] sequence batching control 'CORRID' data-type is 'BYTES', but "
-            r"model 'accumulator' expects 'UINT64'$",
-        ):
+        with pytest.raises(InferenceServerException) as err:
             _send(h, "accumulator", "text-id", 1, start=True)
+        assert err.value.message() == (
+            "[request id: <id_unknown>] sequence batching control 'CORRID' data-type is 'BYTES', but model "
+            "'accumulator' expects 'UINT64'"
+        )
     finally:
         h.close()
 
@@ -174,8 +174,10 @@ def test_crash_mid_sequence(sserver: ServerProcess) -> None:
         with pytest.raises(InferenceServerException) as err:
             _send(h, "accumulator", 9, -1)  # the model kills its worker
         assert err.value.status() == "503"
-        with pytest.raises(InferenceServerException, match="instance failed"):
+        # the sequence ended with its instance: Triton's text (the log says why)
+        with pytest.raises(InferenceServerException, match="sequence 9 to model 'accumulator' must specify the START"):
             _send(h, "accumulator", 9, 1)
+        sserver.wait_log(r"sequence 9 of model 'accumulator' ended: its instance failed")
         wait_until(lambda: h.is_model_ready("accumulator") and len(sserver.worker_pids("accumulator")) >= 3)
         assert _send(h, "accumulator", 9, 4, start=True, end=True) == (4, 9)
         stats = h.get_inference_statistics("accumulator")["model_stats"][0]["inference_stats"]
@@ -308,7 +310,8 @@ def test_implicit_state(tmp_path: Path, fresh_server: list[ServerProcess]) -> No
             assert [o.name for o in rb.get_response().outputs] == ["OUTPUT"]
         r = h.infer("acc_state", [_input(httpclient, 5)], sequence_id=1, sequence_start=True, sequence_end=True)
         assert int(r.as_numpy("OUTPUT")[0, 0]) == 5  # START resets the state
-        with pytest.raises(InferenceServerException, match="unexpected inference input 'SUM_IN'"):
+        # Triton counts the inputs before it looks at their names (its text, quirks included)
+        with pytest.raises(InferenceServerException, match=r"expected 1 inputs but got 2 inputs for model 'acc_state'"):
             i = httpclient.InferInput("SUM_IN", [1, 1], "INT32")
             i.set_data_from_numpy(np.ones((1, 1), dtype=np.int32))
             h.infer("acc_state", [_input(httpclient, 1), i], sequence_id=3, sequence_start=True)
