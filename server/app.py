@@ -217,7 +217,7 @@ class App:
         if cfg.model_namespacing:
             log.warning("--model-namespacing=true is not supported: a model name must be unique across repositories")
         self.models = ModelManager(
-            Repositories(roots),
+            Repositories(roots, upload_root=Path(self.run_dir) / "uploads"),
             load_threads=cfg.model_load_thread_count,
             latency=cfg.latency_metrics,
             load_retries=cfg.model_load_retry_count,

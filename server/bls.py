@@ -107,9 +107,9 @@ class BlsRouter:
         out.call_id = m.call_id
         try:
             if m.action == 0:
-                await asyncio.shield(
-                    self.dp.load_model(m.model_name, {"config": m.config_json} if m.config_json else {})
-                )
+                params: dict[str, Any] = {"config": m.config_json} if m.config_json else {}
+                params.update(m.files.items())
+                await asyncio.shield(self.dp.load_model(m.model_name, params))
                 out.ok = True
             elif m.action == 1:
                 await asyncio.shield(self.dp.unload_model(m.model_name, {"unload_dependents": m.unload_dependents}))

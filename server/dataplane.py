@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -25,6 +28,8 @@ from shoal.server.sharedmem import Region, SharedMemoryRegistry
 from shoal.server.tracing import NewSetting, TraceManager
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
+
+log = logging.getLogger("shoal.dataplane")
 
 SERVER_NAME = "shoal"
 StreamItem = tuple[InferResult | ServingError | None, bool]
@@ -163,27 +168,44 @@ class DataPlane:
 
     async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Load or reload ``name``; ``parameters["config"]``: JSON text of a configuration
-        to use instead of config.pbtxt. Files sent with the request are refused."""
+        to use instead of config.pbtxt; ``"file:<path>"``: model files (bytes; base64 text
+        over HTTP), read from a directory of their own instead of the repository's, as
+        Triton's temporary model directory (``config`` is then required)."""
         self._check_control()
         override: mc.ModelConfig | None = None
+        files: dict[str, bytes] = {}
         for key, value in parameters.items():
             if key == "config":
                 if not isinstance(value, str):
-                    raise InvalidInput("load parameter 'config' must be a string of JSON")
+                    raise InvalidInput("Config parameter 'config' must have string type for its value")
                 try:
-                    obj = orjson.loads(value)
-                except orjson.JSONDecodeError as exc:
-                    raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
-                override = config_from_json(obj)
+                    override = config_from_json(orjson.loads(value))
+                except (orjson.JSONDecodeError, ServingError) as exc:
+                    detail = exc.message if isinstance(exc, ServingError) else str(exc)
+                    log.info("load of '%s': invalid config override: %s", name, detail)
+                    raise InvalidInput(
+                        f"{T.LOAD_POLL_FAILED.text(model=name)}: Invalid config override: {detail}"
+                    ) from None
             elif key.startswith("file:"):
-                raise Unsupported(
-                    "model files sent with a load request are not accepted; put them in the model repository"
-                )
+                files[key[len("file:") :]] = _file_bytes(key, value)
             else:
-                raise InvalidInput(f"unknown load parameter '{key[:64]}'")
+                raise InvalidInput(f"Unrecognized load parameter '{key[:64]}' with type '{_param_type(value)}'")
+        if files and override is None:
+            raise InvalidInput("Load parameter 'config' must be specified for model file override")
         if self.models.refresh is not None:
             await self.models.refresh()
-        await self.models.load(name, override)
+        upload = None
+        if files:
+            try:
+                upload = await asyncio.to_thread(self.models.repos.write_upload, name, files)
+            except ValueError as exc:
+                raise InvalidInput(
+                    f"Invalid file parameter 'file:{str(exc)[:256]}' must stay within model directory."
+                ) from None
+            except OSError as exc:
+                log.warning("load of '%s': writing its files failed: %s", name, exc.strerror)
+                raise ServingError(T.LOAD_POLL_FAILED.text(model=name), code=ErrorCode.INTERNAL) from None
+        await self.models.load(name, override, upload=upload)
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Unload ``name``; with ``unload_dependents`` also the ensembles using it and, for
@@ -402,6 +424,32 @@ class DataPlane:
                 result.done()
                 raise
         return result
+
+
+def _file_bytes(key: str, value: Any) -> bytes:
+    """A ``file:`` load parameter's contents: bytes over gRPC (and from models), base64 text
+    over HTTP."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise InvalidInput(f"File parameter '{key[:64]}' must be base64-encoded bytes") from None
+    raise InvalidInput(f"File parameter '{key[:64]}' must have bytes type for its value")
+
+
+def _param_type(value: Any) -> str:
+    """Triton's name of a parameter value's type (``TRITONSERVER_ParameterTypeString``)."""
+    if isinstance(value, bool):
+        return "BOOL"
+    if isinstance(value, int):
+        return "INT"
+    if isinstance(value, float):
+        return "DOUBLE"
+    if isinstance(value, bytes | bytearray):
+        return "BYTES"
+    return "STRING"
 
 
 def _queue_policy_reads_timeout(config: mc.ModelConfig) -> bool:

@@ -10,7 +10,7 @@ frames, or as blocks of the target worker's arena, copied here and given back at
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -158,7 +158,14 @@ class BlsClient:
         self.send([env.SerializeToString()])
 
     def control(
-        self, action: int, model: str, *, config_json: str = "", dependents: bool = False, version: int = -1
+        self,
+        action: int,
+        model: str,
+        *,
+        config_json: str = "",
+        dependents: bool = False,
+        version: int = -1,
+        files: Mapping[str, bytes] | None = None,
     ) -> tuple[bool, str]:
         """Model management through the router: (ok, error)."""
         env = wire.envelope(0)
@@ -168,6 +175,8 @@ class BlsClient:
         m.config_json = config_json
         m.unload_dependents = dependents
         m.model_version = version
+        for path, data in (files or {}).items():
+            m.files[path] = bytes(data)
         m.call_id = call_id = self.inbox.new_call()
         try:
             self.send([env.SerializeToString()])

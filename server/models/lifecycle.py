@@ -119,23 +119,39 @@ class ModelManager:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def load(self, name: str, override: mc.ModelConfig | None = None, *, record_missing: bool = False) -> None:
+    async def load(
+        self,
+        name: str,
+        override: mc.ModelConfig | None = None,
+        *,
+        record_missing: bool = False,
+        upload: Path | None = None,
+    ) -> None:
         """Load or reload ``name``; raises ``ServingError`` naming what failed.
 
         A name that is neither a directory of the repository nor a known model fails at once
         and leaves no trace (index, readiness), as in Triton; ``record_missing`` (models
-        named on the command line) records it as UNAVAILABLE instead."""
+        named on the command line) records it as UNAVAILABLE instead. ``upload``: the
+        directory of files sent with the load request (``Repositories.write_upload``), read
+        instead of the repository's; a later load without files goes back to the repository."""
         validate_model_name(name)
-        if not record_missing and name not in self.registry.sources and not self.repos.exists(name):
-            raise T.LOAD_POLL_FAILED(model=name)
-        chain = _LOADING.get()
-        if name in chain:
-            raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
-        token = _LOADING.set((*chain, name))
+        previous = None
+        if upload is not None or name in self.repos.uploads:
+            previous = self.repos.use_upload(name, upload)
         try:
-            await self._load(name, override)
+            if not record_missing and name not in self.registry.sources and not self.repos.exists(name):
+                raise T.LOAD_POLL_FAILED(model=name)
+            chain = _LOADING.get()
+            if name in chain:
+                raise InvalidInput(f"failed to load '{name}': ensembles form a cycle: {' -> '.join((*chain, name))}")
+            token = _LOADING.set((*chain, name))
+            try:
+                await self._load(name, override)
+            finally:
+                _LOADING.reset(token)
         finally:
-            _LOADING.reset(token)
+            if previous is not None and previous != upload:
+                self.repos.drop_upload(previous)
 
     async def _read(self, name: str, override: mc.ModelConfig | None) -> ModelSource:
         """The model's source: auto-completed, normalized, its composing models loaded."""
@@ -321,6 +337,9 @@ class ModelManager:
         composing = reg.composing_of(name) if dependents else []
         users = reg.ensembles_using(name) if dependents else []
         await self._unload(name)
+        uploaded = self.repos.use_upload(name, None)
+        if uploaded is not None:
+            self.repos.drop_upload(uploaded)
         for other in users:
             if reg.models.get(other):
                 log.info("unloading ensemble '%s', which uses '%s'", other, name)

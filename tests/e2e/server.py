@@ -205,6 +205,12 @@ class ServerProcess:
             for run in Path(tempfile.gettempdir()).glob(f"shoal_{self.proc.pid}_*"):
                 shutil.rmtree(run, ignore_errors=True)
 
+    def run_dir(self) -> Path:
+        """The server's run directory (sockets, uploaded model files)."""
+        assert self.proc is not None
+        (found,) = Path(tempfile.gettempdir()).glob(f"shoal_{self.proc.pid}_*")
+        return found
+
     def segments(self) -> list[str]:
         assert self.proc is not None
         prefix = f"shoal_{self.proc.pid}_"

@@ -133,7 +133,7 @@ def test_config_override_and_reload(explicit: ServerProcess) -> None:
         time.sleep(0.3)
         assert explicit.worker_pids("identity_fp32") == after
         bad_configs = [
-            ("{not json", "not valid JSON"),
+            ("{not json", "failed to poll from model repository: Invalid config override"),
             (json.dumps({"name": "identity_fp32", "no_such_field": 1}), "invalid model configuration"),
             # Triton's text (the reason is in the log and the repository index)
             (
@@ -192,9 +192,9 @@ def test_names_never_leave_the_repository(explicit: ServerProcess, tmp_path: Pat
     status, reply = post(
         explicit, "/v2/repository/models/identity_fp32/load", {"parameters": {"file:1/model.py": "eA=="}}
     )
-    assert status == 501 and "not accepted" in reply["error"]
+    assert status == 400 and reply["error"] == "Load parameter 'config' must be specified for model file override"
     status, reply = post(explicit, "/v2/repository/models/identity_fp32/load", {"parameters": {"weird": "1"}})
-    assert status == 400 and "unknown load parameter" in reply["error"]
+    assert status == 400 and reply["error"] == "Unrecognized load parameter 'weird' with type 'STRING'"
     status, reply = post(explicit, "/v2/repository/index", {"ready": "yes"})
     assert status == 400
 
@@ -256,3 +256,51 @@ def test_poll_mode(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     finally:
         h.close()
     assert srv.terminate() == 0
+
+
+UPLOADED_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x * 10).astype(np.float32))]))
+        return out
+"""
+
+
+def test_model_files_sent_with_load(explicit: ServerProcess) -> None:
+    """Triton's file override: the files of the load request are the model, in a directory
+    of their own, until a load without files goes back to the repository."""
+    h = httpclient.InferenceServerClient(explicit.url)
+    g = grpcclient.InferenceServerClient(explicit.grpc_url)
+    try:
+        h.load_model("identity_fp32")
+        cfg = json.dumps(h.get_model_config("identity_fp32"))
+        h.load_model("identity_fp32", config=cfg, files={"file:1/model.py": UPLOADED_MODEL.encode()})
+        np.testing.assert_array_equal(identity(h), np.arange(4, dtype=np.float32) * 10)
+        # the repository's own files are untouched
+        assert "x * 10" not in (explicit.repository / "identity_fp32" / "1" / "model.py").read_text()
+        h.load_model("identity_fp32")  # no files: the repository's model again
+        np.testing.assert_array_equal(identity(h), np.arange(4, dtype=np.float32))
+        # a model that is not in the repository at all, over gRPC
+        g.load_model("uploaded", config=cfg.replace("identity_fp32", "uploaded"),
+                     files={"file:1/model.py": UPLOADED_MODEL.encode()})  # fmt: skip
+        np.testing.assert_array_equal(identity(g, model="uploaded"), np.arange(4, dtype=np.float32) * 10)
+        g.unload_model("uploaded")
+        uploads = list(Path(explicit.run_dir()).glob("uploads/*"))
+        assert uploads == [], uploads  # given back after the reload and the unload
+        for files, status in (({"file:../escape.py": b"x"}, "StatusCode.INVALID_ARGUMENT"),
+                              ({"file:" + "A" * 300: b"x"}, "StatusCode.INTERNAL")):  # fmt: skip
+            with pytest.raises(InferenceServerException) as err:
+                g.load_model("identity_fp32", config=cfg, files=files)
+            assert err.value.status() == status, err.value
+        assert g.is_server_live()
+        np.testing.assert_array_equal(identity(h), np.arange(4, dtype=np.float32))
+    finally:
+        h.close()
+        g.close()

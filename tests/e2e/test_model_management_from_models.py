@@ -68,10 +68,31 @@ def test_load_with_a_config_override(server: ServerProcess) -> None:
     ("name", "params", "words"),
     [
         ("nope", {}, "nope"),
-        ("add_sub", {"config": "{not json"}, "not valid JSON"),
-        ("add_sub", {"files": True}, "not accepted"),
+        ("add_sub", {"config": "{not json"}, "Invalid config override"),
+        ("add_sub", {"files": {"file:1/model.py": "x"}}, "Load parameter 'config' must be specified"),
     ],
 )
 def test_failures_reach_the_model(server: ServerProcess, name: str, params: dict[str, object], words: str) -> None:
     with pytest.raises(InferenceServerException, match=words):
         _act(server, "load", name, **params)
+
+
+def test_load_with_model_files(server: ServerProcess) -> None:
+    """``files``: the model's files sent by another model (bytes through the worker's
+    message), served from a directory of their own."""
+    source = (server.repository / "add_sub" / "1" / "model.py").read_text()  # type: ignore[operator]
+    config = json.dumps({"name": "added", "backend": "python", "max_batch_size": 0,
+                         "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [4]},
+                                   {"name": "INPUT1", "data_type": "TYPE_FP32", "dims": [4]}],
+                         "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [4]},
+                                    {"name": "OUTPUT1", "data_type": "TYPE_FP32", "dims": [4]}]})  # fmt: skip
+    assert _act(server, "load", "added", config=config, files={"file:1/model.py": source}) is True
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        ins = [httpclient.InferInput("INPUT0", [4], "FP32"), httpclient.InferInput("INPUT1", [4], "FP32")]
+        for i in ins:
+            i.set_data_from_numpy(np.full(4, 3, dtype=np.float32))
+        assert c.infer("added", ins).as_numpy("OUTPUT0").tolist() == [6, 6, 6, 6]
+    finally:
+        c.close()
+    assert _act(server, "unload", "added") is False

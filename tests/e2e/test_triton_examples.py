@@ -45,11 +45,6 @@ pytestmark = pytest.mark.timeout(180)
 
 KEY_PREFIX = f"/triton_examples_{os.getpid()}_"
 
-TRITON_TEXT = pytest.mark.xfail(
-    strict=True,
-    reason="Shoal's message differs from Triton's text; the fix belongs to the error texts "
-    "(server/dataplane.py load_model): remove this mark when it says what Triton says",
-)
 SEQUENCE_VALUES = [11, 7, 5, 3, 2, 0, 1]
 
 
@@ -815,17 +810,11 @@ def test_model_control_bad_override_is_refused(explicit_server: ServerProcess, p
     assert "config" in _bad_override(explicit_server, proto).message()
 
 
-@TRITON_TEXT
 @pytest.mark.parametrize("proto", ["http", "grpc"])
 def test_model_control_bad_override_text(explicit_server: ServerProcess, proto: str) -> None:
     assert "failed to load" in _bad_override(explicit_server, proto).message()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Shoal refuses model files sent with a load request (UNIMPLEMENTED); Triton writes "
-    "them to a temporary model directory",
-)
 def test_model_control_oversized_file_path(explicit_server: ServerProcess) -> None:
     """A load request carrying a file whose path is too long to write: Triton answers
     INTERNAL "failed to poll from model repository" and stays live."""

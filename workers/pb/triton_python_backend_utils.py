@@ -371,12 +371,10 @@ def _control(action: int, model_name: str, **kw: Any) -> bool:
 
 def load_model(model_name: str, config: str = "", files: Mapping[str, bytes] | None = None) -> None:
     """Load or reload ``model_name`` (the server must use explicit model control); ``config``:
-    JSON of a configuration to use instead of its config.pbtxt. Raises on failure."""
-    if files:
-        raise TritonModelException(
-            "model files sent with a load request are not accepted; put them in the model repository"
-        )
-    _control(0, model_name, config_json=config or "")
+    JSON of a configuration to use instead of its config.pbtxt; ``files``: model files
+    ("file:<path in the model directory>": contents; ``config`` is then needed), which the
+    server loads from a directory of their own. Raises on failure."""
+    _control(0, model_name, config_json=config or "", files=dict(files or {}))
 
 
 def unload_model(model_name: str, unload_dependents: bool = False) -> None:

@@ -18,7 +18,8 @@ class TritonPythonModel:
             params = json.loads(request.parameters())
             try:
                 if action == "load":
-                    pb_utils.load_model(name, config=params.get("config", ""), files=params.get("files"))
+                    files = {k: v.encode() for k, v in params.get("files", {}).items()}
+                    pb_utils.load_model(name, config=params.get("config", ""), files=files)
                 elif action == "unload":
                     pb_utils.unload_model(name)
                 ready = pb_utils.is_model_ready(name)
