@@ -388,7 +388,13 @@ class DataPlane:
         t1 = time.monotonic_ns()
         if entry is not None:
             mv.stats.cache_hit(t1 - t0)
-            return entry.result(request)
+            hit = entry.result(request)
+            trace = request.trace
+            if trace is not None:  # as Triton traces a hit: the request's start and end, no compute
+                trace.begin(mv.name, mv.version, request)
+                trace.outputs(hit)
+                trace.end()
+            return hit
         result = await submit(mv, request, self._deadline_s(mv, request))
         t2 = time.monotonic_ns()
         cache.put(k, result)

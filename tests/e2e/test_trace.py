@@ -633,3 +633,29 @@ def test_opentelemetry_spans(tmp_path: Path, fresh_server: list[ServerProcess]) 
         assert step.end_time_unix_nano <= ens.end_time_unix_nano
     propagated = next(s for s in roots if s is not root)
     assert propagated.trace_id.hex() == trace_id and propagated.parent_span_id.hex() == parent
+
+
+def test_cache_hit_is_traced_without_compute(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    out = tmp_path / "t.json"
+    repo = make_repository(tmp_path / "repo", "identity_fp32")
+    config = repo / "identity_fp32" / "config.pbtxt"
+    config.write_text(config.read_text() + "\nresponse_cache { enable: true }\n")
+    srv = ServerProcess(
+        repo,
+        "--cache-config=local,size=1048576",
+        "--trace-config",
+        f"triton,file={out}",
+        "--trace-config",
+        "level=TIMESTAMPS",
+        "--trace-config",
+        "rate=1",
+    )
+    fresh_server.append(srv)
+    srv.start()
+    _identity(srv, "miss")
+    _identity(srv, "hit")
+    assert srv.terminate() == 0
+    traces = _by_id(_traces(out))
+    by_request = {t["model"]["request_id"]: t for t in traces.values()}
+    assert _names(by_request["miss"]) == STAMPS_HTTP
+    assert _names(by_request["hit"]) == [*STAMPS_HTTP[:4], *STAMPS_HTTP[8:]]
