@@ -273,3 +273,24 @@ def test_opentelemetry_spans_in_memory() -> None:
     assert model.attributes["triton.trace_parent_id"] == ens.attributes["triton.trace_id"]
     assert [e.name for e in compute.events][0] == "COMPUTE_START"
     assert compute.end_time is not None and model.end_time is not None and compute.end_time <= model.end_time
+
+
+def test_deprecated_flags_and_trace_config_together(tmp_path: Path) -> None:
+    """tritonserver's deprecated --trace-* flags fold into --trace-config, which wins."""
+    from shoal.server.config import parse
+
+    cfg = parse(
+        [
+            "--model-repository",
+            str(tmp_path),
+            "--trace-file=/tmp/old.json",
+            "--trace-level=TIMESTAMPS",
+            "--trace-rate=5",
+            "--trace-log-frequency=3",
+            "--trace-config=rate=7",
+            "--trace-config=level=TENSORS",
+        ],
+        triton=True,
+    )
+    o = parse_options(cfg.trace_config)
+    assert (o.file, o.rate, o.log_frequency, o.level) == ("/tmp/old.json", 7, 3, TIMESTAMPS | TENSORS)
