@@ -45,6 +45,7 @@ def test_health_and_server_metadata(server: ServerProcess) -> None:
         "binary_tensor_data",
         "parameters",
         "statistics",
+        "trace",
         "logging",
     ]
     status, _, body = raw(server, "GET", "/v2/health/ready")
