@@ -14,7 +14,8 @@ The code is Triton's code (but ``triton_code``: Shoal answers no client's mistak
 ``server/src/http_server.cc`` ``HttpCodeFromError``: INVALID_ARG, ALREADY_EXISTS, UNKNOWN
 and CANCELLED 400, NOT_FOUND 404, UNAVAILABLE 503, UNSUPPORTED 501, INTERNAL 500; gRPC:
 ``server/src/grpc/grpc_utils.cc``, the same-named status). Errors Triton does not have
-keep Shoal's own texts where they are raised.
+keep Shoal's own texts where they are raised, and so do errors about shared-memory keys
+(Triton's quote the key; no error here does).
 
 Some texts copy Triton's quirks on purpose: the input-count message ends its empty
 missing-input list as ``]`` (no ``[``), a shape mismatch of a non-batching model ends with
@@ -52,11 +53,11 @@ class ErrorText:
     """Where Triton raises it."""
     request_prefix: bool = False
     kind: type[ServingError] | None = None
+    """The exception class (``None``: ``InvalidInput`` for INVALID_ARGUMENT, else ``ServingError``)."""
     triton_code: ErrorCode | None = None
     """Triton's code where it differs from ``code``: Triton answers a few clients' mistakes
     with INTERNAL (HTTP 500); Shoal never answers a client's mistake with a 5xx, so those
     keep Triton's text with INVALID_ARGUMENT (400)."""
-    """The exception class (``None``: ``InvalidInput`` for INVALID_ARGUMENT, else ``ServingError``)."""
 
     def text(self, request_id: str | None = None, **fields: Any) -> str:
         body = self.template.format(**fields)
