@@ -95,7 +95,9 @@ def test_instance_count_override_is_bounded(repo: Path, fresh: list[ServerProces
     }
     body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
     code, reply = request(srv.port, "POST", "/v2/repository/models/add_sub/load", body)
-    assert code == 429 and "needs 100000 worker processes" in reply["error"], reply
+    # Triton's text and code for a failed load (400), naming Shoal's reason
+    assert code == 400 and reply["error"].startswith("load failed for model 'add_sub': version 1 is at"), reply
+    assert "needs 100000 worker processes" in reply["error"], reply
     assert "--max-worker-processes" in reply["error"]
     assert not srv.worker_pids("add_sub")
     config["instance_group"] = [{"kind": "KIND_CPU", "count": 6}]
