@@ -383,6 +383,8 @@ SHM_EXISTS = ErrorText(ErrorCode.ALREADY_EXISTS, "shared memory region '{region}
 SHM_INVALID_ARGS = ErrorText(_INVALID, "failed to register shared memory region '{region}': invalid args", _SHM)
 """Every key that cannot be used (missing, not the client's, smaller than offset + byte_size):
 one text, so that clients learn nothing about keys they may not use."""
+SHM_CUDA_OPEN = ErrorText(_INVALID, "failed to register shared memory region: invalid args", _SHM)
+"""A CUDA IPC handle that does not open (Triton opens it at registration, as Shoal's worker does)."""
 SHM_CUDA_NO_GPUS = ErrorText(
     _INVALID, "failed to register CUDA shared memory region: '{region}', GPUs not supported", _HTTP
 )

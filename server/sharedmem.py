@@ -253,15 +253,23 @@ class SharedMemoryRegistry:
         trusted: bool = False,
     ) -> Region:
         """``register_cuda``, then have a worker open the handle, as Triton opens it at
-        registration; a handle that does not open is not registered. With no worker running
-        the check happens at first use."""
+        registration; a handle that does not open is not registered (Triton's texts: one that
+        opens but is smaller than ``byte_size`` is "invalid args" naming the region). With no
+        worker running the check happens at first use."""
         region = self.register_cuda(name, raw_handle, device_id, byte_size, peer, trusted=trusted)
         if self.prober is not None:
             try:
                 await self.prober(region)
-            except BaseException:
+            except BaseException as exc:
                 if self._regions.get((region.owner, name)) is region:
                     self._remove([region])
+                if (
+                    isinstance(exc, ServingError)
+                    and exc.code is ErrorCode.INVALID_ARGUMENT
+                    and exc.message != T.SHM_CUDA_OPEN.template
+                ):
+                    log.info("register CUDA region %r refused: %s", name, exc.message)
+                    raise T.SHM_INVALID_ARGS(region=name) from None
                 raise
         return region
 

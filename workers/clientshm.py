@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from shoal.proto import errortexts as T
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm import client as shm_client
@@ -281,7 +282,7 @@ def _open_ipc(c: wpb.ClientShm, device: int) -> _CudaRegion:
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(c.cuda_handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess)
     except Exception as exc:  # noqa: BLE001 - CUDA reports bad handles as various errors
         log.warning("opening a CUDA IPC handle on device %d failed: %s", device, exc)
-        raise InvalidInput("failed to open the CUDA shared memory region: invalid args") from None
+        raise T.SHM_CUDA_OPEN() from None
     size = _allocation_size(ptr)
     if size is not None and size < c.region_bytes:
         with cupy.cuda.Device(device):

@@ -205,12 +205,12 @@ def test_bad_cuda_registrations(server: ServerProcess, regions: CudaRegions) -> 
         bogus = base64.b64encode(np.random.default_rng(1).bytes(64))
         with pytest.raises(InferenceServerException) as err:
             c.register_cuda_shared_memory("bogus", bogus, 0, 64)
-        assert "invalid args" in str(err.value) and "bogus" not in str(err.value)
+        assert err.value.message() == "failed to register shared memory region: invalid args"  # Triton's
         assert c.get_cuda_shared_memory_status() == []
         h = regions.create("small", 64)
         with pytest.raises(InferenceServerException) as err:
             c.register_cuda_shared_memory("toolarge", cudashm.get_raw_handle(h), 0, 1 << 30)
-        assert "allocation" in str(err.value)
+        assert err.value.message() == "failed to register shared memory region 'toolarge': invalid args"
         count = cupy.cuda.runtime.getDeviceCount()
         with pytest.raises(InferenceServerException) as err:
             c.register_cuda_shared_memory("nodev", cudashm.get_raw_handle(h), count, 64)
