@@ -50,29 +50,51 @@ async def test_load_with_a_config_override_uses_it_instead_of_config_pbtxt(env: 
     assert env.plane.model_metadata("m", 1)["inputs"] == [{"name": "IN0", "datatype": "UINT8", "shape": [-1, -1]}]
 
 
+_POLL = "failed to load 'm', failed to poll from model repository"
 BAD_LOADS: list[tuple[str, dict[str, Any], ErrorCode, str]] = [
-    ("not a string", {"config": 5}, ErrorCode.INVALID_ARGUMENT, "load parameter 'config' must be a string of JSON"),
-    ("not JSON", {"config": "{not json"}, ErrorCode.INVALID_ARGUMENT, "load parameter 'config' is not valid JSON: "),
-    ("not an object", {"config": "[1, 2]"}, ErrorCode.INVALID_ARGUMENT, "model configuration must be a JSON object"),
+    (
+        "not a string",
+        {"config": 5},
+        ErrorCode.INVALID_ARGUMENT,
+        "Config parameter 'config' must have string type for its value",
+    ),
+    ("not JSON", {"config": "{not json"}, ErrorCode.INVALID_ARGUMENT, f"{_POLL}: Invalid config override: "),
+    (
+        "not an object",
+        {"config": "[1, 2]"},
+        ErrorCode.INVALID_ARGUMENT,
+        f"{_POLL}: Invalid config override: model configuration must be a JSON object",
+    ),
     (
         "unknown field",
         {"config": '{"name": "m", "no_such_field": 1}'},
         ErrorCode.INVALID_ARGUMENT,
-        "invalid model configuration: ",
+        f"{_POLL}: Invalid config override: invalid model configuration: ",
     ),
     (
         "bad enum",
         {"config": '{"name": "m", "instance_group": [{"kind": "KIND_QUANTUM"}]}'},
         ErrorCode.INVALID_ARGUMENT,
-        "invalid model configuration: ",
+        f"{_POLL}: Invalid config override: invalid model configuration: ",
     ),
     (
-        "files",
+        "files without config",
         {"file:1/model.py": "eA=="},
-        ErrorCode.UNIMPLEMENTED,
-        "model files sent with a load request are not accepted; put them in the model repository",
+        ErrorCode.INVALID_ARGUMENT,
+        "Load parameter 'config' must be specified for model file override",
     ),
-    ("unknown parameter", {"weird": "1"}, ErrorCode.INVALID_ARGUMENT, "unknown load parameter 'weird'"),
+    (
+        "files not base64",
+        {"config": "{}", "file:1/model.py": "not base64!"},
+        ErrorCode.INVALID_ARGUMENT,
+        "File parameter 'file:1/model.py' must be base64-encoded bytes",
+    ),
+    (
+        "unknown parameter",
+        {"weird": "1"},
+        ErrorCode.INVALID_ARGUMENT,
+        "Unrecognized load parameter 'weird' with type 'STRING'",
+    ),
 ]
 
 
