@@ -21,6 +21,7 @@ from shoal.server.tracing import (
     TraceConfigError,
     TraceManager,
     TraceOptions,
+    options,
     parse_options,
     tensor_text,
 )
@@ -63,8 +64,7 @@ def test_bad_settings(setting: tuple[str, str, str], message: str) -> None:
 
 
 def test_opentelemetry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracing, "_otel_importable", lambda: True)
-    monkeypatch.setattr(tracing.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(options, "_otel_importable", lambda: True)
     o = parse_options(
         [("", "mode", "opentelemetry"), ("opentelemetry", "url", "u"), ("opentelemetry", "bsp_schedule_delay", "9")],
         environ={"OTEL_BSP_MAX_QUEUE_SIZE": "17"},
@@ -83,7 +83,7 @@ def test_opentelemetry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_opentelemetry_without_the_packages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracing, "_otel_importable", lambda: False)
+    monkeypatch.setattr(options, "_otel_importable", lambda: False)
     with pytest.raises(TraceConfigError) as info:
         parse_options([("", "mode", "opentelemetry")])
     assert "pip install 'shoal[trace]'" in str(info.value)
