@@ -11,14 +11,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.server import latencymetrics, optionvalues, restrict
+from shoal.server import flagchecks, latencymetrics, optionvalues, restrict
 from shoal.server.cloudrepo import is_remote
-from shoal.server.flags import build_parser, convert, flag_of, ignored_given
+from shoal.server.flags import build_parser, convert, ignored_given
 from shoal.server.latencymetrics import LatencyConfig
 from shoal.server.optionvalues import RateLimitResource
-
-CONTROL_MODES = ("none", "poll", "explicit")
-METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies", "histogram_latencies")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +200,9 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         if not is_remote(r) and not Path(r).is_dir():
             problems.append(f"--model-repository {r}: not a directory")
     local = list(dict.fromkeys(Path(r).resolve() for r in repos if not is_remote(r)))
-    _check_ports(args, problems)
-    _check_control_mode(args, problems)
-    _check_ranges(args, problems)
+    flagchecks.check_ports(args, problems)
+    flagchecks.check_control_mode(args, problems)
+    flagchecks.check_ranges(args, problems)
     args.client_shm_access = str(args.client_shm_access).strip().lower()
     if args.client_shm_access not in ("local", "any"):
         problems.append(f"--client-shm-access '{args.client_shm_access}': expected local or any")
@@ -230,10 +227,10 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
     if " " in args.model_config_name:
         problems.append("--model-config-name must not contain spaces")
     tls = _tls(args, problems)
-    backend = _backend_config(args, problems)
-    cache_bytes = _cache_config(args, problems, notes)
-    trace = _trace_config(args, problems, notes)
-    metrics_config = _metrics_config(args, problems)
+    backend = optionvalues.backend_config(args, problems)
+    cache_bytes = optionvalues.cache_config(args, problems, notes)
+    trace = optionvalues.trace_config(args, problems, notes)
+    metrics_config = optionvalues.metrics_config(args, problems)
     latency = latencymetrics.parse(metrics_config, problems)
     if str(args.rate_limit).lower() not in ("off", "execution_count"):
         problems.append(f"--rate-limit '{args.rate_limit}': expected off or execution_count")
@@ -339,91 +336,6 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
     )
 
 
-def _check_ports(args: argparse.Namespace, problems: list[str]) -> None:
-    ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
-    if args.http_health_port >= 0:
-        ports["--http-health-port"] = args.http_health_port
-    for flag, port in ports.items():
-        if not 0 <= port <= 65535:
-            problems.append(f"{flag} {port}: must be between 0 and 65535")
-    used = {
-        "--http-port": args.allow_http,
-        "--grpc-port": args.allow_grpc,
-        "--metrics-port": args.allow_metrics,
-        "--http-health-port": True,
-    }
-    taken: dict[int, str] = {}
-    for flag, port in ports.items():
-        if not used[flag] or not port:
-            continue
-        if port in taken:
-            problems.append(f"{taken[port]} and {flag} are both {port}: each service needs its own port")
-        taken.setdefault(port, flag)
-
-
-def _check_control_mode(args: argparse.Namespace, problems: list[str]) -> None:
-    seed_mode = "explicit" if args.allow_model_control else "poll" if args.allow_poll_model_repository else None
-    if args.allow_model_control and args.allow_poll_model_repository:
-        problems.append("--allow-model-control and --allow-poll-model-repository exclude each other")
-    if args.model_control_mode is None:
-        args.model_control_mode = seed_mode or "none"
-    elif seed_mode is not None and str(args.model_control_mode).strip().lower() != seed_mode:
-        problems.append(
-            f"--model-control-mode {args.model_control_mode} conflicts with the seed's spelling of {seed_mode}"
-        )
-    args.model_control_mode = str(args.model_control_mode).strip().lower()
-    if args.model_control_mode not in CONTROL_MODES:
-        problems.append(f"--model-control-mode '{args.model_control_mode}': expected one of {', '.join(CONTROL_MODES)}")
-    elif args.load_model and args.model_control_mode != "explicit":
-        problems.append("--load-model needs --model-control-mode=explicit")
-    if "*" in args.load_model and len(set(args.load_model)) > 1:
-        problems.append("--load-model=* must be the only --load-model")
-
-
-def _check_ranges(args: argparse.Namespace, problems: list[str]) -> None:
-    positive = (
-        "exit_timeout_secs>=",
-        "repository_poll_secs>",
-        "log_verbose>=",
-        "metrics_interval_ms>",
-        "http_max_input_size>",
-        "shm_arena_bytes>",
-        "worker_arena_bytes>",
-        "http_max_body_size>",
-        "http_body_timeout_secs>",
-        "http_keepalive_timeout_secs>",
-        "grpc_stream_max_pending>",
-        "client_shm_max_regions>",
-        "client_shm_max_regions_per_client>",
-        "max_buffered_request_bytes>=",
-        "http_max_connections>=",
-        "grpc_max_connections>=",
-        "max_worker_processes>=",
-        "worker_heartbeat_timeout_secs>=",
-        "request_timeout_secs>=",
-        "inline_max_bytes>=",
-        "model_load_timeout_secs>",
-        "model_load_thread_count>",
-        "model_load_retry_count>=",
-        "grpc_infer_allocation_pool_size>=",
-        "grpc_max_response_pool_size>=",
-        "grpc_keepalive_time>=",
-        "grpc_keepalive_timeout>=",
-        "grpc_http2_max_pings_without_data>=",
-        "grpc_http2_min_recv_ping_interval_without_data>=",
-        "grpc_http2_max_ping_strikes>=",
-        "grpc_max_connection_age>=",
-        "grpc_max_connection_age_grace>=",
-    )
-    for rule in positive:
-        dest, op = (rule[:-2], ">=") if rule.endswith(">=") else (rule[:-1], ">")
-        value = getattr(args, dest)
-        if (op == ">" and value <= 0) or (op == ">=" and value < 0):
-            problems.append(f"{flag_of(dest)} must be {op} 0")
-    if args.shm_arena_max_bytes < args.shm_arena_bytes:
-        problems.append("--shm-arena-max-bytes must be >= --shm-arena-bytes")
-
-
 def _tls(args: argparse.Namespace, problems: list[str]) -> TlsOptions | None:
     if not (args.grpc_use_ssl or args.grpc_use_ssl_mutual):
         return None
@@ -441,84 +353,3 @@ def _tls(args: argparse.Namespace, problems: list[str]) -> TlsOptions | None:
         root_cert=args.grpc_root_cert,
         mutual=args.grpc_use_ssl_mutual,
     )
-
-
-def _backend_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str, str], ...]:
-    out = []
-    for text in args.backend_config:
-        setting = optionvalues.group_setting("--backend-config", text, problems, group_required=False)
-        if setting is None:
-            continue
-        backend, key, value = setting
-        if key == "default-max-batch-size":
-            try:
-                if int(value) < 0:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"--backend-config {text}: default-max-batch-size must be an integer >= 0")
-        out.append(setting)
-    return tuple(out)
-
-
-def _cache_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> int:
-    """The local response cache's size in bytes; 0: no cache."""
-    if args.response_cache_byte_size is not None and args.cache_config:
-        problems.append("--response-cache-byte-size and --cache-config exclude each other: give one")
-    if args.response_cache_byte_size is not None:
-        notes.append(
-            f"--response-cache-byte-size is deprecated: use --cache-config=local,size={args.response_cache_byte_size}"
-        )
-        args.cache_config = [f"local,size={args.response_cache_byte_size}"]
-    size = -1
-    for text in args.cache_config:
-        setting = optionvalues.group_setting("--cache-config", text, problems, group_required=True)
-        if setting is None:
-            continue
-        cache, key, value = setting
-        if cache != "local":
-            problems.append(f"--cache-config {text}: cache '{cache}' is not available (Shoal has 'local')")
-        elif key != "size":
-            problems.append(f"--cache-config {text}: the local cache takes 'size' only")
-        else:
-            try:
-                size = optionvalues.byte_size(value)
-            except ValueError:
-                problems.append(f"--cache-config {text}: size must be a number of bytes")
-    if args.cache_config and size < 0:
-        problems.append("--cache-config needs local,size=<bytes>")
-    return max(size, 0) if args.cache_config else 0
-
-
-def _trace_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> tuple[tuple[str, str, str], ...]:
-    """(mode, key, value) settings, the deprecated --trace-* flags folded in."""
-    out: list[tuple[str, str, str]] = []
-    for flag, key, mode in (
-        ("--trace-file", "file", "triton"),
-        ("--trace-rate", "rate", ""),
-        ("--trace-count", "count", ""),
-        ("--trace-log-frequency", "log-frequency", "triton"),
-    ):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            notes.append(f"{flag} is deprecated: use --trace-config {mode + ',' if mode else ''}{key}=<value>")
-            out.append((mode, key, str(value)))
-    for level in args.trace_level:
-        notes.append("--trace-level is deprecated: use --trace-config level=<OFF|TIMESTAMPS|TENSORS>")
-        out.append(("", "level", level))
-    for text in args.trace_config:
-        setting = optionvalues.group_setting("--trace-config", text, problems, group_required=False)
-        if setting is not None:
-            out.append(setting)
-    return tuple(out)
-
-
-def _metrics_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str], ...]:
-    out = []
-    for text in args.metrics_config:
-        kv = optionvalues.key_value("--metrics-config", text, problems)
-        if kv is None:
-            continue
-        if kv[0] not in METRICS_CONFIG_KEYS:
-            problems.append(f"--metrics-config {text}: unknown setting (expected {', '.join(METRICS_CONFIG_KEYS)})")
-        out.append(kv)
-    return tuple(out)

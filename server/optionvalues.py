@@ -5,7 +5,10 @@ problem naming the flag and what was expected."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+
+METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies", "histogram_latencies")
 
 
 def group_setting(flag: str, text: str, problems: list[str], *, group_required: bool) -> tuple[str, str, str] | None:
@@ -67,3 +70,84 @@ def backend_settings(settings: tuple[tuple[str, str, str], ...], backend: str) -
     out = {key: value for name, key, value in settings if not name}
     out.update({key: value for name, key, value in settings if name == backend})
     return out
+
+
+def backend_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str, str], ...]:
+    out = []
+    for text in args.backend_config:
+        setting = group_setting("--backend-config", text, problems, group_required=False)
+        if setting is None:
+            continue
+        backend, key, value = setting
+        if key == "default-max-batch-size":
+            try:
+                if int(value) < 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"--backend-config {text}: default-max-batch-size must be an integer >= 0")
+        out.append(setting)
+    return tuple(out)
+
+
+def cache_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> int:
+    """The local response cache's size in bytes; 0: no cache."""
+    if args.response_cache_byte_size is not None and args.cache_config:
+        problems.append("--response-cache-byte-size and --cache-config exclude each other: give one")
+    if args.response_cache_byte_size is not None:
+        notes.append(
+            f"--response-cache-byte-size is deprecated: use --cache-config=local,size={args.response_cache_byte_size}"
+        )
+        args.cache_config = [f"local,size={args.response_cache_byte_size}"]
+    size = -1
+    for text in args.cache_config:
+        setting = group_setting("--cache-config", text, problems, group_required=True)
+        if setting is None:
+            continue
+        cache, key, value = setting
+        if cache != "local":
+            problems.append(f"--cache-config {text}: cache '{cache}' is not available (Shoal has 'local')")
+        elif key != "size":
+            problems.append(f"--cache-config {text}: the local cache takes 'size' only")
+        else:
+            try:
+                size = byte_size(value)
+            except ValueError:
+                problems.append(f"--cache-config {text}: size must be a number of bytes")
+    if args.cache_config and size < 0:
+        problems.append("--cache-config needs local,size=<bytes>")
+    return max(size, 0) if args.cache_config else 0
+
+
+def trace_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> tuple[tuple[str, str, str], ...]:
+    """(mode, key, value) settings, the deprecated --trace-* flags folded in."""
+    out: list[tuple[str, str, str]] = []
+    for flag, key, mode in (
+        ("--trace-file", "file", "triton"),
+        ("--trace-rate", "rate", ""),
+        ("--trace-count", "count", ""),
+        ("--trace-log-frequency", "log-frequency", "triton"),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            notes.append(f"{flag} is deprecated: use --trace-config {mode + ',' if mode else ''}{key}=<value>")
+            out.append((mode, key, str(value)))
+    for level in args.trace_level:
+        notes.append("--trace-level is deprecated: use --trace-config level=<OFF|TIMESTAMPS|TENSORS>")
+        out.append(("", "level", level))
+    for text in args.trace_config:
+        setting = group_setting("--trace-config", text, problems, group_required=False)
+        if setting is not None:
+            out.append(setting)
+    return tuple(out)
+
+
+def metrics_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for text in args.metrics_config:
+        kv = key_value("--metrics-config", text, problems)
+        if kv is None:
+            continue
+        if kv[0] not in METRICS_CONFIG_KEYS:
+            problems.append(f"--metrics-config {text}: unknown setting (expected {', '.join(METRICS_CONFIG_KEYS)})")
+        out.append(kv)
+    return tuple(out)
