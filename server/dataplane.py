@@ -32,6 +32,9 @@ from shoal.server.validation import validate
 log = logging.getLogger("shoal.dataplane")
 
 SERVER_NAME = "shoal"
+ACK_EVERY = 16
+"""A decoupled request's consumed responses are acknowledged to its worker in groups of this
+many (or when none are waiting), well within the worker's window (``STREAM_WINDOW``)."""
 StreamItem = tuple[InferResult | ServingError | None, bool]
 """One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
 HTTP_DECOUPLED_ERROR = T.HTTP_DECOUPLED
@@ -346,6 +349,7 @@ class DataPlane:
 
         request.responses = sink
         ended = False
+        consumed = 0
         run = asyncio.ensure_future(self._infer(mv, request))
         try:
             while True:
@@ -365,6 +369,11 @@ class DataPlane:
                 if final:
                     ended = True
                     return
+                # consumed: the model's response sender may send more (flow control)
+                consumed += 1
+                if (consumed >= ACK_EVERY or queue.empty()) and request.ack is not None:
+                    request.ack(consumed)
+                    consumed = 0
         finally:
             if not ended and request.cancel is not None:
                 request.cancel()  # left before the final response: the model may stop

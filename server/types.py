@@ -114,6 +114,9 @@ class InferRequest:
     """The instance it was last sent to (named when its deadline passes)."""
     cancel: Callable[[], None] | None = None
     """Set once the request is sent to a worker: tells the model its client went away."""
+    ack: Callable[[int], None] | None = None
+    """Set once a decoupled request is sent to a worker: tells it how many more responses
+    were consumed (flow control of its response sender)."""
     responses: Callable[[InferResult | ServingError | None, bool], None] | None = None
     """A decoupled model's request: where each response goes as the worker sends it (``None``:
     no response, only the final flag), with whether it is the last. The sink owns each

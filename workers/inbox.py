@@ -33,6 +33,8 @@ class Inbox:
         self._ids = itertools.count(1)
         self.cancelled: set[tuple[int, int]] = set()
         """(batch request id, index) of requests whose clients went away (``Cancel``)."""
+        self.acked: dict[tuple[int, int], int] = {}
+        """(batch request id, index) -> a decoupled request's responses the router passed on."""
 
     def new_call(self) -> int:
         """A call id no other waiting call has; replies to it will be kept (``expect``)."""
@@ -55,6 +57,9 @@ class Inbox:
             if body == "cancel":  # filed at once: a model may be polling is_cancelled()
                 rid = env.request_id
                 self.cancelled.update((rid, i) for i in env.cancel.indexes)
+            elif body == "stream_ack":  # filed at once: a response sender may be waiting for it
+                k = (env.request_id, env.stream_ack.index)
+                self.acked[k] = self.acked.get(k, 0) + env.stream_ack.count
             elif body in _REPLIES:
                 queue = self._replies.get(getattr(env, body).call_id)
                 (queue if queue is not None else self.orphans).append((env, frames[1:]))
@@ -96,6 +101,36 @@ class Inbox:
             finally:
                 self._read.release()
         return (rid, index) in self.cancelled
+
+    def wait_credit(self, rid: int, index: int, sent: int, window: int) -> None:
+        """Block until fewer than ``window`` of the ``sent`` responses of request ``index`` of
+        batch ``rid`` are still unacknowledged (or the request is cancelled, or the router
+        is gone); reads messages meanwhile if no other thread does (a model sending from
+        inside ``execute``)."""
+        k = (rid, index)
+        while True:
+            with self._cond:
+                if sent - self.acked.get(k, 0) < window or k in self.cancelled or self._eof:
+                    return
+            if self._read.acquire(blocking=False):
+                try:
+                    with self._cond:
+                        if sent - self.acked.get(k, 0) < window or k in self.cancelled:
+                            return
+                    self._pump()
+                except EOFError:
+                    return
+                finally:
+                    self._read.release()
+            else:
+                with self._cond:
+                    if sent - self.acked.get(k, 0) >= window and k not in self.cancelled and not self._eof:
+                        self._cond.wait(0.05)
+
+    def forget_stream(self, rid: int, index: int) -> None:
+        """A decoupled request sent its final response: its acknowledgements no longer matter."""
+        with self._cond:
+            self.acked.pop((rid, index), None)
 
     def forget_cancelled(self, rid: int, index: int | None = None) -> None:
         """The batch (or one request of it) is answered: its cancellation no longer matters."""

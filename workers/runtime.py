@@ -34,6 +34,9 @@ from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox
 from shoal.workers.tensors import OutputWriter, read_input
 
+STREAM_WINDOW = 64
+"""Responses of one decoupled request that may be sent and not yet read by the router's
+consumer; the sender waits for the rest (``StreamAck``)."""
 log = logging.getLogger("shoal.worker")
 
 
@@ -112,6 +115,8 @@ class WorkerRuntime:
         self.busy = False
         """Executing a batch (a SIGTERM then waits for its answer)."""
         self._log_window = 0.0
+        self._sent_streamed: dict[tuple[int, int], int] = {}
+        """(batch, request) -> responses a decoupled request has sent (flow control)."""
         self._log_count = 0
         self._log_dropped = 0
         self.stop_requested = False
@@ -244,7 +249,17 @@ class WorkerRuntime:
             wire.failed(exc, result.error)
 
     def _stream(self, rid: int, req: WorkRequest, dest: Any, resp: WorkResponse | None, final: bool) -> None:
-        """A decoupled model's response (from any thread): written and sent at once."""
+        """A decoupled model's response (from any thread): written and sent at once, once
+        fewer than ``STREAM_WINDOW`` of the request's responses are still unread by the
+        router's consumer (a slow client slows the model down instead of filling the
+        router's memory). The final response never waits."""
+        inbox = self.inbox
+        if not final and inbox is not None:
+            k = (rid, req.id)
+            with self.lock:
+                sent = self._sent_streamed.get(k, 0)
+                self._sent_streamed[k] = sent + 1
+            inbox.wait_credit(rid, req.id, sent, STREAM_WINDOW)
         env = wire.envelope(rid)
         msg = env.streamed
         msg.index = req.id
@@ -256,6 +271,8 @@ class WorkerRuntime:
             self._send([env.SerializeToString(), *out_frames])
             if final and self.inbox is not None:
                 self.inbox.forget_cancelled(rid, req.id)
+                self.inbox.forget_stream(rid, req.id)
+                self._sent_streamed.pop((rid, req.id), None)
 
     def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         reply = wire.envelope(env.request_id)

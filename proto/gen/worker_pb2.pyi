@@ -659,11 +659,39 @@ class MetricReply(_message.Message):
 Global___MetricReply: _TypeAlias = MetricReply  # noqa: Y015
 
 @_typing.final
-class Cancel(_message.Message):
+class StreamAck(_message.Message):
     """router -> worker: the clients of these requests of batch request_id went away (or their
     deadline passed): request.is_cancelled() turns true for them; the model may stop early.
+    router -> worker: a decoupled request's responses the router has passed on (to the client,
+    or to whoever consumes the stream); the worker's response sender lets at most a window of
+    responses per request be outstanding (flow control from a slow reader back to the model).
+    Envelope.request_id: the batch.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """the request within the batch"""
+    count: _builtins.int
+    """responses consumed since the last ack"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAck: _TypeAlias = StreamAck  # noqa: Y015
+
+@_typing.final
+class Cancel(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -967,6 +995,7 @@ class Envelope(_message.Message):
     METRIC_OP_FIELD_NUMBER: _builtins.int
     MODEL_CONTROL_FIELD_NUMBER: _builtins.int
     CONTROL_REPLY_FIELD_NUMBER: _builtins.int
+    STREAM_ACK_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
@@ -1010,6 +1039,8 @@ class Envelope(_message.Message):
     def model_control(self) -> Global___ModelControl: ...
     @_builtins.property
     def control_reply(self) -> Global___ControlReply: ...
+    @_builtins.property
+    def stream_ack(self) -> Global___StreamAck: ...
     def __init__(
         self,
         *,
@@ -1034,12 +1065,13 @@ class Envelope(_message.Message):
         metric_op: Global___MetricOp | None = ...,
         model_control: Global___ModelControl | None = ...,
         control_reply: Global___ControlReply | None = ...,
+        stream_ack: Global___StreamAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -122,6 +122,8 @@ class InstancePool:
             rid = env.request_id
             for i, req in enumerate(batch):
                 req.cancel = functools.partial(worker.cancel, rid, i)
+                if stream is not None:
+                    req.ack = functools.partial(worker.ack, rid, i)
         except BaseException:
             self._free(blocks, regions, leases)
             if held is not None:

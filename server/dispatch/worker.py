@@ -140,6 +140,19 @@ class Worker:
         except ServingError:
             pass
 
+    def ack(self, rid: int, index: int, count: int) -> None:
+        """Tell the worker that ``count`` more responses of decoupled request ``index`` of
+        batch ``rid`` were consumed (its response sender waits when too many are not)."""
+        if rid not in self._streams:
+            return
+        env = wire.envelope(rid)
+        env.stream_ack.index = index
+        env.stream_ack.count = count
+        try:
+            self.channel.send(self.identity, env)
+        except ServingError:
+            pass
+
     def forget(self, region_ids: Sequence[int] = (), arena_prefixes: Sequence[str] = ()) -> None:
         """Tell the worker to unmap these client regions and the output arenas of these
         exited workers (it ignores what it never mapped)."""

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.grpc")
 
 FINAL_PARAMETER = "triton_final_response"
+UNWRITTEN = 64
+"""Responses of one decoupled request waiting to be written to the client at most."""
+Entry = tuple[pb.ModelStreamInferResponse | None, bool, Callable[[], None] | None]
+"""A message for the stream's writer, whether it is its request's last, what to call once
+it is written."""
 """Set on every streamed response: true on the last one of its request (as Triton)."""
 
 
@@ -68,8 +73,9 @@ async def model_stream_infer(
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(denied)
         return
-    # (message or None, whether it is its request's last); _END after the last request
-    queue: asyncio.Queue[tuple[pb.ModelStreamInferResponse | None, bool] | None] = asyncio.Queue()
+    # (message or None, whether it is its request's last, what to call once it is written);
+    # None after the last request
+    queue: asyncio.Queue[Entry | None] = asyncio.Queue()
     running: set[asyncio.Task[None]] = set()
     slots = asyncio.Semaphore(service.stream_max_pending)
 
@@ -93,7 +99,7 @@ async def model_stream_infer(
             if trace is not None:  # handed to the stream's writer: Triton's GRPC_SEND_START
                 trace.stamp("GRPC_SEND_START")
                 trace.finish()
-        queue.put_nowait((msg, True))
+        queue.put_nowait((msg, True, None))
 
     async def read() -> None:
         try:
@@ -111,9 +117,11 @@ async def model_stream_infer(
     reader = asyncio.create_task(read())
     try:
         while (entry := await queue.get()) is not None:
-            msg, last = entry
+            msg, last, written = entry
             if msg is not None:
                 yield msg
+            if written is not None:
+                written()
             if last:
                 slots.release()
         await reader  # re-raise a broken request stream
@@ -127,12 +135,15 @@ async def stream_decoupled(
     service: InferenceService,
     request: pb.ModelInferRequest,
     context: Any,
-    put: Callable[[tuple[pb.ModelStreamInferResponse | None, bool]], None],
+    put: Callable[[Entry], None],
     trace: Trace | None = None,
 ) -> None:
     """A decoupled model's responses to one streamed request, each as it comes. The last
     is only sent when it carries a response, or when the request set
-    ``triton_enable_empty_final_response`` (Triton's rule)."""
+    ``triton_enable_empty_final_response`` (Triton's rule). At most ``UNWRITTEN`` of them
+    wait to be written to the client: past that the model's responses are not taken (and
+    its response sender waits), so a slow reader slows the model instead of filling memory."""
+    unwritten = asyncio.Semaphore(UNWRITTEN)
     held = request.ByteSize()
     service.budget.take(held)
     try:
@@ -147,7 +158,7 @@ async def stream_decoupled(
             msg = pb.ModelStreamInferResponse()
             if item is None:
                 if not (final and empty_final):
-                    put((None, final))
+                    put((None, final, None))
                     continue
                 msg.infer_response.id = request.id
                 msg.infer_response.model_name = request.model_name
@@ -160,6 +171,7 @@ async def stream_decoupled(
                 finally:
                     item.done()
             msg.infer_response.parameters[FINAL_PARAMETER].bool_param = final
-            put((msg, final))
+            await unwritten.acquire()
+            put((msg, final, unwritten.release))
     finally:
         service.budget.give(held)
