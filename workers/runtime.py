@@ -304,6 +304,8 @@ class WorkerRuntime:
                     trace_id=r.trace_id,
                 )
                 wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
+                if backend.device_inputs and r.output_shm:
+                    wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0)
                 if self.decoupled:
                     wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
                 work.append(wr)

@@ -1,10 +1,15 @@
-"""The PyTorch backend on a GPU: a KIND_GPU instance reads its input from CUDA shared memory
-as a GPU tensor (DLPack, no host copy) and writes its output back there device to device.
-Run with ``scripts/gpu_check`` on the device machine."""
+"""The PyTorch backend on a GPU (``workers/backends/torchgpu.py``): a KIND_GPU instance reads
+inputs in CUDA shared memory as GPU tensors (DLPack, no host copy) and writes outputs back
+there device to device; host inputs of a batch are gathered through pinned staging into one
+device buffer and outputs come back once per batch; batches of several requests with inputs
+inline, in system shared memory and in CUDA shared memory; no device-memory growth over
+10k requests. Run with ``scripts/gpu_check`` on the device machine."""
 
-from __future__ import annotations
-
-from collections.abc import Iterator
+# no "from __future__ import annotations": TorchScript reads the forward annotations
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
 
 import numpy as np
 import pytest
@@ -17,15 +22,34 @@ if not torch.cuda.is_available():
 cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
 
 import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+import tritonclient.utils.shared_memory as sysshm  # noqa: E402
 
 from tests.e2e.server import ServerProcess  # noqa: E402
 from tests.e2e.test_pytorch import DOUBLE, Double, save_model  # noqa: E402
+
+N = 16384
+"""Elements of ``x`` per request (64 KiB: over the inline limit, so it travels in the arena)."""
+
+
+class Batched(torch.nn.Module):  # type: ignore[misc,name-defined]
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+        return x * 2 + y.to(torch.float32), x
+
+
+BATCHED = f"""max_batch_size: 32
+input [ {{ name: "x", data_type: TYPE_FP32, dims: [ {N} ] }}, {{ name: "y", data_type: TYPE_INT32, dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ {N} ] }},
+         {{ name: "OUTPUT__1", data_type: TYPE_FP32, dims: [ {N} ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 50000 }}
+instance_group [ {{ kind: KIND_GPU, count: 1 }} ]"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("repo")
     save_model(repo, "pt_double_gpu", Double(), DOUBLE)
+    save_model(repo, "pt_batched_gpu", Batched(), BATCHED)
     srv = ServerProcess(repo).start()
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -55,3 +79,162 @@ def test_gpu_instance_with_cuda_shared_memory(server: ServerProcess) -> None:
         client.close()
         cudashm.destroy_shared_memory_region(h_in)
         cudashm.destroy_shared_memory_region(h_out)
+
+
+def _stats(server: ServerProcess, model: str) -> tuple[int, int]:
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        s = c.get_inference_statistics(model)["model_stats"][0]
+        return int(s["inference_count"]), int(s["execution_count"])
+    finally:
+        c.close()
+
+
+def _together(n: int, one: Callable[[int], None]) -> None:
+    """``one(k)`` for k in 0..n-1 on n threads released at once; re-raises the first error."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            barrier.wait()
+            one(k)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+
+
+def _inputs(k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.random.default_rng(k).standard_normal((rows, N)).astype(np.float32)
+    return x, np.full((rows, 1), k, np.int32)
+
+
+def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
+    """Sixteen requests (1 or 2 rows) at once, half with inputs and outputs in system shared
+    memory: they run in few executions and each gets its own rows back."""
+    inf0, exe0 = _stats(server, "pt_batched_gpu")
+
+    def one(k: int) -> None:
+        rows = 1 + k % 2
+        x, y = _inputs(k, rows)
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        handles: list[Any] = []
+        try:
+            ix = grpcclient.InferInput("x", [rows, N], "FP32")
+            iy = grpcclient.InferInput("y", [rows, 1], "INT32")
+            iy.set_data_from_numpy(y)
+            outs = [grpcclient.InferRequestedOutput("OUTPUT__0"), grpcclient.InferRequestedOutput("OUTPUT__1")]
+            if k % 4 < 2:
+                ix.set_data_from_numpy(x)
+                r = c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
+                got0, got1 = r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1")
+            else:
+                name = f"pt_sys_{k}"
+                h = sysshm.create_shared_memory_region(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
+                handles.append(h)
+                sysshm.set_shared_memory_region(h, [x])
+                c.register_system_shared_memory(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
+                ix.set_shared_memory(name, x.nbytes)
+                outs[0].set_shared_memory(name, x.nbytes, offset=x.nbytes)
+                outs[1].set_shared_memory(name, x.nbytes, offset=2 * x.nbytes)
+                c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
+                whole = sysshm.get_contents_as_numpy(h, np.float32, [3 * rows, N])
+                got0, got1 = whole[rows : 2 * rows], whole[2 * rows :]
+                c.unregister_system_shared_memory(name)
+            np.testing.assert_array_equal(got0, x * 2 + k)
+            np.testing.assert_array_equal(got1, x)
+        finally:
+            c.close()
+            for h in handles:
+                sysshm.destroy_shared_memory_region(h)
+
+    _together(16, one)
+    inf1, exe1 = _stats(server, "pt_batched_gpu")
+    assert inf1 - inf0 == 24
+    assert exe1 - exe0 < 16, "the requests were not batched"
+
+
+def test_batch_of_cuda_shm_requests(server: ServerProcess) -> None:
+    """Twelve requests at once with ``x`` in CUDA shared memory: eight want both outputs in
+    CUDA regions (kept on the device), four want them inline (copied back once)."""
+    inf0, exe0 = _stats(server, "pt_batched_gpu")
+
+    def one(k: int) -> None:
+        x, y = _inputs(100 + k, 1)
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        name = f"pt_cuda_{k}"
+        h = cudashm.create_shared_memory_region(name, 3 * x.nbytes, 0)
+        try:
+            cudashm.set_shared_memory_region(h, [x])
+            c.register_cuda_shared_memory(name, cudashm.get_raw_handle(h), 0, 3 * x.nbytes)
+            ix = grpcclient.InferInput("x", [1, N], "FP32")
+            ix.set_shared_memory(name, x.nbytes)
+            iy = grpcclient.InferInput("y", [1, 1], "INT32")
+            iy.set_data_from_numpy(y)
+            outs = [grpcclient.InferRequestedOutput("OUTPUT__0"), grpcclient.InferRequestedOutput("OUTPUT__1")]
+            if k < 8:
+                outs[0].set_shared_memory(name, x.nbytes, offset=x.nbytes)
+                outs[1].set_shared_memory(name, x.nbytes, offset=2 * x.nbytes)
+                c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
+                whole = cudashm.get_contents_as_numpy(h, np.float32, [3, N])
+                got0, got1 = whole[1:2], whole[2:3]
+            else:
+                r = c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
+                got0, got1 = r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1")
+            np.testing.assert_array_equal(got0, x * 2 + (100 + k))
+            np.testing.assert_array_equal(got1, x)
+            c.unregister_cuda_shared_memory(name)
+        finally:
+            c.close()
+            cudashm.destroy_shared_memory_region(h)
+
+    _together(12, one)
+    inf1, exe1 = _stats(server, "pt_batched_gpu")
+    assert inf1 - inf0 == 12
+    assert exe1 - exe0 < 12, "the requests were not batched"
+
+
+def test_no_device_memory_growth(server: ServerProcess) -> None:
+    """10k requests of 1 to 3 rows from 16 clients: the GPU's used memory (NVML, every
+    process) grows by less than 64 MiB once the first 1000 have run."""
+    pynvml = pytest.importorskip("pynvml")
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        used = lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)  # noqa: E731
+        pids = server.worker_pids("pt_batched_gpu")
+
+        def load(per_thread: int) -> Callable[[int], None]:
+            def one(k: int) -> None:
+                c = grpcclient.InferenceServerClient(server.grpc_url)
+                try:
+                    for j in range(per_thread):
+                        rows = 1 + (k + j) % 3
+                        x, y = _inputs(k, rows)
+                        ix = grpcclient.InferInput("x", [rows, N], "FP32")
+                        ix.set_data_from_numpy(x)
+                        iy = grpcclient.InferInput("y", [rows, 1], "INT32")
+                        iy.set_data_from_numpy(y)
+                        r = c.infer("pt_batched_gpu", [ix, iy], outputs=[grpcclient.InferRequestedOutput("OUTPUT__0")])
+                        if j % 97 == 0:
+                            np.testing.assert_array_equal(r.as_numpy("OUTPUT__0"), x * 2 + k)
+                finally:
+                    c.close()
+
+            return one
+
+        _together(16, load(1000 // 16 + 1))
+        before = used()
+        _together(16, load(10000 // 16 + 1))
+        after = used()
+        assert after - before < 64 << 20, f"device memory grew by {(after - before) >> 20} MiB"
+        assert server.worker_pids("pt_batched_gpu") == pids, "the worker was restarted"
+    finally:
+        pynvml.nvmlShutdown()

@@ -77,6 +77,15 @@ def spec_from_load(load: wpb.Load, config: mc.ModelConfig, instance_name: str, d
     )
 
 
+def cuda_stream_priority(spec: ModelSpec) -> int:
+    """CUDA stream priority for ``optimization.priority``: lower numbers run first, and CUDA
+    clamps a value outside the device's range to it, so -100 is the device's highest. The
+    lowest priority is CUDA's default (0), so PRIORITY_MIN changes nothing."""
+    if spec.config.optimization.priority == mc.ModelOptimizationPolicy.PRIORITY_MAX:
+        return -100
+    return 0
+
+
 def relative(path: str, repository: str) -> str:
     """``path`` as shown in messages: relative to the repository (never a host path)."""
     try:
@@ -124,6 +133,9 @@ class WorkRequest:
     trace_id: int = 0
     """Nonzero when the router traces the request (``request.trace()`` of the Python backend:
     BLS calls made with it belong to the trace)."""
+    device_outputs: frozenset[str] = frozenset()
+    """Outputs the client asked for in CUDA shared memory (filled for backends that take
+    device inputs): a GPU backend may leave them on the device."""
 
 
 @dataclass(slots=True)
@@ -188,6 +200,15 @@ class BatchedBackend(Backend):
     def output_names(self) -> list[str]:
         """Every output the model produces."""
 
+    def run_batch(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> dict[str, Array]:
+        """Execute once on the inputs of ``requests`` joined along dimension 0 (one request:
+        its inputs as they are). The default joins them in memory and calls ``run``; a GPU
+        backend may gather them straight into device memory instead."""
+        if len(requests) == 1:
+            return self.run(requests[0].inputs, output_names)
+        merged = {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+        return self.run(merged, output_names)
+
     def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
         names = self._wanted(requests)
         if self.ragged is not None:
@@ -197,13 +218,12 @@ class BatchedBackend(Backend):
             return [WorkResponse(outputs=_select(p, r.requested_outputs)) for p, r in zip(parts, requests, strict=True)]
         if len(requests) == 1:
             req = requests[0]
-            out = self.run(req.inputs, names)
+            out = self.run_batch(requests, names)
             return [WorkResponse(outputs=_select(out, req.requested_outputs))]
         if not self.batching:
-            return [WorkResponse(outputs=_select(self.run(r.inputs, names), r.requested_outputs)) for r in requests]
+            return [WorkResponse(outputs=_select(self.run_batch([r], names), r.requested_outputs)) for r in requests]
         sizes = [_batch_of(r) for r in requests]
-        merged = {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
-        out = self.run(merged, names)
+        out = self.run_batch(requests, names)
         responses: list[WorkResponse] = []
         start = 0
         for req, n in zip(requests, sizes, strict=True):

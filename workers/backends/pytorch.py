@@ -6,9 +6,12 @@ Inputs reach ``forward`` by name when every configured input is a ``forward`` ar
 otherwise by Triton's naming convention ``<name>__<index>`` (the argument position).
 Outputs: ``<name>__<index>`` picks element ``index`` of the tuple or list ``forward``
 returns (a single tensor is index 0); a returned ``Dict[str, Tensor]`` is matched by name.
-A KIND_GPU instance runs on its GPU (``cuda:0`` in the worker) and takes inputs in CUDA
-shared memory as GPU tensors through DLPack (no host copy); its outputs go back as CuPy
-arrays, so a client's CUDA region receives them device to device. Model ``parameters``:
+A KIND_GPU instance runs on its GPU (``cuda:0`` in the worker) on a CUDA stream of its own
+(priority from ``optimization.priority``), with the data path of ``torchgpu``: a batch's
+host inputs are gathered into pinned staging and copied up asynchronously into one device
+buffer, inputs in CUDA shared memory are used or copied on the device (DLPack, no host
+copy), and each output comes back in one device-to-host copy per batch, or stays on the
+device when the batch's requests want it in CUDA regions. Model ``parameters``:
 ``INFERENCE_MODE`` (default true: ``torch.inference_mode``, else ``torch.no_grad``) and
 ``DISABLE_OPTIMIZED_EXECUTION`` (default false). ``torch`` is imported inside ``load`` only.
 """
@@ -23,8 +26,17 @@ import numpy as np
 
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.workers.backends import ragged
-from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.workers.backends.base import (
+    Array,
+    BatchedBackend,
+    ModelSpec,
+    WorkRequest,
+    WorkResponse,
+    cuda_stream_priority,
+    model_file,
+)
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
+from shoal.workers.backends.torchgpu import TorchDevicePath
 
 DEFAULT_FILENAME: Final = "model.pt"
 
@@ -58,6 +70,9 @@ class PyTorchBackend(BatchedBackend):
         self.batching = spec.config.max_batch_size > 0
         self.ragged = ragged.plan(spec.config)
         self.device_inputs = spec.device.is_gpu and self.ragged is None
+        self._path: TorchDevicePath | None = None
+        if device.type == "cuda" and self.ragged is None:
+            self._path = TorchDevicePath(torch, device, priority=cuda_stream_priority(spec))
         self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
         cfg = spec.config
         self._outputs = [o.name for o in cfg.output]
@@ -155,19 +170,9 @@ class PyTorchBackend(BatchedBackend):
                 pass
         return np.asarray(tensor.cpu().numpy())
 
-    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
-        torch = self._torch
-        missing = [name for name in self._input_order if name not in inputs]
-        if missing:
-            raise InvalidInput(f"model '{self._name}': the PyTorch backend needs input '{missing[0]}'")
-        args = [self._tensor(inputs[name]) for name in self._input_order]
-        context = torch.inference_mode() if self._inference_mode else torch.no_grad()
-        try:
-            with context:
-                result = self._module(*args)
-        except Exception as exc:  # noqa: BLE001 - the model's own error, reported to the client
-            raise ServingError(f"model '{self._name}': forward failed: {exc}", code=ErrorCode.INTERNAL) from None
-        out: dict[str, Array] = {}
+    def _pick(self, result: Any, output_names: Sequence[str]) -> dict[str, Any]:
+        """The tensors of ``output_names`` in what ``forward`` returned."""
+        out: dict[str, Any] = {}
         for name in output_names:
             if isinstance(result, dict):
                 value = result.get(name)
@@ -179,8 +184,63 @@ class PyTorchBackend(BatchedBackend):
                 raise ServingError(
                     f"model '{self._name}': forward returned no tensor for output '{name}'", code=ErrorCode.INTERNAL
                 )
-            out[name] = self._array(value)
+            out[name] = value
         return out
+
+    def _forward(self, args: list[Any]) -> Any:
+        torch = self._torch
+        context = torch.inference_mode() if self._inference_mode else torch.no_grad()
+        try:
+            with context:
+                return self._module(*args)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported to the client
+            raise ServingError(f"model '{self._name}': forward failed: {exc}", code=ErrorCode.INTERNAL) from None
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        missing = [name for name in self._input_order if name not in inputs]
+        if missing:
+            raise InvalidInput(f"model '{self._name}': the PyTorch backend needs input '{missing[0]}'")
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        if self._path is not None:
+            return self._run_on_device({k: [v] for k, v in inputs.items()}, output_names, frozenset())
+        self._check_inputs(inputs)
+        args = [self._tensor(inputs[name]) for name in self._input_order]
+        result = self._forward(args)
+        return {name: self._array(value) for name, value in self._pick(result, output_names).items()}
+
+    def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
+        if self._path is not None:
+            self._path.begin()
+        return super().execute(requests)
+
+    def run_batch(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> dict[str, Array]:
+        if self._path is None:
+            return super().run_batch(requests, output_names)
+        parts = {name: [r.inputs[name] for r in requests] for name in requests[0].inputs}
+        keep = frozenset(
+            name
+            for name in output_names
+            if all(name in r.device_outputs for r in requests if not r.requested_outputs or name in r.requested_outputs)
+        )
+        return self._run_on_device(parts, output_names, keep)
+
+    def _run_on_device(
+        self, parts: Mapping[str, Sequence[Any]], output_names: Sequence[str], keep: frozenset[str]
+    ) -> dict[str, Array]:
+        """One execution on the instance's GPU through its staging buffers and stream."""
+        path = self._path
+        assert path is not None
+        self._check_inputs(parts)
+        torch = self._torch
+        context = torch.inference_mode() if self._inference_mode else torch.no_grad()
+        try:
+            with path.context(), context:
+                tensors = path.gather({name: parts[name] for name in self._input_order})
+                result = self._forward([tensors[name] for name in self._input_order])
+                return path.fetch(self._pick(result, output_names), keep)
+        finally:
+            path.synchronize()
 
     def output_names(self) -> list[str]:
         return list(self._outputs)

@@ -21,7 +21,7 @@ from typing import Any, Final, Self
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
-from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file
+from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, cuda_stream_priority, model_file
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.plan"
@@ -80,7 +80,7 @@ class TensorRTBackend(BatchedBackend):
         self._inputs = [n for n, (is_in, _, _) in io.items() if is_in]
         self._outputs = [n for n, (is_in, _, _) in io.items() if not is_in]
         self._types = {n: dtypes.by_protocol(dt).numpy for n, (_, dt, _) in io.items()}
-        self._stream = cupy.cuda.Stream(non_blocking=True, priority=_stream_priority(spec))
+        self._stream = cupy.cuda.Stream(non_blocking=True, priority=cuda_stream_priority(spec))
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -184,12 +184,3 @@ def _validate(spec: ModelSpec, io: dict[str, tuple[bool, str, tuple[int, ...]]])
                     f"model '{spec.name}': max_batch_size > 0 needs a dynamic first dimension in engine {kind} "
                     f"'{name}' (shape {list(found[2])})"
                 )
-
-
-def _stream_priority(spec: ModelSpec) -> int:
-    """CUDA stream priority for ``optimization.priority``: lower numbers run first, and CUDA
-    clamps a value outside the device's range to it, so -100 is the device's highest. The
-    lowest priority is CUDA's default (0), so PRIORITY_MIN changes nothing."""
-    if spec.config.optimization.priority == mc.ModelOptimizationPolicy.PRIORITY_MAX:
-        return -100
-    return 0

@@ -1,0 +1,105 @@
+"""The PyTorch backend's GPU data path (``workers/backends/torchgpu.py``) run on the CPU
+(``pin=False``, no stream): batches gathered into one staging buffer and one device buffer,
+outputs staged once per batch, results equal to the plain CPU path, buffers reused.
+The same code on a GPU is tested by tests/gpu/test_pytorch_gpu.py."""
+
+# no "from __future__ import annotations": TorchScript reads the forward annotations
+import warnings
+from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shoal.proto.errors import InvalidInput  # noqa: E402
+from shoal.proto.gen import model_config_pb2 as mc  # noqa: E402
+from shoal.workers.backends.base import Device, ModelSpec, WorkRequest  # noqa: E402
+from shoal.workers.backends.pytorch import PyTorchBackend  # noqa: E402
+from shoal.workers.backends.torchgpu import ALIGN, TorchDevicePath  # noqa: E402
+
+
+class TwoInTwoOut(torch.nn.Module):  # type: ignore[misc,name-defined]
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+        return a * 2 + b.to(torch.float32).sum(dim=1, keepdim=True), a
+
+
+def _backend(max_batch: int) -> Any:
+    cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=max_batch)
+    cfg.input.add(name="a", data_type=mc.TYPE_FP32, dims=[3])
+    cfg.input.add(name="b", data_type=mc.TYPE_INT64, dims=[2])
+    cfg.output.add(name="OUT__0", data_type=mc.TYPE_FP32, dims=[3])
+    cfg.output.add(name="OUT__1", data_type=mc.TYPE_FP32, dims=[3])
+    spec = ModelSpec("m", 1, cfg, "/nonexistent", "/nonexistent/m", "/nonexistent/m/1", "m_0", Device())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.script(TwoInTwoOut())
+    return PyTorchBackend(spec, torch, module, torch.device("cpu"))
+
+
+def _request(i: int, rows: int, rng: np.random.Generator, outputs: list[str] | None = None) -> WorkRequest:
+    a = rng.standard_normal((rows, 3)).astype(np.float32)
+    b = rng.integers(-9, 9, (rows, 2)).astype(np.int64)
+    a.setflags(write=False)  # as shared-memory views arrive
+    return WorkRequest(id=i, inputs={"a": a, "b": b}, requested_outputs=outputs or [])
+
+
+def _expected(req: WorkRequest) -> tuple[np.ndarray, np.ndarray]:
+    a, b = req.inputs["a"], req.inputs["b"]
+    return a * 2 + b.sum(axis=1, keepdims=True).astype(np.float32), a
+
+
+@pytest.mark.parametrize("max_batch", [8, 0])
+def test_staged_batches_equal_the_plain_path(max_batch: int) -> None:
+    staged, plain = _backend(max_batch), _backend(max_batch)
+    staged._path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    rng = np.random.default_rng(5)
+    for sizes in ([1], [2, 1, 3], [1, 1, 1, 1, 1, 1, 1, 1], [4]):
+        requests = [_request(i, n, rng) for i, n in enumerate(sizes)]
+        got, want = staged.execute(requests), plain.execute(requests)
+        for g, w in zip(got, want, strict=True):
+            assert g.error is None and w.error is None
+            assert sorted(g.outputs) == ["OUT__0", "OUT__1"]
+            for name in g.outputs:
+                np.testing.assert_allclose(g.outputs[name], w.outputs[name], rtol=1e-6)
+        for g, r in zip(got, requests, strict=True):
+            exp0, exp1 = _expected(r)
+            np.testing.assert_allclose(g.outputs["OUT__0"], exp0, rtol=1e-6)
+            np.testing.assert_array_equal(g.outputs["OUT__1"], exp1)
+
+
+def test_requested_outputs_and_buffers_reused() -> None:
+    backend = _backend(8)
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    backend._path = path
+    rng = np.random.default_rng(6)
+    for _ in range(50):
+        requests = [_request(0, 3, rng, ["OUT__1"]), _request(1, 2, rng, ["OUT__1"])]
+        responses = backend.execute(requests)
+        assert [sorted(r.outputs) for r in responses] == [["OUT__1"], ["OUT__1"]]
+        np.testing.assert_array_equal(responses[1].outputs["OUT__1"], requests[1].inputs["a"])
+    # one allocation each: the buffers grew once and are reused by every later batch
+    assert (path.host_in.allocations, path.device_in.allocations, path.host_out.allocations) == (1, 1, 1)
+
+
+def test_gather_layout_is_aligned_and_contiguous() -> None:
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    x = [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(3, dtype=np.float32).reshape(1, 3) + 100]
+    y = [np.ones((2, 1), np.bool_), np.zeros((1, 1), np.bool_)]
+    out = path.gather({"x": x, "y": y})
+    np.testing.assert_array_equal(out["x"].numpy(), np.concatenate(x))
+    np.testing.assert_array_equal(out["y"].numpy(), np.concatenate(y))
+    base = path.device_in.data.data_ptr()
+    assert out["x"].data_ptr() == base and (out["y"].data_ptr() - base) % ALIGN == 0
+    # the views handed out by ``fetch`` survive the next run of the same batch (not batching)
+    first = path.fetch({"o": out["x"] * 1}, frozenset())
+    second = path.fetch({"o": out["x"] * 3}, frozenset())
+    np.testing.assert_array_equal(first["o"] * 3, second["o"])
+
+
+def test_batch_of_different_shapes_or_bytes_is_refused() -> None:
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    with pytest.raises(InvalidInput, match="differ"):
+        path.gather({"x": [np.zeros((1, 3), np.float32), np.zeros((1, 4), np.float32)]})
+    with pytest.raises(InvalidInput, match="BYTES"):
+        path.gather({"s": [np.array([[b"a"]], dtype=np.object_)]})

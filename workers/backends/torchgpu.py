@@ -1,0 +1,219 @@
+"""The GPU data path of a PyTorch instance: one batch in, one batch out, on the instance's
+own CUDA stream.
+
+Inputs: the requests' host arrays (views of shared memory) are copied once into a pinned
+(page-locked) staging buffer, packed input after input in the layout of one device buffer,
+and reach it in one asynchronous host-to-device copy per run of host parts; inputs already
+on a GPU (CUDA shared memory) are copied device to device into their place, or used where
+they lie when the batch is that one request. No per-request host concatenation.
+
+Outputs: each output tensor of the batch is copied device to host once, asynchronously,
+into a pinned output buffer; the stream is synchronized once and the worker gets numpy
+views of that buffer, which it slices per request. Outputs that every request of the batch
+wants in a CUDA region stay on the device (CuPy arrays over the tensor, copied device to
+device by the worker).
+
+The staging and device buffers grow to the largest batch seen and are then reused: the
+instance allocates nothing per batch but the model's own tensors (PyTorch's caching
+allocator). Views of the output buffer stay valid until the next ``begin`` (the worker has
+written every response of a batch before it executes the next).
+
+With ``device`` the CPU and ``pin`` false the same code runs without CUDA (unit tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from shoal.proto.errors import InvalidInput
+
+ALIGN = 256
+"""Byte alignment of each tensor in the staging and device buffers."""
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def is_device_array(obj: object) -> bool:
+    """A CuPy array (GPU memory)."""
+    return type(obj).__module__.split(".", 1)[0] == "cupy"
+
+
+class _Buffer:
+    """A byte buffer that grows (doubling) and hands out regions until ``reset``. A region
+    handed out stays valid when the buffer grows later (the old storage lives on as long
+    as the region's tensor does)."""
+
+    def __init__(self, torch: Any, device: Any, pin: bool) -> None:
+        self._torch = torch
+        self._device = device
+        self._pin = pin
+        self.data: Any = None
+        self.used = 0
+        self.allocations = 0
+        """How many times storage was allocated (tests: no growth in steady state)."""
+
+    def reset(self) -> None:
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.data is None else int(self.data.numel())
+
+    def take(self, nbytes: int) -> Any:
+        """A uint8 tensor of ``nbytes`` (``ALIGN``-aligned start)."""
+        start = self.used
+        if start + nbytes > self.capacity:
+            size = max(2 * self.capacity, _aligned(nbytes), 1 << 20)
+            self.data = self._torch.empty(size, dtype=self._torch.uint8, device=self._device, pin_memory=self._pin)
+            self.allocations += 1
+            start = 0
+        self.used = _aligned(start + nbytes)
+        return self.data[start : start + nbytes]
+
+
+class TorchDevicePath:
+    """Staging buffers and the CUDA stream of one instance (see the module docstring)."""
+
+    def __init__(self, torch: Any, device: Any, *, pin: bool = True, priority: int = 0) -> None:
+        self._torch = torch
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        self.stream: Any = torch.cuda.Stream(device, priority=priority) if self.on_gpu else None
+        self.host_in = _Buffer(torch, "cpu", pin)
+        self.device_in = _Buffer(torch, device, False)
+        self.host_out = _Buffer(torch, "cpu", pin)
+        self._dtypes: dict[np.dtype[Any], Any] = {}
+
+    def begin(self) -> None:
+        """A new batch (``execute``): the output views of the last one are no longer used."""
+        self.host_out.reset()
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        """Makes the instance's stream current."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return self._torch.cuda.stream(self.stream)  # type: ignore[no-any-return]
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def torch_dtype(self, dtype: np.dtype[Any], name: str) -> Any:
+        found = self._dtypes.get(dtype)
+        if found is None:
+            if dtype == np.object_:
+                raise InvalidInput(f"input '{name}': BYTES inputs are not supported by the PyTorch backend")
+            try:
+                found = self._torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+            except TypeError:
+                raise InvalidInput(f"input '{name}': datatype {dtype} is not supported by PyTorch") from None
+            self._dtypes[dtype] = found
+        return found
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def gather(self, parts: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+        """One device tensor per input: ``parts[name]`` holds each request's array (numpy,
+        or CuPy for CUDA shared memory), joined along dimension 0 when there are several.
+        Call inside ``context()``; the copies are asynchronous on the instance's stream."""
+        torch = self._torch
+        out: dict[str, Any] = {}
+        layout: list[tuple[str, int, tuple[int, ...], Any, Sequence[Any]]] = []
+        total = 0
+        for name, arrays in parts.items():
+            first = arrays[0]
+            if len(arrays) == 1 and is_device_array(first) and self.on_gpu:
+                tensor = torch.from_dlpack(first)  # CUDA shared memory: used where it lies
+                out[name] = tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+                continue
+            dtype = first.dtype
+            tail = tuple(first.shape[1:])
+            rows = 0
+            for a in arrays:
+                if a.dtype != dtype or tuple(a.shape[1:]) != tail:
+                    raise InvalidInput(f"input '{name}': the requests of a batch differ in datatype or shape")
+                rows += int(a.shape[0]) if a.ndim else 1
+            shape = tuple(first.shape) if len(arrays) == 1 else (rows, *tail)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            layout.append((name, total, shape, dtype, arrays))
+            total = _aligned(total + nbytes)
+        if not layout:
+            return out
+        self.host_in.reset()
+        self.device_in.reset()
+        host = self.host_in.take(total)
+        host_np = host.numpy()
+        dev = self.device_in.take(total)
+        pending: list[list[int]] = []  # host byte ranges [start, end) still to copy up
+        for name, offset, shape, dtype, arrays in layout:
+            tdtype = self.torch_dtype(dtype, name)
+            pos = offset
+            for a in arrays:
+                n = int(a.nbytes)
+                if n == 0:
+                    continue
+                if is_device_array(a):
+                    src = torch.from_dlpack(a).reshape(-1).view(torch.uint8)
+                    dev[pos : pos + n].copy_(src, non_blocking=True)
+                else:
+                    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                    host_np[pos : pos + n] = flat
+                    if pending and pending[-1][1] == pos:
+                        pending[-1][1] = pos + n
+                    else:
+                        pending.append([pos, pos + n])
+                pos += n
+            end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out[name] = dev[offset:end].view(tdtype).view(shape)
+        for start, end in pending:
+            dev[start:end].copy_(host[start:end], non_blocking=True)
+        return out
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    def fetch(self, values: Mapping[str, Any], keep_on_device: frozenset[str] | set[str]) -> dict[str, Any]:
+        """The outputs as numpy views of the pinned output buffer (one device-to-host copy
+        each, on the instance's stream), or as CuPy arrays for ``keep_on_device``. Call inside
+        ``context()``, then ``synchronize()`` before using them."""
+        out: dict[str, Any] = {}
+        plan: list[tuple[str, Any, int, int]] = []
+        total = 0
+        for name, value in values.items():
+            t = value.detach()
+            if self.on_gpu and t.device.type != "cuda":  # the model returned a host tensor
+                out[name] = t.contiguous().numpy()
+                continue
+            if name in keep_on_device:
+                kept = self._on_device(t)
+                if kept is not None:
+                    out[name] = kept
+                    continue
+            n = int(t.numel()) * int(t.element_size())
+            plan.append((name, t, total, n))
+            total = _aligned(total + n)
+        if plan:
+            host = self.host_out.take(total)
+            for name, t, offset, n in plan:
+                dst = host[offset : offset + n].view(t.dtype).view(t.shape)
+                dst.copy_(t, non_blocking=True)
+                out[name] = dst.numpy()
+        return out
+
+    def _on_device(self, t: Any) -> Any:
+        try:
+            import cupy
+        except ImportError:
+            return None
+        staged = self.device_in.data
+        if staged is not None and t.untyped_storage().data_ptr() == staged.untyped_storage().data_ptr():
+            t = t.clone()  # an input handed back: the next batch reuses that buffer
+        try:
+            return cupy.from_dlpack(t.contiguous())
+        except (TypeError, ValueError, RuntimeError, BufferError):
+            return None  # a type CuPy lacks (bfloat16): through the host
