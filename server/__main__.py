@@ -18,7 +18,7 @@ import types
 from collections.abc import Coroutine
 from typing import Any
 
-from shoal.server.app import App, StartupError
+from shoal.server.app import App, ListenError, StartupError
 from shoal.server.config import ConfigError, parse
 
 
@@ -92,6 +92,9 @@ async def _serve(config: object) -> int:
         if start.done():
             try:
                 start.result()
+            except ListenError as exc:  # which port and which flag: no traceback
+                logging.getLogger("shoal").error("%s", exc)
+                return 1
             except StartupError as exc:
                 # Triton's words for it (tritonserver exits 1 with the same line)
                 logging.getLogger("shoal").error("error: creating server: Internal - %s", exc)

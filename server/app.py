@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -24,10 +25,11 @@ from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
 from shoal.server.custommetrics import CustomMetrics
 from shoal.server.dataplane import DataPlane
+from shoal.server.dispatch import output
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext
 from shoal.server.dispatch.ratelimit import RateLimiter
-from shoal.server.frontends.grpc.app import start_grpc
+from shoal.server.frontends.grpc.app import GrpcBindError, start_grpc
 from shoal.server.frontends.http.app import make_app, make_health_app
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
@@ -41,6 +43,7 @@ from shoal.server.resources import RequestBudget
 from shoal.server.responsecache import ResponseCache
 from shoal.server.rundir import RunDir, reclaim_run_dirs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.server.status import StatusMonitor
 from shoal.server.tracing import TraceManager
 from shoal.shm import region
 from shoal.shm.arena import Arena
@@ -86,6 +89,7 @@ class App:
         self.budget: resources.Budget | None = None
         self.http_guard: ConnectionGuard | None = None
         self.tracer: TraceManager | None = None
+        self.status: StatusMonitor | None = None
 
     async def _refresh_remote(self) -> None:
         if self.remote is not None:
@@ -137,7 +141,7 @@ class App:
         )
         await self._metrics_runner.setup()
         host = cfg.metrics_address or cfg.host
-        sock = _listen(host, cfg.metrics_port)
+        sock = _listen(host, cfg.metrics_port, what="Metrics", flag="--metrics-port")
         # scrapers are few: a small bound keeps the port from costing descriptors
         await GuardedSite(self._metrics_runner, sock, ConnectionGuard(METRICS_MAX_CONNECTIONS), backlog=128).start()
         metrics.start()
@@ -259,6 +263,7 @@ class App:
             what="protocol",
             header_prefix=restrict.GRPC_HEADER_PREFIX,
         )
+        self.status = StatusMonitor(self.models)
         self.http_guard = ConnectionGuard(limits.http_max_connections)
         http_limits = HttpLimits(
             max_body_bytes=cfg.http_max_body_bytes,
@@ -272,6 +277,7 @@ class App:
             restrictions=http_restrictions,
             guard=self.http_guard,
             forward=HeaderForwarder(cfg.http_header_forward_pattern),
+            status=self.status,
         )
         self._runner = web.AppRunner(
             app,
@@ -287,7 +293,7 @@ class App:
         )
         await self._runner.setup()
         if cfg.allow_http:
-            sock = _listen(cfg.host, cfg.http_port, reuse_port=cfg.reuse_http_port)
+            sock = _listen(cfg.host, cfg.http_port, reuse_port=cfg.reuse_http_port, what="HTTP", flag="--http-port")
             self.http_port = sock.getsockname()[1]
             await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
             log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
@@ -295,16 +301,21 @@ class App:
             await self._start_health()
         if cfg.allow_grpc:
             grpc_host = cfg.grpc_host or cfg.host
-            self._grpc, self.grpc_port = await start_grpc(
-                self.dataplane,
-                grpc_host,
-                cfg.grpc_port,
-                cfg.grpc,
-                max_connections=limits.grpc_max_connections,
-                stream_max_pending=cfg.grpc_stream_max_pending,
-                restrictions=grpc_restrictions,
-                budget=http_limits.budget,
-            )
+            try:
+                self._grpc, self.grpc_port = await start_grpc(
+                    self.dataplane,
+                    grpc_host,
+                    cfg.grpc_port,
+                    cfg.grpc,
+                    max_connections=limits.grpc_max_connections,
+                    stream_max_pending=cfg.grpc_stream_max_pending,
+                    restrictions=grpc_restrictions,
+                    budget=http_limits.budget,
+                )
+            except GrpcBindError as exc:
+                # grpc does not say why: a plain bind of the same address does
+                why = _probe(exc.host, exc.port)
+                raise ListenError(_bind_problem("gRPC", grpc_host, cfg.grpc_port, "--grpc-port", why)) from None
             log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.allow_metrics:
             await self._start_metrics()
@@ -319,6 +330,7 @@ class App:
         if cfg.model_control_mode == "poll":
             self._poll = asyncio.ensure_future(self.models.poll_forever(cfg.repository_poll_s))
         self.trimmer.start()
+        self.status.start()
         self.dataplane.started = True
         ready = self.models.registry.all_ready()
         log.info("server %s: %s", "ready" if ready else "started, NOT ready", self.models.registry.summary())
@@ -331,7 +343,7 @@ class App:
             make_health_app(self.dataplane), access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await self._health_runner.setup()
-        sock = _listen(self.config.host, self.config.http_health_port)
+        sock = _listen(self.config.host, self.config.http_health_port, what="HTTP health", flag="--http-health-port")
         await GuardedSite(self._health_runner, sock, ConnectionGuard(METRICS_MAX_CONNECTIONS), backlog=128).start()
         log.info("HTTP health listening on %s:%d", self.config.host, sock.getsockname()[1])
 
@@ -358,6 +370,8 @@ class App:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.trimmer.stop()
+        if self.status is not None:
+            await self.status.stop()
         if self._runner is not None:
             await self._bounded(self._runner.cleanup())
         if grpc_stop is not None and self._grpc is not None:
@@ -382,6 +396,8 @@ class App:
         region.unlink_prefix(self.prefix + "_")
         if self._run is not None:
             self._run.close()
+        # the workers' last lines, forwarded by a thread, before the router's last one
+        await asyncio.to_thread(output.FORWARDER.flush)
         log.info("server stopped")
 
 
@@ -389,9 +405,32 @@ class StartupError(Exception):
     """The server cannot serve as asked (``--exit-on-error`` and a model failed to load)."""
 
 
-def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+class ListenError(StartupError):
+    """A port cannot be listened on; the message names the port and its flag."""
+
+
+def _bind_problem(what: str, host: str, port: int, flag: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"{what} port {port} is in use ({flag})"
+    if exc.errno == errno.EACCES:
+        return f"{what} port {port} needs privileges this process does not have ({flag})"
+    return f"cannot listen on {host}:{port} for {what} ({flag}): {exc.strerror or exc}"
+
+
+def _probe(host: str, port: int) -> OSError:
+    """Why grpc could not bind ``host``:``port``: what a plain bind says."""
+    try:
+        _listen(host, port).close()
+    except OSError as found:
+        return found
+    return OSError(errno.EADDRNOTAVAIL, "grpc could not bind the address")
+
+
+def _listen(host: str, port: int, *, reuse_port: bool = False, what: str = "", flag: str = "") -> socket.socket:
     """A listening TCP socket; binding it ourselves is how the port chosen for 0 is known.
-    ``reuse_port``: several servers may listen on the port (the kernel spreads connections)."""
+    ``reuse_port``: several servers may listen on the port (the kernel spreads connections).
+    A failure raises ``ListenError`` naming ``what`` and its ``flag`` (the ``OSError`` as
+    its cause); without ``what``, the ``OSError`` itself."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -401,7 +440,9 @@ def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
         sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        if not what:
+            raise
+        raise ListenError(_bind_problem(what, host, port, flag, exc)) from exc
     return sock

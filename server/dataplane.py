@@ -268,6 +268,25 @@ class DataPlane:
     def workers(self) -> list[dict[str, object]]:
         return self.registry.instances()
 
+    def worker_logs(self, name: str, instance: str, version: int, limit: int = 0) -> list[dict[str, object]]:
+        """The last lines (``limit``: at most that many) written by the processes of one
+        instance, of every loaded version of ``name`` or of ``version``."""
+        versions = self.registry.models.get(name)
+        if not versions:
+            raise ServingError(f"model '{name}' is not loaded", code=ErrorCode.NOT_FOUND)
+        out: list[dict[str, object]] = []
+        for v, mv in sorted(versions.items()):
+            if version >= 0 and v != version:
+                continue
+            for w in mv.pool.workers if mv.pool is not None else ():
+                if w.spec.instance_name == instance:
+                    lines = w.logs.as_list(limit)
+                    out.append({"model": name, "version": str(v), "instance": instance, "pid": w.pid, "lines": lines})
+        if not out:
+            where = f"version {version} of model '{name}'" if version >= 0 else f"model '{name}'"
+            raise ServingError(f"{where} has no instance '{instance}'", code=ErrorCode.NOT_FOUND)
+        return out
+
     async def restart_worker(self, name: str, instance: str, version: int) -> list[dict[str, object]]:
         if not self.allow_admin:
             raise ServingError(

@@ -383,11 +383,20 @@ def build_parser(*, triton: bool = False) -> argparse.ArgumentParser:
         p.set_defaults(command="serve")
         return p
     p = argparse.ArgumentParser(
-        prog="shoal", description="Shoal: a Triton-compatible inference server in Python", allow_abbrev=False
+        prog="shoal",
+        description="Shoal: a Triton-compatible inference server in Python",
+        epilog="'shoal COMMAND --help' describes each command.",
+        allow_abbrev=False,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser(
         "serve", help="serve a model repository over HTTP and gRPC", allow_abbrev=False, formatter_class=_wide
     )
     add_serve_options(s)
+    # listed for --help: ``server.__main__`` hands ``shoal workers ...`` to ``server.admincli``
+    sub.add_parser(
+        "workers",
+        help="a running server's worker processes: list them, restart one, show one's recent output",
+        add_help=False,
+    )
     return p

@@ -4,7 +4,8 @@
 carry header ``<key>`` (HTTP) or metadata ``triton-grpc-protocol-<key>`` (gRPC) with exactly
 ``<value>``; others get Triton's answer (HTTP 403, gRPC UNAVAILABLE, "This API is restricted,
 expecting header '<key>'"). Groups are Triton's, plus Shoal's ``admin`` (the worker admin
-API). A group may appear in one setting only.
+API) and ``status`` (the status page ``/`` and ``/v2/status``). A group may appear in one
+setting only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CATEGORIES = (
     "trace",
     "logging",
     "admin",
+    "status",
 )
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 

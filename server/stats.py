@@ -11,6 +11,7 @@ from typing import Any
 
 from shoal.proto.errors import BackendError, DeadlineExceeded, ErrorCode, QueueFull, ServingError, WorkerDied
 from shoal.server.latencymetrics import LatencyMetrics
+from shoal.server.reservoir import Reservoir
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -66,6 +67,8 @@ class ModelStats:
     """Failed requests by ``failure_reason`` (Prometheus metrics)."""
     latency: LatencyMetrics | None = None
     """``--metrics-config`` summaries and histograms (None: off)."""
+    recent: Reservoir = field(default_factory=Reservoir)
+    """Latencies of successful requests since the status page's last sample (``server.status``)."""
 
     def failed(self, exc: BaseException) -> None:
         self.failures[failure_reason(exc)] += 1
@@ -76,6 +79,7 @@ class ModelStats:
         if ok:
             self.durations["queue"].add(queue_ns)
             self.last_inference_ms = time.time_ns() // 1_000_000
+            self.recent.add(total_ns)
             if self.latency is not None:
                 self.latency.request(total_ns, queue_ns)
 

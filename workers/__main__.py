@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import io
 import logging
 import os
 import signal
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--heartbeat-ms", type=int, default=0, help="send a heartbeat this often (0: none)")
     args = p.parse_args(argv)
+    # stdout is a pipe the router reads (its admin API keeps the last lines): a model's print
+    # shows at once, as on a terminal, not when a block fills
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     logging.basicConfig(
         level=logging.DEBUG if args.log_verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)s [worker {args.identity} pid {os.getpid()}] %(message)s",

@@ -25,9 +25,13 @@ def beat_interval_ms(timeout_s: float) -> int:
     return max(50, min(5000, int(timeout_s * 1000 / 6)))
 
 
-async def spawn(spec: WorkerSpec, *, endpoint: str, identity: bytes) -> asyncio.subprocess.Process:
+async def spawn(
+    spec: WorkerSpec, *, endpoint: str, identity: bytes, stdout: int | None = None, stderr: int | None = None
+) -> asyncio.subprocess.Process:
     """Start ``python -P -m shoal.workers`` for ``spec``; raises ``UNAVAILABLE`` when the
-    process cannot be started (no interpreter, descriptors, processes or memory)."""
+    process cannot be started (no interpreter, descriptors, processes or memory).
+    ``stdout`` / ``stderr``: descriptors for the worker's (``output.Capture``; ``None``:
+    the router's own)."""
     # the worker imports Shoal as the router does (installed, or on the inherited PYTHONPATH);
     # -P: no current directory on its sys.path (started from a checkout, Shoal's folders would
     # shadow a model's own top-level packages, such as proto-plus's `proto`)
@@ -40,7 +44,7 @@ async def spawn(spec: WorkerSpec, *, endpoint: str, identity: bytes) -> asyncio.
             "--parent-pid", str(os.getpid()),
             "--log-verbose", str(spec.log_verbose),
             "--heartbeat-ms", str(beat_interval_ms(spec.heartbeat_timeout_s)),
-            env=env, stdin=asyncio.subprocess.DEVNULL,
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
         )  # fmt: skip
     except OSError as exc:
         label = f"model '{spec.model_name}' version {spec.model_version} instance '{spec.instance_name}'"

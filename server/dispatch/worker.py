@@ -18,7 +18,8 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.server.dispatch import process
+from shoal.server import events
+from shoal.server.dispatch import output, process
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.ratelimit import Needs
 from shoal.server.dispatch.spec import Reply, StreamSink, WorkerSpec, WorkerState
@@ -74,6 +75,10 @@ class Worker:
         """``loop.time()`` each outstanding batch was sent (stall detection)."""
         self._hung = ""
         """Set when the watchdog killed the process: why (replaces "killed by SIGKILL")."""
+        self.logs = output.LogRing()
+        """The last lines its processes wrote on stdout and stderr (``shoal workers logs``)."""
+        self._captures: list[output.Capture] = []
+        """The output pipes of its processes that have not ended yet."""
 
     @property
     def ready(self) -> bool:
@@ -188,6 +193,7 @@ class Worker:
                     await self._reap()
                     return
                 log.error("%s: restart failed: %s", self.label, err.message)
+                events.RECENT.add(events.RESTART_FAILED, self.spec.model_name, err.message, **self._where())
                 rc = None
             if self._stopping:
                 break
@@ -216,15 +222,32 @@ class Worker:
         self._pending[0] = hello
         self.channel.register(self.identity, self._on_message, self.spec.model_name)
         self.channel.register(self.identity + process.HEARTBEAT_SUFFIX, self._on_heartbeat)
+        capture = output.Capture()
         try:
-            proc = await process.spawn(self.spec, endpoint=self.channel.endpoint, identity=self.identity)
-        except BaseException:
+            out_fd, err_fd = capture.open()
+            proc = await process.spawn(
+                self.spec, endpoint=self.channel.endpoint, identity=self.identity, stdout=out_fd, stderr=err_fd
+            )
+        except BaseException as exc:
+            capture.abort()
             self._pending.pop(0, None)
             self.channel.unregister(self.identity)
             self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
+            if isinstance(exc, OSError):  # no descriptors left for its output pipes
+                raise ServingError(
+                    f"cannot start a worker process for {self.label}: {exc.strerror or exc}",
+                    code=ErrorCode.UNAVAILABLE,
+                ) from None
             raise
         self._proc = proc
         self.pid = proc.pid
+        self._captures = [c for c in self._captures if not c.ended]
+        try:
+            await capture.start(self.logs, proc.pid)
+            self._captures.append(capture)
+        except Exception as exc:  # noqa: BLE001 - its output is lost; the worker still serves
+            capture.close()
+            log.warning("%s: cannot read the output of pid %d: %s", self.label, proc.pid, exc)
         self.last_beat = self._loop.time()
         exited = asyncio.ensure_future(proc.wait())
         watchdog: asyncio.Task[None] | None = None
@@ -246,13 +269,23 @@ class Worker:
                 watchdog.cancel()
             self.channel.unregister(self.identity)
             self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
+        await capture.wait_ended()  # its last lines (a traceback) first
         if self._planned:
             log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
         elif not self._stopping:
             log.error("%s: %s", self.label, process.death_message(self._hung, rc))
+            events.RECENT.add(
+                events.WORKER_EXITED,
+                self.spec.model_name,
+                f"pid {proc.pid} {process.death_message(self._hung, rc)}",
+                **self._where(),
+            )
         self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {process.death_message(self._hung, rc)}"))
         region.unlink_prefix(self.arena_prefix)
         return rc
+
+    def _where(self) -> dict[str, Any]:
+        return {"version": self.spec.model_version, "instance": self.spec.instance_name, "pid": self.pid}
 
     def _on_heartbeat(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         self.last_beat = self._loop.time()
@@ -437,6 +470,10 @@ class Worker:
                 pass
         self.state = WorkerState.STOPPED
         self._fail_pending(ServingError(f"{self.label} stopped", code=ErrorCode.UNAVAILABLE))
+        for capture in self._captures:
+            await capture.wait_ended()
+            capture.close()  # a child of the model still holds its pipes: stop reading them
+        self._captures = []
         region.unlink_prefix(self.arena_prefix_base)
         if self.on_exit is not None:
             self.on_exit(self)  # the router and other workers drop their mappings of its arena

@@ -19,7 +19,7 @@ from pathlib import Path
 from shoal.proto import errortexts as T
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
-from shoal.server import autocomplete, ensemble
+from shoal.server import autocomplete, ensemble, events
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext, InstancePool
 from shoal.server.dispatch.worker import Worker
@@ -186,6 +186,7 @@ class ModelManager:
             serving = {v: mv for v, mv in old.items() if mv.state is ModelState.READY}
             if src.error:
                 log.error("model '%s' cannot be loaded: %s", name, src.error)
+                events.RECENT.add(events.LOAD_FAILED, name, src.error)
                 # Triton's text, unless an ensemble's composing models failed (Shoal's own texts)
                 polled = src.error.startswith(_ENSEMBLE_ERRORS)
                 if serving:
@@ -488,3 +489,4 @@ def _failed(mv: ModelVersion, exc: BaseException) -> None:
     mv.reason = exc.message if isinstance(exc, ServingError) else str(exc) or repr(exc)
     mv.error_code = exc.code if isinstance(exc, ServingError) else ErrorCode.INTERNAL
     log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, mv.reason)
+    events.RECENT.add(events.LOAD_FAILED, mv.name, mv.reason, version=mv.version)

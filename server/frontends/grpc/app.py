@@ -32,6 +32,15 @@ MAX_CONNECTION_IDLE_MS = 300_000
 _LEVELS = {"none": 0, "low": 1, "medium": 2, "high": 3}
 
 
+class GrpcBindError(OSError):
+    """grpc could not listen on ``host``:``port`` (it does not say why)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"cannot bind gRPC to {host}:{port}")
+        self.host = host
+        self.port = port
+
+
 class _ClientWentAway(logging.Filter):
     """grpc logs an ERROR with a traceback when a client cancels a stream while a response
     is being written to it; that is the client's doing, worth a verbose line at most."""
@@ -127,12 +136,16 @@ async def start_grpc(
             _handler(health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2),
         )
     )
-    if opts.tls is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        bound = server.add_secure_port(f"{host}:{port}", _credentials(opts.tls))
+    credentials = None if opts.tls is None else _credentials(opts.tls)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
+        raise GrpcBindError(host, port)
     peers.server_port = bound
     await server.start()
     return server, bound

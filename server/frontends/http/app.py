@@ -22,12 +22,14 @@ from shoal.server.frontends.http.routes import (
     LIMITS,
     PEER,
     RESTRICTIONS,
+    STATUS,
     add_routes,
     health_live,
     health_ready,
 )
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logthrottle import client_error
+from shoal.server.status import StatusMonitor
 
 log = logging.getLogger("shoal.http")
 
@@ -99,7 +101,9 @@ def make_app(
     restrictions: restrict.Restrictions | None = None,
     guard: ConnectionGuard | None = None,
     forward: HeaderForwarder | None = None,
+    status: StatusMonitor | None = None,
 ) -> web.Application:
+    """``status``: the status page's history (one that is never started when not given)."""
     # aiohttp's own body limit applies to the small JSON APIs; inference bodies are read by
     # ``body.read`` within ``limits``
     app = web.Application(middlewares=[middleware], client_max_size=limits.max_json_bytes)
@@ -111,6 +115,7 @@ def make_app(
         app[PEER] = guard.peer
     if forward:
         app[FORWARD] = forward
+    app[STATUS] = status or StatusMonitor(dataplane.models)
     add_routes(app)
     return app
 

@@ -13,13 +13,14 @@ from aiohttp import web
 
 from shoal.proto import errortexts as T
 from shoal.proto.errors import InvalidInput
-from shoal.server import restrict, tracing
+from shoal.server import restrict, statuspage, tracing
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http import body, codec
 from shoal.server.frontends.http import generate as generate_ext
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.peers import Peer
+from shoal.server.status import StatusMonitor
 from shoal.server.validation import version_number
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits", HttpLimits)
 PEER: web.AppKey[Callable[[web.Request], Peer | None]] = web.AppKey("peer")
 RESTRICTIONS: web.AppKey[restrict.Restrictions] = web.AppKey("restrictions", restrict.Restrictions)
 FORWARD: web.AppKey[HeaderForwarder] = web.AppKey("forward", HeaderForwarder)
+STATUS: web.AppKey[StatusMonitor] = web.AppKey("status", StatusMonitor)
 CATEGORY: dict[Callable[..., Any], str] = {}
 """Route handler -> its restricted-API group (``server.restrict``)."""
 
@@ -381,6 +383,34 @@ async def admin_workers(request: web.Request) -> web.Response:
     return _json_response({"workers": request.app[DATAPLANE].workers()})
 
 
+async def admin_logs(request: web.Request) -> web.Response:
+    """The last lines one instance's processes wrote (``?lines=N``: only the last N)."""
+    m = request.match_info
+    try:
+        limit = int(request.query.get("lines", "0"))
+    except ValueError:
+        raise InvalidInput("'lines' must be a number") from None
+    logs = request.app[DATAPLANE].worker_logs(m["model"], m["instance"], _version(request), limit)
+    return _json_response({"logs": logs})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """``GET /``: the status page (a static document that reads ``/v2/status``)."""
+    return web.Response(
+        body=statuspage.PAGE_BYTES,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": statuspage.CSP, "Cache-Control": "no-cache"},
+    )
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """``GET /v2/status``: what the status page shows, as JSON (``server.status``)."""
+    resp = _json_response(request.app[STATUS].snapshot(request.app[DATAPLANE]))
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
 async def admin_restart(request: web.Request) -> web.Response:
     m = request.match_info
     done = await asyncio.shield(request.app[DATAPLANE].restart_worker(m["model"], m["instance"], _version(request)))
@@ -411,6 +441,11 @@ def add_routes(app: web.Application) -> None:
     add("GET", "/v2/admin/workers", admin_workers, "admin")
     add("POST", "/v2/admin/models/{model}/instances/{instance}/restart", admin_restart, "admin")
     add("POST", "/v2/admin/models/{model}" + v + "/instances/{instance}/restart", admin_restart, "admin")
+    add("GET", "/v2/admin/models/{model}/instances/{instance}/logs", admin_logs, "admin")
+    add("GET", "/v2/admin/models/{model}" + v + "/instances/{instance}/logs", admin_logs, "admin")
+    add("GET", "/", status_page, "status")
+    add("HEAD", "/", status_page, "status")
+    add("GET", "/v2/status", status_json, "status")
     for kind, status, register, unregister in (
         ("systemsharedmemory", system_shm_status, system_shm_register, system_shm_unregister),
         ("cudasharedmemory", cuda_shm_status, cuda_shm_register, cuda_shm_unregister),
