@@ -31,7 +31,7 @@ PARTIAL_MAX = 64 << 10
 """A line longer than this is forwarded (and kept) in pieces."""
 HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
-EOF_WAIT_S = 1.0
+EOF_WAIT_S = 0.5
 """How long a worker's exit waits for the end of its output (its last lines: a traceback)."""
 
 

@@ -269,19 +269,17 @@ class Worker:
                 watchdog.cancel()
             self.channel.unregister(self.identity)
             self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
-        await capture.wait_ended()  # its last lines (a traceback) first
+        died = process.death_message(self._hung, rc)
+        if not self._stopping:
+            self.state = WorkerState.RESTARTING  # no new batches while its last output is read
+        self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {died}"))
+        region.unlink_prefix(self.arena_prefix)
+        await capture.wait_ended()  # its last lines (a traceback) before the line saying it died
         if self._planned:
             log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
         elif not self._stopping:
-            log.error("%s: %s", self.label, process.death_message(self._hung, rc))
-            events.RECENT.add(
-                events.WORKER_EXITED,
-                self.spec.model_name,
-                f"pid {proc.pid} {process.death_message(self._hung, rc)}",
-                **self._where(),
-            )
-        self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {process.death_message(self._hung, rc)}"))
-        region.unlink_prefix(self.arena_prefix)
+            log.error("%s: %s", self.label, died)
+            events.RECENT.add(events.WORKER_EXITED, self.spec.model_name, f"pid {proc.pid} {died}", **self._where())
         return rc
 
     def _where(self) -> dict[str, Any]:
