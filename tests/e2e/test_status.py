@@ -103,9 +103,10 @@ def test_status_with_traffic(sserver: ServerProcess) -> None:
     assert set(s) == {"t", "rps", "failures", "p50_ms", "p99_ms", "avg_ms", "pending"}
     assert len({len(v) for v in s.values()}) == 1  # columns of one length
     assert s["t"] == sorted(s["t"])
-    # every request counted once: requests/s times the interval adds up to the 120 sent
-    served = sum(r * INTERVAL_S for r in s["rps"])
-    assert 100 <= served <= 140, s["rps"]
+    # every request counted once: requests/s times each point's interval adds up to the 120 sent
+    spans = [INTERVAL_S] + [b - a for a, b in zip(s["t"], s["t"][1:], strict=False)]
+    served = sum(r * span for r, span in zip(s["rps"], spans, strict=True))
+    assert 114 <= served <= 126, (s["rps"], s["t"])
     points = [(p50, p99, avg) for p50, p99, avg in zip(s["p50_ms"], s["p99_ms"], s["avg_ms"], strict=True) if p50]
     assert points and all(0 < p50 <= p99 < 10_000 and avg > 0 for p50, p99, avg in points)
     assert not any(s["failures"])
