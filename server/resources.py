@@ -19,9 +19,10 @@ log = logging.getLogger("shoal")
 
 _RESERVED_FDS = 128
 """Descriptors kept for the router itself (sockets, files, metrics scrapes)."""
-_FDS_PER_WORKER = 4
+_FDS_PER_WORKER = 6
 """Descriptors the router spends on each worker (its two channel connections, process
-handling): never left to client connections, or a restarting worker could not connect."""
+handling, the pipes its stdout and stderr come through): never left to client connections,
+or a restarting worker could not connect."""
 _MAX_AUTO_CONNECTIONS = 65536
 
 
