@@ -103,3 +103,18 @@ def test_batch_of_different_shapes_or_bytes_is_refused() -> None:
         path.gather({"x": [np.zeros((1, 3), np.float32), np.zeros((1, 4), np.float32)]})
     with pytest.raises(InvalidInput, match="BYTES"):
         path.gather({"s": [np.array([[b"a"]], dtype=np.object_)]})
+
+
+@pytest.mark.parametrize("parallel_bytes", [0, 1 << 40])
+def test_large_batches_staged_in_chunks_on_threads(parallel_bytes: int) -> None:
+    """Inputs over ``CHUNK_BYTES`` are staged in pieces, on threads from ``parallel_bytes``."""
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    path.parallel_bytes = parallel_bytes
+    rng = np.random.default_rng(7)
+    x = [rng.standard_normal((k, 3, 100, 100)).astype(np.float32) for k in (1, 4, 2, 3)]  # 120 KB per row
+    y = [rng.integers(0, 9, (k, 700_000)).astype(np.uint8) for k in (1, 4, 2, 3)]  # rows over a chunk
+    for _ in range(2):
+        out = path.gather({"x": x, "y": y})
+        np.testing.assert_array_equal(out["x"].numpy(), np.concatenate(x))
+        np.testing.assert_array_equal(out["y"].numpy(), np.concatenate(y))
+        x = x[::-1]

@@ -23,6 +23,7 @@ With ``device`` the CPU and ``pin`` false the same code runs without CUDA (unit 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +34,12 @@ from shoal.proto.errors import InvalidInput
 
 ALIGN = 256
 """Byte alignment of each tensor in the staging and device buffers."""
+CHUNK_BYTES = 1 << 20
+"""Host inputs are staged in pieces of at most this many bytes."""
+STAGING_THREADS = 4
+"""Threads copying a large batch's host inputs into the pinned buffer."""
+PARALLEL_BYTES = 4 << 20
+"""Host bytes of a batch from which the staging copies run on ``STAGING_THREADS`` threads."""
 
 
 def _aligned(n: int) -> int:
@@ -89,6 +96,8 @@ class TorchDevicePath:
         self.device_in = _Buffer(torch, device, False)
         self.host_out = _Buffer(torch, "cpu", pin)
         self._dtypes: dict[np.dtype[Any], Any] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.parallel_bytes = PARALLEL_BYTES
 
     def begin(self) -> None:
         """A new batch (``execute``): the output views of the last one are no longer used."""
@@ -148,9 +157,8 @@ class TorchDevicePath:
         self.host_in.reset()
         self.device_in.reset()
         host = self.host_in.take(total)
-        host_np = host.numpy()
         dev = self.device_in.take(total)
-        pending: list[list[int]] = []  # host byte ranges [start, end) still to copy up
+        chunks: list[tuple[int, Any]] = []  # (offset, bytes) of host data to stage, in layout order
         for name, offset, shape, dtype, arrays in layout:
             tdtype = self.torch_dtype(dtype, name)
             pos = offset
@@ -163,17 +171,53 @@ class TorchDevicePath:
                     dev[pos : pos + n].copy_(src, non_blocking=True)
                 else:
                     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-                    host_np[pos : pos + n] = flat
-                    if pending and pending[-1][1] == pos:
-                        pending[-1][1] = pos + n
-                    else:
-                        pending.append([pos, pos + n])
+                    for k in range(0, n, CHUNK_BYTES):
+                        chunks.append((pos + k, flat[k : k + CHUNK_BYTES]))
                 pos += n
             end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = dev[offset:end].view(tdtype).view(shape)
-        for start, end in pending:
-            dev[start:end].copy_(host[start:end], non_blocking=True)
+        if chunks:
+            self._stage(chunks, host, dev)
         return out
+
+    def _stage(self, chunks: list[tuple[int, Any]], host: Any, dev: Any) -> None:
+        """Copy ``chunks`` into the pinned buffer and up to the device. Large batches are
+        copied by ``STAGING_THREADS`` threads (numpy releases the GIL), each group going up
+        as soon as it is staged, so the copies to the device overlap the host copies."""
+        host_np = host.numpy()
+        nbytes = sum(int(c.nbytes) for _, c in chunks)
+        threads = min(STAGING_THREADS, len(chunks)) if nbytes >= self.parallel_bytes else 1
+        groups: list[list[tuple[int, Any]]] = [[] for _ in range(threads)]
+        share, filled, g = nbytes / threads, 0, 0
+        for chunk in chunks:
+            if filled >= share * (g + 1) and g < threads - 1:
+                g += 1
+            groups[g].append(chunk)
+            filled += int(chunk[1].nbytes)
+
+        def copy(group: list[tuple[int, Any]]) -> None:
+            for pos, data in group:
+                host_np[pos : pos + data.nbytes] = data
+
+        if threads == 1:
+            copy(chunks)
+            done: list[Any] = [None]
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="shoal-stage")
+            done = [self._pool.submit(copy, group) for group in groups]
+        for group, future in zip(groups if threads > 1 else [chunks], done, strict=True):
+            if future is not None:
+                future.result()
+            start = end = -1
+            for pos, data in group:  # one copy up per run of adjacent host bytes
+                if pos != end:
+                    if end > start:
+                        dev[start:end].copy_(host[start:end], non_blocking=True)
+                    start = pos
+                end = pos + int(data.nbytes)
+            if end > start:
+                dev[start:end].copy_(host[start:end], non_blocking=True)
 
     # ---- outputs ------------------------------------------------------------------------------
 
