@@ -1,6 +1,6 @@
 # Shoal's container images: two targets of this file.
 #   docker build --target cpu  -t shoal:cpu  .    Debian 12, ONNX Runtime (CPU)
-#   docker build --target cuda -t shoal:cuda .    NVIDIA's CUDA runtime (cuDNN), onnxruntime-gpu, CuPy
+#   docker build --target cuda -t shoal:cuda .    NVIDIA's CUDA 13 runtime (cuDNN 9), onnxruntime-gpu, CuPy
 # --build-arg EXTRAS=cloud,trace,pytorch adds Shoal's extras to either (pytorch: a large download).
 #
 # Run (README "Container, Kubernetes and KServe"):
@@ -9,10 +9,10 @@
 # --shm-size: the tensor arenas are in /dev/shm (docker's default, 64 MB, is too small);
 # --ipc=host instead when clients on the host use the shared-memory extensions;
 # --stop-timeout above --exit-timeout-secs (30 s), the time the server drains on SIGTERM;
-# --gpus all for the CUDA image.
+# --gpus all for the CUDA image (CUDA 13: NVIDIA driver 580 or newer).
 
 ARG DEBIAN_IMAGE=debian:bookworm-slim
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # Shoal's wheel (pure Python), built once for both images.
 FROM ${DEBIAN_IMAGE} AS wheel
@@ -41,9 +41,11 @@ RUN python3 -m venv /opt/shoal \
  && /opt/shoal/bin/pip install --no-cache-dir -q "$(ls /wheels/shoal-*.whl)[onnx${EXTRAS:+,$EXTRAS}]"
 
 # The CUDA image's environment: the GPU build of ONNX Runtime, and CuPy for CUDA shared memory.
+# Their CUDA major version is the base image's: onnxruntime-gpu 1.31's CUDA provider links
+# libcudart.so.13 and libcublas.so.13 (check a newer release's before raising it).
 FROM ${CUDA_IMAGE} AS cuda-venv
 ARG EXTRAS=""
-ARG CUDA_PACKAGES="onnxruntime-gpu cupy-cuda12x"
+ARG CUDA_PACKAGES="onnxruntime-gpu==1.31.* cupy-cuda13x"
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*

@@ -89,7 +89,11 @@ def test_stages_build_a_cpu_and_a_cuda_image() -> None:
     # the runtime images take the environments, not the build tools
     assert ("COPY", "--from=cpu-venv /opt/shoal /opt/shoal") in stages["cpu"]
     assert ("COPY", "--from=cuda-venv /opt/shoal /opt/shoal") in stages["cuda"]
-    assert 'CUDA_PACKAGES="onnxruntime-gpu cupy-cuda12x"' in [r for w, r in stages["cuda-venv"] if w == "ARG"]
+    # CuPy and onnxruntime-gpu for the base image's CUDA major version
+    cuda_major = re.match(r"nvidia/cuda:(\d+)\.", args["CUDA_IMAGE"]).group(1)  # type: ignore[union-attr]
+    (packages,) = [r for w, r in stages["cuda-venv"] if w == "ARG" and r.startswith("CUDA_PACKAGES=")]
+    assert set(json.loads(packages.partition("=")[2]).split()) == {"onnxruntime-gpu==1.31.*", f"cupy-cuda{cuda_major}x"}
+    assert cuda_major == "13"  # onnxruntime-gpu 1.31's CUDA provider links libcudart.so.13
     assert "$CUDA_PACKAGES" in " ".join(r for w, r in stages["cuda-venv"] if w == "RUN")
     assert "[onnx" in " ".join(r for w, r in stages["cpu-venv"] if w == "RUN")
 
