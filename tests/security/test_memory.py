@@ -164,7 +164,11 @@ def test_failed_large_requests_give_memory_back(
     def settled() -> bool:
         return status(pid)["RssAnon"] < baseline + 48 * MiB
 
-    wait_for(settled, timeout_s=15)
+    try:
+        wait_for(settled, timeout_s=15)
+    except AssertionError:
+        now = status(pid)["RssAnon"]
+        raise AssertionError(f"router RssAnon {now >> 20} MiB, baseline {baseline >> 20} MiB") from None
 
 
 # ---- 3: a gRPC stream whose responses are never read --------------------------------------------
