@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import PLANTED
 from tests.e2e.server import ROOT, ServerProcess, make_repository
 
 
@@ -196,7 +197,7 @@ def test_exit_timeout_bounds_shutdown(tmp_path: Path, fresh_server: list[ServerP
 def test_stale_segments_are_reclaimed(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = f"shoal_{dead.pid}_abcdef_in_0"
+    stale = f"shoal_{dead.pid}_{PLANTED}_in_0"
     Path("/dev/shm", stale).write_bytes(b"x" * 100)
     try:
         repo = make_repository(tmp_path / "repo", "add_sub")
