@@ -34,7 +34,8 @@ log = logging.getLogger("shoal.dataplane")
 SERVER_NAME = "shoal"
 ACK_EVERY = 16
 """A decoupled request's consumed responses are acknowledged to its worker in groups of this
-many (or when none are waiting), well within the worker's window (``STREAM_WINDOW``)."""
+many, a divisor of the worker's window (``STREAM_WINDOW``, 64): a sender that waits has at
+least 49 responses queued here, so the consumer always gets to the next acknowledgement."""
 StreamItem = tuple[InferResult | ServingError | None, bool]
 """One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
 HTTP_DECOUPLED_ERROR = T.HTTP_DECOUPLED
@@ -390,7 +391,7 @@ class DataPlane:
                     return
                 # consumed: the model's response sender may send more (flow control)
                 consumed += 1
-                if (consumed >= ACK_EVERY or queue.empty()) and request.ack is not None:
+                if consumed >= ACK_EVERY and request.ack is not None:
                     request.ack(consumed)
                     consumed = 0
         finally:
