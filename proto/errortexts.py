@@ -390,6 +390,63 @@ SHM_CUDA_NO_GPUS = ErrorText(
 )
 SHM_CUDA_HANDLE = ErrorText(_INVALID, "'raw_handle' must be a valid base64 encoded cudaIpcMemHandle_t", _HTTP)
 
+# ---- load requests with parameters (config override, model files) --------------------------
+
+LOAD_CONFIG_NOT_STRING = ErrorText(
+    _INVALID, "Config parameter 'config' must have string type for its value", _CORE_REPO
+)
+LOAD_CONFIG_INVALID = ErrorText(
+    _INVALID,
+    "failed to load '{model}', failed to poll from model repository: Invalid config override: {detail}",
+    _CORE_REPO,
+)
+"""Triton logs the override's problem and answers the poll failure; here the client gets both."""
+LOAD_PARAM_UNRECOGNIZED = ErrorText(_INVALID, "Unrecognized load parameter '{name}' with type '{type}'", _CORE_REPO)
+LOAD_FILES_NEED_CONFIG = ErrorText(
+    _INVALID, "Load parameter 'config' must be specified for model file override", _CORE_REPO
+)
+LOAD_FILE_NOT_BYTES = ErrorText(_INVALID, "File parameter '{name}' must have bytes type for its value", _CORE_REPO)
+LOAD_FILE_ESCAPES = ErrorText(_INVALID, "Invalid file parameter '{name}' must stay within model directory.", _CORE_REPO)
+"""Triton also shows the normalized host path; Shoal never shows a host path."""
+TRACE_UNKNOWN_MODEL = ErrorText(_INVALID, "Request for unknown model : {model}", _HTTP)
+
+# ---- model configuration features (checked at load) --------------------------------------
+
+_CONFIG_UTILS = "core/src/model_config_utils.cc"
+CACHE_WITH_SEQUENCE = ErrorText(
+    _INVALID,
+    "Response Cache does not currently support model {model} with sequence batching scheduler. "
+    "Please disable the response cache.",
+    _CONFIG_UTILS,
+)
+CACHE_WITH_DECOUPLED = ErrorText(
+    _INVALID,
+    "Response Cache does not currently support model {model} with 'decoupled' transaction policy. "
+    "Please disable the response cache.",
+    _CONFIG_UTILS,
+)
+BATCH_IO_SOURCES = ErrorText(_INVALID, "batch {what} kind '{kind}' expects 1 source input, got {count}", _CONFIG_UTILS)
+"""``what``: ``input`` or ``output``."""
+BATCH_INPUT_DATATYPE = ErrorText(_INVALID, "batch input data type must be TYPE_INT32 or TYPE_FP32", _CONFIG_UTILS)
+BATCH_IO_UNKNOWN_SOURCE = ErrorText(_INVALID, "unknown source input name '{name}'", _CONFIG_UTILS)
+RATE_LIMIT_TOO_FEW = ErrorText(
+    _INVALID,
+    'Resource count for "{name}" is limited to {limit} which will prevent scheduling of one or more model '
+    "instances, the minimum required count is {need}",
+    "core/src/rate_limiter.cc",
+)
+_WARMUP = "core/src/backend_model_instance.cc"
+WARMUP_VARIABLE_DIMS = ErrorText(
+    _INVALID, "warmup setting expects all variable-size dimensions are specified for input '{name}'", _WARMUP
+)
+WARMUP_NO_DATA = ErrorText(_INVALID, "warmup setting expects input '{name}' to have input_data_type set", _WARMUP)
+WARMUP_FILE_SHORT = ErrorText(
+    _INVALID,
+    "warmup setting expects {need} bytes, but the data provided from {file} only has {have} bytes",
+    _WARMUP,
+)
+WARMUP_SAMPLE_FAILED = ErrorText(_INVALID, "failed to run warmup sample '{name}': {errors}", _WARMUP)
+
 
 TABLE: Mapping[str, ErrorText] = MappingProxyType(
     {name: value for name, value in sorted(globals().items()) if isinstance(value, ErrorText)}

@@ -3,7 +3,7 @@ and texts); the worker's backends make and split them (``workers/backends/ragged
 
 from __future__ import annotations
 
-from shoal.proto.errors import InvalidInput
+from shoal.proto import errortexts as T
 from shoal.proto.gen import model_config_pb2 as mc
 
 
@@ -12,18 +12,18 @@ def check(config: mc.ModelConfig) -> None:
     for b in config.batch_input:
         kind = mc.BatchInput.Kind.Name(b.kind)
         if len(b.source_input) != 1:
-            raise InvalidInput(f"batch input kind '{kind}' expects 1 source input, got {len(b.source_input)}")
+            raise T.BATCH_IO_SOURCES(what="input", kind=kind, count=len(b.source_input))
         if b.data_type not in (mc.TYPE_INT32, mc.TYPE_FP32):
-            raise InvalidInput("batch input data type must be TYPE_INT32 or TYPE_FP32")
+            raise T.BATCH_INPUT_DATATYPE()
         _sources(b.source_input, inputs)
     for o in config.batch_output:
         kind = mc.BatchOutput.Kind.Name(o.kind)
         if len(o.source_input) != 1:
-            raise InvalidInput(f"batch output kind '{kind}' expects 1 source input, got {len(o.source_input)}")
+            raise T.BATCH_IO_SOURCES(what="output", kind=kind, count=len(o.source_input))
         _sources(o.source_input, inputs)
 
 
 def _sources(names: object, inputs: set[str]) -> None:
     for name in names:  # type: ignore[attr-defined]
         if name not in inputs:
-            raise InvalidInput(f"unknown source input name '{name}'")
+            raise T.BATCH_IO_UNKNOWN_SOURCE(name=name)

@@ -181,21 +181,19 @@ class DataPlane:
         for key, value in parameters.items():
             if key == "config":
                 if not isinstance(value, str):
-                    raise InvalidInput("Config parameter 'config' must have string type for its value")
+                    raise T.LOAD_CONFIG_NOT_STRING()
                 try:
                     override = config_from_json(orjson.loads(value))
                 except (orjson.JSONDecodeError, ServingError) as exc:
                     detail = exc.message if isinstance(exc, ServingError) else str(exc)
                     log.info("load of '%s': invalid config override: %s", name, detail)
-                    raise InvalidInput(
-                        f"{T.LOAD_POLL_FAILED.text(model=name)}: Invalid config override: {detail}"
-                    ) from None
+                    raise T.LOAD_CONFIG_INVALID(model=name, detail=detail) from None
             elif key.startswith("file:"):
                 files[key[len("file:") :]] = _file_bytes(key, value)
             else:
-                raise InvalidInput(f"Unrecognized load parameter '{key[:64]}' with type '{_param_type(value)}'")
+                raise T.LOAD_PARAM_UNRECOGNIZED(name=key[:64], type=_param_type(value))
         if files and override is None:
-            raise InvalidInput("Load parameter 'config' must be specified for model file override")
+            raise T.LOAD_FILES_NEED_CONFIG()
         if self.models.refresh is not None:
             await self.models.refresh()
         upload = None
@@ -203,9 +201,7 @@ class DataPlane:
             try:
                 upload = await asyncio.to_thread(self.models.repos.write_upload, name, files)
             except ValueError as exc:
-                raise InvalidInput(
-                    f"Invalid file parameter 'file:{str(exc)[:256]}' must stay within model directory."
-                ) from None
+                raise T.LOAD_FILE_ESCAPES(name=f"file:{str(exc)[:256]}") from None
             except OSError as exc:
                 log.warning("load of '%s': writing its files failed: %s", name, exc.strerror)
                 raise ServingError(T.LOAD_POLL_FAILED.text(model=name), code=ErrorCode.INTERNAL) from None
@@ -259,7 +255,7 @@ class DataPlane:
             try:
                 self.registry.get(model, -1)
             except ServingError:
-                raise InvalidInput(f"Request for unknown model : {model}") from None
+                raise T.TRACE_UNKNOWN_MODEL(model=model) from None
         if changes is not None and not changes.empty():
             self.tracer.update(model, changes)
         return self.tracer
@@ -471,7 +467,7 @@ def _file_bytes(key: str, value: Any) -> bytes:
             return base64.b64decode(value, validate=True)
         except binascii.Error:
             raise InvalidInput(f"File parameter '{key[:64]}' must be base64-encoded bytes") from None
-    raise InvalidInput(f"File parameter '{key[:64]}' must have bytes type for its value")
+    raise T.LOAD_FILE_NOT_BYTES(name=key[:64])
 
 
 def _param_type(value: Any) -> str:

@@ -201,17 +201,11 @@ def normalize(config: mc.ModelConfig, name: str, path: Path, versions: list[int]
         if not config.dynamic_batching.preferred_batch_size:
             config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
     if config.response_cache.enable:
-        # Triton's words (its cache supports neither scheduler)
+        # Triton's cache supports neither scheduler
         if config.HasField("sequence_batching"):
-            raise InvalidInput(
-                f"Response Cache does not currently support model {name} with sequence batching scheduler. "
-                "Please disable the response cache."
-            )
+            raise T.CACHE_WITH_SEQUENCE(model=name)
         if config.model_transaction_policy.decoupled:
-            raise InvalidInput(
-                f"Response Cache does not currently support model {name} with 'decoupled' transaction policy. "
-                "Please disable the response cache."
-            )
+            raise T.CACHE_WITH_DECOUPLED(model=name)
     if config.HasField("sequence_batching") and not config.sequence_batching.max_sequence_idle_microseconds:
         config.sequence_batching.max_sequence_idle_microseconds = 1_000_000
     if config.platform != "ensemble":

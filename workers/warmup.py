@@ -14,7 +14,8 @@ from collections.abc import Callable
 import numpy as np
 
 from shoal.proto import dtypes
-from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto import errortexts as T
+from shoal.proto.errors import InvalidInput
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends.base import Backend, WorkRequest, WorkResponse
 
@@ -23,44 +24,37 @@ DECOUPLED_WAIT_S = 60.0
 """How long a decoupled model's warmup requests may take to send their final response."""
 
 
-def _invalid(message: str) -> ServingError:
-    return ServingError(message, code=ErrorCode.INVALID_ARGUMENT)
-
-
 def _tensor(
     name: str, spec: mc.ModelWarmup.Input, batching: bool, model_dir: str, rng: np.random.Generator
 ) -> np.ndarray:
     dims = list(spec.dims)
     if any(d < 0 for d in dims):
-        raise _invalid(f"warmup setting expects all variable-size dimensions are specified for input '{name}'")
+        raise T.WARMUP_VARIABLE_DIMS(name=name)
     dtype = dtypes.BY_CONFIG_NUMBER.get(spec.data_type)
     if dtype is None or dtype.numpy is None:
-        raise _invalid(f"warmup input '{name}': datatype {mc.DataType.Name(spec.data_type)} is not supported")
+        raise InvalidInput(f"warmup input '{name}': datatype {mc.DataType.Name(spec.data_type)} is not supported")
     shape = ([1] if batching else []) + dims
     count = dtypes.element_count(shape)
     kind = spec.WhichOneof("input_data_type")
     if kind is None:
-        raise _invalid(f"warmup setting expects input '{name}' to have input_data_type set")
+        raise T.WARMUP_NO_DATA(name=name)
     if kind == "input_data_file":
         folder = os.path.join(model_dir, WARMUP_DIR)
         path = os.path.normpath(os.path.join(folder, spec.input_data_file))
         if not path.startswith(folder + os.sep):
-            raise _invalid(f"warmup input '{name}': input_data_file must name a file under {WARMUP_DIR}/")
+            raise InvalidInput(f"warmup input '{name}': input_data_file must name a file under {WARMUP_DIR}/")
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise _invalid(
+            raise InvalidInput(
                 f"warmup input '{name}': cannot read {WARMUP_DIR}/{spec.input_data_file}: {exc.strerror}"
             ) from None
         if dtype.itemsize == 0:
             return dtypes.deserialize_bytes(data, count, name=name).reshape(shape)
         need = count * dtype.itemsize
         if len(data) < need:
-            raise _invalid(
-                f"warmup setting expects {need} bytes, but the data provided from "
-                f"{spec.input_data_file} only has {len(data)} bytes"
-            )
+            raise T.WARMUP_FILE_SHORT(need=need, file=spec.input_data_file, have=len(data))
         return np.frombuffer(data[:need], dtype=dtype.numpy).reshape(shape).copy()
     if dtype.itemsize == 0:
         return np.full(shape, b"", dtype=np.object_)
@@ -82,7 +76,7 @@ def run(backend: Backend, config: mc.ModelConfig, model_dir: str, log: Callable[
             log(f"running warmup sample '{sample.name}' (iteration {iteration})")
             errors = _execute(backend, inputs, sample.batch_size, decoupled)
             if errors:
-                raise _invalid(f"failed to run warmup sample '{sample.name}': {'; '.join(errors)}; ")
+                raise T.WARMUP_SAMPLE_FAILED(name=sample.name, errors="; ".join(errors) + "; ")
 
 
 def _execute(backend: Backend, inputs: dict[str, np.ndarray], batch: int, decoupled: bool) -> list[str]:

@@ -17,7 +17,7 @@ import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from shoal.proto.errors import InvalidInput
+from shoal.proto import errortexts as T
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.optionvalues import RateLimitResource
 
@@ -66,11 +66,7 @@ class RateLimiter:
         for (name, dev), n in resources.items():
             limit = self.available((name, dev))
             if limit < n:
-                # Triton's words
-                raise InvalidInput(
-                    f'Resource count for "{name}" is limited to {limit} which will prevent scheduling of one or '
-                    f"more model instances, the minimum required count is {n}"
-                )
+                raise T.RATE_LIMIT_TOO_FEW(name=name, limit=limit, need=n)
         clock = min((w.needs.vtime for w in self._waiting), default=0.0)
         return Needs(resources, max(1, limiter.priority), clock)
 
