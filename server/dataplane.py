@@ -76,9 +76,9 @@ class DataPlane:
         self.tracer = tracer or TraceManager()
         """Trace settings and sampling (``server.tracing``); frontends test ``tracer.active``."""
         self.server_id = server_id
+        """The name server metadata reports (``--id``)."""
         self.cache = cache
         """The response cache (``--cache-config``); models opt in with ``response_cache``."""
-        """The name server metadata reports (``--id``)."""
         self.models = models
         self.registry = models.registry
         self.request_timeout_s = request_timeout_s
@@ -330,7 +330,7 @@ class DataPlane:
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
-        if mv.config.model_transaction_policy.decoupled:
+        if mv.decoupled:
             raise Unsupported(decoupled_error) if isinstance(decoupled_error, str) else decoupled_error()
         return await self._infer(mv, request)
 
@@ -338,7 +338,7 @@ class DataPlane:
         """The model version a request names uses the decoupled transaction policy (False
         when it cannot serve: the request then fails with the lookup's error)."""
         try:
-            return self.registry.get(name, version).config.model_transaction_policy.decoupled
+            return self.registry.get(name, version).decoupled
         except ServingError:
             return False
 
@@ -437,7 +437,7 @@ class DataPlane:
         try:
             validate(mv, request)
             cache = self.cache
-            if cache is not None and mv.config.response_cache.enable and cacheable(request):
+            if cache is not None and mv.cached and cacheable(request):
                 result = await self._cached(cache, mv, request)
             else:
                 result = await submit(mv, request, self._deadline_s(mv, request))

@@ -251,7 +251,7 @@ class Metrics:
             _family(lines, name, kind, text)
             for mv in versions:
                 lines.append(f"{name}{_labels(labels[id(mv)])} {number(value(mv))}")
-        cached = [mv for mv in versions if self.cache_on and mv.config.response_cache.enable]
+        cached = [mv for mv in versions if self.cache_on and mv.cached]
         for name, kind, text, value in _CACHE_METRICS if cached else ():
             _family(lines, name, kind, text)
             for mv in cached:
@@ -288,7 +288,7 @@ class Metrics:
                 for mv in measured:
                     lat = mv.stats.latency
                     assert lat is not None
-                    if key.startswith("cache") and not mv.config.response_cache.enable:
+                    if key.startswith("cache") and not mv.cached:
                         continue
                     w = lat.summaries[key]
                     base = labels[id(mv)]

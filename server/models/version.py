@@ -58,9 +58,15 @@ class ModelVersion:
     stats: ModelStats = field(init=False)
     unavailable: Callable[[], str] | None = None
     """Ensembles: why a composing model cannot serve now ("" when all can)."""
+    decoupled: bool = field(init=False)
+    """``model_transaction_policy.decoupled`` (read once, not per request)."""
+    cached: bool = field(init=False)
+    """``response_cache.enable``: the response cache may answer its requests."""
 
     def __post_init__(self) -> None:
         self.stats = ModelStats(self.name, self.version)
+        self.decoupled = self.config.model_transaction_policy.decoupled
+        self.cached = self.config.response_cache.enable
 
     @property
     def ready(self) -> bool:
