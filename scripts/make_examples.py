@@ -29,12 +29,14 @@ MLP_SEED = 20240517
 """Seed of the MLP weights, so every run generates the same bytes."""
 
 
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def onnx_model(graph: onnx.GraphProto, producer: str = "shoal-make-examples") -> onnx.ModelProto:
+    """``graph`` as a checked model of ``OPSET`` / ``IR_VERSION`` (also used by
+    scripts/make_triton_examples.py)."""
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         ir_version=IR_VERSION,
-        producer_name="shoal-make-examples",
+        producer_name=producer,
     )
     onnx.checker.check_model(model)
     return model
@@ -55,7 +57,7 @@ def simple_model() -> onnx.ModelProto:
         [io("INPUT0"), io("INPUT1")],
         [io("OUTPUT0"), io("OUTPUT1")],
     )
-    return _model(graph)
+    return onnx_model(graph)
 
 
 def identity_model() -> onnx.ModelProto:
@@ -66,7 +68,7 @@ def identity_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", "n"])],
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", "n"])],
     )
-    return _model(graph)
+    return onnx_model(graph)
 
 
 MLP_LAYERS = (256, 1024, 1024, 16)
@@ -98,7 +100,7 @@ def mlp_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", MLP_LAYERS[-1]])],
         initializer=inits,
     )
-    return _model(graph)
+    return onnx_model(graph)
 
 
 SIMPLE_CONFIG = """\
@@ -209,7 +211,7 @@ EXAMPLES: tuple[Example, ...] = (
 )
 
 
-def _write_if_changed(path: Path, data: bytes, force: bool) -> bool:
+def write_if_changed(path: Path, data: bytes, force: bool) -> bool:
     if not force and path.is_file() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +231,7 @@ def make_examples(repo: Path, force: bool = False) -> list[Path]:
     for ex in EXAMPLES:
         model_dir = Path(repo) / ex.name
         model_path = model_dir / "1" / "model.onnx"
-        if _write_if_changed(model_path, ex.build().SerializeToString(), force):
+        if write_if_changed(model_path, ex.build().SerializeToString(), force):
             written.append(model_path)
         config_path = model_dir / "config.pbtxt"
         if not config_path.exists():

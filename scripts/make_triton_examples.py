@@ -38,21 +38,14 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-OPSET = 17
-IR_VERSION = 8
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_examples import onnx_model, write_if_changed  # noqa: E402  (a script beside this one)
 
 INT32 = TensorProto.INT32
 
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        ir_version=IR_VERSION,
-        producer_name="shoal-make-triton-examples",
-    )
-    onnx.checker.check_model(model)
-    return model
+    return onnx_model(graph, producer="shoal-make-triton-examples")
 
 
 def _vi(name: str, elem: int, width: int) -> onnx.ValueInfoProto:
@@ -446,16 +439,6 @@ TRITON_EXAMPLES: tuple[TritonExample, ...] = (
 NAMES: tuple[str, ...] = tuple(e.name for e in TRITON_EXAMPLES)
 
 
-def _write_if_changed(path: Path, data: bytes, force: bool) -> bool:
-    if not force and path.is_file() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return True
-
-
 def make_triton_examples(repo: Path, names: tuple[str, ...] = NAMES, force: bool = False) -> list[Path]:
     """Write the named models (all by default) into the model repository ``repo``; returns
     the files written (unchanged files are left alone unless ``force``)."""
@@ -473,7 +456,7 @@ def make_triton_examples(repo: Path, names: tuple[str, ...] = NAMES, force: bool
             files = {model_dir / "1" / "model.py": ex.python.encode()}
         files[model_dir / "config.pbtxt"] = ex.config.encode()
         for path, data in files.items():
-            if _write_if_changed(path, data, force):
+            if write_if_changed(path, data, force):
                 written.append(path)
     return written
 
