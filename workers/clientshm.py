@@ -19,6 +19,8 @@ descriptor or mapping is then closed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import logging
@@ -26,6 +28,7 @@ import mmap
 import os
 import resource
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,6 +44,13 @@ MAX_OPEN = 256
 """Descriptors of client system regions a worker keeps open (at most a quarter of its
 descriptor limit)."""
 _TRUNCATED = "the shared memory region is now smaller than when it was registered"
+READ_THREADS = 4
+"""Threads reading a batch's large inputs into a backend's staging memory (``read_host``
+with ``into``, then ``finish_reads``): a batch of 32 images of 600 KB is ~19 MB that one
+thread reads in ~3 ms. The worker's own thread reads one share; one large input alone is
+read on it (handing it to another thread costs ~0.2 ms of wake-ups, measured on an H200 host)."""
+THREADED_READ_BYTES = 256 << 10
+"""Inputs from this size wait for ``finish_reads`` (smaller ones are read at once)."""
 
 
 class _SystemRegion:
@@ -94,6 +104,9 @@ class ClientRegions:
         self._cuda: dict[int, _CudaRegion] = {}
         self.gpu_order: list[int] = []
         """Server GPU ordinals in this worker's CUDA order (empty: the same order)."""
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[tuple[int, int, memoryview]] = []
+        """Reads ``finish_reads`` does: (descriptor, offset, destination)."""
 
     def local_device(self, device: int) -> int:
         """This process's CUDA ordinal of server GPU ``device``."""
@@ -131,6 +144,7 @@ class ClientRegions:
                 code=ErrorCode.FAILED_PRECONDITION,
             )
         while len(self._system) >= self.max_open:
+            self.finish_reads()  # no read in flight on a descriptor about to close
             _, old = self._system.popitem(last=False)
             old.close()
         end = c.region_offset + c.region_bytes
@@ -153,18 +167,44 @@ class ClientRegions:
             raise InvalidInput("shared memory offset + byte size is outside the registered region")
         return c.region_offset + c.offset
 
-    def read_host(self, c: wpb.ClientShm) -> memoryview:
-        """A private copy of the tensor's bytes (a truncated object is an error, not SIGBUS)."""
+    def read_host(self, c: wpb.ClientShm, into: Callable[[int], memoryview] | None = None) -> memoryview:
+        """A private copy of the tensor's bytes (a truncated object is an error, not SIGBUS),
+        in ``into(nbytes)`` when given, else in fresh memory. With ``mapped`` regions: a view
+        of the mapping."""
         start = self._span(c, c.nbytes)
         region = self._system_region(c)
         if region.mm is not None:
             if region.size() < region.end:
                 raise InvalidInput(_TRUNCATED)
             return memoryview(region.mm)[start : start + c.nbytes]
-        out = np.empty(c.nbytes, dtype=np.uint8)
-        if shm_client.read_into(region.fd, start, out.data) != c.nbytes:
+        if into is None:
+            out = np.empty(c.nbytes, dtype=np.uint8).data
+        else:
+            out = into(c.nbytes)
+            if c.nbytes >= THREADED_READ_BYTES:
+                self._pending.append((region.fd, start, out))
+                return out  # its bytes are there once finish_reads returns
+        if shm_client.read_into(region.fd, start, out) != c.nbytes:
             raise InvalidInput(_TRUNCATED)
-        return out.data
+        return out
+
+    def finish_reads(self) -> None:
+        """Do the reads ``read_host`` left pending, several on threads; raises if one came
+        short (after all of them have finished: none writes into memory handed out again)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        shares = [pending[k::READ_THREADS] for k in range(min(READ_THREADS, len(pending)))]
+        futures = []
+        if len(shares) > 1:
+            if self._readers is None:
+                self._readers = concurrent.futures.ThreadPoolExecutor(READ_THREADS - 1, thread_name_prefix="shoal-read")
+            futures = [self._readers.submit(_read_all, share) for share in shares[1:]]
+        complete = _read_all(shares[0])
+        for f in futures:
+            complete = f.result() and complete
+        if not complete:
+            raise InvalidInput(_TRUNCATED)
 
     def write_host(self, c: wpb.ClientShm, data: Any, nbytes: int) -> None:
         """Copy ``nbytes`` of ``data`` (bytes or a C-contiguous array) to the tensor's place."""
@@ -256,6 +296,8 @@ class ClientRegions:
     # ---- lifetime -----------------------------------------------------------------------------
 
     def forget(self, region_ids: Any) -> None:
+        with contextlib.suppress(InvalidInput):  # the batch that started them reports it
+            self.finish_reads()
         for rid in region_ids:
             for table in (self._system, self._cuda):
                 region = table.pop(rid, None)
@@ -267,6 +309,17 @@ class ClientRegions:
 
     def close(self) -> None:
         self.forget(list(self._system) + list(self._cuda))
+
+
+def _read_all(reads: list[tuple[int, int, memoryview]]) -> bool:
+    """Each (descriptor, offset, destination) read in full; False if any came short."""
+    complete = True
+    for fd, offset, out in reads:
+        try:
+            complete = shm_client.read_into(fd, offset, out) == len(out) and complete
+        except OSError:
+            complete = False
+    return complete
 
 
 def _open_ipc(c: wpb.ClientShm, device: int) -> _CudaRegion:

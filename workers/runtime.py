@@ -283,32 +283,11 @@ class WorkerRuntime:
             if backend is None or writer is None:
                 raise ServingError("model is not loaded")
             t0 = time.monotonic_ns()
-            work: list[WorkRequest] = []
-            dests: list[Any] = []
-            inbox = self.inbox
-            assert inbox is not None
-            for r in env.infer.requests:
-                inputs = {
-                    ref.name: read_input(ref, frames, self.mapper, self.regions, backend.device_inputs)
-                    for ref in r.inputs
-                }
-                dests.append(r.output_shm)
-                wr = WorkRequest(
-                    id=r.id,
-                    inputs=inputs,
-                    requested_outputs=list(r.outputs),
-                    parameters=r.parameters_json or {},
-                    request_id=r.request_id,
-                    correlation_id=r.correlation_id_str or r.correlation_id,
-                    flags=r.flags,
-                    trace_id=r.trace_id,
-                )
-                wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
-                if backend.device_inputs and r.output_shm:
-                    wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0)
-                if self.decoupled:
-                    wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
-                work.append(wr)
+            backend.begin_batch()
+            try:
+                work, dests = self._read_batch(env, frames, backend)
+            finally:
+                self.regions.finish_reads()  # large inputs read into the backend's memory on threads
             t1 = time.monotonic_ns()
             responses = backend.execute(work)
             t2 = time.monotonic_ns()
@@ -338,6 +317,36 @@ class WorkerRuntime:
         self._send([reply.SerializeToString(), *out_frames])
         if not self.decoupled and self.inbox is not None and self.inbox.cancelled:
             self.inbox.forget_cancelled(env.request_id)
+
+    def _read_batch(
+        self, env: wpb.Envelope, frames: list[bytes], backend: Backend
+    ) -> tuple[list[WorkRequest], list[Any]]:
+        """The batch's requests with their inputs, and where each wants its outputs."""
+        work: list[WorkRequest] = []
+        dests: list[Any] = []
+        inbox = self.inbox
+        assert inbox is not None
+        device_ok, into, mapper, regions = backend.device_inputs, backend.host_input, self.mapper, self.regions
+        for r in env.infer.requests:
+            inputs = {ref.name: read_input(ref, frames, mapper, regions, device_ok, into) for ref in r.inputs}
+            dests.append(r.output_shm)
+            wr = WorkRequest(
+                id=r.id,
+                inputs=inputs,
+                requested_outputs=list(r.outputs),
+                parameters=r.parameters_json or {},
+                request_id=r.request_id,
+                correlation_id=r.correlation_id_str or r.correlation_id,
+                flags=r.flags,
+                trace_id=r.trace_id,
+            )
+            wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
+            if device_ok and r.output_shm:
+                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0)
+            if self.decoupled:
+                wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
+            work.append(wr)
+        return work, dests
 
     def _log_failure(self, err: ServingError) -> None:
         """A request's own fault (bad data) is logged at verbose level only; a backend's at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,17 @@ def is_device_array(obj: object) -> bool:
 
 
 def read_input(
-    ref: wpb.TensorRef, frames: list[bytes], mapper: Mapper, regions: ClientRegions, device_ok: bool = False
+    ref: wpb.TensorRef,
+    frames: list[bytes],
+    mapper: Mapper,
+    regions: ClientRegions,
+    device_ok: bool = False,
+    into: Callable[[int], memoryview] | None = None,
 ) -> Array:
     """A numpy view (no copy for fixed-size types) of one input tensor. Inputs in client CUDA
-    memory are CuPy arrays over that memory when ``device_ok``, else copied to the host."""
+    memory are CuPy arrays over that memory when ``device_ok``, else copied to the host.
+    Fixed-size inputs in client system memory are copied into ``into(nbytes)`` when given
+    (the backend's staging memory), else into fresh memory."""
     dt = dtypes.by_protocol(ref.datatype)
     shape = tuple(ref.shape)
     which = ref.WhichOneof("location")
@@ -45,7 +53,10 @@ def read_input(
         buf = mapper.view(Block(s.region, s.offset, s.nbytes, s.device))
     elif which == "client":
         c = ref.client
-        buf = regions.read_host(c) if c.device < 0 else regions.read_cuda_to_host(c)
+        if c.device >= 0:
+            buf = regions.read_cuda_to_host(c)
+        else:
+            buf = regions.read_host(c, into if dt.numpy is not None and dt.protocol != "BYTES" else None)
     else:
         raise InvalidInput(f"input '{ref.name}' carries no data")
     count = dtypes.element_count(shape)

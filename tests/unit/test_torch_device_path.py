@@ -84,6 +84,7 @@ def test_requested_outputs_and_buffers_reused() -> None:
 
 def test_gather_layout_is_aligned_and_contiguous() -> None:
     path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    assert path.gather({}) == {}  # nothing to stage (on a GPU: every input in CUDA shared memory)
     x = [np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(3, dtype=np.float32).reshape(1, 3) + 100]
     y = [np.ones((2, 1), np.bool_), np.zeros((1, 1), np.bool_)]
     out = path.gather({"x": x, "y": y})
@@ -118,3 +119,42 @@ def test_large_batches_staged_in_chunks_on_threads(parallel_bytes: int) -> None:
         np.testing.assert_array_equal(out["x"].numpy(), np.concatenate(x))
         np.testing.assert_array_equal(out["y"].numpy(), np.concatenate(y))
         x = x[::-1]
+
+
+def _place(backend: Any, arr: np.ndarray) -> np.ndarray:
+    """What the worker does with an input in client system shared memory: read it into the
+    memory the backend's ``host_input`` hands out."""
+    buf = backend.host_input(arr.nbytes)
+    view = np.frombuffer(buf, dtype=arr.dtype).reshape(arr.shape)
+    view[...] = arr
+    return view
+
+
+@pytest.mark.parametrize("placed", [("a",), ("a", "b")])
+def test_inputs_read_into_staging_go_up_without_a_second_copy(placed: tuple[str, ...]) -> None:
+    staged, plain = _backend(8), _backend(8)
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    staged._path, staged.host_input = path, path.host_input
+    rng = np.random.default_rng(8)
+    for sizes in ([2, 1, 3], [1], [4, 4]):
+        requests = [_request(i, n, rng) for i, n in enumerate(sizes)]
+        staged.begin_batch()
+        mine = [
+            WorkRequest(
+                id=r.id,
+                inputs={k: _place(staged, v) if k in placed else v for k, v in r.inputs.items()},
+                requested_outputs=[],
+            )
+            for r in requests
+        ]
+        used = path.host_in.used
+        got, want = staged.execute(mine), plain.execute(requests)
+        if placed == ("a", "b"):  # nothing left to stage: no staging memory taken by the gather
+            assert path.host_in.used == used
+        for g, w in zip(got, want, strict=True):
+            for name in w.outputs:
+                np.testing.assert_allclose(g.outputs[name], w.outputs[name], rtol=1e-6)
+    # a batch whose inputs did not come through host_input (warmup) is staged as before
+    requests = [_request(0, 2, rng), _request(1, 1, rng)]
+    for g, w in zip(staged.execute(requests), plain.execute(requests), strict=True):
+        np.testing.assert_allclose(g.outputs["OUT__0"], w.outputs["OUT__0"], rtol=1e-6)

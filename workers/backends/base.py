@@ -155,6 +155,16 @@ class Backend(ABC):
     device_inputs: bool = False
     """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
     copy); otherwise the worker copies them to the host first."""
+    host_input: Callable[[int], memoryview] | None = None
+    """Where the worker reads a batch's inputs from client system shared memory to: a
+    writable buffer of the given size that the backend hands out (a GPU backend's pinned
+    staging memory, so that those bytes are copied once, straight to where the copy to the
+    device starts). None: into fresh host memory."""
+
+    def begin_batch(self) -> None:
+        """A batch's inputs are about to be read (buffers from ``host_input`` of the last
+        batch are no longer used)."""
+        return None  # most backends keep no per-batch input memory
 
     @classmethod
     @abstractmethod

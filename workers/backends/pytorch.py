@@ -73,6 +73,7 @@ class PyTorchBackend(BatchedBackend):
         self._path: TorchDevicePath | None = None
         if device.type == "cuda" and self.ragged is None:
             self._path = TorchDevicePath(torch, device, priority=cuda_stream_priority(spec))
+            self.host_input = self._path.host_input
         self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
         cfg = spec.config
         self._outputs = [o.name for o in cfg.output]
@@ -208,6 +209,10 @@ class PyTorchBackend(BatchedBackend):
         args = [self._tensor(inputs[name]) for name in self._input_order]
         result = self._forward(args)
         return {name: self._array(value) for name, value in self._pick(result, output_names).items()}
+
+    def begin_batch(self) -> None:
+        if self._path is not None:
+            self._path.begin_inputs()
 
     def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
         if self._path is not None:

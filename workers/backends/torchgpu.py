@@ -1,11 +1,14 @@
 """The GPU data path of a PyTorch instance: one batch in, one batch out, on the instance's
 own CUDA stream.
 
-Inputs: the requests' host arrays (views of shared memory) are copied once into a pinned
-(page-locked) staging buffer, packed input after input in the layout of one device buffer,
-and reach it in one asynchronous host-to-device copy per run of host parts; inputs already
-on a GPU (CUDA shared memory) are copied device to device into their place, or used where
-they lie when the batch is that one request. No per-request host concatenation.
+Inputs: inputs from client system shared memory are read by the worker straight into the
+pinned (page-locked) staging buffer (``host_input``, between ``begin_inputs`` and ``gather``)
+and go up from there. Other host arrays (views of the router's arena, inline frames, mapped
+client regions) are copied once into the pinned buffer, packed input after input in the
+layout of one device buffer. Either way each run of adjacent host bytes reaches the device
+in one asynchronous copy; inputs already on a GPU (CUDA shared memory) are copied device to
+device into their place, or used where they lie when the batch is that one request. No
+per-request host concatenation.
 
 Outputs: each output tensor of the batch is copied device to host once, asynchronously,
 into a pinned output buffer; the stream is synchronized once and the worker gets numpy
@@ -49,6 +52,22 @@ def _aligned(n: int) -> int:
 def is_device_array(obj: object) -> bool:
     """A CuPy array (GPU memory)."""
     return type(obj).__module__.split(".", 1)[0] == "cupy"
+
+
+def _address(a: Any) -> int:
+    """Where a numpy array's data starts."""
+    return int(a.__array_interface__["data"][0])
+
+
+def _runs(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(source, destination, bytes) copies with adjacent neighbours on both sides joined."""
+    out: list[tuple[int, int, int]] = []
+    for src, dst, n in copies:
+        if out and out[-1][0] + out[-1][2] == src and out[-1][1] + out[-1][2] == dst:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((src, dst, n))
+    return out
 
 
 class _Buffer:
@@ -98,6 +117,19 @@ class TorchDevicePath:
         self._dtypes: dict[np.dtype[Any], Any] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.parallel_bytes = PARALLEL_BYTES
+        self._inputs_open = False
+
+    def begin_inputs(self) -> None:
+        """A batch's inputs are about to be read: ``host_input`` hands out pinned memory
+        until the next ``gather``."""
+        self.host_in.reset()
+        self._inputs_open = True
+
+    def host_input(self, nbytes: int) -> memoryview:
+        """``nbytes`` of pinned staging memory for one input of the coming batch."""
+        if not self._inputs_open:
+            self.begin_inputs()
+        return memoryview(self.host_in.take(nbytes).numpy())
 
     def begin(self) -> None:
         """A new batch (``execute``): the output views of the last one are no longer used."""
@@ -152,13 +184,18 @@ class TorchDevicePath:
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((name, total, shape, dtype, arrays))
             total = _aligned(total + nbytes)
+        placed = self.host_in.data if self._inputs_open else None  # inputs read into it by host_input
+        if not self._inputs_open:
+            self.host_in.reset()
+        self._inputs_open = False
         if not layout:
             return out
-        self.host_in.reset()
+        base = placed.data_ptr() if placed is not None else 0
+        limit = base + self.host_in.used if placed is not None else 0
         self.device_in.reset()
-        host = self.host_in.take(total)
         dev = self.device_in.take(total)
         chunks: list[tuple[int, Any]] = []  # (offset, bytes) of host data to stage, in layout order
+        direct: list[tuple[int, int, int]] = []  # (pinned offset, device offset, bytes) already staged
         for name, offset, shape, dtype, arrays in layout:
             tdtype = self.torch_dtype(dtype, name)
             pos = offset
@@ -169,6 +206,8 @@ class TorchDevicePath:
                 if is_device_array(a):
                     src = torch.from_dlpack(a).reshape(-1).view(torch.uint8)
                     dev[pos : pos + n].copy_(src, non_blocking=True)
+                elif base <= (addr := _address(a)) and addr + n <= limit and a.flags.c_contiguous:
+                    direct.append((addr - base, pos, n))
                 else:
                     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                     for k in range(0, n, CHUNK_BYTES):
@@ -176,8 +215,11 @@ class TorchDevicePath:
                 pos += n
             end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = dev[offset:end].view(tdtype).view(shape)
+        for start, to, n in _runs(direct):
+            assert placed is not None  # direct copies come from it
+            dev[to : to + n].copy_(placed[start : start + n], non_blocking=True)
         if chunks:
-            self._stage(chunks, host, dev)
+            self._stage(chunks, self.host_in.take(total), dev)
         return out
 
     def _stage(self, chunks: list[tuple[int, Any]], host: Any, dev: Any) -> None:
