@@ -243,6 +243,12 @@ SEQUENCE_NO_CORRELATION_ID = ErrorText(
     "inference request to model '{model}' must specify a non-zero or non-empty correlation ID",
     "core/src/sequence_batch_scheduler/sequence_utils.h",
 )
+RESCHEDULE_NOT_CONFIGURED = ErrorText(
+    _INVALID,
+    "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is not "
+    "configured to handle such a flag.",
+    "core/src/infer_request.cc",
+)
 SEQUENCE_NO_START = ErrorText(
     _INVALID,
     "inference request for sequence {sequence_id} to model '{model}' must specify the START flag on the first "

@@ -155,6 +155,9 @@ class InferResult:
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
     release: Callable[[], None] | None = None
+    rescheduled: bool = False
+    """The model released the request with RESCHEDULE (iterative sequences): this execution
+    has no response; the sequence batcher runs it again."""
 
     def done(self) -> None:
         if self.release is not None:

@@ -291,6 +291,7 @@ class WorkerRuntime:
             t1 = time.monotonic_ns()
             responses = backend.execute(work)
             t2 = time.monotonic_ns()
+            done.rescheduled.extend(req.id for req in work if req.rescheduled)
             # a decoupled model's responses went through each request's sender
             expected = 0 if self.decoupled else len(work)
             if len(responses) != expected:

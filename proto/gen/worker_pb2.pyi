@@ -819,11 +819,19 @@ class InferDone(_message.Message):
     COMPUTE_INPUT_NS_FIELD_NUMBER: _builtins.int
     COMPUTE_INFER_NS_FIELD_NUMBER: _builtins.int
     COMPUTE_OUTPUT_NS_FIELD_NUMBER: _builtins.int
+    RESCHEDULED_FIELD_NUMBER: _builtins.int
     compute_input_ns: _builtins.int
     compute_infer_ns: _builtins.int
     compute_output_ns: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Result]: ...
+    @_builtins.property
+    def rescheduled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the requests the model released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE
+        (iterative sequences): they run again in a later batch; their Result (if any) is empty
+        and a decoupled one's stream stays open for the next execution.
+        """
+
     def __init__(
         self,
         *,
@@ -831,10 +839,11 @@ class InferDone(_message.Message):
         compute_input_ns: _builtins.int = ...,
         compute_infer_ns: _builtins.int = ...,
         compute_output_ns: _builtins.int = ...,
+        rescheduled: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "rescheduled", b"rescheduled", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

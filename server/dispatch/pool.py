@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shoal.proto import wire
@@ -234,8 +234,8 @@ class InstancePool:
             if body == "infer_done":  # the output blocks it names go back, or they stay allocated
                 worker.release(worker.identity, shm_outputs(reply.infer_done))
             raise ServingError(f"{worker.label}: malformed reply", code=ErrorCode.INTERNAL)
+        done = reply.infer_done
         if self.stats is not None:
-            done = reply.infer_done
             rows = inferences = requests = 0
             for r in batch:
                 rows += r.batch_size
@@ -245,9 +245,16 @@ class InstancePool:
             self.stats.execution(
                 inferences, requests, done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns, rows
             )
+        results: list[InferResult | ServingError]
         if decoupled:
-            return [InferResult(req.model_name, req.model_version, [], id=req.id) for req in batch]
-        return [self.result(req, worker, res, frames) for req, res in zip(batch, reply.infer_done.results, strict=True)]
+            results = [InferResult(req.model_name, req.model_version, [], id=req.id) for req in batch]
+        else:
+            results = [self.result(req, worker, res, frames) for req, res in zip(batch, done.results, strict=True)]
+        for i in done.rescheduled:
+            res = results[i] if i < len(results) else None
+            if isinstance(res, InferResult):
+                res.rescheduled = True
+        return results
 
     def result(
         self, req: InferRequest, worker: Worker, res: wpb.Result, frames: list[bytes]
@@ -327,6 +334,9 @@ class _Stream:
                 item.done()
             return
         sink(item, final)
+
+    def ended(self, indexes: Iterable[int]) -> None:
+        self.open.difference_update(indexes)
 
     def fail(self, err: ServingError) -> None:
         open_, self.open = self.open, set()

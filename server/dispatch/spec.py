@@ -4,6 +4,7 @@ streamed responses: shared by the worker supervisor, the pool and the model mana
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,11 @@ class StreamSink(Protocol):
     def on(self, index: int, result: wpb.Result | None, frames: list[bytes], final: bool) -> None: ...
 
     def fail(self, err: ServingError) -> None: ...
+
+    def ended(self, indexes: Iterable[int]) -> None:
+        """These requests' execution returned without a final response because they run
+        again in a later batch (rescheduled): they expect nothing more from this one."""
+        ...
 
     @property
     def closed(self) -> bool:

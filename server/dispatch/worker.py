@@ -355,6 +355,11 @@ class Worker:
             return  # a keep-alive answer nobody waits for
         if body == "failed" and rid in self._streams:
             self._streams.pop(rid).fail(wire.to_error(env.failed))
+        elif body == "infer_done" and env.infer_done.rescheduled and rid in self._streams:
+            stream = self._streams[rid]
+            stream.ended(env.infer_done.rescheduled)  # they run again in a later batch
+            if stream.closed:
+                del self._streams[rid]
         fut = self._pending.pop(rid, None)
         if rid and fut is not None:
             self._sent.pop(rid, None)

@@ -23,6 +23,14 @@ Implicit state (``sequence_batching.state``): the router keeps each state output
 sequence's last response and feeds it back as the state input of its next request (the
 initial state on START: zeros, or ``initial_state.data_file`` under the model's
 ``initial_state/`` directory). State tensors are never returned to the client.
+
+Iterative sequences (``iterative_sequence: true``; continuous batching, as Triton's
+provisional feature): a request without a correlation ID is a sequence of its own (START
+on its first execution); each time the model releases it with RESCHEDULE
+(``request.set_release_flags`` of the Python backend) it is queued again for its slot,
+with neither START nor END, so it is batched with other sequences' requests at whatever
+iteration they are; its slot is freed when an execution ends without RESCHEDULE, which
+also answers the client (a decoupled model streams its responses meanwhile).
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ log = logging.getLogger("shoal.sequence")
 
 FLAG_START = 1
 FLAG_END = 2
+ITERATIVE_IDS = 1 << 62
+"""Iterative sequences: the correlation IDs given to requests that came without one start
+above this (Triton counts from 1, sharing the clients' range; this range fits INT64 and
+UINT64 CORRID controls and stays clear of the ids clients use)."""
 
 
 _Pending = tuple[InferRequest, "asyncio.Future[InferResult | ServingError]", int]
@@ -92,6 +104,9 @@ class SequenceBatcher(SchedulerBase):
         self.batching = config.max_batch_size > 0
         self.idle_ns = int(sb.max_sequence_idle_microseconds or 1_000_000) * 1000
         self.controls = Controls(config)
+        self.iterative = sb.iterative_sequence
+        """Requests may be released with RESCHEDULE and run again (``_run_sequence_request``)."""
+        self._last_internal = 0
         self.states = list(sb.state)
         self.initial = {s.input_name: initial_state(s, self.batching, model_dir) for s in self.states}
         self._active: dict[int | str, Sequence] = {}
@@ -173,9 +188,20 @@ class SequenceBatcher(SchedulerBase):
 
     # ---- requests -----------------------------------------------------------------------
 
+    def _sequence_of(self, request: InferRequest) -> tuple[int | str, bool, bool, bool]:
+        """``(sequence id, start, end, internal)``: with iterative sequences a request without
+        a correlation ID is a sequence of its own (an id from a range clients are unlikely
+        to use), started now and ended when the model releases it without RESCHEDULE."""
+        if self.iterative and request.parameters.get("sequence_id", 0) in (0, ""):
+            self._last_internal += 1
+            while ITERATIVE_IDS + self._last_internal in self._active:
+                self._last_internal += 1
+            return ITERATIVE_IDS + self._last_internal, True, False, True
+        return (*sequence_params(request, self.name), False)
+
     async def submit(self, request: InferRequest) -> InferResult:
         self._admission.check()
-        corrid, start, end = sequence_params(request, self.name)
+        corrid, start, end, internal = self._sequence_of(request)
         if self.batching and request.batch_size != 1:
             raise T.SEQUENCE_BATCH_SIZE(model=self.name)
         if self._reaper is None:
@@ -204,22 +230,13 @@ class SequenceBatcher(SchedulerBase):
                         f"sequence {corrid!r} ended: the instance of model '{self.name}' running it failed"
                     )
                 request.correlation_id = corrid
-                request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
-                request.inputs.extend(controls)
-                if self.states:
-                    if start:
-                        seq.state = dict(self.initial)
-                    request.inputs.extend(seq.state.values())
-                    if request.outputs is not None:
-                        request.outputs.extend(RequestedOutput(s.output_name) for s in self.states)
+                if self.states and request.outputs is not None:
+                    request.outputs.extend(RequestedOutput(s.output_name) for s in self.states)
                 try:
-                    result = await self._execute(seq.worker, request, seq.slot)
-                except WorkerDied:
-                    self._release(seq, "ended: its instance failed")
-                    raise
-                seq.last_ns = time.monotonic_ns()
-                if self.states and isinstance(result, InferResult):
-                    self._keep_state(seq, result)
+                    result = await self._run_sequence_request(seq, request, controls, start, end)
+                finally:
+                    if internal:
+                        self._release(seq)  # answered, failed or abandoned: its slot is free
                 if end:
                     self._release(seq)
             if isinstance(result, ServingError):
@@ -232,6 +249,34 @@ class SequenceBatcher(SchedulerBase):
         finally:
             self._admission.leave()
             self.stats.request_done(ok, time.monotonic_ns() - t0, 0)
+
+    async def _run_sequence_request(
+        self, seq: Sequence, request: InferRequest, controls: list[InputTensor], start: bool, end: bool
+    ) -> InferResult | ServingError:
+        """Execute one request of ``seq``; again, with neither START nor END (as Triton's
+        iterative sequencer does), each time the model releases it with RESCHEDULE."""
+        own = len(request.inputs)
+        while True:
+            request.flags = (FLAG_START if start else 0) | (FLAG_END if end else 0)
+            del request.inputs[own:]
+            request.inputs.extend(controls)
+            if self.states:
+                if start:
+                    seq.state = dict(self.initial)
+                request.inputs.extend(seq.state.values())
+            try:
+                result = await self._execute(seq.worker, request, seq.slot)
+            except WorkerDied:
+                self._release(seq, "ended: its instance failed")
+                raise
+            seq.last_ns = time.monotonic_ns()
+            if self.states and isinstance(result, InferResult):
+                self._keep_state(seq, result)
+            if not isinstance(result, InferResult) or not result.rescheduled:
+                return result
+            result.done()  # this execution answered nothing: the request runs again
+            start = end = False
+            controls = self.controls.tensors(seq.corrid, False, False, request_id=request.id)
 
     def _keep_state(self, seq: Sequence, result: InferResult) -> None:
         """Take the state outputs out of ``result`` (copied: their bytes may be a worker's

@@ -136,6 +136,9 @@ class WorkRequest:
     device_outputs: frozenset[str] = frozenset()
     """Outputs the client asked for in CUDA shared memory (filled for backends that take
     device inputs): a GPU backend may leave them on the device."""
+    rescheduled: bool = False
+    """Set by the backend: the model released the request with RESCHEDULE (iterative
+    sequences); it runs again in a later batch and has no response from this execution."""
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Final, Self
 
 import numpy as np
 
+from shoal.proto import errortexts as T
 from shoal.proto.config_json import config_from_json, config_to_json
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
@@ -71,6 +72,7 @@ class PythonBackend(Backend):
         self._bytes_code = 13
         self._closed = False
         self._decoupled = spec.config.model_transaction_policy.decoupled
+        self._iterative = spec.config.sequence_batching.iterative_sequence
         self._loop: asyncio.AbstractEventLoop | None = None
         """Runs ``async def execute`` (created on first use)."""
 
@@ -180,6 +182,9 @@ class PythonBackend(Backend):
                     "must return None.",
                     code=ErrorCode.INTERNAL,
                 )
+            for pb_req, req in zip(pb_requests, requests, strict=True):
+                if self._reschedules(pb_req, req) is not None and req.send is not None:
+                    req.send(WorkResponse(error=T.RESCHEDULE_NOT_CONFIGURED()), True)
             return []  # the responses go through each request's sender
         if not isinstance(responses, (list, tuple)) or len(responses) != len(requests):
             got = f"{len(responses)} responses" if isinstance(responses, (list, tuple)) else repr(type(responses))
@@ -188,7 +193,31 @@ class PythonBackend(Backend):
                 "(it must return a list of one InferenceResponse per request)",
                 code=ErrorCode.INTERNAL,
             )
-        return [self._to_work_response(resp, req) for resp, req in zip(responses, requests, strict=True)]
+        out = []
+        for resp, pb_req, req in zip(responses, pb_requests, requests, strict=True):
+            refused = self._reschedules(pb_req, req)
+            if refused is not None:
+                out.append(WorkResponse(error=refused))
+            elif not req.rescheduled:
+                out.append(self._to_work_response(resp, req))
+            elif resp is not None:
+                why = "execute returned a response for a request released with RESCHEDULE (its entry must be None)"
+                err = ServingError(f"model '{self._spec.name}': {why}", code=ErrorCode.INTERNAL)
+                out.append(WorkResponse(error=err))
+                req.rescheduled = False  # answered with that error: the request ends
+            else:
+                out.append(WorkResponse())
+        return out
+
+    def _reschedules(self, pb_req: Any, req: WorkRequest) -> ServingError | None:
+        """Marks ``req`` rescheduled when the model released it with RESCHEDULE and its
+        configuration has iterative sequences; Triton's error when it has not."""
+        if not pb_req._release_flags & self._pb.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+            return None
+        if not self._iterative:
+            return T.RESCHEDULE_NOT_CONFIGURED()
+        req.rescheduled = True
+        return None
 
     def _device_inputs_wanted(self) -> bool:
         """Triton's FORCE_CPU_ONLY_INPUT_TENSORS parameter: "no" lets GPU inputs through."""

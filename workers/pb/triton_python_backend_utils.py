@@ -176,6 +176,7 @@ class InferenceRequest:
         """Set by the worker: ``cancelled()`` reports the client's cancellation."""
         """Set by the worker for a decoupled model's requests: ``send(response, final)``."""
         self._sender: InferenceResponseSender | None = None
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
     def inputs(self) -> list[Tensor]:
         """The input tensors."""
@@ -233,8 +234,10 @@ class InferenceRequest:
         return self._sender
 
     def set_release_flags(self, flags: int) -> None:
-        """Request rescheduling is not supported yet: always raises."""
-        raise _not_supported("request rescheduling (InferenceRequest.set_release_flags)")
+        """``TRITONSERVER_REQUEST_RELEASE_RESCHEDULE``: run this request again in a later batch
+        (a model with ``sequence_batching { iterative_sequence: true }``; the response for it
+        in ``execute``'s list is ``None``); ``TRITONSERVER_REQUEST_RELEASE_ALL``: the default."""
+        self._release_flags = int(flags)
 
     def exec(self, decoupled: bool = False) -> Any:
         """Run this request on ``model_name`` (BLS): its ``InferenceResponse`` (check
