@@ -243,6 +243,7 @@ SEQUENCE_NO_CORRELATION_ID = ErrorText(
     "inference request to model '{model}' must specify a non-zero or non-empty correlation ID",
     "core/src/sequence_batch_scheduler/sequence_utils.h",
 )
+MODEL_VERSION_NOT_READY = ErrorText(_INVALID, "Model version not ready", _HTTP)
 RESCHEDULE_NOT_CONFIGURED = ErrorText(
     _INVALID,
     "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is not "

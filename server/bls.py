@@ -116,8 +116,7 @@ class BlsRouter:
                 out.ok = True
             else:
                 try:
-                    self.dp.model_ready(m.model_name, int(m.model_version))
-                    out.ok = True
+                    out.ok = await self.dp.model_ready(m.model_name, int(m.model_version))
                 except ServingError:
                     out.ok = False
         except asyncio.CancelledError:

@@ -103,12 +103,36 @@ class DataPlane:
             return False
         return self.registry.all_ready() if self.strict_readiness else True
 
+    async def server_ready(self) -> bool:
+        """``ready``, and with strict readiness every ready model's own readiness checks
+        too (as Triton's strict readiness asks each instance)."""
+        if not self.ready():
+            return False
+        if self.strict_readiness:
+            for mv in self.registry.ready_versions():
+                if mv.pool is not None and any(w.has_ready_check for w in mv.pool.workers):
+                    if not await self.model_ready(mv.name, mv.version):
+                        return False
+        return True
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.server_id, "version": self.version, "extensions": list(EXTENSIONS)}
 
-    def model_ready(self, name: str, version: int) -> None:
-        """Returns when the version is ready; raises the lookup error otherwise."""
-        self.registry.get(name, version)
+    async def model_ready(self, name: str, version: int) -> bool:
+        """Whether the version is ready: its instances run, and each model instance's own
+        readiness check (python_backend's ``is_ready``) says so; raises the lookup error of
+        an unknown, unavailable or unready version."""
+        mv = self.registry.get(name, version)
+        workers = [w for w in mv.pool.workers if w.has_ready_check] if mv.pool is not None else []
+        if not workers:
+            return True
+        answers = await asyncio.gather(*(w.check_ready() for w in workers))
+        for w, (ready, why) in zip(workers, answers, strict=True):
+            if not ready:
+                why = why or f"{w.label}: is_ready() returned False"
+                log.debug("model %r version %d is not ready: %s", mv.name, mv.version, why)
+                return False
+        return True
 
     def model_metadata(self, name: str, version: int) -> dict[str, Any]:
         mv = self.registry.get(name, version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from shoal.proto import framing, wire
 from shoal.proto.gen import worker_pb2 as wpb
@@ -35,6 +36,9 @@ class Inbox:
         """(batch request id, index) of requests whose clients went away (``Cancel``)."""
         self.acked: dict[tuple[int, int], int] = {}
         """(batch request id, index) -> a decoupled request's responses the router passed on."""
+        self.on_ready_check: Callable[[int], None] | None = None
+        """Takes a ``ReadyCheck``'s request id as soon as it is read (the model's own
+        readiness check runs on a thread of its own, beside ``execute``)."""
 
     def new_call(self) -> int:
         """A call id no other waiting call has; replies to it will be kept (``expect``)."""
@@ -57,6 +61,8 @@ class Inbox:
             if body == "cancel":  # filed at once: a model may be polling is_cancelled()
                 rid = env.request_id
                 self.cancelled.update((rid, i) for i in env.cancel.indexes)
+            elif body == "ready_check" and self.on_ready_check is not None:
+                self.on_ready_check(env.request_id)
             elif body == "stream_ack":  # filed at once: a response sender may be waiting for it
                 k = (env.request_id, env.stream_ack.index)
                 self.acked[k] = self.acked.get(k, 0) + env.stream_ack.count

@@ -9,6 +9,7 @@ sends heartbeats (``Pong``) meanwhile.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -120,6 +121,8 @@ class WorkerRuntime:
         self._log_count = 0
         self._log_dropped = 0
         self.stop_requested = False
+        self._checker: concurrent.futures.ThreadPoolExecutor | None = None
+        """Runs the model's readiness checks (``_ready_check``)."""
 
     def on_sigterm(self) -> None:
         """SIGTERM: exit now when idle, else right after answering the current batch."""
@@ -132,6 +135,7 @@ class WorkerRuntime:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
         self.conn = conn = framing.Connection(self.endpoint, self.identity)
         self.inbox = inbox = Inbox(conn)
+        inbox.on_ready_check = self._ready_check
         heartbeat = None
         if self.heartbeat_ms > 0:
             heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms)
@@ -219,6 +223,7 @@ class WorkerRuntime:
                 warmup.run(self.backend, config, self.spec.model_dir, lambda m: log.info("%s: %s", where, m))
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
+            reply.ready.has_ready_check = self.backend.has_ready_check
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -406,6 +411,23 @@ class WorkerRuntime:
         for ref in result.outputs:
             if ref.WhichOneof("location") == "shm":
                 self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
+
+    def _ready_check(self, rid: int) -> None:
+        """Answer a ``ReadyCheck`` from a thread of its own (a check may take a while)."""
+        if self._checker is None:
+            self._checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-ready")
+        self._checker.submit(self._answer_ready, rid)
+
+    def _answer_ready(self, rid: int) -> None:
+        reply = wire.envelope(rid)
+        backend = self.backend
+        ready, why = backend.check_ready() if backend is not None else (False, "the model is not loaded")
+        reply.ready_answer.ready = ready
+        reply.ready_answer.message = why
+        try:
+            self._send([reply.SerializeToString()])
+        except OSError:
+            pass  # the router went away: the main loop ends too
 
     def _probe(self, env: wpb.Envelope) -> None:
         reply = wire.envelope(env.request_id)

@@ -857,21 +857,67 @@ class Ready(_message.Message):
 
     PID_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
+    HAS_READY_CHECK_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     loaded: _builtins.bool
+    has_ready_check: _builtins.bool
+    """The model has a readiness check of its own (python_backend's is_ready): the router sends
+    ReadyCheck when a client asks whether the model is ready.
+    """
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
         loaded: _builtins.bool = ...,
+        has_ready_check: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded", b"loaded", "pid", b"pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_ready_check", b"has_ready_check", "loaded", b"loaded", "pid", b"pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Ready: _TypeAlias = Ready  # noqa: Y015
+
+@_typing.final
+class ReadyCheck(_message.Message):
+    """router -> worker: run the model's readiness check; the worker answers ReadyAnswer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadyCheck: _TypeAlias = ReadyCheck  # noqa: Y015
+
+@_typing.final
+class ReadyAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ready: _builtins.bool
+    message: _builtins.str
+    """why not: the check raised or did not return a boolean"""
+    def __init__(
+        self,
+        *,
+        ready: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadyAnswer: _TypeAlias = ReadyAnswer  # noqa: Y015
 
 @_typing.final
 class Release(_message.Message):
@@ -1005,6 +1051,8 @@ class Envelope(_message.Message):
     MODEL_CONTROL_FIELD_NUMBER: _builtins.int
     CONTROL_REPLY_FIELD_NUMBER: _builtins.int
     STREAM_ACK_FIELD_NUMBER: _builtins.int
+    READY_CHECK_FIELD_NUMBER: _builtins.int
+    READY_ANSWER_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
@@ -1050,6 +1098,10 @@ class Envelope(_message.Message):
     def control_reply(self) -> Global___ControlReply: ...
     @_builtins.property
     def stream_ack(self) -> Global___StreamAck: ...
+    @_builtins.property
+    def ready_check(self) -> Global___ReadyCheck: ...
+    @_builtins.property
+    def ready_answer(self) -> Global___ReadyAnswer: ...
     def __init__(
         self,
         *,
@@ -1075,12 +1127,14 @@ class Envelope(_message.Message):
         model_control: Global___ModelControl | None = ...,
         control_reply: Global___ControlReply | None = ...,
         stream_ack: Global___StreamAck | None = ...,
+        ready_check: Global___ReadyCheck | None = ...,
+        ready_answer: Global___ReadyAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

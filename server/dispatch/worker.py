@@ -28,6 +28,8 @@ __all__ = ["Reply", "StreamSink", "Worker", "WorkerSpec", "WorkerState", "shm_ou
 from shoal.shm import region
 
 log = logging.getLogger("shoal.worker")
+READY_CHECK_TIMEOUT_S = 5.0
+"""How long a model's readiness check may take (python_backend's limit)."""
 
 
 class Worker:
@@ -66,6 +68,9 @@ class Worker:
         self._planned = False
         """The current process exits because an operator asked for a restart."""
         self._first_load: asyncio.Future[None] | None = None
+        self.has_ready_check = False
+        """The loaded model has a readiness check of its own (``check_ready``)."""
+        self._ready_check: asyncio.Future[tuple[bool, str]] | None = None
         self._loop = asyncio.get_running_loop()
         self.reason = ""
         """Why the instance is not READY (the last start failure), for the index and admin API."""
@@ -121,6 +126,31 @@ class Worker:
             self._streams[rid] = stream
         self.outstanding += 1
         return fut
+
+    async def check_ready(self) -> tuple[bool, str]:
+        """The model's own readiness check (python_backend's ``is_ready``): ``(ready, why
+        not)``; ready without asking when the model has none. Callers while a check is in
+        flight share its answer; no answer within ``READY_CHECK_TIMEOUT_S`` is "not ready"."""
+        if not self.has_ready_check:
+            return True, ""
+        if not self.ready:
+            return False, f"{self.label} is not ready"
+        if self._ready_check is None or self._ready_check.done():
+            self._ready_check = asyncio.ensure_future(self._ask_ready())
+        return await asyncio.shield(self._ready_check)
+
+    async def _ask_ready(self) -> tuple[bool, str]:
+        env = wire.envelope(0)
+        env.ready_check.SetInParent()
+        try:
+            reply, _ = await asyncio.wait_for(self.submit(env, []), READY_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return False, f"{self.label}: no answer from is_ready() within {READY_CHECK_TIMEOUT_S:g} s"
+        except ServingError as exc:  # the process died meanwhile
+            return False, exc.message
+        if reply.WhichOneof("body") != "ready_answer":
+            return False, f"{self.label}: unexpected answer to a readiness check"
+        return reply.ready_answer.ready, reply.ready_answer.message
 
     def release(self, identity: bytes, blocks: list[wpb.ShmSlice]) -> None:
         """Hand output blocks back to the worker generation that wrote them."""
@@ -328,6 +358,7 @@ class Worker:
             err = wire.to_error(env.failed)
             await process.terminate(self._proc)
             raise ServingError(f"failed to load {self.label}: {err.message}", code=err.code)
+        self.has_ready_check = env.ready.has_ready_check
 
     async def _await_or_exit(
         self, fut: asyncio.Future[Reply], exited: asyncio.Future[int], timeout: float, what: str

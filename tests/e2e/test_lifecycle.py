@@ -98,8 +98,12 @@ def _outstanding(server: ServerProcess, model: str) -> int:
     return sum(int(w["outstanding"]) for w in workers if w["model"] == model)
 
 
-def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess) -> None:
+def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess, tmp_path: Path) -> None:
     c = crash_server.client()
+    # the replacement's load waits while this file exists: the readiness gap cannot close
+    # before it is checked (it did once on a loaded machine, when the check came late)
+    hold = tmp_path / "repo" / "crashy" / "hold_load"
+    hold.touch()
     (pid,) = crash_server.worker_pids("crashy")
     result: dict[str, object] = {}
 
@@ -129,6 +133,7 @@ def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess
     assert "SIGKILL" in str(result["body"])
     # one instance, restarting: the model is not ready until the new worker has loaded
     assert not c.is_model_ready("crashy")
+    hold.unlink()
     wait_ready(c, "crashy")
     assert len(crash_server.worker_pids("crashy")) == 2
     assert crash_server.terminate() == 0

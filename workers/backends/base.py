@@ -164,6 +164,13 @@ class Backend(ABC):
     staging memory, so that those bytes are copied once, straight to where the copy to the
     device starts). None: into fresh host memory."""
 
+    has_ready_check: bool = False
+    """The model has a readiness check of its own (``check_ready``)."""
+
+    def check_ready(self) -> tuple[bool, str]:
+        """The model's own answer to "are you ready?" and, when not, why (an error)."""
+        return True, ""
+
     def begin_batch(self) -> None:
         """A batch's inputs are about to be read (buffers from ``host_input`` of the last
         batch are no longer used)."""

@@ -73,6 +73,7 @@ class PythonBackend(Backend):
         self._closed = False
         self._decoupled = spec.config.model_transaction_policy.decoupled
         self._iterative = spec.config.sequence_batching.iterative_sequence
+        self.has_ready_check = callable(getattr(model, "is_ready", None))
         self._loop: asyncio.AbstractEventLoop | None = None
         """Runs ``async def execute`` (created on first use)."""
 
@@ -208,6 +209,22 @@ class PythonBackend(Backend):
             else:
                 out.append(WorkResponse())
         return out
+
+    def check_ready(self) -> tuple[bool, str]:
+        """The model's ``is_ready()`` (or ``async def is_ready``), as python_backend calls it
+        for a readiness request: it must return a bool; raising means not ready."""
+        try:
+            answer = self._model.is_ready()
+            if inspect.iscoroutine(answer):
+                answer = asyncio.run(answer)  # this thread's own loop: execute's is the main thread's
+        except Exception as exc:  # noqa: BLE001 - the model's own failure: not ready, and why
+            _LOG.error("model '%s': is_ready() raised", self._spec.name, exc_info=True)
+            return False, f"is_ready() raised {_describe(exc)}"
+        if not isinstance(answer, bool):
+            kind = type(answer).__name__
+            _LOG.error("model '%s': is_ready() must return a boolean value, not %s", self._spec.name, kind)
+            return False, "is_ready() must return a boolean value"
+        return answer, ""
 
     def _reschedules(self, pb_req: Any, req: WorkRequest) -> ServingError | None:
         """Marks ``req`` rescheduled when the model released it with RESCHEDULE and its

@@ -113,7 +113,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("health")
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.dp.ready())
+        return pb.ServerReadyResponse(ready=await self.dp.server_ready())
 
     @rpc("health")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -121,10 +121,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         ready, as Triton answers (tritonclient's ``is_model_ready`` returns False then)."""
         version = version_number(request.version)
         try:
-            self.dp.model_ready(request.name, version)
+            ready = await self.dp.model_ready(request.name, version)
         except ServingError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=ready)
 
     @rpc("metadata")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
@@ -340,13 +340,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self.watch_interval_s = watch_interval_s
         self.restrictions = restrictions or restrict.Restrictions()
 
-    def _status(self) -> int:
-        ready = self.dp.ready()
+    async def _status(self) -> int:
+        ready = await self.dp.server_ready()
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
 
     @rpc("health")
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=self._status())  # type: ignore[arg-type]
+        return health_pb2.HealthCheckResponse(status=await self._status())  # type: ignore[arg-type]
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: Any
@@ -358,7 +358,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
             return
         last = None
         while True:
-            status = self._status()
+            status = await self._status()
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
                 last = status

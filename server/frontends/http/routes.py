@@ -54,7 +54,7 @@ async def health_live(request: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if request.app[DATAPLANE].ready() else 400)
+    return web.Response(status=200 if await request.app[DATAPLANE].server_ready() else 400)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -66,7 +66,8 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].model_ready(request.match_info["model"], _version(request))
+    if not await request.app[DATAPLANE].model_ready(request.match_info["model"], _version(request)):
+        raise T.MODEL_VERSION_NOT_READY()
     return web.Response(status=200)
 
 

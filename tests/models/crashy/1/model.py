@@ -1,5 +1,7 @@
 """INPUT0 selects the behaviour: 0 echo, 1 SIGKILL itself, 2 segfault, 3 raise, 4 exit(3),
-5 sleep 1 s then echo, 6 sleep 5 s then echo."""
+5 sleep 1 s then echo, 6 sleep 5 s then echo. While a file ``hold_load`` exists in the
+model's directory, loading waits for it to go (at most 30 s): a test can hold a restarting
+instance in its loading state."""
 
 import ctypes
 import os
@@ -11,6 +13,12 @@ import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        hold = os.path.join(args["model_repository"], "hold_load")
+        deadline = time.monotonic() + 30
+        while os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def execute(self, requests):
         responses = []
         for request in requests:
