@@ -44,6 +44,8 @@ class BlsRouter:
         self._holds: dict[tuple[bytes, int], InferResult] = {}
         self._hold_ids = itertools.count(1)
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
+        self._calls: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        """Decoupled calls in flight, by caller and call id (to cancel one)."""
         channel.services["bls_call"] = channel.services["bls_done"] = self.on_message
         channel.services["model_control"] = self.on_message
         channel.on_disconnect.append(self.forget)
@@ -55,6 +57,10 @@ class BlsRouter:
                 result = self._holds.pop((identity, hold_id), None)
                 if result is not None:
                     result.done()
+            for call_id in env.bls_done.cancel_calls:  # ResponseIterator.cancel()
+                call = self._calls.get((identity, call_id))
+                if call is not None:
+                    call.cancel()
         elif body in ("bls_call", "model_control"):
             if body == "bls_call":
                 coro = self._serve(identity, env.bls_call, frames)
@@ -64,6 +70,10 @@ class BlsRouter:
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            if body == "bls_call" and env.bls_call.decoupled:
+                key = (identity, env.bls_call.call_id)
+                self._calls[key] = task
+                task.add_done_callback(lambda _: self._calls.pop(key, None))
 
     def forget(self, identity: bytes) -> None:
         """The worker went away: its calls stop, the outputs it held go back."""

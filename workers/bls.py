@@ -61,8 +61,10 @@ class BlsClient:
         timeout_us: int = 0,
         decoupled: bool = False,
         trace_id: int = 0,
+        on_call: Callable[[int], None] | None = None,
     ) -> Iterator[Reply]:
-        """The responses to one request (one unless ``decoupled``)."""
+        """The responses to one request (one unless ``decoupled``); ``on_call`` gets the
+        call's id once it is sent (for ``cancel``)."""
         env = wire.envelope(0)
         call = env.bls_call
         call.model_name = model
@@ -97,6 +99,8 @@ class BlsClient:
         call.call_id = call_id = self.inbox.new_call()
         try:
             self.send([env.SerializeToString(), *frames])
+            if on_call is not None:
+                on_call(call_id)
             while True:
                 reply_env, reply_frames = self.inbox.reply(call_id)
                 reply = reply_env.bls_reply
@@ -155,6 +159,12 @@ class BlsClient:
     def _done(self, hold_ids: list[int]) -> None:
         env = wire.envelope(0)
         env.bls_done.hold_ids.extend(hold_ids)
+        self.send([env.SerializeToString()])
+
+    def cancel(self, call_id: int) -> None:
+        """Tell the router that nobody listens to this call any more (it cancels it)."""
+        env = wire.envelope(0)
+        env.bls_done.cancel_calls.append(call_id)
         self.send([env.SerializeToString()])
 
     def control(

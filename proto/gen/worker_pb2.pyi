@@ -566,16 +566,24 @@ class BlsDone(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_IDS_FIELD_NUMBER: _builtins.int
+    CANCEL_CALLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def cancel_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Calls whose caller stopped listening (ResponseIterator.cancel): the router cancels them
+        (the target model sees request.is_cancelled()).
+        """
+
     def __init__(
         self,
         *,
         hold_ids: _abc.Iterable[_builtins.int] | None = ...,
+        cancel_calls: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_ids", b"hold_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_calls", b"cancel_calls", "hold_ids", b"hold_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ shared memory, errors as error responses, concurrency, and a model calling itsel
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +88,25 @@ def test_bls_into_a_decoupled_model(server: ServerProcess) -> None:
         assert int(r.as_numpy("SUM")[0]) == int(values.sum()) and int(r.as_numpy("COUNT")[0]) == 100
         with pytest.raises(InferenceServerException, match="failed at element 2"):
             c.infer("bls_decoupled", _inputs(httpclient, {"IN": values[:5]}), parameters={"mode": "error_after_two"})
+    finally:
+        c.close()
+
+
+def test_cancelling_a_decoupled_bls_call_stops_the_target(server: ServerProcess) -> None:
+    """``ResponseIterator.cancel()``: the caller gets nothing more and the target model sees
+    ``is_cancelled()`` (repeat's slow mode logs when it stops)."""
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        values = np.arange(1, 101, dtype=np.int32)
+        params = {"mode": "slow", "cancel_after": 3}
+        r = c.infer("bls_decoupled", _inputs(httpclient, {"IN": values}), parameters=params)
+        assert (int(r.as_numpy("SUM")[0]), int(r.as_numpy("COUNT")[0])) == (6, 3)
+        deadline = time.monotonic() + 10
+        while "repeat stopped: cancelled after" not in server.log:
+            assert time.monotonic() < deadline, "the target model never saw the cancellation"
+            time.sleep(0.05)
+        r = c.infer("bls_decoupled", _inputs(httpclient, {"IN": values[:4]}))  # still serving
+        assert int(r.as_numpy("COUNT")[0]) == 4
     finally:
         c.close()
 

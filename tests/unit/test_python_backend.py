@@ -599,3 +599,28 @@ def test_model_config_autocomplete(pb: ModuleType) -> None:
     seq = pb.ModelConfig({"name": "s", "sequence_batching": {}})
     with pytest.raises(ValueError, match="sequence_batching"):
         seq.set_dynamic_batching()
+
+
+def test_pb_utils_has_python_backends_names(pb: ModuleType) -> None:
+    """Names python_backend's pb_utils exposes that models use: memory kinds, metric kinds,
+    request flags and the response iterator of a decoupled BLS call."""
+    assert pb.MemoryType.TRITONSERVER_MEMORY_GPU == pb.TRITONSERVER_MEMORY_GPU
+    assert pb.MemoryType.TRITONSERVER_MEMORY_CPU == pb.TRITONSERVER_MEMORY_CPU
+    pm = pb.PreferredMemory(pb.MemoryType.TRITONSERVER_MEMORY_GPU, 0)
+    assert pm.preferred_memory_type == pb.TRITONSERVER_MEMORY_GPU
+    assert [pb.MetricKind.COUNTER, pb.MetricKind.GAUGE, pb.MetricKind.HISTOGRAM] == [
+        pb.MetricFamily.COUNTER,
+        pb.MetricFamily.GAUGE,
+        pb.MetricFamily.HISTOGRAM,
+    ]
+    req = pb.InferenceRequest(model_name="m", inputs=[], requested_output_names=[])
+    req.set_flags(pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START)
+    assert req.flags() == pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+    cancelled: list[bool] = []
+    it = pb.ResponseIterator(iter([1, 2, 3]), lambda: cancelled.append(True))
+    assert next(it) == 1
+    it.cancel()
+    it.cancel()
+    assert cancelled == [True]
+    for name in ("MemoryType", "MetricKind", "ResponseIterator", "TRITONSERVER_MEMORY_GPU"):
+        assert name in pb.__all__

@@ -334,6 +334,7 @@ def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any
         if not isinstance(t, pb.Tensor):
             raise pb.TritonModelException(f"BLS inputs must be pb_utils.Tensor, not {type(t).__name__}")
         inputs.append((t.name(), t._array))
+    sent: list[int] = []
     replies = client.call(
         request.model_name(),
         int(request.model_version()),
@@ -346,6 +347,7 @@ def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any
         timeout_us=request.timeout(),
         decoupled=decoupled,
         trace_id=request.trace()._id,
+        on_call=sent.append,
     )
 
     def response(reply: Any) -> Any:
@@ -357,7 +359,7 @@ def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any
         return pb.InferenceResponse(output_tensors=tensors, parameters=params or None)
 
     if decoupled:
-        return (response(r) for r in replies)
+        return pb.ResponseIterator((response(r) for r in replies), lambda: [client.cancel(c) for c in sent])
     got = [response(r) for r in replies]
     data = [r for r in got if r.has_error() or r.output_tensors()]
     if len(data) > 1:

@@ -5,6 +5,7 @@ values)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from enum import IntEnum
 from typing import Any, ClassVar
 
 from _shoal_pb_tensor import TritonModelException
@@ -99,3 +100,11 @@ def _metric_call(op: int, family: str, **kw: Any) -> float:
 
 def _set_metrics(client: Any) -> None:
     _METRICS[0] = client
+
+
+class MetricKind(IntEnum):
+    """The kinds of ``MetricFamily`` (also ``MetricFamily.COUNTER`` and so on)."""
+
+    COUNTER = MetricFamily.COUNTER
+    GAUGE = MetricFamily.GAUGE
+    HISTOGRAM = MetricFamily.HISTOGRAM

@@ -15,7 +15,14 @@ from enum import IntEnum
 from typing import Any, ClassVar, Final
 
 from _shoal_pb_config import ModelConfig
-from _shoal_pb_metrics import Metric, MetricFamily
+from _shoal_pb_memory import (
+    TRITONSERVER_MEMORY_CPU,
+    TRITONSERVER_MEMORY_CPU_PINNED,
+    TRITONSERVER_MEMORY_GPU,
+    MemoryType,
+    PreferredMemory,
+)
+from _shoal_pb_metrics import Metric, MetricFamily, MetricKind
 from _shoal_pb_metrics import _set_metrics as _set_metrics  # for the worker
 from _shoal_pb_tensor import (
     TRITON_STRING_TO_NUMPY,
@@ -29,6 +36,9 @@ from _shoal_pb_tensor import (
 )
 
 __all__ = [
+    "TRITONSERVER_MEMORY_CPU",
+    "TRITONSERVER_MEMORY_CPU_PINNED",
+    "TRITONSERVER_MEMORY_GPU",
     "TRITON_STRING_TO_NUMPY",
     "InferenceRequest",
     "InferenceResponse",
@@ -36,10 +46,13 @@ __all__ = [
     "InferenceTrace",
     "LogLevel",
     "Logger",
+    "MemoryType",
     "Metric",
     "MetricFamily",
+    "MetricKind",
     "PreferredMemory",
     "ModelConfig",
+    "ResponseIterator",
     "Tensor",
     "TritonError",
     "TritonModelException",
@@ -63,9 +76,6 @@ TRITONSERVER_REQUEST_FLAG_SEQUENCE_END: Final = 2
 TRITONSERVER_RESPONSE_COMPLETE_FINAL: Final = 1
 TRITONSERVER_REQUEST_RELEASE_ALL: Final = 1
 TRITONSERVER_REQUEST_RELEASE_RESCHEDULE: Final = 2
-TRITONSERVER_MEMORY_CPU: Final = 0
-TRITONSERVER_MEMORY_CPU_PINNED: Final = 1
-TRITONSERVER_MEMORY_GPU: Final = 2
 
 
 class TritonError(Exception):
@@ -97,13 +107,28 @@ class TritonError(Exception):
         return self._code
 
 
-class PreferredMemory:
-    """Where a BLS call would like its outputs (``InferenceRequest(preferred_memory=...)``).
-    Accepted for compatibility: Shoal returns BLS outputs in host memory."""
+class ResponseIterator:
+    """The responses of a decoupled model to a BLS call (``exec(decoupled=True)``), as they
+    come; ``cancel()`` stops the call: the target model sees ``request.is_cancelled()`` and
+    no more responses are delivered here."""
 
-    def __init__(self, preferred_memory_type: int = TRITONSERVER_MEMORY_CPU, preferred_device_id: int = 0) -> None:
-        self.preferred_memory_type = int(preferred_memory_type)
-        self.preferred_device_id = int(preferred_device_id)
+    def __init__(self, responses: Any, cancel: Any = None) -> None:
+        self._responses = responses
+        self._cancel = cancel
+
+    def __iter__(self) -> ResponseIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._responses)
+
+    def cancel(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+            self._cancel = None
+        close = getattr(self._responses, "close", None)
+        if close is not None:
+            close()  # a generator: the call's ``finally`` forgets it here
 
 
 _CONTROL: list[Any] = [None]
@@ -197,6 +222,10 @@ class InferenceRequest:
     def flags(self) -> int:
         """Sequence flags: ``TRITONSERVER_REQUEST_FLAG_SEQUENCE_START``/``_END``."""
         return self._flags
+
+    def set_flags(self, flags: int) -> None:
+        """The request's flags (``TRITONSERVER_REQUEST_FLAG_SEQUENCE_*``) for a BLS call."""
+        self._flags = int(flags)
 
     def timeout(self) -> int:
         """The request timeout in microseconds (0: none)."""

@@ -1,7 +1,10 @@
-"""bls_decoupled: iterates a decoupled model's responses (exec(decoupled=True))."""
+"""bls_decoupled: iterates a decoupled model's responses (exec(decoupled=True)); with the
+request parameter "cancel_after" it cancels the call (ResponseIterator.cancel) after that
+many responses."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,9 @@ class TritonPythonModel:
             )
             total = count = 0
             error = None
-            for answer in call.exec(decoupled=True):
+            cancel_after = json.loads(request.parameters()).get("cancel_after", 0)
+            answers = call.exec(decoupled=True)
+            for answer in answers:
                 if answer.has_error():
                     error = answer.error()
                     break
@@ -29,6 +34,9 @@ class TritonPythonModel:
                     continue
                 total += int(out.as_numpy()[0])
                 count += 1
+                if count == cancel_after:
+                    answers.cancel()
+                    break
             if error is not None:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message())))
                 continue
