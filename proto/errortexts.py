@@ -80,6 +80,7 @@ _CORE_REQ = "core/src/infer_request.cc"
 _CORE_REPO = "core/src/model_repository_manager/model_repository_manager.cc"
 _HTTP = "server/src/http_server.cc"
 _GRPC = "server/src/grpc/infer_handler.cc"
+_GRPC_SERVER = "server/src/grpc/grpc_server.cc"
 _SHM = "server/src/shared_memory_manager.cc"
 _SEQ = "core/src/sequence_batch_scheduler/sequence_batch_scheduler.cc"
 
@@ -244,6 +245,20 @@ SEQUENCE_NO_CORRELATION_ID = ErrorText(
     "core/src/sequence_batch_scheduler/sequence_utils.h",
 )
 MODEL_VERSION_NOT_READY = ErrorText(_INVALID, "Model version not ready", _HTTP)
+# trace settings (server/src/http_server.cc HandleTrace, server/src/grpc/grpc_server.cc TraceSetting)
+TRACE_SETTING_NOT_INTEGER = ErrorText(_INVALID, "Unable to parse '{name}', got: {text}", _GRPC_SERVER)
+TRACE_SETTING_OUT_OF_RANGE = ErrorText(
+    _INVALID, "Unable to parse '{name}', value is out of range [ {low}, {high} ], got: {text}", _GRPC_SERVER
+)
+TRACE_SETTING_BELOW = ErrorText(_INVALID, "Unable to parse '{name}'. Expecting value >= {low}, got{sep}{text}", _HTTP)
+TRACE_LEVEL_OFF_ALONE = ErrorText(_INVALID, "Expect only one trace level 'OFF' is specified", _HTTP)
+TRACE_SETTING_ONE_VALUE = ErrorText(_INVALID, "expect only 1 value for '{name}'", _GRPC_SERVER)
+JSON_NOT_ARRAY = ErrorText(
+    _INVALID, "attempt to access JSON non-array as array", _HTTP, triton_code=ErrorCode.INTERNAL
+)  # TritonJson's text (common/include/triton/common/triton_json.h), INTERNAL in the server's build
+JSON_NOT_STRING = ErrorText(
+    _INVALID, "attempt to access JSON non-string as string", _HTTP, triton_code=ErrorCode.INTERNAL
+)
 RESCHEDULE_NOT_CONFIGURED = ErrorText(
     _INVALID,
     "Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is not "

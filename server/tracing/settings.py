@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.proto.errors import InvalidInput, Unsupported
+from shoal.proto import errortexts as T
+from shoal.proto.errors import Unsupported
 from shoal.server.tracing.options import (
     _INTEGER,
     FILE_NOT_UPDATABLE,
@@ -203,14 +204,14 @@ class TraceSetting:
 def _stoi(name: str, text: str, *, grpc: bool, low: int) -> int:
     """Triton's ``std::stoi`` of a setting value, with its error texts."""
     if not _INTEGER.fullmatch(text):
-        raise InvalidInput(f"Unable to parse '{name}', got: {text}")
+        raise T.TRACE_SETTING_NOT_INTEGER(name=name, text=text)
     value = int(text)
     high = INT32_MAX if low < 0 else UINT32_MAX
     if not -(2**31) <= value <= INT32_MAX or (low == 0 and value < 0):
-        raise InvalidInput(f"Unable to parse '{name}', value is out of range [ {low}, {high} ], got: {text}")
+        raise T.TRACE_SETTING_OUT_OF_RANGE(name=name, low=low, high=high, text=text)
     if value < low:
         sep = ": " if grpc else ":"
-        raise InvalidInput(f"Unable to parse '{name}'. Expecting value >= {low}, got{sep}{text}")
+        raise T.TRACE_SETTING_BELOW(name=name, low=low, sep=sep, text=text)
     return value
 
 
@@ -219,7 +220,7 @@ def _levels(values: Sequence[str]) -> int | None:
     for text in values:
         if text == "OFF":
             if len(values) != 1:
-                raise InvalidInput("Expect only one trace level 'OFF' is specified")
+                raise T.TRACE_LEVEL_OFF_ALONE()
             level = 0
         elif text == "TIMESTAMPS":
             level = (level or 0) | TIMESTAMPS
@@ -239,10 +240,10 @@ def from_json(body: Mapping[str, Any]) -> NewSetting:
         if value is None:
             new.clear_level = True
         elif not isinstance(value, list):
-            raise InvalidInput("JSON, failed accessing non-array as array")
+            raise T.JSON_NOT_ARRAY()
         else:
             if not all(isinstance(v, str) for v in value):
-                raise InvalidInput("JSON, failed accessing non-string as string")
+                raise T.JSON_NOT_STRING()
             new.level = _levels(value)
     for name, low in (("trace_rate", 0), ("trace_count", -1), ("log_frequency", 0)):
         if name not in body:
@@ -252,7 +253,7 @@ def from_json(body: Mapping[str, Any]) -> NewSetting:
         if value is None:
             setattr(new, "clear_" + attr, True)
         elif not isinstance(value, str):
-            raise InvalidInput("JSON, failed accessing non-string as string")
+            raise T.JSON_NOT_STRING()
         else:
             setattr(new, attr, _stoi(name, value, grpc=False, low=low))
     return new
@@ -277,7 +278,7 @@ def from_grpc(settings: Mapping[str, Sequence[str]]) -> NewSetting:
         if not values:
             setattr(new, "clear_" + attr, True)
         elif len(values) != 1:
-            raise InvalidInput(f"expect only 1 value for '{name}'")
+            raise T.TRACE_SETTING_ONE_VALUE(name=name)
         else:
             setattr(new, attr, _stoi(name, values[0], grpc=True, low=low))
     return new

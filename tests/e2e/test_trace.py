@@ -252,8 +252,8 @@ def test_grpc_updates_and_clears(
         ({"trace_count": "-5"}, 400, "Unable to parse 'trace_count'. Expecting value >= -1, got:-5"),
         ({"log_frequency": "x"}, 400, "Unable to parse 'log_frequency', got: x"),
         ({"trace_level": ["OFF", "TIMESTAMPS"]}, 400, "Expect only one trace level 'OFF' is specified"),
-        ({"trace_rate": 5}, 400, "JSON, failed accessing non-string as string"),
-        ({"trace_level": "TIMESTAMPS"}, 400, "JSON, failed accessing non-array as array"),
+        ({"trace_rate": 5}, 400, "attempt to access JSON non-string as string"),
+        ({"trace_level": "TIMESTAMPS"}, 400, "attempt to access JSON non-array as array"),
         ({"trace_rate": "0"}, 400, "Attempting to set invalid trace setting :sample rate must be non-zero"),
     ],
 )
