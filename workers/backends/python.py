@@ -29,6 +29,7 @@ from shoal.proto import errortexts as T
 from shoal.proto.config_json import config_from_json, config_to_json
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends import pyenv
 from shoal.workers.backends.base import Array, Backend, ModelSpec, WorkRequest, WorkResponse
 
 _LOG: Final = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class PythonBackend(Backend):
         if not os.path.isfile(path):
             return spec.config
         pb = pb_utils()
+        pyenv.activate(spec)  # a short-lived process: its sys.path goes with it
         sys.path.insert(0, spec.version_dir)
         try:
             module = _import_file(f"_shoal_autocomplete_{next(_MODULE_IDS)}", path)
@@ -113,6 +115,7 @@ class PythonBackend(Backend):
                 code=ErrorCode.NOT_FOUND,
             )
         pb_utils()
+        pyenv.activate(spec)  # EXECUTION_ENV_PATH: the model's own packages first
         added: str | None = None
         if spec.version_dir not in sys.path:
             sys.path.insert(0, spec.version_dir)
