@@ -104,6 +104,10 @@ class ClientRegions:
         self._cuda: dict[int, _CudaRegion] = {}
         self.gpu_order: list[int] = []
         """Server GPU ordinals in this worker's CUDA order (empty: the same order)."""
+        self._copy_streams: dict[int, Any] = {}
+        """CUDA stream per device for ``write_cuda`` (non-blocking: other work does not wait)."""
+        self._writes: list[tuple[Any, Any]] = []
+        """(stream, source kept alive) of the copies ``finish_writes`` waits for."""
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[tuple[int, int, memoryview]] = []
         """Reads ``finish_reads`` does: (descriptor, offset, destination)."""
@@ -273,8 +277,9 @@ class ClientRegions:
         return out.data
 
     def write_cuda(self, c: wpb.ClientShm, data: Any, nbytes: int) -> None:
-        """Copy ``data`` (host bytes / numpy array, or a CUDA array) into the region and wait
-        for the copy to finish."""
+        """Copy ``data`` (host bytes / numpy array, or a CUDA array) into the region,
+        asynchronously on a copy stream of the region's device; ``finish_writes`` waits for
+        every such copy (once per batch, before its reply goes out)."""
         import cupy
 
         region = self._cuda_region(c)
@@ -289,15 +294,27 @@ class ClientRegions:
             else:
                 keep = np.ascontiguousarray(np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data)
                 src_ptr = keep.ctypes.data
-            cupy.cuda.runtime.memcpy(region.ptr + c.offset, src_ptr, nbytes, cupy.cuda.runtime.memcpyDefault)
-            cupy.cuda.runtime.deviceSynchronize()
-            del keep
+            stream = self._copy_streams.get(region.device)
+            if stream is None:
+                stream = self._copy_streams[region.device] = cupy.cuda.Stream(non_blocking=True)
+            kind = cupy.cuda.runtime.memcpyDefault
+            cupy.cuda.runtime.memcpyAsync(region.ptr + c.offset, src_ptr, nbytes, kind, stream.ptr)
+            self._writes.append((stream, keep))
+
+    def finish_writes(self) -> None:
+        """Wait for the copies ``write_cuda`` started (each copy stream synchronized once)."""
+        if not self._writes:
+            return
+        writes, self._writes = self._writes, []
+        for stream in {id(s): s for s, _ in writes}.values():
+            stream.synchronize()
 
     # ---- lifetime -----------------------------------------------------------------------------
 
     def forget(self, region_ids: Any) -> None:
         with contextlib.suppress(InvalidInput):  # the batch that started them reports it
             self.finish_reads()
+        self.finish_writes()
         for rid in region_ids:
             for table in (self._system, self._cuda):
                 region = table.pop(rid, None)

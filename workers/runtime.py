@@ -273,6 +273,7 @@ class WorkerRuntime:
         with self.lock:  # the arena and the connection are shared with the main loop
             if resp is not None:
                 self._fill(req, resp, msg.result, out_frames, dest)
+                self.regions.finish_writes()
             self._send([env.SerializeToString(), *out_frames])
             if final and self.inbox is not None:
                 self.inbox.forget_cancelled(rid, req.id)
@@ -307,6 +308,7 @@ class WorkerRuntime:
                         result = done.results.add()
                         result.id = req.id
                         self._fill(req, resp, result, out_frames, dest)
+                    self.regions.finish_writes()  # outputs copied into CUDA regions
             t3 = time.monotonic_ns()
             done.compute_input_ns = t1 - t0
             done.compute_infer_ns = t2 - t1

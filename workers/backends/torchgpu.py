@@ -204,8 +204,7 @@ class TorchDevicePath:
                 if n == 0:
                     continue
                 if is_device_array(a):
-                    src = torch.from_dlpack(a).reshape(-1).view(torch.uint8)
-                    dev[pos : pos + n].copy_(src, non_blocking=True)
+                    self._copy_device(dev, pos, a, n)
                 elif base <= (addr := _address(a)) and addr + n <= limit and a.flags.c_contiguous:
                     direct.append((addr - base, pos, n))
                 else:
@@ -221,6 +220,18 @@ class TorchDevicePath:
         if chunks:
             self._stage(chunks, self.host_in.take(total), dev)
         return out
+
+    def _copy_device(self, dev: Any, pos: int, a: Any, n: int) -> None:
+        """One request's CUDA-shared-memory input into its place in the device buffer: a raw
+        asynchronous copy on the instance's stream (no DLPack tensor per request)."""
+        if self.stream is None or not a.flags.c_contiguous:
+            src = self._torch.from_dlpack(a).reshape(-1).view(self._torch.uint8)
+            dev[pos : pos + n].copy_(src, non_blocking=True)
+            return
+        import cupy
+
+        rt = cupy.cuda.runtime
+        rt.memcpyAsync(dev.data_ptr() + pos, a.data.ptr, n, rt.memcpyDefault, self.stream.cuda_stream)
 
     def _stage(self, chunks: list[tuple[int, Any]], host: Any, dev: Any) -> None:
         """Copy ``chunks`` into the pinned buffer and up to the device. Large batches are
