@@ -38,6 +38,10 @@ MAX_MESSAGE_BYTES: Final = 1 << 31
 ``--inline-max-bytes`` each; large tensors travel in shared memory."""
 
 
+RECV_BYTES: Final = 1 << 18
+"""A worker's receive buffer (bigger messages arrive over several reads)."""
+
+
 class FramingError(Exception):
     """The peer sent something that is not a message of this protocol."""
 
@@ -74,9 +78,10 @@ class Decoder:
         self._buf = bytearray()
         self._frame: type[bytes] | type[bytearray] = bytearray if writable else bytes
 
-    def feed(self, data: bytes) -> list[list[Any]]:
-        """Messages completed by ``data``; raises ``FramingError`` on a malformed head."""
-        buf: bytes | bytearray
+    def feed(self, data: bytes | memoryview) -> list[list[Any]]:
+        """Messages completed by ``data``; raises ``FramingError`` on a malformed head. The
+        frames are copies: ``data`` may be reused once this returns."""
+        buf: bytes | bytearray | memoryview
         if self._buf:
             self._buf += data
             buf = self._buf
@@ -120,6 +125,7 @@ class Connection:
         self.sock.connect(socket_path(endpoint))
         self._decoder = Decoder(writable=True)
         self._ready: list[list[Any]] = []
+        self._rview: memoryview | None = None
         self.send([HELLO, identity])
 
     def send(self, frames: Sequence[Any]) -> None:
@@ -131,13 +137,24 @@ class Connection:
             rest = memoryview(b"".join(bytes(b) if isinstance(b, memoryview) else b for b in bufs))[sent:]
             self.sock.sendall(rest)
 
+    def _read(self) -> bool:
+        """Decode what one ``recv`` brings (blocks until something arrives); False at the end.
+        It lands in one buffer kept for the connection's life: ``sock.recv(n)`` would
+        allocate (mmap, mremap, munmap) a fresh ``n``-byte object for every message."""
+        view = self._rview
+        if view is None:
+            view = self._rview = memoryview(bytearray(RECV_BYTES))
+        n = self.sock.recv_into(view)
+        if not n:
+            return False
+        self._ready.extend(self._decoder.feed(view[:n]))  # frames are copies: the buffer is reused
+        return True
+
     def recv(self) -> list[bytes]:
         """The next message; raises ``EOFError`` when the router has closed the connection."""
         while not self._ready:
-            data = self.sock.recv(1 << 18)
-            if not data:
+            if not self._read():
                 raise EOFError("the router closed the connection")
-            self._ready.extend(self._decoder.feed(data))
         return self._ready.pop(0)
 
     def poll(self, timeout_ms: int) -> bool:
@@ -147,10 +164,8 @@ class Connection:
         readable, _, _ = select.select([self.sock], [], [], timeout_ms / 1000)
         if not readable:
             return False
-        data = self.sock.recv(1 << 18)
-        if not data:
+        if not self._read():
             return True  # recv() will raise EOFError
-        self._ready.extend(self._decoder.feed(data))
         return bool(self._ready) or self.poll(0)
 
     def close(self) -> None:

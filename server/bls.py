@@ -141,30 +141,32 @@ class BlsRouter:
     def _request(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> InferRequest:
         r = call.request
         inputs = []
-        lease = Lease(_noop)  # the caller frees its input blocks after the final reply
+        lease: Lease | None = None  # the caller frees its input blocks after the final reply
         for ref in r.inputs:
             where = ref.WhichOneof("location")
-            shape = tuple(ref.shape)
             if where == "frame":
                 if ref.frame >= len(frames):
                     raise ServingError(f"BLS input '{ref.name}' names a missing frame", code=ErrorCode.INTERNAL)
-                inputs.append(InputTensor(name=ref.name, datatype=ref.datatype, shape=shape, data=frames[ref.frame]))
+                inputs.append(InputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))
                 continue
             if where != "shm":
                 raise ServingError(f"BLS input '{ref.name}' carries no data", code=ErrorCode.INTERNAL)
             s = ref.shm
             block = Block(s.region, s.offset, s.nbytes, s.device)
-            t = InputTensor(name=ref.name, datatype=ref.datatype, shape=shape, data=self.mapper.view(block))
+            t = InputTensor(ref.name, ref.datatype, tuple(ref.shape), self.mapper.view(block))
+            if lease is None:
+                lease = Lease(_noop)
             t.arena = ArenaRef(block, lease)
             inputs.append(t)
         params = json.loads(r.parameters_json) if r.parameters_json else {}
         if call.timeout_us:
             params["timeout"] = int(call.timeout_us)
+        names = r.outputs
         request = InferRequest(
             model_name=call.model_name,
             model_version=int(call.model_version),
             inputs=inputs,
-            outputs=[RequestedOutput(name) for name in r.outputs] or None,
+            outputs=[RequestedOutput(name) for name in names] if names else None,
             id=r.request_id,
             parameters=params,
             correlation_id=r.correlation_id_str or r.correlation_id,
@@ -172,7 +174,8 @@ class BlsRouter:
         )
         if r.trace_id:  # InferenceRequest(trace=request.trace()) of a traced request
             request.trace = self.dp.tracer.child_of(r.trace_id)
-        self._refuse_self_wait(identity, request)
+        if self.channel.models.get(identity) == request.model_name:  # only a model calling itself can wait for itself
+            self._refuse_self_wait(identity, request)
         return request
 
     def _refuse_self_wait(self, identity: bytes, request: InferRequest) -> None:

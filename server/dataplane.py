@@ -388,6 +388,7 @@ class DataPlane:
                 item.done()
 
         request.responses = sink
+        request.backlog = queue.qsize
         ended = False
         consumed = 0
         run = asyncio.ensure_future(self._infer(mv, request))

@@ -123,6 +123,9 @@ class InferRequest:
     ``InferResult`` it gets (``done`` it)."""
     trace: Trace | None = None
     """Set when the request is traced (``server.tracing``): its stages record their times."""
+    backlog: Callable[[], int] | None = None
+    """Set by ``DataPlane.infer_stream``: how many of the request's responses have arrived and
+    wait to be taken (a frontend may write those in one go)."""
 
     @property
     def uses_shm(self) -> bool:

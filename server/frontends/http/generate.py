@@ -27,6 +27,8 @@ from shoal.server.types import InferRequest, InferResult, InputTensor
 
 _BOOL_OK = frozenset({"BOOL"})
 _MAX_ELEMENTS = 1 << 24
+_COALESCE_BYTES = 1 << 16
+"""Events ready at once are written together up to this many bytes."""
 
 
 def _parse(body: bytes | bytearray) -> dict[str, Any]:
@@ -143,6 +145,8 @@ async def generate_stream(
     req = to_request(dp, model, version, _parse(body))
     stream = _responses(dp, req)
     resp: web.StreamResponse | None = None
+    events: list[bytes] = []  # written together while more responses are already waiting
+    size = 0
     try:
         async for item in stream:
             if resp is None:
@@ -159,7 +163,16 @@ async def generate_stream(
                     event = _error_json(exc)
                 finally:
                     item.done()
-            await resp.write(b"data: " + event + b"\n\n")
+            events.append(b"data: " + event + b"\n\n")
+            size += len(event)
+            # one write (one system call, one wake-up of the client) for every response that
+            # is ready; none waits for a response still to come
+            if req.backlog is None or not req.backlog() or size >= _COALESCE_BYTES:
+                await resp.write(b"".join(events))
+                events.clear()
+                size = 0
+        if events and resp is not None:
+            await resp.write(b"".join(events))
     finally:
         await stream.aclose()
     if resp is None:  # no response at all: an empty event stream
