@@ -19,8 +19,8 @@ import numpy as np
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
-from shoal.workers.backends import ragged
-from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, model_file, relative
+from shoal.workers.backends import ortcuda, ragged
+from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, WorkRequest, model_file, relative
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.onnx"
@@ -67,6 +67,13 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._out_reshape = {o.name: list(o.dims) for o in cfg.output if o.HasField("reshape")}
         self._outputs = [o.name for o in cfg.output] or [o.name for o in session.get_outputs()]
         self._outputs += [name for name in state_outputs(cfg) if name not in self._outputs]
+        self._io: ortcuda.IoBindingRun | None = None
+        self._keep: frozenset[str] = frozenset()
+        """Outputs that every request of the running batch wants in CUDA shared memory."""
+        on_gpu = "CUDAExecutionProvider" in session.get_providers() and spec.device.is_gpu
+        if on_gpu and self.ragged is None and not self._string_inputs and not self._string_outputs:
+            self._io = ortcuda.IoBindingRun(session, ortcuda.output_dtypes(cfg))
+            self.device_inputs = True  # CUDA shared memory is bound where it lies
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -155,11 +162,26 @@ class OnnxRuntimeBackend(BatchedBackend):
             cfg.dynamic_batching.SetInParent()
         return cfg
 
+    def run_batch(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> dict[str, Array]:
+        if self._io is None:
+            return super().run_batch(requests, output_names)
+        self._keep = frozenset(
+            name
+            for name in output_names
+            if all(name in r.device_outputs for r in requests if not r.requested_outputs or name in r.requested_outputs)
+        )
+        try:
+            return super().run_batch(requests, output_names)
+        finally:
+            self._keep = frozenset()
+
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         """Run the session once on already-batched inputs."""
         session = self._session
         if session is None:
             raise ServingError(f"model '{self._name}' is closed", code=ErrorCode.UNAVAILABLE)
+        if self._io is not None:
+            return self._run_bound(inputs, output_names)
         feed: dict[str, Array] = {}
         for name, array in inputs.items():
             if name in self._string_inputs or array.dtype == np.object_:
@@ -185,6 +207,23 @@ class OnnxRuntimeBackend(BatchedBackend):
                 array = _reshape(array, shape, self.batching)
             out[name] = array
         return out
+
+    def _run_bound(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        """A GPU session's run through IO binding (``ortcuda``)."""
+        assert self._io is not None
+        feed = {}
+        for name, array in inputs.items():
+            shape = self._in_reshape.get(name)
+            feed[name] = _reshape(array, shape, self.batching) if shape is not None else array
+        try:
+            results = self._io.run(feed, list(output_names), self._keep)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are pybind types, told apart by name
+            code = ErrorCode.INVALID_ARGUMENT if type(exc).__name__ == "InvalidArgument" else ErrorCode.INTERNAL
+            raise ServingError(f"model '{self._name}': onnxruntime: {exc}", code=code) from None
+        for name, shape in self._out_reshape.items():
+            if name in results:
+                results[name] = _reshape(results[name], shape, self.batching)
+        return results
 
     def output_names(self) -> list[str]:
         """The outputs of the configuration (the model's own when the config lists none) and
@@ -267,15 +306,7 @@ def _session_options(ort: Any, spec: ModelSpec) -> Any:
 def _providers(ort: Any, spec: ModelSpec) -> list[Any]:
     if not spec.device.is_gpu:
         return ["CPUExecutionProvider"]
-    available = list(ort.get_available_providers())
-    if "CUDAExecutionProvider" not in available:
-        raise ServingError(
-            f"model '{spec.name}' instance '{spec.instance_name}' is placed on GPU {spec.device.index} "
-            f"but onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)}); "
-            "install onnxruntime-gpu or use an instance_group of kind KIND_CPU",
-            code=ErrorCode.UNAVAILABLE,
-        )
-    return [("CUDAExecutionProvider", {"device_id": max(spec.device.index, 0)}), "CPUExecutionProvider"]
+    return ortcuda.providers(ort, spec)
 
 
 def _model_dims(shape: Sequence[Any]) -> Dims:

@@ -1,0 +1,172 @@
+"""ONNX Runtime on a GPU through the real server: a KIND_GPU instance of an ONNX model runs on
+the CUDA execution provider with IO binding, with plain tensors, with inputs and outputs in
+CUDA shared memory (bound where they lie, kept on the device), and in batches mixing both;
+a TensorRT accelerator asks for onnxruntime's TensorRT provider (the load fails clearly
+where it is missing). Needs onnxruntime-gpu, CuPy and a CUDA GPU; skipped cleanly otherwise.
+Run with ``scripts/gpu_check``."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+ort = pytest.importorskip("onnxruntime")
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip("onnxruntime without CUDAExecutionProvider (install onnxruntime-gpu)", allow_module_level=True)
+try:
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        pytest.skip("no CUDA GPU", allow_module_level=True)
+except Exception as exc:  # noqa: BLE001 - no driver at all
+    pytest.skip(f"no CUDA GPU ({exc})", allow_module_level=True)
+cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+
+from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
+
+TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"
+  parameters { key: "precision_mode" value: "FP16" } } ] } }
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx")
+    for name, extra in (("onnx_gpu", "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"), ("onnx_trt", TRT)):
+        shutil.copytree(repo / "simple_onnx", repo / name)
+        cfg = (repo / name / "config.pbtxt").read_text().replace('name: "simple_onnx"', f'name: "{name}"')
+        (repo / name / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + extra)
+    srv = ServerProcess(repo).start(wait_ready=False)
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments()
+
+
+def _ready(server: ServerProcess, model: str) -> None:
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        deadline = time.monotonic() + 120
+        while not c.is_model_ready(model):
+            assert time.monotonic() < deadline, server.log[-3000:]
+            time.sleep(0.2)
+    finally:
+        c.close()
+
+
+def _data(k: int, rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    x = (np.arange(16 * rows, dtype=np.int32) + k).reshape(rows, 16)
+    return x, np.full((rows, 16), k, dtype=np.int32)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_plain_tensors_and_cuda_shared_memory(server: ServerProcess, protocol: str) -> None:
+    _ready(server, "onnx_gpu")
+    mod: Any = httpclient if protocol == "http" else grpcclient
+    c = mod.InferenceServerClient(server.url if protocol == "http" else server.grpc_url)
+    x, y = _data(3, rows=2)
+    h = cudashm.create_shared_memory_region("ortg", 4 * x.nbytes, 0)
+    try:
+        i0, i1 = mod.InferInput("INPUT0", [2, 16], "INT32"), mod.InferInput("INPUT1", [2, 16], "INT32")
+        i0.set_data_from_numpy(x)
+        i1.set_data_from_numpy(y)
+        r = c.infer("onnx_gpu", [i0, i1])
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + y)
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+        # inputs bound where they lie, OUTPUT0 kept on the device and copied into the region
+        cudashm.set_shared_memory_region(h, [x, y])
+        c.register_cuda_shared_memory("ortg", cudashm.get_raw_handle(h), 0, 4 * x.nbytes)
+        n = x.nbytes
+        i0.set_shared_memory("ortg", n)
+        i1.set_shared_memory("ortg", n, offset=n)
+        o0, o1 = mod.InferRequestedOutput("OUTPUT0"), mod.InferRequestedOutput("OUTPUT1")
+        o0.set_shared_memory("ortg", n, offset=2 * n)
+        r = c.infer("onnx_gpu", [i0, i1], outputs=[o0, o1])
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+        whole = cudashm.get_contents_as_numpy(h, np.int32, [8, 16])
+        np.testing.assert_array_equal(whole[4:6], x + y)
+    finally:
+        c.unregister_cuda_shared_memory()
+        c.close()
+        cudashm.destroy_shared_memory_region(h)
+
+
+def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProcess) -> None:
+    _ready(server, "onnx_gpu")
+    n_req = 12
+    handles = [cudashm.create_shared_memory_region(f"ortm{k}", 4 * 64, 0) for k in range(n_req)]
+    setup = httpclient.InferenceServerClient(server.url)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n_req)
+
+    def one(k: int) -> None:
+        c = httpclient.InferenceServerClient(server.url)
+        try:
+            x, y = _data(k)
+            i0, i1 = (
+                httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+                httpclient.InferInput("INPUT1", [1, 16], "INT32"),
+            )
+            outs = [httpclient.InferRequestedOutput("OUTPUT0"), httpclient.InferRequestedOutput("OUTPUT1")]
+            if k % 2:
+                cudashm.set_shared_memory_region(handles[k], [x, y])
+                i0.set_shared_memory(f"ortm{k}", 64)
+                i1.set_shared_memory(f"ortm{k}", 64, offset=64)
+                outs[0].set_shared_memory(f"ortm{k}", 64, offset=128)
+            else:
+                i0.set_data_from_numpy(x)
+                i1.set_data_from_numpy(y)
+            barrier.wait()
+            r = c.infer("onnx_gpu", [i0, i1], outputs=outs)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+            got = cudashm.get_contents_as_numpy(handles[k], np.int32, [4, 16])[2:3] if k % 2 else r.as_numpy("OUTPUT0")
+            np.testing.assert_array_equal(got, x + y)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            c.close()
+
+    try:
+        for k in range(1, n_req, 2):
+            setup.register_cuda_shared_memory(f"ortm{k}", cudashm.get_raw_handle(handles[k]), 0, 4 * 64)
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(n_req)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        stats = setup.get_inference_statistics("onnx_gpu")["model_stats"][0]
+        assert any(int(b["batch_size"]) > 1 for b in stats["batch_stats"]), stats["batch_stats"]
+    finally:
+        setup.unregister_cuda_shared_memory()
+        setup.close()
+        for h in handles:
+            cudashm.destroy_shared_memory_region(h)
+
+
+def test_tensorrt_accelerator(server: ServerProcess) -> None:
+    _ready(server, "onnx_gpu")
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        if "TensorrtExecutionProvider" in ort.get_available_providers():
+            _ready(server, "onnx_trt")
+            return
+        deadline = time.monotonic() + 60
+        while True:
+            entry = {m["name"]: m for m in c.get_model_repository_index()}["onnx_trt"]
+            if entry.get("state") == "UNAVAILABLE" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert entry["state"] == "UNAVAILABLE"
+        assert "TensorrtExecutionProvider" in entry["reason"], entry
+    finally:
+        c.close()
