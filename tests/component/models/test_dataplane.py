@@ -188,10 +188,13 @@ async def test_lookups_answer_triton_errors_for_unknown_and_unready_models(env: 
         ("ghost", -1, ErrorCode.NOT_FOUND, "Request for unknown model: 'ghost' has no available versions"),
     ]
     for name, version, code, message in cases:
-        for lookup in (env.plane.model_ready, env.plane.model_metadata, env.plane.model_config):
+        for lookup in (env.plane.model_metadata, env.plane.model_config):
             with pytest.raises(ServingError) as info:
                 lookup(name, version)
             assert (info.value.code, info.value.message) == (code, message), (name, version)
+        with pytest.raises(ServingError) as info:
+            await env.plane.model_ready(name, version)
+        assert (info.value.code, info.value.message) == (code, message), (name, version)
         with pytest.raises(ServingError) as info:
             await env.infer(name, version=version)
         assert (info.value.code, info.value.message) == (code, message), (name, version)

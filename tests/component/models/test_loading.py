@@ -27,8 +27,8 @@ async def test_first_load_is_ready_indexed_and_described(env: ModelEnv) -> None:
     assert env.index() == {("m", "1"): {"name": "m", "version": "1", "state": "READY"}}
     assert env.models.index(ready_only=True) == [{"name": "m", "version": "1", "state": "READY"}]
     assert env.models.registry.all_ready() and env.plane.ready()
-    env.plane.model_ready("m", -1)
-    env.plane.model_ready("m", 1)
+    assert await env.plane.model_ready("m", -1)
+    assert await env.plane.model_ready("m", 1)
     assert env.plane.model_metadata("m", -1) == {
         "name": "m",
         "versions": ["1"],
@@ -117,7 +117,7 @@ async def test_load_whose_worker_fails_leaves_the_model_unavailable_with_the_rea
     assert env.index() == {("m", "1"): {"name": "m", "version": "1", "state": "UNAVAILABLE", "reason": reason}}
     assert not env.models.registry.all_ready() and not env.plane.ready()
     with pytest.raises(ServingError) as info:
-        env.plane.model_ready("m", 1)
+        await env.plane.model_ready("m", 1)
     assert info.value.code is ErrorCode.UNAVAILABLE
     assert info.value.message == "Request for unknown model: 'm' version 1 is not at ready state"
     # nothing left: the process is gone, its arena too, and no replacement was started
@@ -171,7 +171,7 @@ async def test_unknown_and_invalid_names_are_refused_and_leave_no_trace(env: Mod
         assert "invalid model name" in info.value.message or "Model name cannot be empty" in info.value.message
     assert env.index() == {} and env.pids() == []
     with pytest.raises(ServingError) as info:
-        env.plane.model_ready("nope", -1)
+        await env.plane.model_ready("nope", -1)
     assert info.value.message == "Request for unknown model: 'nope' is not found"
 
 

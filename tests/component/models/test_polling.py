@@ -50,7 +50,7 @@ async def test_version_policy_change_is_followed(env: ModelEnv) -> None:
     assert (v2.state, v2.reason) == (ModelState.UNAVAILABLE, "unloaded")
     await env.all_exited(env.pids("m", 2))
     with pytest.raises(ServingError) as info:
-        env.plane.model_ready("m", 2)
+        await env.plane.model_ready("m", 2)
     assert (info.value.code, info.value.message) == (
         ErrorCode.NOT_FOUND,
         "Request for unknown model: 'm' version 2 is not found",
