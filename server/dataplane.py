@@ -4,27 +4,25 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import orjson
-
 from shoal.proto import dtypes
 from shoal.proto import errortexts as T
-from shoal.proto.config_json import config_from_json, config_to_json
+from shoal.proto.config_json import config_to_json
 from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
 from shoal.server.models import ModelManager, ModelVersion, submit
+from shoal.server.models.loadparams import load_parameters, unload_parameters
 from shoal.server.peers import Peer
 from shoal.server.responsecache import ResponseCache, cacheable
 from shoal.server.responsecache import key as cache_key
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
+from shoal.server.streaming import StreamItem, responses
 from shoal.server.tracing import NewSetting, TraceManager
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
@@ -32,12 +30,6 @@ from shoal.server.validation import validate
 log = logging.getLogger("shoal.dataplane")
 
 SERVER_NAME = "shoal"
-ACK_EVERY = 16
-"""A decoupled request's consumed responses are acknowledged to its worker in groups of this
-many, a divisor of the worker's window (``STREAM_WINDOW``, 64): a sender that waits has at
-least 49 responses queued here, so the consumer always gets to the next acknowledgement."""
-StreamItem = tuple[InferResult | ServingError | None, bool]
-"""One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
 HTTP_DECOUPLED_ERROR = T.HTTP_DECOUPLED
 GRPC_DECOUPLED_ERROR = T.GRPC_DECOUPLED
 EXTENSIONS = [
@@ -200,24 +192,7 @@ class DataPlane:
         over HTTP), read from a directory of their own instead of the repository's, as
         Triton's temporary model directory (``config`` is then required)."""
         self._check_control()
-        override: mc.ModelConfig | None = None
-        files: dict[str, bytes] = {}
-        for key, value in parameters.items():
-            if key == "config":
-                if not isinstance(value, str):
-                    raise T.LOAD_CONFIG_NOT_STRING()
-                try:
-                    override = config_from_json(orjson.loads(value))
-                except (orjson.JSONDecodeError, ServingError) as exc:
-                    detail = exc.message if isinstance(exc, ServingError) else str(exc)
-                    log.info("load of '%s': invalid config override: %s", name, detail)
-                    raise T.LOAD_CONFIG_INVALID(model=name, detail=detail) from None
-            elif key.startswith("file:"):
-                files[key[len("file:") :]] = _file_bytes(key, value)
-            else:
-                raise T.LOAD_PARAM_UNRECOGNIZED(name=key[:64], type=_param_type(value))
-        if files and override is None:
-            raise T.LOAD_FILES_NEED_CONFIG()
+        override, files = load_parameters(name, parameters)
         if self.models.refresh is not None:
             await self.models.refresh()
         upload = None
@@ -235,13 +210,7 @@ class DataPlane:
         """Unload ``name``; with ``unload_dependents`` also the ensembles using it and, for
         an ensemble, its composing models (``ModelManager.unload``)."""
         self._check_control()
-        dependents = False
-        for key, value in parameters.items():
-            if key != "unload_dependents":
-                raise InvalidInput(f"unknown unload parameter '{key[:64]}'")
-            if not isinstance(value, bool):
-                raise InvalidInput("unload parameter 'unload_dependents' must be a boolean")
-            dependents = value
+        dependents = unload_parameters(parameters)
         await self.models.unload(name, dependents)
 
     # ---- shared-memory extensions (the registry decides who may do what) ----------------------
@@ -375,58 +344,12 @@ class DataPlane:
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
-        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
-        listening = True
-        trace = request.trace
-
-        def sink(item: InferResult | ServingError | None, final: bool) -> None:
-            if listening:
-                if trace is not None and isinstance(item, InferResult):
-                    trace.outputs(item)
-                queue.put_nowait((item, final))
-            elif isinstance(item, InferResult):
-                item.done()
-
-        request.responses = sink
-        request.backlog = queue.qsize
-        ended = False
-        consumed = 0
-        run = asyncio.ensure_future(self._infer(mv, request))
+        stream = responses(request, lambda: self._infer(mv, request))
         try:
-            while True:
-                if queue.empty() and not run.done():
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait((getter, run), return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        exc = run.exception()  # the request failed, or execute returned
-                        if exc is not None:
-                            raise exc
-                        continue
-                    item, final = getter.result()
-                else:
-                    item, final = await queue.get()
-                yield item, final
-                if final:
-                    ended = True
-                    return
-                # consumed: the model's response sender may send more (flow control)
-                consumed += 1
-                if consumed >= ACK_EVERY and request.ack is not None:
-                    request.ack(consumed)
-                    consumed = 0
+            async for item in stream:
+                yield item
         finally:
-            if not ended and request.cancel is not None:
-                request.cancel()  # left before the final response: the model may stop
-            listening = False
-            while not queue.empty():
-                item, _ = queue.get_nowait()
-                if isinstance(item, InferResult):
-                    item.done()
-            if not run.done():
-                run.cancel()
-            elif not run.cancelled() and run.exception() is None:
-                run.result().done()
+            await stream.aclose()  # at once: a consumer that left stops delivery now
 
     async def _cached(self, cache: ResponseCache, mv: ModelVersion, request: InferRequest) -> InferResult:
         """A cache hit answers at once (Triton counts it as a success with its lookup time as
@@ -480,32 +403,6 @@ class DataPlane:
                 result.done()
                 raise
         return result
-
-
-def _file_bytes(key: str, value: Any) -> bytes:
-    """A ``file:`` load parameter's contents: bytes over gRPC (and from models), base64 text
-    over HTTP."""
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise InvalidInput(f"File parameter '{key[:64]}' must be base64-encoded bytes") from None
-    raise T.LOAD_FILE_NOT_BYTES(name=key[:64])
-
-
-def _param_type(value: Any) -> str:
-    """Triton's name of a parameter value's type (``TRITONSERVER_ParameterTypeString``)."""
-    if isinstance(value, bool):
-        return "BOOL"
-    if isinstance(value, int):
-        return "INT"
-    if isinstance(value, float):
-        return "DOUBLE"
-    if isinstance(value, bytes | bytearray):
-        return "BYTES"
-    return "STRING"
 
 
 def _queue_policy_reads_timeout(config: mc.ModelConfig) -> bool:
