@@ -335,21 +335,21 @@ class DataPlane:
         except ServingError:
             return False
 
-    async def infer_stream(self, request: InferRequest) -> AsyncGenerator[StreamItem, None]:
+    def infer_stream(self, request: InferRequest) -> AsyncGenerator[StreamItem, None]:
         """A decoupled model's responses to one request, as they come: ``(response, final)``
         pairs, where a response is an ``InferResult`` (the caller ``done``s it), a
         ``ServingError`` or ``None`` (the final flag alone). Ends after the final one. A
         request refused before it ran raises. Leaving the loop early stops delivery: later
         responses are dropped and their shared memory given back."""
+        return responses(request, lambda: self._run_streamed(request))
+
+    async def _run_streamed(self, request: InferRequest) -> InferResult:
+        """A decoupled request's execution (``infer_stream``); a refusal surfaces from the
+        stream's first step, as the request's other errors do."""
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)
-        stream = responses(request, lambda: self._infer(mv, request))
-        try:
-            async for item in stream:
-                yield item
-        finally:
-            await stream.aclose()  # at once: a consumer that left stops delivery now
+        return await self._infer(mv, request)
 
     async def _cached(self, cache: ResponseCache, mv: ModelVersion, request: InferRequest) -> InferResult:
         """A cache hit answers at once (Triton counts it as a success with its lookup time as

@@ -386,7 +386,7 @@ class Worker:
             return  # a keep-alive answer nobody waits for
         if body == "failed" and rid in self._streams:
             self._streams.pop(rid).fail(wire.to_error(env.failed))
-        elif body == "infer_done" and env.infer_done.rescheduled and rid in self._streams:
+        elif rid in self._streams and body == "infer_done" and env.infer_done.rescheduled:
             stream = self._streams[rid]
             stream.ended(env.infer_done.rescheduled)  # they run again in a later batch
             if stream.closed:

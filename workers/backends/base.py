@@ -20,6 +20,7 @@ from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.workers.backends.ragged import Ragged
+from shoal.workers.tensors import is_device_array
 
 Array = npt.NDArray[Any]
 
@@ -224,10 +225,7 @@ class BatchedBackend(Backend):
         """Execute once on the inputs of ``requests`` joined along dimension 0 (one request:
         its inputs as they are). The default joins them in memory and calls ``run``; a GPU
         backend may gather them straight into device memory instead."""
-        if len(requests) == 1:
-            return self.run(requests[0].inputs, output_names)
-        merged = {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
-        return self.run(merged, output_names)
+        return self.run(merged_inputs(requests), output_names)
 
     def execute(self, requests: Sequence[WorkRequest]) -> list[WorkResponse]:
         names = self._wanted(requests)
@@ -261,9 +259,26 @@ class BatchedBackend(Backend):
         return list(wanted)
 
 
+def merged_inputs(requests: Sequence[WorkRequest]) -> Mapping[str, Any]:
+    """The inputs of ``requests`` joined along dimension 0 (one request: its own)."""
+    if len(requests) == 1:
+        return requests[0].inputs
+    return {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+
+
+def kept_on_device(requests: Sequence[WorkRequest], output_names: Sequence[str]) -> frozenset[str]:
+    """The outputs that every request of a batch asking for them wants in CUDA shared memory
+    (a GPU backend may leave those on the device)."""
+    return frozenset(
+        name
+        for name in output_names
+        if all(name in r.device_outputs for r in requests if not r.requested_outputs or name in r.requested_outputs)
+    )
+
+
 def _concat(arrays: list[Any]) -> Any:
     """Join along dimension 0; CuPy arrays (inputs left in CUDA memory) on the device."""
-    if any(type(a).__module__.split(".", 1)[0] == "cupy" for a in arrays):
+    if any(is_device_array(a) for a in arrays):
         import cupy  # only backends taking device inputs get here
 
         return cupy.concatenate([cupy.asarray(a) for a in arrays])

@@ -20,7 +20,16 @@ from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends import ortcuda, ragged
-from shoal.workers.backends.base import Array, BatchedBackend, ModelSpec, WorkRequest, model_file, relative
+from shoal.workers.backends.base import (
+    Array,
+    BatchedBackend,
+    ModelSpec,
+    WorkRequest,
+    kept_on_device,
+    merged_inputs,
+    model_file,
+    relative,
+)
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.onnx"
@@ -68,8 +77,6 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._outputs = [o.name for o in cfg.output] or [o.name for o in session.get_outputs()]
         self._outputs += [name for name in state_outputs(cfg) if name not in self._outputs]
         self._io: ortcuda.IoBindingRun | None = None
-        self._keep: frozenset[str] = frozenset()
-        """Outputs that every request of the running batch wants in CUDA shared memory."""
         on_gpu = "CUDAExecutionProvider" in session.get_providers() and spec.device.is_gpu
         if on_gpu and self.ragged is None and not self._string_inputs and not self._string_outputs:
             self._io = ortcuda.IoBindingRun(session, ortcuda.output_dtypes(cfg))
@@ -163,17 +170,9 @@ class OnnxRuntimeBackend(BatchedBackend):
         return cfg
 
     def run_batch(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> dict[str, Array]:
-        if self._io is None:
+        if self._io is None or self._session is None:
             return super().run_batch(requests, output_names)
-        self._keep = frozenset(
-            name
-            for name in output_names
-            if all(name in r.device_outputs for r in requests if not r.requested_outputs or name in r.requested_outputs)
-        )
-        try:
-            return super().run_batch(requests, output_names)
-        finally:
-            self._keep = frozenset()
+        return self._run_bound(merged_inputs(requests), output_names, kept_on_device(requests, output_names))
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         """Run the session once on already-batched inputs."""
@@ -181,7 +180,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         if session is None:
             raise ServingError(f"model '{self._name}' is closed", code=ErrorCode.UNAVAILABLE)
         if self._io is not None:
-            return self._run_bound(inputs, output_names)
+            return self._run_bound(inputs, output_names, frozenset())
         feed: dict[str, Array] = {}
         for name, array in inputs.items():
             if name in self._string_inputs or array.dtype == np.object_:
@@ -208,15 +207,18 @@ class OnnxRuntimeBackend(BatchedBackend):
             out[name] = array
         return out
 
-    def _run_bound(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
-        """A GPU session's run through IO binding (``ortcuda``)."""
+    def _run_bound(
+        self, inputs: Mapping[str, Array], output_names: Sequence[str], keep: frozenset[str]
+    ) -> dict[str, Array]:
+        """A GPU session's run through IO binding (``ortcuda``); ``keep``: outputs left on the
+        device."""
         assert self._io is not None
         feed = {}
         for name, array in inputs.items():
             shape = self._in_reshape.get(name)
             feed[name] = _reshape(array, shape, self.batching) if shape is not None else array
         try:
-            results = self._io.run(feed, list(output_names), self._keep)
+            results = self._io.run(feed, list(output_names), keep)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are pybind types, told apart by name
             code = ErrorCode.INVALID_ARGUMENT if type(exc).__name__ == "InvalidArgument" else ErrorCode.INTERNAL
             raise ServingError(f"model '{self._name}': onnxruntime: {exc}", code=code) from None

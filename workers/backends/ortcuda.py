@@ -25,6 +25,7 @@ import numpy as np
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.workers.backends.base import ModelSpec
+from shoal.workers.tensors import is_device_array
 
 TRT_OPTIONS: Final[dict[str, str]] = {
     "max_workspace_size_bytes": "trt_max_workspace_size",
@@ -106,11 +107,6 @@ def _trt_options(spec: ModelSpec, params: Mapping[str, str]) -> dict[str, str]:
                 f"model '{spec.name}': unknown parameter '{key}' is provided for TensorRT Execution Accelerator"
             )
     return options
-
-
-def is_device_array(obj: object) -> bool:
-    """A CuPy array (GPU memory)."""
-    return type(obj).__module__.split(".", 1)[0] == "cupy"
 
 
 class IoBindingRun:

@@ -33,6 +33,7 @@ from shoal.workers.backends.base import (
     WorkRequest,
     WorkResponse,
     cuda_stream_priority,
+    kept_on_device,
     model_file,
 )
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
@@ -223,12 +224,7 @@ class PyTorchBackend(BatchedBackend):
         if self._path is None:
             return super().run_batch(requests, output_names)
         parts = {name: [r.inputs[name] for r in requests] for name in requests[0].inputs}
-        keep = frozenset(
-            name
-            for name in output_names
-            if all(name in r.device_outputs for r in requests if not r.requested_outputs or name in r.requested_outputs)
-        )
-        return self._run_on_device(parts, output_names, keep)
+        return self._run_on_device(parts, output_names, kept_on_device(requests, output_names))
 
     def _run_on_device(
         self, parts: Mapping[str, Sequence[Any]], output_names: Sequence[str], keep: frozenset[str]

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from shoal.proto.errors import InvalidInput
+from shoal.workers.tensors import is_device_array
 
 ALIGN = 256
 """Byte alignment of each tensor in the staging and device buffers."""
@@ -47,11 +48,6 @@ PARALLEL_BYTES = 4 << 20
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def is_device_array(obj: object) -> bool:
-    """A CuPy array (GPU memory)."""
-    return type(obj).__module__.split(".", 1)[0] == "cupy"
 
 
 def _address(a: Any) -> int:
