@@ -126,3 +126,53 @@ def test_io_binding_run_on_a_cpu_session(tmp_path: Path) -> None:
         np.testing.assert_array_equal(out["Z"], -data)
     out = run.run({"X": data.T.copy().T}, ["Y"], frozenset({"Y"}))  # not C-contiguous; no GPU: host
     np.testing.assert_array_equal(out["Y"], data * 2)
+
+
+def test_backend_batches_through_io_binding(tmp_path: Path) -> None:
+    """The backend's IO-binding branch (a GPU instance's) on a CPU session: a batch of
+    requests merged, run once through the binding, split back per request."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import importlib.util
+    import sys
+
+    from shoal.workers.backends.base import WorkRequest
+    from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend
+
+    root = Path(__file__).resolve().parents[2]
+    spec_ = importlib.util.spec_from_file_location("shoal_make_examples_io", root / "scripts" / "make_examples.py")
+    assert spec_ is not None and spec_.loader is not None
+    make = importlib.util.module_from_spec(spec_)
+    sys.modules["shoal_make_examples_io"] = make
+    spec_.loader.exec_module(make)
+    make.make_examples(tmp_path)
+    config = text_format.Parse((tmp_path / "simple_onnx" / "config.pbtxt").read_text(), mc.ModelConfig())
+    spec = ModelSpec(
+        "simple_onnx", 1, config, str(tmp_path), str(tmp_path / "simple_onnx"),
+        str(tmp_path / "simple_onnx" / "1"), "simple_onnx_0", Device(),
+    )  # fmt: skip
+    backend = OnnxRuntimeBackend.load(spec)
+    assert backend._io is None  # a CPU instance runs without binding ...
+    backend._io = ortcuda.IoBindingRun(backend._session, ortcuda.output_dtypes(config))  # ... a GPU one with it
+    assert isinstance(backend._session, ort.InferenceSession)
+    rng = np.random.default_rng(1)
+    requests = [
+        WorkRequest(
+            id=k,
+            inputs={
+                "INPUT0": rng.integers(0, 9, (n, 16)).astype(np.int32),
+                "INPUT1": rng.integers(0, 9, (n, 16)).astype(np.int32),
+            },
+            requested_outputs=["OUTPUT1"] if k == 1 else [],
+        )  # fmt: skip
+        for k, n in enumerate((1, 2, 3))
+    ]
+    responses = backend.execute(requests)
+    for req, resp in zip(requests, responses, strict=True):
+        a, b = req.inputs["INPUT0"], req.inputs["INPUT1"]
+        assert resp.error is None
+        np.testing.assert_array_equal(resp.outputs["OUTPUT1"], a - b)
+        if req.id != 1:
+            np.testing.assert_array_equal(resp.outputs["OUTPUT0"], a + b)
+        else:
+            assert list(resp.outputs) == ["OUTPUT1"]
