@@ -33,6 +33,7 @@ from shoal.server.frontends.grpc.app import GrpcBindError, start_grpc
 from shoal.server.frontends.http.app import make_app, make_health_app
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
+from shoal.server.frontproc.supervisor import Frontends, hold_port
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
 from shoal.server.memory import Trimmer
@@ -90,6 +91,9 @@ class App:
         self.http_guard: ConnectionGuard | None = None
         self.tracer: TraceManager | None = None
         self.status: StatusMonitor | None = None
+        self.frontends: Frontends | None = None
+        self._held: list[socket.socket] = []
+        """Public ports kept for the frontend processes."""
 
     async def _refresh_remote(self) -> None:
         if self.remote is not None:
@@ -292,7 +296,10 @@ class App:
             handler_cancellation=True,
         )
         await self._runner.setup()
-        if cfg.allow_http:
+        if cfg.allow_http and cfg.frontend_processes:
+            self.http_port = self._hold(cfg.host, cfg.http_port, "HTTP", "--http-port")
+            await web.UnixSite(self._runner, os.path.join(self.run_dir, "http.sock")).start()
+        elif cfg.allow_http:
             sock = _listen(cfg.host, cfg.http_port, reuse_port=cfg.reuse_http_port, what="HTTP", flag="--http-port")
             self.http_port = sock.getsockname()[1]
             await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
@@ -301,10 +308,12 @@ class App:
             await self._start_health()
         if cfg.allow_grpc:
             grpc_host = cfg.grpc_host or cfg.host
+            if cfg.frontend_processes:
+                self.grpc_port = self._hold(grpc_host, cfg.grpc_port, "gRPC", "--grpc-port")
             try:
-                self._grpc, self.grpc_port = await start_grpc(
+                self._grpc, bound = await start_grpc(
                     self.dataplane,
-                    grpc_host,
+                    "unix:" + os.path.join(self.run_dir, "grpc.sock") if cfg.frontend_processes else grpc_host,
                     cfg.grpc_port,
                     cfg.grpc,
                     max_connections=limits.grpc_max_connections,
@@ -316,7 +325,11 @@ class App:
                 # grpc does not say why: a plain bind of the same address does
                 why = _probe(exc.host, exc.port)
                 raise ListenError(_bind_problem("gRPC", grpc_host, cfg.grpc_port, "--grpc-port", why)) from None
-            log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
+            if not cfg.frontend_processes:
+                self.grpc_port = bound
+                log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
+        if cfg.frontend_processes:
+            await self._start_frontends()
         if cfg.allow_metrics:
             await self._start_metrics()
         if cfg.model_control_mode == "explicit":
@@ -337,6 +350,48 @@ class App:
         if cfg.exit_on_error and not ready:
             raise StartupError("failed to load all models")
 
+    def _hold(self, host: str, port: int, what: str, flag: str) -> int:
+        """Keep ``port`` for the frontend processes; returns it (the one chosen, for 0)."""
+        try:
+            sock = hold_port(host, port)
+        except OSError as exc:
+            raise ListenError(_bind_problem(what, host, port, flag, exc)) from exc
+        self._held.append(sock)
+        return int(sock.getsockname()[1])
+
+    def _frontend_gone(self, arena_prefix: str) -> None:
+        """A frontend process exited: its input arena goes (workers and the router drop their
+        mappings of it)."""
+        self.mapper.forget_prefix(arena_prefix)
+        if self.models is not None:
+            for worker in self.models.registry.workers():
+                worker.forget(arena_prefixes=[arena_prefix])
+        region.unlink_prefix(arena_prefix + "_")
+
+    async def _start_frontends(self) -> None:
+        cfg = self.config
+        assert self.channel is not None
+        self.frontends = Frontends(
+            cfg.frontend_processes,
+            self.channel,
+            self.run_dir,
+            self.prefix,
+            cfg.argv,
+            triton=cfg.triton,
+            on_exit=self._frontend_gone,
+            http_port=self.http_port if cfg.allow_http else 0,
+            grpc_port=self.grpc_port if cfg.allow_grpc else 0,
+        )
+        try:
+            await self.frontends.start()
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        if cfg.allow_http:
+            log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
+        if cfg.allow_grpc:
+            log.info("GRPC listening on %s:%d", cfg.grpc_host or cfg.host, self.grpc_port)
+        log.info("%d frontend processes serve the HTTP and gRPC ports", cfg.frontend_processes)
+
     async def _start_health(self) -> None:
         assert self.dataplane is not None
         self._health_runner = web.AppRunner(
@@ -354,6 +409,8 @@ class App:
         deadline = time.monotonic() + timeout
         if self.dataplane is not None:
             self.dataplane.accepting = False
+        if self.frontends is not None:
+            self.frontends.begin_stop()
         if self._poll is not None:
             self._poll.cancel()
         if self._runner is not None:
@@ -363,6 +420,10 @@ class App:
         grpc_stop = asyncio.ensure_future(self._grpc.stop(timeout)) if self._grpc is not None else None
         if self.models is not None:
             await self._bounded(self.models.drain(timeout))
+        if self.frontends is not None:  # their answers are written; then they exit
+            await self.frontends.wait_stopped(0.5 if self._force.is_set() else max(1.0, deadline - time.monotonic()))
+        for sock in self._held:
+            sock.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._health_runner is not None:

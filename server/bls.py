@@ -23,8 +23,9 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.server.dataplane import DataPlane
+from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
+from shoal.server.frontproc import wire as frontwire
 from shoal.server.types import ArenaRef, InferRequest, InferResult, InputTensor, Lease, RequestedOutput
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
@@ -70,7 +71,8 @@ class BlsRouter:
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            if body == "bls_call" and env.bls_call.decoupled:
+            if body == "bls_call" and (env.bls_call.decoupled or env.bls_call.frontend):
+                # a frontend process cancels a call whose client went away
                 key = (identity, env.bls_call.call_id)
                 self._calls[key] = task
                 task.add_done_callback(lambda _: self._calls.pop(key, None))
@@ -90,6 +92,9 @@ class BlsRouter:
         self._holds.clear()
 
     async def _serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
+        if call.frontend:
+            await self._serve_frontend(identity, call, frames)
+            return
         try:
             request = self._request(identity, call, frames)
             if call.decoupled and self.dp.is_decoupled(request.model_name, request.model_version):
@@ -109,6 +114,49 @@ class BlsRouter:
             if not isinstance(exc, ServingError):
                 log.exception("BLS call to model '%s' failed", call.model_name)
             self._reply(identity, call.call_id, err, True)
+
+    async def _serve_frontend(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
+        """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
+        the frontend's arena are its to reuse once no worker reads them: with the final reply,
+        or, when the call ended first, by a later ``inputs_free`` reply."""
+        if self.dp.tracer.active:  # traces start and end in the router's own frontends
+            env = wire.envelope(0)
+            env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call.call_id, True, True
+            self._send(identity, env, [])
+            return
+        state = {"ended": False, "held": True}
+        call_id = call.call_id
+
+        def inputs_read() -> None:
+            state["held"] = False
+            if state["ended"]:
+                env = wire.envelope(0)
+                env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
+                self._send(identity, env, [])
+
+        lease = Lease(inputs_read)
+        item: InferResult | ServingError
+        try:
+            request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
+            decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
+            item = await self.dp.infer(request, decoupled_error=decoupled_error)
+        except asyncio.CancelledError:
+            state["ended"] = True
+            lease.drop()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is the client's answer
+            if not isinstance(exc, ServingError):
+                log.exception("a request to model '%s' failed", call.model_name)
+            item = exc if isinstance(exc, ServingError) else from_exception(exc)
+        lease.drop()
+        state["ended"] = True
+        self._reply(identity, call_id, item, True, inputs_held=state["held"])
+
+    def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:
+        try:
+            self.channel.send(identity, env, frames)
+        except ServingError:
+            pass
 
     async def _control(self, identity: bytes, m: wpb.ModelControl) -> None:
         """pb_utils.load_model / unload_model / is_model_ready from a model."""
@@ -133,10 +181,7 @@ class BlsRouter:
             raise
         except Exception as exc:  # noqa: BLE001 - the calling model gets the error
             out.error = (exc if isinstance(exc, ServingError) else from_exception(exc)).message
-        try:
-            self.channel.send(identity, reply)
-        except ServingError:
-            pass
+        self._send(identity, reply, [])
 
     def _request(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> InferRequest:
         r = call.request
@@ -192,24 +237,36 @@ class BlsRouter:
                 code=ErrorCode.UNAVAILABLE,
             )
 
-    def _reply(self, identity: bytes, call_id: int, item: InferResult | ServingError | None, final: bool) -> None:
+    def _reply(
+        self,
+        identity: bytes,
+        call_id: int,
+        item: InferResult | ServingError | None,
+        final: bool,
+        *,
+        inputs_held: bool = False,
+    ) -> None:
         env = wire.envelope(0)
         reply = env.bls_reply
         reply.call_id = call_id
         reply.final = final
+        reply.inputs_held = inputs_held
         frames: list[Any] = []
         held: InferResult | None = None
         if isinstance(item, ServingError):
             wire.failed(item, reply.result.error)
         elif item is not None:
             res = reply.result
+            res.model_name, res.model_version, res.request_id = item.model_name, item.model_version, item.id
             if item.parameters:
                 res.parameters_json = json.dumps(item.parameters)
             for t in item.outputs:
                 ref = res.outputs.add()
                 ref.name, ref.datatype = t.name, t.datatype
                 ref.shape.extend(t.shape)
-                if t.arena is not None:  # in the target's arena: the caller reads it there
+                if t.in_shm:  # written into the client's region (a frontend's request)
+                    ref.named.nbytes = t.written
+                elif t.arena is not None:  # in the target's arena: the caller reads it there
                     s = ref.shm
                     s.region, s.offset, s.nbytes, s.device = (
                         t.arena.region,

@@ -172,6 +172,13 @@ class ServerConfig:
     """Operators may restart single workers (``POST /v2/admin/...``); listing is always on."""
     grpc_host: str = ""
     """gRPC bind address; empty: same as ``host``."""
+    frontend_processes: int = 0
+    """Processes that serve the HTTP and gRPC ports beside the router (``server.frontproc``);
+    0: the router serves them itself."""
+    argv: tuple[str, ...] = field(default=(), compare=False)
+    """The command line this was parsed from (frontend processes parse it again)."""
+    triton: bool = field(default=False, compare=False)
+    """Started as ``tritonserver`` (with Triton's defaults, which the other fields hold)."""
     grpc: GrpcOptions = field(default_factory=lambda: GrpcOptions())
 
 
@@ -318,6 +325,9 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         worker_heartbeat_timeout_s=args.worker_heartbeat_timeout_secs,
         request_timeout_s=args.request_timeout_secs,
         worker_python=args.worker_python,
+        frontend_processes=args.frontend_processes,
+        argv=tuple(argv),
+        triton=triton,
         grpc=GrpcOptions(
             keepalive_time_ms=args.grpc_keepalive_time,
             keepalive_timeout_ms=args.grpc_keepalive_timeout,

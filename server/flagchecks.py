@@ -73,6 +73,7 @@ def check_ranges(args: argparse.Namespace, problems: list[str]) -> None:
         "worker_heartbeat_timeout_secs>=",
         "request_timeout_secs>=",
         "inline_max_bytes>=",
+        "frontend_processes>=",
         "model_load_timeout_secs>",
         "model_load_thread_count>",
         "model_load_retry_count>=",

@@ -294,6 +294,12 @@ GROUPS: dict[str, list[Flag]] = {
         _f("--worker-heartbeat-timeout-secs", float, 30.0, "kill and replace a silent worker after this (0: off)"),
         _f("--request-timeout-secs", float, 0.0, "deadline of every request (0: none)"),
         _f("--worker-python", str, "", "Python interpreter that runs workers (default: this one)"),
+        _f(
+            "--frontend-processes",
+            int,
+            0,
+            "serve HTTP and gRPC from this many processes beside the router (0: the router serves them)",
+        ),
         _f("--shm-arena-bytes", int, 64 << 20, "size of each segment of the router's input arena"),
         _f("--shm-arena-max-bytes", int, 1 << 30, "the router's input arena at most"),
         _f("--worker-arena-bytes", int, 16 << 20, "size of each segment of a worker's output arena"),

@@ -50,6 +50,38 @@ class Peer:
         return f"uid:{uid}" if uid is not None else f"host:{self.host}"
 
 
+PEER_HEADER = "x-shoal-peer"
+"""Set by a frontend process (``server.frontproc``) on what it forwards to the router: the
+client's ``host port server_port``. The router believes it only on its Unix sockets (in the
+run directory, which only the server's user can open)."""
+
+
+def peer_value(peer: Peer | None) -> str:
+    """``host port server_port uid`` (``-``: no uid): the uid is read here, once per client
+    connection, so that the router does not search the socket tables for every request."""
+    if peer is None:
+        return ""
+    uid = peer.uid
+    return f"{peer.host} {peer.port} {peer.server_port} {'-' if uid is None else uid}"
+
+
+def parse_peer(value: str | None) -> Peer | None:
+    """The ``Peer`` of ``peer_value``'s text (``None`` if it is not one)."""
+    if not value:
+        return None
+    try:
+        host, port, server_port, uid = value.rsplit(" ", 3)
+        return Peer(
+            host=host,
+            port=int(port),
+            server_port=int(server_port),
+            _uid=None if uid == "-" else int(uid),
+            _uid_known=True,
+        )
+    except ValueError:
+        return None
+
+
 def is_loopback(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])

@@ -152,6 +152,36 @@ class ClientShm(_message.Message):
 Global___ClientShm: _TypeAlias = ClientShm  # noqa: Y015
 
 @_typing.final
+class NamedRegion(_message.Message):
+    """A tensor in a client's shared-memory region, by the name the client registered it under
+    (frontend process <-> router: the router resolves and checks it as it does a request's
+    shared_memory_region parameters). Outputs: nbytes is what was written.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NBYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    offset: _builtins.int
+    nbytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        nbytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "nbytes", b"nbytes", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamedRegion: _TypeAlias = NamedRegion  # noqa: Y015
+
+@_typing.final
 class TensorRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -161,17 +191,23 @@ class TensorRef(_message.Message):
     FRAME_FIELD_NUMBER: _builtins.int
     SHM_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
+    NAMED_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     datatype: _builtins.str
     """KServe protocol string, e.g. "FP32" """
     frame: _builtins.int
     """index into the message's buffers"""
+    parameters_json: _builtins.str
+    """the tensor's parameters (frontend calls; "" = none)"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def shm(self) -> Global___ShmSlice: ...
     @_builtins.property
     def client(self) -> Global___ClientShm: ...
+    @_builtins.property
+    def named(self) -> Global___NamedRegion: ...
     def __init__(
         self,
         *,
@@ -181,16 +217,48 @@ class TensorRef(_message.Message):
         frame: _builtins.int = ...,
         shm: Global___ShmSlice | None = ...,
         client: Global___ClientShm | None = ...,
+        named: Global___NamedRegion | None = ...,
+        parameters_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "frame", b"frame", "location", b"location", "shm", b"shm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "frame", b"frame", "location", b"location", "named", b"named", "shm", b"shm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "datatype", b"datatype", "frame", b"frame", "location", b"location", "name", b"name", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "datatype", b"datatype", "frame", b"frame", "location", b"location", "name", b"name", "named", b"named", "parameters_json", b"parameters_json", "shape", b"shape", "shm", b"shm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["frame", "shm", "client"]  # noqa: Y015
+    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["frame", "shm", "client", "named"]  # noqa: Y015
     _WhichOneofArgType_location: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_location) -> _WhichOneofReturnType_location | None: ...
 
 Global___TensorRef: _TypeAlias = TensorRef  # noqa: Y015
+
+@_typing.final
+class OutputSpec(_message.Message):
+    """A requested output of a frontend process's call: its parameters (binary_data,
+    classification) and the client region it goes to.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    parameters_json: _builtins.str
+    @_builtins.property
+    def region(self) -> Global___NamedRegion: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+        region: Global___NamedRegion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "parameters_json", b"parameters_json", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputSpec: _TypeAlias = OutputSpec  # noqa: Y015
 
 @_typing.final
 class Failed(_message.Message):
@@ -348,6 +416,7 @@ class Request(_message.Message):
     FLAGS_FIELD_NUMBER: _builtins.int
     OUTPUT_SHM_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    OUTPUT_SPECS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     parameters_json: _builtins.str
     """request parameters as a JSON object ("" = none)"""
@@ -370,6 +439,10 @@ class Request(_message.Message):
     def output_shm(self) -> _containers.MessageMap[_builtins.str, Global___ClientShm]:
         """outputs the worker writes into client regions"""
 
+    @_builtins.property
+    def output_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSpec]:
+        """frontend calls: the requested outputs with their parameters (outputs then names them too)"""
+
     def __init__(
         self,
         *,
@@ -383,10 +456,11 @@ class Request(_message.Message):
         flags: _builtins.int = ...,
         output_shm: _abc.Mapping[_builtins.str, Global___ClientShm] | None = ...,
         trace_id: _builtins.int = ...,
+        output_specs: _abc.Iterable[Global___OutputSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "output_specs", b"output_specs", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,8 +496,15 @@ class Result(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     parameters_json: _builtins.str
+    model_name: _builtins.str
+    """BlsReply to a frontend process: what its response names"""
+    model_version: _builtins.int
+    request_id: _builtins.str
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorRef]: ...
     @_builtins.property
@@ -437,10 +518,13 @@ class Result(_message.Message):
         outputs: _abc.Iterable[Global___TensorRef] | None = ...,
         error: Global___Failed | None = ...,
         parameters_json: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "outputs", b"outputs", "parameters_json", b"parameters_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "model_name", b"model_name", "model_version", b"model_version", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +579,8 @@ class BlsCall(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     DECOUPLED_FIELD_NUMBER: _builtins.int
     TIMEOUT_US_FIELD_NUMBER: _builtins.int
+    FRONTEND_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
     call_id: _builtins.int
     """chosen by the worker; replies echo it"""
     model_name: _builtins.str
@@ -504,6 +590,12 @@ class BlsCall(_message.Message):
     """exec(decoupled=True): any number of replies"""
     timeout_us: _builtins.int
     """0: none"""
+    frontend: _builtins.str
+    """Set by a frontend process (server/frontproc): the client's protocol ("http", "grpc"),
+    which words the errors that differ between them
+    """
+    peer: _builtins.str
+    """frontend calls naming client shared memory: the client's "host port server_port" """
     @_builtins.property
     def request(self) -> Global___Request: ...
     def __init__(
@@ -515,10 +607,12 @@ class BlsCall(_message.Message):
         request: Global___Request | None = ...,
         decoupled: _builtins.bool = ...,
         timeout_us: _builtins.int = ...,
+        frontend: _builtins.str = ...,
+        peer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "decoupled", b"decoupled", "model_name", b"model_name", "model_version", b"model_version", "request", b"request", "timeout_us", b"timeout_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "decoupled", b"decoupled", "frontend", b"frontend", "model_name", b"model_name", "model_version", b"model_version", "peer", b"peer", "request", b"request", "timeout_us", b"timeout_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,10 +631,23 @@ class BlsReply(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
+    INPUTS_HELD_FIELD_NUMBER: _builtins.int
+    INPUTS_FREE_FIELD_NUMBER: _builtins.int
     call_id: _builtins.int
     final: _builtins.bool
     hold_id: _builtins.int
     """nonzero: some outputs are in shared memory"""
+    proxy: _builtins.bool
+    """To a frontend process: requests are traced now; send this one (and the next ones, for a
+    while) through the router's own frontends, which trace them
+    """
+    inputs_held: _builtins.bool
+    """To a frontend process: inputs of this call that lie in its arena are still read by a
+    worker (the call ended first: deadline, cancellation); a later BlsReply with inputs_free
+    set says when they may be reused.
+    """
+    inputs_free: _builtins.bool
     @_builtins.property
     def result(self) -> Global___Result: ...
     def __init__(
@@ -550,10 +657,13 @@ class BlsReply(_message.Message):
         result: Global___Result | None = ...,
         final: _builtins.bool = ...,
         hold_id: _builtins.int = ...,
+        proxy: _builtins.bool = ...,
+        inputs_held: _builtins.bool = ...,
+        inputs_free: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "final", b"final", "hold_id", b"hold_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "final", b"final", "hold_id", b"hold_id", "inputs_free", b"inputs_free", "inputs_held", b"inputs_held", "proxy", b"proxy", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

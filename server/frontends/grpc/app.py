@@ -66,10 +66,13 @@ def _safe(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _handler(servicer: object, service: Any, module: Any) -> grpc.GenericRpcHandler:
-    """The service's method handlers, with deserializers that never raise."""
+def _handler(servicer: object, service: Any, module: Any, only: tuple[str, ...] = ()) -> grpc.GenericRpcHandler:
+    """The service's method handlers (``only`` those named, if any), with deserializers that
+    never raise."""
     handlers = {}
     for m in service.methods:
+        if only and m.name not in only:
+            continue
         request = getattr(module, m.input_type.name)
         response = getattr(module, m.output_type.name)
         kw = {"request_deserializer": _safe(request.FromString), "response_serializer": response.SerializeToString}
@@ -83,18 +86,9 @@ def _handler(servicer: object, service: Any, module: Any) -> grpc.GenericRpcHand
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-async def start_grpc(
-    dataplane: DataPlane,
-    host: str,
-    port: int,
-    opts: GrpcOptions,
-    *,
-    max_connections: int = 0,
-    stream_max_pending: int = 256,
-    restrictions: restrict.Restrictions | None = None,
-    budget: RequestBudget | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port."""
+def make_server(opts: GrpcOptions, *, max_connections: int = 0) -> grpc.aio.Server:
+    """A grpc.aio server with Shoal's message-size, keepalive, connection and compression
+    settings (no services yet)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -115,10 +109,49 @@ async def start_grpc(
         options.append(("grpc.max_connection_age_ms", opts.max_connection_age_ms))
     if opts.max_connection_age_grace_ms:
         options.append(("grpc.max_connection_age_grace_ms", opts.max_connection_age_grace_ms))
-    server = grpc.aio.server(
+    return grpc.aio.server(
         options=options,
         compression=grpc.Compression.Gzip if opts.compression_level != "none" else grpc.Compression.NoCompression,
     )
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, tls: TlsOptions | None) -> int:
+    """Listen on ``host``:``port`` (a ``host`` of ``unix:PATH``: that socket); returns the
+    bound port; raises ``GrpcBindError``."""
+    address = host if host.startswith("unix:") else f"{host}:{port}"
+    credentials = None if tls is None else _credentials(tls)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        bound = 0
+    if bound == 0:
+        raise GrpcBindError(host, port)
+    return bound
+
+
+def service_handler(servicer: object, only: tuple[str, ...] = ()) -> grpc.GenericRpcHandler:
+    """``servicer``'s inference methods (``only`` those named, if any), each as the service
+    defines it."""
+    return _handler(servicer, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb, only)
+
+
+async def start_grpc(
+    dataplane: DataPlane,
+    host: str,
+    port: int,
+    opts: GrpcOptions,
+    *,
+    max_connections: int = 0,
+    stream_max_pending: int = 256,
+    restrictions: restrict.Restrictions | None = None,
+    budget: RequestBudget | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port. ``host`` ``unix:PATH``: a Unix
+    socket, without TLS (the frontend processes' way in)."""
+    server = make_server(opts, max_connections=max_connections)
     rules = restrictions or restrict.Restrictions()
     peers = PeerCache(0)
     inference = InferenceService(
@@ -132,21 +165,13 @@ async def start_grpc(
     health = HealthService(dataplane, restrictions=rules)
     server.add_generic_rpc_handlers(
         (
-            _handler(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb),
+            service_handler(inference),
             _handler(health, health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2),
         )
     )
-    credentials = None if opts.tls is None else _credentials(opts.tls)
-    try:
-        if credentials is None:
-            bound = server.add_insecure_port(f"{host}:{port}")
-        else:
-            bound = server.add_secure_port(f"{host}:{port}", credentials)
-    except RuntimeError:  # grpc's "Failed to bind to address"
-        bound = 0
-    if bound == 0:
-        raise GrpcBindError(host, port)
-    peers.server_port = bound
+    unix = host.startswith("unix:")
+    bound = bind(server, host, port, None if unix else opts.tls)
+    peers.server_port = 0 if unix else bound
     await server.start()
     return server, bound
 

@@ -25,7 +25,7 @@ from shoal.server.frontends.grpc.common import MALFORMED, MALFORMED_MESSAGE, res
 from shoal.server.frontends.grpc.errors import GRPC_STATUS
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logthrottle import client_error
-from shoal.server.peers import Peer, PeerCache
+from shoal.server.peers import PEER_HEADER, Peer, PeerCache, parse_peer
 from shoal.server.resources import RequestBudget
 from shoal.server.tracing import Trace
 from shoal.server.validation import version_number
@@ -101,7 +101,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.stream_max_pending = stream_max_pending
 
     def peer(self, context: Any) -> Peer | None:
-        return self.peers.get(context.peer())
+        address = context.peer()
+        if address.startswith("unix:"):  # the router's Unix socket: a frontend process forwards
+            return parse_peer(dict(context.invocation_metadata() or ()).get(PEER_HEADER))
+        return self.peers.get(address)
 
     def _trusted(self) -> bool:
         """The shared-memory group is restricted (so this caller passed the check)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal.server.peers import Peer
+from shoal.server.peers import PEER_HEADER, Peer, parse_peer
 
 _FULL_BODY = b'{"error":"the server has too many open HTTP connections; retry later"}'
 _FULL_RESPONSE = (
@@ -161,6 +161,8 @@ class ConnectionGuard:
         if peer is None:
             peername = transport.get_extra_info("peername")
             sockname = transport.get_extra_info("sockname")
+            if isinstance(sockname, str):  # the router's Unix socket: a frontend process forwards
+                return parse_peer(request.headers.get(PEER_HEADER))
             if not isinstance(peername, tuple) or not isinstance(sockname, tuple):
                 return None
             peer = Peer(host=str(peername[0]), port=int(peername[1]), server_port=int(sockname[1]))

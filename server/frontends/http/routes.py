@@ -242,6 +242,11 @@ async def infer(request: web.Request) -> web.StreamResponse:
         held.release()
 
 
+async def infer_body(request: web.Request, dp: DataPlane, data: bytes | bytearray) -> web.StreamResponse:
+    """An inference request whose body is read (a frontend process's, never traced there)."""
+    return await _infer(request, dp, request.app[LIMITS], request.match_info["model"], _version(request), data)
+
+
 async def _infer_traced(
     request: web.Request,
     dp: DataPlane,

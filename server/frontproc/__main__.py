@@ -1,0 +1,5 @@
+import sys
+
+from shoal.server.frontproc.process import main
+
+sys.exit(main())

@@ -1,0 +1,216 @@
+"""A frontend process's connection to the router: submits requests as ``BlsCall``s and
+turns each ``BlsReply`` into the ``InferResult`` (or error) its handler awaits.
+
+``RemoteDataPlane`` is what the router's HTTP and gRPC inference handlers need of a
+``DataPlane`` (``infer``); everything else they do is the same code as in the router."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+from shoal.proto import framing, wire
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.frontproc import wire as frontwire
+from shoal.server.types import Buffer, InferRequest, InferResult
+from shoal.shm.arena import Arena
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+
+log = logging.getLogger("shoal.frontend")
+
+PROXY_FOR_S = 1.0
+"""After the router asked for one request to go through it (tracing is on), the next ones
+go there too for this long before a direct submission is tried again."""
+
+
+class UseProxy(Exception):
+    """Send this request through the router's own frontend (which can trace it)."""
+
+
+class _NotTraced:
+    active = False  # the router decides (``BlsReply.proxy``)
+
+
+class RouterLink(asyncio.Protocol):
+    def __init__(self, identity: bytes, arena: Arena | None = None, inline_max_bytes: int = 32 << 10) -> None:
+        self.identity = identity
+        self.arena = arena
+        """Where inputs larger than ``inline_max_bytes`` go (the worker reads them there)."""
+        self.inline_max_bytes = inline_max_bytes
+        self.transport: Any = None
+        self.decoder = framing.Decoder()
+        self.mapper = Mapper()
+        self._calls: dict[int, asyncio.Future[tuple[wpb.BlsReply, list[bytes]]]] = {}
+        self._ids = itertools.count(1)
+        self._done_holds: list[int] = []
+        self._outbox: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = asyncio.Event()
+        self.shutdown = asyncio.Event()
+        """The router asked this process to stop (``Shutdown``)."""
+        self.proxy_until = 0.0
+        self._orphans: dict[int, list[Block]] = {}
+        """Input blocks of calls that ended while a worker may still read them, by call id."""
+
+    @classmethod
+    async def connect(
+        cls, endpoint: str, identity: bytes, arena: Arena | None = None, inline_max_bytes: int = 32 << 10
+    ) -> RouterLink:
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_unix_connection(
+            lambda: cls(identity, arena, inline_max_bytes), framing.socket_path(endpoint)
+        )
+        link._loop = loop
+        link._write([framing.HELLO, identity])
+        return link
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(ServingError("the router closed the connection", code=ErrorCode.UNAVAILABLE))
+        self._calls.clear()
+        self.closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except framing.FramingError as exc:
+            log.error("router: %s; closing the connection", exc)
+            self.transport.abort()
+            return
+        for frames in messages:
+            env = wire.parse(frames[0])
+            body = env.WhichOneof("body")
+            if body == "bls_reply":
+                reply = env.bls_reply
+                fut = self._calls.pop(reply.call_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((reply, frames[1:]))
+                    continue
+                if reply.hold_id:  # its caller is gone: the outputs go back at once
+                    self._release(reply.hold_id)
+                if reply.inputs_free or (reply.final and not reply.inputs_held):
+                    self._free(self._orphans.pop(reply.call_id, ()))
+            elif body == "shutdown":
+                self.shutdown.set()
+
+    def _write(self, frames: list[Any]) -> None:
+        """Queued, and written at the end of this loop turn with the others of the turn."""
+        if not self._outbox:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._outbox.extend(framing.encode(frames))
+
+    def _flush(self) -> None:
+        if self._done_holds:
+            env = wire.envelope(0)
+            env.bls_done.hold_ids.extend(self._done_holds)
+            self._done_holds = []
+            self._outbox.extend(framing.encode([env.SerializeToString()]))
+        out, self._outbox = self._outbox, []
+        if not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def send(self, env: wpb.Envelope, frames: list[Any] = ()) -> None:  # type: ignore[assignment]
+        self._write([env.SerializeToString(), *frames])
+
+    def _keep(self, call_id: int, blocks: list[Block]) -> None:
+        if blocks:
+            self._orphans[call_id] = blocks
+
+    def _free(self, blocks: list[Block] | tuple[()]) -> None:
+        for b in blocks:
+            assert self.arena is not None
+            self.arena.free(b)
+
+    def _place(self, data: Buffer) -> Block | None:
+        """A copy of a large input in this process's arena (``None``: small, or no room)."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if n <= self.inline_max_bytes or self.arena is None:
+            return None
+        try:
+            block = self.arena.allocate(n)
+        except ServingError:
+            return None  # full: the input travels in the message
+        self.arena.view(block)[:] = data
+        return block
+
+    def _release(self, hold_id: int) -> None:
+        if not self._done_holds and not self._outbox:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+        self._done_holds.append(hold_id)
+
+    async def infer(self, request: InferRequest, frontend: str) -> InferResult:
+        """The router's answer to ``request``; raises its ``ServingError``, or ``UseProxy``."""
+        if self.proxy_until and time.monotonic() < self.proxy_until:
+            raise UseProxy
+        if self.transport is None or self.transport.is_closing():
+            raise ServingError("the router is not reachable", code=ErrorCode.UNAVAILABLE)
+        call_id = next(self._ids)
+        env, frames, blocks = frontwire.pack_call(call_id, request, frontend, self._place if self.arena else None)
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._calls[call_id] = fut
+        self.send(env, frames)
+        try:
+            reply, rframes = await fut
+        except asyncio.CancelledError:  # the client went away: the router cancels the request
+            if self._calls.pop(call_id, None) is not None:
+                cancel = wire.envelope(0)
+                cancel.bls_done.cancel_calls.append(call_id)
+                self.send(cancel)
+                self._keep(call_id, blocks)  # until the router says inputs_free
+            elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                answered, _ = fut.result()  # answered as the client went: give its outputs back
+                if answered.hold_id:
+                    self._release(answered.hold_id)
+                self._keep(call_id, blocks) if answered.inputs_held else self._free(blocks)
+            else:
+                self._free(blocks)  # the connection is gone: no worker reads them any more
+            raise
+        except BaseException:
+            self._free(blocks)
+            raise
+        if reply.inputs_held:
+            self._keep(call_id, blocks)
+        else:
+            self._free(blocks)
+        if reply.proxy:
+            self.proxy_until = time.monotonic() + PROXY_FOR_S
+            raise UseProxy
+        hold = reply.hold_id
+        release = (lambda: self._release(hold)) if hold else None
+        try:
+            item = frontwire.unpack_result(reply.result, rframes, self.mapper.view, release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if isinstance(item, ServingError):
+            raise item
+        return item
+
+
+class RemoteDataPlane:
+    """The part of ``DataPlane`` that the inference handlers call, answered by the router."""
+
+    tracer = _NotTraced()
+
+    def __init__(self, link: RouterLink, frontend: str) -> None:
+        self.link = link
+        self.frontend = frontend
+
+    async def infer(self, request: InferRequest, *, decoupled_error: Any = None) -> InferResult:
+        return await self.link.infer(request, self.frontend)
+
+    def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
+        raise UseProxy  # the model's metadata is the router's

@@ -1,0 +1,143 @@
+"""What a frontend process does not serve itself goes to the router's own HTTP and gRPC
+servers (Unix sockets in the run directory) unchanged, with the client's address in
+``PEER_HEADER`` so that the router knows whose shared memory it is."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from shoal.server.peers import PEER_HEADER, Peer, from_grpc, peer_value
+
+log = logging.getLogger("shoal.frontend")
+
+_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host")
+)
+
+
+class HttpProxy:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self.socket_path, limit=0),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(
+        self, request: web.Request, peer: Peer | None, body: bytes | bytearray | None = None
+    ) -> web.StreamResponse:
+        """``request`` answered by the router; ``body``: already read by the caller."""
+        data = body if body is not None else await request.read()
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP and k.lower() != PEER_HEADER]
+        if peer is not None:
+            headers.append((PEER_HEADER, peer_value(peer)))
+        try:
+            up = await self.session().request(
+                request.method, "http://router" + request.path_qs, headers=headers, data=data, allow_redirects=False
+            )
+        except aiohttp.ClientError as exc:
+            log.warning("the router did not answer %s %s: %s", request.method, request.path, exc)
+            return web.json_response({"error": "the server is restarting; retry later"}, status=503)
+        try:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            for k, v in up.headers.items():
+                if k.lower() not in _HOP:
+                    resp.headers.add(k, v)
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            up.release()
+
+
+def _metadata(context: Any, peer: str) -> list[tuple[str, str | bytes]]:
+    md = [
+        (k, v)
+        for k, v in (context.invocation_metadata() or ())
+        if not k.startswith((":", "grpc-")) and k != PEER_HEADER
+    ]
+    md.append((PEER_HEADER, peer))
+    return md
+
+
+class GrpcProxy(grpc.GenericRpcHandler):
+    """Every gRPC method not served here, as raw messages in both directions (a unary call is
+    a stream of one on the wire)."""
+
+    def __init__(self, target: str, server_port: int) -> None:
+        self.target = target
+        self.server_port = server_port
+        self._channel: grpc.aio.Channel | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.target,
+                options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+            )
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        method = details.method
+
+        async def handle(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            async for item in self.stream(method, requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(handle)
+
+    def peer_of(self, context: Any) -> str:
+        return peer_value(from_grpc(context.peer(), self.server_port))
+
+    async def stream(self, method: str, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        remaining = context.time_remaining()
+        forward: Any = self.channel().stream_stream(method)  # raw bytes both ways
+        call: Any = forward(requests, metadata=_metadata(context, self.peer_of(context)), timeout=remaining)
+        try:
+            async for resp in call:
+                yield resp
+        except grpc.aio.AioRpcError as exc:
+            context.set_code(exc.code())
+            context.set_details(exc.details() or "")
+            return
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        trailing = await call.trailing_metadata()
+        if trailing:
+            context.set_trailing_metadata(tuple((k, v) for k, v in trailing if not k.startswith("grpc-")))
+
+    async def unary(self, method: str, request: bytes, context: Any) -> bytes | None:
+        """One call (the inference handler's way back when the router must trace it)."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield request
+
+        out = None
+        async for resp in self.stream(method, one(), context):
+            out = resp
+        return out
