@@ -124,33 +124,41 @@ class BlsRouter:
             env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call.call_id, True, True
             self._send(identity, env, [])
             return
-        state = {"ended": False, "held": True}
         call_id = call.call_id
+        leases: list[Lease] = []
+        ended = False
 
         def inputs_read() -> None:
-            state["held"] = False
-            if state["ended"]:
+            if ended:
                 env = wire.envelope(0)
                 env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
                 self._send(identity, env, [])
 
-        lease = Lease(inputs_read)
+        def lease() -> Lease:
+            if not leases:
+                leases.append(Lease(inputs_read))
+            return leases[0]
+
         item: InferResult | ServingError
         try:
             request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
             decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
             item = await self.dp.infer(request, decoupled_error=decoupled_error)
         except asyncio.CancelledError:
-            state["ended"] = True
-            lease.drop()
+            ended = True
+            for held in leases:
+                held.drop()
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is the client's answer
             if not isinstance(exc, ServingError):
                 log.exception("a request to model '%s' failed", call.model_name)
             item = exc if isinstance(exc, ServingError) else from_exception(exc)
-        lease.drop()
-        state["ended"] = True
-        self._reply(identity, call_id, item, True, inputs_held=state["held"])
+        for held in leases:
+            held.drop()
+        ended = True
+        # a worker still reads inputs in the frontend's arena (the call ended first): the
+        # frontend keeps them until inputs_free
+        self._reply(identity, call_id, item, True, inputs_held=bool(leases) and leases[0].held)
 
     def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:
         try:

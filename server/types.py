@@ -32,6 +32,11 @@ class Lease:
     def hold(self) -> None:
         self._count += 1
 
+    @property
+    def held(self) -> bool:
+        """Some holder has not dropped it yet."""
+        return self._count > 0
+
     def drop(self) -> None:
         self._count -= 1
         if self._count == 0 and self._release is not None:

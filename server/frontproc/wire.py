@@ -72,12 +72,16 @@ def pack_call(
             ref.frame = len(frames)
             frames.append(t.data)
     for o in req.outputs or ():
-        spec = r.output_specs.add()
-        spec.name = o.name
-        if o.parameters:
-            spec.parameters_json = json.dumps(o.parameters)
-        if o.shm is not None:
-            _named(o.shm, spec.region)
+        r.outputs.append(o.name)
+        # binary_data is how the frontend writes the output: the router need not know it
+        params = {k: v for k, v in o.parameters.items() if k != "binary_data"} if o.parameters else None
+        if params or o.shm is not None:
+            spec = r.output_specs.add()
+            spec.name = o.name
+            if params:
+                spec.parameters_json = json.dumps(params)
+            if o.shm is not None:
+                _named(o.shm, spec.region)
     return env, frames, blocks
 
 
@@ -86,11 +90,11 @@ def _shm_ref(n: wpb.NamedRegion) -> ShmRef:
 
 
 def unpack_call(
-    call: wpb.BlsCall, frames: list[bytes], view: Callable[[Block], memoryview], lease: Lease
+    call: wpb.BlsCall, frames: list[bytes], view: Callable[[Block], memoryview], lease: Callable[[], Lease]
 ) -> InferRequest:
     """The router's ``InferRequest`` of a frontend's call (the data plane validates it);
-    ``view`` maps a block of the frontend's arena; ``lease`` is held by the dispatcher while a
-    worker reads such blocks."""
+    ``view`` maps a block of the frontend's arena; ``lease()`` gives the lease the dispatcher
+    holds while a worker reads such blocks (asked only when there are some)."""
     r = call.request
     inputs = []
     for ref in r.inputs:
@@ -104,20 +108,21 @@ def unpack_call(
             sl = ref.shm
             block = Block(sl.region, sl.offset, sl.nbytes, sl.device)
             t = InputTensor(ref.name, ref.datatype, tuple(ref.shape), view(block), params)
-            t.arena = ArenaRef(block, lease)
+            t.arena = ArenaRef(block, lease())
         else:
             raise ServingError(f"input '{ref.name}' carries no data")
         inputs.append(t)
     outputs = None
-    if r.output_specs:
-        outputs = [
-            RequestedOutput(
-                s.name,
-                json.loads(s.parameters_json) if s.parameters_json else {},
-                _shm_ref(s.region) if s.HasField("region") else None,
-            )
-            for s in r.output_specs
-        ]
+    if r.outputs:
+        outputs = [RequestedOutput(name) for name in r.outputs]
+        if r.output_specs:
+            by_name = {o.name: o for o in outputs}
+            for s in r.output_specs:
+                o = by_name[s.name]  # a name the frontend listed
+                if s.parameters_json:
+                    o.parameters = json.loads(s.parameters_json)
+                if s.HasField("region"):
+                    o.shm = _shm_ref(s.region)
     request = InferRequest(
         model_name=call.model_name,
         model_version=int(call.model_version),
