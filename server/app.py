@@ -421,7 +421,15 @@ class App:
         if self.models is not None:
             await self._bounded(self.models.drain(timeout))
         if self.frontends is not None:  # their answers are written; then they exit
+            # streams they forward end with the router's own (the short grace below)
+            router_grpc = (
+                asyncio.ensure_future(self._grpc.stop(0 if self._force.is_set() else STREAM_GRACE_S))
+                if self._grpc is not None
+                else None
+            )
             await self.frontends.wait_stopped(0.5 if self._force.is_set() else max(1.0, deadline - time.monotonic()))
+            if router_grpc is not None:
+                await router_grpc
         for sock in self._held:
             sock.close()
         if self._metrics_runner is not None:

@@ -53,6 +53,8 @@ class RouterLink(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.shutdown = asyncio.Event()
         """The router asked this process to stop (``Shutdown``)."""
+        self.finish = asyncio.Event()
+        """Every inference the router accepted is answered: streams get a short grace."""
         self.proxy_until = 0.0
         self._orphans: dict[int, list[Block]] = {}
         """Input blocks of calls that ended while a worker may still read them, by call id."""
@@ -100,6 +102,8 @@ class RouterLink(asyncio.Protocol):
                 if reply.inputs_free or (reply.final and not reply.inputs_held):
                     self._free(self._orphans.pop(reply.call_id, ()))
             elif body == "shutdown":
+                if self.shutdown.is_set():
+                    self.finish.set()
                 self.shutdown.set()
 
     def _write(self, frames: list[Any]) -> None:

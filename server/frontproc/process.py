@@ -28,7 +28,7 @@ from aiohttp import web
 from shoal.proto import wire
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.server import resources, restrict
-from shoal.server.app import _listen
+from shoal.server.app import STREAM_GRACE_S, _listen
 from shoal.server.config import ServerConfig, parse
 from shoal.server.frontends.grpc import app as grpc_app
 from shoal.server.frontends.grpc.service import InferenceService, rpc
@@ -40,6 +40,7 @@ from shoal.server.frontproc.link import RemoteDataPlane, RouterLink, UseProxy
 from shoal.server.frontproc.proxy import GrpcProxy, HttpProxy
 from shoal.server.frontproc.supervisor import arena_prefix
 from shoal.server.headerforward import HeaderForwarder
+from shoal.server.logsettings import LogSettings
 from shoal.server.peers import PeerCache
 from shoal.server.resources import RequestBudget
 from shoal.shm.arena import Arena
@@ -92,7 +93,7 @@ def http_app(cfg: ServerConfig, link: RouterLink, limits: resources.Budget, run_
         app[routes.FORWARD] = forward
     app[PROXY] = HttpProxy(os.path.join(run_dir, "http.sock"))
     app.router.add_post("/v2/models/{model}/infer", http_infer)
-    app.router.add_post("/v2/models/{model}/versions/{version}/infer", http_infer)
+    app.router.add_post("/v2/models/{model}/versions/{version:[0-9]+}/infer", http_infer)
     app.router.add_route("*", "/{tail:.*}", http_forward)
     return app
 
@@ -186,7 +187,16 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
             for site in list(runner.sites):
                 await site.stop()
         if grpc_server is not None:
-            await grpc_server.stop(0 if link.closed.is_set() else cfg.exit_timeout_s)
+            # no new calls; those running get --exit-timeout-secs, or a short grace once the
+            # router says that every inference it accepted is answered
+            gstop = asyncio.ensure_future(grpc_server.stop(0 if link.closed.is_set() else cfg.exit_timeout_s))
+            waits = [asyncio.ensure_future(e.wait()) for e in (link.finish, link.closed)]
+            await asyncio.wait([gstop, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if not gstop.done():
+                await grpc_server.stop(STREAM_GRACE_S)
+                await gstop
         if runner is not None:
             await runner.cleanup()
         for p in proxies:
@@ -210,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
     cfg = parse(server_args, triton=args.triton)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("shoal").setLevel(logging.DEBUG if cfg.log.verbose else logging.INFO)
+    logging.basicConfig(stream=sys.stderr)
+    LogSettings(  # the router's levels and format, as its command line set them
+        verbose=cfg.log.verbose,
+        info=cfg.log.info,
+        warning=cfg.log.warning,
+        error=cfg.log.error,
+        log_format=cfg.log.format,
+    )
     from shoal.server.__main__ import _run
 
     return _run(serve(cfg, args.index, args.run_dir, args.prefix, args.http_port, args.grpc_port))

@@ -13,6 +13,8 @@ import aiohttp
 import grpc
 from aiohttp import web
 
+from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.proto.gen import health_pb2
 from shoal.server.peers import PEER_HEADER, Peer, from_grpc, peer_value
 
 log = logging.getLogger("shoal.frontend")
@@ -46,7 +48,9 @@ class HttpProxy:
     ) -> web.StreamResponse:
         """``request`` answered by the router; ``body``: already read by the caller."""
         data = body if body is not None else await request.read()
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP and k.lower() != PEER_HEADER]
+        # a body read by the inference handler is inflated already (its length is its own)
+        drop = _HOP | {PEER_HEADER, "content-length"} | ({"content-encoding"} if body is not None else set())
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         if peer is not None:
             headers.append((PEER_HEADER, peer_value(peer)))
         try:
@@ -80,6 +84,18 @@ def _metadata(context: Any, peer: str) -> list[tuple[str, str | bytes]]:
     return md
 
 
+_METHODS = frozenset(
+    f"/{service.full_name}/{m.name}"
+    for service in (
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    )
+    for m in service.methods
+)
+"""The methods the router serves; grpc answers any other UNIMPLEMENTED here (forwarded, the
+router's refusal, which comes before the request is read, could race grpc's own reading)."""
+
+
 class GrpcProxy(grpc.GenericRpcHandler):
     """Every gRPC method not served here, as raw messages in both directions (a unary call is
     a stream of one on the wire)."""
@@ -101,8 +117,10 @@ class GrpcProxy(grpc.GenericRpcHandler):
         if self._channel is not None:
             await self._channel.close()
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = details.method
+        if method not in _METHODS:
+            return None
 
         async def handle(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
             async for item in self.stream(method, requests, context):

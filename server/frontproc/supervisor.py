@@ -31,13 +31,16 @@ def arena_prefix(server_prefix: str, index: int, pid: int) -> str:
 
 
 def hold_port(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host``:``port`` with SO_REUSEPORT that never listens: it keeps the
-    port (0: a free one) for the frontend processes, which bind it too and listen."""
+    """A socket bound to ``host``:``port`` that never listens: it keeps the port (0: a free
+    one) for the frontend processes, which bind it too (SO_REUSEPORT) and listen. It binds
+    before it allows SO_REUSEPORT, so a port that another server holds (even with
+    SO_REUSEPORT) is refused as without frontend processes."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     except OSError:
         sock.close()
         raise
@@ -74,6 +77,8 @@ class Frontends:
         self._exits: dict[int, list[float]] = {}
         self.stopping = False
         self.started = False
+        self._stop_messages = 0
+        """``Shutdown`` messages sent to each process (1: stop accepting; 2: finish now)."""
 
     @staticmethod
     def identity(index: int) -> bytes:
@@ -107,6 +112,8 @@ class Frontends:
         def on_message(env: wpb.Envelope, frames: list[bytes]) -> None:
             if env.WhichOneof("body") == "ready":
                 ready.set()
+                for _ in range(self._stop_messages):  # it started while the server stops
+                    self._tell(index)
 
         self.channel.register(ident, on_message)
         cmd = [
@@ -140,20 +147,36 @@ class Frontends:
         if not self.stopping:
             await self._spawn(index)
 
-    def begin_stop(self) -> None:
-        """Ask every process to stop accepting and finish what it has."""
-        self.stopping = True
+    def _tell(self, index: int) -> None:
         env = wire.envelope(0)
         env.shutdown.SetInParent()
+        try:
+            self.channel.send(self.identity(index), env)
+        except ServingError:  # not connected (yet): it hears it with its ready
+            pass
+
+    def begin_stop(self) -> None:
+        """Ask every process to stop accepting and finish what it has (its gRPC calls within
+        ``--exit-timeout-secs``)."""
+        if self._stop_messages:
+            return
+        self.stopping = True
+        self._stop_messages = 1
         for index in self.procs:
-            try:
-                self.channel.send(self.identity(index), env)
-            except ServingError:
-                pass
+            self._tell(index)
+
+    def finish(self) -> None:
+        """Every accepted inference is answered: streams still open get a short grace (a
+        second ``Shutdown``)."""
+        self.begin_stop()
+        if self._stop_messages < 2:
+            self._stop_messages = 2
+            for index in self.procs:
+                self._tell(index)
 
     async def wait_stopped(self, timeout_s: float) -> None:
         """Once the processes are gone (SIGKILL for those still there after ``timeout_s``)."""
-        self.begin_stop()
+        self.finish()
         procs = [p for p in self.procs.values() if p.returncode is None]
         if procs:
             _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout_s)
