@@ -18,10 +18,11 @@ import asyncio
 import itertools
 import json
 import logging
+from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import wire
-from shoal.proto.errors import ErrorCode, ServingError, from_exception
+from shoal.proto.errors import ErrorCode, ServingError, detach, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
@@ -32,9 +33,42 @@ from shoal.shm.mapper import Mapper
 
 log = logging.getLogger("shoal.bls")
 
+STREAM_WINDOW = 64
+"""Replies of a frontend process's streamed call (``BlsCall.decoupled``) that it has not
+acknowledged (``BlsDone.ack_calls``) at most: past that the router takes no more of the
+model's responses, so the model's response sender waits (``DataPlane.infer_stream``'s flow
+control) instead of a slow client's responses filling the router or the frontend. The
+frontend acknowledges in groups of ``streaming.ACK_EVERY`` (a divisor of this)."""
+
 
 def _noop() -> None:
     pass
+
+
+class _Window:
+    """The unacknowledged replies of one streamed frontend call."""
+
+    __slots__ = ("unacked", "_waiter")
+
+    def __init__(self) -> None:
+        self.unacked = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def sent(self) -> None:
+        """One more reply is out: returns once the frontend has room for the next."""
+        self.unacked += 1
+        while self.unacked >= STREAM_WINDOW:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def ack(self, count: int) -> None:
+        self.unacked -= count
+        waiter = self._waiter
+        if waiter is not None and self.unacked < STREAM_WINDOW and not waiter.done():
+            waiter.set_result(None)
 
 
 class BlsRouter:
@@ -47,6 +81,8 @@ class BlsRouter:
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
         self._calls: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         """Decoupled calls in flight, by caller and call id (to cancel one)."""
+        self._windows: dict[tuple[bytes, int], _Window] = {}
+        """Frontend processes' streamed calls in flight (flow control)."""
         channel.services["bls_call"] = channel.services["bls_done"] = self.on_message
         channel.services["model_control"] = self.on_message
         channel.on_disconnect.append(self.forget)
@@ -58,24 +94,42 @@ class BlsRouter:
                 result = self._holds.pop((identity, hold_id), None)
                 if result is not None:
                     result.done()
-            for call_id in env.bls_done.cancel_calls:  # ResponseIterator.cancel()
+            done = env.bls_done
+            for call_id in done.cancel_calls:  # ResponseIterator.cancel()
                 call = self._calls.get((identity, call_id))
                 if call is not None:
                     call.cancel()
+            for call_id, count in zip(done.ack_calls, done.ack_counts, strict=False):
+                window = self._windows.get((identity, call_id))
+                if window is not None:
+                    window.ack(count)
         elif body in ("bls_call", "model_control"):
-            if body == "bls_call":
-                coro = self._serve(identity, env.bls_call, frames)
-            else:
+            bls = env.bls_call
+            started: list[bool] = []
+            if body == "model_control":
                 coro = self._control(identity, env.model_control)
+            elif bls.frontend:
+                coro = self._serve_frontend(identity, bls, frames, started)
+            else:
+                coro = self._serve(identity, bls, frames)
             task = asyncio.get_running_loop().create_task(coro)
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            if body == "bls_call" and (env.bls_call.decoupled or env.bls_call.frontend):
+            if body == "bls_call" and (bls.decoupled or bls.frontend):
                 # a frontend process cancels a call whose client went away
-                key = (identity, env.bls_call.call_id)
+                key = (identity, bls.call_id)
                 self._calls[key] = task
                 task.add_done_callback(lambda _: self._calls.pop(key, None))
+                if bls.frontend and any(ref.WhichOneof("location") == "shm" for ref in bls.request.inputs):
+                    # cancelled before it ran: no worker ever read its inputs in the frontend's arena
+                    call_id = bls.call_id
+
+                    def never_ran(_: object) -> None:
+                        if not started:
+                            self._inputs_free(identity, call_id)
+
+                    task.add_done_callback(never_ran)
 
     def forget(self, identity: bytes) -> None:
         """The worker went away: its calls stop, the outputs it held go back."""
@@ -92,9 +146,6 @@ class BlsRouter:
         self._holds.clear()
 
     async def _serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
-        if call.frontend:
-            await self._serve_frontend(identity, call, frames)
-            return
         try:
             request = self._request(identity, call, frames)
             if call.decoupled and self.dp.is_decoupled(request.model_name, request.model_version):
@@ -115,35 +166,52 @@ class BlsRouter:
                 log.exception("BLS call to model '%s' failed", call.model_name)
             self._reply(identity, call.call_id, err, True)
 
-    async def _serve_frontend(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
+    async def _serve_frontend(
+        self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], started: list[bool]
+    ) -> None:
         """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
         the frontend's arena are its to reuse once no worker reads them: with the final reply,
-        or, when the call ended first, by a later ``inputs_free`` reply."""
+        or, when the call ended first, by a later ``inputs_free`` reply.
+
+        A streamed request (``call.decoupled``: gRPC ``ModelStreamInfer``) may name a model
+        of either kind (``DataPlane.responses``); at most ``STREAM_WINDOW`` of its replies
+        are unacknowledged by the frontend before the next response is taken."""
+        started.append(True)
+        call_id = call.call_id
         if self.dp.tracer.active:  # traces start and end in the router's own frontends
             env = wire.envelope(0)
-            env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call.call_id, True, True
+            env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call_id, True, True
             self._send(identity, env, [])
             return
-        call_id = call.call_id
         leases: list[Lease] = []
         ended = False
 
         def inputs_read() -> None:
             if ended:
-                env = wire.envelope(0)
-                env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
-                self._send(identity, env, [])
+                self._inputs_free(identity, call_id)
 
         def lease() -> Lease:
             if not leases:
                 leases.append(Lease(inputs_read))
             return leases[0]
 
-        item: InferResult | ServingError
+        item: InferResult | ServingError | None
+        key = (identity, call_id)
         try:
             request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
-            decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
-            item = await self.dp.infer(request, decoupled_error=decoupled_error)
+            if call.decoupled:
+                item = None
+                window = self._windows[key] = _Window()
+                async with aclosing(self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
+                    async for response, final in items:
+                        if final:  # the stream ends with it: sent once the inputs are known free
+                            item = response
+                            continue
+                        self._reply(identity, call_id, response, False)
+                        await window.sent()
+            else:
+                decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
+                item = await self.dp.infer(request, decoupled_error=decoupled_error)
         except asyncio.CancelledError:
             ended = True
             for held in leases:
@@ -153,12 +221,19 @@ class BlsRouter:
             if not isinstance(exc, ServingError):
                 log.exception("a request to model '%s' failed", call.model_name)
             item = exc if isinstance(exc, ServingError) else from_exception(exc)
+        finally:
+            self._windows.pop(key, None)
         for held in leases:
             held.drop()
         ended = True
         # a worker still reads inputs in the frontend's arena (the call ended first): the
         # frontend keeps them until inputs_free
         self._reply(identity, call_id, item, True, inputs_held=bool(leases) and leases[0].held)
+
+    def _inputs_free(self, identity: bytes, call_id: int) -> None:
+        env = wire.envelope(0)
+        env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
+        self._send(identity, env, [])
 
     def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:
         try:
@@ -263,6 +338,7 @@ class BlsRouter:
         held: InferResult | None = None
         if isinstance(item, ServingError):
             wire.failed(item, reply.result.error)
+            detach(item)  # answered: nothing it passed through stays alive with it
         elif item is not None:
             res = reply.result
             res.model_name, res.model_version, res.request_id = item.model_name, item.model_version, item.id

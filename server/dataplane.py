@@ -343,6 +343,21 @@ class DataPlane:
         responses are dropped and their shared memory given back."""
         return responses(request, lambda: self._run_streamed(request))
 
+    def responses(
+        self, request: InferRequest, *, decoupled_error: T.ErrorText | str = GRPC_DECOUPLED_ERROR
+    ) -> AsyncGenerator[StreamItem, None]:
+        """A streamed request's responses, whichever kind its model is: a decoupled model's
+        as ``infer_stream`` gives them, another model's one result as the final response (its
+        errors raise, as ``infer``'s)."""
+        if self.is_decoupled(request.model_name, request.model_version):
+            return self.infer_stream(request)
+        return self._one_response(request, decoupled_error)
+
+    async def _one_response(
+        self, request: InferRequest, decoupled_error: T.ErrorText | str
+    ) -> AsyncGenerator[StreamItem, None]:
+        yield await self.infer(request, decoupled_error=decoupled_error), True
+
     async def _run_streamed(self, request: InferRequest) -> InferResult:
         """A decoupled request's execution (``infer_stream``); a refusal surfaces from the
         stream's first step, as the request's other errors do."""

@@ -587,7 +587,11 @@ class BlsCall(_message.Message):
     model_version: _builtins.int
     """-1: the version policy chooses"""
     decoupled: _builtins.bool
-    """exec(decoupled=True): any number of replies"""
+    """exec(decoupled=True): any number of replies. From a frontend process: a request of a
+    gRPC stream, for a model of either kind (one final reply for a model that is not
+    decoupled); the router sends at most STREAM_WINDOW replies that BlsDone.ack_calls has
+    not acknowledged, and takes no more of the model's responses until it does.
+    """
     timeout_us: _builtins.int
     """0: none"""
     frontend: _builtins.str
@@ -677,6 +681,8 @@ class BlsDone(_message.Message):
 
     HOLD_IDS_FIELD_NUMBER: _builtins.int
     CANCEL_CALLS_FIELD_NUMBER: _builtins.int
+    ACK_CALLS_FIELD_NUMBER: _builtins.int
+    ACK_COUNTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -685,15 +691,25 @@ class BlsDone(_message.Message):
         (the target model sees request.is_cancelled()).
         """
 
+    @_builtins.property
+    def ack_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A frontend process's streamed calls (BlsCall.decoupled): ack_counts[i] more replies of
+        call ack_calls[i] are taken by the client's stream (flow control; parallel lists).
+        """
+
+    @_builtins.property
+    def ack_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         hold_ids: _abc.Iterable[_builtins.int] | None = ...,
         cancel_calls: _abc.Iterable[_builtins.int] | None = ...,
+        ack_calls: _abc.Iterable[_builtins.int] | None = ...,
+        ack_counts: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_calls", b"cancel_calls", "hold_ids", b"hold_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_calls", b"ack_calls", "ack_counts", b"ack_counts", "cancel_calls", b"cancel_calls", "hold_ids", b"hold_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

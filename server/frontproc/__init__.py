@@ -10,8 +10,11 @@ over its worker channel, for ~60 us of CPU (12.7-15.7k requests/s) where it serv
 HTTP / 2.7k gRPC requests/s itself. So each frontend process listens on the public ports
 (SO_REUSEPORT: the kernel spreads connections over them), decodes inference requests with the
 router's own codecs, and submits them over the worker channel as BLS calls are submitted
-(``BlsCall``/``BlsReply``/``BlsDone``, with the fields a client request needs); every other
-call (metadata, control, shared-memory registration, streams, generate, traced requests) it
-forwards unchanged to the router's own HTTP and gRPC servers on Unix sockets in the run
-directory. The router starts, restarts and stops them.
+(``BlsCall``/``BlsReply``/``BlsDone``, with the fields a client request needs). gRPC
+``ModelStreamInfer`` is served there too, by the router's own stream code: each streamed
+request is a call the router answers for a model of either kind, with flow control (the
+router sends at most ``bls.STREAM_WINDOW`` replies the frontend has not acknowledged) and
+cancellation. Every other call (metadata, control, shared-memory registration, generate,
+traced requests) it forwards unchanged to the router's own HTTP and gRPC servers on Unix
+sockets in the run directory. The router starts, restarts and stops them.
 """

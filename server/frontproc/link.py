@@ -1,21 +1,26 @@
 """A frontend process's connection to the router: submits requests as ``BlsCall``s and
-turns each ``BlsReply`` into the ``InferResult`` (or error) its handler awaits.
+turns each ``BlsReply`` into the ``InferResult`` (or error) its handler awaits, or, for a
+request of a gRPC stream, into the ``(response, final)`` pairs its stream takes (``stream``).
 
 ``RemoteDataPlane`` is what the router's HTTP and gRPC inference handlers need of a
-``DataPlane`` (``infer``); everything else they do is the same code as in the router."""
+``DataPlane`` (``infer``, ``responses``); everything else they do is the same code as in the
+router."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.frontproc import wire as frontwire
+from shoal.server.streaming import ACK_EVERY, StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
@@ -36,6 +41,44 @@ class _NotTraced:
     active = False  # the router decides (``BlsReply.proxy``)
 
 
+Reply = tuple[wpb.BlsReply, list[bytes]]
+
+
+class _Replies:
+    """The replies of one streamed call not taken yet (at most the router's window of
+    ``bls.STREAM_WINDOW``: it waits for acknowledgements past that)."""
+
+    __slots__ = ("items", "waiter", "error")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Reply] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: ServingError | None = None
+
+    def put(self, reply: Reply) -> None:
+        self.items.append(reply)
+        self._wake()
+
+    def fail(self, error: ServingError) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> Reply:
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
 class RouterLink(asyncio.Protocol):
     def __init__(self, identity: bytes, arena: Arena | None = None, inline_max_bytes: int = 32 << 10) -> None:
         self.identity = identity
@@ -45,10 +88,15 @@ class RouterLink(asyncio.Protocol):
         self.transport: Any = None
         self.decoder = framing.Decoder()
         self.mapper = Mapper()
-        self._calls: dict[int, asyncio.Future[tuple[wpb.BlsReply, list[bytes]]]] = {}
+        self._calls: dict[int, asyncio.Future[Reply]] = {}
+        self._streams: dict[int, _Replies] = {}
+        """Streamed calls (``stream``) still listening, by call id."""
         self._ids = itertools.count(1)
         self._done_holds: list[int] = []
+        self._acks: dict[int, int] = {}
+        """Replies of streamed calls taken since the last ``BlsDone``, by call id."""
         self._outbox: list[Any] = []
+        self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = asyncio.Event()
         self.shutdown = asyncio.Event()
@@ -79,6 +127,9 @@ class RouterLink(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(ServingError("the router closed the connection", code=ErrorCode.UNAVAILABLE))
         self._calls.clear()
+        for replies in self._streams.values():
+            replies.fail(ServingError("the router closed the connection", code=ErrorCode.UNAVAILABLE))
+        self._streams.clear()
         self.closed.set()
 
     def data_received(self, data: bytes) -> None:
@@ -93,6 +144,10 @@ class RouterLink(asyncio.Protocol):
             body = env.WhichOneof("body")
             if body == "bls_reply":
                 reply = env.bls_reply
+                replies = self._streams.get(reply.call_id)
+                if replies is not None and not reply.inputs_free:
+                    replies.put((reply, frames[1:]))
+                    continue
                 fut = self._calls.pop(reply.call_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result((reply, frames[1:]))
@@ -106,21 +161,32 @@ class RouterLink(asyncio.Protocol):
                     self.finish.set()
                 self.shutdown.set()
 
-    def _write(self, frames: list[Any]) -> None:
-        """Queued, and written at the end of this loop turn with the others of the turn."""
-        if not self._outbox:
+    def _soon(self) -> None:
+        """Flush at the end of this loop turn (once)."""
+        if not self._flushing:
+            self._flushing = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
+
+    def _write(self, frames: list[Any]) -> None:
+        """Queued, and written at the end of this loop turn with the others of the turn."""
+        self._soon()
         self._outbox.extend(framing.encode(frames))
 
     def _flush(self) -> None:
-        if self._done_holds:
+        self._flushing = False
+        if self._done_holds or self._acks:
             env = wire.envelope(0)
-            env.bls_done.hold_ids.extend(self._done_holds)
+            done = env.bls_done
+            done.hold_ids.extend(self._done_holds)
             self._done_holds = []
+            if self._acks:
+                done.ack_calls.extend(self._acks.keys())
+                done.ack_counts.extend(self._acks.values())
+                self._acks = {}
             self._outbox.extend(framing.encode([env.SerializeToString()]))
         out, self._outbox = self._outbox, []
-        if not self.transport.is_closing():
+        if out and not self.transport.is_closing():
             self.transport.writelines(out)
 
     def send(self, env: wpb.Envelope, frames: list[Any] = ()) -> None:  # type: ignore[assignment]
@@ -148,23 +214,112 @@ class RouterLink(asyncio.Protocol):
         return block
 
     def _release(self, hold_id: int) -> None:
-        if not self._done_holds and not self._outbox:
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
+        self._soon()
         self._done_holds.append(hold_id)
 
-    async def infer(self, request: InferRequest, frontend: str) -> InferResult:
-        """The router's answer to ``request``; raises its ``ServingError``, or ``UseProxy``."""
+    def _ack(self, call_id: int, count: int) -> None:
+        self._soon()
+        self._acks[call_id] = self._acks.get(call_id, 0) + count
+
+    def _begin(self, request: InferRequest, frontend: str, streamed: bool) -> tuple[int, list[Block]]:
+        """Submit ``request``; its call id and the blocks its inputs went into."""
         if self.proxy_until and time.monotonic() < self.proxy_until:
             raise UseProxy
         if self.transport is None or self.transport.is_closing():
             raise ServingError("the router is not reachable", code=ErrorCode.UNAVAILABLE)
         call_id = next(self._ids)
         env, frames, blocks = frontwire.pack_call(call_id, request, frontend, self._place if self.arena else None)
-        assert self._loop is not None
-        fut = self._loop.create_future()
-        self._calls[call_id] = fut
+        if streamed:
+            env.bls_call.decoupled = True
+            self._streams[call_id] = _Replies()
+        else:
+            assert self._loop is not None
+            self._calls[call_id] = self._loop.create_future()
         self.send(env, frames)
+        return call_id, blocks
+
+    def _ended(self, call_id: int, reply: wpb.BlsReply, blocks: list[Block]) -> None:
+        """The call's final reply came: its input blocks are free, or kept until the router
+        says ``inputs_free``; a proxy reply sends the request through the router."""
+        if reply.inputs_held:
+            self._keep(call_id, blocks)
+        else:
+            self._free(blocks)
+        if reply.proxy:
+            self.proxy_until = time.monotonic() + PROXY_FOR_S
+            raise UseProxy
+
+    def _item(self, reply: wpb.BlsReply, frames: list[Any]) -> InferResult | ServingError:
+        hold = reply.hold_id
+        release = (lambda: self._release(hold)) if hold else None
+        try:
+            return frontwire.unpack_result(reply.result, frames, self.mapper.view, release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+
+    async def stream(self, request: InferRequest, frontend: str) -> AsyncGenerator[StreamItem, None]:
+        """The router's responses to one request of a gRPC stream, for a model of either kind
+        (``DataPlane.responses``): ``(response, final)`` pairs, a response being an
+        ``InferResult`` (the caller ``done``s it), a ``ServingError`` or ``None`` (the final
+        flag alone). Raises ``UseProxy`` before the first. Each response taken is acknowledged
+        (in groups of ``ACK_EVERY``): the router sends at most its window ahead, so a consumer
+        that takes no more (its client does not read) stops the model's responses. Leaving
+        before the final one cancels the call at the router."""
+        call_id, blocks = self._begin(request, frontend, True)
+        replies = self._streams[call_id]
+        taken = 0
+        ended = False
+        try:
+            while True:
+                reply, rframes = await replies.get()
+                final = reply.final
+                if final:
+                    ended = True
+                    del self._streams[call_id]
+                    self._ended(call_id, reply, blocks)
+                item = self._item(reply, rframes) if reply.HasField("result") else None
+                yield item, final
+                if final:
+                    return
+                taken += 1
+                if taken == ACK_EVERY:
+                    self._ack(call_id, taken)
+                    taken = 0
+        finally:
+            if not ended:
+                self._leave(call_id, blocks)
+
+    def _leave(self, call_id: int, blocks: list[Block]) -> None:
+        """A streamed call's consumer left before its final reply (its client went away, or
+        a failure): the router cancels the call; the replies it sent meanwhile give their
+        outputs back as they come."""
+        replies = self._streams.pop(call_id, None)
+        if replies is None:  # the connection is gone: no worker reads them any more
+            self._free(blocks)
+            return
+        last = None
+        for reply, _ in replies.items:
+            if reply.hold_id:
+                self._release(reply.hold_id)
+            if reply.final:
+                last = reply
+        replies.items.clear()
+        if last is None:
+            cancel = wire.envelope(0)
+            cancel.bls_done.cancel_calls.append(call_id)
+            self.send(cancel)
+            self._keep(call_id, blocks)  # until the router says inputs_free (or its final reply)
+        elif last.inputs_held:
+            self._keep(call_id, blocks)
+        else:
+            self._free(blocks)
+
+    async def infer(self, request: InferRequest, frontend: str) -> InferResult:
+        """The router's answer to ``request``; raises its ``ServingError``, or ``UseProxy``."""
+        call_id, blocks = self._begin(request, frontend, False)
+        fut = self._calls[call_id]
         try:
             reply, rframes = await fut
         except asyncio.CancelledError:  # the client went away: the router cancels the request
@@ -184,21 +339,8 @@ class RouterLink(asyncio.Protocol):
         except BaseException:
             self._free(blocks)
             raise
-        if reply.inputs_held:
-            self._keep(call_id, blocks)
-        else:
-            self._free(blocks)
-        if reply.proxy:
-            self.proxy_until = time.monotonic() + PROXY_FOR_S
-            raise UseProxy
-        hold = reply.hold_id
-        release = (lambda: self._release(hold)) if hold else None
-        try:
-            item = frontwire.unpack_result(reply.result, rframes, self.mapper.view, release)
-        except BaseException:
-            if release is not None:
-                release()
-            raise
+        self._ended(call_id, reply, blocks)
+        item = self._item(reply, rframes)
         if isinstance(item, ServingError):
             raise item
         return item
@@ -215,6 +357,11 @@ class RemoteDataPlane:
 
     async def infer(self, request: InferRequest, *, decoupled_error: Any = None) -> InferResult:
         return await self.link.infer(request, self.frontend)
+
+    def responses(self, request: InferRequest, *, decoupled_error: Any = None) -> AsyncGenerator[StreamItem, None]:
+        """A streamed request's responses (``RouterLink.stream``): the router knows the model's
+        kind."""
+        return self.link.stream(request, self.frontend)
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
         raise UseProxy  # the model's metadata is the router's

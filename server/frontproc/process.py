@@ -19,6 +19,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, cast
 
@@ -31,6 +33,7 @@ from shoal.server import resources, restrict
 from shoal.server.app import STREAM_GRACE_S, _listen
 from shoal.server.config import ServerConfig, parse
 from shoal.server.frontends.grpc import app as grpc_app
+from shoal.server.frontends.grpc import stream
 from shoal.server.frontends.grpc.service import InferenceService, rpc
 from shoal.server.frontends.http import body, routes
 from shoal.server.frontends.http.app import GUARD, middleware
@@ -43,11 +46,13 @@ from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
 from shoal.server.peers import PeerCache
 from shoal.server.resources import RequestBudget
+from shoal.server.tracing import Trace
 from shoal.shm.arena import Arena
 
 log = logging.getLogger("shoal.frontend")
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 PROXY: web.AppKey[HttpProxy] = web.AppKey("proxy", HttpProxy)
 
 
@@ -99,7 +104,8 @@ def http_app(cfg: ServerConfig, link: RouterLink, limits: resources.Budget, run_
 
 
 class FrontendInference(InferenceService):
-    """``ModelInfer`` as the router's own service answers it, over the worker channel."""
+    """``ModelInfer`` and ``ModelStreamInfer`` as the router's own service answers them, over
+    the worker channel (the same code: ``stream.model_stream_infer`` with ``RemoteDataPlane``)."""
 
     def __init__(self, proxy: GrpcProxy, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -112,6 +118,33 @@ class FrontendInference(InferenceService):
         except UseProxy:
             raw = await self.proxy.unary(MODEL_INFER, request.SerializeToString(), context)
             return pb.ModelInferResponse.FromString(raw) if raw is not None else None  # type: ignore[return-value]
+
+    async def stream_request(
+        self,
+        request: pb.ModelInferRequest,
+        context: Any,
+        put: Callable[[stream.Entry], None],
+        trace: Trace | None = None,
+    ) -> None:
+        """One request of a client's stream, through the router; one that the router must
+        trace goes on a ``ModelStreamInfer`` stream of its own to the router's gRPC server,
+        whose responses are relayed into the client's stream."""
+        try:
+            await stream.stream_request(self, request, context, put, trace)
+            return
+        except UseProxy:
+            pass  # raised before any response
+        unwritten = asyncio.Semaphore(stream.UNWRITTEN)
+        last = False
+        async with aclosing(self.proxy.relay(MODEL_STREAM_INFER, request.SerializeToString(), context)) as raws:
+            async for raw in raws:
+                msg = pb.ModelStreamInferResponse.FromString(raw)
+                final = msg.infer_response.parameters.get(stream.FINAL_PARAMETER)
+                last = final is not None and final.bool_param
+                await unwritten.acquire()
+                put((msg, last, unwritten.release))
+        if not last:  # the router's stream ended without its final response: the request is done
+            put((None, True, None))
 
 
 async def start_grpc(
@@ -131,10 +164,11 @@ async def start_grpc(
         cast(Any, RemoteDataPlane(link, "grpc")),
         restrictions=rules,
         peers=PeerCache(port),
+        stream_max_pending=cfg.grpc_stream_max_pending,
         budget=RequestBudget(limits.max_buffered_request_bytes),
         forward=HeaderForwarder(cfg.grpc.header_forward_pattern),
     )
-    native = grpc_app.service_handler(inference, only=("ModelInfer",))
+    native = grpc_app.service_handler(inference, only=("ModelInfer", "ModelStreamInfer"))
     server.add_generic_rpc_handlers((native, proxy))
     grpc_app.bind(server, cfg.grpc_host or cfg.host, port, cfg.grpc.tls)
     await server.start()

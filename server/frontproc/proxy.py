@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
 import grpc
 from aiohttp import web
 
+from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.proto.gen import health_pb2
+from shoal.server.frontends.grpc.errors import GRPC_STATUS
 from shoal.server.peers import PEER_HEADER, Peer, from_grpc, peer_value
 
 log = logging.getLogger("shoal.frontend")
@@ -84,6 +86,8 @@ def _metadata(context: Any, peer: str) -> list[tuple[str, str | bytes]]:
     return md
 
 
+_ERROR_CODES = {status: code for code, status in GRPC_STATUS.items()}
+
 _METHODS = frozenset(
     f"/{service.full_name}/{m.name}"
     for service in (
@@ -148,6 +152,25 @@ class GrpcProxy(grpc.GenericRpcHandler):
         trailing = await call.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(tuple((k, v) for k, v in trailing if not k.startswith("grpc-")))
+
+    async def relay(self, method: str, request: bytes, context: Any) -> AsyncGenerator[bytes, None]:
+        """The router's responses to one request sent on a stream of its own (a request of a
+        client's stream that the router must trace); a failure of that stream raises
+        ``ServingError`` (the client's stream goes on)."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield request
+
+        forward: Any = self.channel().stream_stream(method)
+        call: Any = forward(one(), metadata=_metadata(context, self.peer_of(context)), timeout=context.time_remaining())
+        try:
+            async for resp in call:
+                yield resp
+        except grpc.aio.AioRpcError as exc:
+            code = _ERROR_CODES.get(exc.code(), ErrorCode.UNAVAILABLE)
+            raise ServingError(exc.details() or exc.code().name, code=code) from None
+        finally:
+            call.cancel()  # nothing once it has ended; else the router stops the request
 
     async def unary(self, method: str, request: bytes, context: Any) -> bytes | None:
         """One call (the inference handler's way back when the router must trace it)."""

@@ -1,7 +1,8 @@
 """``shoal serve --frontend-processes N`` through the real server: the router holds the public
-ports and N frontend processes (``server/frontproc``) serve them. Inference requests are
-decoded in a frontend and submitted to the router over its worker channel; every other call
-(and a traced or raw-binary inference request) is forwarded to the router's own HTTP and gRPC
+ports and N frontend processes (``server/frontproc``) serve them. Inference requests (HTTP
+and gRPC ``ModelInfer``, and each request of a gRPC ``ModelStreamInfer`` stream) are decoded
+in a frontend and submitted to the router over its worker channel; every other call (and a
+traced or raw-binary inference request) is forwarded to the router's own HTTP and gRPC
 servers on Unix sockets.
 
 Most checks compare a server with frontend processes (``server``) against a plain one over
@@ -43,7 +44,18 @@ from tests.e2e.server import ROOT, ServerProcess, make_repository, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-MODELS = ("add_sub", "identity_fp32", "strings", "classifier", "echo_all", "accumulator", "repeat", "tokens", "slow")
+MODELS = (
+    "add_sub",
+    "identity_fp32",
+    "strings",
+    "classifier",
+    "echo_all",
+    "accumulator",
+    "repeat",
+    "tokens",
+    "slow",
+    "cancellable",
+)
 FRONTENDS = ("--frontend-processes", "2")
 SMALL_ARENAS = (
     "--worker-arena-bytes",
@@ -1068,7 +1080,7 @@ def _stream_run(srv: ServerProcess) -> list[tuple[Any, ...]]:
         c.stop_stream()
 
 
-def test_model_stream_infer_is_forwarded(server: ServerProcess, plain: ServerProcess) -> None:
+def test_model_stream_infer_answers_as_without_frontends(server: ServerProcess, plain: ServerProcess) -> None:
     got = _stream_run(server)
     assert got == _stream_run(plain)
     assert got[:4] == [
@@ -1078,6 +1090,414 @@ def test_model_stream_infer_is_forwarded(server: ServerProcess, plain: ServerPro
         ("s1", "repeat", True, ()),
     ]
     assert "nope" in got[4][1]
+
+
+STREAM = SERVICE + "ModelStreamInfer"
+
+
+def stream_raw(
+    channel: grpc.Channel, messages: list[bytes], metadata: Any = None, timeout_s: float = 60
+) -> tuple[str, list[bytes] | str]:
+    """``("OK", every response message)`` of a stream that sends ``messages`` (raw bytes) and
+    ends, or ``(code name, details)``."""
+    call: Any = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
+    try:
+        return "OK", list(call(iter(messages), metadata=metadata, timeout=timeout_s))
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+
+
+def by_request(answer: tuple[str, list[bytes] | str]) -> dict[str, list[bytes]]:
+    """A stream's response messages by request id, each request's in order (requests of one
+    stream may be answered in any order)."""
+    code, out = answer
+    assert code == "OK", out
+    assert isinstance(out, list)
+    got: dict[str, list[bytes]] = {}
+    for raw in out:
+        got.setdefault(service_pb2.ModelStreamInferResponse.FromString(raw).infer_response.id, []).append(raw)
+    return got
+
+
+def repeat_request(
+    request_id: str, values: list[int], empty_final: bool | None = None, **params: Any
+) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name="repeat", id=request_id)
+    req.inputs.add(name="IN", datatype="INT32", shape=[len(values)]).contents.int_contents.extend(values)
+    if empty_final is not None:
+        req.parameters["triton_enable_empty_final_response"].bool_param = empty_final
+    for k, v in params.items():
+        if isinstance(v, str):
+            req.parameters[k].string_param = v
+        else:
+            req.parameters[k].int64_param = v
+    return req
+
+
+def _stream_cases() -> list[bytes]:
+    """Requests of every kind for one stream, each with its own id (a malformed message has
+    none): a decoupled model's 0, 1 and many responses (more than the flow-control windows),
+    from a thread or from execute, an error after two, the empty final response or not;
+    models that are not decoupled (the ``ModelInfer`` cases); failures of every kind."""
+    reqs: list[service_pb2.ModelInferRequest] = []
+    for mode in ("thread", "execute"):
+        for values in ([], [5], list(range(150))):
+            for empty in (None, False, True):
+                reqs.append(repeat_request(f"r-{mode}-{len(values)}-{empty}", values, empty, mode=mode))
+    reqs.append(repeat_request("r-error", [1, 2, 3, 4], True, mode="error_after_two"))
+    reqs.append(repeat_request("r-error-noempty", [1, 2, 3, 4], mode="error_after_two"))
+    reqs.append(repeat_request("r-delayed", [1, 2], True, delay_ms=50))
+    for k, (_, case) in enumerate(GRPC_INFER_CASES):
+        req = service_pb2.ModelInferRequest()
+        req.CopyFrom(case)
+        req.id = f"infer-{k}"
+        reqs.append(req)
+        if k == 0:  # the empty final response's parameter means nothing to a model that is not decoupled
+            also = service_pb2.ModelInferRequest()
+            also.CopyFrom(req)
+            also.id = "infer-empty-final"
+            also.parameters["triton_enable_empty_final_response"].bool_param = True
+            reqs.append(also)
+    one = service_pb2.ModelInferRequest(model_name="identity_fp32", id="identity")
+    one.inputs.add(name="INPUT0", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3])
+    reqs.append(one)
+    for model, version, rid in (("nope", "", "e-unknown"), ("add_sub", "7", "e-version"), ("add_sub", "x", "e-nan")):
+        bad = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=rid)
+        bad.inputs.add(name="INPUT0", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+        reqs.append(bad)
+    missing = service_pb2.ModelInferRequest(model_name="add_sub", id="e-missing")
+    missing.inputs.add(name="INPUT0", datatype="FP32", shape=[4]).contents.fp32_contents.extend(A)
+    reqs.append(missing)
+    wrong = service_pb2.ModelInferRequest(model_name="repeat", id="e-datatype")
+    wrong.inputs.add(name="IN", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    reqs.append(wrong)
+    mismatch = service_pb2.ModelInferRequest(model_name="repeat", id="e-contents")
+    mismatch.inputs.add(name="IN", datatype="INT32", shape=[3]).contents.int_contents.append(1)
+    reqs.append(mismatch)
+    return [r.SerializeToString() for r in reqs] + [b"\xff\xff not a message"]
+
+
+STREAM_CASES = _stream_cases()
+
+
+def test_stream_messages_as_without_frontends(channels: dict[str, grpc.Channel]) -> None:
+    """Every response message of a stream mixing decoupled and other models, successes and
+    failures, is the one the router alone sends, byte for byte."""
+    got = by_request(stream_raw(channels["frontends"], STREAM_CASES))
+    want = by_request(stream_raw(channels["plain"], STREAM_CASES))
+    assert got.keys() == want.keys()
+    for rid in want:
+        assert got[rid] == want[rid], rid
+    final = "triton_final_response"
+    msgs = {rid: [service_pb2.ModelStreamInferResponse.FromString(m) for m in ms] for rid, ms in got.items()}
+    assert "r-thread-0-None" not in msgs and "r-execute-0-False" not in msgs  # no empty final response
+    (empty,) = msgs["r-thread-0-True"]
+    assert empty.infer_response.parameters[final].bool_param and not empty.infer_response.outputs
+    many = msgs["r-thread-150-None"]
+    assert len(many) == 150 and [m.infer_response.parameters[final].bool_param for m in many] == [False] * 150
+    assert len(msgs["r-thread-150-True"]) == 151 and len(msgs["r-execute-150-None"]) == 150
+    assert msgs["r-execute-150-None"][-1].infer_response.parameters[final].bool_param
+    error = msgs["r-error"]
+    assert len(error) == 3 and error[2].error_message == "failed at element 2"
+    assert [m.error_message != "" for m in msgs["e-unknown"]] == [True]
+    assert msgs[""][0].error_message == "failed to parse the request message"
+    assert len(msgs["infer-0"]) == 1 and msgs["infer-0"][0].infer_response.parameters[final].bool_param
+
+
+def test_stream_requests_one_by_one_as_without_frontends(channels: dict[str, grpc.Channel]) -> None:
+    """Each request alone on a stream: the same messages, in the same order."""
+    for raw in STREAM_CASES[::3]:
+        assert stream_raw(channels["frontends"], [raw]) == stream_raw(channels["plain"], [raw])
+
+
+def test_stream_with_tritonclient_many_requests(server: ServerProcess) -> None:
+    """Many requests in flight on one stream (decoupled and not): every response arrives,
+    each request's in order."""
+    c = gclient(server)
+    got: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    c.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        x = grpcclient.InferInput("IN", [100], "INT32")
+        x.set_data_from_numpy(np.arange(100, dtype=np.int32))
+        y = grpcclient.InferInput("INPUT0", [2], "FP32")
+        y.set_data_from_numpy(np.array([1.5, 2.5], dtype=np.float32))
+        for k in range(20):
+            c.async_stream_infer("repeat", [x], request_id=f"r{k}", enable_empty_final_response=True)
+            c.async_stream_infer("identity_fp32", [y], request_id=f"i{k}")
+        seen: dict[str, list[int]] = {}
+        finals = 0
+        while finals < 40:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            resp = result.get_response()
+            if resp.parameters["triton_final_response"].bool_param:
+                finals += 1
+            if resp.model_name == "repeat" and resp.outputs:
+                seen.setdefault(resp.id, []).append(int(result.as_numpy("IDX")[0]))
+            elif resp.model_name == "identity_fp32":
+                assert result.as_numpy("OUTPUT0").tolist() == [1.5, 2.5]
+                seen.setdefault(resp.id, [])
+        assert len(seen) == 40 and all(seen[f"r{k}"] == list(range(100)) for k in range(20))
+    finally:
+        c.stop_stream()
+
+
+def _unix_connections(path: str) -> int:
+    """Connections accepted on the Unix socket ``path`` and still open."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[5:6] == ["03"] and line.endswith(" " + path))
+
+
+def _run_dir(srv: ServerProcess) -> str:
+    cmd = _cmdline(frontend_pids(srv)[0])
+    return cmd[cmd.index("--run-dir") + 1]
+
+
+def test_cancelled_stream_reaches_the_models(server: ServerProcess, tmp_path: Path) -> None:
+    """A client that cancels its stream: its requests in flight are cancelled at the router,
+    the models see it (a decoupled one stops sending, another stops early), and nothing of
+    them is left (outstanding requests, arenas: the next requests are served)."""
+    before = server.log.count("repeat stopped: cancelled")
+    marker = tmp_path / "marker"
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    got: list[Any] = []
+    c.start_stream(callback=lambda result, error: got.append(result))
+    x = grpcclient.InferInput("IN", [500], "INT32")
+    x.set_data_from_numpy(np.arange(500, dtype=np.int32))
+    c.async_stream_infer("repeat", [x], parameters={"mode": "slow"})
+    y = grpcclient.InferInput("INPUT0", [1], "FP32")
+    y.set_data_from_numpy(np.ones(1, np.float32))
+    c.async_stream_infer("cancellable", [y], parameters={"marker": str(marker)})
+    big = grpcclient.InferInput("INPUT0", [1 << 18], "FP32")  # 1 MiB: in the frontend's arena
+    big.set_data_from_numpy(np.ones(1 << 18, np.float32))
+    c.async_stream_infer("slow", [big], parameters={"delay_ms": 3000})
+    wait_until(lambda: len(got) >= 2, timeout_s=10)
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    wait_until(lambda: server.log.count("repeat stopped: cancelled") > before, timeout_s=5)
+    wait_until(lambda: marker.exists() and marker.read_text() != "", timeout_s=5)
+    assert float(marker.read_text()) < 5.0
+    assert len(got) < 100
+    for model in ("repeat", "cancellable", "slow"):
+        wait_until(lambda m=model: _outstanding(server, m) == 0, timeout_s=30)  # type: ignore[misc]
+    assert _stream_run(server)[0] == ("s1", "repeat", False, (7, 0))
+
+
+def test_streams_give_arena_blocks_back(server: ServerProcess) -> None:
+    """1 MiB inputs and outputs on streams, answered and abandoned mid-stream, far more than
+    the arenas hold (``SMALL_ARENAS``): none is kept, so the last requests are served."""
+    n = 1 << 18
+    big = np.arange(n, dtype=np.float32).tobytes()
+    req = service_pb2.ModelInferRequest(model_name="identity_fp32", id="big")
+    req.inputs.add(name="INPUT0", datatype="FP32", shape=[n])
+    req.raw_input_contents.append(big)
+    raw = req.SerializeToString()
+    with _channel(server) as channel:
+
+        def answered(count: int) -> None:
+            msgs = by_request(stream_raw(channel, [raw] * count))["big"]
+            assert len(msgs) == count
+            for m in msgs:
+                resp = service_pb2.ModelStreamInferResponse.FromString(m)
+                assert not resp.error_message, resp.error_message
+                assert resp.infer_response.raw_output_contents[0] == big
+
+        answered(80)
+        call: Any = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
+        for k in range(20):
+            responses = call(iter([raw] * 8), timeout=60)
+            if k % 2:
+                next(responses)
+            responses.cancel()
+        wait_until(lambda: _outstanding(server, "identity_fp32") == 0, timeout_s=30)
+        answered(80)
+
+
+PARAMS_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            t = pb_utils.Tensor("PARAMS", np.array([r.parameters().encode()], dtype=np.object_))
+            out.append(pb_utils.InferenceResponse([t]))
+        return out
+"""
+PARAMS_CONFIG = """
+backend: "python"
+max_batch_size: 0
+input [{ name: "IN", data_type: TYPE_INT32, dims: [1] }]
+output [{ name: "PARAMS", data_type: TYPE_STRING, dims: [1] }]
+"""
+
+
+def test_stream_limits_as_without_frontends(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """``--grpc-restricted-protocol``, ``--grpc-header-forward-pattern``,
+    ``--max-buffered-request-bytes`` and ``--grpc-stream-max-pending`` apply to a stream
+    served by the frontend processes as to the router's own; and such streams never reach
+    the router's gRPC server."""
+    repo = make_repository(tmp_path / "repo", "identity_fp32", "repeat")
+    (repo / "params" / "1").mkdir(parents=True)
+    (repo / "params" / "1" / "model.py").write_text(PARAMS_MODEL)
+    (repo / "params" / "config.pbtxt").write_text(PARAMS_CONFIG)
+    args = (
+        "--grpc-restricted-protocol",
+        "inference:k=v",
+        "--grpc-header-forward-pattern",
+        "tenant",
+        "--max-buffered-request-bytes",
+        str(1 << 20),
+        "--grpc-stream-max-pending",
+        "4",
+    )
+    mine = ServerProcess(repo, *FRONTENDS, *args)
+    fresh_server.append(mine)
+    mine.start()
+    theirs = ServerProcess(repo, *args)
+    fresh_server.append(theirs)
+    theirs.start()
+    router_grpc = os.path.join(_run_dir(mine), "grpc.sock")
+    allowed = (("triton-grpc-protocol-k", "v"), ("my-tenant", "blue"), ("x-other", "no"))
+    params = service_pb2.ModelInferRequest(model_name="params", id="p")
+    params.inputs.add(name="IN", datatype="INT32", shape=[1]).contents.int_contents.append(1)
+    small = repeat_request("small", [1, 2, 3], True)
+    over = service_pb2.ModelInferRequest(model_name="identity_fp32", id="over")
+    over.inputs.add(name="INPUT0", datatype="FP32", shape=[1 << 18])
+    over.raw_input_contents.append(bytes(2 << 20))  # 2 MiB: over the budget
+    cases = [params.SerializeToString(), small.SerializeToString()]
+    with _channel(mine) as a, _channel(theirs) as b:
+        refused = stream_raw(a, cases)
+        assert refused == stream_raw(b, cases) and refused[0] == "UNAVAILABLE", refused
+        got = by_request(stream_raw(a, cases, metadata=allowed))
+        assert got == by_request(stream_raw(b, cases, metadata=allowed))
+        out = service_pb2.ModelStreamInferResponse.FromString(got["p"][0]).infer_response.raw_output_contents[0]
+        assert json.loads(out[4:]) == {"my-tenant": "blue"}
+        assert len(got["small"]) == 4
+        # alone (the error names the bytes other requests hold)
+        got = by_request(stream_raw(a, [over.SerializeToString()], metadata=allowed))
+        assert got == by_request(stream_raw(b, [over.SerializeToString()], metadata=allowed))
+        error = service_pb2.ModelStreamInferResponse.FromString(got["over"][0]).error_message
+        assert "--max-buffered-request-bytes" in error
+
+        def unread_stream(channel: grpc.Channel) -> int:
+            """Requests a client that never reads gets to send (the server stops reading them)."""
+            sent = 0
+            stop = threading.Event()
+            payload = bytes(64 << 10)
+
+            def requests_() -> Iterator[bytes]:
+                nonlocal sent
+                while not stop.is_set() and sent < 5000:
+                    req = service_pb2.ModelInferRequest(model_name="identity_fp32")
+                    req.inputs.add(name="INPUT0", datatype="FP32", shape=[len(payload) // 4])
+                    req.raw_input_contents.append(payload)
+                    sent += 1
+                    yield req.SerializeToString()
+
+            call: Any = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
+            responses = call(requests_(), metadata=allowed, timeout=60)
+            try:
+                time.sleep(3)
+                stalled = sent
+                time.sleep(1.5)
+                assert sent == stalled, "the server kept reading a stream whose client reads nothing"
+                return sent
+            finally:
+                stop.set()
+                responses.cancel()
+
+        assert unread_stream(a) < 1000 and unread_stream(b) < 1000
+    assert _unix_connections(router_grpc) == 0, "a stream went through the router's gRPC server"
+    assert mine.terminate() == 0 and theirs.terminate() == 0
+
+
+FLOOD_N = 5000
+FLOOD_MODEL = f"""
+import os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        progress = os.path.join(os.path.dirname(__file__), "sent")
+        for request in requests:
+            sender = request.get_response_sender()
+            for i in range({FLOOD_N}):
+                out = np.full(1024, i, dtype=np.int32)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out)]))
+                if i % 50 == 0:
+                    with open(progress, "w") as f:
+                        f.write(str(i))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+FLOOD_CONFIG = """
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [{ name: "IN", data_type: TYPE_INT32, dims: [1] }]
+output [{ name: "OUT", data_type: TYPE_INT32, dims: [-1] }]
+"""
+
+
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    return 0
+
+
+def test_slow_stream_reader_stops_the_model(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """As tests/e2e/test_stream_flow.py through a frontend process: a client that stops
+    reading stops the model's response sender (the frontend takes no more of the router's
+    replies, the router no more of the model's responses), so neither process grows; once the
+    client reads again every response arrives, in order."""
+    model = tmp_path / "repo" / "flood"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(FLOOD_MODEL)
+    (model / "config.pbtxt").write_text(FLOOD_CONFIG)
+    srv = ServerProcess(tmp_path / "repo", "--frontend-processes", "1")
+    fresh_server.append(srv)
+    srv.start()
+    (frontend,) = frontend_pids(srv)
+    rss = {p: _vm_rss(p) for p in (srv.pid, frontend)}
+
+    def sent() -> int:
+        try:
+            return int((model / "1" / "sent").read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    with grpc.insecure_channel(srv.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="flood")
+        req.inputs.add(name="IN", datatype="INT32", shape=[1]).contents.int_contents.append(1)
+        responses = stub.ModelStreamInfer(iter([req]))
+        first = next(responses)
+        assert not first.error_message, first.error_message
+        before, deadline = -1, time.monotonic() + 15
+        while time.monotonic() < deadline:  # the model stops advancing: its sender waits
+            time.sleep(1.0)
+            if sent() == before:
+                break
+            before = sent()
+        stuck = sent()
+        assert 0 < stuck < FLOOD_N // 2, f"the model sent {stuck} of {FLOOD_N} responses to a client that reads nothing"
+        for p, was in rss.items():
+            assert _vm_rss(p) < was + (64 << 20), f"process {p} grew by {(_vm_rss(p) - was) >> 20} MiB"
+        got = [int(np.frombuffer(first.infer_response.raw_output_contents[0], dtype=np.int32)[0])]
+        for r in responses:
+            assert not r.error_message, r.error_message
+            if r.infer_response.raw_output_contents:
+                got.append(int(np.frombuffer(r.infer_response.raw_output_contents[0], dtype=np.int32)[0]))
+            if r.infer_response.parameters["triton_final_response"].bool_param:
+                break
+        assert got == list(range(FLOOD_N))
+    assert srv.terminate() == 0, srv.log
 
 
 def _events(resp: requests.Response) -> list[dict[str, Any]]:
@@ -1167,6 +1587,19 @@ def _shm_scenario(srv: ServerProcess, label: str) -> list[Any]:
             np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [4]), a + b)
             np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [4], offset=16), a - b)
             shm.set_shared_memory_region(h_out, [np.zeros(8, np.float32)])
+            if proto == "grpc":  # the same on a stream
+                streamed: queue.Queue[tuple[Any, Any]] = queue.Queue()
+                gc_.start_stream(callback=lambda result, error, q=streamed: q.put((result, error)))
+                try:
+                    gc_.async_stream_infer("add_sub", inputs, outputs=outputs, request_id="shm-stream")
+                    result, error = streamed.get(timeout=30)
+                finally:
+                    gc_.stop_stream()
+                assert error is None, error
+                seen.append(result.get_response())
+                np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [4]), a + b)
+                np.testing.assert_array_equal(shm.get_contents_as_numpy(h_out, np.float32, [4], offset=16), a - b)
+                shm.set_shared_memory_region(h_out, [np.zeros(8, np.float32)])
         # across: HTTP's regions used over gRPC and gRPC's over HTTP
         for client, mod, proto in ((gc_, grpcclient, "http"), (hc, httpclient, "grpc")):
             shm.set_shared_memory_region(handles[0 if proto == "http" else 2], [a * 2, b])
@@ -1208,11 +1641,12 @@ def test_system_shared_memory(server: ServerProcess, plain: ServerProcess) -> No
     want = _shm_scenario(plain, "p")
     assert got == want
     # the response names the outputs but carries none of their bytes
-    http_resp, grpc_resp = got[0], got[1]
+    http_resp, grpc_resp, stream_resp = got[0], got[1], got[2]
     assert http_resp["id"] == "shm-http" and [o["name"] for o in http_resp["outputs"]] == ["OUTPUT0", "OUTPUT1"]
     assert all("data" not in o and "binary_data_size" not in o.get("parameters", {}) for o in http_resp["outputs"])
     assert grpc_resp.id == "shm-grpc" and all(len(c) == 0 for c in grpc_resp.raw_output_contents)
-    assert got[2] == got[3] == ["in_grpc", "in_http", "out_grpc", "out_http"]
+    assert stream_resp.id == "shm-stream" and all(len(c) == 0 for c in stream_resp.raw_output_contents)
+    assert got[3] == got[4] == ["in_grpc", "in_http", "out_grpc", "out_http"]
     assert got[-3] == ["out_grpc", "out_http"] and got[-2] == [] and got[-1] == 0
 
 
@@ -1295,6 +1729,88 @@ def test_traced_requests_go_through_the_router(server: ServerProcess, plain: Ser
         np.testing.assert_array_equal(infer(hc, httpclient, f"after-{k}"), a + a)
         np.testing.assert_array_equal(infer(gc_, grpcclient, f"gafter-{k}"), a + a)
     assert not [o for o in _traces(trace_file) if o.get("request_id") == "untraced-1"]
+
+
+def _stream_trace_of(path: Path, request_id: str) -> list[str]:
+    """The timestamp names of the trace of the streamed request ``request_id`` (waited for:
+    its last is GRPC_SEND_START)."""
+    found: list[list[str]] = []
+
+    def look() -> bool:
+        objects = _traces(path)
+        ids = [o["id"] for o in objects if o.get("request_id") == request_id and "model_name" in o]
+        if len(ids) != 1:
+            return False
+        stamps = [o["timestamps"][0]["name"] for o in objects if o["id"] == ids[0] and "timestamps" in o]
+        if "GRPC_SEND_START" not in stamps:
+            return False
+        found.append(stamps)
+        return True
+
+    wait_until(look, timeout_s=20)
+    return found[-1]
+
+
+def test_traced_streamed_requests_go_through_the_router(
+    server: ServerProcess, plain: ServerProcess, trace_file: Path
+) -> None:
+    """While tracing is on, each request of a stream goes to the router on a stream of its
+    own (which traces it) and its responses are relayed into the client's stream; requests
+    of the same stream before and after are served by the frontend process. The messages are
+    the router's own either way."""
+    add = service_pb2.ModelInferRequest(model_name="add_sub")
+    add.inputs.add(name="INPUT0", datatype="FP32", shape=[4]).contents.fp32_contents.extend(A)
+    add.inputs.add(name="INPUT1", datatype="FP32", shape=[4]).contents.fp32_contents.extend(B)
+
+    def requests_(tag: str) -> list[service_pb2.ModelInferRequest]:
+        a = service_pb2.ModelInferRequest()
+        a.CopyFrom(add)
+        a.id = f"{tag}-add"
+        bad = service_pb2.ModelInferRequest(model_name="nope", id=f"{tag}-nope")
+        return [
+            repeat_request(f"{tag}-repeat", [4, 5, 6], True),
+            a,
+            repeat_request(f"{tag}-none", []),
+            repeat_request(f"{tag}-many", list(range(100)), mode="execute"),
+            bad,
+        ]
+
+    tags = ("before", "traced", "after")
+    with _channel(plain) as ref:
+        want = by_request(stream_raw(ref, [r.SerializeToString() for t in tags for r in requests_(t)]))
+    hc = hclient(server)
+    sent: queue.Queue[bytes | None] = queue.Queue()
+    got: dict[str, list[bytes]] = {}
+    with _channel(server) as channel:
+        call: Any = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
+        responses = call(iter(sent.get, None), timeout=120)
+
+        def exchange(tag: str) -> None:
+            reqs = requests_(tag)
+            for r in reqs:
+                sent.put(r.SerializeToString())
+            finals = 0
+            while finals < len(reqs) - 1:  # "-none" sends nothing
+                raw = next(responses)
+                msg = service_pb2.ModelStreamInferResponse.FromString(raw)
+                got.setdefault(msg.infer_response.id, []).append(raw)
+                finals += msg.infer_response.parameters["triton_final_response"].bool_param
+
+        exchange("before")
+        hc.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+        try:
+            exchange("traced")
+        finally:
+            hc.update_trace_settings(settings=CLEAR)
+        exchange("after")
+        sent.put(None)
+        assert list(responses) == []
+    assert got == want
+    stamps = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *STAMPS_HTTP[2:-3], "GRPC_SEND_START"]
+    for rid in ("traced-repeat", "traced-add", "traced-none", "traced-many"):
+        assert _stream_trace_of(trace_file, rid) == stamps, rid
+    traced = {o.get("request_id") for o in _traces(trace_file)}
+    assert not traced & {f"{t}-{k}" for t in ("before", "after") for k in ("repeat", "add", "none", "many")}
 
 
 @pytest.fixture(scope="module")

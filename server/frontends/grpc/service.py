@@ -213,6 +213,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async for msg in stream.model_stream_infer(self, request_iterator, context):
             yield msg
 
+    async def stream_request(
+        self,
+        request: pb.ModelInferRequest,
+        context: Any,
+        put: Callable[[stream.Entry], None],
+        trace: Trace | None = None,
+    ) -> None:
+        """One request of a ``ModelStreamInfer`` stream: its responses go to ``put``
+        (``stream.stream_request``)."""
+        await stream.stream_request(self, request, context, put, trace)
+
     @rpc("logging")
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
         settings = self.dp.update_log_settings(codec.param_values(request.settings))

@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from shoal.proto.errors import InvalidInput, ServingError, detach, from_exception
 from shoal.proto.gen import grpc_service_pb2 as pb
+from shoal.server.dataplane import GRPC_DECOUPLED_ERROR
 from shoal.server.frontends.grpc import codec
 from shoal.server.frontends.grpc.common import MALFORMED, MALFORMED_MESSAGE, restricted
 from shoal.server.logthrottle import client_error
-from shoal.server.validation import version_number
 
 if TYPE_CHECKING:
     from shoal.server.frontends.grpc.service import InferenceService
@@ -25,19 +26,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.grpc")
 
 FINAL_PARAMETER = "triton_final_response"
+"""Set on every streamed response: true on the last one of its request (as Triton)."""
 UNWRITTEN = 64
-"""Responses of one decoupled request waiting to be written to the client at most."""
+"""Responses of one streamed request waiting to be written to the client at most."""
 Entry = tuple[pb.ModelStreamInferResponse | None, bool, Callable[[], None] | None]
 """A message for the stream's writer, whether it is its request's last, what to call once
 it is written."""
-"""Set on every streamed response: true on the last one of its request (as Triton)."""
-
-
-def _version_or_any(text: str) -> int:
-    try:
-        return version_number(text)
-    except ServingError:
-        return -1  # the request fails on it later, with the error of its kind
 
 
 def _stream_error(req: Any, exc: BaseException) -> pb.ModelStreamInferResponse:
@@ -86,11 +80,8 @@ async def model_stream_infer(
         try:
             if req is MALFORMED:
                 raise InvalidInput(MALFORMED_MESSAGE)
-            if service.dp.is_decoupled(req.model_name, _version_or_any(req.model_version)):
-                await stream_decoupled(service, req, context, queue.put_nowait, trace)
-                return
-            msg = pb.ModelStreamInferResponse(infer_response=await service.infer_message(req, context, trace))
-            msg.infer_response.parameters[FINAL_PARAMETER].bool_param = True
+            await service.stream_request(req, context, queue.put_nowait, trace)
+            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported on the stream
@@ -131,21 +122,23 @@ async def model_stream_infer(
             task.cancel()
 
 
-async def stream_decoupled(
+async def stream_request(
     service: InferenceService,
     request: pb.ModelInferRequest,
     context: Any,
     put: Callable[[Entry], None],
     trace: Trace | None = None,
 ) -> None:
-    """A decoupled model's responses to one streamed request, each as it comes. The last
-    is only sent when it carries a response, or when the request set
-    ``triton_enable_empty_final_response`` (Triton's rule). At most ``UNWRITTEN`` of them
+    """One streamed request's responses, each as it comes (``DataPlane.responses``: any
+    number for a decoupled model, one for another model; a failure before the first raises).
+    A decoupled model's last is only sent when it carries a response, or when the request
+    set ``triton_enable_empty_final_response`` (Triton's rule). At most ``UNWRITTEN`` of them
     wait to be written to the client: past that the model's responses are not taken (and
-    its response sender waits), so a slow reader slows the model instead of filling memory."""
+    its response sender waits), so a slow reader slows the model instead of filling memory.
+    A frontend process runs the same code with its ``RemoteDataPlane``."""
     unwritten = asyncio.Semaphore(UNWRITTEN)
     held = request.ByteSize()
-    service.budget.take(held)
+    service.budget.take(held)  # grpc has the whole message in memory already: refuse to keep it
     try:
         req = codec.decode_request(request)
         if req.uses_shm:
@@ -154,24 +147,25 @@ async def stream_decoupled(
             service.forward.apply(context.invocation_metadata() or (), req.parameters)
         empty_final = req.parameters.get("triton_enable_empty_final_response") is True
         req.trace = trace
-        async for item, final in service.dp.infer_stream(req):
-            msg = pb.ModelStreamInferResponse()
-            if item is None:
-                if not (final and empty_final):
-                    put((None, final, None))
-                    continue
-                msg.infer_response.id = request.id
-                msg.infer_response.model_name = request.model_name
-                msg.infer_response.model_version = request.model_version
-            elif isinstance(item, ServingError):
-                msg = _stream_error(request, item)
-            else:
-                try:
-                    codec.encode_response(item, msg.infer_response)
-                finally:
-                    item.done()
-            msg.infer_response.parameters[FINAL_PARAMETER].bool_param = final
-            await unwritten.acquire()
-            put((msg, final, unwritten.release))
+        async with aclosing(service.dp.responses(req, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
+            async for item, final in items:
+                msg = pb.ModelStreamInferResponse()
+                if item is None:
+                    if not (final and empty_final):
+                        put((None, final, None))
+                        continue
+                    msg.infer_response.id = request.id
+                    msg.infer_response.model_name = request.model_name
+                    msg.infer_response.model_version = request.model_version
+                elif isinstance(item, ServingError):
+                    msg = _stream_error(request, item)
+                else:
+                    try:
+                        codec.encode_response(item, msg.infer_response)
+                    finally:
+                        item.done()
+                msg.infer_response.parameters[FINAL_PARAMETER].bool_param = final
+                await unwritten.acquire()
+                put((msg, final, unwritten.release))
     finally:
         service.budget.give(held)
