@@ -141,8 +141,9 @@ class ServerProcess:
                 self.port = int(m.group(1))
             if m or g:
                 self._port_seen.set()
-            if "shoal: server " in line:
-                # the last line of start-up: every listener is up
+            if "shoal: server ready" in line or "shoal: server started" in line:
+                # the last line of start-up: every listener is up ("shoal: server stopped"
+                # is not: a server that fails at start-up logs it too)
                 self._port_seen.set()
                 self._ready_seen.set()
 

@@ -2211,7 +2211,10 @@ def test_port_shared_with_another_reuseport_listener_is_refused(
         for extra in ((), FRONTENDS):
             srv = ServerProcess(repo, "--http-port", str(port), *extra)
             fresh_server.append(srv)
-            srv.start()  # returns at "server ready" or at "server stopped"
+            try:
+                srv.start()
+            except RuntimeError:
+                pass  # it exited before it reported a port: the outcome says why
             assert srv.proc is not None
             try:
                 rc: int | None = srv.proc.wait(30) if "server ready" not in srv.log else None
