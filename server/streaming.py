@@ -77,6 +77,15 @@ async def responses(
             if isinstance(item, InferResult):
                 item.done()
         if not run.done():
-            run.cancel()
+            if ended:  # the final response came before the execution's end: let it end (its
+                # statistics and trace are recorded then), then give its result back
+                run.add_done_callback(_done)
+            else:
+                run.cancel()
         elif not run.cancelled() and run.exception() is None:
             run.result().done()
+
+
+def _done(run: asyncio.Future[InferResult]) -> None:
+    if not run.cancelled() and run.exception() is None:
+        run.result().done()

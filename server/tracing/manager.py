@@ -193,7 +193,18 @@ class TraceTree:
     """Every trace spawned from one sampled request (Triton's ``TraceManager::Trace``):
     the root, ensemble steps and BLS calls; written together when the root finishes."""
 
-    __slots__ = ("manager", "setting", "level", "traces", "done", "offset_ns", "otel_parent", "started_ns")
+    __slots__ = (
+        "manager",
+        "setting",
+        "level",
+        "traces",
+        "done",
+        "offset_ns",
+        "otel_parent",
+        "started_ns",
+        "running",
+        "released",
+    )
 
     def __init__(self, manager: TraceManager, setting: TraceSetting, otel_parent: Any = None) -> None:
         self.manager = manager
@@ -205,11 +216,28 @@ class TraceTree:
         self.offset_ns = time.time_ns() - self.started_ns
         """Wall clock minus monotonic clock (OpenTelemetry spans need wall-clock times)."""
         self.otel_parent = otel_parent
+        self.running = 0
+        """Traces of the tree that reached a scheduler and have not ended (REQUEST_END)."""
+        self.released = False
+        """The frontend is done with the root: the tree is written once nothing runs."""
 
     def new_trace(self, parent_id: int) -> Trace:
         t = Trace(self, next(self.manager.ids), parent_id)
         self.traces[t.id] = t
         return t
+
+    def release(self) -> None:
+        """The frontend has sent the root's last response; a decoupled request may still be
+        executing (its final response can come before its execution ends): the tree is
+        written when it has ended."""
+        self.released = True
+        if self.running <= 0:
+            self.finish()
+
+    def ended(self) -> None:
+        self.running -= 1
+        if self.released and self.running <= 0:
+            self.finish()
 
     def finish(self) -> None:
         if self.done:
@@ -256,6 +284,7 @@ class Trace:
         """The request reached its model's scheduler (REQUEST_START, QUEUE_START and its
         inputs)."""
         now = time.monotonic_ns()
+        self.tree.running += 1
         if self.stamps:
             self.records.append(("model", model, version, request.id))
             self.records.append(("ts", "REQUEST_START", now))
@@ -292,10 +321,12 @@ class Trace:
 
     def end(self) -> None:
         self.stamp("REQUEST_END")
+        self.tree.ended()
 
     def finish(self) -> None:
-        """The frontend is done with the request: the trace is written."""
-        self.tree.finish()
+        """The frontend is done with the request: the trace is written (once every request
+        of its tree that began has ended)."""
+        self.tree.release()
 
     def json_objects(self) -> list[str]:
         """Triton's JSON objects of this trace."""

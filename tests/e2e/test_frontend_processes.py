@@ -41,6 +41,11 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from tests.e2e.server import ROOT, ServerProcess, make_repository, wait_until
+from tests.e2e.test_stream_flow import CONFIG as FLOOD_CONFIG
+from tests.e2e.test_stream_flow import FLOOD as FLOOD_MODEL
+from tests.e2e.test_stream_flow import N as FLOOD_N
+from tests.e2e.test_trace import STAMPS_GRPC, STAMPS_HTTP
+from tests.e2e.test_tritonserver_cli import PARAMS_CONFIG, PARAMS_MODEL
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,21 +75,6 @@ arena: outputs or inputs that are never given back exhaust them after ~64 reques
 KEY_PREFIX = f"shoaltest_{os.getpid()}_"
 SERVICE = "/inference.GRPCInferenceService/"
 HEALTH = "/grpc.health.v1.Health/Check"
-STAMPS_HTTP = [
-    "HTTP_RECV_START",
-    "HTTP_RECV_END",
-    "REQUEST_START",
-    "QUEUE_START",
-    "COMPUTE_START",
-    "COMPUTE_INPUT_END",
-    "COMPUTE_OUTPUT_START",
-    "COMPUTE_END",
-    "REQUEST_END",
-    "INFER_RESPONSE_COMPLETE",
-    "HTTP_SEND_START",
-    "HTTP_SEND_END",
-]
-STAMPS_GRPC = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *STAMPS_HTTP[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
 CLEAR = {"trace_level": None, "trace_rate": None, "trace_count": None, "log_frequency": None}
 
 
@@ -1313,27 +1303,6 @@ def test_streams_give_arena_blocks_back(server: ServerProcess) -> None:
         answered(80)
 
 
-PARAMS_MODEL = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            t = pb_utils.Tensor("PARAMS", np.array([r.parameters().encode()], dtype=np.object_))
-            out.append(pb_utils.InferenceResponse([t]))
-        return out
-"""
-PARAMS_CONFIG = """
-backend: "python"
-max_batch_size: 0
-input [{ name: "IN", data_type: TYPE_INT32, dims: [1] }]
-output [{ name: "PARAMS", data_type: TYPE_STRING, dims: [1] }]
-"""
-
-
 def test_stream_limits_as_without_frontends(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     """``--grpc-restricted-protocol``, ``--grpc-header-forward-pattern``,
     ``--max-buffered-request-bytes`` and ``--grpc-stream-max-pending`` apply to a stream
@@ -1412,36 +1381,6 @@ def test_stream_limits_as_without_frontends(tmp_path: Path, fresh_server: list[S
         assert unread_stream(a) < 1000 and unread_stream(b) < 1000
     assert _unix_connections(router_grpc) == 0, "a stream went through the router's gRPC server"
     assert mine.terminate() == 0 and theirs.terminate() == 0
-
-
-FLOOD_N = 5000
-FLOOD_MODEL = f"""
-import os
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        progress = os.path.join(os.path.dirname(__file__), "sent")
-        for request in requests:
-            sender = request.get_response_sender()
-            for i in range({FLOOD_N}):
-                out = np.full(1024, i, dtype=np.int32)
-                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out)]))
-                if i % 50 == 0:
-                    with open(progress, "w") as f:
-                        f.write(str(i))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-"""
-FLOOD_CONFIG = """
-backend: "python"
-max_batch_size: 0
-model_transaction_policy { decoupled: true }
-input [{ name: "IN", data_type: TYPE_INT32, dims: [1] }]
-output [{ name: "OUT", data_type: TYPE_INT32, dims: [-1] }]
-"""
 
 
 def _vm_rss(pid: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.e2e.server import ServerProcess, make_repository, wait_until
 
-MODELS = ("add_sub", "slow", "ens_diamond", "bls_traced", "identity_fp32")
+MODELS = ("add_sub", "slow", "ens_diamond", "bls_traced", "identity_fp32", "repeat")
 STAMPS_HTTP = [
     "HTTP_RECV_START",
     "HTTP_RECV_END",
@@ -315,6 +316,40 @@ def test_grpc_request_trace(gclient: grpcclient.InferenceServerClient, trace_fil
     root, _ = _tree(trace_file, "grpc-1")
     assert _names(root) == STAMPS_GRPC
     _ordered(root)
+
+
+def test_decoupled_request_whose_final_response_comes_before_execute_returns(
+    client: httpclient.InferenceServerClient, gclient: grpcclient.InferenceServerClient, trace_file: Path
+) -> None:
+    """The final response reaches the client while the model's execute still runs: the
+    request is not cancelled (statistics count a success, no failure) and its trace, written
+    once the execution has ended, has the compute stamps and REQUEST_END."""
+    before = client.get_inference_statistics("repeat")["model_stats"][0]["inference_stats"]
+    responses: queue.Queue[Any] = queue.Queue()
+    gclient.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        t = grpcclient.InferInput("IN", [2], "INT32")
+        t.set_data_from_numpy(np.array([7, 8], dtype=np.int32))
+        gclient.async_stream_infer(
+            "repeat", [t], request_id="final-early", parameters={"mode": "execute", "work_ms": 400}
+        )
+        got = [responses.get(timeout=20) for _ in range(2)]
+    finally:
+        gclient.stop_stream()
+    assert [e for _, e in got] == [None, None]
+    root, _ = _tree(trace_file, "final-early")
+    want = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *CORE_STAMPS, "GRPC_SEND_START"]
+    assert sorted(_names(root)) == sorted(want)
+    at = dict(root["stamps"])
+    assert at["GRPC_SEND_START"] < at["COMPUTE_END"] <= at["REQUEST_END"]  # sent while execute ran
+
+    def counted() -> bool:
+        now = client.get_inference_statistics("repeat")["model_stats"][0]["inference_stats"]
+        return now["success"]["count"] == before["success"]["count"] + 1
+
+    wait_until(counted, timeout_s=20)
+    after = client.get_inference_statistics("repeat")["model_stats"][0]["inference_stats"]
+    assert after["fail"]["count"] == before["fail"]["count"]
 
 
 def test_ensemble_steps_have_the_ensemble_as_parent(client: httpclient.InferenceServerClient, trace_file: Path) -> None:

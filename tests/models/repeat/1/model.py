@@ -7,7 +7,8 @@ Request parameter "mode":
   error_after_two   two responses, then an error response with the final flag
   die_after_two     two responses, then the worker process exits
   slow              like thread, 20 ms between responses
-Parameter "delay_ms" sleeps that long before the first response.
+Parameter "delay_ms" sleeps that long before the first response; "work_ms" (mode execute)
+keeps execute running that long after its final response.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             if mode == "execute":
                 self._send_all(sender, values, params, final_on_last=True)
+                time.sleep(params.get("work_ms", 0) / 1000)
             else:
                 t = threading.Thread(target=self._send_all, args=(sender, values, params, False), daemon=True)
                 t.start()
