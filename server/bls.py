@@ -18,57 +18,23 @@ import asyncio
 import itertools
 import json
 import logging
-from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, detach, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
+from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
-from shoal.server.frontproc import wire as frontwire
+from shoal.server.frontproc.calls import FrontendCalls
 from shoal.server.types import ArenaRef, InferRequest, InferResult, InputTensor, Lease, RequestedOutput
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 
 log = logging.getLogger("shoal.bls")
 
-STREAM_WINDOW = 64
-"""Replies of a frontend process's streamed call (``BlsCall.decoupled``) that it has not
-acknowledged (``BlsDone.ack_calls``) at most: past that the router takes no more of the
-model's responses, so the model's response sender waits (``DataPlane.infer_stream``'s flow
-control) instead of a slow client's responses filling the router or the frontend. The
-frontend acknowledges in groups of ``streaming.ACK_EVERY`` (a divisor of this)."""
-
 
 def _noop() -> None:
     pass
-
-
-class _Window:
-    """The unacknowledged replies of one streamed frontend call."""
-
-    __slots__ = ("unacked", "_waiter")
-
-    def __init__(self) -> None:
-        self.unacked = 0
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def sent(self) -> None:
-        """One more reply is out: returns once the frontend has room for the next."""
-        self.unacked += 1
-        while self.unacked >= STREAM_WINDOW:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def ack(self, count: int) -> None:
-        self.unacked -= count
-        waiter = self._waiter
-        if waiter is not None and self.unacked < STREAM_WINDOW and not waiter.done():
-            waiter.set_result(None)
 
 
 class BlsRouter:
@@ -81,8 +47,7 @@ class BlsRouter:
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
         self._calls: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         """Decoupled calls in flight, by caller and call id (to cancel one)."""
-        self._windows: dict[tuple[bytes, int], _Window] = {}
-        """Frontend processes' streamed calls in flight (flow control)."""
+        self.frontends = FrontendCalls(dataplane, mapper, self._reply, self._send)
         channel.services["bls_call"] = channel.services["bls_done"] = self.on_message
         channel.services["model_control"] = self.on_message
         channel.on_disconnect.append(self.forget)
@@ -99,17 +64,14 @@ class BlsRouter:
                 call = self._calls.get((identity, call_id))
                 if call is not None:
                     call.cancel()
-            for call_id, count in zip(done.ack_calls, done.ack_counts, strict=False):
-                window = self._windows.get((identity, call_id))
-                if window is not None:
-                    window.ack(count)
+            self.frontends.ack(identity, done)
         elif body in ("bls_call", "model_control"):
             bls = env.bls_call
             started: list[bool] = []
             if body == "model_control":
                 coro = self._control(identity, env.model_control)
             elif bls.frontend:
-                coro = self._serve_frontend(identity, bls, frames, started)
+                coro = self.frontends.serve(identity, bls, frames, started)
             else:
                 coro = self._serve(identity, bls, frames)
             task = asyncio.get_running_loop().create_task(coro)
@@ -121,15 +83,8 @@ class BlsRouter:
                 key = (identity, bls.call_id)
                 self._calls[key] = task
                 task.add_done_callback(lambda _: self._calls.pop(key, None))
-                if bls.frontend and any(ref.WhichOneof("location") == "shm" for ref in bls.request.inputs):
-                    # cancelled before it ran: no worker ever read its inputs in the frontend's arena
-                    call_id = bls.call_id
-
-                    def never_ran(_: object) -> None:
-                        if not started:
-                            self._inputs_free(identity, call_id)
-
-                    task.add_done_callback(never_ran)
+                if bls.frontend:
+                    self.frontends.watch(identity, bls, task, started)
 
     def forget(self, identity: bytes) -> None:
         """The worker went away: its calls stop, the outputs it held go back."""
@@ -165,75 +120,6 @@ class BlsRouter:
             if not isinstance(exc, ServingError):
                 log.exception("BLS call to model '%s' failed", call.model_name)
             self._reply(identity, call.call_id, err, True)
-
-    async def _serve_frontend(
-        self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], started: list[bool]
-    ) -> None:
-        """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
-        the frontend's arena are its to reuse once no worker reads them: with the final reply,
-        or, when the call ended first, by a later ``inputs_free`` reply.
-
-        A streamed request (``call.decoupled``: gRPC ``ModelStreamInfer``) may name a model
-        of either kind (``DataPlane.responses``); at most ``STREAM_WINDOW`` of its replies
-        are unacknowledged by the frontend before the next response is taken."""
-        started.append(True)
-        call_id = call.call_id
-        if self.dp.tracer.active:  # traces start and end in the router's own frontends
-            env = wire.envelope(0)
-            env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call_id, True, True
-            self._send(identity, env, [])
-            return
-        leases: list[Lease] = []
-        ended = False
-
-        def inputs_read() -> None:
-            if ended:
-                self._inputs_free(identity, call_id)
-
-        def lease() -> Lease:
-            if not leases:
-                leases.append(Lease(inputs_read))
-            return leases[0]
-
-        item: InferResult | ServingError | None
-        key = (identity, call_id)
-        try:
-            request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
-            if call.decoupled:
-                item = None
-                window = self._windows[key] = _Window()
-                async with aclosing(self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
-                    async for response, final in items:
-                        if final:  # the stream ends with it: sent once the inputs are known free
-                            item = response
-                            continue
-                        self._reply(identity, call_id, response, False)
-                        await window.sent()
-            else:
-                decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
-                item = await self.dp.infer(request, decoupled_error=decoupled_error)
-        except asyncio.CancelledError:
-            ended = True
-            for held in leases:
-                held.drop()
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure is the client's answer
-            if not isinstance(exc, ServingError):
-                log.exception("a request to model '%s' failed", call.model_name)
-            item = exc if isinstance(exc, ServingError) else from_exception(exc)
-        finally:
-            self._windows.pop(key, None)
-        for held in leases:
-            held.drop()
-        ended = True
-        # a worker still reads inputs in the frontend's arena (the call ended first): the
-        # frontend keeps them until inputs_free
-        self._reply(identity, call_id, item, True, inputs_held=bool(leases) and leases[0].held)
-
-    def _inputs_free(self, identity: bytes, call_id: int) -> None:
-        env = wire.envelope(0)
-        env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
-        self._send(identity, env, [])
 
     def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:
         try:

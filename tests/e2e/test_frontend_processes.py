@@ -1747,7 +1747,9 @@ def test_traced_streamed_requests_go_through_the_router(
     assert got == want
     stamps = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *STAMPS_HTTP[2:-3], "GRPC_SEND_START"]
     for rid in ("traced-repeat", "traced-add", "traced-none", "traced-many"):
-        assert _stream_trace_of(trace_file, rid) == stamps, rid
+        # a decoupled request's final response may go out (GRPC_SEND_START) before its
+        # execution has ended (COMPUTE_*, REQUEST_END): the set of stamps is what is fixed
+        assert sorted(_stream_trace_of(trace_file, rid)) == sorted(stamps), rid
     traced = {o.get("request_id") for o in _traces(trace_file)}
     assert not traced & {f"{t}-{k}" for t in ("before", "after") for k in ("repeat", "add", "none", "many")}
 

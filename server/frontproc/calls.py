@@ -1,0 +1,157 @@
+"""The router's side of a frontend process's calls (``server.frontproc``): a client's
+request decoded by the frontend runs through the data plane like any request, its answer goes
+back as ``BlsReply`` (``BlsRouter`` owns the replies, the outputs held by reference and the
+cancellation of calls; this module what only frontend calls have: the inputs in the frontend's
+arena, the proxy answer while tracing is on, and the flow control of streamed calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import aclosing
+from typing import Any
+
+from shoal.proto import wire
+from shoal.proto.errors import ServingError, from_exception
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
+from shoal.server.frontproc import wire as frontwire
+from shoal.server.types import InferResult, Lease
+from shoal.shm.mapper import Mapper
+
+log = logging.getLogger("shoal.frontends")
+
+Reply = Callable[..., None]
+"""``BlsRouter._reply(identity, call_id, item, final, *, inputs_held=False)``."""
+Send = Callable[[bytes, wpb.Envelope, list[Any]], None]
+
+STREAM_WINDOW = 64
+"""Replies of a frontend process's streamed call (``BlsCall.decoupled``) that it has not
+acknowledged (``BlsDone.ack_calls``) at most: past that the router takes no more of the
+model's responses, so the model's response sender waits (``DataPlane.infer_stream``'s flow
+control) instead of a slow client's responses filling the router or the frontend. The
+frontend acknowledges in groups of ``streaming.ACK_EVERY`` (a divisor of this)."""
+
+
+class _Window:
+    """The unacknowledged replies of one streamed frontend call."""
+
+    __slots__ = ("unacked", "_waiter")
+
+    def __init__(self) -> None:
+        self.unacked = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def sent(self) -> None:
+        """One more reply is out: returns once the frontend has room for the next."""
+        self.unacked += 1
+        while self.unacked >= STREAM_WINDOW:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def ack(self, count: int) -> None:
+        self.unacked -= count
+        waiter = self._waiter
+        if waiter is not None and self.unacked < STREAM_WINDOW and not waiter.done():
+            waiter.set_result(None)
+
+
+class FrontendCalls:
+    def __init__(self, dataplane: DataPlane, mapper: Mapper, reply: Reply, send: Send) -> None:
+        self.dp = dataplane
+        self.mapper = mapper
+        self._reply = reply
+        self._send = send
+        self.windows: dict[tuple[bytes, int], _Window] = {}
+        """Streamed calls in flight (flow control), by frontend and call id."""
+
+    def ack(self, identity: bytes, done: wpb.BlsDone) -> None:
+        """The frontend wrote these replies of its streamed calls to their clients."""
+        for call_id, count in zip(done.ack_calls, done.ack_counts, strict=False):
+            window = self.windows.get((identity, call_id))
+            if window is not None:
+                window.ack(count)
+
+    def watch(self, identity: bytes, call: wpb.BlsCall, task: asyncio.Task[None], started: list[bool]) -> None:
+        """A call cancelled before it ran: no worker ever read its inputs in the frontend's
+        arena, which may have them back at once."""
+        if not any(ref.WhichOneof("location") == "shm" for ref in call.request.inputs):
+            return
+        call_id = call.call_id
+
+        def never_ran(_: object) -> None:
+            if not started:
+                self.inputs_free(identity, call_id)
+
+        task.add_done_callback(never_ran)
+
+    async def serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], started: list[bool]) -> None:
+        """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
+        the frontend's arena are its to reuse once no worker reads them: with the final reply,
+        or, when the call ended first, by a later ``inputs_free`` reply.
+
+        A streamed request (``call.decoupled``: gRPC ``ModelStreamInfer``) may name a model
+        of either kind (``DataPlane.responses``); at most ``STREAM_WINDOW`` of its replies
+        are unacknowledged by the frontend before the next response is taken."""
+        started.append(True)
+        call_id = call.call_id
+        if self.dp.tracer.active:  # traces start and end in the router's own frontends
+            env = wire.envelope(0)
+            env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call_id, True, True
+            self._send(identity, env, [])
+            return
+        leases: list[Lease] = []
+        ended = False
+
+        def inputs_read() -> None:
+            if ended:
+                self.inputs_free(identity, call_id)
+
+        def lease() -> Lease:
+            if not leases:
+                leases.append(Lease(inputs_read))
+            return leases[0]
+
+        item: InferResult | ServingError | None
+        key = (identity, call_id)
+        try:
+            request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
+            if call.decoupled:
+                item = None
+                window = self.windows[key] = _Window()
+                async with aclosing(self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
+                    async for response, final in items:
+                        if final:  # the stream ends with it: sent once the inputs are known free
+                            item = response
+                            continue
+                        self._reply(identity, call_id, response, False)
+                        await window.sent()
+            else:
+                decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
+                item = await self.dp.infer(request, decoupled_error=decoupled_error)
+        except asyncio.CancelledError:
+            ended = True
+            for held in leases:
+                held.drop()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is the client's answer
+            if not isinstance(exc, ServingError):
+                log.exception("a request to model '%s' failed", call.model_name)
+            item = exc if isinstance(exc, ServingError) else from_exception(exc)
+        finally:
+            self.windows.pop(key, None)
+        for held in leases:
+            held.drop()
+        ended = True
+        # a worker still reads inputs in the frontend's arena (the call ended first): the
+        # frontend keeps them until inputs_free
+        self._reply(identity, call_id, item, True, inputs_held=bool(leases) and leases[0].held)
+
+    def inputs_free(self, identity: bytes, call_id: int) -> None:
+        env = wire.envelope(0)
+        env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
+        self._send(identity, env, [])
