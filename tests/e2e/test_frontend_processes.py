@@ -44,7 +44,7 @@ from tests.e2e.server import ROOT, ServerProcess, make_repository, wait_until
 from tests.e2e.test_stream_flow import CONFIG as FLOOD_CONFIG
 from tests.e2e.test_stream_flow import FLOOD as FLOOD_MODEL
 from tests.e2e.test_stream_flow import N as FLOOD_N
-from tests.e2e.test_trace import STAMPS_GRPC, STAMPS_HTTP
+from tests.e2e.test_trace import STAMPS_GRPC, STAMPS_HTTP, _traces
 from tests.e2e.test_tritonserver_cli import PARAMS_CONFIG, PARAMS_MODEL
 
 pytestmark = pytest.mark.timeout(180)
@@ -1590,16 +1590,6 @@ def test_system_shared_memory(server: ServerProcess, plain: ServerProcess) -> No
 
 
 # ---- tracing ---------------------------------------------------------------------------------------------
-
-
-def _traces(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text() if path.exists() else ""
-    if not text:
-        return []
-    if not text.endswith("]"):
-        text += "]"
-    out: list[dict[str, Any]] = json.loads(text)
-    return out
 
 
 def _trace_of(path: Path, request_id: str) -> list[str]:
