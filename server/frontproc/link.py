@@ -46,7 +46,7 @@ Reply = tuple[wpb.BlsReply, list[bytes]]
 
 class _Replies:
     """The replies of one streamed call not taken yet (at most the router's window of
-    ``bls.STREAM_WINDOW``: it waits for acknowledgements past that)."""
+    ``calls.STREAM_WINDOW``: it waits for acknowledgements past that)."""
 
     __slots__ = ("items", "waiter", "error")
 
