@@ -30,7 +30,7 @@ from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext
 from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.frontends.grpc.app import GrpcBindError, start_grpc
-from shoal.server.frontends.http.app import make_app, make_health_app
+from shoal.server.frontends.http.app import make_app, make_health_app, make_runner
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
 from shoal.server.frontproc.supervisor import Frontends, hold_port
@@ -283,17 +283,8 @@ class App:
             forward=HeaderForwarder(cfg.http_header_forward_pattern),
             status=self.status,
         )
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=cfg.exit_timeout_s,
-            keepalive_timeout=cfg.http_keepalive_timeout_s,
-            # inference bodies are inflated by frontends/http/body.py, within the body limit
-            auto_decompress=False,
-            # a client that disconnects cancels its request (the model sees is_cancelled());
-            # repository and admin changes are shielded from it in routes.py
-            handler_cancellation=True,
+        self._runner = make_runner(
+            app, exit_timeout_s=cfg.exit_timeout_s, keepalive_timeout_s=cfg.http_keepalive_timeout_s
         )
         await self._runner.setup()
         if cfg.allow_http and cfg.frontend_processes:

@@ -36,7 +36,7 @@ from shoal.server.frontends.grpc import app as grpc_app
 from shoal.server.frontends.grpc import stream
 from shoal.server.frontends.grpc.service import InferenceService, rpc
 from shoal.server.frontends.http import body, routes
-from shoal.server.frontends.http.app import GUARD, middleware
+from shoal.server.frontends.http.app import GUARD, make_runner, middleware
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
 from shoal.server.frontproc.link import RemoteDataPlane, RouterLink, UseProxy
@@ -194,14 +194,8 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
         if http_port:
             app = http_app(cfg, link, limits, run_dir)
             proxies.append(app[PROXY])
-            runner = web.AppRunner(
-                app,
-                access_log=None,
-                handle_signals=False,
-                shutdown_timeout=cfg.exit_timeout_s,
-                keepalive_timeout=cfg.http_keepalive_timeout_s,
-                auto_decompress=False,
-                handler_cancellation=True,
+            runner = make_runner(
+                app, exit_timeout_s=cfg.exit_timeout_s, keepalive_timeout_s=cfg.http_keepalive_timeout_s
             )
             await runner.setup()
             sock = _listen(cfg.host, http_port, reuse_port=True)

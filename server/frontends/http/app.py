@@ -120,6 +120,22 @@ def make_app(
     return app
 
 
+def make_runner(app: web.Application, *, exit_timeout_s: float, keepalive_timeout_s: float) -> web.AppRunner:
+    """The runner of the inference app (the router's, and each frontend process's)."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=exit_timeout_s,
+        keepalive_timeout=keepalive_timeout_s,
+        # inference bodies are inflated by frontends/http/body.py, within the body limit
+        auto_decompress=False,
+        # a client that disconnects cancels its request (the model sees is_cancelled());
+        # repository and admin changes are shielded from it in routes.py
+        handler_cancellation=True,
+    )
+
+
 def make_health_app(dataplane: DataPlane) -> web.Application:
     """TRTIS's health port: liveness and readiness alone, so that probes keep answering when
     the inference port is saturated or restricted."""
