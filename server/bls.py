@@ -18,11 +18,13 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, detach, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.callerinputs import CallerInputs
 from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.frontproc.calls import FrontendCalls
@@ -31,10 +33,6 @@ from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 
 log = logging.getLogger("shoal.bls")
-
-
-def _noop() -> None:
-    pass
 
 
 class BlsRouter:
@@ -67,24 +65,32 @@ class BlsRouter:
             self.frontends.ack(identity, done)
         elif body in ("bls_call", "model_control"):
             bls = env.bls_call
-            started: list[bool] = []
+            inputs: CallerInputs | None = None
             if body == "model_control":
                 coro = self._control(identity, env.model_control)
-            elif bls.frontend:
-                coro = self.frontends.serve(identity, bls, frames, started)
             else:
-                coro = self._serve(identity, bls, frames)
+                call_id = bls.call_id
+                inputs = CallerInputs(lambda: self.inputs_free(identity, call_id))
+                serve = self.frontends.serve if bls.frontend else self._serve
+                coro = serve(identity, bls, frames, inputs)
             task = asyncio.get_running_loop().create_task(coro)
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            if inputs is not None and any(ref.WhichOneof("location") == "shm" for ref in bls.request.inputs):
+                task.add_done_callback(inputs.never_ran)
             if body == "bls_call" and (bls.decoupled or bls.frontend):
-                # a frontend process cancels a call whose client went away
+                # the caller cancels a call nobody waits for any more (ResponseIterator.cancel,
+                # a frontend's client that went away)
                 key = (identity, bls.call_id)
                 self._calls[key] = task
                 task.add_done_callback(lambda _: self._calls.pop(key, None))
-                if bls.frontend:
-                    self.frontends.watch(identity, bls, task, started)
+
+    def inputs_free(self, identity: bytes, call_id: int) -> None:
+        """The caller may reuse a call's inputs in its arena now (``server.callerinputs``)."""
+        env = wire.envelope(0)
+        env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
+        self._send(identity, env, [])
 
     def forget(self, identity: bytes) -> None:
         """The worker went away: its calls stop, the outputs it held go back."""
@@ -100,26 +106,34 @@ class BlsRouter:
             result.done()
         self._holds.clear()
 
-    async def _serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> None:
+    async def _serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], held: CallerInputs) -> None:
+        """A model's BLS call. Its inputs in the caller's arena stay the caller's to free
+        after the final reply, or after ``inputs_free`` when the reply says ``inputs_held``
+        (the call ended, by its timeout say, while the target worker still reads them)."""
+        call_id = call.call_id
+        item: InferResult | ServingError | None = None
         try:
-            request = self._request(identity, call, frames)
+            request = self._request(identity, call, frames, held.lease)
             if call.decoupled and self.dp.is_decoupled(request.model_name, request.model_version):
-                async for item, final in self.dp.infer_stream(request):
-                    self._reply(identity, call.call_id, item, final)
-                return
-            result = await self.dp.infer(
-                request,
-                decoupled_error=f"model '{call.model_name}' uses the decoupled transaction policy: "
-                "call exec(decoupled=True)",
-            )
-            self._reply(identity, call.call_id, result, True)
+                async for response, final in self.dp.infer_stream(request):
+                    if final:  # the stream ends with it: sent once the inputs are known free
+                        item = response
+                        continue
+                    self._reply(identity, call_id, response, False)
+            else:
+                item = await self.dp.infer(
+                    request,
+                    decoupled_error=f"model '{call.model_name}' uses the decoupled transaction policy: "
+                    "call exec(decoupled=True)",
+                )
         except asyncio.CancelledError:
+            held.cancelled()
             raise
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the calling model
-            err = exc if isinstance(exc, ServingError) else from_exception(exc)
+            item = exc if isinstance(exc, ServingError) else from_exception(exc)
             if not isinstance(exc, ServingError):
                 log.exception("BLS call to model '%s' failed", call.model_name)
-            self._reply(identity, call.call_id, err, True)
+        self._reply(identity, call_id, item, True, inputs_held=held.answered())
 
     def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:
         try:
@@ -152,10 +166,13 @@ class BlsRouter:
             out.error = (exc if isinstance(exc, ServingError) else from_exception(exc)).message
         self._send(identity, reply, [])
 
-    def _request(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes]) -> InferRequest:
+    def _request(
+        self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], lease: Callable[[], Lease]
+    ) -> InferRequest:
+        """``lease()``: the lease the dispatcher holds while a worker reads the call's inputs
+        in the caller's arena (asked only when there are some)."""
         r = call.request
         inputs = []
-        lease: Lease | None = None  # the caller frees its input blocks after the final reply
         for ref in r.inputs:
             where = ref.WhichOneof("location")
             if where == "frame":
@@ -168,9 +185,7 @@ class BlsRouter:
             s = ref.shm
             block = Block(s.region, s.offset, s.nbytes, s.device)
             t = InputTensor(ref.name, ref.datatype, tuple(ref.shape), self.mapper.view(block))
-            if lease is None:
-                lease = Lease(_noop)
-            t.arena = ArenaRef(block, lease)
+            t.arena = ArenaRef(block, lease())
             inputs.append(t)
         params = json.loads(r.parameters_json) if r.parameters_json else {}
         if call.timeout_us:

@@ -2,7 +2,9 @@
 on any model, through that model's own scheduler, and waits for the response(s).
 
 Inputs travel as frames (small) or blocks of this worker's output arena (large: the target
-worker reads them in place; they are freed after the call's final reply). Outputs come back as
+worker reads them in place; they are freed after the call's final reply, or, when that reply
+says ``inputs_held`` (the call ended while the target still reads them) or the call was left
+before its final reply, once the router says ``inputs_free``). Outputs come back as
 frames, or as blocks of the target worker's arena, copied here and given back at once
 (``BlsDone``). Every failure is a response with an error, never an exception out of the call.
 """
@@ -46,6 +48,9 @@ class BlsClient:
         self.writer = writer
         self.arena = arena
         self.mapper = mapper
+        self._kept: dict[int, list[Block]] = {}
+        """Input blocks of calls that ended while a worker may still read them, by call id:
+        freed by the router's ``inputs_free`` (or a final reply that does not hold them)."""
 
     def call(
         self,
@@ -97,19 +102,30 @@ class BlsClient:
             yield None, exc, {}, True
             return
         call.call_id = call_id = self.inbox.new_call()
+        free_inputs = True  # no reader left: the final reply came and does not hold them
         try:
             self.send([env.SerializeToString(), *frames])
             if on_call is not None:
                 on_call(call_id)
+            free_inputs = False
             while True:
                 reply_env, reply_frames = self.inbox.reply(call_id)
                 reply = reply_env.bls_reply
+                if reply.inputs_free:
+                    free_inputs = True
+                    continue
+                if reply.final:
+                    free_inputs = free_inputs or not reply.inputs_held
                 yield self._decode(reply, reply_frames)
                 if reply.final:
                     return
         finally:
             self.inbox.forget(call_id)
-            self._free(blocks)
+            if free_inputs or not blocks:
+                self._free(blocks)
+            else:  # left before the final reply, or the target still reads them
+                with self.lock:
+                    self._kept[call_id] = blocks
             self.give_back_orphans()
 
     def _free(self, blocks: list[Block]) -> None:
@@ -196,11 +212,17 @@ class BlsClient:
         return reply_env.control_reply.ok, reply_env.control_reply.error
 
     def give_back_orphans(self) -> None:
-        """Replies nobody waited for (an abandoned call): their held outputs go back."""
+        """Replies nobody waited for (an abandoned call): their held outputs go back, and
+        inputs kept for a reader are freed once the router says none is left."""
         holds = []
         while self.inbox.orphans:
             env, _ = self.inbox.orphans.popleft()
-            if env.bls_reply.hold_id:
-                holds.append(env.bls_reply.hold_id)
+            reply = env.bls_reply
+            if reply.hold_id:
+                holds.append(reply.hold_id)
+            if reply.inputs_free or (reply.final and not reply.inputs_held):
+                with self.lock:
+                    kept = self._kept.pop(reply.call_id, None)
+                self._free(kept or [])
         if holds:
             self._done(holds)

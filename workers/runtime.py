@@ -157,6 +157,9 @@ class WorkerRuntime:
                         self._infer(env, frames)
                     finally:
                         self.busy = False
+                    bls = self.spec.bls if self.spec is not None else None
+                    if bls is not None and inbox.orphans:  # late BLS replies: held outputs, kept inputs
+                        bls.give_back_orphans()
                     if self.stop_requested:
                         log.info("SIGTERM: exiting after answering the batch in flight")
                         return 0

@@ -15,9 +15,10 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ServingError, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.callerinputs import CallerInputs
 from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
 from shoal.server.frontproc import wire as frontwire
-from shoal.server.types import InferResult, Lease
+from shoal.server.types import InferResult
 from shoal.shm.mapper import Mapper
 
 log = logging.getLogger("shoal.frontends")
@@ -25,6 +26,7 @@ log = logging.getLogger("shoal.frontends")
 Reply = Callable[..., None]
 """``BlsRouter._reply(identity, call_id, item, final, *, inputs_held=False)``."""
 Send = Callable[[bytes, wpb.Envelope, list[Any]], None]
+
 
 STREAM_WINDOW = 64
 """Replies of a frontend process's streamed call (``BlsCall.decoupled``) that it has not
@@ -76,20 +78,7 @@ class FrontendCalls:
             if window is not None:
                 window.ack(count)
 
-    def watch(self, identity: bytes, call: wpb.BlsCall, task: asyncio.Task[None], started: list[bool]) -> None:
-        """A call cancelled before it ran: no worker ever read its inputs in the frontend's
-        arena, which may have them back at once."""
-        if not any(ref.WhichOneof("location") == "shm" for ref in call.request.inputs):
-            return
-        call_id = call.call_id
-
-        def never_ran(_: object) -> None:
-            if not started:
-                self.inputs_free(identity, call_id)
-
-        task.add_done_callback(never_ran)
-
-    async def serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], started: list[bool]) -> None:
+    async def serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], held: CallerInputs) -> None:
         """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
         the frontend's arena are its to reuse once no worker reads them: with the final reply,
         or, when the call ended first, by a later ``inputs_free`` reply.
@@ -97,29 +86,17 @@ class FrontendCalls:
         A streamed request (``call.decoupled``: gRPC ``ModelStreamInfer``) may name a model
         of either kind (``DataPlane.responses``); at most ``STREAM_WINDOW`` of its replies
         are unacknowledged by the frontend before the next response is taken."""
-        started.append(True)
         call_id = call.call_id
         if self.dp.tracer.active:  # traces start and end in the router's own frontends
             env = wire.envelope(0)
             env.bls_reply.call_id, env.bls_reply.final, env.bls_reply.proxy = call_id, True, True
             self._send(identity, env, [])
+            held.answered()
             return
-        leases: list[Lease] = []
-        ended = False
-
-        def inputs_read() -> None:
-            if ended:
-                self.inputs_free(identity, call_id)
-
-        def lease() -> Lease:
-            if not leases:
-                leases.append(Lease(inputs_read))
-            return leases[0]
-
         item: InferResult | ServingError | None
         key = (identity, call_id)
         try:
-            request = frontwire.unpack_call(call, frames, self.mapper.view, lease)
+            request = frontwire.unpack_call(call, frames, self.mapper.view, held.lease)
             if call.decoupled:
                 item = None
                 window = self.windows[key] = _Window()
@@ -134,9 +111,7 @@ class FrontendCalls:
                 decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
                 item = await self.dp.infer(request, decoupled_error=decoupled_error)
         except asyncio.CancelledError:
-            ended = True
-            for held in leases:
-                held.drop()
+            held.cancelled()
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is the client's answer
             if not isinstance(exc, ServingError):
@@ -144,14 +119,6 @@ class FrontendCalls:
             item = exc if isinstance(exc, ServingError) else from_exception(exc)
         finally:
             self.windows.pop(key, None)
-        for held in leases:
-            held.drop()
-        ended = True
         # a worker still reads inputs in the frontend's arena (the call ended first): the
         # frontend keeps them until inputs_free
-        self._reply(identity, call_id, item, True, inputs_held=bool(leases) and leases[0].held)
-
-    def inputs_free(self, identity: bytes, call_id: int) -> None:
-        env = wire.envelope(0)
-        env.bls_reply.call_id, env.bls_reply.inputs_free = call_id, True
-        self._send(identity, env, [])
+        self._reply(identity, call_id, item, True, inputs_held=held.answered())

@@ -31,6 +31,8 @@ MODELS = (
     "add_sub",
     "repeat",
     "identity_fp32",
+    "bls_timed",
+    "latecheck",
 )
 
 
@@ -118,6 +120,33 @@ def test_large_tensors_travel_through_shared_memory(server: ServerProcess) -> No
             a = np.random.default_rng(n).random(n, dtype=np.float32)
             r = c.infer("bls_identity", _inputs(httpclient, {"INPUT0": a}))
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a)
+    finally:
+        c.close()
+
+
+def test_inputs_stay_intact_while_a_timed_out_call_still_reads_them(server: ServerProcess) -> None:
+    """A BLS call whose timeout passes while the target still reads its inputs in the
+    caller's arena: the caller gets the deadline error at once, but must not reuse those
+    bytes (for its next call's inputs) until the target is done with them."""
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        n = 1 << 16  # 256 KiB: in the caller's arena, read in place by the target
+        with pytest.raises(InferenceServerException, match="did not complete within its deadline"):
+            params = {"target": "latecheck", "delay_ms": 600, "timeout_us": 50_000}
+            c.infer("bls_timed", _inputs(httpclient, {"INPUT0": np.ones(n, np.float32)}), parameters=params)
+        # the next call's input, same size: it would land on the same bytes if they were free
+        twos = np.full(n, 2.0, np.float32)
+        r = c.infer("bls_timed", _inputs(httpclient, {"INPUT0": twos}), parameters={"target": "identity_fp32"})
+        np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), twos)
+        # latecheck (one instance) answers this once the timed-out request is done
+        report = c.infer(
+            "latecheck", _inputs(httpclient, {"INPUT0": np.zeros(1, np.float32)}), parameters={"report": 1}
+        )
+        assert report.as_numpy("OUTPUT0")[0] == 1.0, "the input changed under the model while it read it"
+        # the kept blocks went back: many more calls of the same size still find room
+        for _ in range(20):
+            r = c.infer("bls_timed", _inputs(httpclient, {"INPUT0": twos}), parameters={"target": "identity_fp32"})
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), twos)
     finally:
         c.close()
 
