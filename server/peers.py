@@ -56,6 +56,12 @@ client's ``host port server_port``. The router believes it only on its Unix sock
 run directory, which only the server's user can open)."""
 
 
+UNKNOWN = Peer(host="unknown", port=0, server_port=0, _uid=None, _uid_known=True)
+"""A client whose address could not be read: treated as remote (not on this host, no uid),
+never as the server's own caller (``None``: a model's BLS call, an ensemble step), whose
+requests skip the shared-memory checks."""
+
+
 def peer_value(peer: Peer | None) -> str:
     """``host port server_port uid`` (``-``: no uid): the uid is read here, once per client
     connection, so that the router does not search the socket tables for every request."""
@@ -65,10 +71,11 @@ def peer_value(peer: Peer | None) -> str:
     return f"{peer.host} {peer.port} {peer.server_port} {'-' if uid is None else uid}"
 
 
-def parse_peer(value: str | None) -> Peer | None:
-    """The ``Peer`` of ``peer_value``'s text (``None`` if it is not one)."""
+def parse_peer(value: str | None) -> Peer:
+    """The ``Peer`` of ``peer_value``'s text (``UNKNOWN`` if it is not one: a frontend
+    process sends one for every client request)."""
     if not value:
-        return None
+        return UNKNOWN
     try:
         host, port, server_port, uid = value.rsplit(" ", 3)
         return Peer(
@@ -79,7 +86,7 @@ def parse_peer(value: str | None) -> Peer | None:
             _uid_known=True,
         )
     except ValueError:
-        return None
+        return UNKNOWN
 
 
 def is_loopback(host: str) -> bool:
@@ -148,14 +155,14 @@ class PeerCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, Peer]] = {}
 
-    def get(self, peer: str) -> Peer | None:
+    def get(self, peer: str) -> Peer:
         now = time.monotonic()
         hit = self._entries.get(peer)
         if hit is not None and now - hit[0] < self.ttl_s:
             return hit[1]
         p = from_grpc(peer, self.server_port)
         if p is None:
-            return None
+            return UNKNOWN
         if len(self._entries) >= self.max_entries:
             self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl_s}
             if len(self._entries) >= self.max_entries:

@@ -17,7 +17,7 @@ from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.proto.gen import health_pb2
 from shoal.server.frontends.grpc.errors import GRPC_STATUS
-from shoal.server.peers import PEER_HEADER, Peer, from_grpc, peer_value
+from shoal.server.peers import PEER_HEADER, UNKNOWN, Peer, from_grpc, peer_value
 
 log = logging.getLogger("shoal.frontend")
 
@@ -133,7 +133,7 @@ class GrpcProxy(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(handle)
 
     def peer_of(self, context: Any) -> str:
-        return peer_value(from_grpc(context.peer(), self.server_port))
+        return peer_value(from_grpc(context.peer(), self.server_port) or UNKNOWN)
 
     async def stream(self, method: str, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         remaining = context.time_remaining()

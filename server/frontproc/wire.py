@@ -131,8 +131,7 @@ def unpack_call(
         id=r.request_id,
         parameters=json.loads(r.parameters_json) if r.parameters_json else {},
     )
-    if call.peer:
-        request.peer = parse_peer(call.peer)
+    request.peer = parse_peer(call.peer)  # a client's request: never the server's own caller
     return request
 
 

@@ -100,7 +100,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.peers = peers or PeerCache(0)
         self.stream_max_pending = stream_max_pending
 
-    def peer(self, context: Any) -> Peer | None:
+    def peer(self, context: Any) -> Peer:
         address = context.peer()
         if address.startswith("unix:"):  # the router's Unix socket: a frontend process forwards
             return parse_peer(dict(context.invocation_metadata() or ()).get(PEER_HEADER))

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal.server.peers import PEER_HEADER, Peer, parse_peer
+from shoal.server.peers import PEER_HEADER, UNKNOWN, Peer, parse_peer
 
 _FULL_BODY = b'{"error":"the server has too many open HTTP connections; retry later"}'
 _FULL_RESPONSE = (
@@ -152,11 +152,12 @@ class ConnectionGuard:
         state.since = time.monotonic()
         return state.reserve
 
-    def peer(self, request: web.Request) -> Peer | None:
-        """The client of ``request``'s connection (its uid is read once per connection)."""
+    def peer(self, request: web.Request) -> Peer:
+        """The client of ``request``'s connection (its uid is read once per connection);
+        ``UNKNOWN`` when its address cannot be read."""
         transport = request.transport
         if transport is None:
-            return None
+            return UNKNOWN
         peer = self._peers.get(transport)
         if peer is None:
             peername = transport.get_extra_info("peername")
@@ -164,7 +165,7 @@ class ConnectionGuard:
             if isinstance(sockname, str):  # the router's Unix socket: a frontend process forwards
                 return parse_peer(request.headers.get(PEER_HEADER))
             if not isinstance(peername, tuple) or not isinstance(sockname, tuple):
-                return None
+                return UNKNOWN
             peer = Peer(host=str(peername[0]), port=int(peername[1]), server_port=int(sockname[1]))
             self._peers[transport] = peer
         return peer
