@@ -63,28 +63,34 @@ class BlsRouter:
                 if call is not None:
                     call.cancel()
             self.frontends.ack(identity, done)
-        elif body in ("bls_call", "model_control"):
-            bls = env.bls_call
-            inputs: CallerInputs | None = None
-            if body == "model_control":
-                coro = self._control(identity, env.model_control)
-            else:
-                call_id = bls.call_id
-                inputs = CallerInputs(lambda: self.inputs_free(identity, call_id))
-                serve = self.frontends.serve if bls.frontend else self._serve
-                coro = serve(identity, bls, frames, inputs)
-            task = asyncio.get_running_loop().create_task(coro)
+        elif body == "bls_call":
+            call = env.bls_call
+            call_id = call.call_id
+            inputs = CallerInputs(lambda: self.inputs_free(identity, call_id))
+            serve = self.frontends.serve if call.frontend else self._serve
+            task = asyncio.get_running_loop().create_task(serve(identity, call, frames, inputs))
+            tasks = self._tasks.setdefault(identity, set())
+            tasks.add(task)
+            key = (identity, call_id)
+            cancellable = call.decoupled or bool(call.frontend)
+            if cancellable:
+                # the caller cancels a call nobody waits for any more (ResponseIterator.cancel,
+                # a frontend's client that went away)
+                self._calls[key] = task
+
+            def ended(_: object) -> None:
+                tasks.discard(task)
+                if cancellable:
+                    self._calls.pop(key, None)
+                if not inputs.settled and any(ref.WhichOneof("location") == "shm" for ref in call.request.inputs):
+                    inputs.never_ran()
+
+            task.add_done_callback(ended)
+        elif body == "model_control":
+            task = asyncio.get_running_loop().create_task(self._control(identity, env.model_control))
             tasks = self._tasks.setdefault(identity, set())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            if inputs is not None and any(ref.WhichOneof("location") == "shm" for ref in bls.request.inputs):
-                task.add_done_callback(inputs.never_ran)
-            if body == "bls_call" and (bls.decoupled or bls.frontend):
-                # the caller cancels a call nobody waits for any more (ResponseIterator.cancel,
-                # a frontend's client that went away)
-                key = (identity, bls.call_id)
-                self._calls[key] = task
-                task.add_done_callback(lambda _: self._calls.pop(key, None))
 
     def inputs_free(self, identity: bytes, call_id: int) -> None:
         """The caller may reuse a call's inputs in its arena now (``server.callerinputs``)."""

@@ -56,6 +56,11 @@ class CallerInputs:
         if lease is not None:
             lease.drop()
 
+    @property
+    def settled(self) -> bool:
+        """The call answered or was cancelled (else it never ran)."""
+        return self._ended
+
     def never_ran(self, _: object = None) -> None:
         """The call's task is done: if it ended without a word (cancelled before it started,
         so no worker ever read), ``inputs_free`` now."""
