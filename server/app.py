@@ -373,6 +373,8 @@ class App:
             http_port=self.http_port if cfg.allow_http else 0,
             grpc_port=self.grpc_port if cfg.allow_grpc else 0,
         )
+        if self.models is not None:
+            self.models.arena_gone.append(self.frontends.forget_arena)
         try:
             await self.frontends.start()
         except RuntimeError as exc:

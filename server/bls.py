@@ -59,9 +59,9 @@ class BlsRouter:
                     result.done()
             done = env.bls_done
             for call_id in done.cancel_calls:  # ResponseIterator.cancel()
-                call = self._calls.get((identity, call_id))
-                if call is not None:
-                    call.cancel()
+                running = self._calls.get((identity, call_id))
+                if running is not None:
+                    running.cancel()
             self.frontends.ack(identity, done)
         elif body == "bls_call":
             call = env.bls_call

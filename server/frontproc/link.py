@@ -156,6 +156,9 @@ class RouterLink(asyncio.Protocol):
                     self._release(reply.hold_id)
                 if reply.inputs_free or (reply.final and not reply.inputs_held):
                     self._free(self._orphans.pop(reply.call_id, ()))
+            elif body == "forget":  # a worker exited: its output arena is gone
+                for prefix in env.forget.arena_prefixes:
+                    self.mapper.forget_prefix(prefix)
             elif body == "shutdown":
                 if self.shutdown.is_set():
                     self.finish.set()

@@ -155,6 +155,17 @@ class Frontends:
         except ServingError:  # not connected (yet): it hears it with its ready
             pass
 
+    def forget_arena(self, prefix: str) -> None:
+        """A worker exited: every frontend process unmaps its output arena (the segments are
+        unlinked already; the mappings would keep their memory)."""
+        env = wire.envelope(0)
+        env.forget.arena_prefixes.append(prefix)
+        for index in range(self.count):
+            try:
+                self.channel.send(self.identity(index), env)
+            except ServingError:  # not connected: a new process has no mapping of it
+                pass
+
     def begin_stop(self) -> None:
         """Ask every process to stop accepting and finish what it has (its gRPC calls within
         ``--exit-timeout-secs``)."""

@@ -87,6 +87,8 @@ class ModelManager:
             limiter=ctx.limiter,
         )
         self._locks: dict[str, asyncio.Lock] = {}
+        self.arena_gone: list[Callable[[str], None]] = []
+        """Told the arena prefix of a worker that exited (frontend processes map its outputs too)."""
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return repository_index(self.registry, self.repos.names, ready_only)
@@ -318,6 +320,8 @@ class ModelManager:
         for other in self.registry.workers():
             if other is not worker:
                 other.forget(arena_prefixes=[worker.arena_prefix])
+        for tell in self.arena_gone:
+            tell(worker.arena_prefix)
 
     async def run_step(self, request: InferRequest) -> InferResult:
         """One ensemble step: ``request`` on the model it names, as a client request would

@@ -1921,6 +1921,51 @@ def test_killed_frontend_process_is_restarted(server: ServerProcess) -> None:
     assert "Traceback" not in "".join(server.lines[start:])
 
 
+def _mapped_shm(pid: int) -> set[str]:
+    """The /dev/shm objects process ``pid`` maps (unlinked ones end in " (deleted)")."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return {line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line}
+    except (FileNotFoundError, IndexError):
+        return set()
+
+
+def test_frontends_unmap_the_arena_of_a_worker_that_exited(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """Frontend processes read large outputs in place in a worker's arena: when that worker
+    dies, they unmap its segments (unlinked already) instead of keeping their memory."""
+    srv = ServerProcess(make_repository(tmp_path / "repo", "identity_fp32"), *FRONTENDS)
+    srv.start()
+    fresh_server.append(srv)
+    fes = frontend_pids(srv)
+    own = re.compile(r"_fe\d+p\d+_")  # a frontend's own input arena
+    n = 1 << 18  # 1 MiB out: in the worker's arena
+    a = np.arange(n, dtype=np.float32)
+
+    def worker_segments() -> set[str]:
+        return {m for pid in fes for m in _mapped_shm(pid) if not own.search(m)}
+
+    def serve_both() -> bool:  # new connections until both processes have answered one
+        for _ in range(8):
+            c = httpclient.InferenceServerClient(srv.url)
+            try:
+                i = httpclient.InferInput("INPUT0", [n], "FP32")
+                i.set_data_from_numpy(a)
+                np.testing.assert_array_equal(c.infer("identity_fp32", [i]).as_numpy("OUTPUT0"), a)
+            finally:
+                c.close()
+        return bool(worker_segments())
+
+    wait_until(serve_both, timeout_s=60)
+    old = worker_segments()
+    (worker,) = srv.worker_pids("identity_fp32")
+    mark = len(srv.lines)
+    os.kill(worker, signal.SIGKILL)
+    srv.wait_log(r"model 'identity_fp32' version 1 instance '[^']+': ready \(pid \d+\)", start=mark)
+    wait_until(lambda: not (worker_segments() & {m if m.endswith("(deleted)") else m + " (deleted)" for m in old}))
+    assert not any(m.endswith("(deleted)") for m in worker_segments()), worker_segments()
+    assert serve_both()  # the new worker's arena is mapped and read as before
+
+
 def test_shutdown_while_a_frontend_process_restarts(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     srv = ServerProcess(make_repository(tmp_path / "repo", "identity_fp32"), *FRONTENDS, "--exit-timeout-secs", "3")
     srv.start()
