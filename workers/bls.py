@@ -90,13 +90,12 @@ class BlsClient:
         frames: list[Any] = []
         blocks: list[Block] = []
         try:
-            with self.lock:
-                for name, array in inputs:
-                    ref = req.inputs.add()
-                    self.writer.write(name, array, None, ref, frames)
-                    if ref.WhichOneof("location") == "shm":
-                        s = ref.shm
-                        blocks.append(Block(s.region, s.offset, s.nbytes, s.device))
+            for name, array in inputs:  # the writer locks the arena for large ones
+                ref = req.inputs.add()
+                self.writer.write(name, array, None, ref, frames)
+                if ref.WhichOneof("location") == "shm":
+                    s = ref.shm
+                    blocks.append(Block(s.region, s.offset, s.nbytes, s.device))
         except ServingError as exc:
             self._free(blocks)
             yield None, exc, {}, True

@@ -114,6 +114,8 @@ class Inbox:
         is gone); reads messages meanwhile if no other thread does (a model sending from
         inside ``execute``)."""
         k = (rid, index)
+        if sent - self.acked.get(k, 0) < window:  # no lock: the count only grows meanwhile
+            return
         while True:
             with self._cond:
                 if sent - self.acked.get(k, 0) < window or k in self.cancelled or self._eof:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox
+from shoal.workers.outbox import Outbox
 from shoal.workers.tensors import OutputWriter, read_input
 
 STREAM_WINDOW = 64
@@ -101,8 +103,12 @@ class WorkerRuntime:
         self.heartbeat_ms = heartbeat_ms
         self.conn: framing.Connection | None = None
         self.inbox: Inbox | None = None
+        self.outbox: Outbox | None = None
+        """Every message to the router goes through it, from any thread (``_send``)."""
         self.lock = threading.RLock()
-        """Held for sends and the output arena: a decoupled model sends from its own threads."""
+        """Held for the output arena and client regions: a decoupled model writes responses
+        from its own threads. Not taken for a response whose outputs are all inline: a lock
+        every sending thread takes for every response makes them a convoy (``outbox``)."""
         self.decoupled = False
         self.backend: Backend | None = None
         self.spec: ModelSpec | None = None
@@ -116,8 +122,6 @@ class WorkerRuntime:
         self.busy = False
         """Executing a batch (a SIGTERM then waits for its answer)."""
         self._log_window = 0.0
-        self._sent_streamed: dict[tuple[int, int], int] = {}
-        """(batch, request) -> responses a decoupled request has sent (flow control)."""
         self._log_count = 0
         self._log_dropped = 0
         self.stop_requested = False
@@ -134,6 +138,7 @@ class WorkerRuntime:
     def run(self) -> int:
         """Serve until ``Shutdown`` or the router goes away; returns the exit status."""
         self.conn = conn = framing.Connection(self.endpoint, self.identity)
+        self.outbox = Outbox(conn.sock)
         self.inbox = inbox = Inbox(conn)
         inbox.on_ready_check = self._ready_check
         heartbeat = None
@@ -142,7 +147,7 @@ class WorkerRuntime:
             heartbeat.start()
         hello = wire.envelope(0)
         hello.ready.pid = os.getpid()
-        conn.send([hello.SerializeToString()])
+        self._send([hello.SerializeToString()])
         try:
             while True:
                 try:
@@ -209,7 +214,7 @@ class WorkerRuntime:
                 max_bytes=req.arena_bytes * 16,
                 setting="--worker-arena-bytes: a worker's outputs may use 16 times it",
             )
-            self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions)
+            self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions, self.lock)
             assert self.inbox is not None
             bls = BlsClient(
                 inbox=self.inbox,
@@ -236,9 +241,9 @@ class WorkerRuntime:
         self._send([reply.SerializeToString()])
 
     def _send(self, frames: list[Any]) -> None:
-        assert self.conn is not None
-        with self.lock:
-            self.conn.send(frames)
+        """Write one message (from any thread; returns once it is written)."""
+        assert self.outbox is not None
+        self.outbox.send(frames)
 
     def _fill(self, req: WorkRequest, resp: WorkResponse, result: wpb.Result, out_frames: list[Any], dest: Any) -> None:
         """One response into ``result`` (outputs written, or its error)."""
@@ -256,32 +261,33 @@ class WorkerRuntime:
             del result.outputs[:]
             wire.failed(exc, result.error)
 
-    def _stream(self, rid: int, req: WorkRequest, dest: Any, resp: WorkResponse | None, final: bool) -> None:
+    def _stream(
+        self, rid: int, req: WorkRequest, dest: Any, sent: itertools.count[int], resp: WorkResponse | None, final: bool
+    ) -> None:
         """A decoupled model's response (from any thread): written and sent at once, once
         fewer than ``STREAM_WINDOW`` of the request's responses are still unread by the
         router's consumer (a slow client slows the model down instead of filling the
-        router's memory). The final response never waits."""
+        router's memory). The final response never waits. ``sent`` counts the request's
+        responses (``next`` is atomic: threads may send for one request at once)."""
         inbox = self.inbox
         if not final and inbox is not None:
-            k = (rid, req.id)
-            with self.lock:
-                sent = self._sent_streamed.get(k, 0)
-                self._sent_streamed[k] = sent + 1
-            inbox.wait_credit(rid, req.id, sent, STREAM_WINDOW)
+            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW)
         env = wire.envelope(rid)
         msg = env.streamed
         msg.index = req.id
         msg.final = final
         out_frames: list[Any] = []
-        with self.lock:  # the arena and the connection are shared with the main loop
-            if resp is not None:
-                self._fill(req, resp, msg.result, out_frames, dest)
-                self.regions.finish_writes()
-            self._send([env.SerializeToString(), *out_frames])
-            if final and self.inbox is not None:
-                self.inbox.forget_cancelled(rid, req.id)
-                self.inbox.forget_stream(rid, req.id)
-                self._sent_streamed.pop((rid, req.id), None)
+        if resp is not None:
+            if dest is None:
+                self._fill(req, resp, msg.result, out_frames, None)  # the writer locks the arena if it needs it
+            else:
+                with self.lock:  # the client regions are shared with the main loop
+                    self._fill(req, resp, msg.result, out_frames, dest)
+                    self.regions.finish_writes()
+        self._send([env.SerializeToString(), *out_frames])
+        if final and inbox is not None:
+            inbox.forget_cancelled(rid, req.id)
+            inbox.forget_stream(rid, req.id)
 
     def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
         reply = wire.envelope(env.request_id)
@@ -355,7 +361,8 @@ class WorkerRuntime:
             if device_ok and r.output_shm:
                 wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0)
             if self.decoupled:
-                wr.send = functools.partial(self._stream, env.request_id, wr, r.output_shm)
+                dest = r.output_shm if len(r.output_shm) else None
+                wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())
             work.append(wr)
         return work, dests
 
@@ -384,11 +391,11 @@ class WorkerRuntime:
         dest: Any,
     ) -> None:
         names = req.requested_outputs or list(outputs)
-        model = self.spec.name if self.spec else "?"
         for name in names:
             if name not in outputs:
+                model = self.spec.name if self.spec else "?"
                 raise ServingError(f"model '{model}' did not produce output '{name}'")
-            target = dest[name] if name in dest else None
+            target = dest[name] if dest is not None and name in dest else None
             array = outputs[name]
             if name in self.output_dims:
                 array = self._unreshape(name, array)
@@ -413,9 +420,10 @@ class WorkerRuntime:
     def _free_result(self, result: wpb.Result) -> None:
         if self.arena is None:
             return
-        for ref in result.outputs:
-            if ref.WhichOneof("location") == "shm":
-                self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
+        with self.lock:
+            for ref in result.outputs:
+                if ref.WhichOneof("location") == "shm":
+                    self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
 
     def _ready_check(self, rid: int) -> None:
         """Answer a ``ReadyCheck`` from a thread of its own (a check may take a while)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,13 @@ from shoal.shm.mapper import Mapper
 from shoal.workers.clientshm import ClientRegions
 
 Array = npt.NDArray[Any]
+SMALL_COPY_BYTES = 1024
+"""Inline outputs up to this size are copied into the message (``tobytes``), bigger ones
+referenced (a memoryview of the array)."""
+_FIXED: dict[Any, dtypes.DType] = {
+    d.numpy: d for d in dtypes.BY_PROTOCOL.values() if d.numpy is not None and d.protocol != "BYTES"
+}
+"""Fixed-size little-endian (or one-byte) numpy dtypes: the fast path of ``OutputWriter.write``."""
 
 
 def is_device_array(obj: object) -> bool:
@@ -76,10 +84,14 @@ class OutputWriter:
     """Turns output arrays into ``TensorRef``s: small ones as frames, large ones in the
     worker-owned output ``arena`` (the router reads them and sends ``Release``)."""
 
-    def __init__(self, arena: Arena, inline_max_bytes: int, regions: ClientRegions) -> None:
+    def __init__(self, arena: Arena, inline_max_bytes: int, regions: ClientRegions, lock: Any = None) -> None:
         self.arena = arena
         self.inline_max_bytes = inline_max_bytes
+        self._small = min(SMALL_COPY_BYTES, inline_max_bytes)
         self.regions = regions
+        self.lock = lock if lock is not None else threading.RLock()
+        """Held to allocate in the arena and to write client regions (they are shared with the
+        worker's other threads); inline outputs need no lock."""
 
     def write(
         self,
@@ -91,7 +103,20 @@ class OutputWriter:
         dest: wpb.ClientShm | None = None,
     ) -> None:
         """``dest``: the client region the request asked this output to be written to."""
-        if is_device_array(array):
+        if array.__class__ is np.ndarray:
+            dt = _FIXED.get(array.dtype)
+            if dt is not None and dest is None and array.nbytes <= self._small and array.flags.c_contiguous:
+                # the common case of a streamed response: a few bytes, copied into the message
+                if expect is not None and expect is not dt:
+                    self._check_type(name, dt, expect)
+                ref.name = name
+                ref.datatype = dt.protocol
+                ref.shape.extend(array.shape)
+                ref.frame = len(frames)
+                frames.append(array.tobytes())
+                return
+            arr = array
+        elif is_device_array(array):
             if dest is not None and dest.device >= 0:
                 dt = dtypes.from_numpy(array.dtype)
                 self._check_type(name, dt, expect)
@@ -99,8 +124,9 @@ class OutputWriter:
                 ref.shape.extend(array.shape)
                 self._write_client(name, array, int(array.nbytes), dest, ref)
                 return
-            array = array.get()  # type: ignore[attr-defined]  # CuPy: one device-to-host copy
-        arr = np.asarray(array)
+            arr = np.asarray(array.get())  # type: ignore[attr-defined]  # CuPy: one device-to-host copy
+        else:
+            arr = np.asarray(array)
         dt = dtypes.from_numpy(arr.dtype)
         self._check_type(name, dt, expect)
         ref.name = name
@@ -122,10 +148,17 @@ class OutputWriter:
             return
         if nbytes <= self.inline_max_bytes:
             ref.frame = len(frames)
-            frames.append(data if isinstance(data, bytes) else data.data.cast("B") if nbytes else b"")
+            if isinstance(data, bytes):
+                frames.append(data)
+            elif nbytes <= SMALL_COPY_BYTES:
+                frames.append(data.tobytes())  # cheaper than a view of the array, for a few bytes
+            else:
+                frames.append(data.data.cast("B"))
             return
-        block = self.arena.allocate(nbytes)
-        _copy_into(self.arena.view(block), data)
+        with self.lock:
+            block = self.arena.allocate(nbytes)
+            view = self.arena.view(block)
+        _copy_into(view, data)
         s = ref.shm
         s.region = block.region
         s.offset = block.offset
@@ -146,9 +179,11 @@ class OutputWriter:
         if dest.device < 0:
             if is_device_array(data):
                 data = data.get()
-            self.regions.write_host(dest, data, nbytes)
+            with self.lock:
+                self.regions.write_host(dest, data, nbytes)
         else:
-            self.regions.write_cuda(dest, data, nbytes)
+            with self.lock:
+                self.regions.write_cuda(dest, data, nbytes)
         ref.client.CopyFrom(dest)
         ref.client.nbytes = nbytes
 

@@ -264,34 +264,48 @@ class PythonBackend(Backend):
         pb_req._cancelled = req.cancelled
         if self._decoupled and req.send is not None:
             send = req.send
+            convert = self._to_work_response
+            wanted = frozenset(req.requested_outputs)
 
             def forward(resp: Any, final: bool) -> None:
-                send(None if resp is None else self._to_work_response(resp, req), final)
+                send(None if resp is None else convert(resp, req, wanted), final)
 
             pb_req._send = forward
         return pb_req
 
-    def _to_work_response(self, resp: Any, req: WorkRequest) -> WorkResponse:
+    def _to_work_response(self, resp: Any, req: WorkRequest, wanted: frozenset[str] | None = None) -> WorkResponse:
+        """``wanted``: the request's requested outputs (empty: all), when the caller has them."""
         pb = self._pb
         name = self._spec.name
-        if not isinstance(resp, pb.InferenceResponse):
+        if resp.__class__ is pb.InferenceResponse:  # no methods a subclass may override
+            params, err = resp._parameters, resp._error
+        elif isinstance(resp, pb.InferenceResponse):
+            params, err = resp.parameters(), resp.error() if resp.has_error() else None
+        else:
             return WorkResponse(
                 error=ServingError(
                     f"model '{name}': execute returned {type(resp).__name__} instead of an InferenceResponse",
                     code=ErrorCode.INTERNAL,
                 )
             )
-        params = resp.parameters()
         if params == "{}":
             params = ""
-        if resp.has_error():
-            err = resp.error()
+        if err is not None:
             code = _ERROR_CODES.get(err.code(), ErrorCode.INTERNAL)
             return WorkResponse(error=ServingError(err.message(), code=code), parameters=params)
-        wanted = set(req.requested_outputs)
+        if wanted is None:
+            wanted = frozenset(req.requested_outputs)
+        tensor_cls = pb.Tensor
         outputs: dict[str, Array] = {}
         for tensor in resp.output_tensors():
-            if not isinstance(tensor, pb.Tensor):
+            if tensor.__class__ is tensor_cls:  # the common case: no methods a subclass may override
+                out_name, array = tensor._name, tensor._array
+                if wanted and out_name not in wanted:
+                    continue
+                # a CuPy array stays as it is (the worker copies it out)
+                outputs[out_name] = _own(array) if isinstance(array, np.ndarray) else array
+                continue
+            if not isinstance(tensor, tensor_cls):
                 return WorkResponse(
                     error=ServingError(
                         f"model '{name}': an output is a {type(tensor).__name__}, not a pb_utils.Tensor",
@@ -395,9 +409,10 @@ def _own(array: Array) -> Array:
     """An output array as the worker writes it: BYTES as object arrays of ``bytes``. An
     output that is (a view of) an input needs no copy: inputs stay valid until the worker
     has written the outputs (``WorkRequest``)."""
-    if array.dtype.kind in ("S", "U"):
+    kind = array.dtype.kind
+    if kind in ("S", "U"):
         return _to_object_bytes(array)
-    if array.dtype.kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
+    if kind == "O" and not all(isinstance(x, bytes) for x in array.flat):
         return _to_object_bytes(array)
     return array
 
