@@ -70,11 +70,15 @@ class InstancePool:
         return sum(1 for w in self.workers if w.ready)
 
     def pick(self) -> Worker:
-        """The READY worker with the fewest outstanding batches."""
+        """The READY worker with the fewest unfinished batches (``Worker.load``: a decoupled
+        model's streams count until their final response)."""
         best: Worker | None = None
+        least = 0
         for w in self.workers:
-            if w.ready and (best is None or w.outstanding < best.outstanding):
-                best = w
+            if w.ready:
+                load = w.load
+                if best is None or load < least:
+                    best, least = w, load
         if best is None:
             raise ModelNotReady("no instance of the model is ready")
         return best

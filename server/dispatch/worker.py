@@ -90,6 +90,15 @@ class Worker:
         return self.state is WorkerState.READY
 
     @property
+    def load(self) -> int:
+        """Batches not finished here: executing, or streaming a decoupled model's responses
+        after its ``execute`` returned (the model's threads still work for them)."""
+        streams = self._streams
+        if not streams:
+            return self.outstanding
+        return self.outstanding + sum(1 for rid in streams if rid not in self._pending)
+
+    @property
     def label(self) -> str:
         return f"model '{self.spec.model_name}' version {self.spec.model_version} instance '{self.spec.instance_name}'"
 

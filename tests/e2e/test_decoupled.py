@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from served(tmp_path_factory, ("repeat", "add_sub"))
+    yield from served(tmp_path_factory, ("repeat", "add_sub", "stream_pid"))
 
 
 def _inputs(values: list[int]) -> list[grpcclient.InferInput]:
@@ -110,6 +110,25 @@ def test_a_thousand_responses(stream: Stream) -> None:
     assert all(e is None for _, e in got)
     assert [int(r.as_numpy("OUT")[0]) for r, _ in got[:1000]] == values
     assert _final(got[1000][0]) and not any(_final(r) for r, _ in got[:1000])
+
+
+def test_a_thousand_responses_from_four_threads_at_once(stream: Stream) -> None:
+    """Four requests in flight: the model's four threads send at once (their responses share
+    the worker's writes); each request's arrive in order, its final flag last."""
+    for k in range(4):
+        stream.send([k * 10_000 + i for i in range(1000)], request_id=f"t{k}", enable_empty_final_response=True)
+    got = stream.take(4 * 1001, timeout=60)
+    by_id: dict[str, list[Any]] = {}
+    for r, e in got:
+        assert e is None
+        by_id.setdefault(r.get_response().id, []).append(r)
+    assert sorted(by_id) == [f"t{k}" for k in range(4)]
+    for k in range(4):
+        rs = by_id[f"t{k}"]
+        assert [int(r.as_numpy("IDX")[0]) for r in rs[:1000]] == list(range(1000))
+        assert [int(r.as_numpy("OUT")[0]) for r in rs[:1000]] == [k * 10_000 + i for i in range(1000)]
+        assert [_final(r) for r in rs] == [False] * 1000 + [True]
+    assert stream.nothing_more()
 
 
 def test_several_streaming_requests_interleave(stream: Stream) -> None:
@@ -225,3 +244,22 @@ def _wait_ready(server: ServerProcess, timeout_s: float = 30.0) -> None:
         raise AssertionError("repeat did not come back")
     finally:
         h.close()
+
+
+def test_streams_spread_over_instances(server: ServerProcess) -> None:
+    """A decoupled request whose ``execute`` returned keeps its instance busy until its final
+    response: a second stream meanwhile goes to the other instance."""
+    streams = [Stream(server), Stream(server)]
+    try:
+        for k, s in enumerate(streams):
+            s.client.async_stream_infer("stream_pid", _inputs([0] * 10), request_id=f"s{k}")
+            time.sleep(0.05)  # the first one's execute has returned
+        pids = set()
+        for s in streams:
+            for result, error in s.take(10):
+                assert error is None, error
+                pids.add(int(result.as_numpy("PID")[0]))
+        assert pids == set(server.worker_pids("stream_pid")), pids
+    finally:
+        for s in streams:
+            s.close()
