@@ -11,6 +11,7 @@ frames, or as blocks of the target worker's arena, copied here and given back at
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,12 @@ from shoal.workers.inbox import Inbox
 from shoal.workers.tensors import OutputWriter
 
 Array = Any
+ACK_EVERY = 16
+"""A decoupled call's responses the model takes between two acknowledgements (``BlsDone``):
+the router sends at most its window (64, ``server.frontproc.calls.STREAM_WINDOW``) ahead of
+them, so a model reading slowly slows its target down instead of filling this process."""
+UNLIMITED = 1 << 30
+"""The acknowledgement of a call nobody reads any more: no window from then on."""
 Reply = tuple[dict[str, Array] | None, ServingError | None, dict[str, Any], bool]
 """(outputs, error, parameters, final) of one response; outputs None: no response (the end)."""
 
@@ -102,6 +109,8 @@ class BlsClient:
             return
         call.call_id = call_id = self.inbox.new_call()
         free_inputs = True  # no reader left: the final reply came and does not hold them
+        ended = False  # the final reply came
+        taken = 0  # responses the model took since the last acknowledgement
         try:
             self.send([env.SerializeToString(), *frames])
             if on_call is not None:
@@ -114,11 +123,22 @@ class BlsClient:
                     free_inputs = True
                     continue
                 if reply.final:
+                    ended = True
                     free_inputs = free_inputs or not reply.inputs_held
                 yield self._decode(reply, reply_frames)
                 if reply.final:
                     return
+                if decoupled:  # the model took it and asks for the next: room for one more
+                    taken += 1
+                    if taken == ACK_EVERY:
+                        self._ack(call_id, taken)
+                        taken = 0
         finally:
+            if decoupled and not ended and call.call_id:
+                # left before the end (the iterator dropped): the rest flows unacknowledged
+                # and is given back as orphans, as before the window (a cancel stops it)
+                with contextlib.suppress(OSError):
+                    self._ack(call_id, UNLIMITED)
             self.inbox.forget(call_id)
             if free_inputs or not blocks:
                 self._free(blocks)
@@ -126,6 +146,13 @@ class BlsClient:
                 with self.lock:
                     self._kept[call_id] = blocks
             self.give_back_orphans()
+
+    def _ack(self, call_id: int, count: int) -> None:
+        env = wire.envelope(0)
+        done = env.bls_done
+        done.ack_calls.append(call_id)
+        done.ack_counts.append(count)
+        self.send([env.SerializeToString()])
 
     def _free(self, blocks: list[Block]) -> None:
         if blocks:

@@ -693,8 +693,9 @@ class BlsDone(_message.Message):
 
     @_builtins.property
     def ack_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """A frontend process's streamed calls (BlsCall.decoupled): ack_counts[i] more replies of
-        call ack_calls[i] are taken by the client's stream (flow control; parallel lists).
+        """Streamed calls (BlsCall.decoupled) of a frontend process or a model: ack_counts[i] more
+        replies of call ack_calls[i] were taken by the client's stream or the calling model
+        (flow control; parallel lists).
         """
 
     @_builtins.property

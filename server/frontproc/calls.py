@@ -36,8 +36,9 @@ control) instead of a slow client's responses filling the router or the frontend
 frontend acknowledges in groups of ``streaming.ACK_EVERY`` (a divisor of this)."""
 
 
-class _Window:
-    """The unacknowledged replies of one streamed frontend call."""
+class ReplyWindow:
+    """The unacknowledged replies of one streamed call (a frontend's, or a model's
+    ``exec(decoupled=True)``)."""
 
     __slots__ = ("unacked", "_waiter")
 
@@ -68,8 +69,9 @@ class FrontendCalls:
         self.mapper = mapper
         self._reply = reply
         self._send = send
-        self.windows: dict[tuple[bytes, int], _Window] = {}
-        """Streamed calls in flight (flow control), by frontend and call id."""
+        self.windows: dict[tuple[bytes, int], ReplyWindow] = {}
+        """Streamed calls in flight (flow control), by caller (a frontend process or a model's
+        worker) and call id."""
 
     def ack(self, identity: bytes, done: wpb.BlsDone) -> None:
         """The frontend wrote these replies of its streamed calls to their clients."""
@@ -99,7 +101,7 @@ class FrontendCalls:
             request = frontwire.unpack_call(call, frames, self.mapper.view, held.lease)
             if call.decoupled:
                 item = None
-                window = self.windows[key] = _Window()
+                window = self.windows[key] = ReplyWindow()
                 async with aclosing(self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
                     async for response, final in items:
                         if final:  # the stream ends with it: sent once the inputs are known free

@@ -33,6 +33,8 @@ MODELS = (
     "identity_fp32",
     "bls_timed",
     "latecheck",
+    "stamps",
+    "bls_slow_reader",
 )
 
 
@@ -217,3 +219,34 @@ def test_bls_requests_batch_with_client_requests(server: ServerProcess) -> None:
         c.close()
     assert [b["batch_size"] for b in stats["batch_stats"]] == [4]
     assert stats["inference_count"] == 4 and stats["execution_count"] == 1
+
+
+def test_a_slow_reader_holds_back_a_decoupled_target(server: ServerProcess) -> None:
+    """``exec(decoupled=True)`` read slowly: the router sends at most its window (64) ahead
+    of what the model took, so the target's sender waits instead of every response piling up
+    in the calling worker; all of them arrive, in order, once the model reads on."""
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        n = 1000
+        r = c.infer("bls_slow_reader", _inputs(httpclient, {"IN": np.zeros(n, np.int32)}))
+        assert int(r.as_numpy("COUNT")[0]) == n
+        early = int(r.as_numpy("EARLY")[0])
+        # the window (64) + the target's own stream window to the router (64) + what is in flight
+        assert early < 400, f"{early} of {n} responses were sent while the reader slept"
+    finally:
+        c.close()
+
+
+def test_a_decoupled_call_left_unread_still_ends(server: ServerProcess) -> None:
+    """The calling model stops reading (drops the iterator, no cancel): the window no longer
+    holds the target back, which sends its whole stream (the rest is dropped)."""
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        mark = len(server.lines)
+        r = c.infer(
+            "bls_slow_reader", _inputs(httpclient, {"IN": np.zeros(1000, np.int32)}), parameters={"stop_after": 2}
+        )
+        assert int(r.as_numpy("COUNT")[0]) == 2
+        server.wait_log("stamps: all 1000 sent", timeout_s=20, start=mark)
+    finally:
+        c.close()
