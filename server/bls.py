@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
-from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import wire
@@ -28,7 +27,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.callerinputs import CallerInputs
 from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
-from shoal.server.frontproc.calls import FrontendCalls, ReplyWindow
+from shoal.server.frontproc.calls import FrontendCalls
 from shoal.server.types import ArenaRef, InferRequest, InferResult, InputTensor, Lease, RequestedOutput
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
@@ -123,14 +122,7 @@ class BlsRouter:
             request = self._request(identity, call, frames, held.lease)
             if call.decoupled and self.dp.is_decoupled(request.model_name, request.model_version):
                 # at most STREAM_WINDOW replies ahead of what the model took (BlsDone.ack_calls)
-                window = self.frontends.windows[(identity, call_id)] = ReplyWindow()
-                async with aclosing(self.dp.infer_stream(request)) as responses:
-                    async for response, final in responses:
-                        if final:  # the stream ends with it: sent once the inputs are known free
-                            item = response
-                            continue
-                        self._reply(identity, call_id, response, False)
-                        await window.sent()
+                item = await self.frontends.relay(identity, call_id, self.dp.infer_stream(request))
             else:
                 item = await self.dp.infer(
                     request,
@@ -144,8 +136,6 @@ class BlsRouter:
             item = exc if isinstance(exc, ServingError) else from_exception(exc)
             if not isinstance(exc, ServingError):
                 log.exception("BLS call to model '%s' failed", call.model_name)
-        finally:
-            self.frontends.windows.pop((identity, call_id), None)
         self._reply(identity, call_id, item, True, inputs_held=held.answered())
 
     def _send(self, identity: bytes, env: wpb.Envelope, frames: list[Any]) -> None:

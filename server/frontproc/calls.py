@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -18,6 +18,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.callerinputs import CallerInputs
 from shoal.server.dataplane import GRPC_DECOUPLED_ERROR, HTTP_DECOUPLED_ERROR, DataPlane
 from shoal.server.frontproc import wire as frontwire
+from shoal.server.streaming import StreamItem
 from shoal.server.types import InferResult
 from shoal.shm.mapper import Mapper
 
@@ -80,6 +81,27 @@ class FrontendCalls:
             if window is not None:
                 window.ack(count)
 
+    async def relay(
+        self, identity: bytes, call_id: int, responses: AsyncGenerator[StreamItem, None]
+    ) -> InferResult | ServingError | None:
+        """A streamed call's responses as replies that are not final, at most
+        ``STREAM_WINDOW`` ahead of the caller's acknowledgements; returns the final response,
+        which the caller of this sends once it knows whether the inputs are still read."""
+        item = None
+        key = (identity, call_id)
+        window = self.windows[key] = ReplyWindow()
+        try:
+            async with aclosing(responses) as items:
+                async for response, final in items:
+                    if final:
+                        item = response
+                        continue
+                    self._reply(identity, call_id, response, False)
+                    await window.sent()
+        finally:
+            self.windows.pop(key, None)
+        return item
+
     async def serve(self, identity: bytes, call: wpb.BlsCall, frames: list[bytes], held: CallerInputs) -> None:
         """A client's request decoded by a frontend process (``server.frontproc``). Inputs in
         the frontend's arena are its to reuse once no worker reads them: with the final reply,
@@ -96,19 +118,12 @@ class FrontendCalls:
             held.answered()
             return
         item: InferResult | ServingError | None
-        key = (identity, call_id)
         try:
             request = frontwire.unpack_call(call, frames, self.mapper.view, held.lease)
             if call.decoupled:
-                item = None
-                window = self.windows[key] = ReplyWindow()
-                async with aclosing(self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)) as items:
-                    async for response, final in items:
-                        if final:  # the stream ends with it: sent once the inputs are known free
-                            item = response
-                            continue
-                        self._reply(identity, call_id, response, False)
-                        await window.sent()
+                item = await self.relay(
+                    identity, call_id, self.dp.responses(request, decoupled_error=GRPC_DECOUPLED_ERROR)
+                )
             else:
                 decoupled_error = GRPC_DECOUPLED_ERROR if call.frontend == "grpc" else HTTP_DECOUPLED_ERROR
                 item = await self.dp.infer(request, decoupled_error=decoupled_error)
@@ -119,8 +134,6 @@ class FrontendCalls:
             if not isinstance(exc, ServingError):
                 log.exception("a request to model '%s' failed", call.model_name)
             item = exc if isinstance(exc, ServingError) else from_exception(exc)
-        finally:
-            self.windows.pop(key, None)
         # a worker still reads inputs in the frontend's arena (the call ended first): the
         # frontend keeps them until inputs_free
         self._reply(identity, call_id, item, True, inputs_held=held.answered())
