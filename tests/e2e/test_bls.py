@@ -35,6 +35,7 @@ MODELS = (
     "latecheck",
     "stamps",
     "bls_slow_reader",
+    "bls_async_decoupled",
 )
 
 
@@ -248,5 +249,20 @@ def test_a_decoupled_call_left_unread_still_ends(server: ServerProcess) -> None:
         )
         assert int(r.as_numpy("COUNT")[0]) == 2
         server.wait_log("stamps: all 1000 sent", timeout_s=20, start=mark)
+    finally:
+        c.close()
+
+
+def test_async_exec_of_a_decoupled_model(server: ServerProcess) -> None:
+    """``await request.async_exec(decoupled=True)`` (python_backend's bls_decoupled async
+    example): several at once with ``asyncio.gather``, each a ResponseIterator whose
+    ``cancel()`` works as ``exec(decoupled=True)``'s does."""
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        values = np.arange(1, 51, dtype=np.int32)
+        r = c.infer("bls_async_decoupled", _inputs(httpclient, {"IN": values}))
+        assert int(r.as_numpy("SUM")[0]) == 3 * int(values.sum())
+        assert int(r.as_numpy("COUNT")[0]) == 3 * len(values)
+        assert int(r.as_numpy("CANCELLED")[0]) == 1
     finally:
         c.close()

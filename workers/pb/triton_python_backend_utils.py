@@ -115,12 +115,22 @@ class ResponseIterator:
     def __init__(self, responses: Any, cancel: Any = None) -> None:
         self._responses = responses
         self._cancel = cancel
+        self._ahead: list[Any] = []
 
     def __iter__(self) -> ResponseIterator:
         return self
 
     def __next__(self) -> Any:
+        if self._ahead:
+            return self._ahead.pop()
         return next(self._responses)
+
+    def _first(self) -> None:
+        """Wait for the first response (the call is sent by then; ``async_exec``)."""
+        try:
+            self._ahead.append(next(self._responses))
+        except StopIteration:
+            pass
 
     def cancel(self) -> None:
         if self._cancel is not None:
@@ -281,8 +291,11 @@ class InferenceRequest:
         """``exec`` without blocking the model's event loop (several may run at once)."""
         loop = asyncio.get_running_loop()
         if decoupled:
-            responses = await loop.run_in_executor(None, lambda: list(self.exec(decoupled=True)))
-            return iter(responses)
+            # as python_backend: a ResponseIterator (with cancel()) once the call is under way;
+            # its later responses are read as the model iterates, not all collected first
+            responses = self.exec(decoupled=True)
+            await loop.run_in_executor(None, responses._first)
+            return responses
         return await loop.run_in_executor(None, self.exec)
 
 
