@@ -108,14 +108,14 @@ class BlsClient:
             yield None, exc, {}, True
             return
         call.call_id = call_id = self.inbox.new_call()
-        free_inputs = True  # no reader left: the final reply came and does not hold them
+        free_inputs = True  # nobody reads them until the call is sent
         ended = False  # the final reply came
         taken = 0  # responses the model took since the last acknowledgement
         try:
             self.send([env.SerializeToString(), *frames])
             if on_call is not None:
                 on_call(call_id)
-            free_inputs = False
+            free_inputs = False  # the target may read them: until a final reply that does not hold them
             while True:
                 reply_env, reply_frames = self.inbox.reply(call_id)
                 reply = reply_env.bls_reply
@@ -134,17 +134,18 @@ class BlsClient:
                         self._ack(call_id, taken)
                         taken = 0
         finally:
-            if decoupled and not ended and call.call_id:
+            if decoupled and not ended:
                 # left before the end (the iterator dropped): the rest flows unacknowledged
                 # and is given back as orphans, as before the window (a cancel stops it)
                 with contextlib.suppress(OSError):
                     self._ack(call_id, UNLIMITED)
-            self.inbox.forget(call_id)
             if free_inputs or not blocks:
                 self._free(blocks)
-            else:  # left before the final reply, or the target still reads them
+            else:  # left before the final reply, or the target still reads them: kept before
+                # the call's late replies become orphans (another thread may read them at once)
                 with self.lock:
                     self._kept[call_id] = blocks
+            self.inbox.forget(call_id)
             self.give_back_orphans()
 
     def _ack(self, call_id: int, count: int) -> None:
