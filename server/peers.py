@@ -10,6 +10,7 @@ for a short while (gRPC), never per request.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -71,9 +72,11 @@ def peer_value(peer: Peer | None) -> str:
     return f"{peer.host} {peer.port} {peer.server_port} {'-' if uid is None else uid}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_peer(value: str | None) -> Peer:
     """The ``Peer`` of ``peer_value``'s text (``UNKNOWN`` if it is not one: a frontend
-    process sends one for every client request)."""
+    process sends one for every client request). Cached: every request of a connection
+    carries the same text, and the ``Peer`` is never changed (its uid is known)."""
     if not value:
         return UNKNOWN
     try:
