@@ -233,6 +233,20 @@ def comparable(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, dict[str
     return status, {k: v for k, v in headers.items() if k not in ("date", "server")}, data
 
 
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def both_answers(
+    server: ServerProcess, plain: ServerProcess, method: str, path: str, body: bytes | None, headers: dict[str, str]
+) -> tuple[Answer, Answer]:
+    """The same HTTP request to the server with frontend processes and to the one without:
+    their ``comparable`` answers."""
+    return (
+        comparable(http_call(server, method, path, body, headers)),
+        comparable(http_call(plain, method, path, body, headers)),
+    )
+
+
 def grpc_raw(channel: grpc.Channel, method: str, request: bytes) -> tuple[str, bytes | str]:
     """``("OK", response bytes)`` or ``(code name, details)`` of a unary call of raw bytes."""
     call: Any = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -393,8 +407,7 @@ HTTP_INFER_CASES = _http_infer_cases()
 def test_http_infer_answers_as_without_frontends(
     server: ServerProcess, plain: ServerProcess, path: str, body: bytes, headers: dict[str, str]
 ) -> None:
-    got = comparable(http_call(server, "POST", path, body, headers))
-    want = comparable(http_call(plain, "POST", path, body, headers))
+    got, want = both_answers(server, plain, "POST", path, body, headers)
     assert want[0] == 200, want
     assert got == want
 
@@ -774,8 +787,7 @@ HTTP_ERROR_CASES = _http_error_cases()
 def test_http_infer_errors_as_without_frontends(
     server: ServerProcess, plain: ServerProcess, path: str, body: bytes, headers: dict[str, str]
 ) -> None:
-    got = comparable(http_call(server, "POST", path, body, headers))
-    want = comparable(http_call(plain, "POST", path, body, headers))
+    got, want = both_answers(server, plain, "POST", path, body, headers)
     assert 400 <= want[0] < 600, want
     assert got == want
     assert "error" in json.loads(got[2])
@@ -948,8 +960,7 @@ def test_forwarded_http_calls_answer_as_without_frontends(
         body, headers = b"{}", CHUNKED
     else:
         headers = {}
-    got = comparable(http_call(server, method, path, body or None, headers))
-    want = comparable(http_call(plain, method, path, body or None, headers))
+    got, want = both_answers(server, plain, method, path, body or None, headers)
     assert got == want
 
 
