@@ -150,6 +150,16 @@ class Connection:
         self._ready.extend(self._decoder.feed(view[:n]))  # frames are copies: the buffer is reused
         return True
 
+    @property
+    def decoded(self) -> list[list[Any]]:
+        """Messages read and decoded, not taken yet (a read may bring several)."""
+        return self._ready
+
+    def fill(self) -> bool:
+        """One read (blocks until something arrives), its messages added to ``decoded``;
+        False at the end (for callers that wait on the socket themselves)."""
+        return self._read()
+
     def recv(self) -> list[bytes]:
         """The next message; raises ``EOFError`` when the router has closed the connection."""
         while not self._ready:

@@ -33,6 +33,7 @@ from shoal.server.frontends.grpc.app import GrpcBindError, start_grpc
 from shoal.server.frontends.http.app import make_app, make_health_app, make_runner
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
+from shoal.server.frontproc.lanes import LaneTable
 from shoal.server.frontproc.supervisor import Frontends, hold_port
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
@@ -92,6 +93,8 @@ class App:
         self.tracer: TraceManager | None = None
         self.status: StatusMonitor | None = None
         self.frontends: Frontends | None = None
+        self.lanes: LaneTable | None = None
+        """What frontend processes may send straight to workers (``--frontend-lanes``)."""
         self._held: list[socket.socket] = []
         """Public ports kept for the frontend processes."""
 
@@ -215,6 +218,7 @@ class App:
             max_workers=limits.max_worker_processes,
             python=cfg.worker_python,
             client_shm_mapped=cfg.client_shm_mapped,
+            lanes=cfg.frontend_lanes and cfg.frontend_processes > 0,
         )
         roots = (cfg.model_repository, *cfg.more_repositories)
         if cfg.model_repository_url:
@@ -375,6 +379,10 @@ class App:
         )
         if self.models is not None:
             self.models.arena_gone.append(self.frontends.forget_arena)
+        if self.dataplane is not None and cfg.frontend_lanes:
+            self.lanes = LaneTable(self.dataplane, self.channel, self.frontends.identities)
+            self.frontends.on_ready.append(self.lanes.send)
+            self.lanes.start()
         try:
             await self.frontends.start()
         except RuntimeError as exc:
@@ -402,6 +410,9 @@ class App:
         deadline = time.monotonic() + timeout
         if self.dataplane is not None:
             self.dataplane.accepting = False
+        if self.lanes is not None:
+            self.lanes.refresh()  # no more requests skip the router
+            await self.lanes.stop()
         if self.frontends is not None:
             self.frontends.begin_stop()
         if self._poll is not None:

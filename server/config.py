@@ -175,6 +175,9 @@ class ServerConfig:
     frontend_processes: int = 0
     """Processes that serve the HTTP and gRPC ports beside the router (``server.frontproc``);
     0: the router serves them itself."""
+    frontend_lanes: bool = True
+    """Frontend processes send requests of models with no scheduling of their own straight
+    to a worker (``server.frontproc.lanes``)."""
     argv: tuple[str, ...] = field(default=(), compare=False)
     """The command line this was parsed from (frontend processes parse it again)."""
     triton: bool = field(default=False, compare=False)
@@ -326,6 +329,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         request_timeout_s=args.request_timeout_secs,
         worker_python=args.worker_python,
         frontend_processes=args.frontend_processes,
+        frontend_lanes=args.frontend_lanes,
         argv=tuple(argv),
         triton=triton,
         grpc=GrpcOptions(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from shoal.proto import dtypes
@@ -84,6 +84,8 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.accepting = True
         self.started = False
+        self.changed: list[Callable[[], None]] = []
+        """Called when settings that decide how requests are served change (tracing)."""
 
     # ---- health and metadata ----------------------------------------------------------------
 
@@ -251,6 +253,8 @@ class DataPlane:
                 raise T.TRACE_UNKNOWN_MODEL(model=model) from None
         if changes is not None and not changes.empty():
             self.tracer.update(model, changes)
+            for hook in self.changed:
+                hook()
         return self.tracer
 
     # ---- admin: worker processes (Shoal's own API) ---------------------------------------------

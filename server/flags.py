@@ -300,6 +300,12 @@ GROUPS: dict[str, list[Flag]] = {
             0,
             "serve HTTP and gRPC from this many processes beside the router (0: the router serves them)",
         ),
+        _f(
+            "--frontend-lanes",
+            bool,
+            True,
+            "frontend processes send requests of unbatched models straight to their workers",
+        ),
         _f("--shm-arena-bytes", int, 64 << 20, "size of each segment of the router's input arena"),
         _f("--shm-arena-max-bytes", int, 1 << 30, "the router's input arena at most"),
         _f("--worker-arena-bytes", int, 16 << 20, "size of each segment of a worker's output arena"),

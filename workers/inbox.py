@@ -1,22 +1,40 @@
-"""``Inbox``: a worker's connection to the router, read by whichever thread needs a message.
+"""``Inbox``: a worker's connection to the router (and its lanes), read by whichever thread
+needs a message.
 
 The main loop reads router messages (``next``); a thread waiting for the reply to a BLS call
 (``reply``) may be the main thread itself, inside the model's ``execute``, so it cannot wait
 for the main loop to read for it. Whoever holds the read lock reads one message and files
 it: a reply (BLS, custom metric) goes to the queue of its call, anything else to the main loop's backlog.
+
+Once the model has a lane socket (``workers.lanes``, ``attach``), the reader waits on the
+router's socket, the lane listener and every lane at once, and files what each brings: a
+lane's ``Infer`` and ``Release`` go to the backlog with their lane, its ``Cancel`` is noted at
+once as the router's are, a lane that ended is filed as ``lanes.CLOSED``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from shoal.proto import framing, wire
+from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.lanes import CLOSED, NO_FRAMES, READABLE, Lane, LaneServer
+
+log = logging.getLogger("shoal.worker")
 
 Message = tuple[wpb.Envelope, list[bytes]]
+Incoming = tuple[wpb.Envelope, list[bytes], Lane | None]
+"""A message for the main loop and the lane it came from (None: the router)."""
+_T = TypeVar("_T")
+_LANE_BACKLOG = frozenset({"infer", "release"})
+_POLL_ROUNDS = 64
+"""Rounds of reads ``is_cancelled`` does at most (every connection that has data, each)."""
 _REPLIES = frozenset({"bls_reply", "metric_reply", "control_reply"})
 """Answers to a call a thread waits for (by ``call_id``)."""
 
@@ -26,7 +44,7 @@ class Inbox:
         self.conn = conn
         self._read = threading.Lock()
         self._cond = threading.Condition()
-        self._backlog: deque[Message] = deque()
+        self._backlog: deque[Incoming] = deque()
         self._replies: dict[int, deque[Message]] = {}
         self.orphans: deque[Message] = deque()
         """Replies to calls nobody waits for any more (their held outputs must be given back)."""
@@ -39,6 +57,15 @@ class Inbox:
         self.on_ready_check: Callable[[int], None] | None = None
         """Takes a ``ReadyCheck``'s request id as soon as it is read (the model's own
         readiness check runs on a thread of its own, beside ``execute``)."""
+        self.lanes: LaneServer | None = None
+        """The model's lane socket and its connections (``attach``); None: the router alone."""
+        self._router_fd = -1
+
+    def attach(self, lanes: LaneServer) -> None:
+        """Read ``lanes`` too from now on (beside the router's connection)."""
+        self._router_fd = fd = self.conn.sock.fileno()
+        lanes.poller.register(fd, READABLE)
+        self.lanes = lanes
 
     def new_call(self) -> int:
         """A call id no other waiting call has; replies to it will be kept (``expect``)."""
@@ -47,14 +74,25 @@ class Inbox:
         return call_id
 
     def _pump(self) -> None:
-        """Read one message (the read lock is held) and file it."""
+        """Read one message (the read lock is held) and file it; with lanes, wait for any
+        of the connections and file what it brings (any number of messages)."""
+        if self.lanes is not None:
+            self._pump_all(None)
+            return
         try:
             frames = self.conn.recv()
         except EOFError:
-            with self._cond:
-                self._eof = True
-                self._cond.notify_all()
+            self._at_eof()
             raise
+        self._file(frames)
+
+    def _at_eof(self) -> None:
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _file(self, frames: list[bytes]) -> None:
+        """File a router message."""
         env = wire.parse(frames[0])
         with self._cond:
             body = env.WhichOneof("body")
@@ -70,10 +108,76 @@ class Inbox:
                 queue = self._replies.get(getattr(env, body).call_id)
                 (queue if queue is not None else self.orphans).append((env, frames[1:]))
             else:
-                self._backlog.append((env, frames[1:]))
+                self._backlog.append((env, frames[1:], None))
             self._cond.notify_all()
 
-    def _wait_for(self, ready: deque[Message], timeout_s: float | None) -> Message:
+    def _pump_all(self, timeout_ms: int | None) -> bool:
+        """(the read lock held; lanes attached) Wait up to ``timeout_ms`` (None: for ever)
+        for the router's connection, the lane listener or a lane, and file what one read of
+        each ready one brings. Whether anything was ready; ``EOFError`` when the router
+        closed its connection."""
+        conn = self.conn
+        ready = conn.decoded  # messages of the router's already decoded (a read brings several)
+        if ready:
+            while ready:
+                self._file(ready.pop(0))
+            return True
+        lanes = self.lanes
+        assert lanes is not None
+        events = lanes.poller.poll(timeout_ms)
+        if not events:
+            return False
+        router_fd, listen_fd, by_fd = self._router_fd, lanes.listen_fd, lanes.lanes
+        for fd, _ in events:
+            if fd == router_fd:
+                if not conn.fill():
+                    self._at_eof()
+                    raise EOFError("the router closed the connection")
+                while ready:
+                    self._file(ready.pop(0))
+            elif fd == listen_fd:
+                lanes.accept()
+            else:
+                lane = by_fd.get(fd)
+                if lane is None:
+                    continue  # dropped meanwhile
+                messages = lanes.read(lane)
+                if messages is None:
+                    self._lane_ended(lanes, lane)
+                elif messages:
+                    self._file_lane(lanes, lane, messages)
+        return True
+
+    def _file_lane(self, lanes: LaneServer, lane: Lane, messages: list[list[Any]]) -> None:
+        """File the messages of a lane: ``Infer`` and ``Release`` for the main loop, ``Cancel``
+        noted at once; anything else is logged and ignored."""
+        for frames in messages:
+            try:
+                env = wire.parse(frames[0])
+            except ServingError as exc:
+                log.error("lane %d: %s; closing it", lane.fd, exc.message)
+                self._lane_ended(lanes, lane)
+                return
+            body = env.WhichOneof("body")
+            with self._cond:
+                if body in _LANE_BACKLOG:
+                    self._backlog.append((env, frames[1:], lane))
+                elif body == "cancel":  # the frontend names the request in the body; the router in the envelope
+                    rid = env.cancel.request_id or env.request_id
+                    self.cancelled.update((rid, i) for i in env.cancel.indexes)
+                else:
+                    log.error("lane %d: unexpected message %s; ignored", lane.fd, body)
+                    continue
+                self._cond.notify_all()
+
+    def _lane_ended(self, lanes: LaneServer, lane: Lane) -> None:
+        """Stop reading ``lane``; the main loop drops it (``CLOSED``)."""
+        lanes.stop_reading(lane)
+        with self._cond:
+            self._backlog.append((CLOSED, NO_FRAMES, lane))
+            self._cond.notify_all()
+
+    def _wait_for(self, ready: deque[_T], timeout_s: float | None) -> _T:
         while True:
             with self._cond:
                 if ready:
@@ -100,8 +204,13 @@ class Inbox:
             return True
         if self._read.acquire(blocking=False):
             try:
-                while self.conn.poll(0):
-                    self._pump()
+                if self.lanes is not None:
+                    for _ in range(_POLL_ROUNDS):
+                        if not self._pump_all(0):
+                            break
+                else:
+                    while self.conn.poll(0):
+                        self._pump()
             except EOFError:
                 pass
             finally:
@@ -148,8 +257,9 @@ class Inbox:
             elif self.cancelled:
                 self.cancelled = {c for c in self.cancelled if c[0] != rid}
 
-    def next(self) -> Message:
-        """The next router message for the main loop (blocks); ``EOFError`` at the end."""
+    def next(self) -> Incoming:
+        """The next message for the main loop and the lane it came from (None: the router;
+        ``lanes.CLOSED`` with a lane: it ended); blocks; ``EOFError`` at the router's end."""
         return self._wait_for(self._backlog, None)
 
     def expect(self, call_id: int) -> None:

@@ -4,7 +4,8 @@ Protocol (``proto/worker.proto``): on start the worker sends ``Ready(loaded=fals
 router answers ``Load``; the worker loads its backend and sends ``Ready(loaded=true)`` or
 ``Failed``; then it serves ``Infer`` (answering ``InferDone`` with the same request id),
 ``Release`` (frees output blocks), ``Forget`` and ``Probe`` until ``Shutdown``; a thread
-sends heartbeats (``Pong``) meanwhile.
+sends heartbeats (``Pong``) meanwhile. Frontend processes send ``Infer``, ``Release`` and
+``Cancel`` on the model's lane socket too (``workers.lanes``); the same loop answers them there.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox
+from shoal.workers.lanes import CLOSED, Lane, LaneServer
 from shoal.workers.outbox import Outbox
 from shoal.workers.tensors import OutputWriter, read_input
 
@@ -127,6 +129,8 @@ class WorkerRuntime:
         self.stop_requested = False
         self._checker: concurrent.futures.ThreadPoolExecutor | None = None
         """Runs the model's readiness checks (``_ready_check``)."""
+        self.lanes: LaneServer | None = None
+        """The model's lane socket (``Ready.lane``) and its connections."""
 
     def on_sigterm(self) -> None:
         """SIGTERM: exit now when idle, else right after answering the current batch."""
@@ -151,15 +155,23 @@ class WorkerRuntime:
         try:
             while True:
                 try:
-                    env, frames = inbox.next()
+                    env, frames, lane = inbox.next()
                 except EOFError:
                     log.info("the router closed its connection; exiting")
                     return 0
                 kind = env.WhichOneof("body")
                 if kind == "infer":
+                    if lane is not None and (lane.dead or self.decoupled):
+                        if not lane.dead:  # else its client left: nobody waits for it
+                            self.busy = True
+                            try:
+                                self._refuse_decoupled(env, lane)
+                            finally:
+                                self.busy = False
+                        continue
                     self.busy = True
                     try:
-                        self._infer(env, frames)
+                        self._infer(env, frames, lane)
                     finally:
                         self.busy = False
                     bls = self.spec.bls if self.spec is not None else None
@@ -171,7 +183,12 @@ class WorkerRuntime:
                 elif kind == "cancel":
                     pass  # the inbox has noted it
                 elif kind == "release":
-                    self._release(env.release)
+                    self._release(env.release, lane)
+                elif lane is not None:  # the inbox files nothing else of a lane's but its end
+                    if env is CLOSED:
+                        self._drop_lane(lane)
+                    else:
+                        log.error("unexpected message %s on a lane", kind)
                 elif kind == "forget":
                     log.debug("unmapping client regions %s", list(env.forget.region_ids))
                     self.regions.forget(env.forget.region_ids)
@@ -186,6 +203,7 @@ class WorkerRuntime:
                 else:
                     log.error("unexpected message %s", kind)
         finally:
+            self._close_lanes()  # first: their clients send the requests left another way
             if heartbeat is not None:
                 heartbeat.done.set()
                 heartbeat.join(1.0)
@@ -232,6 +250,12 @@ class WorkerRuntime:
             reply.ready.pid = os.getpid()
             reply.ready.loaded = True
             reply.ready.has_ready_check = self.backend.has_ready_check
+            if self.lanes is None and req.lanes:
+                self.lanes = LaneServer.open(self.endpoint)
+                if self.lanes is not None:
+                    self.inbox.attach(self.lanes)
+            if self.lanes is not None:
+                reply.ready.lane = self.lanes.path
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -289,7 +313,8 @@ class WorkerRuntime:
             inbox.forget_cancelled(rid, req.id)
             inbox.forget_stream(rid, req.id)
 
-    def _infer(self, env: wpb.Envelope, frames: list[bytes]) -> None:
+    def _infer(self, env: wpb.Envelope, frames: list[bytes], lane: Lane | None = None) -> None:
+        """Execute a batch and answer it, to the router or on ``lane`` (a frontend's)."""
         reply = wire.envelope(env.request_id)
         done = reply.infer_done
         out_frames: list[Any] = []
@@ -331,7 +356,10 @@ class WorkerRuntime:
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)
-        self._send([reply.SerializeToString(), *out_frames])
+        if lane is None:
+            self._send([reply.SerializeToString(), *out_frames])
+        else:
+            self._answer_lane(lane, reply, out_frames)
         if not self.decoupled and self.inbox is not None and self.inbox.cancelled:
             self.inbox.forget_cancelled(env.request_id)
 
@@ -451,16 +479,70 @@ class WorkerRuntime:
             wire.failed(from_exception(exc), reply.failed)
         self._send([reply.SerializeToString()])
 
-    def _release(self, rel: wpb.Release) -> None:
+    def _release(self, rel: wpb.Release, lane: Lane | None = None) -> None:
+        """Free output blocks the router (or a lane's client: only blocks it was sent) has read."""
         if self.arena is None:
             return
         with self.lock:
             for s in rel.blocks:
                 block = Block(s.region, s.offset, s.nbytes, s.device)
+                if lane is not None:
+                    if block not in lane.held:
+                        log.warning("a lane released a block it does not hold: %s", block)
+                        continue
+                    lane.held.discard(block)
                 if self.arena.owns(block):
                     self.arena.free(block)
 
+    def _answer_lane(self, lane: Lane, reply: wpb.Envelope, out_frames: list[Any]) -> None:
+        """Send a lane request's answer on its lane; its output blocks are the lane's until
+        its client releases them (or the lane ends)."""
+        if reply.HasField("infer_done"):
+            held = lane.held
+            for res in reply.infer_done.results:
+                for ref in res.outputs:
+                    if ref.HasField("shm"):
+                        s = ref.shm
+                        held.add(Block(s.region, s.offset, s.nbytes, s.device))
+        if lane.dead:  # its client left while it executed
+            if lane.closed:
+                self._drop_lane(lane)  # frees what was just added
+            return  # else the inbox filed CLOSED: dropped next
+        try:
+            lane.outbox.send([reply.SerializeToString(), *out_frames])
+        except OSError as exc:
+            log.warning("answering on lane %d failed (%s); closing it", lane.fd, exc)
+            self._drop_lane(lane)
+
+    def _refuse_decoupled(self, env: wpb.Envelope, lane: Lane) -> None:
+        reply = wire.envelope(env.request_id)
+        wire.failed(ServingError("decoupled models are not served over lanes", code=ErrorCode.INTERNAL), reply.failed)
+        self._answer_lane(lane, reply, [])
+
+    def _drop_lane(self, lane: Lane) -> None:
+        """Close a lane and free the output blocks its client had not released."""
+        if self.lanes is not None:
+            self.lanes.drop(lane)
+        held = lane.held
+        if held and self.arena is not None:
+            with self.lock:
+                for block in held:
+                    if self.arena.owns(block):
+                        self.arena.free(block)
+        held.clear()
+
+    def _close_lanes(self) -> None:
+        """``LaneBye`` on every lane, then no more lanes (the arena goes with the process)."""
+        lanes, self.lanes = self.lanes, None
+        if lanes is None:
+            return
+        try:
+            lanes.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            log.exception("closing the lanes failed")
+
     def close(self) -> None:
+        self._close_lanes()
         if self.backend is not None:
             try:
                 self.backend.close()

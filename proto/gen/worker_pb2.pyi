@@ -322,6 +322,7 @@ class Load(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     CLIENT_SHM_MAPPED_FIELD_NUMBER: _builtins.int
     BACKEND_CONFIG_FIELD_NUMBER: _builtins.int
+    LANES_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -343,6 +344,8 @@ class Load(_message.Message):
     """Map client system regions and use them in place (--client-shm-mapped); else copy
     through descriptors, so that a client truncating its object cannot raise SIGBUS here.
     """
+    lanes: _builtins.bool
+    """Open a lane socket (Ready.lane): frontend processes will send requests there."""
     @_builtins.property
     def gpu_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Server GPU ordinals in the order this worker's CUDA sees them (its CUDA_VISIBLE_DEVICES
@@ -372,10 +375,11 @@ class Load(_message.Message):
         priority: _builtins.int = ...,
         client_shm_mapped: _builtins.bool = ...,
         backend_config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        lanes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "lanes", b"lanes", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,11 +997,16 @@ class Ready(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
     HAS_READY_CHECK_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     loaded: _builtins.bool
     has_ready_check: _builtins.bool
     """The model has a readiness check of its own (python_backend's is_ready): the router sends
     ReadyCheck when a client asks whether the model is ready.
+    """
+    lane: _builtins.str
+    """The worker's lane socket ("" none): frontend processes connect there and send it
+    requests of models the router publishes as lane-eligible (LaneRoutes), bypassing the router.
     """
     def __init__(
         self,
@@ -1005,10 +1014,11 @@ class Ready(_message.Message):
         pid: _builtins.int = ...,
         loaded: _builtins.bool = ...,
         has_ready_check: _builtins.bool = ...,
+        lane: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_ready_check", b"has_ready_check", "loaded", b"loaded", "pid", b"pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_ready_check", b"has_ready_check", "lane", b"lane", "loaded", b"loaded", "pid", b"pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1161,6 +1171,202 @@ class Shutdown(_message.Message):
 Global___Shutdown: _TypeAlias = Shutdown  # noqa: Y015
 
 @_typing.final
+class Lane(_message.Message):
+    """Lanes (--frontend-processes): a frontend process sends a request of a model with no
+    scheduling of its own (no batching, sequence, ensemble, cache, decoupled, rate limit, trace)
+    straight to an instance's worker, on the worker's lane socket (Ready.lane), as an Infer of
+    one request; the worker answers InferDone there, and takes Release and Cancel there too.
+    The router publishes which model versions may go that way, with their instances.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """the worker's lane socket"""
+    label: _builtins.str
+    """the instance as the router names it in errors"""
+    pid: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        label: _builtins.str = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "path", b"path", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lane: _TypeAlias = Lane  # noqa: Y015
+
+@_typing.final
+class LaneRoute(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    LATEST_FIELD_NUMBER: _builtins.int
+    MODEL_CONFIG_FIELD_NUMBER: _builtins.int
+    LANES_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.int
+    latest: _builtins.bool
+    """the version a request without one gets"""
+    model_config: _builtins.bytes
+    """serialized inference.ModelConfig, normalized (validation)"""
+    @_builtins.property
+    def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lane]:
+        """the READY instances"""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        latest: _builtins.bool = ...,
+        model_config: _builtins.bytes = ...,
+        lanes: _abc.Iterable[Global___Lane] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lanes", b"lanes", "latest", b"latest", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRoute: _TypeAlias = LaneRoute  # noqa: Y015
+
+@_typing.final
+class LaneRoutes(_message.Message):
+    """Router -> frontend: the whole table (replaces the last one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneRoute]: ...
+    def __init__(
+        self,
+        *,
+        routes: _abc.Iterable[Global___LaneRoute] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRoutes: _TypeAlias = LaneRoutes  # noqa: Y015
+
+@_typing.final
+class LaneStat(_message.Message):
+    """Frontend -> router: requests sent over lanes and their answers, for the model's statistics
+    and metrics, and the instances' requests in flight.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    REQUEST_NS_FIELD_NUMBER: _builtins.int
+    EXECUTED_FIELD_NUMBER: _builtins.int
+    COMPUTE_INPUT_NS_FIELD_NUMBER: _builtins.int
+    COMPUTE_INFER_NS_FIELD_NUMBER: _builtins.int
+    COMPUTE_OUTPUT_NS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    WITHDRAWN_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    model_version: _builtins.int
+    ok: _builtins.bool
+    failure: _builtins.str
+    """the failure reason when not ok (stats.FAILURE_REASONS)"""
+    request_ns: _builtins.int
+    """from submission to the worker's answer"""
+    executed: _builtins.bool
+    """the worker executed it (the compute times are set)"""
+    compute_input_ns: _builtins.int
+    compute_infer_ns: _builtins.int
+    compute_output_ns: _builtins.int
+    batch_size: _builtins.int
+    lane: _builtins.str
+    """the worker's lane socket (Lane.path)"""
+    started: _builtins.bool
+    """sent to the worker (only the model, version and lane are set)"""
+    withdrawn: _builtins.bool
+    """not executed (LaneBye), sent through the router: not counted here"""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        failure: _builtins.str = ...,
+        request_ns: _builtins.int = ...,
+        executed: _builtins.bool = ...,
+        compute_input_ns: _builtins.int = ...,
+        compute_infer_ns: _builtins.int = ...,
+        compute_output_ns: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        lane: _builtins.str = ...,
+        started: _builtins.bool = ...,
+        withdrawn: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "executed", b"executed", "failure", b"failure", "lane", b"lane", "model_name", b"model_name", "model_version", b"model_version", "ok", b"ok", "request_ns", b"request_ns", "started", b"started", "withdrawn", b"withdrawn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneStat: _TypeAlias = LaneStat  # noqa: Y015
+
+@_typing.final
+class LaneStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStat]: ...
+    def __init__(
+        self,
+        *,
+        stats: _abc.Iterable[Global___LaneStat] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneStats: _TypeAlias = LaneStats  # noqa: Y015
+
+@_typing.final
+class LaneBye(_message.Message):
+    """Worker -> frontend, the last message on a lane before the worker exits: every request on
+    the lane not answered by then was not executed, and may be sent another way.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneBye: _TypeAlias = LaneBye  # noqa: Y015
+
+@_typing.final
 class Envelope(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1188,6 +1394,9 @@ class Envelope(_message.Message):
     STREAM_ACK_FIELD_NUMBER: _builtins.int
     READY_CHECK_FIELD_NUMBER: _builtins.int
     READY_ANSWER_FIELD_NUMBER: _builtins.int
+    LANE_ROUTES_FIELD_NUMBER: _builtins.int
+    LANE_STATS_FIELD_NUMBER: _builtins.int
+    LANE_BYE_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
@@ -1237,6 +1446,12 @@ class Envelope(_message.Message):
     def ready_check(self) -> Global___ReadyCheck: ...
     @_builtins.property
     def ready_answer(self) -> Global___ReadyAnswer: ...
+    @_builtins.property
+    def lane_routes(self) -> Global___LaneRoutes: ...
+    @_builtins.property
+    def lane_stats(self) -> Global___LaneStats: ...
+    @_builtins.property
+    def lane_bye(self) -> Global___LaneBye: ...
     def __init__(
         self,
         *,
@@ -1264,12 +1479,15 @@ class Envelope(_message.Message):
         stream_ack: Global___StreamAck | None = ...,
         ready_check: Global___ReadyCheck | None = ...,
         ready_answer: Global___ReadyAnswer | None = ...,
+        lane_routes: Global___LaneRoutes | None = ...,
+        lane_stats: Global___LaneStats | None = ...,
+        lane_bye: Global___LaneBye | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer", "lane_routes", "lane_stats", "lane_bye"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

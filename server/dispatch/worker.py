@@ -71,6 +71,12 @@ class Worker:
         self.has_ready_check = False
         """The loaded model has a readiness check of its own (``check_ready``)."""
         self._ready_check: asyncio.Future[tuple[bool, str]] | None = None
+        self.lane_requests = 0
+        """Requests frontend processes sent over its lane and not answered yet, as they report
+        them (``server.frontproc.lanes``)."""
+        self.lane = ""
+        """The current process's lane socket (frontend processes send it requests there,
+        ``server.frontproc.lanes``); "" when it has none."""
         self._loop = asyncio.get_running_loop()
         self.reason = ""
         """Why the instance is not READY (the last start failure), for the index and admin API."""
@@ -92,11 +98,12 @@ class Worker:
     @property
     def load(self) -> int:
         """Batches not finished here: executing, or streaming a decoupled model's responses
-        after its ``execute`` returned (the model's threads still work for them)."""
+        after its ``execute`` returned (the model's threads still work for them), and the
+        requests frontends sent it over its lane."""
         streams = self._streams
         if not streams:
-            return self.outstanding
-        return self.outstanding + sum(1 for rid in streams if rid not in self._pending)
+            return self.outstanding + self.lane_requests
+        return self.outstanding + self.lane_requests + sum(1 for rid in streams if rid not in self._pending)
 
     @property
     def label(self) -> str:
@@ -257,6 +264,8 @@ class Worker:
         self.identity = f"{self.spec.instance_name}#{self.generation}#{id(self)}".encode()
         self.arena_prefix = f"{self.arena_prefix_base}_g{self.generation}"
         self._hung = ""
+        self.lane = ""
+        self.lane_requests = 0
         hello: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[0] = hello
         self.channel.register(self.identity, self._on_message, self.spec.model_name)
@@ -368,6 +377,7 @@ class Worker:
             await process.terminate(self._proc)
             raise ServingError(f"failed to load {self.label}: {err.message}", code=err.code)
         self.has_ready_check = env.ready.has_ready_check
+        self.lane = env.ready.lane
 
     async def _await_or_exit(
         self, fut: asyncio.Future[Reply], exited: asyncio.Future[int], timeout: float, what: str

@@ -20,6 +20,7 @@ from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.frontproc import wire as frontwire
+from shoal.server.frontproc.lanes_client import LaneRetry, Lanes
 from shoal.server.streaming import ACK_EVERY, StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult
 from shoal.shm.arena import Arena
@@ -31,6 +32,10 @@ log = logging.getLogger("shoal.frontend")
 PROXY_FOR_S = 1.0
 """After the router asked for one request to go through it (tracing is on), the next ones
 go there too for this long before a direct submission is tried again."""
+
+
+STARTS_WAIT_S = 0.005
+"""How long the start of a lane request may wait for other statistics to go with."""
 
 
 class UseProxy(Exception):
@@ -106,6 +111,11 @@ class RouterLink(asyncio.Protocol):
         self.proxy_until = 0.0
         self._orphans: dict[int, list[Block]] = {}
         """Input blocks of calls that ended while a worker may still read them, by call id."""
+        self.lanes: Lanes | None = None
+        """Requests the router lets this process send straight to workers (``lanes_client``)."""
+        self._stats: wpb.Envelope | None = None
+        self._stats_timer: asyncio.TimerHandle | None = None
+        """Lane requests answered during this loop turn, for the router's statistics."""
 
     @classmethod
     async def connect(
@@ -156,6 +166,9 @@ class RouterLink(asyncio.Protocol):
                     self._release(reply.hold_id)
                 if reply.inputs_free or (reply.final and not reply.inputs_held):
                     self._free(self._orphans.pop(reply.call_id, ()))
+            elif body == "lane_routes":
+                if self.lanes is not None:
+                    self.lanes.update(env.lane_routes)
             elif body == "forget":  # a worker exited: its output arena is gone
                 for prefix in env.forget.arena_prefixes:
                     self.mapper.forget_prefix(prefix)
@@ -176,8 +189,34 @@ class RouterLink(asyncio.Protocol):
         self._soon()
         self._outbox.extend(framing.encode(frames))
 
+    def report(self, stat: wpb.LaneStat) -> None:
+        """A lane request's statistics, sent to the router with this turn's messages. A start
+        alone waits (up to ``STARTS_WAIT_S``) for an answer to travel with: most requests
+        are answered sooner, so a request costs the router one record of a shared message."""
+        stats = self._stats
+        if stats is None:
+            stats = self._stats = wire.envelope(0)
+        stats.lane_stats.stats.append(stat)
+        if not stat.started:
+            self._soon()
+        elif self._stats_timer is None:
+            assert self._loop is not None
+            self._stats_timer = self._loop.call_later(STARTS_WAIT_S, self._soon)
+
+    def free_blocks(self, blocks: list[Block]) -> None:
+        self._free(blocks)
+
+    def place(self, data: Buffer) -> Block | None:
+        return self._place(data)
+
     def _flush(self) -> None:
         self._flushing = False
+        if self._stats is not None:
+            stats, self._stats = self._stats, None
+            self._outbox.extend(framing.encode([stats.SerializeToString()]))
+            if self._stats_timer is not None:
+                self._stats_timer.cancel()
+                self._stats_timer = None
         if self._done_holds or self._acks:
             env = wire.envelope(0)
             done = env.bls_done
@@ -359,6 +398,14 @@ class RemoteDataPlane:
         self.frontend = frontend
 
     async def infer(self, request: InferRequest, *, decoupled_error: Any = None) -> InferResult:
+        lanes = self.link.lanes
+        if lanes is not None:
+            route = lanes.route(request)
+            if route is not None:
+                try:
+                    return await lanes.infer(route, request)
+                except LaneRetry:
+                    pass  # not executed: the router has the model's current state
         return await self.link.infer(request, self.frontend)
 
     def responses(self, request: InferRequest, *, decoupled_error: Any = None) -> AsyncGenerator[StreamItem, None]:

@@ -39,6 +39,7 @@ from shoal.server.frontends.http import body, routes
 from shoal.server.frontends.http.app import GUARD, make_runner, middleware
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
+from shoal.server.frontproc.lanes_client import Lanes
 from shoal.server.frontproc.link import RemoteDataPlane, RouterLink, UseProxy
 from shoal.server.frontproc.proxy import GrpcProxy, HttpProxy
 from shoal.server.frontproc.supervisor import arena_prefix
@@ -182,6 +183,8 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
     link = await RouterLink.connect(
         os.path.join(run_dir, "workers.sock"), f"frontend/{index}".encode(), arena, cfg.inline_max_bytes
     )
+    if cfg.frontend_lanes:
+        link.lanes = Lanes(index, link.place, link.free_blocks, link.mapper, link.report)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

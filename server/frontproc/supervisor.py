@@ -79,10 +79,16 @@ class Frontends:
         self.started = False
         self._stop_messages = 0
         """``Shutdown`` messages sent to each process (1: stop accepting; 2: finish now)."""
+        self.on_ready: list[Callable[[bytes], None]] = []
+        """Called with a process's identity when it (re)started and is ready."""
 
     @staticmethod
     def identity(index: int) -> bytes:
         return f"frontend/{index}".encode()
+
+    @property
+    def identities(self) -> list[bytes]:
+        return [self.identity(i) for i in range(self.count)]
 
     async def start(self) -> None:
         """Start every process; raises ``RuntimeError`` when one does not come up (one that
@@ -112,6 +118,8 @@ class Frontends:
         def on_message(env: wpb.Envelope, frames: list[bytes]) -> None:
             if env.WhichOneof("body") == "ready":
                 ready.set()
+                for hook in self.on_ready:
+                    hook(ident)
                 for _ in range(self._stop_messages):  # it started while the server stops
                     self._tell(index)
 

@@ -54,23 +54,7 @@ def pack_call(
         r.parameters_json = json.dumps(req.parameters)
     frames: list[Any] = []
     blocks: list[Block] = []
-    for t in req.inputs:
-        ref = r.inputs.add()
-        ref.name, ref.datatype = t.name, t.datatype
-        ref.shape.extend(t.shape)
-        if t.parameters:
-            ref.parameters_json = json.dumps(t.parameters)
-        if t.shm is not None:
-            _named(t.shm, ref.named)
-            continue
-        block = place(t.data) if place is not None else None
-        if block is not None:
-            blocks.append(block)
-            sl = ref.shm
-            sl.region, sl.offset, sl.nbytes, sl.device = block.region, block.offset, block.nbytes, block.device
-        else:
-            ref.frame = len(frames)
-            frames.append(t.data)
+    pack_inputs(req, r, frames, blocks, place, parameters=True)
     for o in req.outputs or ():
         r.outputs.append(o.name)
         # binary_data is how the frontend writes the output: the router need not know it
@@ -83,6 +67,37 @@ def pack_call(
             if o.shm is not None:
                 _named(o.shm, spec.region)
     return env, frames, blocks
+
+
+def pack_inputs(
+    req: InferRequest,
+    r: wpb.Request,
+    frames: list[Any],
+    blocks: list[Block],
+    place: Callable[[Buffer], Block | None] | None,
+    *,
+    parameters: bool,
+) -> None:
+    """``req``'s inputs into ``r``: in a client's region (named), in a block ``place`` gave
+    (a large one), else as a frame; ``parameters``: with each input's parameters (the
+    router reads them; a worker does not)."""
+    for t in req.inputs:
+        ref = r.inputs.add()
+        ref.name, ref.datatype = t.name, t.datatype
+        ref.shape.extend(t.shape)
+        if parameters and t.parameters:
+            ref.parameters_json = json.dumps(t.parameters)
+        if t.shm is not None:
+            _named(t.shm, ref.named)
+            continue
+        block = place(t.data) if place is not None else None
+        if block is not None:
+            blocks.append(block)
+            sl = ref.shm
+            sl.region, sl.offset, sl.nbytes, sl.device = block.region, block.offset, block.nbytes, block.device
+        else:
+            ref.frame = len(frames)
+            frames.append(t.data)
 
 
 def _shm_ref(n: wpb.NamedRegion) -> ShmRef:

@@ -36,6 +36,8 @@ class InstanceSettings:
     python: str = ""
     """The interpreter that runs workers (``--worker-python``; empty: the router's)."""
     client_shm_mapped: bool = False
+    lanes: bool = False
+    """Workers open a lane socket for frontend processes (``server.frontproc.lanes``)."""
     backend_config: tuple[tuple[str, str, str], ...] = ()
     """``--backend-config`` settings as (backend, key, value)."""
 
@@ -116,6 +118,7 @@ class InstanceFactory:
             gpu_order=order,
             priority=int(mv.config.optimization.priority),
             client_shm_mapped=s.client_shm_mapped,
+            lanes=s.lanes,
             backend_config=backend_settings(s.backend_config, mv.config.backend),
         )
         spec = WorkerSpec(

@@ -115,7 +115,7 @@ class Registry:
                             "state": w.state.value,
                             "pid": w.pid,
                             "restarts": w.restarts,
-                            "outstanding": w.outstanding,
+                            "outstanding": w.outstanding + w.lane_requests,
                             "device": f"GPU {load.device_index}" if load.device_kind == "GPU" else load.device_kind,
                             "reason": w.reason,
                         }

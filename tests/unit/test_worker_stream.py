@@ -30,11 +30,21 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 class FakeRouter:
-    """Listens on a channel socket, starts one worker for ``model`` and loads it."""
+    """Listens on a channel socket in ``folder`` (a new temporary one when None), starts one
+    worker for ``model`` and loads it (``lanes``: asking for a lane socket, ``Ready.lane``)."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(
+        self,
+        model: str,
+        folder: str | None = None,
+        *,
+        arena_bytes: int = 1 << 20,
+        inline_max: int = 32768,
+        lanes: bool = False,
+    ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="shoal-wt-")
-        path = os.path.join(self.tmp.name, "ch.sock")
+        self.folder = folder or self.tmp.name
+        path = os.path.join(self.folder, "ch.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -58,12 +68,14 @@ class FakeRouter:
         ld.model_version = 1
         ld.instance_name = f"{model}_0"
         ld.device_kind = "CPU"
-        ld.arena_prefix = f"shoal_wt{os.getpid()}"
-        ld.arena_bytes = 1 << 20
-        ld.inline_max_bytes = 32768
+        ld.arena_prefix = f"shoal_wt{os.getpid()}_{id(self)}"
+        ld.arena_bytes = arena_bytes
+        ld.inline_max_bytes = inline_max
+        ld.lanes = lanes
         self.send(load)
         loaded = self.next_env()
         assert loaded.WhichOneof("body") == "ready" and loaded.ready.loaded, loaded
+        self.lane = loaded.ready.lane
 
     def send(self, env: wpb.Envelope, frames: list[bytes] | None = None) -> None:
         self.sock.sendall(b"".join(bytes(b) for b in framing.encode([env.SerializeToString(), *(frames or [])])))

@@ -1,0 +1,366 @@
+"""A frontend process's lanes: requests of the model versions the router publishes
+(``frontproc.lanes``) go straight to a worker's lane socket, as the router would send them
+(an ``Infer`` of one request), and come back from it without crossing the router.
+
+The frontend does here what the router does for such a request: it validates the request
+against the model's configuration (the router's own ``validate``), picks the instance with
+the fewest requests in flight (its own: each frontend balances its share), puts large inputs
+in its arena, releases outputs read from the worker's arena, cancels a request whose client
+went away, and reports each request for the model's statistics (``LaneStats``, written with
+the turn's other messages to the router).
+
+A worker that exits says ``LaneBye`` first: what it had not answered was never executed and
+goes through the router (``LaneRetry``), which knows the model's state now. A worker that
+dies without it (killed, crashed) fails what it had, as the router fails a dead worker's
+batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shoal.proto import framing, wire
+from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.dispatch.pool import RESERVED_PARAMETERS
+from shoal.server.frontproc import wire as frontwire
+from shoal.server.models.version import ModelVersion, tensor_specs
+from shoal.server.stats import failure_reason
+from shoal.server.types import Buffer, InferRequest, InferResult
+from shoal.server.validation import validate
+from shoal.shm.block import Block
+from shoal.shm.mapper import Mapper
+
+log = logging.getLogger("shoal.frontend")
+
+RID_BIT = 1 << 63
+"""Set in the request ids of lane requests: a worker's router never uses such ids."""
+
+
+class LaneRetry(Exception):
+    """The request was not executed on the lane: send it through the router."""
+
+
+class _Pending:
+    __slots__ = ("fut", "blocks", "route", "t0", "batch_size")
+
+    def __init__(self, fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]], blocks: list[Block], route: Route,
+                 batch_size: int) -> None:  # fmt: skip
+        self.fut = fut
+        self.blocks = blocks
+        self.route = route
+        self.t0 = time.monotonic_ns()
+        self.batch_size = batch_size
+
+
+class Lane(asyncio.Protocol):
+    """One connection to one worker's lane socket."""
+
+    def __init__(self, lanes: Lanes, path: str, label: str, pid: int) -> None:
+        self.lanes = lanes
+        self.path = path
+        self.label = label
+        self.pid = pid
+        self.transport: Any = None
+        self.decoder = framing.Decoder()
+        self.pending: dict[int, _Pending] = {}
+        self.connecting: asyncio.Future[None] | None = None
+        self.bye = False
+        self.broken = False
+        """Gone (bye, closed, or it could not connect): no new requests."""
+        self._outbox: list[Any] = []
+
+    @property
+    def load(self) -> int:
+        return len(self.pending)
+
+    async def ready(self) -> None:
+        if self.transport is not None:
+            return
+        if self.connecting is None:
+            self.connecting = asyncio.ensure_future(self._connect())
+        await asyncio.shield(self.connecting)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: self, self.path)
+        except OSError:
+            self.broken = True
+            raise LaneRetry from None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.decoder.feed(data)
+        except framing.FramingError as exc:
+            log.error("lane %s: %s; closing it", self.path, exc)
+            self.transport.abort()
+            return
+        for frames in messages:
+            env = wire.parse(frames[0])
+            if env.WhichOneof("body") == "lane_bye":
+                self.bye = self.broken = True
+                continue
+            p = self.pending.pop(env.request_id, None)
+            if p is not None:
+                self.lanes.answered(self, p, env, frames[1:])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broken = True
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            self.lanes.lost(self, p)
+        self.lanes.closed(self)
+
+    def send(self, env: wpb.Envelope, frames: list[Any] = ()) -> None:  # type: ignore[assignment]
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.extend(framing.encode([env.SerializeToString(), *frames]))
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def release(self, blocks: list[wpb.ShmSlice]) -> None:
+        if self.broken or self.transport is None:
+            return  # the worker is gone: its arena too
+        env = wire.envelope(0)
+        env.release.blocks.extend(blocks)
+        self.send(env)
+
+
+class Route:
+    """One model version a request may send over lanes."""
+
+    __slots__ = ("mv", "lanes")
+
+    def __init__(self, mv: ModelVersion, lanes: list[Lane]) -> None:
+        self.mv = mv
+        self.lanes = lanes
+
+
+def _model_version(name: str, version: int, config_bytes: bytes) -> ModelVersion:
+    config = mc.ModelConfig.FromString(config_bytes)
+    mv = ModelVersion(name=name, version=version, config=config)
+    mv.inputs = tensor_specs(list(config.input))
+    mv.outputs = tensor_specs(list(config.output))
+    mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
+    mv.config_bytes = config_bytes
+    return mv
+
+
+class Lanes:
+    def __init__(
+        self,
+        index: int,
+        place: Callable[[Buffer], Block | None],
+        free: Callable[[list[Block]], None],
+        mapper: Mapper,
+        report: Callable[[wpb.LaneStat], None],
+    ) -> None:
+        self.place = place
+        self.free = free
+        self.mapper = mapper
+        self.report = report
+        self.routes: dict[tuple[str, int], Route] = {}
+        self.by_path: dict[str, Lane] = {}
+        self._ids = itertools.count(RID_BIT | (index << 48) | 1)
+        self._configs: dict[tuple[str, int], ModelVersion] = {}
+
+    # ---- the table -------------------------------------------------------------------------
+
+    def update(self, table: wpb.LaneRoutes) -> None:
+        """The router's current routes (replace the last ones)."""
+        routes: dict[tuple[str, int], Route] = {}
+        configs: dict[tuple[str, int], ModelVersion] = {}
+        paths: dict[str, Lane] = {}
+        for r in table.routes:
+            key = (r.model_name, int(r.model_version))
+            mv = self._configs.get(key)
+            if mv is None or mv.config_bytes != r.model_config:
+                mv = _model_version(r.model_name, int(r.model_version), r.model_config)
+            configs[key] = mv
+            lanes = []
+            for spec in r.lanes:
+                lane = paths.get(spec.path) or self.by_path.get(spec.path)
+                if lane is None or lane.broken:
+                    lane = Lane(self, spec.path, spec.label, spec.pid)
+                paths[spec.path] = lane
+                lanes.append(lane)
+            route = Route(mv, lanes)
+            routes[key] = route
+            if r.latest:
+                routes[(r.model_name, -1)] = route
+        for path, lane in self.by_path.items():
+            if paths.get(path) is not lane and not lane.pending and lane.transport is not None:
+                lane.transport.close()  # no longer published (its worker stops, or restarted)
+        self.routes, self._configs, self.by_path = routes, configs, paths
+
+    def closed(self, lane: Lane) -> None:
+        if self.by_path.get(lane.path) is lane:
+            del self.by_path[lane.path]
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def route(self, request: InferRequest) -> Route | None:
+        """Where ``request`` may go over a lane (``None``: through the router)."""
+        if not self.routes:
+            return None
+        route = self.routes.get((request.model_name, request.model_version))
+        if route is None or request.correlation_id or request.flags or request.trace is not None:
+            return None
+        params = request.parameters
+        if params and "timeout" in params:
+            return None
+        for t in request.inputs:
+            if t.shm is not None:
+                return None
+        for o in request.outputs or ():
+            if o.shm is not None or (o.parameters and any(k != "binary_data" for k in o.parameters)):
+                return None
+        return route
+
+    def _pick(self, route: Route) -> Lane:
+        best: Lane | None = None
+        for lane in route.lanes:
+            if not lane.broken and (best is None or lane.load < best.load):
+                best = lane
+        if best is None:
+            raise LaneRetry
+        return best
+
+    async def infer(self, route: Route, request: InferRequest) -> InferResult:
+        """``request`` on one of ``route``'s workers; raises its ``ServingError``, or
+        ``LaneRetry`` when it was not executed."""
+        mv = route.mv
+        request.model_version = mv.version
+        validate(mv, request)
+        lane = self._pick(route)
+        await lane.ready()
+        if lane.broken:
+            raise LaneRetry
+        rid = next(self._ids)
+        env = wire.envelope(rid)
+        frames: list[Any] = []
+        blocks: list[Block] = []
+        try:
+            self._encode(request, env.infer.requests.add(), frames, blocks)
+        except BaseException:
+            self.free(blocks)
+            raise
+        fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
+        p = _Pending(fut, blocks, route, request.batch_size)
+        lane.pending[rid] = p
+        lane.send(env, frames)
+        start = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
+        self.report(start)
+        try:
+            reply, rframes = await fut
+        except asyncio.CancelledError:  # the client went away: the model may notice
+            if rid in lane.pending and not lane.broken:
+                cancel = wire.envelope(rid)  # as the router cancels
+                cancel.cancel.indexes.append(0)
+                lane.send(cancel)
+            raise
+        return self._result(lane, p, request, reply, rframes)
+
+    def _encode(self, request: InferRequest, r: wpb.Request, frames: list[Any], blocks: list[Block]) -> None:
+        """The request as the router's pool encodes it (``InstancePool._encode``)."""
+        if request.id:
+            r.request_id = request.id
+        frontwire.pack_inputs(request, r, frames, blocks, self.place, parameters=False)
+        if request.outputs is not None:
+            r.outputs.extend(o.name for o in request.outputs)
+        params = request.parameters
+        if params:
+            params = {k: v for k, v in params.items() if k not in RESERVED_PARAMETERS}
+            if params:
+                r.parameters_json = json.dumps(params)
+
+    def _result(
+        self, lane: Lane, p: _Pending, request: InferRequest, reply: wpb.Envelope, frames: list[Any]
+    ) -> InferResult:
+        """The answer of ``request`` (its statistics are reported already)."""
+        mv = p.route.mv
+        if reply.WhichOneof("body") == "failed":
+            raise wire.to_error(reply.failed)
+        res = reply.infer_done.results[0]
+        held = [ref.shm for ref in res.outputs if ref.WhichOneof("location") == "shm"]
+        release = (lambda: lane.release(held)) if held else None
+        item = frontwire.unpack_result(res, frames, self.mapper.view, release)
+        if isinstance(item, ServingError):
+            raise item
+        item.model_name, item.model_version, item.id = mv.name, mv.version, request.id
+        return item
+
+    # ---- answers (from the lane's protocol) ---------------------------------------------------
+
+    def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, frames: list[Any]) -> None:
+        """The worker answered: inputs are free; the statistics go to the router."""
+        self.free(p.blocks)
+        stat = wpb.LaneStat()
+        mv = p.route.mv
+        stat.model_name, stat.model_version, stat.lane = mv.name, mv.version, lane.path
+        stat.request_ns = time.monotonic_ns() - p.t0
+        body = env.WhichOneof("body")
+        ok = False
+        failure = ""
+        if body == "infer_done" and len(env.infer_done.results) == 1:
+            done = env.infer_done
+            stat.executed = True
+            stat.compute_input_ns = done.compute_input_ns
+            stat.compute_infer_ns = done.compute_infer_ns
+            stat.compute_output_ns = done.compute_output_ns
+            stat.batch_size = p.batch_size
+            res = done.results[0]
+            if res.HasField("error"):
+                failure = failure_reason(wire.to_error(res.error))
+            else:
+                ok = True
+        elif body == "failed":
+            failure = failure_reason(wire.to_error(env.failed))
+        else:
+            failure = "OTHER"
+        answer = body == "failed" or stat.executed
+        if p.fut.done():  # the caller left: nothing reads the outputs
+            ok, failure = False, "CANCELED"
+            if body == "infer_done":
+                held = [ref.shm for r in env.infer_done.results for ref in r.outputs if ref.shm.region]
+                if held:
+                    lane.release(held)
+        stat.ok = ok
+        stat.failure = failure
+        self.report(stat)  # before the answer is written: a client reading statistics next sees it
+        if p.fut.done():
+            return
+        if answer:
+            p.fut.set_result((env, frames))
+        else:
+            p.fut.set_exception(ServingError(f"{lane.label}: malformed reply", code=ErrorCode.INTERNAL))
+
+    def lost(self, lane: Lane, p: _Pending) -> None:
+        """The lane closed before the answer: after ``LaneBye`` the request was not executed
+        (the router takes it); else the worker died with it."""
+        self.free(p.blocks)
+        mv = p.route.mv
+        stat = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path)
+        stat.request_ns = time.monotonic_ns() - p.t0
+        err = WorkerDied(f"{lane.label} (pid {lane.pid}) died while executing the request")
+        if lane.bye:
+            stat.withdrawn = True
+        else:
+            stat.failure = "CANCELED" if p.fut.done() else failure_reason(err)
+        self.report(stat)
+        if not p.fut.done():
+            p.fut.set_exception(LaneRetry() if lane.bye else err)
