@@ -29,7 +29,7 @@ from tests.e2e.server import ServerProcess, make_repository, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-MODELS = ("identity_fp32", "slow", "cancellable", "add_sub")
+MODELS = ("identity_fp32", "slow", "cancellable", "add_sub", "batcher")
 FRONTENDS = ("--frontend-processes", "2")
 SMALL_ARENAS = ("--worker-arena-bytes", str(4 << 20), "--shm-arena-bytes", str(4 << 20))
 """A worker's output arena is then 64 MiB at most: outputs of 1 MiB never given back exhaust
@@ -55,11 +55,11 @@ def server(repo: Path) -> Iterator[ServerProcess]:
 
 
 def _infer_http(srv: ServerProcess, data: np.ndarray, model: str = "identity_fp32", timeout: float = 10.0,
-                **params: object) -> np.ndarray:  # fmt: skip
+                params: dict[str, object] | None = None) -> np.ndarray:  # fmt: skip
     with httpclient.InferenceServerClient(srv.url, network_timeout=timeout, connection_timeout=timeout) as c:
         t = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
         t.set_data_from_numpy(data)
-        result = c.infer(model, [t], parameters=params or None)
+        result = c.infer(model, [t], parameters=params)
         out = result.as_numpy("OUTPUT0")
         assert out is not None
         return out
@@ -109,6 +109,20 @@ def test_without_lanes_the_router_answers(repo: Path) -> None:
         assert np.array_equal(_infer_http(srv, data), data)
     finally:
         assert srv.terminate() == 0, srv.log
+
+
+def test_what_needs_the_router_goes_through_it(server: ServerProcess) -> None:
+    """A dynamically batched model, and a request with a ``timeout``, wait for the router:
+    stopped, it answers neither; resumed, both are answered."""
+    data = np.ones((1, 4), dtype=np.float32)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with RouterStopped(server):
+            batched = pool.submit(_infer_http, server, data, "batcher", 20.0)
+            timed = pool.submit(_infer_http, server, data[0], "identity_fp32", 20.0, {"timeout": 10_000_000})
+            done, _ = concurrent.futures.wait([batched, timed], timeout=1.0)
+            assert not done
+        assert np.array_equal(batched.result(timeout=15), data)
+        assert np.array_equal(timed.result(timeout=15), data[0])
 
 
 def _stats(srv: ServerProcess, model: str) -> dict[str, object]:
@@ -166,7 +180,7 @@ def test_a_worker_killed_during_a_lane_request(server: ServerProcess) -> None:
     pids = server.worker_pids("slow")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         with RouterStopped(server):
-            fut = pool.submit(_infer_http, server, data, "slow", 20.0, delay_ms=5000)
+            fut = pool.submit(_infer_http, server, data, "slow", 20.0, {"delay_ms": 5000})
             time.sleep(1.0)
             for pid in pids[-2:]:
                 os.kill(pid, signal.SIGKILL)
