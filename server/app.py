@@ -139,6 +139,8 @@ class App:
         metrics = self.metrics
 
         async def scrape(_: web.Request) -> web.Response:
+            if self.lanes is not None:
+                await self.lanes.settle()  # lane requests answered so far are counted
             return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
         app = web.Application()
@@ -382,6 +384,7 @@ class App:
         if self.dataplane is not None and cfg.frontend_lanes:
             self.lanes = LaneTable(self.dataplane, self.channel, self.frontends.identities)
             self.frontends.on_ready.append(self.lanes.send)
+            self.dataplane.settle = self.lanes.settle
             self.lanes.start()
         try:
             await self.frontends.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from shoal.proto import dtypes
@@ -84,6 +84,9 @@ class DataPlane:
         self.strict_readiness = strict_readiness
         self.accepting = True
         self.started = False
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        """Awaited before statistics are read: requests served elsewhere are counted by then
+        (``frontproc.lanes``)."""
         self.changed: list[Callable[[], None]] = []
         """Called when settings that decide how requests are served change (tracing)."""
 
@@ -290,6 +293,12 @@ class DataPlane:
         return await self.models.restart_instance(name, instance, version)
 
     # ---- statistics ---------------------------------------------------------------------------
+
+    async def settled_statistics(self, name: str, version: int) -> list[dict[str, Any]]:
+        """``statistics`` once requests answered elsewhere so far are counted."""
+        if self.settle is not None:
+            await self.settle()
+        return self.statistics(name, version)
 
     def statistics(self, name: str, version: int) -> list[dict[str, Any]]:
         """Statistics of every READY version (of one model, or of one version)."""

@@ -1367,6 +1367,29 @@ class LaneBye(_message.Message):
 Global___LaneBye: _TypeAlias = LaneBye  # noqa: Y015
 
 @_typing.final
+class LaneFlush(_message.Message):
+    """Router -> frontend: send the statistics of the lane requests answered so far now (a client
+    reads statistics or metrics); the frontend answers with the same call_id after them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneFlush: _TypeAlias = LaneFlush  # noqa: Y015
+
+@_typing.final
 class Envelope(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1397,6 +1420,7 @@ class Envelope(_message.Message):
     LANE_ROUTES_FIELD_NUMBER: _builtins.int
     LANE_STATS_FIELD_NUMBER: _builtins.int
     LANE_BYE_FIELD_NUMBER: _builtins.int
+    LANE_FLUSH_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
@@ -1452,6 +1476,8 @@ class Envelope(_message.Message):
     def lane_stats(self) -> Global___LaneStats: ...
     @_builtins.property
     def lane_bye(self) -> Global___LaneBye: ...
+    @_builtins.property
+    def lane_flush(self) -> Global___LaneFlush: ...
     def __init__(
         self,
         *,
@@ -1482,12 +1508,13 @@ class Envelope(_message.Message):
         lane_routes: Global___LaneRoutes | None = ...,
         lane_stats: Global___LaneStats | None = ...,
         lane_bye: Global___LaneBye | None = ...,
+        lane_flush: Global___LaneFlush | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer", "lane_routes", "lane_stats", "lane_bye"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer", "lane_routes", "lane_stats", "lane_bye", "lane_flush"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

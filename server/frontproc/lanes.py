@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.frontends")
 
+FLUSH_TIMEOUT_S = 0.5
+"""How long a statistics read waits for the frontends' lane statistics at most."""
 POLL_S = 0.05
 """How often the router recomputes the routes (model loads, unloads and worker restarts
 reach the frontends within this)."""
@@ -69,7 +72,10 @@ class LaneTable:
         """Lane requests each frontend has in flight, by lane socket (a frontend that exits
         takes its share of each instance's ``lane_requests`` with it)."""
         self._task: asyncio.Task[None] | None = None
+        self._flushes: dict[int, asyncio.Future[None]] = {}
+        self._flush_ids = itertools.count(1)
         channel.services["lane_stats"] = self.on_stats
+        channel.services["lane_flush"] = self.on_flushed
         channel.on_disconnect.append(self.forget)
         dp.changed.append(self.refresh)  # tracing turned on: at once, before the change is answered
 
@@ -145,6 +151,36 @@ class LaneTable:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def settle(self) -> None:
+        """Once every frontend has sent the statistics of the lane requests it answered so
+        far (they batch them for ``link.STATS_WAIT_S``): a client that reads statistics or
+        metrics after its answers sees them counted. A frontend that does not answer within
+        ``FLUSH_TIMEOUT_S`` is not waited for."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for identity in self.frontends:
+            call_id = next(self._flush_ids)
+            env = wire.envelope(0)
+            env.lane_flush.call_id = call_id
+            try:
+                self.channel.send(identity, env)
+            except ServingError:  # not connected: it has nothing to send
+                continue
+            fut = self._flushes[call_id] = loop.create_future()
+            waits.append((call_id, fut))
+        if not waits:
+            return
+        try:
+            await asyncio.wait([f for _, f in waits], timeout=FLUSH_TIMEOUT_S)
+        finally:
+            for call_id, _ in waits:
+                self._flushes.pop(call_id, None)
+
+    def on_flushed(self, identity: bytes, env: wpb.Envelope, frames: list[bytes]) -> None:
+        fut = self._flushes.pop(env.lane_flush.call_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def forget(self, identity: bytes) -> None:
         """A frontend process is gone: its lane requests are no longer in flight."""

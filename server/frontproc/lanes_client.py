@@ -143,11 +143,12 @@ class Lane(asyncio.Protocol):
 class Route:
     """One model version a request may send over lanes."""
 
-    __slots__ = ("mv", "lanes")
+    __slots__ = ("mv", "lanes", "turn")
 
     def __init__(self, mv: ModelVersion, lanes: list[Lane]) -> None:
         self.mv = mv
         self.lanes = lanes
+        self.turn = 0
 
 
 def _model_version(name: str, version: int, config_bytes: bytes) -> ModelVersion:
@@ -177,6 +178,11 @@ class Lanes:
         self.by_path: dict[str, Lane] = {}
         self._ids = itertools.count(RID_BIT | (index << 48) | 1)
         self._configs: dict[tuple[str, int], ModelVersion] = {}
+        self.inflight = 0
+        """Requests sent over lanes and not answered yet."""
+        self.idle = asyncio.Event()
+        """Set while ``inflight`` is 0 (shutdown waits for it)."""
+        self.idle.set()
 
     # ---- the table -------------------------------------------------------------------------
 
@@ -232,8 +238,16 @@ class Lanes:
         return route
 
     def _pick(self, route: Route) -> Lane:
+        """The instance with the fewest of this process's requests, the next one in turn
+        among equals (other frontend processes pick too: starting each search at the same
+        instance would send all of them there at low load)."""
+        lanes = route.lanes
+        n = len(lanes)
+        start = route.turn
+        route.turn = (start + 1) % n if n else 0
         best: Lane | None = None
-        for lane in route.lanes:
+        for i in range(n):
+            lane = lanes[(start + i) % n]
             if not lane.broken and (best is None or lane.load < best.load):
                 best = lane
         if best is None:
@@ -262,6 +276,8 @@ class Lanes:
         fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
         p = _Pending(fut, blocks, route, request.batch_size)
         lane.pending[rid] = p
+        self.inflight += 1
+        self.idle.clear()
         lane.send(env, frames)
         start = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
         self.report(start)
@@ -306,8 +322,14 @@ class Lanes:
 
     # ---- answers (from the lane's protocol) ---------------------------------------------------
 
+    def _done(self) -> None:
+        self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
+
     def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, frames: list[Any]) -> None:
         """The worker answered: inputs are free; the statistics go to the router."""
+        self._done()
         self.free(p.blocks)
         stat = wpb.LaneStat()
         mv = p.route.mv
@@ -341,7 +363,7 @@ class Lanes:
                     lane.release(held)
         stat.ok = ok
         stat.failure = failure
-        self.report(stat)  # before the answer is written: a client reading statistics next sees it
+        self.report(stat)
         if p.fut.done():
             return
         if answer:
@@ -352,6 +374,7 @@ class Lanes:
     def lost(self, lane: Lane, p: _Pending) -> None:
         """The lane closed before the answer: after ``LaneBye`` the request was not executed
         (the router takes it); else the worker died with it."""
+        self._done()
         self.free(p.blocks)
         mv = p.route.mv
         stat = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path)

@@ -34,8 +34,11 @@ PROXY_FOR_S = 1.0
 go there too for this long before a direct submission is tried again."""
 
 
-STARTS_WAIT_S = 0.005
-"""How long the start of a lane request may wait for other statistics to go with."""
+STATS_WAIT_S = 0.01
+"""How long the statistics of a lane request may wait for others to go with (a reader of
+statistics or metrics asks for them first: ``LaneFlush``)."""
+STATS_MAX = 256
+"""Records sent at once at most."""
 
 
 class UseProxy(Exception):
@@ -166,6 +169,11 @@ class RouterLink(asyncio.Protocol):
                     self._release(reply.hold_id)
                 if reply.inputs_free or (reply.final and not reply.inputs_held):
                     self._free(self._orphans.pop(reply.call_id, ()))
+            elif body == "lane_flush":  # the statistics so far, then the answer after them
+                self._take_stats()
+                answer = wire.envelope(0)
+                answer.lane_flush.call_id = env.lane_flush.call_id
+                self.send(answer)
             elif body == "lane_routes":
                 if self.lanes is not None:
                     self.lanes.update(env.lane_routes)
@@ -190,18 +198,27 @@ class RouterLink(asyncio.Protocol):
         self._outbox.extend(framing.encode(frames))
 
     def report(self, stat: wpb.LaneStat) -> None:
-        """A lane request's statistics, sent to the router with this turn's messages. A start
-        alone waits (up to ``STARTS_WAIT_S``) for an answer to travel with: most requests
-        are answered sooner, so a request costs the router one record of a shared message."""
+        """A lane request's statistics, sent to the router within ``STATS_WAIT_S`` with the
+        others of that time (each message wakes the router), or at once when the router asks
+        (``LaneFlush``: a client reads statistics or metrics)."""
         stats = self._stats
         if stats is None:
             stats = self._stats = wire.envelope(0)
         stats.lane_stats.stats.append(stat)
-        if not stat.started:
+        if len(stats.lane_stats.stats) >= STATS_MAX:
             self._soon()
         elif self._stats_timer is None:
             assert self._loop is not None
-            self._stats_timer = self._loop.call_later(STARTS_WAIT_S, self._soon)
+            self._stats_timer = self._loop.call_later(STATS_WAIT_S, self._soon)
+
+    def _take_stats(self) -> None:
+        """The statistics not sent yet, into the outbox."""
+        if self._stats is not None:
+            stats, self._stats = self._stats, None
+            self._outbox.extend(framing.encode([stats.SerializeToString()]))
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
 
     def free_blocks(self, blocks: list[Block]) -> None:
         self._free(blocks)
@@ -211,12 +228,7 @@ class RouterLink(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flushing = False
-        if self._stats is not None:
-            stats, self._stats = self._stats, None
-            self._outbox.extend(framing.encode([stats.SerializeToString()]))
-            if self._stats_timer is not None:
-                self._stats_timer.cancel()
-                self._stats_timer = None
+        self._take_stats()
         if self._done_holds or self._acks:
             env = wire.envelope(0)
             done = env.bls_done

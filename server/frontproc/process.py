@@ -225,6 +225,12 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
             await asyncio.wait([gstop, *waits], return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+            if not gstop.done() and link.lanes is not None and not link.closed.is_set():
+                # the router answered what it accepted; this process's own lane requests
+                # still run on the workers (which stop after this process): wait for them
+                idle = asyncio.ensure_future(link.lanes.idle.wait())
+                await asyncio.wait([gstop, idle], return_when=asyncio.FIRST_COMPLETED)
+                idle.cancel()
             if not gstop.done():
                 await grpc_server.stop(STREAM_GRACE_S)
                 await gstop

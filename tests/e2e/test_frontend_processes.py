@@ -2022,6 +2022,7 @@ def test_sigterm_lets_inflight_requests_finish(tmp_path: Path, fresh_server: lis
     fresh_server.append(srv)
     pid = srv.pid
     assert len(frontend_pids(srv)) == 2
+    time.sleep(0.5)  # the frontends have the router's lanes: HTTP and gRPC requests go there
     results: dict[str, Any] = {}
 
     def over_http() -> None:
@@ -2036,7 +2037,9 @@ def test_sigterm_lets_inflight_requests_finish(tmp_path: Path, fresh_server: lis
         try:
             req = service_pb2.ModelInferRequest(model_name="slow", id="g")
             req.inputs.add(name="INPUT0", datatype="FP32", shape=[4]).contents.fp32_contents.extend(A)
-            req.parameters["delay_ms"].int64_param = 1500
+            # longer than the request the router answers: the frontend's own (a lane's) still
+            # runs when the router says that everything it accepted is answered
+            req.parameters["delay_ms"].int64_param = 4000
             with grpc.insecure_channel(srv.grpc_url) as ch:
                 results["grpc"] = grpc_msg(ch, "ModelInfer", req, service_pb2.ModelInferResponse)
         except BaseException as exc:  # noqa: BLE001 - reported by the test

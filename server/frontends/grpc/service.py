@@ -240,7 +240,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("statistics")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        stats = self.dp.statistics(request.name, version_number(request.version))
+        stats = await self.dp.settled_statistics(request.name, version_number(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @rpc("model-repository")

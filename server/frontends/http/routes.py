@@ -108,7 +108,8 @@ async def trace_setting(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     name = request.match_info.get("model", "")
-    return _json_response({"model_stats": request.app[DATAPLANE].statistics(name, _version(request))})
+    stats = await request.app[DATAPLANE].settled_statistics(name, _version(request))
+    return _json_response({"model_stats": stats})
 
 
 # ---- model repository extension
