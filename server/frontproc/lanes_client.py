@@ -258,8 +258,19 @@ class Lanes:
         """``request`` on one of ``route``'s workers; raises its ``ServingError``, or
         ``LaneRetry`` when it was not executed."""
         mv = route.mv
+        asked, shapes = request.model_version, [t.shape for t in request.inputs]
         request.model_version = mv.version
-        validate(mv, request)
+        validate(mv, request)  # applies ``reshape`` to the inputs' shapes
+        try:
+            return await self._run(route, request)
+        except LaneRetry:  # the router validates it again, as the client sent it
+            request.model_version = asked
+            for t, shape in zip(request.inputs, shapes, strict=True):
+                t.shape = shape
+            raise
+
+    async def _run(self, route: Route, request: InferRequest) -> InferResult:
+        mv = route.mv
         lane = self._pick(route)
         await lane.ready()
         if lane.broken:

@@ -125,6 +125,31 @@ def test_what_needs_the_router_goes_through_it(server: ServerProcess) -> None:
         assert np.array_equal(timed.result(timeout=15), data[0])
 
 
+def test_a_request_the_lane_gives_back_reaches_the_router_as_sent(tmp_path: Path) -> None:
+    """A lane that cannot be reached (its socket file is gone) sends the request through the
+    router, which validates it as the client sent it: the frontend's validation had applied
+    the model's ``reshape`` to it, and had fixed the version."""
+    repo = make_repository(tmp_path / "repo", "reshaper")
+    config = repo / "reshaper" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dynamic_batching { max_queue_delay_microseconds: 20000 }", ""))
+    srv = ServerProcess(repo, *FRONTENDS).start()
+    try:
+        time.sleep(ROUTES_S)
+        sockets = list(srv.run_dir().glob("lane-*.sock"))
+        assert sockets
+        for path in sockets:
+            path.unlink()
+        data = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+        for _ in range(4):  # both frontend processes
+            with httpclient.InferenceServerClient(srv.url) as c:
+                t = httpclient.InferInput("INPUT0", [1, 2, 3], "FP32")
+                t.set_data_from_numpy(data)
+                out = c.infer("reshaper", [t]).as_numpy("OUTPUT0")
+                assert out is not None and np.array_equal(out, data + 1)
+    finally:
+        assert srv.terminate() == 0, srv.log
+
+
 def _stats(srv: ServerProcess, model: str) -> dict[str, object]:
     r = requests.get(f"http://{srv.url}/v2/models/{model}/stats", timeout=10)
     r.raise_for_status()
