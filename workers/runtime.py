@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from shoal.proto import dtypes, framing, wire
@@ -163,11 +164,7 @@ class WorkerRuntime:
                 if kind == "infer":
                     if lane is not None and (lane.dead or self.decoupled):
                         if not lane.dead:  # else its client left: nobody waits for it
-                            self.busy = True
-                            try:
-                                self._refuse_decoupled(env, lane)
-                            finally:
-                                self.busy = False
+                            self._refuse_decoupled(env, lane)
                         continue
                     self.busy = True
                     try:
@@ -481,16 +478,20 @@ class WorkerRuntime:
 
     def _release(self, rel: wpb.Release, lane: Lane | None = None) -> None:
         """Free output blocks the router (or a lane's client: only blocks it was sent) has read."""
+        blocks = [Block(s.region, s.offset, s.nbytes, s.device) for s in rel.blocks]
+        if lane is not None:
+            for block in [b for b in blocks if b not in lane.held]:
+                log.warning("a lane released a block it does not hold: %s", block)
+            blocks = [b for b in blocks if b in lane.held]
+            lane.held.difference_update(blocks)
+        self._free_blocks(blocks)
+
+    def _free_blocks(self, blocks: Iterable[Block]) -> None:
+        """Free blocks of this worker's output arena (others are ignored)."""
         if self.arena is None:
             return
         with self.lock:
-            for s in rel.blocks:
-                block = Block(s.region, s.offset, s.nbytes, s.device)
-                if lane is not None:
-                    if block not in lane.held:
-                        log.warning("a lane released a block it does not hold: %s", block)
-                        continue
-                    lane.held.discard(block)
+            for block in blocks:
                 if self.arena.owns(block):
                     self.arena.free(block)
 
@@ -523,13 +524,8 @@ class WorkerRuntime:
         """Close a lane and free the output blocks its client had not released."""
         if self.lanes is not None:
             self.lanes.drop(lane)
-        held = lane.held
-        if held and self.arena is not None:
-            with self.lock:
-                for block in held:
-                    if self.arena.owns(block):
-                        self.arena.free(block)
-        held.clear()
+        self._free_blocks(lane.held)
+        lane.held.clear()
 
     def _close_lanes(self) -> None:
         """``LaneBye`` on every lane, then no more lanes (the arena goes with the process)."""

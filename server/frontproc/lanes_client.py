@@ -161,6 +161,14 @@ def _model_version(name: str, version: int, config_bytes: bytes) -> ModelVersion
     return mv
 
 
+def _stat(p: _Pending, lane: Lane) -> wpb.LaneStat:
+    """The statistics record of a lane request that ended (answered or not)."""
+    mv = p.route.mv
+    return wpb.LaneStat(
+        model_name=mv.name, model_version=mv.version, lane=lane.path, request_ns=time.monotonic_ns() - p.t0
+    )
+
+
 class Lanes:
     def __init__(
         self,
@@ -342,10 +350,7 @@ class Lanes:
         """The worker answered: inputs are free; the statistics go to the router."""
         self._done()
         self.free(p.blocks)
-        stat = wpb.LaneStat()
-        mv = p.route.mv
-        stat.model_name, stat.model_version, stat.lane = mv.name, mv.version, lane.path
-        stat.request_ns = time.monotonic_ns() - p.t0
+        stat = _stat(p, lane)
         body = env.WhichOneof("body")
         ok = False
         failure = ""
@@ -387,9 +392,7 @@ class Lanes:
         (the router takes it); else the worker died with it."""
         self._done()
         self.free(p.blocks)
-        mv = p.route.mv
-        stat = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path)
-        stat.request_ns = time.monotonic_ns() - p.t0
+        stat = _stat(p, lane)
         err = WorkerDied(f"{lane.label} (pid {lane.pid}) died while executing the request")
         if lane.bye:
             stat.withdrawn = True
