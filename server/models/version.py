@@ -9,9 +9,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal.proto import dtypes
 from shoal.proto.errors import DeadlineExceeded, ErrorCode
 from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.validation import TensorSpec as TensorSpec
+from shoal.proto.validation import tensor_specs as tensor_specs
 from shoal.server.dispatch.pool import InstancePool
 from shoal.server.repository import ModelSource
 from shoal.server.scheduling.base import Scheduler
@@ -24,17 +25,6 @@ class ModelState(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
     UNLOADING = "UNLOADING"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """A config input/output in the form request validation needs."""
-
-    name: str
-    datatype: str
-    dims: tuple[int, ...]
-    optional: bool
-    reshape: tuple[int, ...] | None
 
 
 @dataclass(slots=True)
@@ -133,17 +123,3 @@ def version_print(fp: tuple[object, ...], version: int) -> tuple[object, ...]:
     prefix = f"{version}{os.sep}"
     mine = tuple(f for f in files if f[0].startswith(prefix) or not f[0].split(os.sep, 1)[0].isdigit())
     return (mine, override)
-
-
-def tensor_specs(tensors: list[mc.ModelInput] | list[mc.ModelOutput]) -> dict[str, TensorSpec]:
-    out = {}
-    for t in tensors:
-        reshape = tuple(t.reshape.shape) if t.HasField("reshape") else None
-        out[t.name] = TensorSpec(
-            name=t.name,
-            datatype=dtypes.BY_CONFIG_NUMBER[t.data_type].protocol,
-            dims=tuple(t.dims),
-            optional=bool(getattr(t, "optional", False)),
-            reshape=reshape,
-        )
-    return out
