@@ -8,6 +8,7 @@ Errors that Triton also has take its text and code from ``shoal.proto.errortexts
 
 from __future__ import annotations
 
+import asyncio
 from enum import IntEnum
 
 
@@ -105,3 +106,23 @@ def detach(exc: BaseException) -> None:
         cur.__context__ = None
         cur.__cause__ = None
         cur = nxt
+
+
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+"""The ``reason`` label of Triton's ``nv_inference_request_failure``."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Which ``FAILURE_REASONS`` a request that raised ``exc`` counts under."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELED"
+    if isinstance(exc, BackendError | WorkerDied):
+        return "BACKEND"
+    if isinstance(exc, QueueFull | DeadlineExceeded):  # Triton's UNAVAILABLE, or the server's deadline
+        return "REJECTED"
+    if isinstance(exc, ServingError):
+        if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+            return "REJECTED"
+        if exc.code is ErrorCode.CANCELLED:
+            return "CANCELED"
+    return "OTHER"

@@ -50,3 +50,19 @@ def to_error(f: wpb.Failed) -> ServingError:
     except ValueError:
         code = ErrorCode.UNKNOWN
     return BackendError(f.message, code=code)
+
+
+RESERVED_PARAMETERS = frozenset(
+    {
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "binary_data_output",
+        "triton_enable_empty_final_response",
+    }
+)
+"""Request parameters the router reads itself (sequence batching, priority, deadline,
+headers, response options): never passed to a worker."""

@@ -220,7 +220,7 @@ class App:
             max_workers=limits.max_worker_processes,
             python=cfg.worker_python,
             client_shm_mapped=cfg.client_shm_mapped,
-            lanes=cfg.frontend_lanes and cfg.frontend_processes > 0,
+            lanes=cfg.frontend_lanes,
         )
         roots = (cfg.model_repository, *cfg.more_repositories)
         if cfg.model_repository_url:
@@ -327,6 +327,10 @@ class App:
                 log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
         if cfg.frontend_processes:
             await self._start_frontends()
+        elif cfg.frontend_lanes:  # workers' BLS calls use lanes too
+            self.lanes = LaneTable(self.dataplane, self.channel, [])
+            self.dataplane.settle = self.lanes.settle
+            self.lanes.start()
         if cfg.allow_metrics:
             await self._start_metrics()
         if cfg.model_control_mode == "explicit":

@@ -4,34 +4,16 @@ perf_analyzer reads them without checking)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.proto.errors import BackendError, DeadlineExceeded, ErrorCode, QueueFull, ServingError, WorkerDied
+from shoal.proto.errors import FAILURE_REASONS as FAILURE_REASONS
+from shoal.proto.errors import failure_reason as failure_reason
 from shoal.server.latencymetrics import LatencyMetrics
 from shoal.server.reservoir import Reservoir
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
-FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
-"""The ``reason`` label of Triton's ``nv_inference_request_failure``."""
-
-
-def failure_reason(exc: BaseException) -> str:
-    """Which ``FAILURE_REASONS`` a request that raised ``exc`` counts under."""
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELED"
-    if isinstance(exc, BackendError | WorkerDied):
-        return "BACKEND"
-    if isinstance(exc, QueueFull | DeadlineExceeded):  # Triton's UNAVAILABLE, or the server's deadline
-        return "REJECTED"
-    if isinstance(exc, ServingError):
-        if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
-            return "REJECTED"
-        if exc.code is ErrorCode.CANCELLED:
-            return "CANCELED"
-    return "OTHER"
 
 
 @dataclass(slots=True)

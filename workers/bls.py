@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from shoal.proto import dtypes, wire
-from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.errors import ErrorCode, ServingError, WorkerDied, failure_reason
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.proto.validation import validate
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers.inbox import Inbox
+from shoal.workers.lanecalls import LOST, LaneCalls, OutLane, Route
 from shoal.workers.tensors import OutputWriter
 
 Array = Any
@@ -55,6 +58,11 @@ class BlsClient:
         self.writer = writer
         self.arena = arena
         self.mapper = mapper
+        self.lanes: LaneCalls | None = None
+        """Lanes to other models' workers (``workers.lanecalls``); None: every call through
+        the router."""
+        self._lane_kept: dict[int, list[Block]] = {}
+        """Input blocks of lane calls left before their answer, by call id."""
         self._kept: dict[int, list[Block]] = {}
         """Input blocks of calls that ended while a worker may still read them, by call id:
         freed by the router's ``inputs_free`` (or a final reply that does not hold them)."""
@@ -107,6 +115,15 @@ class BlsClient:
             self._free(blocks)
             yield None, exc, {}, True
             return
+        lanes = self.lanes
+        if lanes is not None and not (decoupled or call.timeout_us or req.flags or trace_id):
+            sequence = req.correlation_id or req.correlation_id_str
+            route = None if sequence else lanes.route(model, version, parameters_json)
+            if route is not None:
+                answer = self._over_lane(lanes, route, req, frames, blocks)
+                if answer is not None:
+                    yield answer
+                    return
         call.call_id = call_id = self.inbox.new_call()
         free_inputs = True  # nobody reads them until the call is sent
         ended = False  # the final reply came
@@ -147,6 +164,120 @@ class BlsClient:
                     self._kept[call_id] = blocks
             self.inbox.forget(call_id)
             self.give_back_orphans()
+
+    # ---- over lanes (``workers.lanecalls``) -------------------------------------------------
+
+    def _over_lane(
+        self, lanes: LaneCalls, route: Route, req: wpb.Request, frames: list[Any], blocks: list[Block]
+    ) -> Reply | None:
+        """The call's answer from a worker of the target, its inputs freed; None when it was not
+        executed there (the router takes it, inputs as they are)."""
+        sig = route.sig
+        check = _Checked(req, frames)
+        try:
+            validate(sig, check)  # applies ``reshape``: the lane's copy of the request gets it
+        except ServingError as exc:
+            self._free(blocks)
+            return None, exc, {}, True
+        out = lanes.pick(route)
+        if out is None:
+            return None
+        call_id = self.inbox.new_call()
+        rid = lanes.new_id(out, call_id)
+        if not rid:
+            self.inbox.forget(call_id)
+            return None
+        env = wire.envelope(rid)
+        r = env.infer.requests.add()
+        r.CopyFrom(req)
+        for ref, t in zip(r.inputs, check.inputs, strict=True):
+            if t.shape != tuple(ref.shape):
+                del ref.shape[:]
+                ref.shape.extend(t.shape)
+        t0 = time.monotonic_ns()
+        self._report(wpb.LaneStat(model_name=sig.name, model_version=sig.version, lane=out.path, started=True))
+        stat = wpb.LaneStat(model_name=sig.name, model_version=sig.version, lane=out.path)
+        answered = False
+        try:
+            lanes.send(out, env, frames)  # a lane that broke files LOST for the call
+            reply, rframes = self.inbox.reply(call_id)
+            answered = True
+        finally:
+            if not answered:  # left waiting (the router went away): the answer is an orphan
+                stat.failure, stat.request_ns = "CANCELED", time.monotonic_ns() - t0
+                self._report(stat)
+                with self.lock:
+                    self._lane_kept[call_id] = blocks
+                left = self.inbox.drop(call_id)
+                for m, _ in left:
+                    self.lane_orphan(out, call_id, None if m is LOST else m)
+                if not left:
+                    lanes.cancel(out, rid)
+        self.inbox.forget(call_id)
+        stat.request_ns = time.monotonic_ns() - t0
+        if reply is LOST:
+            if out.bye:  # never executed: the router takes it
+                stat.withdrawn = True
+                self._report(stat)
+                return None
+            self._free(blocks)
+            err = WorkerDied(f"{out.label} (pid {out.pid}) died while executing the request")
+            stat.failure = failure_reason(err)
+            self._report(stat)
+            return None, err, {}, True
+        self._free(blocks)
+        answer = self._lane_answer(lanes, out, reply, rframes, stat)
+        self._report(stat)
+        return answer
+
+    def _lane_answer(
+        self, lanes: LaneCalls, out: OutLane, env: wpb.Envelope, frames: list[Any], stat: wpb.LaneStat
+    ) -> Reply:
+        if env.WhichOneof("body") != "infer_done" or len(env.infer_done.results) != 1:
+            err = wire.to_error(env.failed) if env.WhichOneof("body") == "failed" else None
+            if err is None:
+                err = ServingError(f"{out.label}: malformed reply", code=ErrorCode.INTERNAL)
+            stat.failure = failure_reason(err)
+            return None, err, {}, True
+        done = env.infer_done
+        stat.executed = True
+        stat.compute_input_ns = done.compute_input_ns
+        stat.compute_infer_ns = done.compute_infer_ns
+        stat.compute_output_ns = done.compute_output_ns
+        res = done.results[0]
+        held = [ref.shm for ref in res.outputs if ref.WhichOneof("location") == "shm"]
+        try:
+            params = json.loads(res.parameters_json) if res.parameters_json else {}
+            if res.HasField("error"):
+                err = wire.to_error(res.error)
+                stat.failure = failure_reason(err)
+                return None, err, params, True
+            outputs = {ref.name: self._array(ref, frames) for ref in res.outputs}
+            stat.ok = True
+            return outputs, None, params, True
+        except ServingError as exc:
+            stat.failure = failure_reason(exc)
+            return None, exc, {}, True
+        finally:
+            if held:
+                lanes.release(out, held)
+
+    def lane_orphan(self, out: OutLane, call_id: int, env: wpb.Envelope | None) -> None:
+        """The answer (None: the lane's end) of a lane call nobody waits for: its outputs go
+        back, its inputs are free."""
+        with self.lock:
+            kept = self._lane_kept.pop(call_id, None)
+        self._free(kept or [])
+        if env is not None and env.WhichOneof("body") == "infer_done":
+            held = [ref.shm for r in env.infer_done.results for ref in r.outputs if ref.WhichOneof("location") == "shm"]
+            if held and self.lanes is not None:
+                self.lanes.release(out, held)
+
+    def _report(self, stat: wpb.LaneStat) -> None:
+        """A lane call for the target's statistics (the router counts it as its own)."""
+        env = wire.envelope(0)
+        env.lane_stats.stats.append(stat)
+        self.send([env.SerializeToString()])
 
     def _ack(self, call_id: int, count: int) -> None:
         env = wire.envelope(0)
@@ -253,3 +384,35 @@ class BlsClient:
                 self._free(kept or [])
         if holds:
             self._done(holds)
+
+
+class _Input:
+    """A BLS input as ``proto.validation`` reads it."""
+
+    __slots__ = ("name", "datatype", "shape", "nbytes")
+
+    def __init__(self, ref: wpb.TensorRef, frames: list[Any]) -> None:
+        self.name = ref.name
+        self.datatype = ref.datatype
+        self.shape: tuple[int, ...] = tuple(ref.shape)
+        where = ref.WhichOneof("location")
+        self.nbytes = ref.shm.nbytes if where == "shm" else len(frames[ref.frame]) if where == "frame" else 0
+
+
+class _Checked:
+    """A BLS call's request as ``proto.validation`` reads it."""
+
+    __slots__ = ("id", "inputs", "outputs", "batch_size")
+
+    def __init__(self, req: wpb.Request, frames: list[Any]) -> None:
+        self.id = req.request_id
+        self.inputs = [_Input(ref, frames) for ref in req.inputs]
+        self.outputs = [_Named(n) for n in req.outputs] if req.outputs else None
+        self.batch_size = 1
+
+
+class _Named:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name

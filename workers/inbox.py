@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from shoal.proto import framing, wire
 from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.lanecalls import LaneCalls
 from shoal.workers.lanes import CLOSED, NO_FRAMES, READABLE, Lane, LaneServer
 
 log = logging.getLogger("shoal.worker")
@@ -60,12 +62,54 @@ class Inbox:
         self.lanes: LaneServer | None = None
         """The model's lane socket and its connections (``attach``); None: the router alone."""
         self._router_fd = -1
+        self.calls: LaneCalls | None = None
+        """Lanes this worker's BLS calls go over (``workers.lanecalls``): read here too."""
+        self.services: dict[str, Callable[[wpb.Envelope], None]] = {}
+        """Router messages taken at once by the reading thread, by body (``lane_routes``),
+        outside the inbox's locks but the read lock."""
+        self._wake_r = self._wake_w = -1
 
     def attach(self, lanes: LaneServer) -> None:
         """Read ``lanes`` too from now on (beside the router's connection)."""
         self._router_fd = fd = self.conn.sock.fileno()
         lanes.poller.register(fd, READABLE)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        lanes.poller.register(self._wake_r, READABLE)
         self.lanes = lanes
+
+    def watch(self, fd: int) -> None:
+        """Read ``fd`` (a lane this worker calls over) too, from any thread: the thread waiting
+        in ``poll`` is woken so that it waits on it from now on."""
+        assert self.lanes is not None
+        self.lanes.poller.register(fd, READABLE)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # woken already
+
+    def unwatch(self, fd: int) -> None:
+        if self.lanes is not None:
+            try:
+                self.lanes.poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def deliver(self, call_id: int, message: Message) -> bool:
+        """File a reply that came another way than the router's (a lane's answer to a call);
+        False when nobody waits for ``call_id`` any more."""
+        with self._cond:
+            queue = self._replies.get(call_id)
+            if queue is None:
+                return False
+            queue.append(message)
+            self._cond.notify_all()
+        return True
+
+    def drop(self, call_id: int) -> list[Message]:
+        """Stop waiting for ``call_id``: the replies filed but not read (later ones are not
+        delivered, ``deliver`` says so)."""
+        with self._cond:
+            return list(self._replies.pop(call_id, ()))
 
     def new_call(self) -> int:
         """A call id no other waiting call has; replies to it will be kept (``expect``)."""
@@ -94,8 +138,12 @@ class Inbox:
     def _file(self, frames: list[bytes]) -> None:
         """File a router message."""
         env = wire.parse(frames[0])
+        body = env.WhichOneof("body")
+        service = self.services.get(body) if self.services and body is not None else None
+        if service is not None:
+            service(env)
+            return
         with self._cond:
-            body = env.WhichOneof("body")
             if body == "cancel":  # filed at once: a model may be polling is_cancelled()
                 rid = env.request_id
                 self.cancelled.update((rid, i) for i in env.cancel.indexes)
@@ -137,6 +185,14 @@ class Inbox:
                     self._file(ready.pop(0))
             elif fd == listen_fd:
                 lanes.accept()
+            elif fd == self._wake_r:
+                try:
+                    while os.read(fd, 64):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif (calls := self.calls) is not None and fd in calls.by_fd:
+                calls.readable(fd)
             else:
                 lane = by_fd.get(fd)
                 if lane is None:

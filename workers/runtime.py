@@ -36,6 +36,7 @@ from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox
+from shoal.workers.lanecalls import LaneCalls
 from shoal.workers.lanes import CLOSED, Lane, LaneServer
 from shoal.workers.outbox import Outbox
 from shoal.workers.tensors import OutputWriter, read_input
@@ -206,6 +207,15 @@ class WorkerRuntime:
                 heartbeat.join(1.0)
             self.close()
 
+    def _call_over_lanes(self, bls: BlsClient) -> None:
+        """The model's BLS calls go over lanes where the router publishes them
+        (``workers.lanecalls``)."""
+        inbox, lanes = self.inbox, self.lanes
+        assert inbox is not None and lanes is not None
+        calls = LaneCalls(lanes.path, inbox.watch, inbox.unwatch, inbox.deliver, bls.lane_orphan)
+        bls.lanes = inbox.calls = calls
+        inbox.services["lane_routes"] = lambda env: calls.update(env.lane_routes)
+
     def _load(self, env: wpb.Envelope) -> None:
         req = env.load
         reply = wire.envelope(env.request_id)
@@ -251,6 +261,7 @@ class WorkerRuntime:
                 self.lanes = LaneServer.open(self.endpoint)
                 if self.lanes is not None:
                     self.inbox.attach(self.lanes)
+                    self._call_over_lanes(bls)
             if self.lanes is not None:
                 reply.ready.lane = self.lanes.path
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported

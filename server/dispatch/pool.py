@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.proto.wire import RESERVED_PARAMETERS as RESERVED_PARAMETERS
 from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.dispatch.worker import Worker, shm_outputs
 from shoal.server.sharedmem import Region, SharedMemoryRegistry
@@ -23,19 +24,6 @@ from shoal.shm.mapper import Mapper
 
 if TYPE_CHECKING:
     from shoal.server.tracing import Trace
-
-RESERVED_PARAMETERS = frozenset(
-    {
-        "sequence_id",
-        "sequence_start",
-        "sequence_end",
-        "priority",
-        "timeout",
-        "headers",
-        "binary_data_output",
-        "triton_enable_empty_final_response",
-    }
-)
 
 
 class DispatchContext:

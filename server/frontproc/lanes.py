@@ -71,6 +71,11 @@ class LaneTable:
         self._inflight: dict[bytes, dict[str, int]] = {}
         """Lane requests each frontend has in flight, by lane socket (a frontend that exits
         takes its share of each instance's ``lane_requests`` with it)."""
+        self._told: dict[bytes, bytes] = {}
+        """Workers of Python models (their BLS calls go over lanes too, ``workers.lanecalls``)
+        and the table each was sent last."""
+        self._reporters: set[bytes] = set()
+        """Workers that reported lane calls (``settle``)."""
         self._task: asyncio.Task[None] | None = None
         self._flushes: dict[int, asyncio.Future[None]] = {}
         self._flush_ids = itertools.count(1)
@@ -117,6 +122,7 @@ class LaneTable:
         env = self.routes()
         raw = env.SerializeToString()
         if raw == self.table:
+            self._tell_callers(env, raw)
             return
         self.table = raw
         for inflight in self._inflight.values():  # instances no longer published
@@ -124,6 +130,26 @@ class LaneTable:
                 del inflight[path]
         for identity in self.frontends:
             self.send(identity, env)
+        self._tell_callers(env, raw)
+
+    def _tell_callers(self, env: wpb.Envelope, raw: bytes) -> None:
+        """The table to every READY worker of a Python model that has not had it yet."""
+        told: dict[bytes, bytes] = {}
+        last = self._told
+        for versions in self.dp.registry.models.values():
+            for mv in versions.values():
+                if mv.pool is None or mv.config.backend != "python":
+                    continue
+                for w in mv.pool.workers:
+                    if not (w.ready and w.lane):
+                        continue
+                    if last.get(w.identity) != raw:
+                        try:
+                            self.channel.send(w.identity, env)
+                        except ServingError:
+                            continue
+                    told[w.identity] = raw
+        self._told = told
 
     def send(self, identity: bytes, env: wpb.Envelope | None = None) -> None:
         """The current routes to one frontend (one that just started)."""
@@ -156,7 +182,14 @@ class LaneTable:
         """Once every frontend has sent the statistics of the lane requests it answered so
         far (they batch them for ``link.STATS_WAIT_S``): a client that reads statistics or
         metrics after its answers sees them counted. A frontend that does not answer within
-        ``FLUSH_TIMEOUT_S`` is not waited for."""
+        ``FLUSH_TIMEOUT_S`` is not waited for.
+
+        Workers send their lane calls' statistics at once, before the call's model answers:
+        by the time a client reads statistics after its answer they are readable on the
+        router's socket already, so one turn of the loop reads them (asking a worker instead
+        would wait for a model that computes without reading its socket)."""
+        if self._reporters:
+            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         waits = []
         for identity in self.frontends:
@@ -184,6 +217,7 @@ class LaneTable:
 
     def forget(self, identity: bytes) -> None:
         """A frontend process is gone: its lane requests are no longer in flight."""
+        self._reporters.discard(identity)
         inflight = self._inflight.pop(identity, None)
         for path, count in (inflight or {}).items():
             w = self._workers.get(path)
@@ -197,6 +231,8 @@ class LaneTable:
         inflight = self._inflight.get(identity)
         if inflight is None:
             inflight = self._inflight[identity] = {}
+            if identity not in self.frontends:
+                self._reporters.add(identity)
         for s in env.lane_stats.stats:
             w = workers.get(s.lane)
             if s.started:
