@@ -28,6 +28,7 @@ from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers.inbox import Inbox
 from shoal.workers.lanecalls import LOST, LaneCalls, OutLane, Route
+from shoal.workers.outbox import encode
 from shoal.workers.tensors import OutputWriter
 
 Array = Any
@@ -61,6 +62,10 @@ class BlsClient:
         self.lanes: LaneCalls | None = None
         """Lanes to other models' workers (``workers.lanecalls``); None: every call through
         the router."""
+        self.defer: Callable[[], bool] = lambda: False
+        """Whether a lane call's statistics wait for the answer of the batch in flight (the
+        main thread inside ``execute``)."""
+        self._stats: list[wpb.LaneStat] = []
         self._lane_kept: dict[int, list[Block]] = {}
         """Input blocks of lane calls left before their answer, by call id."""
         self._kept: dict[int, list[Block]] = {}
@@ -195,7 +200,6 @@ class BlsClient:
                 del ref.shape[:]
                 ref.shape.extend(t.shape)
         t0 = time.monotonic_ns()
-        self._report(wpb.LaneStat(model_name=sig.name, model_version=sig.version, lane=out.path, started=True))
         stat = wpb.LaneStat(model_name=sig.name, model_version=sig.version, lane=out.path)
         answered = False
         try:
@@ -226,12 +230,12 @@ class BlsClient:
             self._report(stat)
             return None, err, {}, True
         self._free(blocks)
-        answer = self._lane_answer(lanes, out, reply, rframes, stat)
+        answer = self._lane_answer(lanes, out, reply, rframes, stat, check.batch_size)
         self._report(stat)
         return answer
 
     def _lane_answer(
-        self, lanes: LaneCalls, out: OutLane, env: wpb.Envelope, frames: list[Any], stat: wpb.LaneStat
+        self, lanes: LaneCalls, out: OutLane, env: wpb.Envelope, frames: list[Any], stat: wpb.LaneStat, batch_size: int
     ) -> Reply:
         if env.WhichOneof("body") != "infer_done" or len(env.infer_done.results) != 1:
             err = wire.to_error(env.failed) if env.WhichOneof("body") == "failed" else None
@@ -240,10 +244,12 @@ class BlsClient:
             stat.failure = failure_reason(err)
             return None, err, {}, True
         done = env.infer_done
-        stat.executed = True
-        stat.compute_input_ns = done.compute_input_ns
-        stat.compute_infer_ns = done.compute_infer_ns
-        stat.compute_output_ns = done.compute_output_ns
+        if not done.counted:  # (counted: the target batched it and counted the execution)
+            stat.executed = True
+            stat.compute_input_ns = done.compute_input_ns
+            stat.compute_infer_ns = done.compute_infer_ns
+            stat.compute_output_ns = done.compute_output_ns
+            stat.batch_size = batch_size
         res = done.results[0]
         held = [ref.shm for ref in res.outputs if ref.WhichOneof("location") == "shm"]
         try:
@@ -274,10 +280,28 @@ class BlsClient:
                 self.lanes.release(out, held)
 
     def _report(self, stat: wpb.LaneStat) -> None:
-        """A lane call for the target's statistics (the router counts it as its own)."""
+        """A lane call for the target's statistics (the router counts it as its own): kept
+        for the answer of the batch the main thread executes (``take_stats``: one write, no
+        wake-up of the router of its own), sent at once from any other thread."""
+        if self.defer():
+            with self.lock:
+                self._stats.append(stat)
+            return
         env = wire.envelope(0)
         env.lane_stats.stats.append(stat)
         self.send([env.SerializeToString()])
+
+    def take_stats(self) -> bytes:
+        """The statistics ``_report`` kept, as one encoded message (b"": none); the batch's
+        answer is written after them, so a client that reads statistics after its answer
+        sees them."""
+        if not self._stats:
+            return b""
+        with self.lock:
+            stats, self._stats = self._stats, []
+        env = wire.envelope(0)
+        env.lane_stats.stats.extend(stats)
+        return bytes(encode([env.SerializeToString()])[0])
 
     def _ack(self, call_id: int, count: int) -> None:
         env = wire.envelope(0)

@@ -105,6 +105,33 @@ class Inbox:
             self._cond.notify_all()
         return True
 
+    def take(self, pick: Callable[[Incoming], bool]) -> Incoming | None:
+        """Remove and return the first message for the main loop that ``pick`` accepts (the
+        others keep their order)."""
+        with self._cond:
+            for i, item in enumerate(self._backlog):
+                if pick(item):
+                    del self._backlog[i]
+                    return item
+        return None
+
+    def read_now(self, timeout_ms: int) -> None:
+        """File what has arrived, waiting up to ``timeout_ms`` for something, unless another
+        thread reads (then wait that long for it to file something)."""
+        if self._read.acquire(blocking=False):
+            try:
+                if self.lanes is not None:
+                    self._pump_all(timeout_ms)
+                elif self.conn.poll(timeout_ms):
+                    self._pump()
+            except EOFError:
+                pass  # the main loop meets it in ``next``
+            finally:
+                self._read.release()
+        elif timeout_ms > 0:
+            with self._cond:
+                self._cond.wait(timeout_ms / 1000)
+
     def drop(self, call_id: int) -> list[Message]:
         """Stop waiting for ``call_id``: the replies filed but not read (later ones are not
         delivered, ``deliver`` says so)."""

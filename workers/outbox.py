@@ -120,10 +120,14 @@ class Outbox:
         self.writes = 0
         """Writes of queued messages (statistics: ``queued / writes`` messages a write)."""
 
-    def send(self, frames: Sequence[Any]) -> None:
+    def send(self, frames: Sequence[Any], before: bytes = b"") -> None:
         """Write one message (``[header, *buffers]``) and return once it is written; raises
-        ``OSError`` when the connection is broken."""
-        bufs = encode(frames)
+        ``OSError`` when the connection is broken. ``before``: a message already encoded
+        (``encode``, small) written just ahead of it, in the same write (no ``frames``: that
+        message alone)."""
+        bufs = encode(frames) if frames else []
+        if before:
+            bufs = [before + bufs[0]] if len(bufs) == 1 else [before, *bufs]
         mu = self._mu
         if mu.acquire(False):
             try:

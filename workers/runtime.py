@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from shoal.proto import dtypes, framing, wire
+from shoal.proto.batchpolicy import worker_batchable
 from shoal.proto.errors import ErrorCode, ServingError, from_exception
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
@@ -35,10 +36,11 @@ from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.custommetrics import MetricsClient
-from shoal.workers.inbox import Inbox
+from shoal.workers.inbox import Inbox, Incoming
+from shoal.workers.lanebatch import LaneBatcher
 from shoal.workers.lanecalls import LaneCalls
 from shoal.workers.lanes import CLOSED, Lane, LaneServer
-from shoal.workers.outbox import Outbox
+from shoal.workers.outbox import Outbox, encode
 from shoal.workers.tensors import OutputWriter, read_input
 
 STREAM_WINDOW = 64
@@ -133,6 +135,8 @@ class WorkerRuntime:
         """Runs the model's readiness checks (``_ready_check``)."""
         self.lanes: LaneServer | None = None
         """The model's lane socket (``Ready.lane``) and its connections."""
+        self.lane_batcher: LaneBatcher | None = None
+        """Batches the lane requests of a dynamic-batching model (``workers.lanebatch``)."""
 
     def on_sigterm(self) -> None:
         """SIGTERM: exit now when idle, else right after answering the current batch."""
@@ -169,7 +173,11 @@ class WorkerRuntime:
                         continue
                     self.busy = True
                     try:
-                        self._infer(env, frames, lane)
+                        batch = self.lane_batcher.gather((env, frames, lane)) if lane and self.lane_batcher else None
+                        if batch is not None and len(batch) > 1:
+                            self._infer_lanes(batch)
+                        else:
+                            self._infer(env, frames, lane)
                     finally:
                         self.busy = False
                     bls = self.spec.bls if self.spec is not None else None
@@ -214,6 +222,8 @@ class WorkerRuntime:
         assert inbox is not None and lanes is not None
         calls = LaneCalls(lanes.path, inbox.watch, inbox.unwatch, inbox.deliver, bls.lane_orphan)
         bls.lanes = inbox.calls = calls
+        main = threading.get_ident()
+        bls.defer = lambda: self.busy and threading.get_ident() == main
         inbox.services["lane_routes"] = lambda env: calls.update(env.lane_routes)
 
     def _load(self, env: wpb.Envelope) -> None:
@@ -262,6 +272,8 @@ class WorkerRuntime:
                 if self.lanes is not None:
                     self.inbox.attach(self.lanes)
                     self._call_over_lanes(bls)
+                    if worker_batchable(config) and not self.decoupled:
+                        self.lane_batcher = LaneBatcher(config, self.inbox)
             if self.lanes is not None:
                 reply.ready.lane = self.lanes.path
         except BaseException as exc:  # noqa: BLE001 - every load failure is reported
@@ -271,6 +283,10 @@ class WorkerRuntime:
             log.exception("loading %s failed", req.model_name)
             wire.failed(err, reply.failed)
         self._send([reply.SerializeToString()])
+
+    def _send_encoded(self, data: bytes) -> None:
+        assert self.outbox is not None
+        self.outbox.send((), data)
 
     def _send(self, frames: list[Any]) -> None:
         """Write one message (from any thread; returns once it is written)."""
@@ -364,12 +380,89 @@ class WorkerRuntime:
             reply.ClearField("infer_done")
             out_frames = []
             wire.failed(err, reply.failed)
+        bls = self.spec.bls if self.spec is not None else None
+        stats = bls.take_stats() if bls is not None else b""  # the model's lane calls: counted first
         if lane is None:
-            self._send([reply.SerializeToString(), *out_frames])
+            assert self.outbox is not None
+            self.outbox.send([reply.SerializeToString(), *out_frames], stats)
         else:
+            if stats:
+                self._send_encoded(stats)
             self._answer_lane(lane, reply, out_frames)
         if not self.decoupled and self.inbox is not None and self.inbox.cancelled:
             self.inbox.forget_cancelled(env.request_id)
+
+    def _infer_lanes(self, items: list[Incoming]) -> None:
+        """Lane requests this worker batched (``workers.lanebatch``): one execution, counted
+        here (the clients count the requests), each request answered on its lane."""
+        replies: list[tuple[wpb.Envelope, list[Any]]] = [(wire.envelope(env.request_id), []) for env, _, _ in items]
+        out_frames: list[Any]
+        backend, writer, spec = self.backend, self.writer, self.spec
+        stat: wpb.LaneStat | None = None
+        try:
+            if backend is None or writer is None or spec is None:
+                raise ServingError("model is not loaded")
+            t0 = time.monotonic_ns()
+            backend.begin_batch()
+            work: list[WorkRequest] = []
+            dests: list[Any] = []
+            counts = []
+            try:
+                for env, frames, _ in items:
+                    w, d = self._read_batch(env, frames, backend)
+                    work.extend(w)
+                    dests.extend(d)
+                    counts.append(len(w))
+            finally:
+                self.regions.finish_reads()
+            t1 = time.monotonic_ns()
+            responses = backend.execute(work)
+            t2 = time.monotonic_ns()
+            if len(responses) != len(work):
+                raise ServingError(f"backend returned {len(responses)} responses where {len(work)} were expected")
+            with self.lock:
+                i = 0
+                for (reply, out_frames), n in zip(replies, counts, strict=True):
+                    done = reply.infer_done
+                    done.counted = True
+                    for req, resp, dest in zip(work[i : i + n], responses[i : i + n], dests[i : i + n], strict=True):
+                        result = done.results.add()
+                        result.id = req.id
+                        self._fill(req, resp, result, out_frames, dest)
+                    i += n
+                self.regions.finish_writes()
+            t3 = time.monotonic_ns()
+            for reply, _ in replies:
+                done = reply.infer_done
+                done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns = t1 - t0, t2 - t1, t3 - t2
+            rows = sum(next(iter(w.inputs.values())).shape[0] for w in work if w.inputs)
+            stat = wpb.LaneStat(model_name=spec.name, model_version=spec.version, execution=True, executed=True,
+                                batch_size=rows, requests=len(work), compute_input_ns=t1 - t0,
+                                compute_infer_ns=t2 - t1, compute_output_ns=t3 - t2)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
+            err = from_exception(exc)
+            self._log_failure(err)
+            with self.lock:
+                for reply, _ in replies:
+                    for res in reply.infer_done.results:
+                        self._free_result(res)
+            for reply, out_frames in replies:
+                reply.ClearField("infer_done")
+                out_frames.clear()
+                wire.failed(err, reply.failed)
+        bls = spec.bls if spec is not None else None
+        counts_first = bls.take_stats() if bls is not None else b""  # the model's lane calls too
+        if stat is not None:
+            env = wire.envelope(0)
+            env.lane_stats.stats.append(stat)
+            counts_first += bytes(encode([env.SerializeToString()])[0])
+        if counts_first:
+            self._send_encoded(counts_first)
+        for (reply, out_frames), (env, _, lane) in zip(replies, items, strict=True):
+            assert lane is not None
+            self._answer_lane(lane, reply, out_frames)
+            if self.inbox is not None and self.inbox.cancelled:
+                self.inbox.forget_cancelled(env.request_id)
 
     def _read_batch(
         self, env: wpb.Envelope, frames: list[bytes], backend: Backend

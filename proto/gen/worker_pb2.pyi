@@ -959,9 +959,15 @@ class InferDone(_message.Message):
     COMPUTE_INFER_NS_FIELD_NUMBER: _builtins.int
     COMPUTE_OUTPUT_NS_FIELD_NUMBER: _builtins.int
     RESCHEDULED_FIELD_NUMBER: _builtins.int
+    COUNTED_FIELD_NUMBER: _builtins.int
     compute_input_ns: _builtins.int
     compute_infer_ns: _builtins.int
     compute_output_ns: _builtins.int
+    counted: _builtins.bool
+    """A lane's answer: the worker executed this request in one batch with other lane requests
+    (it batches them itself, workers.lanebatch) and counted that execution in the model's
+    statistics (a LaneStat with execution set): the client reports the request only.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Result]: ...
     @_builtins.property
@@ -979,10 +985,11 @@ class InferDone(_message.Message):
         compute_infer_ns: _builtins.int = ...,
         compute_output_ns: _builtins.int = ...,
         rescheduled: _abc.Iterable[_builtins.int] | None = ...,
+        counted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "rescheduled", b"rescheduled", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "counted", b"counted", "rescheduled", b"rescheduled", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1283,6 +1290,8 @@ class LaneStat(_message.Message):
     LANE_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
     WITHDRAWN_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.int
     ok: _builtins.bool
@@ -1302,6 +1311,11 @@ class LaneStat(_message.Message):
     """sent to the worker (only the model, version and lane are set)"""
     withdrawn: _builtins.bool
     """not executed (LaneBye), sent through the router: not counted here"""
+    execution: _builtins.bool
+    """Worker -> router: one execution of lane requests the worker batched itself (executed,
+    batch_size, the compute times and requests are set; no request is counted by it).
+    """
+    requests: _builtins.int
     def __init__(
         self,
         *,
@@ -1318,10 +1332,12 @@ class LaneStat(_message.Message):
         lane: _builtins.str = ...,
         started: _builtins.bool = ...,
         withdrawn: _builtins.bool = ...,
+        execution: _builtins.bool = ...,
+        requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "executed", b"executed", "failure", b"failure", "lane", b"lane", "model_name", b"model_name", "model_version", b"model_version", "ok", b"ok", "request_ns", b"request_ns", "started", b"started", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "executed", b"executed", "execution", b"execution", "failure", b"failure", "lane", b"lane", "model_name", b"model_name", "model_version", b"model_version", "ok", b"ok", "request_ns", b"request_ns", "requests", b"requests", "started", b"started", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

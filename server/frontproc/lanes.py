@@ -29,10 +29,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from shoal.proto import wire
+from shoal.proto.batchpolicy import worker_batchable
 from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.scheduling.direct import DirectScheduler
+from shoal.server.scheduling.dynamic import DynamicBatcher
 from shoal.server.stats import FAILURE_REASONS
 
 if TYPE_CHECKING:
@@ -51,7 +53,10 @@ reach the frontends within this)."""
 
 def eligible(dp: DataPlane, mv: ModelVersion) -> bool:
     """Whether requests of ``mv`` may skip the router (its READY instances with a lane)."""
-    if not mv.ready or mv.decoupled or type(mv.scheduler) is not DirectScheduler or mv.pool is None:
+    if not mv.ready or mv.decoupled or mv.pool is None:
+        return False
+    scheduler = type(mv.scheduler)
+    if scheduler is not DirectScheduler and not (scheduler is DynamicBatcher and worker_batchable(mv.config)):
         return False
     if dp.cache is not None and mv.cached:
         return False
@@ -244,6 +249,12 @@ class LaneTable:
                 inflight[s.lane] -= 1
                 w.lane_requests -= 1
             if s.withdrawn:
+                continue
+            if s.execution:  # a worker batched lane requests: their clients count the requests
+                mv = models.get(s.model_name, {}).get(int(s.model_version))
+                if mv is not None:
+                    mv.stats.execution(s.batch_size, s.requests, s.compute_input_ns, s.compute_infer_ns,
+                                       s.compute_output_ns)  # fmt: skip
                 continue
             mv = models.get(s.model_name, {}).get(int(s.model_version))
             if mv is None:  # unloaded meanwhile: its statistics are gone too

@@ -80,8 +80,17 @@ def test_calls_skip_the_router(tmp_path_factory: pytest.TempPathFactory) -> None
     assert not srv.segments()
 
 
-def test_statistics_count_calls_at_once(server: ServerProcess) -> None:
-    """A client that reads statistics and metrics after its answers sees every call counted."""
+@pytest.fixture(scope="module")
+def with_frontends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from served(tmp_path_factory, ("bls_relay", "identity_fp32"), "--frontend-processes", "1")
+
+
+@pytest.mark.parametrize("where", ["router", "frontends"])
+def test_statistics_count_calls_at_once(server: ServerProcess, with_frontends: ServerProcess, where: str) -> None:
+    """A client that reads statistics and metrics after its answers sees every call counted
+    (the caller's answer goes to the router, or to a frontend process over its lane)."""
+    if where == "frontends":
+        server = with_frontends
     data = np.arange(8, dtype=np.float32)
     time.sleep(ROUTES_S)
 

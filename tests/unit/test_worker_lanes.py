@@ -235,7 +235,7 @@ def _big_request(lane: LaneClient, rid: int, mapper: Mapper) -> wpb.ShmSlice:
     assert env.request_id == rid
     np.testing.assert_array_equal(output(frames, mapper), values)
     ref = env.infer_done.results[0].outputs[0]
-    assert ref.WhichOneof("location") == "shm" and ref.shm.region.startswith(f"shoal_wt{os.getpid()}")
+    assert ref.WhichOneof("location") == "shm" and ref.shm.region.startswith(f"shoal_{os.getpid()}_wt")
     return ref.shm
 
 

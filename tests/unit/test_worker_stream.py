@@ -68,7 +68,7 @@ class FakeRouter:
         ld.model_version = 1
         ld.instance_name = f"{model}_0"
         ld.device_kind = "CPU"
-        ld.arena_prefix = f"shoal_wt{os.getpid()}_{id(self)}"
+        ld.arena_prefix = f"shoal_{os.getpid()}_wt{id(self)}"  # the owner pid where the leak check reads it
         ld.arena_bytes = arena_bytes
         ld.inline_max_bytes = inline_max
         ld.lanes = lanes

@@ -1,0 +1,96 @@
+"""A dynamic-batching model's lane requests batched by its worker (``workers.lanebatch``):
+batches form as the router's batcher would form them (preferred size, shapes, max batch
+size), while the router is stopped, and the statistics count executions and requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+
+from tests.e2e.server import ServerProcess, served
+from tests.e2e.test_frontend_lanes import RouterStopped
+
+pytestmark = pytest.mark.timeout(120)
+
+ROUTES_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from served(tmp_path_factory, ("lane_batcher",), "--frontend-processes", "2")
+
+
+def _infer(srv: ServerProcess, data: np.ndarray) -> tuple[np.ndarray, int]:
+    c = httpclient.InferenceServerClient(srv.url, network_timeout=30)
+    try:
+        i = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+        i.set_data_from_numpy(data)
+        r = c.infer("lane_batcher", [i])
+        out, n = r.as_numpy("OUTPUT0"), r.as_numpy("REQUESTS")
+        assert out is not None and n is not None
+        return out, int(n[0][0])
+    finally:
+        c.close()
+
+
+def _together(srv: ServerProcess, arrays: list[np.ndarray]) -> list[int]:
+    """Send ``arrays`` at once; each answer's REQUESTS (checking its data)."""
+    gate = threading.Barrier(len(arrays))
+    got: list[int] = [0] * len(arrays)
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        try:
+            gate.wait()
+            out, n = _infer(srv, arrays[k])
+            assert np.array_equal(out, arrays[k])
+            got[k] = n
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(arrays))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return got
+
+
+def _stats(srv: ServerProcess) -> dict[str, object]:
+    s = requests.get(f"http://{srv.url}/v2/models/lane_batcher/stats", timeout=10).json()
+    return s["model_stats"][0]  # type: ignore[no-any-return]
+
+
+def test_the_worker_batches_up_to_the_preferred_size(server: ServerProcess) -> None:
+    time.sleep(ROUTES_S)
+    before = _stats(server)
+    data = [np.full((1, 4), float(k), dtype=np.float32) for k in range(4)]
+    with RouterStopped(server):  # lanes only: the router's batcher cannot have formed them
+        got = _together(server, data)
+    assert got == [4, 4, 4, 4]
+    after = _stats(server)
+    assert after["execution_count"] - before["execution_count"] == 1  # type: ignore[operator]
+    assert after["inference_count"] - before["inference_count"] == 4  # type: ignore[operator]
+    ok = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]  # type: ignore[index]
+    assert ok == 4
+    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}  # type: ignore[attr-defined]
+    assert sizes.get(4, 0) >= 1
+
+
+def test_batches_keep_to_max_batch_size_and_shapes(server: ServerProcess) -> None:
+    time.sleep(ROUTES_S)
+    # rows: 3 + 3 + 3 exceed max_batch_size 8 together: at most two of them share a batch
+    got = _together(server, [np.ones((3, 4), dtype=np.float32) * k for k in range(3)])
+    assert sorted(got) in ([1, 2, 2], [1, 1, 1]), got
+    # different shapes never share a batch
+    arrays = [np.ones((1, 4), dtype=np.float32), np.ones((1, 4), dtype=np.float32),
+              np.ones((1, 6), dtype=np.float32), np.ones((1, 6), dtype=np.float32)]  # fmt: skip
+    got = _together(server, arrays)
+    assert all(n <= 2 for n in got), got
