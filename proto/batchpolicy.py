@@ -16,9 +16,7 @@ from shoal.proto.gen import model_config_pb2 as mc
 
 
 def worker_batchable(config: mc.ModelConfig) -> bool:
-    if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):
-        return False
-    if config.HasField("sequence_batching") or config.HasField("ensemble_scheduling"):
+    if config.max_batch_size <= 0 or not config.HasField("dynamic_batching"):  # (a oneof with the others)
         return False
     db = config.dynamic_batching
     if db.priority_levels > 1 or len(db.priority_queue_policy) or db.preserve_ordering:

@@ -94,3 +94,14 @@ def test_batches_keep_to_max_batch_size_and_shapes(server: ServerProcess) -> Non
               np.ones((1, 6), dtype=np.float32), np.ones((1, 6), dtype=np.float32)]  # fmt: skip
     got = _together(server, arrays)
     assert all(n <= 2 for n in got), got
+
+
+def test_a_priority_goes_to_the_router_which_checks_it(server: ServerProcess) -> None:
+    time.sleep(ROUTES_S)
+    body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    r = requests.post(f"http://{server.url}/v2/models/lane_batcher/infer",
+                      json={**body, "parameters": {"priority": "high"}}, timeout=30)  # fmt: skip
+    assert r.status_code == 400
+    assert "'priority' must be a non-negative integer" in r.json()["error"]
+    r = requests.post(f"http://{server.url}/v2/models/lane_batcher/infer", json=body, timeout=30)
+    assert r.status_code == 200
