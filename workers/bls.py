@@ -7,6 +7,12 @@ says ``inputs_held`` (the call ended while the target still reads them) or the c
 before its final reply, once the router says ``inputs_free``). Outputs come back as
 frames, or as blocks of the target worker's arena, copied here and given back at once
 (``BlsDone``). Every failure is a response with an error, never an exception out of the call.
+
+A call to a model version the router publishes on lanes goes straight to one of the target's
+workers instead (``_over_lane``, ``workers.lanecalls``): checked here with the router's
+validation, its inputs in this worker's arena read in place there, its outputs copied and given
+back with ``Release``, its statistics sent to the router (with the answer of the batch that
+made it, when the main thread made it inside ``execute``).
 """
 
 from __future__ import annotations
