@@ -8,6 +8,7 @@ inline, in system shared memory and in CUDA shared memory; no device-memory grow
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
 
@@ -238,3 +239,42 @@ def test_no_device_memory_growth(server: ServerProcess) -> None:
         assert server.worker_pids("pt_batched_gpu") == pids, "the worker was restarted"
     finally:
         pynvml.nvmlShutdown()
+
+
+@pytest.fixture(scope="module")
+def lanes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = tmp_path_factory.mktemp("repo")
+    save_model(repo, "pt_batched_gpu", Batched(), BATCHED)
+    srv = ServerProcess(repo, "--frontend-processes", "2").start()
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments()
+
+
+def test_the_worker_batches_lane_requests_on_the_gpu(lanes_server: ServerProcess) -> None:
+    """With frontend processes, plain requests of a dynamic-batching GPU model go over lanes
+    and the worker batches them itself (``workers.lanebatch``): each gets its own rows back,
+    in fewer executions than requests."""
+    time.sleep(0.3)  # the routes reach the frontends
+    inf0, exe0 = _stats(lanes_server, "pt_batched_gpu")
+
+    def one(k: int) -> None:
+        rows = 1 + k % 2
+        x, y = _inputs(k, rows)
+        c = httpclient.InferenceServerClient(lanes_server.url) if k % 2 else None
+        g = None if c else grpcclient.InferenceServerClient(lanes_server.grpc_url)
+        try:
+            mod = httpclient if c else grpcclient
+            ix, iy = mod.InferInput("x", [rows, N], "FP32"), mod.InferInput("y", [rows, 1], "INT32")
+            ix.set_data_from_numpy(x)
+            iy.set_data_from_numpy(y)
+            r = (c or g).infer("pt_batched_gpu", [ix, iy])  # type: ignore[union-attr]
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT__0"), x * 2 + k)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT__1"), x)
+        finally:
+            (c or g).close()  # type: ignore[union-attr]
+
+    _together(16, one)
+    inf1, exe1 = _stats(lanes_server, "pt_batched_gpu")
+    assert inf1 - inf0 == 24
+    assert exe1 - exe0 < 16, "the requests were not batched"
