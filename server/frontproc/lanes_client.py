@@ -49,7 +49,7 @@ class LaneRetry(Exception):
 
 
 class _Pending:
-    __slots__ = ("fut", "blocks", "route", "t0", "batch_size")
+    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body")
 
     def __init__(self, fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]], blocks: list[Block], route: Route,
                  batch_size: int) -> None:  # fmt: skip
@@ -58,6 +58,8 @@ class _Pending:
         self.route = route
         self.t0 = time.monotonic_ns()
         self.batch_size = batch_size
+        self.body: str | None = None
+        """The answer's kind (``infer_done`` or ``failed``), once answered."""
 
 
 class Lane(asyncio.Protocol):
@@ -108,12 +110,13 @@ class Lane(asyncio.Protocol):
             return
         for frames in messages:
             env = wire.parse(frames[0])
-            if env.WhichOneof("body") == "lane_bye":
+            body = env.WhichOneof("body")
+            if body == "lane_bye":
                 self.bye = self.broken = True
                 continue
             p = self.pending.pop(env.request_id, None)
             if p is not None:
-                self.lanes.answered(self, p, env, frames[1:])
+                self.lanes.answered(self, p, env, body, frames[1:])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.broken = True
@@ -161,12 +164,9 @@ def _model_version(name: str, version: int, config_bytes: bytes) -> ModelVersion
     return mv
 
 
-def _stat(p: _Pending, lane: Lane) -> wpb.LaneStat:
-    """The statistics record of a lane request that ended (answered or not)."""
-    mv = p.route.mv
-    return wpb.LaneStat(
-        model_name=mv.name, model_version=mv.version, lane=lane.path, request_ns=time.monotonic_ns() - p.t0
-    )
+Report = Callable[..., None]
+"""Files one statistics record for the router: ``report(**fields of wpb.LaneStat)`` (the
+record is built once, in the message that carries it: ``RouterLink.report``)."""
 
 
 class Lanes:
@@ -176,7 +176,7 @@ class Lanes:
         place: Callable[[Buffer], Block | None],
         free: Callable[[list[Block]], None],
         mapper: Mapper,
-        report: Callable[[wpb.LaneStat], None],
+        report: Report,
     ) -> None:
         self.place = place
         self.free = free
@@ -235,7 +235,7 @@ class Lanes:
         if route is None or request.correlation_id or request.flags or request.trace is not None:
             return None
         params = request.parameters
-        if params and "timeout" in params:
+        if params and ("timeout" in params or "priority" in params):  # the router checks and applies them
             return None
         for t in request.inputs:
             if t.shm is not None:
@@ -280,7 +280,8 @@ class Lanes:
     async def _run(self, route: Route, request: InferRequest) -> InferResult:
         mv = route.mv
         lane = self._pick(route)
-        await lane.ready()
+        if lane.transport is None:
+            await lane.ready()
         if lane.broken:
             raise LaneRetry
         rid = next(self._ids)
@@ -296,10 +297,10 @@ class Lanes:
         p = _Pending(fut, blocks, route, request.batch_size)
         lane.pending[rid] = p
         self.inflight += 1
-        self.idle.clear()
+        if self.inflight == 1:
+            self.idle.clear()
         lane.send(env, frames)
-        start = wpb.LaneStat(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
-        self.report(start)
+        self.report(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
         try:
             reply, rframes = await fut
         except asyncio.CancelledError:  # the client went away: the model may notice
@@ -328,10 +329,10 @@ class Lanes:
     ) -> InferResult:
         """The answer of ``request`` (its statistics are reported already)."""
         mv = p.route.mv
-        if reply.WhichOneof("body") == "failed":
+        if p.body == "failed":
             raise wire.to_error(reply.failed)
         res = reply.infer_done.results[0]
-        held = [ref.shm for ref in res.outputs if ref.WhichOneof("location") == "shm"]
+        held = [ref.shm for ref in res.outputs if ref.HasField("shm")]
         release = (lambda: lane.release(held)) if held else None
         item = frontwire.unpack_result(res, frames, self.mapper.view, release)
         if isinstance(item, ServingError):
@@ -346,21 +347,19 @@ class Lanes:
         if not self.inflight:
             self.idle.set()
 
-    def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, frames: list[Any]) -> None:
-        """The worker answered: inputs are free; the statistics go to the router."""
+    def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, body: str | None, frames: list[Any]) -> None:
+        """The worker answered (``body``: which message): inputs are free; the statistics go
+        to the router."""
         self._done()
-        self.free(p.blocks)
-        stat = _stat(p, lane)
-        body = env.WhichOneof("body")
-        ok = False
+        if p.blocks:
+            self.free(p.blocks)
+        request_ns = time.monotonic_ns() - p.t0
+        mv = p.route.mv
+        ok = executed = False
         failure = ""
-        if body == "infer_done" and len(env.infer_done.results) == 1:
-            done = env.infer_done
-            stat.executed = True
-            stat.compute_input_ns = done.compute_input_ns
-            stat.compute_infer_ns = done.compute_infer_ns
-            stat.compute_output_ns = done.compute_output_ns
-            stat.batch_size = p.batch_size
+        done = env.infer_done if body == "infer_done" else None
+        if done is not None and len(done.results) == 1:
+            executed = True
             res = done.results[0]
             if res.HasField("error"):
                 failure = failure_reason(wire.to_error(res.error))
@@ -370,19 +369,36 @@ class Lanes:
             failure = failure_reason(wire.to_error(env.failed))
         else:
             failure = "OTHER"
-        answer = body == "failed" or stat.executed
-        if p.fut.done():  # the caller left: nothing reads the outputs
+        left = p.fut.done()
+        if left:  # the caller left: nothing reads the outputs
             ok, failure = False, "CANCELED"
-            if body == "infer_done":
-                held = [ref.shm for r in env.infer_done.results for ref in r.outputs if ref.shm.region]
+            if done is not None:
+                held = [ref.shm for r in done.results for ref in r.outputs if ref.shm.region]
                 if held:
                     lane.release(held)
-        stat.ok = ok
-        stat.failure = failure
-        self.report(stat)
-        if p.fut.done():
+        if executed and done is not None and not done.counted:  # counted: the worker batched it and counted that
+            self.report(
+                model_name=mv.name,
+                model_version=mv.version,
+                lane=lane.path,
+                request_ns=request_ns,
+                executed=True,
+                compute_input_ns=done.compute_input_ns,
+                compute_infer_ns=done.compute_infer_ns,
+                compute_output_ns=done.compute_output_ns,
+                batch_size=p.batch_size,
+                ok=ok,
+                failure=failure,
+            )
+        else:
+            self.report(
+                model_name=mv.name, model_version=mv.version, lane=lane.path, request_ns=request_ns, ok=ok,
+                failure=failure,
+            )  # fmt: skip
+        if left:
             return
-        if answer:
+        if body == "failed" or executed:
+            p.body = body
             p.fut.set_result((env, frames))
         else:
             p.fut.set_exception(ServingError(f"{lane.label}: malformed reply", code=ErrorCode.INTERNAL))
@@ -392,12 +408,13 @@ class Lanes:
         (the router takes it); else the worker died with it."""
         self._done()
         self.free(p.blocks)
-        stat = _stat(p, lane)
+        mv = p.route.mv
+        request_ns = time.monotonic_ns() - p.t0
         err = WorkerDied(f"{lane.label} (pid {lane.pid}) died while executing the request")
+        record = {"model_name": mv.name, "model_version": mv.version, "lane": lane.path, "request_ns": request_ns}
         if lane.bye:
-            stat.withdrawn = True
+            self.report(**record, withdrawn=True)
         else:
-            stat.failure = "CANCELED" if p.fut.done() else failure_reason(err)
-        self.report(stat)
+            self.report(**record, failure="CANCELED" if p.fut.done() else failure_reason(err))
         if not p.fut.done():
             p.fut.set_exception(LaneRetry() if lane.bye else err)

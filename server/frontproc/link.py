@@ -117,6 +117,8 @@ class RouterLink(asyncio.Protocol):
         self.lanes: Lanes | None = None
         """Requests the router lets this process send straight to workers (``lanes_client``)."""
         self._stats: wpb.Envelope | None = None
+        self._records: Any = None
+        """``_stats.lane_stats.stats`` (while ``_stats`` is set)."""
         self._stats_timer: asyncio.TimerHandle | None = None
         """Lane requests answered during this loop turn, for the router's statistics."""
 
@@ -197,15 +199,17 @@ class RouterLink(asyncio.Protocol):
         self._soon()
         self._outbox.extend(framing.encode(frames))
 
-    def report(self, stat: wpb.LaneStat) -> None:
-        """A lane request's statistics, sent to the router within ``STATS_WAIT_S`` with the
-        others of that time (each message wakes the router), or at once when the router asks
-        (``LaneFlush``: a client reads statistics or metrics)."""
-        stats = self._stats
-        if stats is None:
-            stats = self._stats = wire.envelope(0)
-        stats.lane_stats.stats.append(stat)
-        if len(stats.lane_stats.stats) >= STATS_MAX:
+    def report(self, **fields: Any) -> None:
+        """A lane request's statistics (the fields of a ``LaneStat``, built in place: two
+        records a request), sent to the router within ``STATS_WAIT_S`` with the others of that
+        time (each message wakes the router), or at once when the router asks (``LaneFlush``:
+        a client reads statistics or metrics)."""
+        records = self._records
+        if records is None:
+            self._stats = wire.envelope(0)
+            records = self._records = self._stats.lane_stats.stats
+        records.add(**fields)
+        if len(records) >= STATS_MAX:
             self._soon()
         elif self._stats_timer is None:
             assert self._loop is not None
@@ -214,7 +218,7 @@ class RouterLink(asyncio.Protocol):
     def _take_stats(self) -> None:
         """The statistics not sent yet, into the outbox."""
         if self._stats is not None:
-            stats, self._stats = self._stats, None
+            stats, self._stats, self._records = self._stats, None, None
             self._outbox.extend(framing.encode([stats.SerializeToString()]))
         if self._stats_timer is not None:
             self._stats_timer.cancel()

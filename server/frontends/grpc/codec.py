@@ -82,8 +82,10 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
     for t in req.inputs:
         name = t.name
         shape = tuple(t.shape)
-        params = param_values(t.parameters)
-        ref = shm_params(params, f"input '{name}'")
+        tparams = t.parameters
+        # most inputs have no parameters: no map walk, no error text built
+        params = param_values(tparams) if len(tparams) else {}
+        ref = shm_params(params, f"input '{name}'") if params else None
         data: Buffer
         if ref is not None:
             if t.HasField("contents"):
@@ -110,9 +112,11 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
     if len(req.outputs):
         outputs = []
         for o in req.outputs:
-            oparams = param_values(o.parameters)
-            class_count(oparams, f"output '{o.name}'")
-            oref = shm_params(oparams, f"output '{o.name}'")
+            oparams = param_values(o.parameters) if len(o.parameters) else {}
+            oref = None
+            if oparams:
+                class_count(oparams, f"output '{o.name}'")
+                oref = shm_params(oparams, f"output '{o.name}'")
             outputs.append(RequestedOutput(name=o.name, parameters=oparams, shm=oref))
     return InferRequest(
         model_name=model,
@@ -120,7 +124,7 @@ def decode_request(req: pb.ModelInferRequest) -> InferRequest:
         inputs=inputs,
         outputs=outputs,
         id=req.id,
-        parameters=_request_params(req.parameters),
+        parameters=_request_params(req.parameters) if len(req.parameters) else {},
     )
 
 

@@ -54,7 +54,7 @@ def decode_request(body: bytes | bytearray, header_len: int | None, model: str, 
     if not isinstance(request_id, str):
         raise InvalidInput("request 'id' must be a string")
     params = _params(obj.get("parameters"), "request")
-    if any(k.startswith("triton_") for k in params):
+    if params and any(k.startswith("triton_") for k in params):
         raise T.HTTP_TRITON_PARAMETER()
     pos = header_len if header_len is not None else len(body)
     inputs = []
@@ -82,6 +82,16 @@ def _params(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _copy_params(value: Any, kind: str, name: str) -> dict[str, Any]:
+    """A copy of a tensor's ``parameters`` (``_params``, its error text built only when it
+    is one: this runs for every tensor of every request)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{kind} '{name}' 'parameters' must be an object")
+    return dict(value)
+
+
 def _decode_input(spec: Any, index: int, body: memoryview, pos: int, model: str, rid: str) -> tuple[InputTensor, int]:
     """One input; its binary data starts at ``pos`` (the body's end: none follows the JSON)."""
     if not isinstance(spec, dict):
@@ -89,7 +99,7 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, model: str,
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{index}] has no 'name'")
-    params = dict(_params(spec.get("parameters"), f"input '{name}'"))
+    params = _copy_params(spec.get("parameters"), "input", name)
     has_data = "data" in spec
     bin_size = params.get("binary_data_size")
     shm = "shared_memory_region" in params
@@ -117,9 +127,8 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, model: str,
     if shm:
         ref = shm_params(params, f"input '{name}'")
         return InputTensor(name=name, datatype=datatype, shape=shape, data=b"", parameters=params, shm=ref), pos
-    if any(k.startswith("shared_memory_") for k in params):
+    if params and any(k.startswith("shared_memory_") for k in params):
         shm_params(params, f"input '{name}'")  # raises: offset/size without a region
-    count = dtypes.element_count(shape)
     data: Buffer
     if bin_size is not None:
         if type(bin_size) is not int or bin_size < 0:
@@ -129,14 +138,15 @@ def _decode_input(spec: Any, index: int, body: memoryview, pos: int, model: str,
             raise T.HTTP_INPUT_SHORT(name=name, missing=end - len(body), model=model)
         data = body[pos:end]
         pos = end
-    elif count == 0:
+    elif (count := dtypes.element_count(shape)) == 0:
         data = b""  # as Triton: the 'data' of an empty tensor is not read
     elif dt is None:
         raise T.HTTP_JSON_DATATYPE(name=name)
     else:
         data = _json_data(spec["data"], name, dt, count, model, rid)
-    extra = {k: v for k, v in params.items() if k != "binary_data_size"}
-    return InputTensor(name=name, datatype=datatype, shape=shape, data=data, parameters=extra), pos
+    if "binary_data_size" in params:  # ``params`` is a copy: the rest are the input's own
+        del params["binary_data_size"]
+    return InputTensor(name=name, datatype=datatype, shape=shape, data=data, parameters=params), pos
 
 
 def _flatten(value: Any, name: str) -> list[Any]:
@@ -201,9 +211,12 @@ def _decode_output(spec: Any, index: int) -> RequestedOutput:
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"outputs[{index}] has no 'name'")
-    params = dict(_params(spec.get("parameters"), f"output '{name}'"))
-    class_count(params, f"output '{name}'")
-    ref = shm_params(params, f"output '{name}'")
+    params = _copy_params(spec.get("parameters"), "output", name)
+    if "classification" in params:
+        class_count(params, f"output '{name}'")
+    ref = None
+    if "shared_memory_region" in params or "shared_memory_offset" in params or "shared_memory_byte_size" in params:
+        ref = shm_params(params, f"output '{name}'")
     if "binary_data" in params and type(params["binary_data"]) is not bool:
         raise InvalidInput(f"output '{name}': 'binary_data' must be a boolean")
     return RequestedOutput(name=name, parameters=params, shm=ref)
