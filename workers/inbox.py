@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ Incoming = tuple[wpb.Envelope, list[bytes], Lane | None]
 _T = TypeVar("_T")
 _LANE_BACKLOG = frozenset({"infer", "release"})
 _POLL_ROUNDS = 64
+_MAX_ARRIVALS = 4096
 """Rounds of reads ``is_cancelled`` does at most (every connection that has data, each)."""
 _REPLIES = frozenset({"bls_reply", "metric_reply", "control_reply"})
 """Answers to a call a thread waits for (by ``call_id``)."""
@@ -68,6 +70,9 @@ class Inbox:
         """Router messages taken at once by the reading thread, by body (``lane_routes``),
         outside the inbox's locks but the read lock."""
         self._wake_r = self._wake_w = -1
+        self.arrivals: dict[int, int] | None = None
+        """When each lane request was read, by ``id`` of its envelope (a worker that batches
+        lane requests waits its queue delay from the first one's arrival, ``workers.lanebatch``)."""
 
     def attach(self, lanes: LaneServer) -> None:
         """Read ``lanes`` too from now on (beside the router's connection)."""
@@ -234,6 +239,8 @@ class Inbox:
     def _file_lane(self, lanes: LaneServer, lane: Lane, messages: list[list[Any]]) -> None:
         """File the messages of a lane: ``Infer`` and ``Release`` for the main loop, ``Cancel``
         noted at once; anything else is logged and ignored."""
+        arrivals = self.arrivals
+        now = time.monotonic_ns() if arrivals is not None else 0
         for frames in messages:
             try:
                 env = wire.parse(frames[0])
@@ -245,6 +252,10 @@ class Inbox:
             with self._cond:
                 if body in _LANE_BACKLOG:
                     self._backlog.append((env, frames[1:], lane))
+                    if arrivals is not None and body == "infer":
+                        if len(arrivals) > _MAX_ARRIVALS:  # stamps of requests nobody batched (dead lanes)
+                            arrivals.clear()
+                        arrivals[id(env)] = now
                 elif body == "cancel":  # the frontend names the request in the body; the router in the envelope
                     rid = env.cancel.request_id or env.request_id
                     self.cancelled.update((rid, i) for i in env.cancel.indexes)

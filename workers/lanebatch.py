@@ -8,10 +8,14 @@ processes on the device machine, where unbatched lane requests reached 1.1-1.25x
 the requests wait in the worker's own backlog while it executes; when it is free it takes the
 first and every compatible one waiting (the same shapes but the batch dimension, up to
 ``max_batch_size``), and if that is less than the target size (the largest preferred size,
-else ``max_batch_size``) it waits up to ``max_queue_delay_microseconds`` for more: the
-batches the router would have formed from the same requests. The execution is counted by the
-worker (a ``LaneStat`` with ``execution``, before the answers); each request's client counts
-the request (``InferDone.counted``).
+else ``max_batch_size``) it waits for more until ``max_queue_delay_microseconds`` after the
+first one arrived (as Triton counts the delay: a request that waited while the worker was
+busy does not wait again; the wait is a ``poll`` of whole milliseconds, so it may end up to
+1 ms late): the batches the router would have formed from the same requests. The execution
+is counted by the worker (a ``LaneStat`` with ``execution``, before the answers); each
+request's client counts the request (``InferDone.counted``). Measured on the device machine
+(4 frontend processes, identity, HTTP c=64): 17.9k infer/s, 1.82x the router's batcher on the
+same requests and 1.43x the unbatched one-process ceiling.
 """
 
 from __future__ import annotations
@@ -46,16 +50,20 @@ class LaneBatcher:
         self.max_batch = config.max_batch_size
         self.target = batch_target(config)
         self.delay_ns = config.dynamic_batching.max_queue_delay_microseconds * 1000
+        self.arrivals: dict[int, int] = {}
+        inbox.arrivals = self.arrivals
 
     def gather(self, first: Incoming) -> list[Incoming]:
         """``first`` and the compatible lane requests waiting (or arriving within the queue
         delay) to execute with it."""
+        arrivals = self.arrivals
+        arrived = arrivals.pop(id(first[0]), 0)
         size, key = _size_and_key(first[0])
         batch = [first]
         if not size:
             return batch
         inbox = self.inbox
-        deadline = 0
+        deadline = arrived + self.delay_ns if arrived else 0  # from the first one's arrival, as Triton
         looked = False
 
         def fits(item: Incoming) -> bool:
@@ -82,6 +90,7 @@ class LaneBatcher:
                 inbox.read_now(max(1, (deadline - now) // 1_000_000))
                 continue
             looked = False
+            arrivals.pop(id(item[0]), None)
             batch.append(item)
             size += _size_and_key(item[0])[0]
         return batch

@@ -1,0 +1,101 @@
+"""``workers.lanebatch``: which waiting lane requests a worker batches, and how long it waits."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from google.protobuf import text_format
+
+from shoal.proto import wire
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.lanebatch import LaneBatcher
+
+
+class FakeLane:
+    dead = False
+
+
+class FakeInbox:
+    """The backlog (``take``) and what ``read_now`` files meanwhile (``later``)."""
+
+    def __init__(self) -> None:
+        self.backlog: deque[Any] = deque()
+        self.later: list[Any] = []
+        self.waits: list[int] = []
+        self.arrivals: dict[int, int] | None = None
+
+    def take(self, pick: Any) -> Any:
+        for i, item in enumerate(self.backlog):
+            if pick(item):
+                del self.backlog[i]
+                return item
+        return None
+
+    def read_now(self, timeout_ms: int) -> None:
+        self.waits.append(timeout_ms)
+        if self.later:
+            self.backlog.append(self.later.pop(0))
+        elif timeout_ms:
+            time.sleep(timeout_ms / 1000)
+
+
+def _config(delay_us: int = 0, preferred: str = "") -> mc.ModelConfig:
+    text = (f'name: "m" max_batch_size: 8 input [ {{ name: "I" data_type: TYPE_FP32 dims: [ -1 ] }} ] '
+            f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} {preferred} }}")  # fmt: skip
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _item(rows: int, cols: int = 4, lane: Any = None) -> tuple[wpb.Envelope, list[bytes], Any]:
+    env = wire.envelope(rows * 1000 + cols)
+    ref = env.infer.requests.add().inputs.add()
+    ref.name, ref.datatype = "I", "FP32"
+    ref.shape.extend([rows, cols])
+    return env, [], lane or FakeLane()
+
+
+def test_takes_what_waits_up_to_max_batch_size_with_the_same_shapes() -> None:
+    inbox = FakeInbox()
+    b = LaneBatcher(_config(), inbox)  # type: ignore[arg-type]
+    waiting = [_item(3), _item(1, cols=5), _item(3), _item(3), _item(2)]
+    inbox.backlog.extend(waiting)
+    batch = b.gather(_item(2))
+    assert [tuple(e.infer.requests[0].inputs[0].shape) for e, _, _ in batch] == [(2, 4), (3, 4), (3, 4)]
+    assert list(inbox.backlog) == [waiting[1], waiting[3], waiting[4]]  # the rest keep their order
+    assert inbox.waits == []  # full: no look for more
+
+
+def test_router_messages_and_dead_lanes_stay() -> None:
+    inbox = FakeInbox()
+    b = LaneBatcher(_config(), inbox)  # type: ignore[arg-type]
+    dead = FakeLane()
+    dead.dead = True
+    router = (_item(1)[0], [], None)
+    inbox.backlog.extend([router, _item(1, lane=dead)])
+    assert len(b.gather(_item(1))) == 1
+    assert len(inbox.backlog) == 2
+    assert inbox.waits == [0]  # not full, no delay configured: one look at what has arrived, no wait
+
+
+def test_waits_for_the_preferred_size_within_the_delay() -> None:
+    inbox = FakeInbox()
+    b = LaneBatcher(_config(delay_us=2_000_000, preferred="preferred_batch_size: 2"), inbox)  # type: ignore[arg-type]
+    inbox.later = [_item(1)]
+    first = _item(1)
+    assert inbox.arrivals is not None
+    inbox.arrivals[id(first[0])] = time.monotonic_ns()
+    assert len(b.gather(first)) == 2  # the second came while it waited; 2 is the target: done
+    assert len(inbox.waits) == 1
+
+
+def test_a_request_that_waited_while_the_worker_was_busy_does_not_wait_again() -> None:
+    inbox = FakeInbox()
+    b = LaneBatcher(_config(delay_us=50_000), inbox)  # type: ignore[arg-type]
+    first = _item(1)
+    assert inbox.arrivals is not None
+    inbox.arrivals[id(first[0])] = time.monotonic_ns() - 60_000_000  # arrived 60 ms ago
+    assert len(b.gather(first)) == 1
+    assert inbox.waits == []
+    assert not inbox.arrivals
