@@ -250,6 +250,7 @@ class BlsClient:
             stat.failure = failure_reason(err)
             return None, err, {}, True
         done = env.infer_done
+        stat.queue_ns = done.queue_ns
         if not done.counted:  # (counted: the target batched it and counted the execution)
             stat.executed = True
             stat.compute_input_ns = done.compute_input_ns

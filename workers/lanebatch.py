@@ -51,13 +51,16 @@ class LaneBatcher:
         self.target = batch_target(config)
         self.delay_ns = config.dynamic_batching.max_queue_delay_microseconds * 1000
         self.arrivals: dict[int, int] = {}
+        self.arrived: list[int] = []
+        """When each request of the last ``gather`` was read (its queue time)."""
         inbox.arrivals = self.arrivals
 
     def gather(self, first: Incoming) -> list[Incoming]:
         """``first`` and the compatible lane requests waiting (or arriving within the queue
-        delay) to execute with it."""
+        delay) to execute with it; ``arrived`` then holds when each was read (0: unknown)."""
         arrivals = self.arrivals
         arrived = arrivals.pop(id(first[0]), 0)
+        self.arrived = [arrived]
         size, key = _size_and_key(first[0])
         batch = [first]
         if not size:
@@ -90,7 +93,7 @@ class LaneBatcher:
                 inbox.read_now(max(1, (deadline - now) // 1_000_000))
                 continue
             looked = False
-            arrivals.pop(id(item[0]), None)
+            self.arrived.append(arrivals.pop(id(item[0]), 0))
             batch.append(item)
             size += _size_and_key(item[0])[0]
         return batch

@@ -174,7 +174,7 @@ class WorkerRuntime:
                     self.busy = True
                     try:
                         batch = self.lane_batcher.gather((env, frames, lane)) if lane and self.lane_batcher else None
-                        if batch is not None and len(batch) > 1:
+                        if batch is not None:
                             self._infer_lanes(batch)
                         else:
                             self._infer(env, frames, lane)
@@ -432,9 +432,12 @@ class WorkerRuntime:
                     i += n
                 self.regions.finish_writes()
             t3 = time.monotonic_ns()
-            for reply, _ in replies:
+            arrived = self.lane_batcher.arrived if self.lane_batcher is not None else []
+            for k, (reply, _) in enumerate(replies):
                 done = reply.infer_done
                 done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns = t1 - t0, t2 - t1, t3 - t2
+                if k < len(arrived) and arrived[k]:
+                    done.queue_ns = max(0, t0 - arrived[k])
             rows = sum(next(iter(w.inputs.values())).shape[0] for w in work if w.inputs)
             stat = wpb.LaneStat(model_name=spec.name, model_version=spec.version, execution=True, executed=True,
                                 batch_size=rows, requests=len(work), compute_input_ns=t1 - t0,

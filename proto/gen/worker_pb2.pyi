@@ -960,6 +960,7 @@ class InferDone(_message.Message):
     COMPUTE_OUTPUT_NS_FIELD_NUMBER: _builtins.int
     RESCHEDULED_FIELD_NUMBER: _builtins.int
     COUNTED_FIELD_NUMBER: _builtins.int
+    QUEUE_NS_FIELD_NUMBER: _builtins.int
     compute_input_ns: _builtins.int
     compute_infer_ns: _builtins.int
     compute_output_ns: _builtins.int
@@ -967,6 +968,10 @@ class InferDone(_message.Message):
     """A lane's answer: the worker executed this request in one batch with other lane requests
     (it batches them itself, workers.lanebatch) and counted that execution in the model's
     statistics (a LaneStat with execution set): the client reports the request only.
+    """
+    queue_ns: _builtins.int
+    """A lane's answer the worker batched: how long the request waited in the worker before its
+    batch started (the router's batcher reports its queue time the same way).
     """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___Result]: ...
@@ -986,10 +991,11 @@ class InferDone(_message.Message):
         compute_output_ns: _builtins.int = ...,
         rescheduled: _abc.Iterable[_builtins.int] | None = ...,
         counted: _builtins.bool = ...,
+        queue_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "counted", b"counted", "rescheduled", b"rescheduled", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "counted", b"counted", "queue_ns", b"queue_ns", "rescheduled", b"rescheduled", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1292,6 +1298,7 @@ class LaneStat(_message.Message):
     WITHDRAWN_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    QUEUE_NS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.int
     ok: _builtins.bool
@@ -1316,6 +1323,8 @@ class LaneStat(_message.Message):
     batch_size, the compute times and requests are set; no request is counted by it).
     """
     requests: _builtins.int
+    queue_ns: _builtins.int
+    """the request's wait before its execution (InferDone.queue_ns)"""
     def __init__(
         self,
         *,
@@ -1334,10 +1343,11 @@ class LaneStat(_message.Message):
         withdrawn: _builtins.bool = ...,
         execution: _builtins.bool = ...,
         requests: _builtins.int = ...,
+        queue_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "executed", b"executed", "execution", b"execution", "failure", b"failure", "lane", b"lane", "model_name", b"model_name", "model_version", b"model_version", "ok", b"ok", "request_ns", b"request_ns", "requests", b"requests", "started", b"started", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "compute_infer_ns", b"compute_infer_ns", "compute_input_ns", b"compute_input_ns", "compute_output_ns", b"compute_output_ns", "executed", b"executed", "execution", b"execution", "failure", b"failure", "lane", b"lane", "model_name", b"model_name", "model_version", b"model_version", "ok", b"ok", "queue_ns", b"queue_ns", "request_ns", b"request_ns", "requests", b"requests", "started", b"started", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -263,7 +263,7 @@ class LaneTable:
             if s.executed:
                 n = s.batch_size or 1
                 stats.execution(n, 1, s.compute_input_ns, s.compute_infer_ns, s.compute_output_ns)
-            stats.request_done(s.ok, s.request_ns, 0)
+            stats.request_done(s.ok, s.request_ns, s.queue_ns)
             if not s.ok:
                 reason = s.failure if s.failure in FAILURE_REASONS else "OTHER"
                 stats.failures[reason] += 1

@@ -393,7 +393,7 @@ class Lanes:
         else:
             self.report(
                 model_name=mv.name, model_version=mv.version, lane=lane.path, request_ns=request_ns, ok=ok,
-                failure=failure,
+                failure=failure, queue_ns=done.queue_ns if done is not None else 0,
             )  # fmt: skip
         if left:
             return

@@ -80,6 +80,9 @@ def test_the_worker_batches_up_to_the_preferred_size(server: ServerProcess) -> N
     assert after["inference_count"] - before["inference_count"] == 4  # type: ignore[operator]
     ok = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]  # type: ignore[index]
     assert ok == 4
+    queued = after["inference_stats"]["queue"]["count"] - before["inference_stats"]["queue"]["count"]  # type: ignore[index]
+    assert queued == 4
+    assert after["inference_stats"]["queue"]["ns"] > before["inference_stats"]["queue"]["ns"]  # type: ignore[index]
     sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}  # type: ignore[attr-defined]
     assert sizes.get(4, 0) >= 1
 
