@@ -67,12 +67,19 @@ def tensor_text(datatype: str, shape: Sequence[int], data: Any) -> str:
 class _Writer:
     """Writes trace files in a thread of its own (started at the first write): ``append``
     adds a trace to a file's JSON array, ``indexed`` writes a whole file, ``close`` ends
-    an array."""
+    an array.
+
+    Appended traces are written whole: what the queue held is joined and written with one
+    unbuffered write per file once the queue is empty, so a reader of a file being written
+    (a client tailing it, the tests) sees whole trace objects, never the half of one that a
+    buffered file flushes when its buffer fills."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[str, str, str] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._files: dict[str, Any] = {}
+        self._pending: dict[str, list[str]] = {}
+        """Text appended to each open file and not written yet."""
         self.written = 0
         """Operations done (tests wait on it)."""
 
@@ -96,33 +103,42 @@ class _Writer:
             try:
                 self._do(*op)
                 if self._queue.empty():
-                    for f in self._files.values():
-                        f.flush()
+                    self._flush()
             except OSError as exc:
                 log.error("writing trace file %s failed: %s", op[1], exc)
             self.written += 1
-        for f in self._files.values():
+        for path in list(self._files):
             try:
-                f.write("]")
-                f.close()
+                self._end(path)
             except OSError:
                 pass
         self._files.clear()
 
+    def _flush(self, only: str = "") -> None:
+        for path, texts in list(self._pending.items()):
+            if only and path != only:
+                continue
+            del self._pending[path]
+            data = memoryview("".join(texts).encode("utf-8"))
+            f = self._files[path]
+            while data:  # a regular file takes it all in one write, short of a full disk
+                data = data[f.write(data) :]
+
+    def _end(self, path: str) -> None:
+        self._pending.setdefault(path, []).append("]")
+        self._flush(path)
+        self._files.pop(path).close()
+
     def _do(self, kind: str, path: str, text: str) -> None:
-        f: Any
         if kind == "indexed":
             with open(path, "w", encoding="utf-8") as out:
                 out.write("[" + text + "]")
         elif kind == "append":
-            f = self._files.get(path)
-            if f is None:
-                f = self._files[path] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - kept open
-                f.write("[" + text)
+            if path not in self._files:
+                self._files[path] = open(path, "wb", buffering=0)  # noqa: SIM115 - kept open
+                self._pending[path] = ["[" + text]
             else:
-                f.write("," + text)
+                self._pending.setdefault(path, []).append("," + text)
         elif kind == "close":
-            f = self._files.pop(path, None)
-            if f is not None:
-                f.write("]")
-                f.close()
+            if path in self._files:
+                self._end(path)

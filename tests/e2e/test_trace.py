@@ -133,7 +133,10 @@ def _tree(path: Path, request_id: str, children: int = 0) -> tuple[dict[str, Any
     found: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
 
     def look() -> bool:
-        traces = _by_id(_traces(path))
+        try:
+            traces = _by_id(_traces(path))
+        except json.JSONDecodeError:  # read during one of the writer's writes: look again
+            return False
         roots = [
             t
             for t in traces.values()
