@@ -176,8 +176,9 @@ class ServerConfig:
     """Processes that serve the HTTP and gRPC ports beside the router (``server.frontproc``);
     0: the router serves them itself."""
     frontend_lanes: bool = True
-    """Frontend processes send requests of models with no scheduling of their own straight
-    to a worker (``server.frontproc.lanes``)."""
+    """Frontend processes and workers' BLS calls send requests of models that need no
+    scheduling by the router straight to a worker, which batches them itself where the model
+    batches (``server.frontproc.lanes``, ``workers.lanecalls``, ``workers.lanebatch``)."""
     argv: tuple[str, ...] = field(default=(), compare=False)
     """The command line this was parsed from (frontend processes parse it again)."""
     triton: bool = field(default=False, compare=False)

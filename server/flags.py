@@ -304,7 +304,8 @@ GROUPS: dict[str, list[Flag]] = {
             "--frontend-lanes",
             bool,
             True,
-            "frontend processes send requests of unbatched models straight to their workers",
+            "frontend processes and models' BLS calls send requests straight to the workers of models"
+            " that need no scheduling by the router (false: everything through the router)",
         ),
         _f("--shm-arena-bytes", int, 64 << 20, "size of each segment of the router's input arena"),
         _f("--shm-arena-max-bytes", int, 1 << 30, "the router's input arena at most"),
