@@ -6,7 +6,7 @@ a request gets the same error wherever it is checked."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shoal.proto import dtypes
@@ -53,6 +53,29 @@ class Signature(Protocol):
     def outputs(self) -> dict[str, TensorSpec]: ...
     @property
     def required_inputs(self) -> int: ...
+
+
+@dataclass(slots=True)
+class ConfigSignature:
+    """A model version as validation reads it, made from its configuration alone (frontend
+    processes and workers checking the requests they send over lanes)."""
+
+    name: str
+    version: int
+    config: mc.ModelConfig
+    inputs: dict[str, TensorSpec] = field(default_factory=dict)
+    outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    required_inputs: int = 0
+    config_bytes: bytes = b""
+
+
+def signature(name: str, version: int, config_bytes: bytes) -> ConfigSignature:
+    config = mc.ModelConfig.FromString(config_bytes)
+    sig = ConfigSignature(name, version, config, config_bytes=config_bytes)
+    sig.inputs = tensor_specs(list(config.input))
+    sig.outputs = tensor_specs(list(config.output))
+    sig.required_inputs = sum(1 for t in sig.inputs.values() if not t.optional)
+    return sig
 
 
 class Tensor(Protocol):

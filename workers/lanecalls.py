@@ -32,13 +32,11 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from shoal.proto import framing, wire
-from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.proto.validation import TensorSpec, tensor_specs
+from shoal.proto.validation import ConfigSignature, signature
 from shoal.workers.outbox import Outbox
 
 log = logging.getLogger("shoal.worker")
@@ -51,28 +49,6 @@ SEND_TIMEOUT_S: Final = 10
 LOST: Final = wpb.Envelope()
 """Filed for a call whose lane ended before its answer (compared by identity)."""
 _NOWAIT: Final = socket.MSG_DONTWAIT
-
-
-@dataclass(slots=True)
-class Signature:
-    """A published model version as ``proto.validation`` reads it."""
-
-    name: str
-    version: int
-    config: mc.ModelConfig
-    inputs: dict[str, TensorSpec] = field(default_factory=dict)
-    outputs: dict[str, TensorSpec] = field(default_factory=dict)
-    required_inputs: int = 0
-    config_bytes: bytes = b""
-
-
-def signature(name: str, version: int, config_bytes: bytes) -> Signature:
-    config = mc.ModelConfig.FromString(config_bytes)
-    sig = Signature(name, version, config, config_bytes=config_bytes)
-    sig.inputs = tensor_specs(list(config.input))
-    sig.outputs = tensor_specs(list(config.output))
-    sig.required_inputs = sum(1 for t in sig.inputs.values() if not t.optional)
-    return sig
 
 
 class OutLane:
@@ -102,7 +78,7 @@ class OutLane:
 class Route:
     __slots__ = ("sig", "targets", "turn")
 
-    def __init__(self, sig: Signature, targets: list[wpb.Lane]) -> None:
+    def __init__(self, sig: ConfigSignature, targets: list[wpb.Lane]) -> None:
         self.sig = sig
         self.targets = targets
         self.turn = 0

@@ -27,11 +27,10 @@ from typing import Any
 
 from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
-from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.proto.validation import ConfigSignature, signature
 from shoal.server.dispatch.pool import RESERVED_PARAMETERS
 from shoal.server.frontproc import wire as frontwire
-from shoal.server.models.version import ModelVersion, tensor_specs
 from shoal.server.stats import failure_reason
 from shoal.server.types import Buffer, InferRequest, InferResult
 from shoal.server.validation import validate
@@ -148,20 +147,10 @@ class Route:
 
     __slots__ = ("mv", "lanes", "turn")
 
-    def __init__(self, mv: ModelVersion, lanes: list[Lane]) -> None:
+    def __init__(self, mv: ConfigSignature, lanes: list[Lane]) -> None:
         self.mv = mv
         self.lanes = lanes
         self.turn = 0
-
-
-def _model_version(name: str, version: int, config_bytes: bytes) -> ModelVersion:
-    config = mc.ModelConfig.FromString(config_bytes)
-    mv = ModelVersion(name=name, version=version, config=config)
-    mv.inputs = tensor_specs(list(config.input))
-    mv.outputs = tensor_specs(list(config.output))
-    mv.required_inputs = sum(1 for t in mv.inputs.values() if not t.optional)
-    mv.config_bytes = config_bytes
-    return mv
 
 
 Report = Callable[..., None]
@@ -185,7 +174,7 @@ class Lanes:
         self.routes: dict[tuple[str, int], Route] = {}
         self.by_path: dict[str, Lane] = {}
         self._ids = itertools.count(RID_BIT | (index << 48) | 1)
-        self._configs: dict[tuple[str, int], ModelVersion] = {}
+        self._configs: dict[tuple[str, int], ConfigSignature] = {}
         self.inflight = 0
         """Requests sent over lanes and not answered yet."""
         self.idle = asyncio.Event()
@@ -197,13 +186,13 @@ class Lanes:
     def update(self, table: wpb.LaneRoutes) -> None:
         """The router's current routes (replace the last ones)."""
         routes: dict[tuple[str, int], Route] = {}
-        configs: dict[tuple[str, int], ModelVersion] = {}
+        configs: dict[tuple[str, int], ConfigSignature] = {}
         paths: dict[str, Lane] = {}
         for r in table.routes:
             key = (r.model_name, int(r.model_version))
             mv = self._configs.get(key)
             if mv is None or mv.config_bytes != r.model_config:
-                mv = _model_version(r.model_name, int(r.model_version), r.model_config)
+                mv = signature(r.model_name, int(r.model_version), r.model_config)
             configs[key] = mv
             lanes = []
             for spec in r.lanes:
