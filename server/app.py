@@ -34,6 +34,7 @@ from shoal.server.frontends.http.app import make_app, make_health_app, make_runn
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
 from shoal.server.frontproc.lanes import LaneTable
+from shoal.server.frontproc.shmmirror import ShmMirror
 from shoal.server.frontproc.supervisor import Frontends, hold_port
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
@@ -388,6 +389,8 @@ class App:
         if self.dataplane is not None and cfg.frontend_lanes:
             self.lanes = LaneTable(self.dataplane, self.channel, self.frontends.identities)
             self.frontends.on_ready.append(self.lanes.send)
+            mirror = self.dataplane.shm_mirror = ShmMirror(self.dataplane.shm, self.channel, self.frontends.identities)
+            self.frontends.on_ready.append(mirror.send)
             self.dataplane.settle = self.lanes.settle
             self.lanes.start()
         try:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.proto import dtypes
 from shoal.proto import errortexts as T
@@ -26,6 +26,9 @@ from shoal.server.streaming import StreamItem, responses
 from shoal.server.tracing import NewSetting, TraceManager
 from shoal.server.types import InferRequest, InferResult
 from shoal.server.validation import validate
+
+if TYPE_CHECKING:
+    from shoal.server.frontproc.shmmirror import ShmMirror
 
 log = logging.getLogger("shoal.dataplane")
 
@@ -79,6 +82,8 @@ class DataPlane:
         """Operators may restart workers through the admin API."""
         self.shm = shm
         """The client shared-memory regions; the dispatcher uses the same one."""
+        self.shm_mirror: ShmMirror | None = None
+        """The frontend processes' copies of the regions (lanes), when there are some."""
         self.logs = logs
         self.version = version
         self.strict_readiness = strict_readiness
@@ -226,15 +231,22 @@ class DataPlane:
     def register_system_shm(
         self, name: str, key: Any, offset: Any, byte_size: Any, peer: Peer | None, *, trusted: bool
     ) -> None:
-        self.shm.register_system(name, key, offset, byte_size, peer, trusted=trusted)
+        region = self.shm.register_system(name, key, offset, byte_size, peer, trusted=trusted)
+        if self.shm_mirror is not None:
+            self.shm_mirror.added(region)
 
     async def register_cuda_shm(
         self, name: str, raw_handle: Any, device_id: Any, byte_size: Any, peer: Peer | None, *, trusted: bool
     ) -> None:
-        await self.shm.register_cuda_checked(name, raw_handle, device_id, byte_size, peer, trusted=trusted)
+        region = await self.shm.register_cuda_checked(name, raw_handle, device_id, byte_size, peer, trusted=trusted)
+        if self.shm_mirror is not None:
+            self.shm_mirror.added(region)
 
-    def unregister_shm(self, name: str | None, *, cuda: bool, peer: Peer | None) -> None:
-        self.shm.unregister(name, cuda=cuda, peer=peer)
+    async def unregister_shm(self, name: str | None, *, cuda: bool, peer: Peer | None) -> None:
+        """Answered once no frontend process takes new requests naming the regions."""
+        removed = self.shm.unregister(name, cuda=cuda, peer=peer)
+        if removed and self.shm_mirror is not None:
+            await self.shm_mirror.dropped(removed)
 
     # ---- logging extension --------------------------------------------------------------------
 

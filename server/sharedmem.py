@@ -289,10 +289,14 @@ class SharedMemoryRegistry:
             return [region]
         return [r for r in self._regions.values() if r.cuda == cuda and r.owner == owner]
 
-    def unregister(self, name: str | None, *, cuda: bool, peer: Peer | None = None) -> None:
+    def regions(self) -> list[Region]:
+        """Every registered region."""
+        return list(self._regions.values())
+
+    def unregister(self, name: str | None, *, cuda: bool, peer: Peer | None = None) -> list[Region]:
         """Unregister one of the client's regions or, with no name, every region of the kind
-        it registered. Unknown names succeed (as Triton). Requests already using a region
-        keep it until they finish."""
+        it registered; returns them. Unknown names succeed (as Triton). Requests already using
+        a region keep it until they finish."""
         self._check_allowed()
         owner = self.owner(peer)
         if name:
@@ -301,6 +305,7 @@ class SharedMemoryRegistry:
         else:
             targets = [r for r in self._regions.values() if r.cuda == cuda and r.owner == owner]
         self._remove(targets)
+        return targets
 
     def _remove(self, targets: list[Region]) -> None:
         gone = []

@@ -1416,6 +1416,107 @@ class LaneFlush(_message.Message):
 Global___LaneFlush: _TypeAlias = LaneFlush  # noqa: Y015
 
 @_typing.final
+class ShmEntry(_message.Message):
+    """Client shared memory over lanes: the router tells every frontend process the registered
+    client regions, so that a request naming one of them goes over a lane with the region's
+    descriptor, as the router would describe it (offset and nbytes per tensor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """the registering client's namespace (SharedMemoryRegistry.owner)"""
+    name: _builtins.str
+    @_builtins.property
+    def region(self) -> Global___ClientShm:
+        """the region (offset and nbytes unset)"""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        name: _builtins.str = ...,
+        region: Global___ClientShm | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner", b"owner", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmEntry: _TypeAlias = ShmEntry  # noqa: Y015
+
+@_typing.final
+class ShmRegions(_message.Message):
+    """Router -> frontend: regions registered and regions unregistered. reset: the whole table
+    (replaces the last one). With drop, call_id: answer ShmDropped with it once the dropped
+    regions are out of the table (no new request uses them). A region in the table is held for
+    the frontend (the router's registry counts a use) until the frontend says it is idle.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADD_FIELD_NUMBER: _builtins.int
+    DROP_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ANY_OWNER_FIELD_NUMBER: _builtins.int
+    reset: _builtins.bool
+    call_id: _builtins.int
+    any_owner: _builtins.bool
+    """--client-shm-access=any: every client uses one namespace"""
+    @_builtins.property
+    def add(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShmEntry]: ...
+    @_builtins.property
+    def drop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        add: _abc.Iterable[Global___ShmEntry] | None = ...,
+        drop: _abc.Iterable[_builtins.int] | None = ...,
+        reset: _builtins.bool = ...,
+        call_id: _builtins.int = ...,
+        any_owner: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "any_owner", b"any_owner", "call_id", b"call_id", "drop", b"drop", "reset", b"reset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmRegions: _TypeAlias = ShmRegions  # noqa: Y015
+
+@_typing.final
+class ShmDropped(_message.Message):
+    """Frontend -> router. call_id: that ShmRegions' drop is done. idle: regions dropped that no
+    request of this frontend uses any more (the router's hold for it ends).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    IDLE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    @_builtins.property
+    def idle(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        idle: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "idle", b"idle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShmDropped: _TypeAlias = ShmDropped  # noqa: Y015
+
+@_typing.final
 class Envelope(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1447,6 +1548,8 @@ class Envelope(_message.Message):
     LANE_STATS_FIELD_NUMBER: _builtins.int
     LANE_BYE_FIELD_NUMBER: _builtins.int
     LANE_FLUSH_FIELD_NUMBER: _builtins.int
+    SHM_REGIONS_FIELD_NUMBER: _builtins.int
+    SHM_DROPPED_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     request_id: _builtins.int
     """router-assigned; replies echo it. 0 on worker-initiated service messages (BlsCall, BlsDone, MetricOp, ModelControl)"""
@@ -1504,6 +1607,10 @@ class Envelope(_message.Message):
     def lane_bye(self) -> Global___LaneBye: ...
     @_builtins.property
     def lane_flush(self) -> Global___LaneFlush: ...
+    @_builtins.property
+    def shm_regions(self) -> Global___ShmRegions: ...
+    @_builtins.property
+    def shm_dropped(self) -> Global___ShmDropped: ...
     def __init__(
         self,
         *,
@@ -1535,12 +1642,14 @@ class Envelope(_message.Message):
         lane_stats: Global___LaneStats | None = ...,
         lane_bye: Global___LaneBye | None = ...,
         lane_flush: Global___LaneFlush | None = ...,
+        shm_regions: Global___ShmRegions | None = ...,
+        shm_dropped: Global___ShmDropped | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "shm_dropped", b"shm_dropped", "shm_regions", b"shm_regions", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bls_call", b"bls_call", "bls_done", b"bls_done", "bls_reply", b"bls_reply", "body", b"body", "cancel", b"cancel", "control_reply", b"control_reply", "failed", b"failed", "forget", b"forget", "infer", b"infer", "infer_done", b"infer_done", "lane_bye", b"lane_bye", "lane_flush", b"lane_flush", "lane_routes", b"lane_routes", "lane_stats", b"lane_stats", "load", b"load", "metric_op", b"metric_op", "metric_reply", b"metric_reply", "model_control", b"model_control", "pong", b"pong", "probe", b"probe", "protocol_version", b"protocol_version", "ready", b"ready", "ready_answer", b"ready_answer", "ready_check", b"ready_check", "release", b"release", "request_id", b"request_id", "shm_dropped", b"shm_dropped", "shm_regions", b"shm_regions", "shutdown", b"shutdown", "stream_ack", b"stream_ack", "streamed", b"streamed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer", "lane_routes", "lane_stats", "lane_bye", "lane_flush"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["load", "infer", "shutdown", "release", "forget", "probe", "bls_reply", "metric_reply", "cancel", "ready", "infer_done", "failed", "pong", "streamed", "bls_call", "bls_done", "metric_op", "model_control", "control_reply", "stream_ack", "ready_check", "ready_answer", "lane_routes", "lane_stats", "lane_bye", "lane_flush", "shm_regions", "shm_dropped"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

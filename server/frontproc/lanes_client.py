@@ -31,8 +31,9 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.validation import ConfigSignature, signature
 from shoal.server.dispatch.pool import RESERVED_PARAMETERS
 from shoal.server.frontproc import wire as frontwire
+from shoal.server.frontproc.shmregions import FrontRegion, ShmRegions
 from shoal.server.stats import failure_reason
-from shoal.server.types import Buffer, InferRequest, InferResult
+from shoal.server.types import Buffer, InferRequest, InferResult, ShmRef
 from shoal.server.validation import validate
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
@@ -48,15 +49,17 @@ class LaneRetry(Exception):
 
 
 class _Pending:
-    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body")
+    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body", "regions")
 
     def __init__(self, fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]], blocks: list[Block], route: Route,
-                 batch_size: int) -> None:  # fmt: skip
+                 batch_size: int, regions: list[FrontRegion]) -> None:  # fmt: skip
         self.fut = fut
         self.blocks = blocks
         self.route = route
         self.t0 = time.monotonic_ns()
         self.batch_size = batch_size
+        self.regions = regions
+        """The client regions the request names (``ShmRegions.done`` once answered)."""
         self.body: str | None = None
         """The answer's kind (``infer_done`` or ``failed``), once answered."""
 
@@ -166,7 +169,10 @@ class Lanes:
         free: Callable[[list[Block]], None],
         mapper: Mapper,
         report: Report,
+        shm: ShmRegions | None = None,
     ) -> None:
+        self.shm = shm
+        """The client shared-memory regions the router told this process of."""
         self.place = place
         self.free = free
         self.mapper = mapper
@@ -226,11 +232,19 @@ class Lanes:
         params = request.parameters
         if params and ("timeout" in params or "priority" in params):  # the router checks and applies them
             return None
+        shm = self.shm
+        owner: str | None = None
         for t in request.inputs:
             if t.shm is not None:
-                return None
+                if shm is None or (owner := shm.owner(request.peer)) is None or shm.find(owner, t.shm) is None:
+                    return None
         for o in request.outputs or ():
-            if o.shm is not None or (o.parameters and any(k != "binary_data" for k in o.parameters)):
+            if o.shm is not None:
+                if shm is None or (owner := shm.owner(request.peer)) is None or shm.find(owner, o.shm) is None:
+                    return None
+                if any(k != "binary_data" and not k.startswith("shared_memory_") for k in o.parameters):
+                    return None
+            elif o.parameters and any(k != "binary_data" for k in o.parameters):
                 return None
         return route
 
@@ -277,13 +291,17 @@ class Lanes:
         env = wire.envelope(rid)
         frames: list[Any] = []
         blocks: list[Block] = []
+        regions: list[FrontRegion] = []
         try:
-            self._encode(request, env.infer.requests.add(), frames, blocks)
+            self._encode(request, env.infer.requests.add(), frames, blocks, regions)
         except BaseException:
             self.free(blocks)
             raise
         fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
-        p = _Pending(fut, blocks, route, request.batch_size)
+        p = _Pending(fut, blocks, route, request.batch_size, regions)
+        if regions:
+            assert self.shm is not None
+            self.shm.use(regions)
         lane.pending[rid] = p
         self.inflight += 1
         if self.inflight == 1:
@@ -300,18 +318,44 @@ class Lanes:
             raise
         return self._result(lane, p, request, reply, rframes)
 
-    def _encode(self, request: InferRequest, r: wpb.Request, frames: list[Any], blocks: list[Block]) -> None:
-        """The request as the router's pool encodes it (``InstancePool._encode``)."""
+    def _encode(
+        self, request: InferRequest, r: wpb.Request, frames: list[Any], blocks: list[Block], regions: list[FrontRegion]
+    ) -> None:
+        """The request as the router's pool encodes it (``InstancePool._encode``); the
+        client regions it names in ``regions`` (``LaneRetry``: one is no longer known)."""
         if request.id:
             r.request_id = request.id
-        frontwire.pack_inputs(request, r, frames, blocks, self.place, parameters=False)
+        describe = None
+        if request.uses_shm:
+            describe = self._describer(request, regions)
+        frontwire.pack_inputs(request, r, frames, blocks, self.place, parameters=False, client=describe)
         if request.outputs is not None:
             r.outputs.extend(o.name for o in request.outputs)
+            if describe is not None:
+                for o in request.outputs:
+                    if o.shm is not None:
+                        describe(o.shm, r.output_shm[o.name])
         params = request.parameters
         if params:
             params = {k: v for k, v in params.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
+
+    def _describer(self, request: InferRequest, regions: list[FrontRegion]) -> Callable[[ShmRef, wpb.ClientShm], None]:
+        shm = self.shm
+        owner = shm.owner(request.peer) if shm is not None else None
+        if shm is None or owner is None:
+            raise LaneRetry
+
+        def describe(ref: ShmRef, out: wpb.ClientShm) -> None:
+            assert shm is not None and owner is not None
+            region = shm.find(owner, ref)
+            if region is None:  # dropped since the route was chosen: the router answers
+                raise LaneRetry
+            region.describe(ref, out)
+            regions.append(region)
+
+        return describe
 
     def _result(
         self, lane: Lane, p: _Pending, request: InferRequest, reply: wpb.Envelope, frames: list[Any]
@@ -342,6 +386,9 @@ class Lanes:
         self._done()
         if p.blocks:
             self.free(p.blocks)
+        if p.regions:
+            assert self.shm is not None
+            self.shm.done(p.regions)
         request_ns = time.monotonic_ns() - p.t0
         mv = p.route.mv
         ok = executed = False
@@ -397,6 +444,9 @@ class Lanes:
         (the router takes it); else the worker died with it."""
         self._done()
         self.free(p.blocks)
+        if p.regions:
+            assert self.shm is not None
+            self.shm.done(p.regions)
         mv = p.route.mv
         request_ns = time.monotonic_ns() - p.t0
         err = WorkerDied(f"{lane.label} (pid {lane.pid}) died while executing the request")

@@ -42,6 +42,7 @@ from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
 from shoal.server.frontproc.lanes_client import Lanes
 from shoal.server.frontproc.link import RemoteDataPlane, RouterLink, UseProxy
 from shoal.server.frontproc.proxy import GrpcProxy, HttpProxy
+from shoal.server.frontproc.shmregions import ShmRegions
 from shoal.server.frontproc.supervisor import arena_prefix
 from shoal.server.headerforward import HeaderForwarder
 from shoal.server.logsettings import LogSettings
@@ -184,7 +185,7 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
         os.path.join(run_dir, "workers.sock"), f"frontend/{index}".encode(), arena, cfg.inline_max_bytes
     )
     if cfg.frontend_lanes:
-        link.lanes = Lanes(index, link.place, link.free_blocks, link.mapper, link.report)
+        link.lanes = Lanes(index, link.place, link.free_blocks, link.mapper, link.report, ShmRegions(link.send))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

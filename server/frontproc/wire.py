@@ -77,10 +77,11 @@ def pack_inputs(
     place: Callable[[Buffer], Block | None] | None,
     *,
     parameters: bool,
+    client: Callable[[ShmRef, wpb.ClientShm], None] | None = None,
 ) -> None:
-    """``req``'s inputs into ``r``: in a client's region (named), in a block ``place`` gave
-    (a large one), else as a frame; ``parameters``: with each input's parameters (the
-    router reads them; a worker does not)."""
+    """``req``'s inputs into ``r``: in a client's region (named, or described by ``client``
+    for a worker), in a block ``place`` gave (a large one), else as a frame; ``parameters``:
+    with each input's parameters (the router reads them; a worker does not)."""
     for t in req.inputs:
         ref = r.inputs.add()
         ref.name, ref.datatype = t.name, t.datatype
@@ -88,7 +89,10 @@ def pack_inputs(
         if parameters and t.parameters:
             ref.parameters_json = json.dumps(t.parameters)
         if t.shm is not None:
-            _named(t.shm, ref.named)
+            if client is not None:
+                client(t.shm, ref.client)
+            else:
+                _named(t.shm, ref.named)
             continue
         block = place(t.data) if place is not None else None
         if block is not None:
@@ -161,8 +165,9 @@ def unpack_result(
     for ref in res.outputs:
         where = ref.WhichOneof("location")
         shape = tuple(ref.shape)
-        if where == "named":
-            outputs.append(OutputTensor(ref.name, ref.datatype, shape, b"", in_shm=True, written=int(ref.named.nbytes)))
+        if where == "named" or where == "client":  # named: from the router; client: from a worker (a lane)
+            written = int(ref.named.nbytes if where == "named" else ref.client.nbytes)
+            outputs.append(OutputTensor(ref.name, ref.datatype, shape, b"", in_shm=True, written=written))
             continue
         if where == "shm":
             s = ref.shm

@@ -2,7 +2,12 @@
 tritonclient's ``shared_memory`` utilities, over HTTP and gRPC: inputs and outputs in
 regions, mixed with inline tensors, batching and BYTES models, every bad registration and
 reference we could think of, unregistering while requests use a region, and clients that
-go away or shrink their segment. CUDA shared memory is in tests/gpu/."""
+go away or shrink their segment. CUDA shared memory is in tests/gpu/.
+
+Every test runs twice: against the router alone, and with frontend processes, whose requests
+naming a region go straight to a worker over a lane (``frontproc.shmregions``) while the
+router keeps registration, unregistration and every error (``test_shm_lanes.py`` proves the
+lanes are taken)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
+from tests.e2e.conftest import ALL_MODELS
 from tests.e2e.server import ServerProcess, make_repository
 
 KEY_PREFIX = f"shoaltest_{os.getpid()}_"
@@ -54,6 +60,18 @@ class Regions:
             c.close()
         for h in self.handles:
             shm.destroy_shared_memory_region(h)
+
+
+@pytest.fixture(scope="module", params=["router", "frontends"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The conftest's server, once alone and once with two frontend processes."""
+    pytest.importorskip("onnxruntime")
+    repo = make_repository(tmp_path_factory.mktemp("repo"), *ALL_MODELS)
+    args = ("--frontend-processes", "2") if request.param == "frontends" else ()
+    srv = ServerProcess(repo, *args).start()
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments(), srv.segments()
 
 
 @pytest.fixture

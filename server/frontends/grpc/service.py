@@ -288,7 +288,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.dp.unregister_shm(request.name, cuda=False, peer=self.peer(context))
+        await self.dp.unregister_shm(request.name, cuda=False, peer=self.peer(context))
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc("shared-memory")
@@ -321,7 +321,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.dp.unregister_shm(request.name, cuda=True, peer=self.peer(context))
+        await self.dp.unregister_shm(request.name, cuda=True, peer=self.peer(context))
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @rpc("trace")

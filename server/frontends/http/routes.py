@@ -192,7 +192,7 @@ async def system_shm_register(request: web.Request) -> web.Response:
 
 
 async def system_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=False, peer=_peer(request))
+    await request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=False, peer=_peer(request))
     return web.Response(status=200)
 
 
@@ -224,7 +224,7 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
 
 
 async def cuda_shm_unregister(request: web.Request) -> web.Response:
-    request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=True, peer=_peer(request))
+    await request.app[DATAPLANE].unregister_shm(request.match_info.get("region"), cuda=True, peer=_peer(request))
     return web.Response(status=200)
 
 
