@@ -35,15 +35,17 @@ from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 MODELS = ("add_sub", "identity_fp32", "simple_onnx", "gpu_double", "slow", "gpu_ens")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["router", "frontends"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Alone, and with frontend processes (requests naming CUDA regions go over lanes)."""
     repo = make_repository(tmp_path_factory.mktemp("repo"), *MODELS)
     on_gpu = repo / "gpu_double_on_gpu"
     shutil.copytree(repo / "gpu_double", on_gpu)
     cfg = (on_gpu / "config.pbtxt").read_text()
     cfg = cfg.replace('name: "gpu_double"', 'name: "gpu_double_on_gpu"').replace("KIND_CPU", "KIND_GPU")
     (on_gpu / "config.pbtxt").write_text(cfg)
-    srv = ServerProcess(repo).start()
+    args = ("--frontend-processes", "2") if request.param == "frontends" else ()
+    srv = ServerProcess(repo, *args).start()
     yield srv
     assert srv.terminate() == 0, srv.log
     assert not srv.segments()
