@@ -11,8 +11,9 @@ cache, rate limiter, deadline, trace, decoupled responses; ``eligible``) does no
 crossing: the router publishes such versions with their READY instances' lane sockets, and a
 frontend sends each request to an instance's worker itself (``frontproc.lanes_client``), then
 reports what the router would have counted. Everything else still goes through the router,
-as does any request of a lane-eligible model that uses what only the router has (client
-shared memory, classification, a ``timeout``, sequence ids).
+as does any request of a lane-eligible model that uses what only the router has (classification,
+a ``timeout`` or ``priority``, sequence ids, a client region a frontend was not told of:
+``frontproc.shmmirror``).
 
 The table is recomputed every ``POLL_S`` and pushed to every frontend when it changed, and at
 once when the server stops accepting (``refresh``). A request sent on a stale route is safe:
