@@ -1463,11 +1463,8 @@ class ShmRegions(_message.Message):
     DROP_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     CALL_ID_FIELD_NUMBER: _builtins.int
-    ANY_OWNER_FIELD_NUMBER: _builtins.int
     reset: _builtins.bool
     call_id: _builtins.int
-    any_owner: _builtins.bool
-    """--client-shm-access=any: every client uses one namespace"""
     @_builtins.property
     def add(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShmEntry]: ...
     @_builtins.property
@@ -1479,11 +1476,10 @@ class ShmRegions(_message.Message):
         drop: _abc.Iterable[_builtins.int] | None = ...,
         reset: _builtins.bool = ...,
         call_id: _builtins.int = ...,
-        any_owner: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "any_owner", b"any_owner", "call_id", b"call_id", "drop", b"drop", "reset", b"reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "call_id", b"call_id", "drop", b"drop", "reset", b"reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -179,14 +179,9 @@ class RouterLink(asyncio.Protocol):
             elif body == "lane_routes":
                 if self.lanes is not None:
                     self.lanes.update(env.lane_routes)
-            elif body == "shm_regions":
+            elif body == "shm_regions":  # sent only while lanes are on, as they are here then
                 if self.lanes is not None and self.lanes.shm is not None:
                     self.lanes.shm.update(env.shm_regions)
-                elif env.shm_regions.drop:  # nothing here names them
-                    answer = wire.envelope(0)
-                    answer.shm_dropped.call_id = env.shm_regions.call_id
-                    answer.shm_dropped.idle.extend(env.shm_regions.drop)
-                    self.send(answer)
             elif body == "forget":  # a worker exited: its output arena is gone
                 for prefix in env.forget.arena_prefixes:
                     self.mapper.forget_prefix(prefix)

@@ -185,7 +185,14 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
         os.path.join(run_dir, "workers.sock"), f"frontend/{index}".encode(), arena, cfg.inline_max_bytes
     )
     if cfg.frontend_lanes:
-        link.lanes = Lanes(index, link.place, link.free_blocks, link.mapper, link.report, ShmRegions(link.send))
+        link.lanes = Lanes(
+            index,
+            link.place,
+            link.free_blocks,
+            link.mapper,
+            link.report,
+            ShmRegions(link.send, any_owner=cfg.client_shm_access == "any"),
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -78,7 +78,6 @@ class ShmMirror:
         env = wire.envelope(0)
         table = env.shm_regions
         table.reset = True
-        table.any_owner = self.registry.access == "any"
         for region in regions:
             self._entry(region, table.add.add())
         if self._send(identity, env):
@@ -89,9 +88,7 @@ class ShmMirror:
         if not region.registered:  # unregistered while its registration was checked
             return
         env = wire.envelope(0)
-        table = env.shm_regions
-        table.any_owner = self.registry.access == "any"
-        self._entry(region, table.add.add())
+        self._entry(region, env.shm_regions.add.add())
         for identity in self.frontends:
             if self._send(identity, env):
                 self._hold(identity, (region,))

@@ -38,11 +38,13 @@ Send = Callable[[wpb.Envelope], None]
 
 
 class ShmRegions:
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, any_owner: bool = False) -> None:
         self._send = send
         self._by_name: dict[tuple[str, str], FrontRegion] = {}
         self._by_id: dict[int, FrontRegion] = {}
-        self.any_owner = False
+        self.any_owner = any_owner
+        """``--client-shm-access=any``: every client uses one namespace (the server's own
+        setting, as the router's registry reads it)."""
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -52,7 +54,6 @@ class ShmRegions:
         if msg.reset:
             self._by_name.clear()
             self._by_id.clear()
-        self.any_owner = msg.any_owner
         for entry in msg.add:
             added = FrontRegion(entry.region)
             self._by_name[(entry.owner, entry.name)] = added

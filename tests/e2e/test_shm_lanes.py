@@ -179,3 +179,25 @@ def test_the_worker_unmaps_a_region_a_killed_frontend_held(server: ServerProcess
         _identity(httpclient, server.url, "lanes", n, timeout=30)
     region.unregister()
     wait_until(lambda: not _mapped(pid, region.key), 10)
+
+
+def test_any_access_keeps_its_lanes_after_an_unregister(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``--client-shm-access=any`` (one namespace, as Triton): after another region's
+    unregistration (news for every frontend), a region is still used over lanes."""
+    for srv in served(tmp_path_factory, ("identity_fp32",), "--frontend-processes", "2", "--client-shm-access=any"):
+        n = 16
+        keep, gone = Region(srv, "keep", 1024), Region(srv, "gone", 1024)
+        try:
+            keep.register()
+            gone.register()
+            gone.unregister()
+            time.sleep(TOLD_S)
+            data = np.arange(n, dtype=np.float32)
+            keep.put(data, np.zeros(n, dtype=np.float32))
+            with RouterStopped(srv):
+                for k in range(4):
+                    _identity(httpclient if k % 2 else grpcclient, srv.url if k % 2 else srv.grpc_url, "keep", n)
+            np.testing.assert_array_equal(keep.get([n], n * 4), data)
+        finally:
+            keep.close()
+            shm.destroy_shared_memory_region(gone.handle)

@@ -11,10 +11,10 @@ from shoal.server.peers import Peer
 from shoal.server.types import ShmRef
 
 
-def _table(*entries: tuple[str, str, int, int], reset: bool = False, any_owner: bool = False) -> wpb.ShmRegions:
+def _table(*entries: tuple[str, str, int, int], reset: bool = False) -> wpb.ShmRegions:
     env = wire.envelope(0)
     msg = env.shm_regions
-    msg.reset, msg.any_owner = reset, any_owner
+    msg.reset = reset
     for owner, name, region_id, size in entries:
         e = msg.add.add()
         e.owner, e.name = owner, name
@@ -46,13 +46,13 @@ def test_find_checks_owner_name_and_bounds() -> None:
 
 
 def test_owner_follows_the_access_mode() -> None:
-    t = ShmRegions(lambda env: None)
     peer = Peer("10.0.0.9", 5000, 8000)  # remote: its namespace is its address
-    t.update(_table(reset=True))
-    assert t.owner(peer) == "host:10.0.0.9"
-    assert t.owner(None) is None
-    t.update(_table(reset=True, any_owner=True))
-    assert t.owner(peer) == "" and t.owner(None) == ""
+    local = ShmRegions(lambda env: None)
+    assert local.owner(peer) == "host:10.0.0.9"
+    assert local.owner(None) is None
+    shared = ShmRegions(lambda env: None, any_owner=True)
+    shared.update(_drop(1, 9))  # news from the router never change the server's setting
+    assert shared.owner(peer) == "" and shared.owner(None) == ""
 
 
 def test_a_drop_is_answered_at_once_and_idle_when_unused() -> None:
