@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ServerProcess, served, wait_until
+from tests.e2e.server import ServerProcess, make_repository, served, wait_until
 from tests.e2e.test_frontend_lanes import RouterStopped
 from tests.e2e.test_frontend_processes import frontend_pids
 from tests.e2e.test_shared_memory import _mapped
@@ -184,20 +184,23 @@ def test_the_worker_unmaps_a_region_a_killed_frontend_held(server: ServerProcess
 def test_any_access_keeps_its_lanes_after_an_unregister(tmp_path_factory: pytest.TempPathFactory) -> None:
     """``--client-shm-access=any`` (one namespace, as Triton): after another region's
     unregistration (news for every frontend), a region is still used over lanes."""
-    for srv in served(tmp_path_factory, ("identity_fp32",), "--frontend-processes", "2", "--client-shm-access=any"):
-        n = 16
-        keep, gone = Region(srv, "keep", 1024), Region(srv, "gone", 1024)
-        try:
-            keep.register()
-            gone.register()
-            gone.unregister()
-            time.sleep(TOLD_S)
-            data = np.arange(n, dtype=np.float32)
-            keep.put(data, np.zeros(n, dtype=np.float32))
-            with RouterStopped(srv):
-                for k in range(4):
-                    _identity(httpclient if k % 2 else grpcclient, srv.url if k % 2 else srv.grpc_url, "keep", n)
-            np.testing.assert_array_equal(keep.get([n], n * 4), data)
-        finally:
-            keep.close()
-            shm.destroy_shared_memory_region(gone.handle)
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "identity_fp32")
+    srv = ServerProcess(repo, "--frontend-processes", "2", "--client-shm-access=any").start()
+    n = 16
+    keep, gone = Region(srv, "keep", 1024), Region(srv, "gone", 1024)
+    try:
+        keep.register()
+        gone.register()
+        gone.unregister()
+        time.sleep(TOLD_S)
+        data = np.arange(n, dtype=np.float32)
+        keep.put(data, np.zeros(n, dtype=np.float32))
+        with RouterStopped(srv):
+            for k in range(4):
+                _identity(httpclient if k % 2 else grpcclient, srv.url if k % 2 else srv.grpc_url, "keep", n)
+        np.testing.assert_array_equal(keep.get([n], n * 4), data)
+    finally:
+        keep.close()
+        shm.destroy_shared_memory_region(gone.handle)
+        assert srv.terminate() == 0, srv.log  # also when the test failed: no server left behind
+    assert not srv.segments(), srv.segments()
