@@ -87,6 +87,10 @@ class Inbox:
         in ``poll`` is woken so that it waits on it from now on."""
         assert self.lanes is not None
         self.lanes.poller.register(fd, READABLE)
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the thread waiting in ``poll`` (from any thread; lanes attached)."""
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
@@ -118,6 +122,13 @@ class Inbox:
                 if pick(item):
                     del self._backlog[i]
                     return item
+        return None
+
+    def take_first(self, pick: Callable[[Incoming], bool]) -> Incoming | None:
+        """Remove and return the first message for the main loop if ``pick`` accepts it."""
+        with self._cond:
+            if self._backlog and pick(self._backlog[0]):
+                return self._backlog.popleft()
         return None
 
     def read_now(self, timeout_ms: int) -> None:

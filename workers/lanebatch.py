@@ -21,6 +21,7 @@ same requests and 1.43x the unbatched one-process ceiling.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 from shoal.proto.batchpolicy import batch_target
@@ -30,6 +31,9 @@ from shoal.workers.inbox import Inbox, Incoming
 
 _ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 _NONE: Final = (0, ())
+UNTIL_POLL_MS: Final = 1
+"""Longest wait of one ``poll`` while gathering ``until``: ``until()`` is looked at after each
+read, so under load (arrivals wake the poll) at once, and at least every millisecond."""
 
 
 def _size_and_key(env: wpb.Envelope) -> tuple[int, _ShapeKey]:
@@ -55,9 +59,12 @@ class LaneBatcher:
         """When each request of the last ``gather`` was read (its queue time)."""
         inbox.arrivals = self.arrivals
 
-    def gather(self, first: Incoming) -> list[Incoming]:
+    def gather(self, first: Incoming, *, until: Callable[[], bool] | None = None) -> list[Incoming]:
         """``first`` and the compatible lane requests waiting (or arriving within the queue
-        delay) to execute with it; ``arrived`` then holds when each was read (0: unknown)."""
+        delay) to execute with it; ``arrived`` then holds when each was read (0: unknown).
+        With ``until`` (the instance is still busy with the batch before) it waits for more
+        until ``until()`` is true instead, whatever the delay, and then takes what has arrived
+        until a read brings nothing more."""
         arrivals = self.arrivals
         arrived = arrivals.pop(id(first[0]), 0)
         self.arrived = [arrived]
@@ -79,6 +86,15 @@ class LaneBatcher:
         while size < self.target:
             item = inbox.take(fits)
             if item is None:
+                if until is not None:
+                    if not until():
+                        inbox.read_now(UNTIL_POLL_MS)
+                        continue
+                    if looked:  # done, and nothing more had arrived
+                        break
+                    looked = True
+                    inbox.read_now(0)  # what has arrived meanwhile joins the batch
+                    continue
                 if not self.delay_ns:
                     if looked:
                         break

@@ -31,7 +31,15 @@ from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers import warmup
-from shoal.workers.backends.base import Backend, Device, ModelSpec, WorkRequest, WorkResponse, spec_from_load
+from shoal.workers.backends.base import (
+    Backend,
+    Device,
+    Launched,
+    ModelSpec,
+    WorkRequest,
+    WorkResponse,
+    spec_from_load,
+)
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
@@ -98,6 +106,28 @@ class Heartbeat(threading.Thread):
                     return
         finally:
             conn.close()
+
+
+def _lane_work(item: Incoming) -> bool:
+    """A lane's request, release or cancel (what ``_pipeline_lanes`` takes between batches)."""
+    env, _, lane = item
+    return lane is not None and env is not CLOSED and env.WhichOneof("body") in ("infer", "release", "cancel")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _LaneBatch:
+    """A lane batch between ``_launch_lanes`` and ``_finish_lanes``."""
+
+    items: list[Incoming]
+    replies: list[tuple[wpb.Envelope, list[Any]]]
+    work: list[WorkRequest] = dataclasses.field(default_factory=list)
+    dests: list[Any] = dataclasses.field(default_factory=list)
+    counts: list[int] = dataclasses.field(default_factory=list)
+    arrived: list[int] = dataclasses.field(default_factory=list)
+    t0: int = 0
+    t1: int = 0
+    launched: Launched | None = None
+    error: Exception | None = None
 
 
 class WorkerRuntime:
@@ -174,7 +204,9 @@ class WorkerRuntime:
                     self.busy = True
                     try:
                         batch = self.lane_batcher.gather((env, frames, lane)) if lane and self.lane_batcher else None
-                        if batch is not None:
+                        if batch is not None and self.backend is not None and self.backend.pipelined:
+                            self._pipeline_lanes(batch)
+                        elif batch is not None:
                             self._infer_lanes(batch)
                         else:
                             self._infer(env, frames, lane)
@@ -395,34 +427,87 @@ class WorkerRuntime:
     def _infer_lanes(self, items: list[Incoming]) -> None:
         """Lane requests this worker batched (``workers.lanebatch``): one execution, counted
         here (the clients count the requests), each request answered on its lane."""
-        replies: list[tuple[wpb.Envelope, list[Any]]] = [(wire.envelope(env.request_id), []) for env, _, _ in items]
-        out_frames: list[Any]
-        backend, writer, spec = self.backend, self.writer, self.spec
-        stat: wpb.LaneStat | None = None
+        self._finish_lanes(self._launch_lanes(items))
+
+    def _pipeline_lanes(self, items: list[Incoming]) -> None:
+        """``_infer_lanes`` for a ``pipelined`` backend: while a batch runs on the device the
+        worker reads and launches the next one, if lane requests are waiting, and only then
+        waits for the first and answers it. So the GPU computes while the worker handles
+        requests (one instance on its own reached 0.57x the in-process loop over system
+        shared memory at c=64 with the two in turn). When a lane request is waiting, the
+        next batch gathers requests until it is full or the running batch's device work is
+        done (the queue delay plays no part: its requests wait for the instance anyway, as
+        in Triton's batcher while every instance is busy); when none is waiting, the running
+        batch is answered at once. Releases and cancels on lanes are handled in between;
+        anything else ends the pipeline, and the main loop takes it in its turn."""
+        launched = self._launch_lanes(items)
+        while True:
+            following = None
+            if not self.stop_requested:
+                nxt = self._waiting_lane_batch(launched)
+                following = self._launch_lanes(nxt) if nxt else None
+            self._finish_lanes(launched)
+            if following is None:
+                return
+            launched = following
+
+    def _waiting_lane_batch(self, running: _LaneBatch) -> list[Incoming] | None:
+        """The next lane batch if lane requests come first in the backlog (releases and
+        cancels before them are handled here), else None; gathered while ``running`` runs."""
+        inbox, batcher = self.inbox, self.lane_batcher
+        assert inbox is not None and batcher is not None
+        inbox.read_now(0)
+        while True:
+            item = inbox.take_first(_lane_work)
+            if item is None:
+                return None
+            env, _, lane = item
+            kind = env.WhichOneof("body")
+            if kind == "release":
+                self._release(env.release, lane)
+            elif kind == "infer" and lane is not None and not lane.dead:
+                return batcher.gather(item, until=running.launched.done if running.launched else None)
+
+    def _launch_lanes(self, items: list[Incoming]) -> _LaneBatch:
+        """Read a lane batch and start it on the backend (``_finish_lanes`` answers it)."""
+        batch = _LaneBatch(items, [(wire.envelope(env.request_id), []) for env, _, _ in items])
+        backend = self.backend
         try:
-            if backend is None or writer is None or spec is None:
+            if backend is None or self.writer is None or self.spec is None:
                 raise ServingError("model is not loaded")
-            t0 = time.monotonic_ns()
+            batch.t0 = time.monotonic_ns()
             backend.begin_batch()
-            work: list[WorkRequest] = []
-            dests: list[Any] = []
-            counts = []
             try:
                 for env, frames, _ in items:
                     w, d = self._read_batch(env, frames, backend)
-                    work.extend(w)
-                    dests.extend(d)
-                    counts.append(len(w))
+                    batch.work.extend(w)
+                    batch.dests.extend(d)
+                    batch.counts.append(len(w))
             finally:
                 self.regions.finish_reads()
-            t1 = time.monotonic_ns()
-            responses = backend.execute(work)
+            batch.t1 = time.monotonic_ns()
+            batch.arrived = self.lane_batcher.arrived if self.lane_batcher is not None else []
+            batch.launched = backend.launch(batch.work)
+        except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
+            batch.error = exc
+        return batch
+
+    def _finish_lanes(self, batch: _LaneBatch) -> None:
+        """Wait for a launched lane batch and answer each of its requests on its lane."""
+        replies, work, dests, spec = batch.replies, batch.work, batch.dests, self.spec
+        stat: wpb.LaneStat | None = None
+        try:
+            if batch.error is not None:
+                raise batch.error
+            assert batch.launched is not None and spec is not None
+            t0, t1 = batch.t0, batch.t1
+            responses = batch.launched.finish()
             t2 = time.monotonic_ns()
             if len(responses) != len(work):
                 raise ServingError(f"backend returned {len(responses)} responses where {len(work)} were expected")
             with self.lock:
                 i = 0
-                for (reply, out_frames), n in zip(replies, counts, strict=True):
+                for (reply, out_frames), n in zip(replies, batch.counts, strict=True):
                     done = reply.infer_done
                     done.counted = True
                     for req, resp, dest in zip(work[i : i + n], responses[i : i + n], dests[i : i + n], strict=True):
@@ -432,7 +517,7 @@ class WorkerRuntime:
                     i += n
                 self.regions.finish_writes()
             t3 = time.monotonic_ns()
-            arrived = self.lane_batcher.arrived if self.lane_batcher is not None else []
+            arrived = batch.arrived
             for k, (reply, _) in enumerate(replies):
                 done = reply.infer_done
                 done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns = t1 - t0, t2 - t1, t3 - t2
@@ -461,7 +546,7 @@ class WorkerRuntime:
             counts_first += bytes(encode([env.SerializeToString()])[0])
         if counts_first:
             self._send_encoded(counts_first)
-        for (reply, out_frames), (env, _, lane) in zip(replies, items, strict=True):
+        for (reply, out_frames), (env, _, lane) in zip(replies, batch.items, strict=True):
             assert lane is not None
             self._answer_lane(lane, reply, out_frames)
             if self.inbox is not None and self.inbox.cancelled:

@@ -117,6 +117,19 @@ def _inputs(k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.full((rows, 1), k, np.int32)
 
 
+def _infer_in_shm(c: Any, h: Any, name: str, x: np.ndarray, inputs: list[Any], outs: list[Any]) -> tuple[Any, Any]:
+    """``pt_batched_gpu`` with ``x`` and both outputs in the registered region ``name``
+    (handle ``h``: x, then OUTPUT__0, then OUTPUT__1); the outputs read back."""
+    rows = x.shape[0]
+    sysshm.set_shared_memory_region(h, [x])
+    inputs[0].set_shared_memory(name, x.nbytes)
+    outs[0].set_shared_memory(name, x.nbytes, offset=x.nbytes)
+    outs[1].set_shared_memory(name, x.nbytes, offset=2 * x.nbytes)
+    c.infer("pt_batched_gpu", inputs, outputs=outs)
+    whole = sysshm.get_contents_as_numpy(h, np.float32, [3 * rows, N])
+    return whole[rows : 2 * rows], whole[2 * rows :]
+
+
 def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
     """Sixteen requests (1 or 2 rows) at once, half with inputs and outputs in system shared
     memory: they run in few executions and each gets its own rows back."""
@@ -140,14 +153,8 @@ def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
                 name = f"pt_sys_{k}"
                 h = sysshm.create_shared_memory_region(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
                 handles.append(h)
-                sysshm.set_shared_memory_region(h, [x])
                 c.register_system_shared_memory(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
-                ix.set_shared_memory(name, x.nbytes)
-                outs[0].set_shared_memory(name, x.nbytes, offset=x.nbytes)
-                outs[1].set_shared_memory(name, x.nbytes, offset=2 * x.nbytes)
-                c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
-                whole = sysshm.get_contents_as_numpy(h, np.float32, [3 * rows, N])
-                got0, got1 = whole[rows : 2 * rows], whole[2 * rows :]
+                got0, got1 = _infer_in_shm(c, h, name, x, [ix, iy], outs)
                 c.unregister_system_shared_memory(name)
             np.testing.assert_array_equal(got0, x * 2 + k)
             np.testing.assert_array_equal(got1, x)
@@ -241,10 +248,24 @@ def test_no_device_memory_growth(server: ServerProcess) -> None:
         pynvml.nvmlShutdown()
 
 
+class HostSync(torch.nn.Module):  # type: ignore[misc,name-defined]
+    """Branches on its data (a host synchronization): cannot be captured in a CUDA graph."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+        if bool(x.abs().sum() > 1e30):
+            return x, x
+        return x * 2 + y.to(torch.float32), x
+
+
+GRAPHS = BATCHED.replace("dynamic_batching", "optimization { cuda { graphs: true } }\ndynamic_batching")
+
+
 @pytest.fixture(scope="module")
 def lanes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("repo")
     save_model(repo, "pt_batched_gpu", Batched(), BATCHED)
+    save_model(repo, "pt_graphs_gpu", Batched(), GRAPHS)
+    save_model(repo, "pt_graphs_fail", HostSync(), GRAPHS)
     srv = ServerProcess(repo, "--frontend-processes", "2").start()
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -278,3 +299,89 @@ def test_the_worker_batches_lane_requests_on_the_gpu(lanes_server: ServerProcess
     inf1, exe1 = _stats(lanes_server, "pt_batched_gpu")
     assert inf1 - inf0 == 24
     assert exe1 - exe0 < 16, "the requests were not batched"
+
+
+def test_sustained_lane_load_keeps_every_answer_its_own(lanes_server: ServerProcess) -> None:
+    """Twenty-four clients sending 30 requests each, back to back, inline and in system
+    shared memory: the worker reads and launches a batch while the one before runs on the
+    GPU (``WorkerRuntime._pipeline_lanes``, two sets of pinned buffers in turn). Every answer
+    holds the rows of its own request, and the statistics count every request once."""
+    time.sleep(0.3)  # the routes reach the frontends
+    inf0, _ = _stats(lanes_server, "pt_batched_gpu")
+    rounds = 30
+
+    def one(k: int) -> None:
+        c = grpcclient.InferenceServerClient(lanes_server.grpc_url)
+        key = f"/shoaltest_{os.getpid()}_pipe{k}"
+        name = f"pipe_{k}"
+        h = sysshm.create_shared_memory_region(name, key, 3 * 2 * N * 4)
+        try:
+            c.register_system_shared_memory(name, key, 3 * 2 * N * 4)
+            for i in range(rounds):
+                rows = 1 + (k + i) % 2
+                x, y = _inputs(1000 * k + i, rows)
+                ix = grpcclient.InferInput("x", [rows, N], "FP32")
+                iy = grpcclient.InferInput("y", [rows, 1], "INT32")
+                iy.set_data_from_numpy(y)
+                outs = [grpcclient.InferRequestedOutput("OUTPUT__0"), grpcclient.InferRequestedOutput("OUTPUT__1")]
+                if (k + i) % 3:
+                    ix.set_data_from_numpy(x)
+                    r = c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
+                    got0, got1 = r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1")
+                else:
+                    got0, got1 = _infer_in_shm(c, h, name, x, [ix, iy], outs)
+                np.testing.assert_array_equal(got0, x * 2 + y.astype(np.float32))
+                np.testing.assert_array_equal(got1, x)
+            c.unregister_system_shared_memory(name)
+        finally:
+            c.close()
+            sysshm.destroy_shared_memory_region(h)
+
+    _together(24, one)
+    inf1, _ = _stats(lanes_server, "pt_batched_gpu")
+    assert inf1 - inf0 == sum(1 + (k + i) % 2 for k in range(24) for i in range(rounds))
+
+
+@pytest.mark.parametrize("model", ["pt_graphs_gpu", "pt_graphs_fail"])
+def test_cuda_graphs_serve_every_batch_size(lanes_server: ServerProcess, model: str) -> None:
+    """``optimization { cuda { graphs: true } }`` (``workers/backends/torchgraphs``): graphs for
+    batch sizes 1, 2, 4, ..., 32; batches of every size in between are padded into the next
+    graph and each request gets its own rows back, alone and batched with others. A module
+    that cannot be captured (it branches on its data) is served without graphs."""
+    if model == "pt_graphs_gpu":
+        assert "captured CUDA graphs for batch sizes [1, 2, 4, 8, 16, 32]" in lanes_server.log
+    else:
+        assert f"model '{model}': CUDA graphs not used, capturing failed" in lanes_server.log
+    time.sleep(0.3)  # the routes reach the frontends
+    inf0, _ = _stats(lanes_server, model)
+    c = httpclient.InferenceServerClient(lanes_server.url)
+    try:
+        for rows in (1, 3, 5, 17, 32):
+            x, y = _inputs(rows, rows)
+            ix, iy = httpclient.InferInput("x", [rows, N], "FP32"), httpclient.InferInput("y", [rows, 1], "INT32")
+            ix.set_data_from_numpy(x)
+            iy.set_data_from_numpy(y)
+            r = c.infer(model, [ix, iy])
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT__0"), x * 2 + rows)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT__1"), x)
+    finally:
+        c.close()
+
+    def one(k: int) -> None:
+        g = grpcclient.InferenceServerClient(lanes_server.grpc_url)
+        try:
+            for i in range(10):
+                rows = 1 + (k + i) % 3
+                x, y = _inputs(100 * k + i, rows)
+                ix, iy = grpcclient.InferInput("x", [rows, N], "FP32"), grpcclient.InferInput("y", [rows, 1], "INT32")
+                ix.set_data_from_numpy(x)
+                iy.set_data_from_numpy(y)
+                r = g.infer(model, [ix, iy])
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT__0"), x * 2 + y.astype(np.float32))
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT__1"), x)
+        finally:
+            g.close()
+
+    _together(12, one)
+    inf1, _ = _stats(lanes_server, model)
+    assert inf1 - inf0 == 58 + sum(1 + (k + i) % 3 for k in range(12) for i in range(10))

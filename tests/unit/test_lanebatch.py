@@ -99,3 +99,20 @@ def test_a_request_that_waited_while_the_worker_was_busy_does_not_wait_again() -
     assert len(b.gather(first)) == 1
     assert inbox.waits == []
     assert not inbox.arrivals
+
+
+def test_while_the_batch_before_runs_it_gathers_until_that_is_done_then_drains() -> None:
+    """``until`` (the worker's pipeline): no queue delay counts; it waits while ``until()`` is
+    false, and once it is true it still takes what a read brings, until a read brings nothing."""
+    inbox = FakeInbox()
+    batcher = LaneBatcher(_config(delay_us=0), inbox)  # type: ignore[arg-type]
+    inbox.later = [_item(1), _item(1)]
+    checks = iter([False, False, True, True, True])
+    batch = batcher.gather(_item(1), until=lambda: next(checks))
+    assert len(batch) == 3  # two arrived while the batch before ran
+    assert inbox.waits[:2] == [1, 1] and inbox.waits[-1] == 0
+    inbox = FakeInbox()
+    batcher = LaneBatcher(_config(delay_us=0), inbox)  # type: ignore[arg-type]
+    inbox.later = [_item(1), _item(2), _item(1)]  # arrived already: the drain after "done" takes them
+    batch = batcher.gather(_item(1), until=lambda: True)
+    assert [b[0].infer.requests[0].inputs[0].shape[0] for b in batch] == [1, 1, 2, 1]

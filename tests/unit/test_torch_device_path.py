@@ -24,8 +24,8 @@ class TwoInTwoOut(torch.nn.Module):  # type: ignore[misc,name-defined]
         return a * 2 + b.to(torch.float32).sum(dim=1, keepdim=True), a
 
 
-def _backend(max_batch: int) -> Any:
-    cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=max_batch)
+def _backend(max_batch: int, cfg: mc.ModelConfig | None = None) -> Any:
+    cfg = cfg or mc.ModelConfig(name="m", backend="pytorch", max_batch_size=max_batch)
     cfg.input.add(name="a", data_type=mc.TYPE_FP32, dims=[3])
     cfg.input.add(name="b", data_type=mc.TYPE_INT64, dims=[2])
     cfg.output.add(name="OUT__0", data_type=mc.TYPE_FP32, dims=[3])
@@ -158,3 +158,80 @@ def test_inputs_read_into_staging_go_up_without_a_second_copy(placed: tuple[str,
     requests = [_request(0, 2, rng), _request(1, 1, rng)]
     for g, w in zip(staged.execute(requests), plain.execute(requests), strict=True):
         np.testing.assert_allclose(g.outputs["OUT__0"], w.outputs["OUT__0"], rtol=1e-6)
+
+
+def test_a_batch_launched_before_the_last_is_finished_keeps_both_apart() -> None:
+    """``launch`` (the worker's pipeline): batch B is read and launched before batch A is
+    waited for, so each has its own pinned buffers; A's outputs are intact after B's."""
+    staged, plain = _backend(8), _backend(8)
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    staged._path, staged.host_input, staged.pipelined = path, path.host_input, True
+    rng = np.random.default_rng(9)
+    batches = [[_request(i, n, rng) for i, n in enumerate(sizes)] for sizes in ([2, 1], [3], [1, 1, 2], [4, 4])]
+    checked = 0
+
+    def check(got: list[Any]) -> None:  # as the worker writes a batch's answers: before the next but one begins
+        nonlocal checked
+        for g, w in zip(got, plain.execute(batches[checked]), strict=True):
+            for name in w.outputs:
+                np.testing.assert_allclose(g.outputs[name], w.outputs[name], rtol=1e-6)
+        checked += 1
+
+    pending = None
+    for requests in batches:
+        staged.begin_batch()
+        placed = [WorkRequest(id=r.id, inputs={k: _place(staged, v) for k, v in r.inputs.items()},
+                              requested_outputs=[]) for r in requests]  # fmt: skip
+        launched = staged.launch(placed)
+        if pending is not None:
+            check(pending.finish())
+        pending = launched
+    assert pending is not None
+    check(pending.finish())
+    assert checked == len(batches)
+    # two sets of pinned buffers, each grown once
+    assert [b.allocations for b in (*path._host_in, *path._host_out)] == [1, 1, 1, 1]
+
+
+def test_a_failed_launch_raises_at_once() -> None:
+    backend = _backend(8)
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    backend._path, backend.pipelined = path, True
+    bad = WorkRequest(id=0, inputs={"a": np.zeros((1, 3), np.float32)}, requested_outputs=[])
+    with pytest.raises(InvalidInput, match="needs input 'b'"):
+        backend.launch([bad])
+    rng = np.random.default_rng(10)
+    ok = [_request(0, 2, rng)]
+    np.testing.assert_allclose(backend.launch(ok).finish()[0].outputs["OUT__0"], _expected(ok[0])[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("groups", "value", "expected"),
+    [
+        ([1], "", True),
+        ([2], "", False),
+        ([1, 1], "auto", False),
+        ([2], "true", True),
+        ([1], "FALSE", False),
+    ],
+)
+def test_pipelining_follows_the_parameter_and_the_instances_per_gpu(
+    groups: list[int], value: str, expected: bool
+) -> None:
+    from shoal.workers.backends.pytorch import _pipelined
+
+    cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=8)
+    for count in groups:
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=4)  # CPU instances do not count
+    if value:
+        cfg.parameters["SHOAL_PIPELINE_BATCHES"].string_value = value
+    spec = ModelSpec("m", 1, cfg, "/nonexistent", "/nonexistent/m", "/nonexistent/m/1", "m_0", Device("GPU", 0))
+    assert _pipelined(spec) is expected
+
+
+def test_a_bad_pipelining_parameter_fails_the_load_by_name() -> None:
+    cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=8)
+    cfg.parameters["SHOAL_PIPELINE_BATCHES"].string_value = "sometimes"
+    with pytest.raises(InvalidInput, match="SHOAL_PIPELINE_BATCHES must be auto, true or false, got 'sometimes'"):
+        _backend(8, cfg)

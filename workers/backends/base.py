@@ -152,6 +152,20 @@ class WorkResponse:
     """A ``str`` is JSON text of an object, sent on as it is."""
 
 
+def _done() -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    """A batch started by ``Backend.launch``."""
+
+    finish: Callable[[], list[WorkResponse]]
+    """Waits for the batch and gives its responses (main thread)."""
+    done: Callable[[], bool] = _done
+    """Whether the batch's device work is done (does not wait)."""
+
+
 class Backend(ABC):
     """One model instance. ``load`` is a factory, so no half-built backend exists."""
 
@@ -196,6 +210,18 @@ class Backend(ABC):
         a ``ServingError``); per-request failures go in ``WorkResponse.error``.
         """
 
+    pipelined: bool = False
+    """``launch`` returns before the batch's device work is done, so the worker may read and
+    launch the next batch before it waits for this one (a GPU backend with its own stream)."""
+
+    def launch(self, requests: Sequence[WorkRequest]) -> Launched:
+        """Start a batch; its ``finish`` waits for it and gives what ``execute`` would (and
+        raises what it would). For backends that are not ``pipelined`` the batch has run by
+        the time this returns. A batch must be finished before the batch after the next one
+        begins (``begin_batch``)."""
+        responses = self.execute(requests)
+        return Launched(lambda: responses)
+
     @abstractmethod
     def close(self) -> None:
         """Release the model and any device memory; idempotent."""
@@ -234,14 +260,15 @@ class BatchedBackend(Backend):
             out = self.run(self.ragged.merge(requests), names)
             parts = self.ragged.split(out, requests, sizes)
             return [WorkResponse(outputs=_select(p, r.requested_outputs)) for p, r in zip(parts, requests, strict=True)]
-        if len(requests) == 1:
-            req = requests[0]
-            out = self.run_batch(requests, names)
-            return [WorkResponse(outputs=_select(out, req.requested_outputs))]
-        if not self.batching:
+        if not self.batching and len(requests) > 1:
             return [WorkResponse(outputs=_select(self.run_batch([r], names), r.requested_outputs)) for r in requests]
+        return self.split(requests, self.run_batch(requests, names))
+
+    def split(self, requests: Sequence[WorkRequest], out: dict[str, Array]) -> list[WorkResponse]:
+        """The responses of ``requests`` from the outputs of their one execution."""
+        if len(requests) == 1:
+            return [WorkResponse(outputs=_select(out, requests[0].requested_outputs))]
         sizes = [_batch_of(r) for r in requests]
-        out = self.run_batch(requests, names)
         responses: list[WorkResponse] = []
         start = 0
         for req, n in zip(requests, sizes, strict=True):

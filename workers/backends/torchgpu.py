@@ -18,8 +18,11 @@ device by the worker).
 
 The staging and device buffers grow to the largest batch seen and are then reused: the
 instance allocates nothing per batch but the model's own tensors (PyTorch's caching
-allocator). Views of the output buffer stay valid until the next ``begin`` (the worker has
-written every response of a batch before it executes the next).
+allocator). The pinned buffers come in two sets, used by alternate batches: a batch may be
+launched (``record``) and its next one staged and launched before the first is finished
+(``wait``), so the worker reads a batch's requests while the GPU computes the one before
+(``PyTorchBackend.launch``). Views of a batch's output buffer stay valid until the batch
+after next begins. The device input buffer is one: the instance's stream orders its use.
 
 With ``device`` the CPU and ``pin`` false the same code runs without CUDA (unit tests).
 """
@@ -107,19 +110,34 @@ class TorchDevicePath:
         self.device = device
         self.on_gpu = device.type == "cuda"
         self.stream: Any = torch.cuda.Stream(device, priority=priority) if self.on_gpu else None
-        self.host_in = _Buffer(torch, "cpu", pin)
+        self._host_in = (_Buffer(torch, "cpu", pin), _Buffer(torch, "cpu", pin))
+        self._host_out = (_Buffer(torch, "cpu", pin), _Buffer(torch, "cpu", pin))
+        self._slot = 0
+        self.host_in = self._host_in[0]
+        """The pinned input staging of the current batch."""
+        self.host_out = self._host_out[0]
+        """The pinned output buffer of the current batch."""
         self.device_in = _Buffer(torch, device, False)
-        self.host_out = _Buffer(torch, "cpu", pin)
         self._dtypes: dict[np.dtype[Any], Any] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.parallel_bytes = PARALLEL_BYTES
         self._inputs_open = False
+        self._claimed = False
+
+    def _claim(self) -> None:
+        """The other set of pinned buffers, for a new batch (the last batch's may still be in
+        flight: launched, not waited for)."""
+        self._slot ^= 1
+        self.host_in = self._host_in[self._slot]
+        self.host_out = self._host_out[self._slot]
+        self.host_in.reset()
+        self.host_out.reset()
 
     def begin_inputs(self) -> None:
         """A batch's inputs are about to be read: ``host_input`` hands out pinned memory
         until the next ``gather``."""
-        self.host_in.reset()
-        self._inputs_open = True
+        self._claim()
+        self._claimed = self._inputs_open = True
 
     def host_input(self, nbytes: int) -> memoryview:
         """``nbytes`` of pinned staging memory for one input of the coming batch."""
@@ -128,8 +146,30 @@ class TorchDevicePath:
         return memoryview(self.host_in.take(nbytes).numpy())
 
     def begin(self) -> None:
-        """A new batch (``execute``): the output views of the last one are no longer used."""
-        self.host_out.reset()
+        """A new batch (``execute``), unless ``begin_inputs`` began it: the output views of
+        the batch before the last one are no longer used."""
+        if not self._claimed:
+            self._claim()
+        self._claimed = False
+
+    def record(self) -> Any:
+        """Marks the end of the work queued so far on the stream (``wait`` for it)."""
+        if self.stream is None:
+            return None
+        event = self._torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    @staticmethod
+    def done(mark: Any) -> bool:
+        """Whether the work before ``mark`` is done (does not wait)."""
+        return mark is None or bool(mark.query())
+
+    @staticmethod
+    def wait(mark: Any) -> None:
+        """Until the work before ``mark`` (``record``) is done."""
+        if mark is not None:
+            mark.synchronize()
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
         """Makes the instance's stream current."""
@@ -270,10 +310,13 @@ class TorchDevicePath:
 
     # ---- outputs ------------------------------------------------------------------------------
 
-    def fetch(self, values: Mapping[str, Any], keep_on_device: frozenset[str] | set[str]) -> dict[str, Any]:
+    def fetch(
+        self, values: Mapping[str, Any], keep_on_device: frozenset[str] | set[str], *, kept_copied: bool = False
+    ) -> dict[str, Any]:
         """The outputs as numpy views of the pinned output buffer (one device-to-host copy
-        each, on the instance's stream), or as CuPy arrays for ``keep_on_device``. Call inside
-        ``context()``, then ``synchronize()`` before using them."""
+        each, on the instance's stream), or as CuPy arrays for ``keep_on_device`` (copies
+        when ``kept_copied``: a CUDA graph's static outputs, which its next replay
+        overwrites). Call inside ``context()``, then ``synchronize()`` before using them."""
         out: dict[str, Any] = {}
         plan: list[tuple[str, Any, int, int]] = []
         total = 0
@@ -283,7 +326,7 @@ class TorchDevicePath:
                 out[name] = t.contiguous().numpy()
                 continue
             if name in keep_on_device:
-                kept = self._on_device(t)
+                kept = self._on_device(t.clone() if kept_copied else t)
                 if kept is not None:
                     out[name] = kept
                     continue
