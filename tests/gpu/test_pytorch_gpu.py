@@ -27,23 +27,19 @@ import tritonclient.http as httpclient  # noqa: E402
 import tritonclient.utils.shared_memory as sysshm  # noqa: E402
 
 from tests.e2e.server import ServerProcess  # noqa: E402
+from tests.e2e.test_pipelined_worker import Batched, batched_config, check_one  # noqa: E402
 from tests.e2e.test_pytorch import DOUBLE, Double, save_model  # noqa: E402
 
 N = 16384
 """Elements of ``x`` per request (64 KiB: over the inline limit, so it travels in the arena)."""
 
 
-class Batched(torch.nn.Module):  # type: ignore[misc,name-defined]
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
-        return x * 2 + y.to(torch.float32), x
-
-
-BATCHED = f"""max_batch_size: 32
-input [ {{ name: "x", data_type: TYPE_FP32, dims: [ {N} ] }}, {{ name: "y", data_type: TYPE_INT32, dims: [ 1 ] }} ]
-output [ {{ name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ {N} ] }},
-         {{ name: "OUTPUT__1", data_type: TYPE_FP32, dims: [ {N} ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 50000 }}
-instance_group [ {{ kind: KIND_GPU, count: 1 }} ]"""
+BATCHED = batched_config(
+    N,
+    32,
+    """dynamic_batching { max_queue_delay_microseconds: 50000 }
+instance_group [ { kind: KIND_GPU, count: 1 } ]""",
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,19 +113,6 @@ def _inputs(k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.full((rows, 1), k, np.int32)
 
 
-def _infer_in_shm(c: Any, h: Any, name: str, x: np.ndarray, inputs: list[Any], outs: list[Any]) -> tuple[Any, Any]:
-    """``pt_batched_gpu`` with ``x`` and both outputs in the registered region ``name``
-    (handle ``h``: x, then OUTPUT__0, then OUTPUT__1); the outputs read back."""
-    rows = x.shape[0]
-    sysshm.set_shared_memory_region(h, [x])
-    inputs[0].set_shared_memory(name, x.nbytes)
-    outs[0].set_shared_memory(name, x.nbytes, offset=x.nbytes)
-    outs[1].set_shared_memory(name, x.nbytes, offset=2 * x.nbytes)
-    c.infer("pt_batched_gpu", inputs, outputs=outs)
-    whole = sysshm.get_contents_as_numpy(h, np.float32, [3 * rows, N])
-    return whole[rows : 2 * rows], whole[2 * rows :]
-
-
 def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
     """Sixteen requests (1 or 2 rows) at once, half with inputs and outputs in system shared
     memory: they run in few executions and each gets its own rows back."""
@@ -141,23 +124,15 @@ def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
         c = grpcclient.InferenceServerClient(server.grpc_url)
         handles: list[Any] = []
         try:
-            ix = grpcclient.InferInput("x", [rows, N], "FP32")
-            iy = grpcclient.InferInput("y", [rows, 1], "INT32")
-            iy.set_data_from_numpy(y)
-            outs = [grpcclient.InferRequestedOutput("OUTPUT__0"), grpcclient.InferRequestedOutput("OUTPUT__1")]
             if k % 4 < 2:
-                ix.set_data_from_numpy(x)
-                r = c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
-                got0, got1 = r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1")
+                check_one(c, "pt_batched_gpu", x, y, None)
             else:
                 name = f"pt_sys_{k}"
                 h = sysshm.create_shared_memory_region(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
                 handles.append(h)
                 c.register_system_shared_memory(name, f"/shoaltest_{os.getpid()}_{k}", 3 * x.nbytes)
-                got0, got1 = _infer_in_shm(c, h, name, x, [ix, iy], outs)
+                check_one(c, "pt_batched_gpu", x, y, (h, name))
                 c.unregister_system_shared_memory(name)
-            np.testing.assert_array_equal(got0, x * 2 + k)
-            np.testing.assert_array_equal(got1, x)
         finally:
             c.close()
             for h in handles:
@@ -320,18 +295,7 @@ def test_sustained_lane_load_keeps_every_answer_its_own(lanes_server: ServerProc
             for i in range(rounds):
                 rows = 1 + (k + i) % 2
                 x, y = _inputs(1000 * k + i, rows)
-                ix = grpcclient.InferInput("x", [rows, N], "FP32")
-                iy = grpcclient.InferInput("y", [rows, 1], "INT32")
-                iy.set_data_from_numpy(y)
-                outs = [grpcclient.InferRequestedOutput("OUTPUT__0"), grpcclient.InferRequestedOutput("OUTPUT__1")]
-                if (k + i) % 3:
-                    ix.set_data_from_numpy(x)
-                    r = c.infer("pt_batched_gpu", [ix, iy], outputs=outs)
-                    got0, got1 = r.as_numpy("OUTPUT__0"), r.as_numpy("OUTPUT__1")
-                else:
-                    got0, got1 = _infer_in_shm(c, h, name, x, [ix, iy], outs)
-                np.testing.assert_array_equal(got0, x * 2 + y.astype(np.float32))
-                np.testing.assert_array_equal(got1, x)
+                check_one(c, "pt_batched_gpu", x, y, None if (k + i) % 3 else (h, name))
             c.unregister_system_shared_memory(name)
         finally:
             c.close()

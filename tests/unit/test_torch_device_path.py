@@ -206,17 +206,19 @@ def test_a_failed_launch_raises_at_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("groups", "value", "expected"),
+    ("groups", "value", "on_gpu", "expected"),
     [
-        ([1], "", True),
-        ([2], "", False),
-        ([1, 1], "auto", False),
-        ([2], "true", True),
-        ([1], "FALSE", False),
+        ([1], "", True, True),
+        ([2], "", True, False),
+        ([1, 1], "auto", True, False),
+        ([1], "auto", False, False),
+        ([2], "true", True, True),
+        ([1], "true", False, True),
+        ([1], "FALSE", True, False),
     ],
 )
 def test_pipelining_follows_the_parameter_and_the_instances_per_gpu(
-    groups: list[int], value: str, expected: bool
+    groups: list[int], value: str, on_gpu: bool, expected: bool
 ) -> None:
     from shoal.workers.backends.pytorch import _pipelined
 
@@ -227,7 +229,7 @@ def test_pipelining_follows_the_parameter_and_the_instances_per_gpu(
     if value:
         cfg.parameters["SHOAL_PIPELINE_BATCHES"].string_value = value
     spec = ModelSpec("m", 1, cfg, "/nonexistent", "/nonexistent/m", "/nonexistent/m/1", "m_0", Device("GPU", 0))
-    assert _pipelined(spec) is expected
+    assert _pipelined(spec, on_gpu) is expected
 
 
 def test_a_bad_pipelining_parameter_fails_the_load_by_name() -> None:

@@ -66,26 +66,28 @@ def _bool_param(spec: ModelSpec, key: str, default: bool) -> bool:
     return value in ("true", "1", "yes", "on")
 
 
-def _pipelined(spec: ModelSpec) -> bool:
+def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
     """``SHOAL_PIPELINE_BATCHES`` (``auto``, ``true``, ``false``): whether the worker reads and
-    launches a batch while the one before runs on the GPU (``WorkerRuntime._pipeline_lanes``).
+    launches a batch while the one before runs (``WorkerRuntime._pipeline_lanes``).
 
-    ``auto`` (the default) pipelines when the model has one instance per GPU. Measured on the
-    H200 (resnet18, CUDA graphs, 4 frontend processes, against the same code not pipelining):
-    one instance 1.16-1.72x over system and CUDA shared memory at c=64 and c=256; two
-    instances on one GPU 0.68-0.75x at c=256 in two of three runs, with batches of 2-6 where
-    the unpipelined workers formed 25-45. Why two pipelined instances form such small batches
-    is not understood yet."""
+    ``auto`` (the default) pipelines a GPU instance when the model has one instance per GPU.
+    Measured on the H200 (resnet18, CUDA graphs, 4 frontend processes, against the same code
+    not pipelining): one instance 1.16-1.72x over system and CUDA shared memory at c=64 and
+    c=256; two instances on one GPU 0.44-0.76x at c=256 in two of three runs, with batches of
+    2-6 where the unpipelined workers formed 25-45. Why two pipelined instances form such
+    small batches is not understood yet. ``true`` on the CPU runs the same data path and
+    pipeline with nothing to overlap (the batch has run when it is launched): it only
+    changes the order of work, and lets the pipeline be tested without a GPU."""
     p = spec.config.parameters.get("SHOAL_PIPELINE_BATCHES")
     given = p.string_value if p is not None else ""
     value = given.strip().lower() or "auto"
-    if value == "auto":
-        groups = [g for g in spec.config.instance_group if g.kind == mc.ModelInstanceGroup.KIND_GPU]
-        return sum(max(g.count, 1) for g in groups) <= 1
-    if value not in ("true", "false"):
+    if value not in ("auto", "true", "false"):
         raise InvalidInput(
             f"model '{spec.name}': parameter SHOAL_PIPELINE_BATCHES must be auto, true or false, got '{given}'"
         )
+    if value == "auto":
+        groups = [g for g in spec.config.instance_group if g.kind == mc.ModelInstanceGroup.KIND_GPU]
+        return on_gpu and sum(max(g.count, 1) for g in groups) <= 1
     return value == "true"
 
 
@@ -103,11 +105,13 @@ class PyTorchBackend(BatchedBackend):
         self.ragged = ragged.plan(spec.config)
         self.device_inputs = spec.device.is_gpu and self.ragged is None
         self._path: TorchDevicePath | None = None
-        pipelined = _pipelined(spec)
+        self.pipelined = _pipelined(spec, device.type == "cuda") and self.ragged is None
         if device.type == "cuda" and self.ragged is None:
             self._path = TorchDevicePath(torch, device, priority=cuda_stream_priority(spec))
+        elif self.pipelined:
+            self._path = TorchDevicePath(torch, device, pin=False)  # the same path, on the CPU
+        if self._path is not None:
             self.host_input = self._path.host_input
-            self.pipelined = pipelined
         self._inference_mode = _bool_param(spec, "INFERENCE_MODE", True)
         cfg = spec.config
         self._outputs = [o.name for o in cfg.output]
