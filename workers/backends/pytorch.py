@@ -74,8 +74,9 @@ def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
     Measured on the H200 (resnet18, CUDA graphs, 4 frontend processes, against the same code
     not pipelining): one instance 1.16-1.72x over system and CUDA shared memory at c=64 and
     c=256; two instances on one GPU 0.44-0.76x at c=256 in two of three runs, with batches of
-    2-6 where the unpipelined workers formed 25-45. Why two pipelined instances form such
-    small batches is not understood yet. ``true`` on the CPU runs the same data path and
+    2-6 where the unpipelined workers formed 25-45. A collapse of that shape also happens
+    without the pipeline (reproduced on the 2-core box over gRPC, CPU model, 1 trial in 5
+    with either setting), so the pipeline may only make it likelier. ``true`` on the CPU runs the same data path and
     pipeline with nothing to overlap (the batch has run when it is launched): it only
     changes the order of work, and lets the pipeline be tested without a GPU."""
     p = spec.config.parameters.get("SHOAL_PIPELINE_BATCHES")
