@@ -87,10 +87,6 @@ class Inbox:
         in ``poll`` is woken so that it waits on it from now on."""
         assert self.lanes is not None
         self.lanes.poller.register(fd, READABLE)
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake the thread waiting in ``poll`` (from any thread; lanes attached)."""
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:

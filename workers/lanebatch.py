@@ -86,16 +86,10 @@ class LaneBatcher:
         while size < self.target:
             item = inbox.take(fits)
             if item is None:
-                if until is not None:
-                    if not until():
-                        inbox.read_now(UNTIL_POLL_MS)
-                        continue
-                    if looked:  # done, and nothing more had arrived
-                        break
-                    looked = True
-                    inbox.read_now(0)  # what has arrived meanwhile joins the batch
+                if until is not None and not until():
+                    inbox.read_now(UNTIL_POLL_MS)
                     continue
-                if not self.delay_ns:
+                if until is not None or not self.delay_ns:  # what has arrived meanwhile joins
                     if looked:
                         break
                     looked = True

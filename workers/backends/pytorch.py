@@ -73,8 +73,8 @@ def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
     ``auto`` (the default) pipelines a GPU instance when the model has one instance per GPU.
     Measured on the H200 (resnet18, CUDA graphs, 4 frontend processes, against the same code
     not pipelining): one instance 1.16-1.72x over system and CUDA shared memory at c=64 and
-    c=256; two instances on one GPU 0.44-0.76x at c=256 in two of three runs, with batches of
-    2-6 where the unpipelined workers formed 25-45. A collapse of that shape also happens
+    c=256; two instances on one GPU fell into batches of 2-6 at c=256 in three of four runs
+    (0.44-0.79x the unpipelined workers of the same lease, which formed 16-45). A collapse of that shape also happens
     without the pipeline (reproduced on the 2-core box over gRPC, CPU model, 1 trial in 5
     with either setting), so the pipeline may only make it likelier. ``true`` on the CPU runs the same data path and
     pipeline with nothing to overlap (the batch has run when it is launched): it only
@@ -258,14 +258,18 @@ class PyTorchBackend(BatchedBackend):
         except Exception as exc:  # noqa: BLE001 - the model's own error, reported to the client
             raise ServingError(f"model '{self._name}': forward failed: {exc}", code=ErrorCode.INTERNAL) from None
 
-    def _replay(self, graphs: TorchGraphs, found: Any, args: list[Any]) -> Any:
-        rows = int(args[0].shape[0]) if self.batching else 0
+    def _call(self, args: list[Any]) -> tuple[Any, bool]:
+        """``forward``, or the captured CUDA graph that takes this batch (then True)."""
+        graphs = self._graphs
+        rows = int(args[0].shape[0]) if self.batching and args else 0
+        found = graphs.find(rows, args, self.batching) if graphs is not None else None
+        if graphs is None or found is None:
+            return self._forward(args), False
         try:
-            return graphs.replay(found, args, rows)
+            return graphs.replay(found, args, rows), True
         except Exception as exc:  # noqa: BLE001 - reported to the client as forward's errors are
-            raise ServingError(
-                f"model '{self._name}': CUDA graph replay failed: {exc}", code=ErrorCode.INTERNAL
-            ) from None
+            msg = f"model '{self._name}': CUDA graph replay failed: {exc}"
+            raise ServingError(msg, code=ErrorCode.INTERNAL) from None
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
         missing = [name for name in self._input_order if name not in inputs]
@@ -327,16 +331,8 @@ class PyTorchBackend(BatchedBackend):
         try:
             with path.context(), context:
                 tensors = path.gather({name: parts[name] for name in self._input_order})
-                args = [tensors[name] for name in self._input_order]
-                graphs = self._graphs
-                found = (
-                    graphs.find(int(args[0].shape[0]) if self.batching else 0, args, self.batching) if graphs else None
-                )
-                if found is not None and graphs is not None:
-                    result = self._replay(graphs, found, args)
-                else:
-                    result = self._forward(args)
-                out = path.fetch(self._pick(result, output_names), keep, kept_copied=found is not None)
+                result, replayed = self._call([tensors[name] for name in self._input_order])
+                out = path.fetch(self._pick(result, output_names), keep, kept_copied=replayed)
                 mark = path.record()
         except BaseException:
             path.synchronize()  # nothing of the failed batch still runs on its buffers

@@ -106,7 +106,6 @@ class TorchGraphs:
         self._torch = torch
         self._stream = stream
         self._graphs: list[_Graph] = []
-        self._pool: Any = None
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -123,7 +122,7 @@ class TorchGraphs:
         reuse its memory); ``forward`` runs the module as serving does. On failure no graph
         is kept and the instance serves without them."""
         torch = self._torch
-        self._pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle()
         try:
             for shape in sorted(shapes, key=lambda s: -s.batch):
                 lead = (shape.batch,) if shape.batch else ()
@@ -133,7 +132,7 @@ class TorchGraphs:
                         forward(inputs)
                 self._stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+                with torch.cuda.graph(graph, pool=pool, stream=self._stream):
                     outputs = forward(inputs)
                 self._graphs.append(_Graph(shape, graph, inputs, outputs))
         except Exception as exc:  # noqa: BLE001 - capture is an optimization: serve without it
