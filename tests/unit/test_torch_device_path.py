@@ -209,15 +209,15 @@ def test_a_failed_launch_raises_at_once() -> None:
     ("groups", "value", "on_gpu", "expected"),
     [
         ([1], "", True, True),
-        ([2], "", True, False),
-        ([1, 1], "auto", True, False),
+        ([2], "", True, True),
+        ([1, 1], "auto", True, True),
         ([1], "auto", False, False),
         ([2], "true", True, True),
         ([1], "true", False, True),
         ([1], "FALSE", True, False),
     ],
 )
-def test_pipelining_follows_the_parameter_and_the_instances_per_gpu(
+def test_pipelining_follows_the_parameter_and_the_device(
     groups: list[int], value: str, on_gpu: bool, expected: bool
 ) -> None:
     from shoal.workers.backends.pytorch import _pipelined
@@ -225,7 +225,7 @@ def test_pipelining_follows_the_parameter_and_the_instances_per_gpu(
     cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=8)
     for count in groups:
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count)
-    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=4)  # CPU instances do not count
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=4)
     if value:
         cfg.parameters["SHOAL_PIPELINE_BATCHES"].string_value = value
     spec = ModelSpec("m", 1, cfg, "/nonexistent", "/nonexistent/m", "/nonexistent/m/1", "m_0", Device("GPU", 0))

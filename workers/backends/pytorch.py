@@ -29,7 +29,6 @@ import numpy as np
 
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
-from shoal.proto.gen import model_config_pb2 as mc
 from shoal.workers.backends import ragged, torchgraphs
 from shoal.workers.backends.base import (
     Array,
@@ -70,15 +69,16 @@ def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
     """``SHOAL_PIPELINE_BATCHES`` (``auto``, ``true``, ``false``): whether the worker reads and
     launches a batch while the one before runs (``WorkerRuntime._pipeline_lanes``).
 
-    ``auto`` (the default) pipelines a GPU instance when the model has one instance per GPU.
-    Measured on the H200 (resnet18, CUDA graphs, 4 frontend processes, against the same code
-    not pipelining): one instance 1.16-1.72x over system and CUDA shared memory at c=64 and
-    c=256; two instances on one GPU fell into batches of 2-6 at c=256 in three of four runs
-    (0.44-0.79x the unpipelined workers of the same lease, which formed 16-45). A collapse of that shape also happens
-    without the pipeline (reproduced on the 2-core box over gRPC, CPU model, 1 trial in 5
-    with either setting), so the pipeline may only make it likelier. ``true`` on the CPU runs the same data path and
-    pipeline with nothing to overlap (the batch has run when it is launched): it only
-    changes the order of work, and lets the pipeline be tested without a GPU."""
+    ``auto`` (the default) pipelines every GPU instance. Measured on the H200 (resnet18, CUDA
+    graphs, 4 frontend processes, against the same code not pipelining): one instance
+    1.16-1.72x over system and CUDA shared memory at c=64 and c=256; two instances on one GPU
+    at c=256 8.3-8.5k infer/s against 6.6-8.1k (three runs each, perf_analyzer with a
+    connection per context). An earlier run had two pipelined instances fall into batches of
+    2-6 at c=256; that was perf_analyzer's few connections landing on one or two of the four
+    frontend processes (``scripts/bench_gpu`` shows the spread per row), with or without the
+    pipeline. ``true`` on the CPU runs the same data path and pipeline with nothing to
+    overlap (the batch has run when it is launched): it only changes the order of work, and
+    lets the pipeline be tested without a GPU."""
     p = spec.config.parameters.get("SHOAL_PIPELINE_BATCHES")
     given = p.string_value if p is not None else ""
     value = given.strip().lower() or "auto"
@@ -87,8 +87,7 @@ def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
             f"model '{spec.name}': parameter SHOAL_PIPELINE_BATCHES must be auto, true or false, got '{given}'"
         )
     if value == "auto":
-        groups = [g for g in spec.config.instance_group if g.kind == mc.ModelInstanceGroup.KIND_GPU]
-        return on_gpu and sum(max(g.count, 1) for g in groups) <= 1
+        return on_gpu
     return value == "true"
 
 
