@@ -34,6 +34,8 @@ class StepPlan:
     """Steps whose outputs this step reads."""
     readers: frozenset[int] = frozenset()
     """Steps that read this step's outputs."""
+    on_gpu: frozenset[str] = frozenset()
+    """Composing model outputs that may stay in GPU memory (``gpu_resident``)."""
 
     @property
     def label(self) -> str:
@@ -100,6 +102,8 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
         declare(to.name, _dtype(to.data_type), tuple(to.dims), "the ensemble output")
 
     steps: list[StepPlan] = []
+    gpu_only: list[bool] = []
+    torch_gpu: list[bool] = []
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
     for i, step in enumerate(config.ensemble_scheduling.step):
@@ -116,6 +120,11 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
             raise InvalidInput(
                 f"{where} allows batch size {ens_batch}, but {label} allows at most {sub.max_batch_size}"
             )
+        # the router reads the tensors of a model with a response cache (its key) or sequence
+        # batching (its state): those keep theirs in host memory
+        plain_gpu = _gpu_only(sub) and not sub.response_cache.enable and not sub.HasField("sequence_batching")
+        gpu_only.append(plain_gpu)
+        torch_gpu.append(plain_gpu and _is_pytorch(sub))
         lead: tuple[int, ...] = (-1,) if ens_batch == 0 and sub.max_batch_size > 0 else ()
         sub_in = {t.name: t for t in sub.input}
         sub_out = {t.name: t for t in sub.output}
@@ -173,6 +182,7 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
             s,
             after=frozenset(producer[t] for _, t in s.inputs if t in producer),
             readers=frozenset(c for _, t in s.outputs for c in consumers.get(t, ())),
+            on_gpu=gpu_resident(s, torch_gpu[s.index], gpu_only, consumers, outputs),
         )
         for s in steps
     ]
@@ -184,6 +194,32 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
         producer=producer,
         consumers={t: tuple(r) for t, r in consumers.items()},
     )
+
+
+def gpu_resident(
+    step: StepPlan, torch_gpu: bool, gpu_only: list[bool], consumers: dict[str, list[int]], outputs: list[str]
+) -> frozenset[str]:
+    """The outputs of ``step`` that may stay in its instance's CUDA arena: the step runs a
+    PyTorch model on GPUs only (the backend that leaves outputs on the device), the tensor is
+    not an ensemble output (the router sends those), and every step reading it runs on GPUs
+    only (it opens the arena's IPC handle, and reads in place or copies once). Neither side
+    may have a response cache or sequence batching, whose tensors the router reads."""
+    if not torch_gpu:
+        return frozenset()
+    return frozenset(
+        model_output
+        for model_output, tensor in step.outputs
+        if tensor not in outputs and all(gpu_only[c] for c in consumers.get(tensor, ()))
+    )
+
+
+def _gpu_only(config: mc.ModelConfig) -> bool:
+    groups = config.instance_group
+    return bool(groups) and all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in groups)
+
+
+def _is_pytorch(config: mc.ModelConfig) -> bool:
+    return config.backend == "pytorch" or config.platform == "pytorch_libtorch"
 
 
 def _topological(steps: list[StepPlan], producer: dict[str, int], where: str) -> list[int]:

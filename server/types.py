@@ -82,7 +82,11 @@ class InputTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.shm.byte_size if self.shm is not None else len(self.data)
+        if self.shm is not None:
+            return self.shm.byte_size
+        if self.arena is not None and self.arena.block.device >= 0:
+            return self.arena.block.nbytes  # an earlier step's output left on the GPU
+        return len(self.data)
 
 
 @dataclass(slots=True)
@@ -91,6 +95,9 @@ class RequestedOutput:
     parameters: dict[str, Any] = field(default_factory=dict)
     shm: ShmRef | None = None
     """Set when the output is to be written into client shared memory."""
+    on_gpu: bool = False
+    """A GPU instance may leave it in its CUDA arena (an ensemble step whose readers all run
+    on GPUs); the router then never reads its bytes."""
 
 
 @dataclass(slots=True)

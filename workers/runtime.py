@@ -43,6 +43,7 @@ from shoal.workers.backends.base import (
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
+from shoal.workers.cudaarena import CudaArena
 from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox, Incoming
 from shoal.workers.lanebatch import LaneBatcher
@@ -282,6 +283,11 @@ class WorkerRuntime:
                 setting="--worker-arena-bytes: a worker's outputs may use 16 times it",
             )
             self.writer = OutputWriter(self.arena, req.inline_max_bytes, self.regions, self.lock)
+            if device.is_gpu:  # outputs ensemble steps on GPUs read in place (no memory until used)
+                server_gpu = req.gpu_order[0] if req.gpu_order else req.device_index
+                self.writer.device_arena = CudaArena(
+                    req.arena_prefix, 0, server_gpu, segment_bytes=req.arena_bytes, max_bytes=req.arena_bytes * 16
+                )
             assert self.inbox is not None
             bls = BlsClient(
                 inbox=self.inbox,
@@ -575,8 +581,10 @@ class WorkerRuntime:
                 trace_id=r.trace_id,
             )
             wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
-            if device_ok and r.output_shm:
-                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0)
+            if device_ok and (r.output_shm or r.device_outputs):
+                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0).union(
+                    r.device_outputs
+                )
             if self.decoupled:
                 dest = r.output_shm if len(r.output_shm) else None
                 wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())
@@ -616,7 +624,8 @@ class WorkerRuntime:
             array = outputs[name]
             if name in self.output_dims:
                 array = self._unreshape(name, array)
-            writer.write(name, array, self.output_types.get(name), result.outputs.add(), out_frames, target)
+            on_gpu = target is None and name in req.device_outputs  # an ensemble step on a GPU reads it
+            writer.write(name, array, self.output_types.get(name), result.outputs.add(), out_frames, target, on_gpu)
 
     def _unreshape(self, name: str, array: Any) -> Any:
         """The model's output (in its ``reshape`` shape) in the configured ``dims``."""
@@ -637,10 +646,11 @@ class WorkerRuntime:
     def _free_result(self, result: wpb.Result) -> None:
         if self.arena is None:
             return
-        with self.lock:
-            for ref in result.outputs:
-                if ref.WhichOneof("location") == "shm":
-                    self.arena.free(Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device))
+        self._free_blocks(
+            Block(ref.shm.region, ref.shm.offset, ref.shm.nbytes, ref.shm.device)
+            for ref in result.outputs
+            if ref.WhichOneof("location") == "shm"
+        )
 
     def _ready_check(self, rid: int) -> None:
         """Answer a ``ReadyCheck`` from a thread of its own (a check may take a while)."""
@@ -679,13 +689,17 @@ class WorkerRuntime:
         self._free_blocks(blocks)
 
     def _free_blocks(self, blocks: Iterable[Block]) -> None:
-        """Free blocks of this worker's output arena (others are ignored)."""
+        """Free blocks of this worker's output arenas, host and CUDA (others are ignored)."""
         if self.arena is None:
             return
+        cuda = self.writer.device_arena if self.writer is not None else None
         with self.lock:
             for block in blocks:
-                if self.arena.owns(block):
-                    self.arena.free(block)
+                if block.device < 0:
+                    if self.arena.owns(block):
+                        self.arena.free(block)
+                elif cuda is not None and cuda.owns(block):
+                    cuda.free(block)
 
     def _answer_lane(self, lane: Lane, reply: wpb.Envelope, out_frames: list[Any]) -> None:
         """Send a lane request's answer on its lane; its output blocks are the lane's until
@@ -741,5 +755,7 @@ class WorkerRuntime:
         self.regions.close()
         if self.arena is not None:
             self.arena.close()
+        if self.writer is not None and self.writer.device_arena is not None:
+            self.writer.device_arena.close()
         if self.conn is not None:
             self.conn.close()

@@ -17,6 +17,7 @@ from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers.clientshm import ClientRegions
+from shoal.workers.cudaarena import CudaArena
 
 Array = npt.NDArray[Any]
 SMALL_COPY_BYTES = 1024
@@ -92,6 +93,9 @@ class OutputWriter:
         self.lock = lock if lock is not None else threading.RLock()
         """Held to allocate in the arena and to write client regions (they are shared with the
         worker's other threads); inline outputs need no lock."""
+        self.device_arena: CudaArena | None = None
+        """A GPU instance's CUDA arena: outputs asked for ``on_gpu`` that the backend left on
+        the device go there."""
 
     def write(
         self,
@@ -101,8 +105,11 @@ class OutputWriter:
         ref: wpb.TensorRef,
         frames: list[Any],
         dest: wpb.ClientShm | None = None,
+        on_gpu: bool = False,
     ) -> None:
-        """``dest``: the client region the request asked this output to be written to."""
+        """``dest``: the client region the request asked this output to be written to.
+        ``on_gpu``: the output may stay on the GPU (an ensemble step on a GPU reads it): a
+        device array goes into the CUDA arena when there is room."""
         if array.__class__ is np.ndarray:
             dt = _FIXED.get(array.dtype)
             if dt is not None and dest is None and array.nbytes <= self._small and array.flags.c_contiguous:
@@ -124,6 +131,9 @@ class OutputWriter:
                 ref.shape.extend(array.shape)
                 self._write_client(name, array, int(array.nbytes), dest, ref)
                 return
+            if on_gpu and dest is None and self.device_arena is not None:
+                if self._write_device(name, array, expect, ref):
+                    return
             arr = np.asarray(array.get())  # type: ignore[attr-defined]  # CuPy: one device-to-host copy
         else:
             arr = np.asarray(array)
@@ -164,6 +174,27 @@ class OutputWriter:
         s.offset = block.offset
         s.nbytes = block.nbytes
         s.device = block.device
+
+    def _write_device(self, name: str, array: Any, expect: dtypes.DType | None, ref: wpb.TensorRef) -> bool:
+        """Copy the device ``array`` into the CUDA arena and describe it in ``ref``; False
+        when the arena is full (the caller copies it to the host)."""
+        arena = self.device_arena
+        assert arena is not None
+        dt = dtypes.from_numpy(array.dtype)
+        self._check_type(name, dt, expect)
+        with self.lock:
+            got = arena.allocate(int(array.nbytes))
+            if got is None:
+                return False
+            block, handle, segment_bytes = got
+            arena.copy_in(block, array)
+        ref.name, ref.datatype = name, dt.protocol
+        ref.shape.extend(array.shape)
+        s = ref.shm
+        s.region, s.offset, s.nbytes, s.device = block.region, block.offset, block.nbytes, block.device
+        s.cuda_handle = handle
+        s.segment_bytes = segment_bytes
+        return True
 
     @staticmethod
     def _check_type(name: str, dt: dtypes.DType, expect: dtypes.DType | None) -> None:

@@ -68,11 +68,19 @@ class ShmSlice(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    CUDA_HANDLE_FIELD_NUMBER: _builtins.int
+    SEGMENT_BYTES_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     offset: _builtins.int
     nbytes: _builtins.int
     device: _builtins.int
-    """-1 = host memory; otherwise a CUDA ordinal"""
+    """-1 = host memory; otherwise a CUDA ordinal (the server's)"""
+    cuda_handle: _builtins.bytes
+    """device >= 0: the cudaIpcMemHandle_t (64 bytes) of the worker's CUDA arena segment the
+    block lies in (an ensemble step's output left on the GPU for the steps that read it)
+    """
+    segment_bytes: _builtins.int
+    """with cuda_handle: the size of that segment"""
     def __init__(
         self,
         *,
@@ -80,10 +88,12 @@ class ShmSlice(_message.Message):
         offset: _builtins.int = ...,
         nbytes: _builtins.int = ...,
         device: _builtins.int = ...,
+        cuda_handle: _builtins.bytes = ...,
+        segment_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "nbytes", b"nbytes", "offset", b"offset", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cuda_handle", b"cuda_handle", "device", b"device", "nbytes", b"nbytes", "offset", b"offset", "region", b"region", "segment_bytes", b"segment_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +431,7 @@ class Request(_message.Message):
     OUTPUT_SHM_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_SPECS_FIELD_NUMBER: _builtins.int
+    DEVICE_OUTPUTS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     parameters_json: _builtins.str
     """request parameters as a JSON object ("" = none)"""
@@ -447,6 +458,12 @@ class Request(_message.Message):
     def output_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSpec]:
         """frontend calls: the requested outputs with their parameters (outputs then names them too)"""
 
+    @_builtins.property
+    def device_outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """outputs a GPU instance may leave in its CUDA arena (ShmSlice with device >= 0), for
+        ensemble steps on GPUs that read them in place
+        """
+
     def __init__(
         self,
         *,
@@ -461,10 +478,11 @@ class Request(_message.Message):
         output_shm: _abc.Mapping[_builtins.str, Global___ClientShm] | None = ...,
         trace_id: _builtins.int = ...,
         output_specs: _abc.Iterable[Global___OutputSpec] | None = ...,
+        device_outputs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "output_specs", b"output_specs", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "correlation_id_str", b"correlation_id_str", "device_outputs", b"device_outputs", "flags", b"flags", "id", b"id", "inputs", b"inputs", "output_shm", b"output_shm", "output_specs", b"output_specs", "outputs", b"outputs", "parameters_json", b"parameters_json", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

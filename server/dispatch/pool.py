@@ -4,6 +4,7 @@ into a worker message (inputs inline or in the router's input arena) and back.""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,20 @@ class DispatchContext:
         self.shm = shm
         self.limiter = limiter
         """``--rate-limit execution_count``: instances execute only while holding their resources."""
+        self.cuda_segments: dict[str, tuple[int, bytes, int]] = {}
+        """Workers' CUDA arena segments seen in replies: name -> (region id, IPC handle, size). The
+        next ensemble step's worker opens one as it does a client's CUDA region, under that id
+        (``forget_cuda`` when the worker exits)."""
+        self._cuda_ids = itertools.count(1 << 62)  # apart from the client regions' ids
+
+    def cuda_segment(self, name: str, handle: bytes, nbytes: int) -> None:
+        if name not in self.cuda_segments:
+            self.cuda_segments[name] = (next(self._cuda_ids), handle, nbytes)
+
+    def forget_cuda(self, prefix: str) -> list[int]:
+        """Drop the CUDA segments of the worker whose arenas start with ``prefix``; their ids."""
+        gone = [name for name in self.cuda_segments if name.startswith(prefix)]
+        return [self.cuda_segments.pop(name)[0] for name in gone]
 
 
 class InstancePool:
@@ -184,7 +199,10 @@ class InstancePool:
                 if t.arena is not None:  # another worker's output: read in place
                     t.arena.lease.hold()
                     leases.append(t.arena.lease)
-                    _describe(t.arena.block, ref.shm)
+                    if t.arena.block.device >= 0:
+                        self._describe_cuda(t.arena.block, ref.client)
+                    else:
+                        _describe(t.arena.block, ref.shm)
                     continue
                 n = len(t.data)
                 if n <= inline_max:
@@ -202,10 +220,26 @@ class InstancePool:
                     r.outputs.append(o.name)
                     if o.shm is not None:
                         _use_region(o.shm, self.ctx.shm, regions, r.output_shm[o.name])
+                    elif o.on_gpu:
+                        r.device_outputs.append(o.name)
             params = {k: v for k, v in req.parameters.items() if k not in RESERVED_PARAMETERS}
             if params:
                 r.parameters_json = json.dumps(params)
         return traced
+
+    def _describe_cuda(self, block: Block, out: wpb.ClientShm) -> None:
+        """A block of a worker's CUDA arena as the CUDA region the reading worker opens."""
+        known = self.ctx.cuda_segments.get(block.region)
+        if known is None:  # its worker exited (forget_cuda) while a step still held it
+            raise ServingError(
+                f"the GPU memory of tensor block '{block.region}' is gone (its instance exited)",
+                code=ErrorCode.UNAVAILABLE,
+            )
+        out.region_id, out.cuda_handle, out.region_bytes = known
+        out.device = block.device
+        out.region_offset = 0
+        out.offset = block.offset
+        out.nbytes = block.nbytes
 
     def _decode(
         self,
@@ -269,7 +303,14 @@ class InstancePool:
                     s = ref.shm
                     block = Block(s.region, s.offset, s.nbytes, s.device)
                     held.append(s)  # given back even when it cannot be mapped
-                    data: Any = self.ctx.mapper.view(block)
+                    data: Any
+                    if s.device >= 0:  # in the worker's CUDA arena: only the next step reads it
+                        if not s.cuda_handle or s.offset + s.nbytes > s.segment_bytes:
+                            raise ServingError(f"{worker.label}: malformed reply (GPU output '{ref.name}')")
+                        self.ctx.cuda_segment(s.region, s.cuda_handle, s.segment_bytes)
+                        data = b""
+                    else:
+                        data = self.ctx.mapper.view(block)
                     tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), data, arena=block))
                 elif ref.frame < len(frames):
                     tensors.append(OutputTensor(ref.name, ref.datatype, tuple(ref.shape), frames[ref.frame]))

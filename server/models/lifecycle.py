@@ -317,9 +317,10 @@ class ModelManager:
         # Outputs of the dead process are unreadable now; drop our mappings of its arena,
         # and those of other workers (ensemble steps read it in place).
         self.ctx.mapper.forget_prefix(worker.arena_prefix)
+        cuda_ids = self.ctx.forget_cuda(worker.arena_prefix + "_cuda")  # its CUDA arena, opened by IPC
         for other in self.registry.workers():
             if other is not worker:
-                other.forget(arena_prefixes=[worker.arena_prefix])
+                other.forget(region_ids=cuda_ids, arena_prefixes=[worker.arena_prefix])
         for tell in self.arena_gone:
             tell(worker.arena_prefix)
 

@@ -154,7 +154,12 @@ class EnsembleScheduler(SchedulerBase):
             if made is None:
                 continue  # an optional ensemble input the client left out
             inputs.append(_input_from(model_input, made, run.leases[made.step]))
-        outputs = [RequestedOutput(model_output, shm=out_shm.get(tensor)) for model_output, tensor in step.outputs]
+        # outputs only GPU steps read may stay on the GPU (not while traced: a trace may record them)
+        on_gpu = step.on_gpu if parent.trace is None else frozenset()
+        outputs = [
+            RequestedOutput(model_output, shm=out_shm.get(tensor), on_gpu=model_output in on_gpu)
+            for model_output, tensor in step.outputs
+        ]
         return InferRequest(
             model_name=step.model,
             model_version=step.version,

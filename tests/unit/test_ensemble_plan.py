@@ -129,3 +129,48 @@ def test_non_batching_ensemble_sees_batch_dims() -> None:
     ensemble.plan(_config(steps, io, batch=0), lookup)
     with pytest.raises(InvalidInput, match="allows at most 0"):
         ensemble.plan(_config(steps, io.replace("-1, ", ""), batch=4), lookup)
+
+
+def _on(kind: str, extra: str = "", backend: str = "pytorch") -> str:
+    return f'backend: "{backend}" instance_group [ {{ kind: {kind}, count: 1 }} ] {extra}'
+
+
+@pytest.mark.parametrize(
+    ("pre", "net", "resident"),
+    [
+        (_on("KIND_GPU"), _on("KIND_GPU"), {"X"}),
+        (_on("KIND_GPU"), _on("KIND_GPU", backend="python"), {"X"}),  # any GPU reader opens the handle
+        (_on("KIND_GPU"), _on("KIND_CPU"), set()),  # a CPU reader gets host memory
+        (_on("KIND_GPU"), "", set()),  # no instance group: the placement is not known here
+        (_on("KIND_GPU", backend="python"), _on("KIND_GPU"), set()),  # only PyTorch leaves outputs on the GPU
+        (_on("KIND_GPU", "response_cache { enable: true }"), _on("KIND_GPU"), set()),
+        (_on("KIND_GPU"), _on("KIND_GPU", "response_cache { enable: true }"), set()),  # its key reads the input
+        (_on("KIND_GPU"), _on("KIND_GPU", "sequence_batching { }"), set()),
+    ],
+)
+def test_step_outputs_stay_on_the_gpu_only_between_gpu_steps(pre: str, net: str, resident: set[str]) -> None:
+    extra = {"pre": pre, "net": net}
+
+    def placed(name: str, version: int) -> mc.ModelConfig:
+        cfg = lookup(name, version)
+        text_format.Parse(extra.get(name, ""), cfg)
+        return cfg
+
+    p = ensemble.plan(_config(CHAIN), placed)
+    steps = {s.model: s for s in p.steps}
+    assert steps["pre"].on_gpu == resident
+    assert steps["net"].on_gpu == frozenset()  # its output is the ensemble's: the router sends it
+
+
+def test_an_ensemble_output_read_by_a_later_step_stays_in_host_memory() -> None:
+    gpu = _on("KIND_GPU")
+
+    def placed(name: str, version: int) -> mc.ModelConfig:
+        cfg = lookup(name, version)
+        text_format.Parse(gpu, cfg)
+        return cfg
+
+    io = """input [ { name: "RAW", data_type: TYPE_UINT8, dims: [ 4 ] } ]
+        output [ { name: "x", data_type: TYPE_FP32, dims: [ 4 ] }, { name: "Y", data_type: TYPE_FP32, dims: [ 4 ] } ]"""
+    p = ensemble.plan(_config(CHAIN, io), placed)
+    assert {s.model: s.on_gpu for s in p.steps} == {"pre": frozenset(), "net": frozenset()}

@@ -1,0 +1,192 @@
+"""The CUDA arena (``workers/cudaarena.py``): an ensemble step's output that only GPU steps
+read stays in its PyTorch GPU instance's device memory, and the next step's worker opens it
+by CUDA IPC and reads it there; the router never touches its bytes. A Python model on the
+GPU (``FORCE_CPU_ONLY_INPUT_TENSORS: no``) reports whether its input arrived in GPU memory.
+Blocks go back to the arena (a small arena would fill up and send outputs through the host
+otherwise), and a producer that is killed comes back with new segments that its readers
+open afresh. Run with ``scripts/gpu_bench`` (``GPU_TESTS``) on the device machine."""
+
+# no "from __future__ import annotations": TorchScript reads the forward annotations
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+pytest.importorskip("cupy")
+
+import tritonclient.http as httpclient  # noqa: E402
+
+from tests.e2e.server import ServerProcess  # noqa: E402
+from tests.e2e.test_pytorch import DOUBLE, Double, save_model  # noqa: E402
+
+
+class AddOne(torch.nn.Module):  # type: ignore[misc,name-defined]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
+PROBE = """import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X")
+            on_gpu = not x.is_cpu()
+            host = torch.utils.dlpack.from_dlpack(x.to_dlpack()).cpu().numpy() if on_gpu else x.as_numpy()
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("Y", host.copy()),
+                pb_utils.Tensor("WHERE", np.array([int(on_gpu)], dtype=np.int32)),
+            ]))
+        return responses
+"""
+
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] } ]
+instance_group [ { kind: KIND_GPU, count: 1, gpus: [ 0 ] } ]
+parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" } }
+"""
+
+
+def _ensemble(name: str, second: str, outputs: str, extra_out: str = "") -> str:
+    """X -> pt_double -> d -> ``second`` (input X or INPUT__0, outputs ``outputs``)."""
+    second_in = "X" if second == "probe" else "INPUT__0"
+    return f"""name: "{name}" platform: "ensemble" max_batch_size: 0
+input [ {{ name: "X", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+output [ {outputs} ]
+ensemble_scheduling {{ step [
+  {{ model_name: "pt_double", model_version: -1, input_map {{ key: "INPUT__0" value: "X" }},
+    output_map {{ key: "OUTPUT__0" value: "d" }} }},
+  {{ model_name: "{second}", model_version: -1, input_map {{ key: "{second_in}" value: "d" }}{extra_out} }} ] }}
+"""
+
+
+PROBED = _ensemble(
+    "ens_probe",
+    "probe",
+    '{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] }',
+    ', output_map { key: "Y" value: "Y" }, output_map { key: "WHERE" value: "WHERE" }',
+)
+# the same, but the intermediate is also an ensemble output: the router sends it, so it stays on the host
+PROBED_HOST = _ensemble(
+    "ens_probe_host",
+    "probe",
+    '{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] },'
+    ' { name: "d", data_type: TYPE_FP32, dims: [ -1 ] }',
+    ', output_map { key: "Y" value: "Y" }, output_map { key: "WHERE" value: "WHERE" }',
+)
+CHAIN = _ensemble(
+    "ens_chain", "pt_add_one", '{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }',
+    ', output_map { key: "OUTPUT__0" value: "Y" }',
+)  # fmt: skip
+
+ADD_ONE = DOUBLE
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = tmp_path_factory.mktemp("repo")
+    save_model(repo, "pt_double", Double(), DOUBLE)
+    save_model(repo, "pt_add_one", AddOne(), ADD_ONE)
+    (repo / "probe" / "1").mkdir(parents=True)
+    (repo / "probe" / "1" / "model.py").write_text(PROBE)
+    (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    for name, text in (("ens_probe", PROBED), ("ens_probe_host", PROBED_HOST), ("ens_chain", CHAIN)):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "config.pbtxt").write_text(text)
+    # 1 MiB segments, 16 MiB at most: blocks that were never given back would fill it within
+    # 64 requests of 256 KiB, and outputs would then go through the host (WHERE 0)
+    srv = ServerProcess(repo, "--worker-arena-bytes", str(1 << 20)).start()
+    yield srv
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments()
+
+
+def _probe(client: httpclient.InferenceServerClient, model: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+    i = httpclient.InferInput("X", [x.size], "FP32")
+    i.set_data_from_numpy(x)
+    r = client.infer(model, [i])
+    return r.as_numpy("Y"), int(r.as_numpy("WHERE")[0])
+
+
+def test_a_step_output_read_only_on_gpus_stays_there(server: ServerProcess) -> None:
+    client = server.client()
+    try:
+        rng = np.random.default_rng(1)
+        for n in (1, 1000, 1 << 16):  # 4 bytes to 256 KiB
+            x = rng.random(n, dtype=np.float32)
+            y, where = _probe(client, "ens_probe", x)
+            np.testing.assert_array_equal(y, 2 * x)
+            assert where == 1, f"{n} elements: the probe's input was in host memory"
+        x = rng.random(1000, dtype=np.float32)
+        y, where = _probe(client, "ens_probe_host", x)  # the router must send d: host memory
+        np.testing.assert_array_equal(y, 2 * x)
+        assert where == 0
+    finally:
+        client.close()
+
+
+def test_blocks_go_back_to_the_arena(server: ServerProcess) -> None:
+    client = server.client()
+    try:
+        x = np.arange(1 << 16, dtype=np.float32)
+        for k in range(200):  # 50 MiB through a 16 MiB arena
+            y, where = _probe(client, "ens_probe", x + k)
+            assert where == 1, f"request {k}: the arena was full (blocks not given back?)"
+            np.testing.assert_array_equal(y, 2 * (x + k))
+    finally:
+        client.close()
+
+
+def test_concurrent_gpu_chains_keep_every_answer_their_own(server: ServerProcess) -> None:
+    def one(k: int) -> None:
+        c = server.client()
+        try:
+            rng = np.random.default_rng(k)
+            for _ in range(20):
+                x = rng.random(int(rng.integers(1, 70000)), dtype=np.float32)
+                i = httpclient.InferInput("X", [x.size], "FP32")
+                i.set_data_from_numpy(x)
+                np.testing.assert_array_equal(c.infer("ens_chain", [i]).as_numpy("Y"), 2 * x + 1)
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(16)))
+
+
+def test_a_killed_producer_comes_back_with_new_segments(server: ServerProcess) -> None:
+    client = server.client()
+    try:
+        x = np.arange(4096, dtype=np.float32)
+        assert _probe(client, "ens_probe", x)[1] == 1  # the probe has the old segment open
+        (pid,) = server.worker_pids("pt_double")[-1:]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if len(server.worker_pids("pt_double")) > 1 and client.is_model_ready("pt_double"):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("pt_double did not come back:\n" + server.log[-3000:])
+        for k in range(5):
+            y, where = _probe(client, "ens_probe", x + k)
+            np.testing.assert_array_equal(y, 2 * (x + k))
+            assert where == 1
+    finally:
+        client.close()

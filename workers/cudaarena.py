@@ -1,0 +1,100 @@
+"""``CudaArena``: a GPU worker's device memory for outputs that stay on the GPU.
+
+An ensemble step's output that only GPU steps read (the router decides, per requested
+output: ``Request.device_outputs``) is copied on the device into this arena instead of
+down to the host. The reply describes it as a ``ShmSlice`` with the server's GPU ordinal
+and the segment's CUDA IPC handle; the router never maps it, and hands it to the next step
+as a CUDA region (``ClientShm`` with the handle), which that worker opens and reads in
+place, as it does a client's CUDA shared memory. The router's ``Release`` gives the block
+back, as for the host arena.
+
+Segments are plain ``cudaMalloc`` allocations (IPC handles need the allocation's base, so
+not PyTorch's or CuPy's caching pools), ``segment_bytes`` each, added when full up to
+``max_bytes``; an output that does not fit goes to the host arena instead. Used from the
+worker's main thread (under the output writer's lock). CuPy is imported on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shoal.shm.arena import _ALIGN, _FreeList
+from shoal.shm.block import Block
+
+log = logging.getLogger(__name__)
+
+
+class CudaArena:
+    def __init__(self, prefix: str, device: int, server_device: int, *, segment_bytes: int, max_bytes: int) -> None:
+        """``device``: this process's CUDA ordinal; ``server_device``: the server's ordinal of
+        that GPU (what blocks carry). Segments are named ``<prefix>_cuda<n>``."""
+        self.prefix = prefix
+        self.device = device
+        self.server_device = server_device
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max(max_bytes, segment_bytes)
+        self._segments: dict[str, tuple[Any, bytes, _FreeList]] = {}
+        """name -> (cupy Memory, IPC handle, free list)"""
+        self._order: list[str] = []
+        self._stream: Any = None
+        self.in_use = 0
+
+    def allocate(self, nbytes: int) -> tuple[Block, bytes, int] | None:
+        """A block of ``nbytes``, its segment's IPC handle and size; ``None`` when the arena
+        is full (the caller uses host memory)."""
+        size = max(_ALIGN, (nbytes + _ALIGN - 1) & ~(_ALIGN - 1))
+        for name in self._order:
+            mem, handle, fl = self._segments[name]
+            off = fl.allocate(size)
+            if off is not None:
+                self.in_use += size
+                return Block(name, off, nbytes, self.server_device), handle, fl.size
+        grow = max(self.segment_bytes, size)
+        if sum(fl.size for _, _, fl in self._segments.values()) + grow > self.max_bytes:
+            return None
+        name = self._add_segment(grow)
+        mem, handle, fl = self._segments[name]
+        off = fl.allocate(size)
+        assert off is not None
+        self.in_use += size
+        return Block(name, off, nbytes, self.server_device), handle, fl.size
+
+    def _add_segment(self, nbytes: int) -> str:
+        import cupy
+
+        name = f"{self.prefix}_cuda{len(self._order)}"
+        with cupy.cuda.Device(self.device):
+            mem = cupy.cuda.Memory(nbytes)  # cudaMalloc: its own allocation, so it has a handle
+            handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(mem.ptr))
+        self._segments[name] = (mem, handle, _FreeList(nbytes))
+        self._order.append(name)
+        log.debug("CUDA arena segment %s: %d bytes on device %d", name, nbytes, self.device)
+        return name
+
+    def copy_in(self, block: Block, array: Any) -> None:
+        """Copy the CuPy ``array`` (C-contiguous, ``block.nbytes`` bytes) into ``block`` on the
+        device; returns once the copy is done, so the reply that names it can go out."""
+        import cupy
+
+        mem = self._segments[block.region][0]
+        with cupy.cuda.Device(self.device):
+            if self._stream is None:
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+            src = cupy.ascontiguousarray(array)
+            kind = cupy.cuda.runtime.memcpyDefault  # the array may lie on another GPU
+            cupy.cuda.runtime.memcpyAsync(mem.ptr + block.offset, src.data.ptr, block.nbytes, kind, self._stream.ptr)
+            self._stream.synchronize()
+
+    def free(self, block: Block) -> None:
+        """Give a block back; raises ``KeyError`` for one this arena does not hold."""
+        self.in_use -= self._segments[block.region][2].free(block.offset)
+
+    def owns(self, block: Block) -> bool:
+        entry = self._segments.get(block.region)
+        return entry is not None and block.offset in entry[2].used
+
+    def close(self) -> None:
+        self._segments.clear()
+        self._order.clear()
+        self._stream = None
