@@ -265,7 +265,7 @@ class App:
             request_timeout_s=cfg.request_timeout_s,
             cache=ResponseCache(cfg.cache_bytes) if cfg.cache_bytes > 0 else None,
         )
-        self.bls = BlsRouter(dataplane, self.channel, self.mapper)
+        self.bls = BlsRouter(dataplane, self.channel, self.mapper, ctx.cuda_segments)
         self.custom_metrics = CustomMetrics(self.channel, self.models.registry)
         http_restrictions, _ = restrict.parse(cfg.http_restricted_api, flag="--http-restricted-api", what="api")
         grpc_restrictions, _ = restrict.parse(

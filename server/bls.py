@@ -24,6 +24,7 @@ from typing import Any
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError, detach, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server import ensemble
 from shoal.server.callerinputs import CallerInputs
 from shoal.server.dataplane import DataPlane
 from shoal.server.dispatch.channel import WorkerChannel
@@ -36,10 +37,19 @@ log = logging.getLogger("shoal.bls")
 
 
 class BlsRouter:
-    def __init__(self, dataplane: DataPlane, channel: WorkerChannel, mapper: Mapper) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        channel: WorkerChannel,
+        mapper: Mapper,
+        cuda_segments: dict[str, tuple[int, bytes, int]] | None = None,
+    ) -> None:
         self.dp = dataplane
         self.channel = channel
         self.mapper = mapper
+        self.cuda_segments = cuda_segments if cuda_segments is not None else {}
+        """Workers' CUDA arena segments (``DispatchContext.cuda_segments``): a BLS output left
+        on the GPU goes to its caller with its segment's handle."""
         self._holds: dict[tuple[bytes, int], InferResult] = {}
         self._hold_ids = itertools.count(1)
         self._tasks: dict[bytes, set[asyncio.Task[None]]] = {}
@@ -194,11 +204,14 @@ class BlsRouter:
         if call.timeout_us:
             params["timeout"] = int(call.timeout_us)
         names = r.outputs
+        outputs = [RequestedOutput(name) for name in names] if names else None
+        if r.device_outputs:  # the caller takes GPU outputs (preferred_memory GPU)
+            outputs = self._on_gpu(call, outputs)
         request = InferRequest(
             model_name=call.model_name,
             model_version=int(call.model_version),
             inputs=inputs,
-            outputs=[RequestedOutput(name) for name in names] if names else None,
+            outputs=outputs,
             id=r.request_id,
             parameters=params,
             correlation_id=r.correlation_id_str or r.correlation_id,
@@ -209,6 +222,21 @@ class BlsRouter:
         if self.channel.models.get(identity) == request.model_name:  # only a model calling itself can wait for itself
             self._refuse_self_wait(identity, request)
         return request
+
+    def _on_gpu(self, call: wpb.BlsCall, outputs: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
+        """The requested outputs (every output of the model when none are named), each asked to
+        stay on the GPU, when the target can leave them there; else ``outputs`` unchanged."""
+        try:
+            config = self.dp.registry.get(call.model_name, int(call.model_version)).config
+        except ServingError:
+            return outputs  # the request fails as usual, with its own error
+        if not ensemble.leaves_outputs_on_gpu(config):
+            return outputs
+        if outputs is None:
+            outputs = [RequestedOutput(o.name) for o in config.output]
+        for o in outputs:
+            o.on_gpu = True
+        return outputs
 
     def _refuse_self_wait(self, identity: bytes, request: InferRequest) -> None:
         try:
@@ -240,6 +268,12 @@ class BlsRouter:
         reply.inputs_held = inputs_held
         frames: list[Any] = []
         held: InferResult | None = None
+        if isinstance(item, InferResult) and any(
+            t.arena is not None and t.arena.device >= 0 and t.arena.region not in self.cuda_segments
+            for t in item.outputs
+        ):  # its GPU outputs went with the target's process (forget_cuda)
+            item.done()
+            item = ServingError(f"model '{item.model_name}': its instance exited before the outputs were read")
         if isinstance(item, ServingError):
             wire.failed(item, reply.result.error)
             detach(item)  # answered: nothing it passed through stays alive with it
@@ -262,6 +296,8 @@ class BlsRouter:
                         t.arena.nbytes,
                         t.arena.device,
                     )
+                    if s.device >= 0:  # its CUDA arena: the caller opens the segment's handle
+                        _, s.cuda_handle, s.segment_bytes = self.cuda_segments[s.region]
                     held = item
                 else:
                     ref.frame = len(frames)

@@ -122,7 +122,7 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
             )
         # the router reads the tensors of a model with a response cache (its key) or sequence
         # batching (its state): those keep theirs in host memory
-        plain_gpu = _gpu_only(sub) and not sub.response_cache.enable and not sub.HasField("sequence_batching")
+        plain_gpu = reads_on_gpu(sub)
         gpu_only.append(plain_gpu)
         torch_gpu.append(plain_gpu and _is_pytorch(sub))
         lead: tuple[int, ...] = (-1,) if ens_batch == 0 and sub.max_batch_size > 0 else ()
@@ -211,6 +211,17 @@ def gpu_resident(
         for model_output, tensor in step.outputs
         if tensor not in outputs and all(gpu_only[c] for c in consumers.get(tensor, ()))
     )
+
+
+def reads_on_gpu(config: mc.ModelConfig) -> bool:
+    """A model whose instances all run on GPUs and whose tensors the router never reads (no
+    response cache, no sequence batching)."""
+    return _gpu_only(config) and not config.response_cache.enable and not config.HasField("sequence_batching")
+
+
+def leaves_outputs_on_gpu(config: mc.ModelConfig) -> bool:
+    """``reads_on_gpu``, and the backend can leave its outputs in GPU memory (PyTorch)."""
+    return reads_on_gpu(config) and _is_pytorch(config)
 
 
 def _gpu_only(config: mc.ModelConfig) -> bool:

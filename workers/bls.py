@@ -32,6 +32,7 @@ from shoal.proto.validation import validate
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
+from shoal.workers.cudaarena import DeviceMapper
 from shoal.workers.inbox import Inbox
 from shoal.workers.lanecalls import LOST, LaneCalls, OutLane, Route
 from shoal.workers.outbox import encode
@@ -65,6 +66,8 @@ class BlsClient:
         self.writer = writer
         self.arena = arena
         self.mapper = mapper
+        self.device_mapper: DeviceMapper | None = None
+        """A GPU instance's reader of BLS outputs left in another worker's CUDA arena."""
         self.lanes: LaneCalls | None = None
         """Lanes to other models' workers (``workers.lanecalls``); None: every call through
         the router."""
@@ -93,9 +96,12 @@ class BlsClient:
         decoupled: bool = False,
         trace_id: int = 0,
         on_call: Callable[[int], None] | None = None,
+        gpu_outputs: bool = False,
     ) -> Iterator[Reply]:
         """The responses to one request (one unless ``decoupled``); ``on_call`` gets the
-        call's id once it is sent (for ``cancel``)."""
+        call's id once it is sent (for ``cancel``). ``gpu_outputs``: outputs a GPU model
+        leaves on the device come back as CuPy arrays (``preferred_memory`` GPU), when this
+        instance can read them."""
         env = wire.envelope(0)
         call = env.bls_call
         call.model_name = model
@@ -111,6 +117,8 @@ class BlsClient:
         req.flags = int(flags)
         req.trace_id = trace_id
         req.outputs.extend(outputs)
+        if gpu_outputs and self.device_mapper is not None:
+            req.device_outputs.extend(outputs or ["*"])  # "*": every output of the model
         if parameters_json and parameters_json != "{}":
             req.parameters_json = parameters_json
         frames: list[Any] = []
@@ -346,6 +354,10 @@ class BlsClient:
         where = ref.WhichOneof("location")
         if where == "frame":
             buf: Any = frames[ref.frame]
+        elif where == "shm" and ref.shm.device >= 0:  # in the target's CUDA arena
+            if self.device_mapper is None or dt.numpy is None or dt.protocol == "BYTES":
+                raise ServingError(f"BLS output '{ref.name}' is in GPU memory, which this instance cannot read")
+            return self.device_mapper.copy(ref.shm, dt.numpy, shape)
         elif where == "shm":
             s = ref.shm
             view = self.mapper.view(Block(s.region, s.offset, s.nbytes, s.device))

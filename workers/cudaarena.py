@@ -17,6 +17,7 @@ worker's main thread (under the output writer's lock). CuPy is imported on first
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from shoal.shm.arena import _ALIGN, _FreeList
@@ -98,3 +99,64 @@ class CudaArena:
         self._segments.clear()
         self._order.clear()
         self._stream = None
+
+
+class DeviceMapper:
+    """The caller's side of another worker's CUDA arena for BLS outputs: opens each segment's
+    IPC handle once (by segment name) and copies a block into memory of this process (the
+    block goes back to its owner right after the reply is read). ``local_device`` maps the
+    server's GPU ordinal to this process's."""
+
+    def __init__(self, local_device: Any) -> None:
+        self._local_device = local_device
+        self._lock = threading.Lock()  # BLS calls come from the model's threads too
+        self._open: dict[str, tuple[int, int]] = {}
+        """segment name -> (pointer, this process's device)"""
+
+    def copy(self, s: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+        """A CuPy array (on this process's GPU 0) with a copy of the block ``s`` (a
+        ``ShmSlice`` with ``cuda_handle``)."""
+        import cupy
+
+        from shoal.proto.errors import InvalidInput
+
+        if not s.cuda_handle or s.offset + s.nbytes > s.segment_bytes:
+            raise InvalidInput(f"a GPU output block of '{s.region}' without a valid handle")
+        with self._lock:
+            opened = self._open.get(s.region)
+            if opened is None:
+                device = int(self._local_device(s.device))
+                with cupy.cuda.Device(device):
+                    flag = cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess
+                    ptr = cupy.cuda.runtime.ipcOpenMemHandle(s.cuda_handle, flag)
+                opened = self._open[s.region] = (int(ptr), device)
+        ptr, _ = opened
+        with cupy.cuda.Device(0):
+            out = cupy.empty(shape, dtype=dtype)
+            if s.nbytes:
+                if out.nbytes != s.nbytes:
+                    raise InvalidInput(f"a GPU output of {s.nbytes} bytes for shape {list(shape)}")
+                kind = cupy.cuda.runtime.memcpyDefault
+                cupy.cuda.runtime.memcpy(out.data.ptr, ptr + s.offset, s.nbytes, kind)
+        return out
+
+    def forget_prefix(self, prefix: str) -> None:
+        """Close the handles of segments whose names start with ``prefix`` (their worker exited)."""
+        with self._lock:
+            for name in [n for n in self._open if n.startswith(prefix)]:
+                self._close(name)
+
+    def _close(self, name: str) -> None:
+        import cupy
+
+        ptr, device = self._open.pop(name)
+        try:
+            with cupy.cuda.Device(device):
+                cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+        except Exception:  # noqa: BLE001 - closing must not kill the worker
+            log.exception("closing the CUDA IPC handle of %s failed", name)
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._open):
+                self._close(name)

@@ -43,7 +43,7 @@ from shoal.workers.backends.base import (
 from shoal.workers.backends.registry import backend_class
 from shoal.workers.bls import BlsClient
 from shoal.workers.clientshm import ClientRegions
-from shoal.workers.cudaarena import CudaArena
+from shoal.workers.cudaarena import CudaArena, DeviceMapper
 from shoal.workers.custommetrics import MetricsClient
 from shoal.workers.inbox import Inbox, Incoming
 from shoal.workers.lanebatch import LaneBatcher
@@ -233,6 +233,8 @@ class WorkerRuntime:
                     self.regions.forget(env.forget.region_ids)
                     for prefix in env.forget.arena_prefixes:
                         self.mapper.forget_prefix(prefix)
+                        if self.spec is not None and self.spec.bls is not None and self.spec.bls.device_mapper:
+                            self.spec.bls.device_mapper.forget_prefix(prefix)
                 elif kind == "probe":
                     self._probe(env)
                 elif kind == "load":
@@ -297,6 +299,8 @@ class WorkerRuntime:
                 arena=self.arena,
                 mapper=self.mapper,
             )
+            if device.is_gpu:
+                bls.device_mapper = DeviceMapper(self.regions.local_device)
             self.spec = dataclasses.replace(self.spec, bls=bls, metrics=MetricsClient(self.inbox, self._send))
             self.backend = backend_class(config.backend).load(self.spec)
             if config.model_warmup:
@@ -582,9 +586,8 @@ class WorkerRuntime:
             )
             wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
             if device_ok and (r.output_shm or r.device_outputs):
-                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0).union(
-                    r.device_outputs
-                )
+                on_gpu = self.output_types.keys() if "*" in r.device_outputs else r.device_outputs
+                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0).union(on_gpu)
             if self.decoupled:
                 dest = r.output_shm if len(r.output_shm) else None
                 wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())
@@ -757,5 +760,7 @@ class WorkerRuntime:
             self.arena.close()
         if self.writer is not None and self.writer.device_arena is not None:
             self.writer.device_arena.close()
+        if self.spec is not None and self.spec.bls is not None and self.spec.bls.device_mapper is not None:
+            self.spec.bls.device_mapper.close()
         if self.conn is not None:
             self.conn.close()

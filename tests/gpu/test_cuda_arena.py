@@ -4,7 +4,8 @@ by CUDA IPC and reads it there; the router never touches its bytes. A Python mod
 GPU (``FORCE_CPU_ONLY_INPUT_TENSORS: no``) reports whether its input arrived in GPU memory.
 Blocks go back to the arena (a small arena would fill up and send outputs through the host
 otherwise), and a producer that is killed comes back with new segments that its readers
-open afresh. Run with ``scripts/gpu_bench`` (``GPU_TESTS``) on the device machine."""
+open afresh. A BLS call with ``preferred_memory`` GPU gets a PyTorch GPU model's outputs in
+GPU memory, over a lane and through the router. Run with ``scripts/gpu_bench`` (``GPU_TESTS``) on the device machine."""
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import os
@@ -53,14 +54,57 @@ class TritonPythonModel:
         return responses
 """
 
-PROBE_CONFIG = """name: "probe"
+BLS = """import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+GPU = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)
+
+
+def call(x, **kw):
+    r = pb_utils.InferenceRequest(model_name="pt_double", inputs=[pb_utils.Tensor("INPUT__0", x)],
+                                  requested_output_names=["OUTPUT__0"], **kw).exec()
+    if r.has_error():
+        raise pb_utils.TritonModelException(r.error().message())
+    y = pb_utils.get_output_tensor_by_name(r, "OUTPUT__0")
+    if y.is_cpu():
+        return y.as_numpy(), 0
+    return torch.utils.dlpack.from_dlpack(y.to_dlpack()).cpu().numpy(), 1
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+            lane, on_lane = call(x, preferred_memory=GPU)
+            routed, on_router = call(x, preferred_memory=GPU, timeout=10**7)  # a timeout: through the router
+            host, on_host = call(x)
+            assert np.array_equal(lane, routed) and np.array_equal(lane, host)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("Y", lane),
+                pb_utils.Tensor("WHERE", np.array([on_lane, on_router, on_host], dtype=np.int32)),
+            ]))
+        return responses
+"""
+
+
+def _python_config(name: str, where: int, extra: str = "") -> str:
+    """A Python model on GPU 0: X in, Y and ``where`` INT32 flags out."""
+    return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
-input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
-output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] } ]
-instance_group [ { kind: KIND_GPU, count: 1, gpus: [ 0 ] } ]
-parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" } }
-"""
+input [ {{ name: "X", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }},
+         {{ name: "WHERE", data_type: TYPE_INT32, dims: [ {where} ] }} ]
+instance_group [ {{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }} ]
+{extra}"""
+
+
+BLS_CONFIG = _python_config("bls_gpu", 3)
+PROBE_CONFIG = _python_config(
+    "probe", 1, 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value { string_value: "no" } }'
+)
 
 
 def _ensemble(name: str, second: str, outputs: str, extra_out: str = "") -> str:
@@ -106,6 +150,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     (repo / "probe" / "1").mkdir(parents=True)
     (repo / "probe" / "1" / "model.py").write_text(PROBE)
     (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    (repo / "bls_gpu" / "1").mkdir(parents=True)
+    (repo / "bls_gpu" / "1" / "model.py").write_text(BLS)
+    (repo / "bls_gpu" / "config.pbtxt").write_text(BLS_CONFIG)
     for name, text in (("ens_probe", PROBED), ("ens_probe_host", PROBED_HOST), ("ens_chain", CHAIN)):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(text)
@@ -188,5 +235,19 @@ def test_a_killed_producer_comes_back_with_new_segments(server: ServerProcess) -
             y, where = _probe(client, "ens_probe", x + k)
             np.testing.assert_array_equal(y, 2 * (x + k))
             assert where == 1
+    finally:
+        client.close()
+
+
+def test_bls_outputs_come_back_in_gpu_memory_when_asked(server: ServerProcess) -> None:
+    client = server.client()
+    try:
+        x = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: 200 calls each way fill 16 MiB unless given back
+        for k in range(200):
+            i = httpclient.InferInput("X", [x.size], "FP32")
+            i.set_data_from_numpy(x + k)
+            r = client.infer("bls_gpu", [i])
+            np.testing.assert_array_equal(r.as_numpy("Y"), 2 * (x + k))
+            assert r.as_numpy("WHERE").tolist() == [1, 1, 0], f"call {k}: (lane, router, default) on the GPU"
     finally:
         client.close()

@@ -343,6 +343,14 @@ class PythonBackend(Backend):
 _TRITON_CODES: Final = {v: k for k, v in _ERROR_CODES.items()}
 
 
+def _gpu_outputs(pb: ModuleType, request: Any) -> bool:
+    """``preferred_memory=PreferredMemory(TRITONSERVER_MEMORY_GPU)``: outputs a GPU model
+    leaves on the device come back in GPU memory (Triton's default is the producer's memory;
+    Shoal's is host memory, so that ``as_numpy()`` works, unless the call asks)."""
+    preferred = getattr(request, "_preferred_memory", None)
+    return preferred is not None and preferred.preferred_memory_type == pb.TRITONSERVER_MEMORY_GPU
+
+
 def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any:
     """``InferenceRequest.exec``: the request through the router to its model; failures are
     responses with an error (the calling model decides), never exceptions."""
@@ -365,6 +373,7 @@ def _bls_exec(pb: ModuleType, client: Any, request: Any, decoupled: bool) -> Any
         decoupled=decoupled,
         trace_id=request.trace()._id,
         on_call=sent.append,
+        gpu_outputs=_gpu_outputs(pb, request),
     )
 
     def response(reply: Any) -> Any:

@@ -194,9 +194,11 @@ class InferenceRequest:
         model_version: int = -1,
         parameters: Mapping[str, Any] | str | None = None,
         trace: InferenceTrace | None = None,
+        preferred_memory: PreferredMemory | None = None,
         **_ignored: Any,
     ) -> None:
         self._trace = trace if trace is not None else InferenceTrace()
+        self._preferred_memory = preferred_memory
         self._model_name = model_name
         self._model_version = model_version
         self._inputs = list(inputs or [])
