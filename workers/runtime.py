@@ -127,6 +127,12 @@ class _LaneBatch:
     arrived: list[int] = dataclasses.field(default_factory=list)
     t0: int = 0
     t1: int = 0
+    t_launched: int = 0
+    overlap_ns: int = 0
+    """Time inside this batch's compute infer span that belongs to its neighbours: reading and
+    launching the next batch (its compute input and infer), and finishing and answering the
+    one before after this one was launched (its wait and compute output). Subtracted, so that
+    no stretch of time counts for two executions."""
     launched: Launched | None = None
     error: Exception | None = None
 
@@ -456,9 +462,13 @@ class WorkerRuntime:
             if not self.stop_requested:
                 nxt = self._waiting_lane_batch(launched)
                 following = self._launch_lanes(nxt) if nxt else None
+                if following is not None and following.t_launched:
+                    launched.overlap_ns += following.t_launched - following.t0
             self._finish_lanes(launched)
             if following is None:
                 return
+            if following.t_launched:  # its launch was followed by the answer of the one before
+                following.overlap_ns += time.monotonic_ns() - following.t_launched
             launched = following
 
     def _waiting_lane_batch(self, running: _LaneBatch) -> list[Incoming] | None:
@@ -498,6 +508,7 @@ class WorkerRuntime:
             batch.t1 = time.monotonic_ns()
             batch.arrived = self.lane_batcher.arrived if self.lane_batcher is not None else []
             batch.launched = backend.launch(batch.work)
+            batch.t_launched = time.monotonic_ns()
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
             batch.error = exc
         return batch
@@ -513,6 +524,8 @@ class WorkerRuntime:
             t0, t1 = batch.t0, batch.t1
             responses = batch.launched.finish()
             t2 = time.monotonic_ns()
+            # the next batch's reading and launch happened inside [t1, t2]: counted there, not here
+            infer_ns = max(0, t2 - t1 - batch.overlap_ns)
             if len(responses) != len(work):
                 raise ServingError(f"backend returned {len(responses)} responses where {len(work)} were expected")
             with self.lock:
@@ -530,13 +543,13 @@ class WorkerRuntime:
             arrived = batch.arrived
             for k, (reply, _) in enumerate(replies):
                 done = reply.infer_done
-                done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns = t1 - t0, t2 - t1, t3 - t2
+                done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns = t1 - t0, infer_ns, t3 - t2
                 if k < len(arrived) and arrived[k]:
                     done.queue_ns = max(0, t0 - arrived[k])
             rows = sum(next(iter(w.inputs.values())).shape[0] for w in work if w.inputs)
             stat = wpb.LaneStat(model_name=spec.name, model_version=spec.version, execution=True, executed=True,
                                 batch_size=rows, requests=len(work), compute_input_ns=t1 - t0,
-                                compute_infer_ns=t2 - t1, compute_output_ns=t3 - t2)  # fmt: skip
+                                compute_infer_ns=infer_ns, compute_output_ns=t3 - t2)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failed batch is reported, never fatal
             err = from_exception(exc)
             self._log_failure(err)

@@ -3,7 +3,8 @@ CPU: a PyTorch model with ``SHOAL_PIPELINE_BATCHES: true`` runs the GPU data pat
 pipeline on the CPU (two sets of staging buffers in turn; a batch read and launched before
 the one before is answered). Under concurrent load over lanes, inline and in system shared
 memory, with the router stopped, every answer holds its own request's rows and the
-statistics count every request once. The same on a GPU: tests/gpu/test_pytorch_gpu.py."""
+statistics count every request once; no stretch of time counts as the compute of two
+executions. The same on a GPU: tests/gpu/test_pytorch_gpu.py."""
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import os
@@ -46,6 +47,26 @@ output [ {{ name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ {n} ] }},
 {more}"""
 
 
+class Heavy(torch.nn.Module):  # type: ignore[misc,name-defined]
+    """Compute that outweighs the worker's own work per batch (milliseconds for 32 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(512, 512) / 32, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(48):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
+HEAVY = """max_batch_size: 128
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 512 ] } ]
+output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ 512 ] } ]
+dynamic_batching { }
+parameters { key: "SHOAL_PIPELINE_BATCHES" value { string_value: "true" } }
+instance_group [ { kind: KIND_CPU, count: 1 } ]"""
+
 CONFIG = batched_config(
     N,
     16,
@@ -59,6 +80,7 @@ instance_group [ { kind: KIND_CPU, count: 1 } ]""",
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("repo")
     save_model(repo, "pt_pipe", Batched(), CONFIG)
+    save_model(repo, "pt_heavy", Heavy(), HEAVY)
     srv = ServerProcess(repo, "--frontend-processes", "2").start()
     try:
         yield srv
@@ -91,9 +113,13 @@ def check_one(c: Any, model: str, x: np.ndarray, y: np.ndarray, region: tuple[An
     np.testing.assert_array_equal(got1, x)
 
 
-def _stats(srv: ServerProcess) -> tuple[int, int]:
-    s = requests.get(f"http://{srv.url}/v2/models/pt_pipe/stats", timeout=10).json()["model_stats"][0]
+def _stats(srv: ServerProcess, model: str = "pt_pipe") -> tuple[int, int]:
+    s = _model_stats(srv, model)
     return int(s["inference_count"]), int(s["execution_count"])
+
+
+def _model_stats(srv: ServerProcess, model: str) -> dict[str, Any]:
+    return requests.get(f"http://{srv.url}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]  # type: ignore[no-any-return]
 
 
 def test_pipelined_batches_keep_every_answer_its_own(server: ServerProcess) -> None:
@@ -140,3 +166,46 @@ def test_pipelined_batches_keep_every_answer_its_own(server: ServerProcess) -> N
         c.close()
         for h in regions:
             sysshm.destroy_shared_memory_region(h)
+
+
+def test_pipelined_compute_time_is_counted_once(server: ServerProcess) -> None:
+    """While batch N runs, the worker reads and launches N+1 (on the CPU: runs it); that time is
+    N+1's compute input and infer, not N's too. One instance cannot compute for longer than
+    the load lasted: counted twice, its executions' compute infer added up to nearly twice that."""
+    time.sleep(0.3)  # the routes reach the frontends
+    before = _execution_infer_ns(server)
+    gate = threading.Barrier(8)
+    spans: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        g = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            x = np.random.default_rng(k).standard_normal((32, 512)).astype(np.float32)
+            i = grpcclient.InferInput("x", [32, 512], "FP32")
+            i.set_data_from_numpy(x)
+            gate.wait()
+            t0 = time.monotonic()
+            for _ in range(20):
+                g.infer("pt_heavy", [i])
+            spans.append((t0, time.monotonic()))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            g.close()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    wall_ns = (max(e for _, e in spans) - min(s for s, _ in spans)) * 1e9
+    infer_ns = _execution_infer_ns(server) - before
+    assert infer_ns <= wall_ns, f"executions computed {infer_ns / 1e6:.0f} ms in {wall_ns / 1e6:.0f} ms of load"
+
+
+def _execution_infer_ns(srv: ServerProcess) -> int:
+    """The compute infer time of every execution of ``pt_heavy`` (its batch statistics count
+    each execution once, where the inference statistics count it per request)."""
+    return sum(int(b["compute_infer"]["ns"]) for b in _model_stats(srv, "pt_heavy")["batch_stats"])
