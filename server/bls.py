@@ -230,7 +230,7 @@ class BlsRouter:
             config = self.dp.registry.get(call.model_name, int(call.model_version)).config
         except ServingError:
             return outputs  # the request fails as usual, with its own error
-        if not ensemble.leaves_outputs_on_gpu(config):
+        if not ensemble.reads_on_gpu(config):
             return outputs
         if outputs is None:
             outputs = [RequestedOutput(o.name) for o in config.output]

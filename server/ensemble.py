@@ -103,7 +103,6 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
 
     steps: list[StepPlan] = []
     gpu_only: list[bool] = []
-    torch_gpu: list[bool] = []
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
     for i, step in enumerate(config.ensemble_scheduling.step):
@@ -122,9 +121,7 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
             )
         # the router reads the tensors of a model with a response cache (its key) or sequence
         # batching (its state): those keep theirs in host memory
-        plain_gpu = reads_on_gpu(sub)
-        gpu_only.append(plain_gpu)
-        torch_gpu.append(plain_gpu and _is_pytorch(sub))
+        gpu_only.append(reads_on_gpu(sub))
         lead: tuple[int, ...] = (-1,) if ens_batch == 0 and sub.max_batch_size > 0 else ()
         sub_in = {t.name: t for t in sub.input}
         sub_out = {t.name: t for t in sub.output}
@@ -182,7 +179,7 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
             s,
             after=frozenset(producer[t] for _, t in s.inputs if t in producer),
             readers=frozenset(c for _, t in s.outputs for c in consumers.get(t, ())),
-            on_gpu=gpu_resident(s, torch_gpu[s.index], gpu_only, consumers, outputs),
+            on_gpu=gpu_resident(s, gpu_only, consumers, outputs),
         )
         for s in steps
     ]
@@ -197,14 +194,16 @@ def plan(config: mc.ModelConfig, lookup: Lookup) -> EnsemblePlan:
 
 
 def gpu_resident(
-    step: StepPlan, torch_gpu: bool, gpu_only: list[bool], consumers: dict[str, list[int]], outputs: list[str]
+    step: StepPlan, gpu_only: list[bool], consumers: dict[str, list[int]], outputs: list[str]
 ) -> frozenset[str]:
-    """The outputs of ``step`` that may stay in its instance's CUDA arena: the step runs a
-    PyTorch model on GPUs only (the backend that leaves outputs on the device), the tensor is
-    not an ensemble output (the router sends those), and every step reading it runs on GPUs
-    only (it opens the arena's IPC handle, and reads in place or copies once). Neither side
-    may have a response cache or sequence batching, whose tensors the router reads."""
-    if not torch_gpu:
+    """The outputs of ``step`` that may stay in its instance's CUDA arena: the step runs on
+    GPUs only, the tensor is not an ensemble output (the router sends those), and every step
+    reading it runs on GPUs only (it opens the arena's IPC handle, and reads in place or
+    copies once). Neither side may have a response cache or sequence batching, whose tensors
+    the router reads. Whether an output does stay there is the producing worker's matter: a
+    backend that returns it in GPU memory (PyTorch, ONNX Runtime on CUDA, a Python model's
+    GPU tensor) has it copied into the arena; host outputs go through host memory as ever."""
+    if not gpu_only[step.index]:
         return frozenset()
     return frozenset(
         model_output
@@ -215,22 +214,14 @@ def gpu_resident(
 
 def reads_on_gpu(config: mc.ModelConfig) -> bool:
     """A model whose instances all run on GPUs and whose tensors the router never reads (no
-    response cache, no sequence batching)."""
+    response cache, no sequence batching): its outputs may stay on the GPU, and it can read
+    inputs there."""
     return _gpu_only(config) and not config.response_cache.enable and not config.HasField("sequence_batching")
-
-
-def leaves_outputs_on_gpu(config: mc.ModelConfig) -> bool:
-    """``reads_on_gpu``, and the backend can leave its outputs in GPU memory (PyTorch)."""
-    return reads_on_gpu(config) and _is_pytorch(config)
 
 
 def _gpu_only(config: mc.ModelConfig) -> bool:
     groups = config.instance_group
     return bool(groups) and all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in groups)
-
-
-def _is_pytorch(config: mc.ModelConfig) -> bool:
-    return config.backend == "pytorch" or config.platform == "pytorch_libtorch"
 
 
 def _topological(steps: list[StepPlan], producer: dict[str, int], where: str) -> list[int]:

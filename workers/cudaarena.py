@@ -1,8 +1,9 @@
 """``CudaArena``: a GPU worker's device memory for outputs that stay on the GPU.
 
-An ensemble step's output that only GPU steps read (the router decides, per requested
-output: ``Request.device_outputs``) is copied on the device into this arena instead of
-down to the host. The reply describes it as a ``ShmSlice`` with the server's GPU ordinal
+An ensemble step's output that only GPU steps read, or a BLS caller on a GPU asked for
+(the router or the caller decides, per requested output: ``Request.device_outputs``), is
+copied on the device into this arena instead of down to the host, when the backend returned
+it in GPU memory. The reply describes it as a ``ShmSlice`` with the server's GPU ordinal
 and the segment's CUDA IPC handle; the router never maps it, and hands it to the next step
 as a CUDA region (``ClientShm`` with the handle), which that worker opens and reads in
 place, as it does a client's CUDA shared memory. The router's ``Release`` gives the block

@@ -598,9 +598,13 @@ class WorkerRuntime:
                 trace_id=r.trace_id,
             )
             wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
-            if device_ok and (r.output_shm or r.device_outputs):
+            if r.device_outputs or (device_ok and r.output_shm):
+                # outputs for CUDA regions (a backend reading device inputs may leave them on the
+                # device), and those the next GPU step or a BLS caller reads from the CUDA arena
+                # (any backend: a GPU tensor goes there, a host array through host memory)
                 on_gpu = self.output_types.keys() if "*" in r.device_outputs else r.device_outputs
-                wr.device_outputs = frozenset(k for k, c in r.output_shm.items() if c.device >= 0).union(on_gpu)
+                cuda_shm = (k for k, c in r.output_shm.items() if c.device >= 0) if device_ok else ()
+                wr.device_outputs = frozenset(cuda_shm).union(on_gpu)
             if self.decoupled:
                 dest = r.output_shm if len(r.output_shm) else None
                 wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())

@@ -1,11 +1,12 @@
 """The CUDA arena (``workers/cudaarena.py``): an ensemble step's output that only GPU steps
-read stays in its PyTorch GPU instance's device memory, and the next step's worker opens it
-by CUDA IPC and reads it there; the router never touches its bytes. A Python model on the
-GPU (``FORCE_CPU_ONLY_INPUT_TENSORS: no``) reports whether its input arrived in GPU memory.
-Blocks go back to the arena (a small arena would fill up and send outputs through the host
-otherwise), and a producer that is killed comes back with new segments that its readers
-open afresh. A BLS call with ``preferred_memory`` GPU gets a PyTorch GPU model's outputs in
-GPU memory, over a lane and through the router. Run with ``scripts/gpu_bench`` (``GPU_TESTS``) on the device machine."""
+read stays in its GPU instance's device memory (a PyTorch model's output, or a Python model's
+GPU tensor), and the next step's worker opens it by CUDA IPC and reads it there; the router
+never touches its bytes. A Python model on the GPU (``FORCE_CPU_ONLY_INPUT_TENSORS: no``)
+reports whether its input arrived in GPU memory. Blocks go back to the arena (a small arena
+would fill up and send outputs through the host otherwise), and a producer that is killed
+comes back with new segments that its readers open afresh. A BLS call with
+``preferred_memory`` GPU gets a PyTorch GPU model's outputs in GPU memory, over a lane and
+through the router. Run with ``scripts/gpu_bench`` (``GPU_TESTS``) on the device machine."""
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import os
@@ -54,6 +55,29 @@ class TritonPythonModel:
         return responses
 """
 
+PY_DOUBLE = """import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, "X").as_numpy()).cuda()
+            y = pb_utils.Tensor.from_dlpack("Y", torch.utils.dlpack.to_dlpack(x * 2))
+            responses.append(pb_utils.InferenceResponse([y]))
+        return responses
+"""
+
+PY_PROBED = """name: "ens_py_probe" platform: "ensemble" max_batch_size: 0
+input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] } ]
+ensemble_scheduling { step [
+  { model_name: "py_double", model_version: -1, input_map { key: "X" value: "X" }, output_map { key: "Y" value: "d" } },
+  { model_name: "probe", model_version: -1, input_map { key: "X" value: "d" },
+    output_map { key: "Y" value: "Y" }, output_map { key: "WHERE" value: "WHERE" } } ] }
+"""
+
 BLS = """import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -90,13 +114,13 @@ class TritonPythonModel:
 
 
 def _python_config(name: str, where: int, extra: str = "") -> str:
-    """A Python model on GPU 0: X in, Y and ``where`` INT32 flags out."""
+    """A Python model on GPU 0: X in, Y and (``where`` > 0) that many INT32 flags out."""
+    flags = f', {{ name: "WHERE", data_type: TYPE_INT32, dims: [ {where} ] }}' if where else ""
     return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
 input [ {{ name: "X", data_type: TYPE_FP32, dims: [ -1 ] }} ]
-output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }},
-         {{ name: "WHERE", data_type: TYPE_INT32, dims: [ {where} ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }}{flags} ]
 instance_group [ {{ kind: KIND_GPU, count: 1, gpus: [ 0 ] }} ]
 {extra}"""
 
@@ -153,7 +177,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     (repo / "bls_gpu" / "1").mkdir(parents=True)
     (repo / "bls_gpu" / "1" / "model.py").write_text(BLS)
     (repo / "bls_gpu" / "config.pbtxt").write_text(BLS_CONFIG)
-    for name, text in (("ens_probe", PROBED), ("ens_probe_host", PROBED_HOST), ("ens_chain", CHAIN)):
+    (repo / "py_double" / "1").mkdir(parents=True)
+    (repo / "py_double" / "1" / "model.py").write_text(PY_DOUBLE)
+    (repo / "py_double" / "config.pbtxt").write_text(_python_config("py_double", 0))
+    ensembles = {"ens_probe": PROBED, "ens_probe_host": PROBED_HOST, "ens_chain": CHAIN, "ens_py_probe": PY_PROBED}
+    for name, text in ensembles.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(text)
     # 1 MiB segments, 16 MiB at most: blocks that were never given back would fill it within
@@ -180,6 +208,9 @@ def test_a_step_output_read_only_on_gpus_stays_there(server: ServerProcess) -> N
             y, where = _probe(client, "ens_probe", x)
             np.testing.assert_array_equal(y, 2 * x)
             assert where == 1, f"{n} elements: the probe's input was in host memory"
+        y, where = _probe(client, "ens_py_probe", x)  # a Python model's GPU tensor stays there too
+        np.testing.assert_array_equal(y, 2 * x)
+        assert where == 1
         x = rng.random(1000, dtype=np.float32)
         y, where = _probe(client, "ens_probe_host", x)  # the router must send d: host memory
         np.testing.assert_array_equal(y, 2 * x)

@@ -142,7 +142,7 @@ def _on(kind: str, extra: str = "", backend: str = "pytorch") -> str:
         (_on("KIND_GPU"), _on("KIND_GPU", backend="python"), {"X"}),  # any GPU reader opens the handle
         (_on("KIND_GPU"), _on("KIND_CPU"), set()),  # a CPU reader gets host memory
         (_on("KIND_GPU"), "", set()),  # no instance group: the placement is not known here
-        (_on("KIND_GPU", backend="python"), _on("KIND_GPU"), set()),  # only PyTorch leaves outputs on the GPU
+        (_on("KIND_GPU", backend="python"), _on("KIND_GPU"), {"X"}),  # its worker keeps GPU tensors there
         (_on("KIND_GPU", "response_cache { enable: true }"), _on("KIND_GPU"), set()),
         (_on("KIND_GPU"), _on("KIND_GPU", "response_cache { enable: true }"), set()),  # its key reads the input
         (_on("KIND_GPU"), _on("KIND_GPU", "sequence_batching { }"), set()),

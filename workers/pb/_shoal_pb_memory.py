@@ -20,9 +20,9 @@ class MemoryType(IntEnum):
 
 class PreferredMemory:
     """Where a BLS call would like its outputs (``InferenceRequest(preferred_memory=...)``).
-    ``TRITONSERVER_MEMORY_GPU``: outputs a PyTorch GPU model leaves on the device come back in
-    GPU memory when the calling instance runs on a GPU; otherwise, and by default, Shoal
-    returns BLS outputs in host memory."""
+    ``TRITONSERVER_MEMORY_GPU``: outputs a GPU model returns in GPU memory come back there when
+    the calling instance runs on a GPU; otherwise, and by default, Shoal returns BLS outputs
+    in host memory."""
 
     def __init__(self, preferred_memory_type: int = TRITONSERVER_MEMORY_CPU, preferred_device_id: int = 0) -> None:
         self.preferred_memory_type = int(preferred_memory_type)
