@@ -39,7 +39,6 @@ class CudaArena:
         self._segments: dict[str, tuple[Any, bytes, _FreeList]] = {}
         """name -> (cupy Memory, IPC handle, free list)"""
         self._order: list[str] = []
-        self._stream: Any = None
         self.in_use = 0
 
     def allocate(self, nbytes: int) -> tuple[Block, bytes, int] | None:
@@ -75,18 +74,20 @@ class CudaArena:
         return name
 
     def copy_in(self, block: Block, array: Any) -> None:
-        """Copy the CuPy ``array`` (C-contiguous, ``block.nbytes`` bytes) into ``block`` on the
-        device; returns once the copy is done, so the reply that names it can go out."""
+        """Copy the CuPy ``array`` (``block.nbytes`` bytes) into ``block`` on the device; returns
+        once the copy is done, so the reply that names it can go out. The copy runs on the
+        legacy default stream, after the work queued there: a Python model's GPU tensor may
+        still be being computed there (PyTorch's and CuPy's default), while the PyTorch
+        backend's outputs, made on its instance's own stream, were waited for already (and the
+        next batch queued on that stream is not waited for)."""
         import cupy
 
         mem = self._segments[block.region][0]
-        with cupy.cuda.Device(self.device):
-            if self._stream is None:
-                self._stream = cupy.cuda.Stream(non_blocking=True)
+        with cupy.cuda.Device(self.device), cupy.cuda.Stream.null:
             src = cupy.ascontiguousarray(array)
             kind = cupy.cuda.runtime.memcpyDefault  # the array may lie on another GPU
-            cupy.cuda.runtime.memcpyAsync(mem.ptr + block.offset, src.data.ptr, block.nbytes, kind, self._stream.ptr)
-            self._stream.synchronize()
+            cupy.cuda.runtime.memcpyAsync(mem.ptr + block.offset, src.data.ptr, block.nbytes, kind, 0)
+            cupy.cuda.runtime.streamSynchronize(0)
 
     def free(self, block: Block) -> None:
         """Give a block back; raises ``KeyError`` for one this arena does not hold."""
@@ -99,7 +100,6 @@ class CudaArena:
     def close(self) -> None:
         self._segments.clear()
         self._order.clear()
-        self._stream = None
 
 
 class DeviceMapper:
