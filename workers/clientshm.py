@@ -297,6 +297,13 @@ class ClientRegions:
             stream = self._copy_streams.get(region.device)
             if stream is None:
                 stream = self._copy_streams[region.device] = cupy.cuda.Stream(non_blocking=True)
+            if isinstance(data, cupy.ndarray):
+                # copied after the work queued on the legacy default stream of the array's GPU,
+                # where a Python model's tensor may still be being computed (PyTorch's and CuPy's
+                # default); the PyTorch backend's own stream was waited for already
+                with cupy.cuda.Device(data.device.id):
+                    made = cupy.cuda.Stream.null.record()
+                stream.wait_event(made)
             kind = cupy.cuda.runtime.memcpyDefault
             cupy.cuda.runtime.memcpyAsync(region.ptr + c.offset, src_ptr, nbytes, kind, stream.ptr)
             self._writes.append((stream, keep))

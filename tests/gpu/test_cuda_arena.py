@@ -69,6 +69,27 @@ class TritonPythonModel:
         return responses
 """
 
+PY_SLOW = """import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.w = torch.randn(2048, 2048, device="cuda", generator=g) / 45
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, "X").as_numpy()).cuda()
+            x = x.reshape(-1, 2048)
+            for _ in range(200):  # queued on the default stream: execute returns long before it ends
+                x = torch.tanh(x @ self.w)
+            y = pb_utils.Tensor.from_dlpack("Y", torch.utils.dlpack.to_dlpack(x.reshape(-1)))
+            responses.append(pb_utils.InferenceResponse([y]))
+        return responses
+"""
+
 PY_PROBED = """name: "ens_py_probe" platform: "ensemble" max_batch_size: 0
 input [ { name: "X", data_type: TYPE_FP32, dims: [ -1 ] } ]
 output [ { name: "Y", data_type: TYPE_FP32, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_INT32, dims: [ 1 ] } ]
@@ -180,6 +201,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     (repo / "py_double" / "1").mkdir(parents=True)
     (repo / "py_double" / "1" / "model.py").write_text(PY_DOUBLE)
     (repo / "py_double" / "config.pbtxt").write_text(_python_config("py_double", 0))
+    (repo / "py_slow" / "1").mkdir(parents=True)
+    (repo / "py_slow" / "1" / "model.py").write_text(PY_SLOW)
+    (repo / "py_slow" / "config.pbtxt").write_text(_python_config("py_slow", 0))
     ensembles = {"ens_probe": PROBED, "ens_probe_host": PROBED_HOST, "ens_chain": CHAIN, "ens_py_probe": PY_PROBED}
     for name, text in ensembles.items():
         (repo / name / "1").mkdir(parents=True)
@@ -282,3 +306,28 @@ def test_bls_outputs_come_back_in_gpu_memory_when_asked(server: ServerProcess) -
             assert r.as_numpy("WHERE").tolist() == [1, 1, 0], f"call {k}: (lane, router, default) on the GPU"
     finally:
         client.close()
+
+
+def test_a_python_models_gpu_output_reaches_cuda_shm_complete(server: ServerProcess) -> None:
+    """A Python model returns a GPU tensor whose kernels still run on the default stream; its
+    copy into the client's CUDA region must wait for them (it is compared with the same
+    output sent inline, which comes down through the host after them)."""
+    cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+    client = server.client()
+    x = np.random.default_rng(5).standard_normal(512 * 2048).astype(np.float32)
+    h = cudashm.create_shared_memory_region("slow_out", x.nbytes, 0)
+    try:
+        client.register_cuda_shared_memory("slow_out", cudashm.get_raw_handle(h), 0, x.nbytes)
+        i = httpclient.InferInput("X", [x.size], "FP32")
+        i.set_data_from_numpy(x)
+        inline = client.infer("py_slow", [i]).as_numpy("Y")
+        for _ in range(3):
+            o = httpclient.InferRequestedOutput("Y")
+            o.set_shared_memory("slow_out", x.nbytes)
+            client.infer("py_slow", [i], outputs=[o])
+            np.testing.assert_allclose(cudashm.get_contents_as_numpy(h, np.float32, [x.size]), inline, rtol=1e-5)
+            cudashm.set_shared_memory_region(h, [np.zeros_like(x)])
+    finally:
+        client.unregister_cuda_shared_memory()
+        client.close()
+        cudashm.destroy_shared_memory_region(h)
