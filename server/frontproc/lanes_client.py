@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,10 @@ class Lane(asyncio.Protocol):
         self.broken = False
         """Gone (bye, closed, or it could not connect): no new requests."""
         self._outbox: list[Any] = []
+        self._spare_fd = -1
+        """A duplicate of the socket's descriptor, read once in ``connection_lost``: a write
+        that fails (the worker exited) makes the transport drop the connection without reading
+        what the worker sent before it left, its ``LaneBye`` and answers included."""
 
     @property
     def load(self) -> int:
@@ -102,6 +107,10 @@ class Lane(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._spare_fd = os.dup(sock.fileno())
+            os.set_blocking(self._spare_fd, False)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -121,11 +130,26 @@ class Lane(asyncio.Protocol):
                 self.lanes.answered(self, p, env, body, frames[1:])
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._read_what_is_left()
         self.broken = True
         pending, self.pending = self.pending, {}
         for p in pending.values():
             self.lanes.lost(self, p)
         self.lanes.closed(self)
+
+    def _read_what_is_left(self) -> None:
+        """Deliver what the worker sent that the transport did not read (it stops at a failed
+        write), so that a ``LaneBye`` before the worker's exit is seen as one."""
+        fd, self._spare_fd = self._spare_fd, -1
+        if fd < 0:
+            return
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                self.data_received(chunk)
+        except OSError:
+            pass  # nothing more (EAGAIN), or the socket is gone
+        finally:
+            os.close(fd)
 
     def send(self, env: wpb.Envelope, frames: list[Any] = ()) -> None:  # type: ignore[assignment]
         if not self._outbox:
