@@ -53,7 +53,7 @@ def read_input(
         count = dtypes.element_count(shape)
         if ref.client.nbytes != count * dt.itemsize:
             raise InvalidInput(f"input '{ref.name}' has {ref.client.nbytes} bytes, expected {count * dt.itemsize}")
-        return regions.device_array(ref.client, dt.numpy, count).reshape(shape)  # type: ignore[no-any-return]
+        return regions.device_array(ref.client, dt.numpy, shape)  # type: ignore[no-any-return]
     buf: bytes | memoryview
     if which == "frame":
         buf = frames[ref.frame]

@@ -278,11 +278,12 @@ class BatchedBackend(Backend):
         return responses
 
     def _wanted(self, requests: Sequence[WorkRequest]) -> list[str]:
-        if any(not r.requested_outputs for r in requests):
+        asked = dict.fromkeys(tuple(r.requested_outputs) for r in requests)  # mostly one list for all
+        if () in asked:
             return self.output_names()
         wanted: dict[str, None] = {}
-        for r in requests:
-            wanted.update(dict.fromkeys(r.requested_outputs))
+        for names in asked:
+            wanted.update(dict.fromkeys(names))
         return list(wanted)
 
 

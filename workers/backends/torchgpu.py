@@ -7,7 +7,8 @@ and go up from there. Other host arrays (views of the router's arena, inline fra
 client regions) are copied once into the pinned buffer, packed input after input in the
 layout of one device buffer. Either way each run of adjacent host bytes reaches the device
 in one asynchronous copy; inputs already on a GPU (CUDA shared memory) are copied device to
-device into their place, or used where they lie when the batch is that one request. No
+device into their place (those on the instance's GPU by one kernel launch for the batch,
+``workers.cudacopy``), or used where they lie when the batch is that one request. No
 per-request host concatenation.
 
 Outputs: each output tensor of the batch is copied device to host once, asynchronously,
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from shoal.proto.errors import InvalidInput
+from shoal.workers.cudacopy import SegmentCopier
 from shoal.workers.tensors import is_device_array
 
 ALIGN = 256
@@ -123,6 +125,13 @@ class TorchDevicePath:
         self.parallel_bytes = PARALLEL_BYTES
         self._inputs_open = False
         self._claimed = False
+        self._index = -1
+        """The instance's CUDA device ordinal (-1: the CPU)."""
+        if self.on_gpu:
+            self._index = device.index if device.index is not None else torch.cuda.current_device()
+        self.copier = SegmentCopier()
+        self._cupy_stream: Any = None
+        self._numpy_dtypes: dict[Any, np.dtype[Any]] = {}
 
     def _claim(self) -> None:
         """The other set of pinned buffers, for a new batch (the last batch's may still be in
@@ -232,6 +241,8 @@ class TorchDevicePath:
         dev = self.device_in.take(total)
         chunks: list[tuple[int, Any]] = []  # (offset, bytes) of host data to stage, in layout order
         direct: list[tuple[int, int, int]] = []  # (pinned offset, device offset, bytes) already staged
+        on_device: list[tuple[int, int, int]] = []  # (device address, source address, bytes): one launch
+        dev_ptr = dev.data_ptr() if self.stream is not None else 0
         for name, offset, shape, dtype, arrays in layout:
             tdtype = self.torch_dtype(dtype, name)
             pos = offset
@@ -240,7 +251,10 @@ class TorchDevicePath:
                 if n == 0:
                     continue
                 if is_device_array(a):
-                    self._copy_device(dev, pos, a, n)
+                    if dev_ptr and a.flags.c_contiguous and a.device.id == self._index:
+                        on_device.append((dev_ptr + pos, a.data.ptr, n))
+                    else:
+                        self._copy_device(dev, pos, a, n)
                 elif base <= (addr := _address(a)) and addr + n <= limit and a.flags.c_contiguous:
                     direct.append((addr - base, pos, n))
                 else:
@@ -250,12 +264,24 @@ class TorchDevicePath:
                 pos += n
             end = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             out[name] = dev[offset:end].view(tdtype).view(shape)
+        if on_device:
+            self._copy_segments(on_device)
         for start, to, n in _runs(direct):
             assert placed is not None  # direct copies come from it
             dev[to : to + n].copy_(placed[start : start + n], non_blocking=True)
         if chunks:
             self._stage(chunks, self.host_in.take(total), dev)
         return out
+
+    def _copy_segments(self, segments: list[tuple[int, int, int]]) -> None:
+        """Copies within the instance's GPU, on its stream, in one kernel launch
+        (``workers.cudacopy``): a batch's inputs in CUDA shared memory."""
+        import cupy
+
+        if self._cupy_stream is None:
+            self._cupy_stream = cupy.cuda.ExternalStream(self.stream.cuda_stream, self._index)
+        with cupy.cuda.Device(self._index):
+            self.copier.copy(segments, self._cupy_stream)
 
     def _copy_device(self, dev: Any, pos: int, a: Any, n: int) -> None:
         """One request's CUDA-shared-memory input into its place in the device buffer: a raw
@@ -342,6 +368,10 @@ class TorchDevicePath:
         return out
 
     def _on_device(self, t: Any) -> Any:
+        """A CuPy array over the output tensor ``t`` (kept alive by it), or None for a type
+        CuPy lacks (bfloat16: through the host). Made from the tensor's pointer rather than
+        by DLPack, which costs more (stream events) and orders nothing needed: the batch's
+        stream is waited for before its outputs are used."""
         try:
             import cupy
         except ImportError:
@@ -349,7 +379,15 @@ class TorchDevicePath:
         staged = self.device_in.data
         if staged is not None and t.untyped_storage().data_ptr() == staged.untyped_storage().data_ptr():
             t = t.clone()  # an input handed back: the next batch reuses that buffer
-        try:
-            return cupy.from_dlpack(t.contiguous())
-        except (TypeError, ValueError, RuntimeError, BufferError):
-            return None  # a type CuPy lacks (bfloat16): through the host
+        t = t.contiguous()
+        dtype = self._numpy_dtypes.get(t.dtype)
+        if dtype is None:
+            try:
+                dtype = self._numpy_dtypes[t.dtype] = self._torch.empty(0, dtype=t.dtype).numpy().dtype
+            except TypeError:
+                return None
+        nbytes = int(t.numel()) * int(t.element_size())
+        if nbytes == 0:
+            return cupy.empty(tuple(t.shape), dtype=dtype)
+        mem = cupy.cuda.UnownedMemory(t.data_ptr(), nbytes, t, device_id=t.device.index)
+        return cupy.ndarray(tuple(t.shape), dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
