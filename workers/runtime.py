@@ -569,11 +569,14 @@ class WorkerRuntime:
             counts_first += bytes(encode([env.SerializeToString()])[0])
         if counts_first:
             self._send_encoded(counts_first)
+        joined: dict[Lane, list[bytes]] = {}  # each lane's small answers, written together
         for (reply, out_frames), (env, _, lane) in zip(replies, batch.items, strict=True):
             assert lane is not None
-            self._answer_lane(lane, reply, out_frames)
+            self._answer_lane(lane, reply, out_frames, joined)
             if self.inbox is not None and self.inbox.cancelled:
                 self.inbox.forget_cancelled(env.request_id)
+        for lane, messages in joined.items():
+            self._write_lane(lane, [], b"".join(messages))
 
     def _read_batch(
         self, env: wpb.Envelope, frames: list[bytes], backend: Backend
@@ -721,9 +724,14 @@ class WorkerRuntime:
                 elif cuda is not None and cuda.owns(block):
                     cuda.free(block)
 
-    def _answer_lane(self, lane: Lane, reply: wpb.Envelope, out_frames: list[Any]) -> None:
+    def _answer_lane(
+        self, lane: Lane, reply: wpb.Envelope, out_frames: list[Any], joined: dict[Lane, list[bytes]] | None = None
+    ) -> None:
         """Send a lane request's answer on its lane; its output blocks are the lane's until
-        its client releases them (or the lane ends)."""
+        its client releases them (or the lane ends). With ``joined``, a small answer is
+        encoded into ``joined[lane]`` for the caller to write with the lane's other answers
+        of the batch (one system call per lane and batch instead of one per request: a
+        batch of 84 over 8 frontends' lanes made 84 writes)."""
         if reply.HasField("infer_done"):
             held = lane.held
             for res in reply.infer_done.results:
@@ -735,8 +743,24 @@ class WorkerRuntime:
             if lane.closed:
                 self._drop_lane(lane)  # frees what was just added
             return  # else the inbox filed CLOSED: dropped next
+        frames = [reply.SerializeToString(), *out_frames]
+        if joined is not None:
+            bufs = encode(frames)
+            if len(bufs) == 1:
+                joined.setdefault(lane, []).append(bufs[0])
+                return
+            earlier = joined.pop(lane, None)  # a large answer: after the lane's answers before it
+            self._write_lane(lane, frames, b"".join(earlier) if earlier else b"")
+            return
+        self._write_lane(lane, frames)
+
+    def _write_lane(self, lane: Lane, frames: list[Any], before: bytes = b"") -> None:
+        """``Outbox.send`` on the lane (``before``: encoded answers written just ahead of
+        ``frames``); a lane that fails is dropped."""
+        if lane.closed:
+            return  # dropped (by an earlier write of this batch)
         try:
-            lane.outbox.send([reply.SerializeToString(), *out_frames])
+            lane.outbox.send(frames, before)
         except OSError as exc:
             log.warning("answering on lane %d failed (%s); closing it", lane.fd, exc)
             self._drop_lane(lane)

@@ -108,3 +108,47 @@ def test_a_priority_goes_to_the_router_which_checks_it(server: ServerProcess) ->
     assert "'priority' must be a non-negative integer" in r.json()["error"]
     r = requests.post(f"http://{server.url}/v2/models/lane_batcher/infer", json=body, timeout=30)
     assert r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def big_inline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from served(tmp_path_factory, ("lane_batcher",), "--frontend-processes", "1", "--inline-max-bytes", "1048576")
+
+
+def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: ServerProcess) -> None:
+    """A worker writes a batch's small answers to a lane together, and a large one (over
+    ``outbox.JOIN_MAX``: 80 KB inline) after the ones before it: with one frontend every
+    answer of the batch goes to the same lane, half asking for the large output and half
+    only for REQUESTS. Each client gets its own answer whole."""
+    time.sleep(ROUTES_S)
+    gate = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        c = httpclient.InferenceServerClient(big_inline.url, network_timeout=30)
+        try:
+            data = np.full((1, 20000), float(k), dtype=np.float32)
+            i = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
+            i.set_data_from_numpy(data)
+            names = ["REQUESTS", "OUTPUT0"] if k % 2 else ["REQUESTS"]
+            gate.wait()
+            r = c.infer("lane_batcher", [i], outputs=[httpclient.InferRequestedOutput(n) for n in names])
+            n = r.as_numpy("REQUESTS")
+            assert n is not None and int(n[0][0]) > 1, "not batched"
+            out = r.as_numpy("OUTPUT0")
+            if k % 2:
+                assert out is not None and np.array_equal(out, data)
+            else:
+                assert out is None
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            c.close()
+
+    with RouterStopped(big_inline):
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
