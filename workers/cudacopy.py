@@ -2,16 +2,18 @@
 
 DESIGN (issue 18, CUDA shared memory): a batch over CUDA shared memory copies each request's
 input into the batch's device buffer and each request's output rows into its client's
-region. One ``cudaMemcpyAsync`` costs the worker's main thread about 6 us on the H200 (and
-``cudaMemcpyBatchAsync`` of 64 copies cost no less than 64 of them, measured with
-``scripts/cuda_call_costs``), which made the copies about a tenth of the per-request
-work at c=256. ``SegmentCopier.copy`` launches one kernel for a batch's copies instead: each
-block row of the grid copies one segment, 16 bytes a thread at a time when the segment's
-addresses and size allow it, bytes otherwise. The (destination, source, bytes) table is
-written to pinned host memory, which the kernel reads directly (with unified addressing,
-pinned memory is mapped on every device); a table is reused only once the launch that read
-it is done (an event per table, ``TABLES`` in turn). Fewer than ``MIN_SEGMENTS`` copies, or copies between
-devices, use ``cudaMemcpyAsync``. CuPy is imported by the first copy only.
+region. One ``cudaMemcpyAsync`` costs the worker's main thread 5-6 us on the H200 host
+(``cudaMemcpyBatchAsync`` of 64 copies cost no less than 64 of them; ``scripts/cuda_call_costs``),
+and with the stream ordering around them the copies were about 15% of a request's work at
+c=256. ``SegmentCopier.copy`` launches one kernel for a batch's copies instead (48 us for 64):
+each block row of the grid copies one segment, 16 bytes a thread at a time when the
+segment's addresses and size allow it, bytes otherwise. The (destination, source, bytes)
+table is written to pinned host memory, which the kernel reads where it lies (with unified
+addressing pinned memory is mapped on every device); a table is reused only once the launch
+that read it is done (an event per table, ``TABLES`` in turn). Fewer than ``MIN_SEGMENTS``
+copies, and copies between devices, use ``cudaMemcpyAsync``. The callers choose the stream:
+the instance's own for inputs, a highest-priority one for outputs
+(``ClientRegions._copy_stream`` says why). CuPy is imported by the first copy only.
 """
 
 from __future__ import annotations
