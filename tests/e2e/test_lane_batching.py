@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -39,27 +39,35 @@ def _infer(srv: ServerProcess, data: np.ndarray) -> tuple[np.ndarray, int]:
         c.close()
 
 
-def _together(srv: ServerProcess, arrays: list[np.ndarray]) -> list[int]:
-    """Send ``arrays`` at once; each answer's REQUESTS (checking its data)."""
-    gate = threading.Barrier(len(arrays))
-    got: list[int] = [0] * len(arrays)
+def _at_once(n: int, one: Callable[[int], None]) -> None:
+    """``one(k)`` for k in range(n), on n threads released together; fails with their errors."""
+    gate = threading.Barrier(n)
     errors: list[BaseException] = []
 
-    def one(k: int) -> None:
+    def run(k: int) -> None:
         try:
             gate.wait()
-            out, n = _infer(srv, arrays[k])
-            assert np.array_equal(out, arrays[k])
-            got[k] = n
+            one(k)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(arrays))]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+def _together(srv: ServerProcess, arrays: list[np.ndarray]) -> list[int]:
+    """Send ``arrays`` at once; each answer's REQUESTS (checking its data)."""
+    got: list[int] = [0] * len(arrays)
+
+    def one(k: int) -> None:
+        out, got[k] = _infer(srv, arrays[k])
+        assert np.array_equal(out, arrays[k])
+
+    _at_once(len(arrays), one)
     return got
 
 
@@ -121,8 +129,6 @@ def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: Se
     answer of the batch goes to the same lane, half asking for the large output and half
     only for REQUESTS. Each client gets its own answer whole."""
     time.sleep(ROUTES_S)
-    gate = threading.Barrier(8)
-    errors: list[BaseException] = []
 
     def one(k: int) -> None:
         c = httpclient.InferenceServerClient(big_inline.url, network_timeout=30)
@@ -131,7 +137,6 @@ def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: Se
             i = httpclient.InferInput("INPUT0", list(data.shape), "FP32")
             i.set_data_from_numpy(data)
             names = ["REQUESTS", "OUTPUT0"] if k % 2 else ["REQUESTS"]
-            gate.wait()
             r = c.infer("lane_batcher", [i], outputs=[httpclient.InferRequestedOutput(n) for n in names])
             n = r.as_numpy("REQUESTS")
             assert n is not None and int(n[0][0]) > 1, "not batched"
@@ -140,15 +145,8 @@ def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: Se
                 assert out is not None and np.array_equal(out, data)
             else:
                 assert out is None
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
         finally:
             c.close()
 
     with RouterStopped(big_inline):
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    assert not errors, errors
+        _at_once(8, one)
