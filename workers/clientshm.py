@@ -38,6 +38,7 @@ from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm import client as shm_client
 from shoal.workers.cudacopy import SegmentCopier
+from shoal.workers.devview import DeviceView, address, device_of
 
 log = logging.getLogger("shoal.worker.shm")
 
@@ -273,6 +274,13 @@ class ClientRegions:
             base = region.memptr = cupy.cuda.MemoryPointer(mem, 0)
         return cupy.ndarray(shape, dtype=dtype, memptr=base + c.offset)
 
+    def device_view(self, c: wpb.ClientShm, dtype: Any, shape: tuple[int, ...]) -> DeviceView:
+        """``device_array`` as a ``DeviceView`` (the tensor's address: no CuPy object)."""
+        region = self._cuda_region(c)
+        if c.offset + c.nbytes > region.nbytes:
+            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        return DeviceView(region.ptr + c.offset, shape, dtype, region.device, region)
+
     def read_cuda_to_host(self, c: wpb.ClientShm) -> memoryview:
         """The tensor's bytes copied to host memory."""
         import cupy
@@ -296,6 +304,9 @@ class ClientRegions:
         if c.offset + nbytes > region.nbytes:
             raise InvalidInput("shared memory offset + byte size is outside the registered region")
         if nbytes == 0:
+            return
+        if data.__class__ is DeviceView:
+            self._device_writes.append((region.device, region.ptr + c.offset, data, nbytes))
             return
         if isinstance(data, cupy.ndarray):
             if not data.flags.c_contiguous:
@@ -341,7 +352,7 @@ class ClientRegions:
         sources: set[int] = set()
         for device, dst, data, nbytes in pending:
             by_device.setdefault(device, []).append((dst, data, nbytes))
-            sources.add(data.device.id)
+            sources.add(device_of(data))
         made = {}
         for src_device in sources:
             with cupy.cuda.Device(src_device):
@@ -350,14 +361,14 @@ class ClientRegions:
         for device, writes in by_device.items():
             with cupy.cuda.Device(device):
                 stream = self._copy_stream(device)
-                for src_device in {data.device.id for _, data, _ in writes}:
+                for src_device in {device_of(data) for _, data, _ in writes}:
                     stream.wait_event(made[src_device])
                 local = []
                 for dst, data, nbytes in writes:
-                    if data.device.id == device:
-                        local.append((dst, data.data.ptr, nbytes))
+                    if device_of(data) == device:
+                        local.append((dst, address(data), nbytes))
                     else:
-                        rt.memcpyAsync(dst, data.data.ptr, nbytes, rt.memcpyDefault, stream.ptr)
+                        rt.memcpyAsync(dst, address(data), nbytes, rt.memcpyDefault, stream.ptr)
                 self._copier.copy(local, stream)
             self._writes.append((stream, [data for _, data, _ in writes]))
 

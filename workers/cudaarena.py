@@ -23,6 +23,7 @@ from typing import Any
 
 from shoal.shm.arena import _ALIGN, _FreeList
 from shoal.shm.block import Block
+from shoal.workers.devview import as_cupy
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class CudaArena:
 
         mem = self._segments[block.region][0]
         with cupy.cuda.Device(self.device), cupy.cuda.Stream.null:
-            src = cupy.ascontiguousarray(array)
+            src = cupy.ascontiguousarray(as_cupy(array))
             kind = cupy.cuda.runtime.memcpyDefault  # the array may lie on another GPU
             cupy.cuda.runtime.memcpyAsync(mem.ptr + block.offset, src.data.ptr, block.nbytes, kind, 0)
             cupy.cuda.runtime.streamSynchronize(0)

@@ -43,6 +43,24 @@ _REPLIES = frozenset({"bls_reply", "metric_reply", "control_reply"})
 """Answers to a call a thread waits for (by ``call_id``)."""
 
 
+def take_from(backlog: deque[_T], pick: Callable[[_T], bool], full: Callable[[], bool]) -> list[_T]:
+    """Remove and return, in order, the items of ``backlog`` that ``pick`` accepts until
+    ``full()``, in one pass (the others keep their order)."""
+    if not backlog:
+        return []
+    taken: list[_T] = []
+    kept: list[_T] = []
+    for i, item in enumerate(backlog):
+        if full():
+            kept.extend(itertools.islice(backlog, i, None))
+            break
+        (taken if pick(item) else kept).append(item)
+    if taken:
+        backlog.clear()
+        backlog.extend(kept)
+    return taken
+
+
 class Inbox:
     def __init__(self, conn: framing.Connection) -> None:
         self.conn = conn
@@ -110,15 +128,11 @@ class Inbox:
             self._cond.notify_all()
         return True
 
-    def take(self, pick: Callable[[Incoming], bool]) -> Incoming | None:
-        """Remove and return the first message for the main loop that ``pick`` accepts (the
-        others keep their order)."""
+    def take_all(self, pick: Callable[[Incoming], bool], full: Callable[[], bool]) -> list[Incoming]:
+        """Remove and return, in order, every message for the main loop that ``pick``
+        accepts, until ``full()`` (``take_from``, under the lock)."""
         with self._cond:
-            for i, item in enumerate(self._backlog):
-                if pick(item):
-                    del self._backlog[i]
-                    return item
-        return None
+            return take_from(self._backlog, pick, full)
 
     def take_first(self, pick: Callable[[Incoming], bool]) -> Incoming | None:
         """Remove and return the first message for the main loop if ``pick`` accepts it."""
@@ -248,15 +262,19 @@ class Inbox:
         noted at once; anything else is logged and ignored."""
         arrivals = self.arrivals
         now = time.monotonic_ns() if arrivals is not None else 0
+        parsed: list[tuple[wpb.Envelope, list[Any]]] = []
+        broken = False
         for frames in messages:
             try:
-                env = wire.parse(frames[0])
+                parsed.append((wire.parse(frames[0]), frames))
             except ServingError as exc:
                 log.error("lane %d: %s; closing it", lane.fd, exc.message)
-                self._lane_ended(lanes, lane)
-                return
-            body = env.WhichOneof("body")
-            with self._cond:
+                broken = True
+                break
+        with self._cond:  # one lock and one wake-up for the read's messages (a read brings many)
+            filed = False
+            for env, frames in parsed:
+                body = env.WhichOneof("body")
                 if body in _LANE_BACKLOG:
                     self._backlog.append((env, frames[1:], lane))
                     if arrivals is not None and body == "infer":
@@ -269,7 +287,11 @@ class Inbox:
                 else:
                     log.error("lane %d: unexpected message %s; ignored", lane.fd, body)
                     continue
+                filed = True
+            if filed:
                 self._cond.notify_all()
+        if broken:
+            self._lane_ended(lanes, lane)
 
     def _lane_ended(self, lanes: LaneServer, lane: Lane) -> None:
         """Stop reading ``lane``; the main loop drops it (``CLOSED``)."""

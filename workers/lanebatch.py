@@ -79,19 +79,25 @@ class LaneBatcher:
         deadline = arrived + self.delay_ns if arrived else 0  # from the first one's arrival, as Triton
         looked = False
 
-        taken = [0]  # the batch size of the request ``fits`` last accepted
+        filled = [size]  # the batch's size with the requests ``fits`` accepted
+        target, max_batch = self.target, self.max_batch
 
         def fits(item: Incoming) -> bool:
             env, _, lane = item
             if lane is None or lane.dead or env.WhichOneof("body") != "infer":
                 return False
             n, k = _size_and_key(env)
-            taken[0] = n
-            return 0 < n <= self.max_batch - size and k == key
+            if 0 < n <= max_batch - filled[0] and k == key:
+                filled[0] += n
+                return True
+            return False
 
-        while size < self.target:
-            item = inbox.take(fits)
-            if item is None:
+        def full() -> bool:
+            return filled[0] >= target
+
+        while filled[0] < target:
+            items = inbox.take_all(fits, full)
+            if not items:
                 if until is not None and not until():
                     inbox.read_now(UNTIL_POLL_MS)
                     continue
@@ -109,7 +115,6 @@ class LaneBatcher:
                 inbox.read_now(max(1, (deadline - now) // 1_000_000))
                 continue
             looked = False
-            self.arrived.append(arrivals.pop(id(item[0]), 0))
-            batch.append(item)
-            size += taken[0]
+            self.arrived.extend([arrivals.pop(id(item[0]), 0) for item in items])
+            batch.extend(items)
         return batch

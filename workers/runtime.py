@@ -587,8 +587,9 @@ class WorkerRuntime:
         inbox = self.inbox
         assert inbox is not None
         device_ok, into, mapper, regions = backend.device_inputs, backend.host_input, self.mapper, self.regions
+        views = device_ok and backend.device_views
         for r in env.infer.requests:
-            inputs = {ref.name: read_input(ref, frames, mapper, regions, device_ok, into) for ref in r.inputs}
+            inputs = {ref.name: read_input(ref, frames, mapper, regions, device_ok, into, views) for ref in r.inputs}
             dests.append(r.output_shm)
             wr = WorkRequest(
                 id=r.id,
@@ -605,9 +606,11 @@ class WorkerRuntime:
                 # outputs for CUDA regions (a backend reading device inputs may leave them on the
                 # device), and those the next GPU step or a BLS caller reads from the CUDA arena
                 # (any backend: a GPU tensor goes there, a host array through host memory)
-                on_gpu = self.output_types.keys() if "*" in r.device_outputs else r.device_outputs
-                cuda_shm = (k for k, c in r.output_shm.items() if c.device >= 0) if device_ok else ()
-                wr.device_outputs = frozenset(cuda_shm).union(on_gpu)
+                cuda_shm = frozenset([k for k, c in r.output_shm.items() if c.device >= 0] if device_ok else ())
+                if r.device_outputs:
+                    on_gpu = self.output_types.keys() if "*" in r.device_outputs else r.device_outputs
+                    cuda_shm = cuda_shm.union(on_gpu)
+                wr.device_outputs = cuda_shm
             if self.decoupled:
                 dest = r.output_shm if len(r.output_shm) else None
                 wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())

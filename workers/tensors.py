@@ -18,6 +18,7 @@ from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
 from shoal.workers.clientshm import ClientRegions
 from shoal.workers.cudaarena import CudaArena
+from shoal.workers.devview import DeviceView
 
 Array = npt.NDArray[Any]
 SMALL_COPY_BYTES = 1024
@@ -30,8 +31,9 @@ _FIXED: dict[Any, dtypes.DType] = {
 
 
 def is_device_array(obj: object) -> bool:
-    """A CuPy array (GPU memory)."""
-    return type(obj).__module__.split(".", 1)[0] == "cupy"
+    """A CuPy array or a ``DeviceView`` (GPU memory)."""
+    cls = type(obj)
+    return cls is DeviceView or cls.__module__.split(".", 1)[0] == "cupy"
 
 
 def read_input(
@@ -41,11 +43,13 @@ def read_input(
     regions: ClientRegions,
     device_ok: bool = False,
     into: Callable[[int], memoryview] | None = None,
+    views: bool = False,
 ) -> Array:
     """A numpy view (no copy for fixed-size types) of one input tensor. Inputs in client CUDA
-    memory are CuPy arrays over that memory when ``device_ok``, else copied to the host.
-    Fixed-size inputs in client system memory are copied into ``into(nbytes)`` when given
-    (the backend's staging memory), else into fresh memory."""
+    memory are CuPy arrays over that memory when ``device_ok`` (``DeviceView``s with
+    ``views``), else copied to the host. Fixed-size inputs in client system memory are
+    copied into ``into(nbytes)`` when given (the backend's staging memory), else into fresh
+    memory."""
     dt = dtypes.by_protocol(ref.datatype)
     shape = tuple(ref.shape)
     which = ref.WhichOneof("location")
@@ -53,6 +57,8 @@ def read_input(
         count = dtypes.element_count(shape)
         if ref.client.nbytes != count * dt.itemsize:
             raise InvalidInput(f"input '{ref.name}' has {ref.client.nbytes} bytes, expected {count * dt.itemsize}")
+        if views:
+            return regions.device_view(ref.client, dt.numpy, shape)  # type: ignore[return-value]
         return regions.device_array(ref.client, dt.numpy, shape)  # type: ignore[no-any-return]
     buf: bytes | memoryview
     if which == "frame":

@@ -21,6 +21,7 @@ except cupy.cuda.runtime.CUDARuntimeError:
 from shoal.proto.gen import worker_pb2 as wpb  # noqa: E402
 from shoal.workers import cudacopy  # noqa: E402
 from shoal.workers.clientshm import ClientRegions  # noqa: E402
+from shoal.workers.devview import DeviceView  # noqa: E402
 
 
 def _plan(rng: np.random.Generator, count: int, space: int) -> list[tuple[int, int, int]]:
@@ -75,21 +76,24 @@ def test_more_segments_than_a_grid_holds(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_write_cuda_copies_a_batch_in_one_launch() -> None:
-    """Eight outputs (rows of one batch's array), one not contiguous and one host array,
-    written into a CUDA region: the device ones land only at ``finish_writes``, in one
-    launch. A process cannot open its own IPC handle, so a child process plays the worker."""
+    """Eight outputs (rows of one batch's array: four CuPy slices, four ``DeviceView`` rows
+    as the PyTorch backend's outputs come), one not contiguous and one host array, written
+    into a CUDA region: the device ones land only at ``finish_writes``, in one launch; the
+    region reads back through ``device_view``. A process cannot open its own IPC handle, so
+    a child process plays the worker."""
     import multiprocessing as mp
 
     shared = cupy.zeros(10 * 1000, dtype=cupy.float32)
     with mp.get_context("spawn").Pool(1) as pool:
-        launches, early = pool.apply(_write_in_child, (cupy.cuda.runtime.ipcGetMemHandle(shared.data.ptr),))
+        launches, early, back = pool.apply(_write_in_child, (cupy.cuda.runtime.ipcGetMemHandle(shared.data.ptr),))
     expect = np.concatenate([np.arange(8000), np.arange(0, 2000, 2), np.full(1000, 7)]).astype(np.float32)
     np.testing.assert_array_equal(cupy.asnumpy(shared), expect)
     assert launches == 1, "the device copies took more than one launch"
     assert early == 0.0, "a device copy was made before finish_writes"
+    np.testing.assert_array_equal(back, expect[4000:5000].reshape(10, 100))
 
 
-def _write_in_child(handle: bytes) -> tuple[int, float]:
+def _write_in_child(handle: bytes) -> tuple[int, float, np.ndarray]:
     regions = ClientRegions()
     nbytes = 10 * 1000 * 4
 
@@ -97,8 +101,9 @@ def _write_in_child(handle: bytes) -> tuple[int, float]:
         return wpb.ClientShm(region_id=1, device=0, cuda_handle=handle, region_bytes=nbytes, offset=offset, nbytes=4000)
 
     rows = cupy.arange(8 * 1000, dtype=cupy.float32).reshape(8, 1000)
+    view = DeviceView(rows.data.ptr, (8, 1000), np.dtype(np.float32), 0, rows)
     for i in range(8):
-        regions.write_cuda(dest(4000 * i), rows[i : i + 1], 4000)
+        regions.write_cuda(dest(4000 * i), rows[i : i + 1] if i < 4 else view[i : i + 1], 4000)
     regions.write_cuda(dest(32000), cupy.arange(2000, dtype=cupy.float32)[::2], 4000)
     cupy.cuda.Device(0).synchronize()
     early = np.empty(1, dtype=np.float32)
@@ -107,5 +112,6 @@ def _write_in_child(handle: bytes) -> tuple[int, float]:
     regions.write_cuda(dest(36000), np.full(1000, 7, dtype=np.float32), 4000)
     regions.finish_writes()
     launches = regions._copier.launches
+    back = regions.device_view(dest(16000), np.dtype(np.float32), (10, 100)).get()
     regions.close()
-    return launches, float(early[0])
+    return launches, float(early[0]), back

@@ -11,6 +11,7 @@ from google.protobuf import text_format
 from shoal.proto import wire
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.workers.inbox import take_from
 from shoal.workers.lanebatch import LaneBatcher
 
 
@@ -19,7 +20,7 @@ class FakeLane:
 
 
 class FakeInbox:
-    """The backlog (``take``) and what ``read_now`` files meanwhile (``later``)."""
+    """The backlog (``take_all``) and what ``read_now`` files meanwhile (``later``)."""
 
     def __init__(self) -> None:
         self.backlog: deque[Any] = deque()
@@ -27,12 +28,8 @@ class FakeInbox:
         self.waits: list[int] = []
         self.arrivals: dict[int, int] | None = None
 
-    def take(self, pick: Any) -> Any:
-        for i, item in enumerate(self.backlog):
-            if pick(item):
-                del self.backlog[i]
-                return item
-        return None
+    def take_all(self, pick: Any, full: Any) -> list[Any]:
+        return take_from(self.backlog, pick, full)
 
     def read_now(self, timeout_ms: int) -> None:
         self.waits.append(timeout_ms)
@@ -116,3 +113,19 @@ def test_while_the_batch_before_runs_it_gathers_until_that_is_done_then_drains()
     inbox.later = [_item(1), _item(2), _item(1)]  # arrived already: the drain after "done" takes them
     batch = batcher.gather(_item(1), until=lambda: True)
     assert [b[0].infer.requests[0].inputs[0].shape[0] for b in batch] == [1, 1, 2, 1]
+
+
+def test_take_from_takes_in_one_pass_and_keeps_the_rest_in_order() -> None:
+    backlog = deque([1, 2, 3, 4, 5, 6, 7])
+    got: list[int] = []
+
+    def pick(x: int) -> bool:
+        if x % 2:
+            got.append(x)
+            return True
+        return False
+
+    assert take_from(backlog, pick, lambda: len(got) >= 3) == [1, 3, 5]
+    assert list(backlog) == [2, 4, 6, 7]  # 7 not looked at: full after 5
+    assert take_from(backlog, lambda x: False, lambda: False) == [] and list(backlog) == [2, 4, 6, 7]
+    assert take_from(deque(), pick, lambda: False) == []

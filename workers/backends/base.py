@@ -20,6 +20,7 @@ from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.workers.backends.ragged import Ragged
+from shoal.workers.devview import as_cupy
 from shoal.workers.tensors import is_device_array
 
 Array = npt.NDArray[Any]
@@ -173,6 +174,9 @@ class Backend(ABC):
     device_inputs: bool = False
     """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
     copy); otherwise the worker copies them to the host first."""
+    device_views: bool = False
+    """With ``device_inputs``: such inputs come as ``workers.devview.DeviceView`` (address,
+    shape and type) instead of CuPy arrays."""
     host_input: Callable[[int], memoryview] | None = None
     """Where the worker reads a batch's inputs from client system shared memory to: a
     writable buffer of the given size that the backend hands out (a GPU backend's pinned
@@ -309,7 +313,7 @@ def _concat(arrays: list[Any]) -> Any:
     if any(is_device_array(a) for a in arrays):
         import cupy  # only backends taking device inputs get here
 
-        return cupy.concatenate([cupy.asarray(a) for a in arrays])
+        return cupy.concatenate([cupy.asarray(as_cupy(a)) for a in arrays])
     return np.concatenate(arrays)
 
 

@@ -108,6 +108,7 @@ class PyTorchBackend(BatchedBackend):
         self.pipelined = _pipelined(spec, device.type == "cuda") and self.ragged is None
         if device.type == "cuda" and self.ragged is None:
             self._path = TorchDevicePath(torch, device, priority=cuda_stream_priority(spec))
+            self.device_views = self.device_inputs  # read by address only (``TorchDevicePath.gather``)
         elif self.pipelined:
             self._path = TorchDevicePath(torch, device, pin=False)  # the same path, on the CPU
         if self._path is not None:

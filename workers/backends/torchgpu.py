@@ -14,7 +14,7 @@ per-request host concatenation.
 Outputs: each output tensor of the batch is copied device to host once, asynchronously,
 into a pinned output buffer; the stream is synchronized once and the worker gets numpy
 views of that buffer, which it slices per request. Outputs that every request of the batch
-wants in a CUDA region stay on the device (CuPy arrays over the tensor, copied device to
+wants in a CUDA region stay on the device (``DeviceView``s of the tensor, copied device to
 device by the worker).
 
 The staging and device buffers grow to the largest batch seen and are then reused: the
@@ -39,6 +39,7 @@ import numpy as np
 
 from shoal.proto.errors import InvalidInput
 from shoal.workers.cudacopy import SegmentCopier
+from shoal.workers.devview import DeviceView, address, as_cupy, device_of
 from shoal.workers.tensors import is_device_array
 
 ALIGN = 256
@@ -206,7 +207,7 @@ class TorchDevicePath:
 
     def gather(self, parts: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """One device tensor per input: ``parts[name]`` holds each request's array (numpy,
-        or CuPy for CUDA shared memory), joined along dimension 0 when there are several.
+        or CuPy arrays and ``DeviceView``s for CUDA shared memory), joined along dimension 0 when there are several.
         Call inside ``context()``; the copies are asynchronous on the instance's stream."""
         torch = self._torch
         out: dict[str, Any] = {}
@@ -215,7 +216,7 @@ class TorchDevicePath:
         for name, arrays in parts.items():
             first = arrays[0]
             if len(arrays) == 1 and is_device_array(first) and self.on_gpu:
-                tensor = torch.from_dlpack(first)  # CUDA shared memory: used where it lies
+                tensor = torch.from_dlpack(as_cupy(first))  # CUDA shared memory: used where it lies
                 out[name] = tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
                 continue
             dtype = first.dtype
@@ -251,8 +252,8 @@ class TorchDevicePath:
                 if n == 0:
                     continue
                 if is_device_array(a):
-                    if dev_ptr and a.flags.c_contiguous and a.device.id == self._index:
-                        on_device.append((dev_ptr + pos, a.data.ptr, n))
+                    if dev_ptr and a.flags.c_contiguous and device_of(a) == self._index:
+                        on_device.append((dev_ptr + pos, address(a), n))
                     else:
                         self._copy_device(dev, pos, a, n)
                 elif base <= (addr := _address(a)) and addr + n <= limit and a.flags.c_contiguous:
@@ -287,13 +288,13 @@ class TorchDevicePath:
         """One request's CUDA-shared-memory input into its place in the device buffer: a raw
         asynchronous copy on the instance's stream (no DLPack tensor per request)."""
         if self.stream is None or not a.flags.c_contiguous:
-            src = self._torch.from_dlpack(a).reshape(-1).view(self._torch.uint8)
+            src = self._torch.from_dlpack(as_cupy(a)).reshape(-1).view(self._torch.uint8)
             dev[pos : pos + n].copy_(src, non_blocking=True)
             return
         import cupy
 
         rt = cupy.cuda.runtime
-        rt.memcpyAsync(dev.data_ptr() + pos, a.data.ptr, n, rt.memcpyDefault, self.stream.cuda_stream)
+        rt.memcpyAsync(dev.data_ptr() + pos, address(a), n, rt.memcpyDefault, self.stream.cuda_stream)
 
     def _stage(self, chunks: list[tuple[int, Any]], host: Any, dev: Any) -> None:
         """Copy ``chunks`` into the pinned buffer and up to the device. Large batches are
@@ -340,7 +341,7 @@ class TorchDevicePath:
         self, values: Mapping[str, Any], keep_on_device: frozenset[str] | set[str], *, kept_copied: bool = False
     ) -> dict[str, Any]:
         """The outputs as numpy views of the pinned output buffer (one device-to-host copy
-        each, on the instance's stream), or as CuPy arrays for ``keep_on_device`` (copies
+        each, on the instance's stream), or as ``DeviceView``s for ``keep_on_device`` (copies
         when ``kept_copied``: a CUDA graph's static outputs, which its next replay
         overwrites). Call inside ``context()``, then ``synchronize()`` before using them."""
         out: dict[str, Any] = {}
@@ -368,12 +369,13 @@ class TorchDevicePath:
         return out
 
     def _on_device(self, t: Any) -> Any:
-        """A CuPy array over the output tensor ``t`` (kept alive by it), or None for a type
-        CuPy lacks (bfloat16: through the host). Made from the tensor's pointer rather than
-        by DLPack, which costs more (stream events) and orders nothing needed: the batch's
-        stream is waited for before its outputs are used."""
+        """A ``DeviceView`` of the output tensor ``t`` (kept alive by it; its requests' parts
+        are views too, ``BatchedBackend.split``), or None for a type CuPy lacks (bfloat16:
+        through the host) or without CuPy. Made from the tensor's pointer rather than by
+        DLPack, which costs more (stream events) and orders nothing needed: the batch's stream
+        is waited for before its outputs are used."""
         try:
-            import cupy
+            import cupy  # noqa: F401 - whoever writes the view out uses it
         except ImportError:
             return None
         staged = self.device_in.data
@@ -386,8 +388,4 @@ class TorchDevicePath:
                 dtype = self._numpy_dtypes[t.dtype] = self._torch.empty(0, dtype=t.dtype).numpy().dtype
             except TypeError:
                 return None
-        nbytes = int(t.numel()) * int(t.element_size())
-        if nbytes == 0:
-            return cupy.empty(tuple(t.shape), dtype=dtype)
-        mem = cupy.cuda.UnownedMemory(t.data_ptr(), nbytes, t, device_id=t.device.index)
-        return cupy.ndarray(tuple(t.shape), dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return DeviceView(t.data_ptr(), tuple(t.shape), dtype, t.device.index, t)
