@@ -517,6 +517,7 @@ class WorkerRuntime:
         """Wait for a launched lane batch and answer each of its requests on its lane."""
         replies, work, dests, spec = batch.replies, batch.work, batch.dests, self.spec
         stat: wpb.LaneStat | None = None
+        held = True  # answers may name arena blocks (unknown until written)
         try:
             if batch.error is not None:
                 raise batch.error
@@ -529,6 +530,7 @@ class WorkerRuntime:
             if len(responses) != len(work):
                 raise ServingError(f"backend returned {len(responses)} responses where {len(work)} were expected")
             with self.lock:
+                blocks_before = self.writer.blocks_out if self.writer is not None else 0
                 i = 0
                 for (reply, out_frames), n in zip(replies, batch.counts, strict=True):
                     done = reply.infer_done
@@ -539,6 +541,7 @@ class WorkerRuntime:
                         self._fill(req, resp, result, out_frames, dest)
                     i += n
                 self.regions.finish_writes()
+                held = self.writer is None or self.writer.blocks_out != blocks_before
             t3 = time.monotonic_ns()
             arrived = batch.arrived
             for k, (reply, _) in enumerate(replies):
@@ -572,7 +575,7 @@ class WorkerRuntime:
         joined: dict[Lane, list[bytes]] = {}  # each lane's small answers, written together
         for (reply, out_frames), (env, _, lane) in zip(replies, batch.items, strict=True):
             assert lane is not None
-            self._answer_lane(lane, reply, out_frames, joined)
+            self._answer_lane(lane, reply, out_frames, joined, held)
             if self.inbox is not None and self.inbox.cancelled:
                 self.inbox.forget_cancelled(env.request_id)
         for lane, messages in joined.items():
@@ -588,6 +591,7 @@ class WorkerRuntime:
         assert inbox is not None
         device_ok, into, mapper, regions = backend.device_inputs, backend.host_input, self.mapper, self.regions
         views = device_ok and backend.device_views
+        reads_cancel = backend.reads_cancel
         for r in env.infer.requests:
             inputs = {ref.name: read_input(ref, frames, mapper, regions, device_ok, into, views) for ref in r.inputs}
             dests.append(r.output_shm)
@@ -601,7 +605,8 @@ class WorkerRuntime:
                 flags=r.flags,
                 trace_id=r.trace_id,
             )
-            wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
+            if reads_cancel:
+                wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
             if r.device_outputs or (device_ok and r.output_shm):
                 # outputs for CUDA regions (a backend reading device inputs may leave them on the
                 # device), and those the next GPU step or a BLS caller reads from the CUDA arena
@@ -728,14 +733,20 @@ class WorkerRuntime:
                     cuda.free(block)
 
     def _answer_lane(
-        self, lane: Lane, reply: wpb.Envelope, out_frames: list[Any], joined: dict[Lane, list[bytes]] | None = None
+        self,
+        lane: Lane,
+        reply: wpb.Envelope,
+        out_frames: list[Any],
+        joined: dict[Lane, list[bytes]] | None = None,
+        held_blocks: bool = True,
     ) -> None:
         """Send a lane request's answer on its lane; its output blocks are the lane's until
         its client releases them (or the lane ends). With ``joined``, a small answer is
         encoded into ``joined[lane]`` for the caller to write with the lane's other answers
         of the batch (one system call per lane and batch instead of one per request: a
-        batch of 84 over 8 frontends' lanes made 84 writes)."""
-        if reply.HasField("infer_done"):
+        batch of 84 over 8 frontends' lanes made 84 writes). ``held_blocks`` False: the
+        answer names no arena block (none was written), so it is not searched for them."""
+        if held_blocks and reply.HasField("infer_done"):
             held = lane.held
             for res in reply.infer_done.results:
                 for ref in res.outputs:

@@ -102,6 +102,9 @@ class OutputWriter:
         self.device_arena: CudaArena | None = None
         """A GPU instance's CUDA arena: outputs asked for ``on_gpu`` that the backend left on
         the device go there."""
+        self.blocks_out = 0
+        """Arena blocks (host or CUDA) written so far: whoever sends the refs compares it
+        before and after, to look for blocks only when there are some."""
 
     def write(
         self,
@@ -174,6 +177,7 @@ class OutputWriter:
         with self.lock:
             block = self.arena.allocate(nbytes)
             view = self.arena.view(block)
+            self.blocks_out += 1
         _copy_into(view, data)
         s = ref.shm
         s.region = block.region
@@ -193,6 +197,7 @@ class OutputWriter:
             if got is None:
                 return False
             block, handle, segment_bytes = got
+            self.blocks_out += 1
             arena.copy_in(block, array)
         ref.name, ref.datatype = name, dt.protocol
         ref.shape.extend(array.shape)

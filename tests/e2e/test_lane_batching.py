@@ -150,3 +150,21 @@ def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: Se
 
     with RouterStopped(big_inline):
         _at_once(8, one)
+
+
+@pytest.fixture(scope="module")
+def small_arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # a worker's outputs may use 16 segments of 256 KiB: 4 MiB
+    args = ("--frontend-processes", "1", "--worker-arena-bytes", "262144")
+    yield from served(tmp_path_factory, ("lane_batcher",), *args)
+
+
+def test_output_blocks_of_lane_batches_go_back_to_the_worker(small_arena: ServerProcess) -> None:
+    """Batched lane answers with outputs in the worker's arena (80 KB, over the inline
+    limit): the lane holds each block until its client releases it, and the worker frees it
+    then. 12 rounds of 8 (7.7 MB) pass through an arena of 4 MiB only if they do."""
+    time.sleep(ROUTES_S)
+    with RouterStopped(small_arena):
+        for r in range(12):
+            got = _together(small_arena, [np.full((1, 20000), float(8 * r + k), dtype=np.float32) for k in range(8)])
+            assert max(got) > 1, "not batched"

@@ -62,6 +62,7 @@ class PythonBackend(Backend):
     """One instance of a Triton Python-backend model."""
 
     kind: ClassVar[str] = "python"
+    reads_cancel = True  # ``request.is_cancelled()``
 
     def __init__(self, spec: ModelSpec, module: ModuleType, model: Any, added_path: str | None) -> None:
         self._spec = spec
