@@ -213,6 +213,7 @@ class App:
             inline_max_bytes=cfg.inline_max_bytes,
             log_verbose=cfg.log.verbose,
             backend_config=cfg.backend_config,
+            host_policies=cfg.host_policies,
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
             heartbeat_timeout_s=cfg.worker_heartbeat_timeout_s,

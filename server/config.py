@@ -109,6 +109,8 @@ class ServerConfig:
     model_namespacing: bool = False
     backend_config: tuple[tuple[str, str, str], ...] = ()
     """``--backend-config`` settings as (backend, key, value); backend "" is global."""
+    host_policies: tuple[tuple[str, str, str], ...] = ()
+    """``--host-policy`` settings as (policy name, setting, value)."""
     cache_bytes: int = 0
     """Size of the local response cache (0: no cache)."""
     trace_config: tuple[tuple[str, str, str], ...] = ()
@@ -239,6 +241,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         problems.append("--model-config-name must not contain spaces")
     tls = _tls(args, problems)
     backend = optionvalues.backend_config(args, problems)
+    host_policies = optionvalues.host_policies(args, problems)
     cache_bytes = optionvalues.cache_config(args, problems, notes)
     trace = optionvalues.trace_config(args, problems, notes)
     metrics_config = optionvalues.metrics_config(args, problems)
@@ -299,6 +302,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         model_load_retry_count=args.model_load_retry_count,
         model_namespacing=args.model_namespacing,
         backend_config=backend,
+        host_policies=host_policies,
         cache_bytes=cache_bytes,
         trace_config=trace,
         rate_limit=str(args.rate_limit).lower(),

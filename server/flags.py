@@ -231,7 +231,14 @@ GROUPS: dict[str, list[Flag]] = {
         _ignored("--cuda-virtual-address-size", str, "CUDA virtual address space per device", repeat=True),
         _ignored("--min-supported-compute-capability", float, "lowest GPU compute capability used"),
         _ignored("--buffer-manager-thread-count", int, "buffer manager threads"),
-        _ignored("--host-policy", str, "NUMA host policies", repeat=True),
+        _f(
+            "--host-policy",
+            str,
+            None,
+            "<policy>,<setting>=<value>: cpu-cores (0-3,8-8) or numa-node of the workers of instances "
+            "with that policy (gpu_<id>, cpu, model, or instance_group.host_policy) (repeatable)",
+            repeat=True,
+        ),
         _ignored("--model-load-gpu-limit", str, "GPU memory fraction that stops loads", repeat=True),
     ],
     "Shared Memory": [

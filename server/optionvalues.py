@@ -1,5 +1,5 @@
 """Parsers of tritonserver's structured option values: ``<group>,<key>=<value>`` (backend,
-cache and trace settings), ``<key>=<value>`` (metrics settings) and
+cache and trace settings; host policies), ``<key>=<value>`` (metrics settings) and
 ``<name>:<count>[:<device>]`` (rate-limiter resources). Each returns its value or appends a
 problem naming the flag and what was expected."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
+from shoal.proto import hostpolicy
 
 METRICS_CONFIG_KEYS = ("summary_latencies", "summary_quantiles", "counter_latencies", "histogram_latencies")
 
@@ -86,6 +88,24 @@ def backend_config(args: argparse.Namespace, problems: list[str]) -> tuple[tuple
             except ValueError:
                 problems.append(f"--backend-config {text}: default-max-batch-size must be an integer >= 0")
         out.append(setting)
+    return tuple(out)
+
+
+def host_policies(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[str, str, str], ...]:
+    """``--host-policy`` settings, checked as Triton checks them (its texts); values too, which
+    Triton checks only when an instance with the policy loads."""
+    out = []
+    for text in args.host_policy or ():
+        try:
+            name, setting, value = hostpolicy.parse_option(text)
+            if setting == "cpu-cores":
+                hostpolicy.cpu_cores(value)
+            else:
+                hostpolicy.numa_node(value)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        out.append((name, setting, value))
     return tuple(out)
 
 

@@ -30,7 +30,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
-from shoal.workers import warmup
+from shoal.workers import hostpolicy, warmup
 from shoal.workers.backends.base import (
     Backend,
     Device,
@@ -279,6 +279,7 @@ class WorkerRuntime:
             self.regions.gpu_order = list(req.gpu_order)
             self.regions.mapped = req.client_shm_mapped
             _apply_priority(req.priority)
+            hostpolicy.apply(req.host_policy)  # before the backend starts its threads
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
             # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``
             self.output_dims = {o.name: tuple(o.dims) for o in config.output if o.HasField("reshape")}

@@ -318,6 +318,26 @@ class Load(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HostPolicyEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_CONFIG_FIELD_NUMBER: _builtins.int
     REPOSITORY_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
@@ -333,6 +353,8 @@ class Load(_message.Message):
     CLIENT_SHM_MAPPED_FIELD_NUMBER: _builtins.int
     BACKEND_CONFIG_FIELD_NUMBER: _builtins.int
     LANES_FIELD_NUMBER: _builtins.int
+    HOST_POLICY_FIELD_NUMBER: _builtins.int
+    HOST_POLICY_NAME_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -356,6 +378,7 @@ class Load(_message.Message):
     """
     lanes: _builtins.bool
     """Open a lane socket (Ready.lane): frontend processes will send requests there."""
+    host_policy_name: _builtins.str
     @_builtins.property
     def gpu_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Server GPU ordinals in the order this worker's CUDA sees them (its CUDA_VISIBLE_DEVICES
@@ -366,6 +389,12 @@ class Load(_message.Message):
     def backend_config(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """--backend-config settings of this model's backend, global ones ("" backend) first and
         overridden by the backend's own: e.g. onnxruntime's intra_op_thread_count
+        """
+
+    @_builtins.property
+    def host_policy(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--host-policy settings of the instance's policy ("cpu-cores", "numa-node"), applied to
+        the worker process before its backend loads; host_policy_name names the policy.
         """
 
     def __init__(
@@ -386,10 +415,12 @@ class Load(_message.Message):
         client_shm_mapped: _builtins.bool = ...,
         backend_config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         lanes: _builtins.bool = ...,
+        host_policy: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        host_policy_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "lanes", b"lanes", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "host_policy", b"host_policy", "host_policy_name", b"host_policy_name", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "lanes", b"lanes", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

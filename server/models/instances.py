@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shoal.proto import hostpolicy
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
@@ -40,6 +41,9 @@ class InstanceSettings:
     """Workers open a lane socket for frontend processes (``server.frontproc.lanes``)."""
     backend_config: tuple[tuple[str, str, str], ...] = ()
     """``--backend-config`` settings as (backend, key, value)."""
+    host_policies: tuple[tuple[str, str, str], ...] = ()
+    """``--host-policy`` settings as (policy name, setting, value): a worker gets those of its
+    instance's policy (``proto.hostpolicy``)."""
 
 
 def placements(group: mc.ModelInstanceGroup) -> list[tuple[str, int]]:
@@ -89,14 +93,15 @@ class InstanceFactory:
         workers = []
         for group in mv.config.instance_group:
             for i, (kind, gpu) in enumerate(placements(group)):
-                worker = self._worker(mv, config_bytes, f"{group.name}_{i}", kind, gpu)
+                policy = hostpolicy.policy_name(group.host_policy, kind, gpu)
+                worker = self._worker(mv, config_bytes, f"{group.name}_{i}", kind, gpu, policy)
                 if self.limiter is not None:
                     worker.rate = self.limiter.needs(group.rate_limiter, gpu)
                 workers.append(worker)
         self._live.update(workers)
         return workers
 
-    def _worker(self, mv: ModelVersion, config_bytes: bytes, instance: str, kind: str, gpu: int) -> Worker:
+    def _worker(self, mv: ModelVersion, config_bytes: bytes, instance: str, kind: str, gpu: int, policy: str) -> Worker:
         s = self.settings
         devs = list(s.gpu_devices)
         env: tuple[tuple[str, str], ...] = ()
@@ -120,6 +125,8 @@ class InstanceFactory:
             client_shm_mapped=s.client_shm_mapped,
             lanes=s.lanes,
             backend_config=backend_settings(s.backend_config, mv.config.backend),
+            host_policy={k: v for name, k, v in s.host_policies if name == policy},
+            host_policy_name=policy,
         )
         spec = WorkerSpec(
             model_name=mv.name,

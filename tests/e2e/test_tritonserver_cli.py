@@ -284,6 +284,16 @@ def test_bad_command_lines_name_the_option(tmp_path: Path) -> None:
         (("--rate-limit", "always"), "--rate-limit 'always': expected off or execution_count"),
         (("--allow-http", "maybe"), "--allow-http 'maybe': expected true or false"),
         (("--http-header-forward-pattern", "("), "--http-header-forward-pattern '(': not a regular expression"),
+        (("--host-policy", "gpu_0"), "--host-policy option format is '<policy name>,<setting>=<value>'. Got gpu_0"),
+        (
+            ("--host-policy", "cpu,cores=1"),
+            "Unsupported host policy setting 'cores' is specified, supported settings are 'numa-node', 'cpu-cores'",
+        ),
+        (
+            ("--host-policy", "cpu,cpu-cores=3"),
+            "host policy setting 'cpu-cores' format is '<lower_cpu_core_id>-<upper_cpu_core_id>'. Got 3",
+        ),
+        (("--host-policy", "cpu,numa-node=one"), "Parsing 'numa-node' value: Can't parse 'one' to integer"),
     ):
         out = run(*args)
         assert out.returncode == 2 and text in out.stderr, (args, out.stderr)

@@ -123,8 +123,9 @@ def test_the_whole_command_line_parses(tmp_path: Path) -> None:
     assert cfg.model_config_name == "h100" and cfg.strict_model_config is False and cfg.disable_auto_complete
     assert ("", "rate", "100") in cfg.trace_config and ("triton", "file", "/tmp/trace.json") in cfg.trace_config
     ignored = next(w for w in cfg.warnings if w.startswith("ignored"))
-    for name in ("--enable-peer-access", "--http-thread-count", "--backend-directory", "--host-policy"):
+    for name in ("--enable-peer-access", "--http-thread-count", "--backend-directory"):
         assert name in ignored
+    assert "--host-policy" not in ignored and cfg.host_policies == (("gpu_0", "numa-node", "0"),)
     assert any("--trace-rate is deprecated" in w for w in cfg.warnings)
 
 
