@@ -1,9 +1,10 @@
 """A worker applies its instance's host policy (``proto.hostpolicy``) to itself before its
 backend loads: ``cpu-cores`` is the CPU affinity of every thread of the process (threads
-started later inherit it), ``numa-node`` binds the memory the process allocates from then on
-to that node (``set_mempolicy(MPOL_BIND)``, which the backend's threads inherit from the
-thread that loads it). Triton applies the same settings to the instance's threads; a worker
-process is the instance here. Failures fail the load with Triton's texts."""
+started later inherit it), ``numa-node`` binds the memory allocated from then on by the
+loading thread and every thread it starts (the backend's) to that node
+(``set_mempolicy(MPOL_BIND)``; the heartbeat thread, started before, keeps the default).
+Triton applies the same settings to the instance's threads; a worker process is the
+instance here. Failures fail the load with Triton's texts."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ _SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}
 """The ``set_mempolicy`` system call's number (no libnuma needed)."""
 
 
-def apply(settings: Mapping[str, str]) -> None:
+def apply(settings: Mapping[str, str], name: str = "") -> None:
+    """Apply host policy ``name``'s ``settings`` to this process."""
     if not settings:
         return
     try:
@@ -32,14 +34,17 @@ def apply(settings: Mapping[str, str]) -> None:
     except ValueError as exc:
         raise ServingError(str(exc), code=ErrorCode.INVALID_ARGUMENT) from None
     if cores is not None:
-        log.info("binding to one of the CPUs %s", cores)
+        log.info("host policy '%s': binding to one of the CPUs %s", name, cores)
         try:
             for task in os.listdir("/proc/self/task"):  # each thread has its own affinity
-                os.sched_setaffinity(int(task), cores)
+                try:
+                    os.sched_setaffinity(int(task), cores)
+                except ProcessLookupError:
+                    pass  # the thread ended meanwhile
         except (OSError, ValueError) as exc:
             raise ServingError(f"Unable to set NUMA thread affinity: {_why(exc)}", code=ErrorCode.INTERNAL) from None
     if node is not None:
-        log.info("binding memory to NUMA node %d", node)
+        log.info("host policy '%s': binding memory to NUMA node %d", name, node)
         _bind_memory(node)
 
 

@@ -279,7 +279,7 @@ class WorkerRuntime:
             self.regions.gpu_order = list(req.gpu_order)
             self.regions.mapped = req.client_shm_mapped
             _apply_priority(req.priority)
-            hostpolicy.apply(req.host_policy)  # before the backend starts its threads
+            hostpolicy.apply(req.host_policy, req.host_policy_name)  # before the backend starts its threads
             self.output_types = {o.name: dtypes.BY_CONFIG_NUMBER[o.data_type] for o in config.output if o.data_type}
             # outputs with ``reshape``: the model makes the reshape shape, clients see ``dims``
             self.output_dims = {o.name: tuple(o.dims) for o in config.output if o.HasField("reshape")}
