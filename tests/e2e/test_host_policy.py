@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +23,10 @@ if not {0, 1} <= os.sched_getaffinity(0):
     pytest.skip("needs CPUs 0 and 1", allow_module_level=True)
 
 
-def _copy(repo: object, name: str, policy: str) -> None:
-    src = repo / "placed"  # type: ignore[operator]
-    dst = repo / name  # type: ignore[operator]
-    shutil.copytree(src, dst)
+def _copy(repo: Path, name: str, policy: str) -> None:
+    """Model ``placed`` as ``name``, its instance group following host policy ``policy``."""
+    dst = repo / name
+    shutil.copytree(repo / "placed", dst)
     cfg = (dst / "config.pbtxt").read_text().replace('name: "placed"', f'name: "{name}"')
     cfg = cfg.replace("count: 1 }", f'count: 1, host_policy: "{policy}" }}')
     (dst / "config.pbtxt").write_text(cfg)
