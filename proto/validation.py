@@ -208,7 +208,10 @@ def _negative_first(dims: tuple[int, ...], expect: tuple[int, ...]) -> bool:
 def _dims_match(dims: tuple[int, ...], expect: tuple[int, ...]) -> bool:
     if len(dims) != len(expect):
         return False
-    return all(d >= 0 and (e == -1 or d == e) for d, e in zip(dims, expect, strict=True))
+    for d, e in zip(dims, expect, strict=True):  # a loop, not all() over a generator: per input, per request
+        if d < 0 or (e != -1 and d != e):
+            return False
+    return True
 
 
 def _reshape(spec: TensorSpec, dims: tuple[int, ...]) -> tuple[int, ...]:
