@@ -261,13 +261,18 @@ class ClientRegions:
         else:
             self._system_region(c)
 
+    def _cuda_span(self, c: wpb.ClientShm, nbytes: int) -> Any:
+        """The CUDA region of ``c``, checked to hold ``nbytes`` at its offset."""
+        region = self._cuda_region(c)
+        if c.offset + nbytes > region.nbytes:
+            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        return region
+
     def device_array(self, c: wpb.ClientShm, dtype: Any, shape: tuple[int, ...]) -> Any:
         """A CuPy array of ``shape`` over the tensor's bytes in the CUDA region (no copy)."""
         import cupy
 
-        region = self._cuda_region(c)
-        if c.offset + c.nbytes > region.nbytes:
-            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        region = self._cuda_span(c, c.nbytes)
         base = region.memptr
         if base is None:
             mem = cupy.cuda.UnownedMemory(region.ptr, region.nbytes, region, device_id=region.device)
@@ -276,18 +281,14 @@ class ClientRegions:
 
     def device_view(self, c: wpb.ClientShm, dtype: Any, shape: tuple[int, ...]) -> DeviceView:
         """``device_array`` as a ``DeviceView`` (the tensor's address: no CuPy object)."""
-        region = self._cuda_region(c)
-        if c.offset + c.nbytes > region.nbytes:
-            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        region = self._cuda_span(c, c.nbytes)
         return DeviceView(region.ptr + c.offset, shape, dtype, region.device, region)
 
     def read_cuda_to_host(self, c: wpb.ClientShm) -> memoryview:
         """The tensor's bytes copied to host memory."""
         import cupy
 
-        region = self._cuda_region(c)
-        if c.offset + c.nbytes > region.nbytes:
-            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        region = self._cuda_span(c, c.nbytes)
         out = np.empty(c.nbytes, dtype=np.uint8)
         with cupy.cuda.Device(region.device):
             cupy.cuda.runtime.memcpy(out.ctypes.data, region.ptr + c.offset, c.nbytes, cupy.cuda.runtime.memcpyDefault)
@@ -300,9 +301,7 @@ class ClientRegions:
         memory are made by ``finish_writes``, all of a batch's at once (``SegmentCopier``)."""
         import cupy
 
-        region = self._cuda_region(c)
-        if c.offset + nbytes > region.nbytes:
-            raise InvalidInput("shared memory offset + byte size is outside the registered region")
+        region = self._cuda_span(c, nbytes)
         if nbytes == 0:
             return
         if data.__class__ is DeviceView:

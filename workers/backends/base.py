@@ -175,10 +175,10 @@ class Backend(ABC):
     """True when the backend takes inputs that live in CUDA memory as CuPy arrays (no host
     copy); otherwise the worker copies them to the host first."""
     device_views: bool = False
-    reads_cancel: bool = False
-    """Whether the backend reads ``WorkRequest.cancelled`` (else the worker leaves it None)."""
     """With ``device_inputs``: such inputs come as ``workers.devview.DeviceView`` (address,
     shape and type) instead of CuPy arrays."""
+    reads_cancel: bool = False
+    """Whether the backend reads ``WorkRequest.cancelled`` (else the worker leaves it None)."""
     host_input: Callable[[int], memoryview] | None = None
     """Where the worker reads a batch's inputs from client system shared memory to: a
     writable buffer of the given size that the backend hands out (a GPU backend's pinned

@@ -206,9 +206,10 @@ class TorchDevicePath:
     # ---- inputs -------------------------------------------------------------------------------
 
     def gather(self, parts: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
-        """One device tensor per input: ``parts[name]`` holds each request's array (numpy,
-        or CuPy arrays and ``DeviceView``s for CUDA shared memory), joined along dimension 0 when there are several.
-        Call inside ``context()``; the copies are asynchronous on the instance's stream."""
+        """One device tensor per input: ``parts[name]`` holds each request's array (numpy, or
+        a CuPy array or ``DeviceView`` for CUDA shared memory), joined along dimension 0 when
+        there are several. Call inside ``context()``; the copies are asynchronous on the
+        instance's stream."""
         torch = self._torch
         out: dict[str, Any] = {}
         layout: list[tuple[str, int, tuple[int, ...], Any, Sequence[Any]]] = []
