@@ -259,7 +259,8 @@ class Inbox:
 
     def _file_lane(self, lanes: LaneServer, lane: Lane, messages: list[list[Any]]) -> None:
         """File the messages of a lane: ``Infer`` and ``Release`` for the main loop, ``Cancel``
-        noted at once; anything else is logged and ignored."""
+        and ``StreamAck`` (a decoupled model's sender may wait for it) noted at once; anything
+        else is logged and ignored."""
         arrivals = self.arrivals
         now = time.monotonic_ns() if arrivals is not None else 0
         parsed: list[tuple[wpb.Envelope, list[Any]]] = []
@@ -284,6 +285,9 @@ class Inbox:
                 elif body == "cancel":  # the frontend names the request in the body; the router in the envelope
                     rid = env.cancel.request_id or env.request_id
                     self.cancelled.update((rid, i) for i in env.cancel.indexes)
+                elif body == "stream_ack":
+                    k = (env.request_id, env.stream_ack.index)
+                    self.acked[k] = self.acked.get(k, 0) + env.stream_ack.count
                 else:
                     log.error("lane %d: unexpected message %s; ignored", lane.fd, body)
                     continue
@@ -340,17 +344,19 @@ class Inbox:
                 self._read.release()
         return (rid, index) in self.cancelled
 
-    def wait_credit(self, rid: int, index: int, sent: int, window: int) -> None:
+    def wait_credit(self, rid: int, index: int, sent: int, window: int, gone: Callable[[], bool] | None = None) -> None:
         """Block until fewer than ``window`` of the ``sent`` responses of request ``index`` of
         batch ``rid`` are still unacknowledged (or the request is cancelled, or the router
-        is gone); reads messages meanwhile if no other thread does (a model sending from
-        inside ``execute``)."""
+        is gone, or ``gone()``: a lane's client left); reads messages meanwhile if no other
+        thread does (a model sending from inside ``execute``)."""
         k = (rid, index)
         if sent - self.acked.get(k, 0) < window:  # no lock: the count only grows meanwhile
             return
         while True:
             with self._cond:
                 if sent - self.acked.get(k, 0) < window or k in self.cancelled or self._eof:
+                    return
+                if gone is not None and gone():
                     return
             if self._read.acquire(blocking=False):
                 try:

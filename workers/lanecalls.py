@@ -121,6 +121,8 @@ class LaneCalls:
             sig = old.get(key)
             if sig is None or sig.config_bytes != r.model_config:
                 sig = signature(r.model_name, int(r.model_version), r.model_config)
+            if sig.config.model_transaction_policy.decoupled:
+                continue  # streams come from frontends; a call to one goes through the router (its errors)
             targets = [t for t in r.lanes if t.path != self.own_path]
             listed.update(t.path for t in targets)
             if not targets:

@@ -4,8 +4,10 @@ A worker whose model loaded listens on a Unix-domain stream socket next to the r
 channel socket (``lane-<pid>.sock``) and reports its path in ``Ready.lane``. A frontend process
 connects (no hello) and sends, framed as on the router channel (``proto.framing``), ``Infer``
 (one request, its own request ids: bit 63 set), ``Release`` (output blocks it has read) and
-``Cancel``. The worker answers each ``Infer`` on the lane it came from. Before the worker
-exits it says ``LaneBye`` on every lane: what it had not answered was never executed.
+``Cancel``, and ``StreamAck`` for a decoupled model's responses. The worker answers each
+``Infer`` on the lane it came from, and a decoupled model's sender sends its ``Streamed``
+responses there too (from any thread: ``Outbox``). Before the worker exits it says
+``LaneBye`` on every lane: what it had not answered was never executed.
 
 Reading (``workers.inbox``): whichever thread pumps the inbox waits on the router's socket,
 the listener and every lane at once (one ``select.poll`` object, each file registered once).

@@ -109,6 +109,19 @@ class Heartbeat(threading.Thread):
             conn.close()
 
 
+def _streamed(rid: int, req: WorkRequest, final: bool) -> tuple[wpb.Envelope, wpb.Streamed]:
+    """A decoupled request's response message, to fill."""
+    env = wire.envelope(rid)
+    msg = env.streamed
+    msg.index = req.id
+    msg.final = final
+    return env, msg
+
+
+def _lane_cancelled(inbox: Inbox, rid: int, index: int, lane: Lane) -> bool:
+    return lane.dead or inbox.is_cancelled(rid, index)
+
+
 def _lane_work(item: Incoming) -> bool:
     """A lane's request, release or cancel (what ``_pipeline_lanes`` takes between batches)."""
     env, _, lane = item
@@ -204,13 +217,12 @@ class WorkerRuntime:
                     return 0
                 kind = env.WhichOneof("body")
                 if kind == "infer":
-                    if lane is not None and (lane.dead or self.decoupled):
-                        if not lane.dead:  # else its client left: nobody waits for it
-                            self._refuse_decoupled(env, lane)
-                        continue
+                    if lane is not None and lane.dead:
+                        continue  # its client left: nobody waits for it
                     self.busy = True
                     try:
-                        batch = self.lane_batcher.gather((env, frames, lane)) if lane and self.lane_batcher else None
+                        batcher = self.lane_batcher if lane is not None and not self.decoupled else None
+                        batch = batcher.gather((env, frames, lane)) if batcher is not None else None
                         if batch is not None and self.backend is not None and self.backend.pipelined:
                             self._pipeline_lanes(batch)
                         elif batch is not None:
@@ -359,20 +371,28 @@ class WorkerRuntime:
             wire.failed(exc, result.error)
 
     def _stream(
-        self, rid: int, req: WorkRequest, dest: Any, sent: itertools.count[int], resp: WorkResponse | None, final: bool
+        self,
+        rid: int,
+        req: WorkRequest,
+        dest: Any,
+        sent: itertools.count[int],
+        lane: Lane | None,
+        resp: WorkResponse | None,
+        final: bool,
     ) -> None:
         """A decoupled model's response (from any thread): written and sent at once, once
         fewer than ``STREAM_WINDOW`` of the request's responses are still unread by the
-        router's consumer (a slow client slows the model down instead of filling the
-        router's memory). The final response never waits. ``sent`` counts the request's
-        responses (``next`` is atomic: threads may send for one request at once)."""
+        consumer, the router's or a frontend's on ``lane`` (a slow client slows the model
+        down instead of filling their memory). The final response never waits. ``sent``
+        counts the request's responses (``next`` is atomic: threads may send for one
+        request at once)."""
         inbox = self.inbox
+        if lane is not None:
+            self._stream_lane(rid, req, dest, sent, lane, resp, final)
+            return
         if not final and inbox is not None:
             inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW)
-        env = wire.envelope(rid)
-        msg = env.streamed
-        msg.index = req.id
-        msg.final = final
+        env, msg = _streamed(rid, req, final)
         out_frames: list[Any] = []
         if resp is not None:
             if dest is None:
@@ -382,6 +402,52 @@ class WorkerRuntime:
                     self._fill(req, resp, msg.result, out_frames, dest)
                     self.regions.finish_writes()
         self._send([env.SerializeToString(), *out_frames])
+        self._stream_ended(inbox, rid, req, final)
+
+    def _stream_lane(
+        self,
+        rid: int,
+        req: WorkRequest,
+        dest: Any,
+        sent: itertools.count[int],
+        lane: Lane,
+        resp: WorkResponse | None,
+        final: bool,
+    ) -> None:
+        """``_stream`` for a request a frontend sent on ``lane``: the frontend acknowledges
+        on the lane; output blocks become the lane's until its client releases them (the
+        main thread drops a lane, so they are added under ``lock``, or freed at once when it
+        is gone); a lane whose client left (or whose write fails) drops the response, and
+        the model's ``is_cancelled`` turns true."""
+        inbox = self.inbox
+        if not final and inbox is not None:
+            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW, lambda: lane.dead)
+        if lane.dead:
+            self._stream_ended(inbox, rid, req, final)
+            return
+        env, msg = _streamed(rid, req, final)
+        out_frames: list[Any] = []
+        if resp is not None:
+            with self.lock:
+                self._fill(req, resp, msg.result, out_frames, dest)
+                if dest is not None:
+                    self.regions.finish_writes()
+                blocks = [Block(r.shm.region, r.shm.offset, r.shm.nbytes, r.shm.device)
+                          for r in msg.result.outputs if r.HasField("shm")]  # fmt: skip
+                if blocks:
+                    if lane.closed:
+                        self._free_blocks(blocks)
+                        self._stream_ended(inbox, rid, req, final)
+                        return
+                    lane.held.update(blocks)
+        try:
+            lane.outbox.send([env.SerializeToString(), *out_frames])
+        except OSError:
+            pass  # the client went away: the inbox sees the lane end and the main thread drops it
+        self._stream_ended(inbox, rid, req, final)
+
+    @staticmethod
+    def _stream_ended(inbox: Inbox | None, rid: int, req: WorkRequest, final: bool) -> None:
         if final and inbox is not None:
             inbox.forget_cancelled(rid, req.id)
             inbox.forget_stream(rid, req.id)
@@ -398,7 +464,7 @@ class WorkerRuntime:
             t0 = time.monotonic_ns()
             backend.begin_batch()
             try:
-                work, dests = self._read_batch(env, frames, backend)
+                work, dests = self._read_batch(env, frames, backend, lane)
             finally:
                 self.regions.finish_reads()  # large inputs read into the backend's memory on threads
             t1 = time.monotonic_ns()
@@ -583,9 +649,10 @@ class WorkerRuntime:
             self._write_lane(lane, [], b"".join(messages))
 
     def _read_batch(
-        self, env: wpb.Envelope, frames: list[bytes], backend: Backend
+        self, env: wpb.Envelope, frames: list[bytes], backend: Backend, lane: Lane | None = None
     ) -> tuple[list[WorkRequest], list[Any]]:
-        """The batch's requests with their inputs, and where each wants its outputs."""
+        """The batch's requests with their inputs, and where each wants its outputs (a
+        decoupled model's responses go where the batch came from: the router, or ``lane``)."""
         work: list[WorkRequest] = []
         dests: list[Any] = []
         inbox = self.inbox
@@ -607,7 +674,10 @@ class WorkerRuntime:
                 trace_id=r.trace_id,
             )
             if reads_cancel:
-                wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
+                if lane is None:
+                    wr.cancelled = functools.partial(inbox.is_cancelled, env.request_id, r.id)
+                else:  # a lane's client that went away cancels its requests too
+                    wr.cancelled = functools.partial(_lane_cancelled, inbox, env.request_id, r.id, lane)
             if r.device_outputs or (device_ok and r.output_shm):
                 # outputs for CUDA regions (a backend reading device inputs may leave them on the
                 # device), and those the next GPU step or a BLS caller reads from the CUDA arena
@@ -619,7 +689,7 @@ class WorkerRuntime:
                 wr.device_outputs = cuda_shm
             if self.decoupled:
                 dest = r.output_shm if len(r.output_shm) else None
-                wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count())
+                wr.send = functools.partial(self._stream, env.request_id, wr, dest, itertools.count(), lane)
             work.append(wr)
         return work, dests
 
@@ -780,17 +850,14 @@ class WorkerRuntime:
             log.warning("answering on lane %d failed (%s); closing it", lane.fd, exc)
             self._drop_lane(lane)
 
-    def _refuse_decoupled(self, env: wpb.Envelope, lane: Lane) -> None:
-        reply = wire.envelope(env.request_id)
-        wire.failed(ServingError("decoupled models are not served over lanes", code=ErrorCode.INTERNAL), reply.failed)
-        self._answer_lane(lane, reply, [])
-
     def _drop_lane(self, lane: Lane) -> None:
         """Close a lane and free the output blocks its client had not released."""
         if self.lanes is not None:
             self.lanes.drop(lane)
-        self._free_blocks(lane.held)
-        lane.held.clear()
+        with self.lock:  # a decoupled model's threads add to it (``_stream_lane``)
+            held = list(lane.held)
+            lane.held.clear()
+        self._free_blocks(held)
 
     def _close_lanes(self) -> None:
         """``LaneBye`` on every lane, then no more lanes (the arena goes with the process)."""

@@ -7,13 +7,20 @@ DESIGN (issue 15): with 4 frontend processes the router itself is the wall for s
 78 us of its CPU per request, 112-136 us over gRPC; each frontend at 75%, the worker at 80%).
 Every request crossed it twice (frontend -> router -> worker and back). A model that needs
 nothing of the router per request (no batching, sequence or ensemble scheduling, response
-cache, rate limiter, deadline, trace, decoupled responses; ``eligible``) does not need that
+cache, rate limiter, deadline, trace; ``eligible``) does not need that
 crossing: the router publishes such versions with their READY instances' lane sockets, and a
 frontend sends each request to an instance's worker itself (``frontproc.lanes_client``), then
 reports what the router would have counted. Everything else still goes through the router,
 as does any request of a lane-eligible model that uses what only the router has (classification,
 a ``timeout`` or ``priority``, sequence ids, a client region a frontend was not told of:
 ``frontproc.shmmirror``).
+
+Decoupled models (without a dynamic batcher) are published too: their streams' responses
+come from the worker on the lane (``lanes_client.Lanes.stream``). Through the router each
+streamed response crossed it on its way to the frontend: on the 2-core dev box (2 frontends,
+8 streams of 100 responses per request, A/B/A/B) the router spent 21-23 us and the frontend
+52-60 us of CPU per response (the worker 20-22), 9.0k and 10.5k responses/s; over lanes the
+frontend spends 47-50 us and the router nothing, 13.2k and 13.9k responses/s (1.39x).
 
 The table is recomputed every ``POLL_S`` and pushed to every frontend when it changed, and at
 once when the server stops accepting (``refresh``). A request sent on a stale route is safe:
@@ -54,9 +61,11 @@ reach the frontends within this)."""
 
 def eligible(dp: DataPlane, mv: ModelVersion) -> bool:
     """Whether requests of ``mv`` may skip the router (its READY instances with a lane)."""
-    if not mv.ready or mv.decoupled or mv.pool is None:
+    if not mv.ready or mv.pool is None:
         return False
     scheduler = type(mv.scheduler)
+    if mv.decoupled and scheduler is not DirectScheduler:  # a worker batches lane requests of no decoupled model
+        return False
     if scheduler is not DirectScheduler and not (scheduler is DynamicBatcher and worker_batchable(mv.config)):
         return False
     if dp.cache is not None and mv.cached:

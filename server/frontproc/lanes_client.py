@@ -13,6 +13,14 @@ A worker that exits says ``LaneBye`` first: what it had not answered was never e
 goes through the router (``LaneRetry``), which knows the model's state now. A worker that
 dies without it (killed, crashed) fails what it had, as the router fails a dead worker's
 batch.
+
+A decoupled model's request on a gRPC stream (``stream``) goes the same way: the worker sends
+its responses (``Streamed``) on the lane as the model's sender makes them, the frontend
+acknowledges them as its consumer takes them (``StreamAck``, the window the router keeps
+otherwise) and sends ``Cancel`` when the client leaves; its inputs stay in use until both the
+final response and the worker's answer (``execute`` returned) came. One that dies mid-stream
+ends the stream with the error the router would give; a ``LaneBye`` before anything of the
+request came sends it through the router.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import framing, wire
@@ -34,6 +44,7 @@ from shoal.server.dispatch.pool import RESERVED_PARAMETERS
 from shoal.server.frontproc import wire as frontwire
 from shoal.server.frontproc.shmregions import FrontRegion, ShmRegions
 from shoal.server.stats import failure_reason
+from shoal.server.streaming import ACK_EVERY, StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult, ShmRef
 from shoal.server.validation import validate
 from shoal.shm.block import Block
@@ -50,10 +61,10 @@ class LaneRetry(Exception):
 
 
 class _Pending:
-    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body", "regions")
+    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body", "regions", "stream")
 
     def __init__(self, fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]], blocks: list[Block], route: Route,
-                 batch_size: int, regions: list[FrontRegion]) -> None:  # fmt: skip
+                 batch_size: int, regions: list[FrontRegion], stream: _Stream | None = None) -> None:  # fmt: skip
         self.fut = fut
         self.blocks = blocks
         self.route = route
@@ -63,6 +74,41 @@ class _Pending:
         """The client regions the request names (``ShmRegions.done`` once answered)."""
         self.body: str | None = None
         """The answer's kind (``infer_done`` or ``failed``), once answered."""
+        self.stream = stream
+        """A decoupled model's request: its responses (``Lanes.stream``)."""
+
+
+class _Stream:
+    """The responses of a decoupled model's request on a lane, as they come, for its consumer
+    (``Lanes.stream``). The request ends when both its final response and the worker's
+    answer (``InferDone``: ``execute`` returned; or ``Failed``) came: its inputs are in use
+    until then, as the router keeps a decoupled batch's."""
+
+    __slots__ = ("request_id", "items", "waiter", "final", "answered", "started", "left", "retry")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.items: deque[StreamItem] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.final = False
+        """The final response came (or the request failed: its error is the final one)."""
+        self.answered = False
+        """The worker's answer came."""
+        self.started = False
+        """Something came from the worker: the request executed (it cannot go elsewhere)."""
+        self.left = False
+        """The consumer left before the final response: later responses are dropped."""
+        self.retry = False
+        """The worker said ``LaneBye`` before anything of it: send it through the router."""
+
+    def put(self, item: StreamItem) -> None:
+        self.items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
 
 
 class Lane(asyncio.Protocol):
@@ -125,9 +171,15 @@ class Lane(asyncio.Protocol):
             if body == "lane_bye":
                 self.bye = self.broken = True
                 continue
+            if body == "streamed":
+                self.lanes.streamed(self, env.request_id, env.streamed, frames[1:])
+                continue
             p = self.pending.pop(env.request_id, None)
             if p is not None:
-                self.lanes.answered(self, p, env, body, frames[1:])
+                if p.stream is None:
+                    self.lanes.answered(self, p, env, body, frames[1:])
+                else:
+                    self.lanes.stream_answered(self, env.request_id, p, env, body)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._read_what_is_left()
@@ -172,12 +224,14 @@ class Lane(asyncio.Protocol):
 class Route:
     """One model version a request may send over lanes."""
 
-    __slots__ = ("mv", "lanes", "turn")
+    __slots__ = ("mv", "lanes", "turn", "decoupled")
 
     def __init__(self, mv: ConfigSignature, lanes: list[Lane]) -> None:
         self.mv = mv
         self.lanes = lanes
         self.turn = 0
+        self.decoupled = mv.config.model_transaction_policy.decoupled
+        """Its requests go over lanes as streams only (``Lanes.stream``)."""
 
 
 Report = Callable[..., None]
@@ -304,7 +358,10 @@ class Lanes:
                 t.shape = shape
             raise
 
-    async def _run(self, route: Route, request: InferRequest) -> InferResult:
+    async def _send(
+        self, route: Route, request: InferRequest, stream: _Stream | None = None
+    ) -> tuple[Lane, int, _Pending]:
+        """Send ``request`` to one of ``route``'s workers (``LaneRetry``: it could not be)."""
         mv = route.mv
         lane = self._pick(route)
         if lane.transport is None:
@@ -322,7 +379,7 @@ class Lanes:
             self.free(blocks)
             raise
         fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
-        p = _Pending(fut, blocks, route, request.batch_size, regions)
+        p = _Pending(fut, blocks, route, request.batch_size, regions, stream)
         if regions:
             assert self.shm is not None
             self.shm.use(regions)
@@ -332,6 +389,11 @@ class Lanes:
             self.idle.clear()
         lane.send(env, frames)
         self.report(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
+        return lane, rid, p
+
+    async def _run(self, route: Route, request: InferRequest) -> InferResult:
+        lane, rid, p = await self._send(route, request)
+        fut = p.fut
         try:
             reply, rframes = await fut
         except asyncio.CancelledError:  # the client went away: the model may notice
@@ -341,6 +403,77 @@ class Lanes:
                 lane.send(cancel)
             raise
         return self._result(lane, p, request, reply, rframes)
+
+    async def stream(
+        self, route: Route, request: InferRequest, fallback: Callable[[], AsyncGenerator[StreamItem, None]]
+    ) -> AsyncGenerator[StreamItem, None]:
+        """A decoupled model's responses to ``request`` from one of ``route``'s workers, as
+        ``DataPlane.infer_stream`` gives them: ``(response, final)`` pairs, a response being
+        an ``InferResult`` (the caller ``done``s it), a ``ServingError`` or ``None`` (the
+        final flag alone). Each one taken is acknowledged to the worker (in groups of
+        ``ACK_EVERY``: its sender waits past its window). Leaving early cancels the request
+        (the model sees ``is_cancelled()``) and drops what comes later. A request the worker
+        did not take (``LaneRetry``, or ``LaneBye`` before anything of it) is ``fallback()``'s:
+        the router's. Validation errors raise before the first response, as the router's."""
+        mv = route.mv
+        asked, shapes = request.model_version, [t.shape for t in request.inputs]
+        request.model_version = mv.version
+        validate(mv, request)  # applies ``reshape`` to the inputs' shapes
+        st = _Stream(request.id)
+        retry = False
+        try:
+            lane, rid, p = await self._send(route, request, st)
+        except LaneRetry:
+            retry = True
+        if not retry:
+            loop = asyncio.get_running_loop()
+            taken = 0
+            ended = False
+            try:
+                while True:
+                    items = st.items
+                    if not items:
+                        if st.retry:
+                            retry = True
+                            break
+                        st.waiter = loop.create_future()
+                        await st.waiter
+                        continue
+                    item, final = items.popleft()
+                    yield item, final
+                    if final:
+                        ended = True
+                        return
+                    taken += 1
+                    if taken == ACK_EVERY:
+                        ack = wire.envelope(rid)
+                        ack.stream_ack.count = taken
+                        lane.send(ack)
+                        taken = 0
+            finally:
+                if not ended and not retry:
+                    self._leave_stream(lane, rid, p)
+        request.model_version = asked  # the router validates it again, as the client sent it
+        for t, shape in zip(request.inputs, shapes, strict=True):
+            t.shape = shape
+        async with aclosing(fallback()) as items_:
+            async for pair in items_:
+                yield pair
+
+    def _leave_stream(self, lane: Lane, rid: int, p: _Pending) -> None:
+        """The consumer left before the final response: the model is told (``Cancel``); what
+        it sends meanwhile is dropped as it comes (``streamed``)."""
+        st = p.stream
+        assert st is not None
+        st.left = True
+        while st.items:
+            item, _ = st.items.popleft()
+            if isinstance(item, InferResult):
+                item.done()
+        if not st.final and not lane.broken:
+            cancel = wire.envelope(rid)  # as the router cancels
+            cancel.cancel.indexes.append(0)
+            lane.send(cancel)
 
     def _encode(
         self, request: InferRequest, r: wpb.Request, frames: list[Any], blocks: list[Block], regions: list[FrontRegion]
@@ -399,20 +532,21 @@ class Lanes:
 
     # ---- answers (from the lane's protocol) ---------------------------------------------------
 
-    def _done(self) -> None:
+    def _settle(self, p: _Pending) -> None:
+        """``p`` is over: its inputs are free, and it is no longer in flight."""
         self.inflight -= 1
         if not self.inflight:
             self.idle.set()
-
-    def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, body: str | None, frames: list[Any]) -> None:
-        """The worker answered (``body``: which message): inputs are free; the statistics go
-        to the router."""
-        self._done()
         if p.blocks:
             self.free(p.blocks)
         if p.regions:
             assert self.shm is not None
             self.shm.done(p.regions)
+
+    def answered(self, lane: Lane, p: _Pending, env: wpb.Envelope, body: str | None, frames: list[Any]) -> None:
+        """The worker answered (``body``: which message): inputs are free; the statistics go
+        to the router."""
+        self._settle(p)
         request_ns = time.monotonic_ns() - p.t0
         mv = p.route.mv
         ok = executed = False
@@ -463,18 +597,100 @@ class Lanes:
         else:
             p.fut.set_exception(ServingError(f"{lane.label}: malformed reply", code=ErrorCode.INTERNAL))
 
+    def streamed(self, lane: Lane, rid: int, msg: wpb.Streamed, frames: list[Any]) -> None:
+        """A response of a decoupled request (the lane's protocol): to its consumer; one
+        nobody takes any more gives its output blocks back at once."""
+        p = lane.pending.get(rid)
+        st = p.stream if p is not None else None
+        has_result = msg.HasField("result")
+        held = [ref.shm for ref in msg.result.outputs if ref.HasField("shm")] if has_result else []
+        if p is None or st is None or st.final or st.left:
+            if held:
+                lane.release(held)
+            if st is not None and msg.final:
+                st.final = True
+                if st.answered:
+                    self._finish_stream(lane, rid, p)  # type: ignore[arg-type]
+            return
+        st.started = True
+        item: InferResult | ServingError | None = None
+        if has_result:
+            release = (lambda: lane.release(held)) if held else None
+            item = frontwire.unpack_result(msg.result, frames, self.mapper.view, release)
+            if isinstance(item, InferResult):
+                mv = p.route.mv
+                item.model_name, item.model_version, item.id = mv.name, mv.version, st.request_id
+        final = msg.final
+        if final:
+            st.final = True
+        st.put((item, final))
+        if final and st.answered:
+            self._finish_stream(lane, rid, p)
+
+    def stream_answered(self, lane: Lane, rid: int, p: _Pending, env: wpb.Envelope, body: str | None) -> None:
+        """The worker's answer to a decoupled request (``execute`` returned, or the batch
+        failed: its error is the request's final response): reported for the statistics as
+        the router counts a decoupled request; the request ends here if its final response
+        came already."""
+        st = p.stream
+        assert st is not None
+        st.answered = st.started = True
+        mv = p.route.mv
+        record: dict[str, Any] = {"model_name": mv.name, "model_version": mv.version, "lane": lane.path,
+                                  "request_ns": time.monotonic_ns() - p.t0}  # fmt: skip
+        done = env.infer_done if body == "infer_done" else None
+        if done is not None and not done.results:
+            self.report(
+                **record, executed=True, compute_input_ns=done.compute_input_ns, compute_infer_ns=done.compute_infer_ns,
+                compute_output_ns=done.compute_output_ns, batch_size=p.batch_size, ok=not st.left,
+                failure="CANCELED" if st.left else "",
+            )  # fmt: skip
+        else:
+            if body == "failed":
+                err = wire.to_error(env.failed)
+            else:
+                err = ServingError(f"{lane.label}: malformed reply", code=ErrorCode.INTERNAL)
+                if done is not None:
+                    held = [ref.shm for r in done.results for ref in r.outputs if ref.HasField("shm")]
+                    if held:
+                        lane.release(held)
+            self.report(**record, failure="CANCELED" if st.left else failure_reason(err))
+            if not st.final:
+                st.final = True
+                if not st.left:
+                    st.put((err, True))
+        if st.final:
+            self._finish_stream(lane, rid, p)
+        else:
+            lane.pending[rid] = p  # its responses still come
+
+    def _finish_stream(self, lane: Lane, rid: int, p: _Pending) -> None:
+        """A decoupled request's end: its inputs are free."""
+        lane.pending.pop(rid, None)
+        self._settle(p)
+
     def lost(self, lane: Lane, p: _Pending) -> None:
         """The lane closed before the answer: after ``LaneBye`` the request was not executed
         (the router takes it); else the worker died with it."""
-        self._done()
-        self.free(p.blocks)
-        if p.regions:
-            assert self.shm is not None
-            self.shm.done(p.regions)
+        self._settle(p)
         mv = p.route.mv
         request_ns = time.monotonic_ns() - p.t0
         err = WorkerDied(f"{lane.label} (pid {lane.pid}) died while executing the request")
         record = {"model_name": mv.name, "model_version": mv.version, "lane": lane.path, "request_ns": request_ns}
+        st = p.stream
+        if st is not None:  # a decoupled request
+            if lane.bye and not st.started:  # not executed: the router takes it
+                self.report(**record, withdrawn=True)
+                st.retry = True
+                st.wake()
+                return
+            if not st.answered:
+                self.report(**record, failure="CANCELED" if st.left else failure_reason(err))
+            if not st.final:
+                st.final = True
+                if not st.left:
+                    st.put((err, True))
+            return
         if lane.bye:
             self.report(**record, withdrawn=True)
         else:

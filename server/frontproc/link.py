@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.frontproc import wire as frontwire
-from shoal.server.frontproc.lanes_client import LaneRetry, Lanes
+from shoal.server.frontproc.lanes_client import LaneRetry, Lanes, Route
 from shoal.server.streaming import ACK_EVERY, StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult
 from shoal.shm.arena import Arena
@@ -420,7 +422,7 @@ class RemoteDataPlane:
         lanes = self.link.lanes
         if lanes is not None:
             route = lanes.route(request)
-            if route is not None:
+            if route is not None and not route.decoupled:  # (the router refuses those, with its text)
                 try:
                     return await lanes.infer(route, request)
                 except LaneRetry:
@@ -428,9 +430,30 @@ class RemoteDataPlane:
         return await self.link.infer(request, self.frontend)
 
     def responses(self, request: InferRequest, *, decoupled_error: Any = None) -> AsyncGenerator[StreamItem, None]:
-        """A streamed request's responses (``RouterLink.stream``): the router knows the model's
-        kind."""
+        """A streamed request's responses: over a lane where the router publishes the model
+        (``Lanes.stream`` for a decoupled one), else the router's (``RouterLink.stream``)."""
+        lanes = self.link.lanes
+        if lanes is not None:
+            route = lanes.route(request)
+            if route is not None:
+                if route.decoupled:
+                    return lanes.stream(route, request, functools.partial(self.link.stream, request, self.frontend))
+                return self._one_response(lanes, route, request)
         return self.link.stream(request, self.frontend)
+
+    async def _one_response(
+        self, lanes: Lanes, route: Route, request: InferRequest
+    ) -> AsyncGenerator[StreamItem, None]:
+        """A streamed request of a model that is not decoupled, over a lane: its one result as
+        the final response (errors raise, as the router's)."""
+        try:
+            result = await lanes.infer(route, request)
+        except LaneRetry:  # not executed: the router's
+            async with aclosing(self.link.stream(request, self.frontend)) as items:
+                async for pair in items:
+                    yield pair
+            return
+        yield result, True
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
         raise UseProxy  # the model's metadata is the router's
