@@ -384,15 +384,27 @@ def test_other_lane_messages_are_ignored(router: FakeRouter) -> None:
     assert router.proc.poll() is None
 
 
-def test_a_decoupled_model_refuses_lane_requests() -> None:
+def test_a_decoupled_model_streams_on_the_lane_within_its_window() -> None:
+    """A decoupled model's responses to a lane request go back on the lane; past 64
+    unacknowledged ones its sender waits for the lane's ``StreamAck`` (not the router's);
+    then the rest, the last one final, and the answer of ``execute``; the router sees none."""
     r = FakeRouter("repeat")
     try:
         lane = r.connect()
-        lane.send(*infer_env(RID_BIT | 1, np.arange(3, dtype=np.int32), name="IN", params={"mode": "execute"}))
-        reply = lane.next_env()
-        assert reply.request_id == RID_BIT | 1 and reply.WhichOneof("body") == "failed"
-        assert reply.failed.code == wpb.INTERNAL
-        assert reply.failed.message == "decoupled models are not served over lanes"
+        rid = RID_BIT | 1
+        lane.send(*infer_env(rid, np.arange(100, dtype=np.int32), name="IN", params={"mode": "execute"}))
+        first = [lane.next_env() for _ in range(64)]
+        assert [(e.request_id, e.WhichOneof("body"), e.streamed.final) for e in first] == [
+            (rid, "streamed", False)
+        ] * 64
+        assert lane.nothing_for(0.3), "the sender went past its window without an acknowledgement"
+        ack = wire.envelope(rid)
+        ack.stream_ack.count = 64
+        lane.send(ack)
+        rest = [lane.next_env() for _ in range(37)]
+        assert [e.WhichOneof("body") for e in rest] == ["streamed"] * 36 + ["infer_done"]
+        assert [e.streamed.final for e in rest[:36]] == [False] * 35 + [True]
+        assert not rest[-1].infer_done.results
         assert r.nothing_for(0.2)
     finally:
         r.close()
