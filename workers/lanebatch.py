@@ -37,12 +37,25 @@ read, so under load (arrivals wake the poll) at once, and at least every millise
 
 
 def _size_and_key(env: wpb.Envelope) -> tuple[int, _ShapeKey]:
-    """A lane request's batch size and the shapes it must share with its batch ((0, ()):
-    not batchable)."""
+    """A lane message's batch size (the sum of its requests': a frontend sends the compatible
+    requests of one loop turn together) and the shapes its batch must share ((0, ()): not
+    batchable: no input, a scalar, or requests that differ)."""
     requests = env.infer.requests
-    if len(requests) != 1:
+    if not requests:
         return _NONE
-    inputs = requests[0].inputs
+    size, key = _one(requests[0])
+    if not size:
+        return _NONE
+    for r in requests[1:]:
+        n, k = _one(r)
+        if not n or k != key:
+            return _NONE
+        size += n
+    return size, key
+
+
+def _one(r: wpb.Request) -> tuple[int, _ShapeKey]:
+    inputs = r.inputs
     if not inputs or not inputs[0].shape:
         return _NONE
     if len(inputs) == 1:  # the common case, without the sort

@@ -1,6 +1,8 @@
 """A frontend process's lanes: requests of the model versions the router publishes
 (``frontproc.lanes``) go straight to a worker's lane socket, as the router would send them
-(an ``Infer`` of one request), and come back from it without crossing the router.
+(an ``Infer`` of one request; for a model whose workers batch lane requests, the compatible
+requests of one loop turn in one ``Infer``: ``_Group``), and come back from it without
+crossing the router.
 
 The frontend does here what the router does for such a request: it validates the request
 against the model's configuration (the router's own ``validate``), picks the instance with
@@ -61,7 +63,7 @@ class LaneRetry(Exception):
 
 
 class _Pending:
-    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body", "regions", "stream")
+    __slots__ = ("fut", "blocks", "route", "t0", "batch_size", "body", "regions", "stream", "lane", "index", "group")
 
     def __init__(self, fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]], blocks: list[Block], route: Route,
                  batch_size: int, regions: list[FrontRegion], stream: _Stream | None = None) -> None:  # fmt: skip
@@ -76,6 +78,48 @@ class _Pending:
         """The answer's kind (``infer_done`` or ``failed``), once answered."""
         self.stream = stream
         """A decoupled model's request: its responses (``Lanes.stream``)."""
+        self.lane: Lane | None = None
+        """Where it was sent."""
+        self.index = 0
+        """Its place in the ``Infer`` it went in (a group's: ``_Group``)."""
+        self.group: list[_Pending] | None = None
+        """A group's requests, in order (the first is the one ``Lane.pending`` holds)."""
+
+
+class _Group:
+    """The requests of one loop turn to one worker that batches lane requests itself, with
+    the same shapes but the batch dimension: one ``Infer`` of several requests, encoded when
+    the lane writes (``Lane._flush``); the worker takes it whole into a batch and answers it
+    with one ``InferDone``.
+
+    DESIGN: each message costs the worker's main thread (the wall of a busy instance) a parse,
+    a place in its backlog, a batcher's look, an answer envelope and its encoding, whatever the
+    number of requests in it."""
+
+    __slots__ = ("rid", "env", "frames", "members", "key", "size")
+
+    def __init__(self, rid: int, env: wpb.Envelope, frames: list[Any], key: ShapeKey, size: int) -> None:
+        self.rid = rid
+        self.env = env
+        self.frames = frames
+        self.members: list[_Pending] = []
+        self.key = key
+        self.size = size
+
+
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _size_and_key(request: InferRequest) -> tuple[int, ShapeKey]:
+    """A request's batch size and the shapes (but the batch dimension) a batch shares, as the
+    worker's batcher reads them (``workers.lanebatch``); (0, ()): not to be grouped."""
+    inputs = request.inputs
+    if not inputs or not inputs[0].shape:
+        return 0, ()
+    if len(inputs) == 1:
+        t = inputs[0]
+        return t.shape[0], ((t.name, tuple(t.shape[1:])),)
+    return inputs[0].shape[0], tuple(sorted((t.name, tuple(t.shape[1:])) for t in inputs))
 
 
 class _Stream:
@@ -122,6 +166,11 @@ class Lane(asyncio.Protocol):
         self.transport: Any = None
         self.decoder = framing.Decoder()
         self.pending: dict[int, _Pending] = {}
+        """By request id: a request, or a group's first (``_Pending.group``)."""
+        self.load = 0
+        """Requests sent and not answered (a group counts each of its)."""
+        self.open: _Group | None = None
+        """The group this loop turn's requests join (written at the turn's end)."""
         self.connecting: asyncio.Future[None] | None = None
         self.bye = False
         self.broken = False
@@ -131,10 +180,6 @@ class Lane(asyncio.Protocol):
         """A duplicate of the socket's descriptor, read once in ``connection_lost``: a write
         that fails (the worker exited) makes the transport drop the connection without reading
         what the worker sent before it left, its ``LaneBye`` and answers included."""
-
-    @property
-    def load(self) -> int:
-        return len(self.pending)
 
     async def ready(self) -> None:
         if self.transport is not None:
@@ -176,17 +221,22 @@ class Lane(asyncio.Protocol):
                 continue
             p = self.pending.pop(env.request_id, None)
             if p is not None:
-                if p.stream is None:
+                if p.stream is not None:
+                    self.lanes.stream_answered(self, env.request_id, p, env, body)
+                elif p.group is None:
                     self.lanes.answered(self, p, env, body, frames[1:])
                 else:
-                    self.lanes.stream_answered(self, env.request_id, p, env, body)
+                    rest = frames[1:]
+                    for member in p.group:
+                        self.lanes.answered(self, member, env, body, rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._read_what_is_left()
         self.broken = True
         pending, self.pending = self.pending, {}
         for p in pending.values():
-            self.lanes.lost(self, p)
+            for member in p.group or (p,):
+                self.lanes.lost(self, member)
         self.lanes.closed(self)
 
     def _read_what_is_left(self) -> None:
@@ -208,8 +258,18 @@ class Lane(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox.extend(framing.encode([env.SerializeToString(), *frames]))
 
+    def add(self, group: _Group) -> None:
+        """A group, written (encoded then) with the turn's other messages, in its place."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(group)
+        self.open = group
+
     def _flush(self) -> None:
         out, self._outbox = self._outbox, []
+        if self.open is not None:
+            self.open = None
+            out = [b for x in out for b in (_encoded(x) if x.__class__ is _Group else (x,))]
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
@@ -221,10 +281,14 @@ class Lane(asyncio.Protocol):
         self.send(env)
 
 
+def _encoded(group: _Group) -> list[Any]:
+    return framing.encode([group.env.SerializeToString(), *group.frames])
+
+
 class Route:
     """One model version a request may send over lanes."""
 
-    __slots__ = ("mv", "lanes", "turn", "decoupled")
+    __slots__ = ("mv", "lanes", "turn", "decoupled", "group_max")
 
     def __init__(self, mv: ConfigSignature, lanes: list[Lane]) -> None:
         self.mv = mv
@@ -232,6 +296,10 @@ class Route:
         self.turn = 0
         self.decoupled = mv.config.model_transaction_policy.decoupled
         """Its requests go over lanes as streams only (``Lanes.stream``)."""
+        batches = mv.config.HasField("dynamic_batching") and not self.decoupled  # published: its workers batch
+        self.group_max = mv.config.max_batch_size if batches else 0
+        """A loop turn's compatible requests go to a worker together up to this batch size (0:
+        one by one: the worker executes each message as one batch)."""
 
 
 Report = Callable[..., None]
@@ -368,26 +436,58 @@ class Lanes:
             await lane.ready()
         if lane.broken:
             raise LaneRetry
-        rid = next(self._ids)
-        env = wire.envelope(rid)
-        frames: list[Any] = []
+        size, key = _size_and_key(request) if route.group_max and stream is None else (0, ())
+        group = lane.open if size else None
+        if group is not None and (group.key != key or group.size + size > route.group_max):
+            group = None  # a group of its own (the open one is written in its place)
         blocks: list[Block] = []
         regions: list[FrontRegion] = []
-        try:
-            self._encode(request, env.infer.requests.add(), frames, blocks, regions)
-        except BaseException:
-            self.free(blocks)
-            raise
+        if group is not None:  # joins this turn's group: one more request in its Infer
+            rid, frames = group.rid, group.frames
+            requests = group.env.infer.requests
+            nframes = len(frames)
+            r = requests.add()
+            r.id = len(group.members)
+            try:
+                self._encode(request, r, frames, blocks, regions)
+            except BaseException:
+                self.free(blocks)
+                del requests[-1]
+                del frames[nframes:]
+                raise
+        else:
+            rid = next(self._ids)
+            env = wire.envelope(rid)
+            frames = []
+            try:
+                self._encode(request, env.infer.requests.add(), frames, blocks, regions)
+            except BaseException:
+                self.free(blocks)
+                raise
         fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
         p = _Pending(fut, blocks, route, request.batch_size, regions, stream)
+        p.lane = lane
         if regions:
             assert self.shm is not None
             self.shm.use(regions)
-        lane.pending[rid] = p
+        if group is not None:
+            p.index = len(group.members)
+            p.group = group.members
+            group.members.append(p)
+            group.size += size
+        elif size:
+            group = _Group(rid, env, frames, key, size)
+            group.members.append(p)
+            p.group = group.members
+            lane.pending[rid] = p
+            lane.add(group)
+        else:
+            lane.pending[rid] = p
+            lane.send(env, frames)
+        lane.load += 1
         self.inflight += 1
         if self.inflight == 1:
             self.idle.clear()
-        lane.send(env, frames)
         self.report(model_name=mv.name, model_version=mv.version, lane=lane.path, started=True)
         return lane, rid, p
 
@@ -399,7 +499,7 @@ class Lanes:
         except asyncio.CancelledError:  # the client went away: the model may notice
             if rid in lane.pending and not lane.broken:
                 cancel = wire.envelope(rid)  # as the router cancels
-                cancel.cancel.indexes.append(0)
+                cancel.cancel.indexes.append(p.index)
                 lane.send(cancel)
             raise
         return self._result(lane, p, request, reply, rframes)
@@ -521,7 +621,7 @@ class Lanes:
         mv = p.route.mv
         if p.body == "failed":
             raise wire.to_error(reply.failed)
-        res = reply.infer_done.results[0]
+        res = reply.infer_done.results[p.index]
         held = [ref.shm for ref in res.outputs if ref.HasField("shm")]
         release = (lambda: lane.release(held)) if held else None
         item = frontwire.unpack_result(res, frames, self.mapper.view, release)
@@ -534,6 +634,8 @@ class Lanes:
 
     def _settle(self, p: _Pending) -> None:
         """``p`` is over: its inputs are free, and it is no longer in flight."""
+        if p.lane is not None:
+            p.lane.load -= 1
         self.inflight -= 1
         if not self.inflight:
             self.idle.set()
@@ -552,9 +654,9 @@ class Lanes:
         ok = executed = False
         failure = ""
         done = env.infer_done if body == "infer_done" else None
-        if done is not None and len(done.results) == 1:
+        if done is not None and len(done.results) == (len(p.group) if p.group is not None else 1):
             executed = True
-            res = done.results[0]
+            res = done.results[p.index]
             if res.HasField("error"):
                 failure = failure_reason(wire.to_error(res.error))
             else:
@@ -567,7 +669,7 @@ class Lanes:
         if left:  # the caller left: nothing reads the outputs
             ok, failure = False, "CANCELED"
             if done is not None:
-                held = [ref.shm for r in done.results for ref in r.outputs if ref.shm.region]
+                held = [ref.shm for ref in done.results[p.index].outputs if ref.shm.region] if executed else []
                 if held:
                     lane.release(held)
         if executed and done is not None and not done.counted:  # counted: the worker batched it and counted that

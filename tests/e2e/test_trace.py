@@ -64,8 +64,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, trace_file: Path) -> Iterat
     rc = srv.terminate()
     assert rc == 0, srv.log
     assert not srv.segments(), srv.segments()
-    # the file is one JSON array once the server has stopped
-    assert isinstance(json.loads(trace_file.read_text()), list)
+    # the file is one JSON array once the server has stopped (written with the first trace, as
+    # Triton's: a run of tests that traced nothing, such as a -k subset, leaves none)
+    if trace_file.exists():
+        assert isinstance(json.loads(trace_file.read_text()), list)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_a_bye_left_unread_before_a_failed_write_is_still_seen(run: Any) -> None
         await loop.connect_accepted_socket(lambda: lane, frontend)
         answer = wire.envelope(7)
         answer.infer_done.SetInParent()
-        lane.pending[7] = types.SimpleNamespace(stream=None)  # type: ignore[assignment]  # answered just before the worker left
+        lane.pending[7] = types.SimpleNamespace(stream=None, group=None)  # type: ignore[assignment]  # answered just before the worker left
         bye = wire.envelope(0)
         bye.lane_bye.SetInParent()
         worker.sendall(_framed(answer) + _framed(bye))

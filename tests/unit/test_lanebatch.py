@@ -129,3 +129,30 @@ def test_take_from_takes_in_one_pass_and_keeps_the_rest_in_order() -> None:
     assert list(backlog) == [2, 4, 6, 7]  # 7 not looked at: full after 5
     assert take_from(backlog, lambda x: False, lambda: False) == [] and list(backlog) == [2, 4, 6, 7]
     assert take_from(deque(), pick, lambda: False) == []
+
+
+def _group(*rows: int, cols: int = 4) -> tuple[wpb.Envelope, list[bytes], Any]:
+    """A frontend's group: several requests in one lane message."""
+    env = wire.envelope(sum(rows) * 1000 + cols)
+    for i, n in enumerate(rows):
+        r = env.infer.requests.add()
+        r.id = i
+        ref = r.inputs.add()
+        ref.name, ref.datatype = "I", "FP32"
+        ref.shape.extend([n, cols])
+    return env, [], FakeLane()
+
+
+def test_a_group_counts_its_requests_rows_and_joins_only_whole() -> None:
+    """A message of several requests (``frontproc.lanes_client._Group``) weighs the sum of
+    their rows: it joins a batch only if all of them fit; one whose requests differ in shape
+    (which a frontend never sends) is a batch of its own."""
+    inbox = FakeInbox()
+    b = LaneBatcher(_config(), inbox)  # type: ignore[arg-type]
+    too_big, fits, mixed = _group(3, 3), _group(2, 1), _group(1, 1)
+    mixed[0].infer.requests[1].inputs[0].shape[1] = 5
+    inbox.backlog.extend([too_big, fits, mixed])
+    batch = b.gather(_group(2, 2))  # 4 rows, max_batch_size 8
+    assert batch[1] is fits and len(batch) == 2  # 4 + 3; the group of 6 rows does not fit, the mixed one never
+    assert list(inbox.backlog) == [too_big, mixed]
+    assert b.gather(mixed) == [mixed]
