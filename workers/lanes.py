@@ -95,6 +95,7 @@ class LaneServer:
         self.every: set[Lane] = set()
         """Every lane not dropped yet (those the inbox stopped reading too)."""
         self._view = memoryview(bytearray(framing.RECV_BYTES))
+        self._said_bye = False
         """One receive buffer for every lane: reads happen under the inbox's read lock, and
         the decoder copies frames out."""
 
@@ -195,9 +196,13 @@ class LaneServer:
         self.every.discard(lane)
         lane.sock.close()
 
-    def close(self) -> None:
-        """(exit) ``LaneBye`` on every lane, pending connections too (never waiting: a full
-        socket buffer or a dead client is skipped), then close them all and remove the socket."""
+    def bye(self) -> None:
+        """(exit) No new lane connections, and ``LaneBye`` on every lane, pending connections
+        too (never waiting: a full socket buffer or a dead client is skipped): their clients
+        send no more requests here. The lanes stay open (``close``)."""
+        if self._said_bye:
+            return
+        self._said_bye = True
         try:
             os.unlink(self.path)  # no new connections (a frontend connecting now sends the router its request)
         except OSError:
@@ -208,13 +213,20 @@ class LaneServer:
         bye = wire.envelope(0)
         bye.lane_bye.SetInParent()
         data = b"".join(framing.encode([bye.SerializeToString()]))
+        for lane in list(self.every):
+            try:
+                lane.sock.send(data, _BYE_NOWAIT)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """(exit) ``bye``, then close every lane and remove the socket; the requests its
+        clients sent that were never read are read first (so that a client sees a plain end
+        rather than a reset)."""
+        self.bye()
         view = self._view
         for lane in list(self.every):
             sock = lane.sock
-            try:
-                sock.send(data, _BYE_NOWAIT)
-            except OSError:
-                pass
             try:
                 for _ in range(_DRAIN_READS):  # requests never executed: read, so that the client sees a plain end
                     if not sock.recv_into(view, 0, _NOWAIT):

@@ -262,7 +262,13 @@ class WorkerRuntime:
                 else:
                     log.error("unexpected message %s", kind)
         finally:
-            self._close_lanes()  # first: their clients send the requests left another way
+            # first: their clients send the requests left another way; a decoupled model's
+            # lanes only hear it (the model's threads may still be streaming on them until
+            # its finalize returns: ``close``)
+            if self.decoupled and self.lanes is not None:
+                self.lanes.bye()
+            else:
+                self._close_lanes()
             if heartbeat is not None:
                 heartbeat.done.set()
                 heartbeat.join(1.0)
@@ -870,13 +876,15 @@ class WorkerRuntime:
             log.exception("closing the lanes failed")
 
     def close(self) -> None:
-        self._close_lanes()
+        if not self.decoupled:
+            self._close_lanes()
         if self.backend is not None:
             try:
                 self.backend.close()
             except Exception:  # noqa: BLE001
                 log.exception("closing the backend failed")
             self.backend = None
+        self._close_lanes()
         self.mapper.close()
         self.regions.close()
         if self.arena is not None:

@@ -279,6 +279,24 @@ def test_unloading_the_model_while_streams_run(server: ServerProcess) -> None:
         s.close()
 
 
+def test_a_stream_running_at_unload_ends_whole(server: ServerProcess) -> None:
+    """Unloading a decoupled model while its thread streams on a lane: the worker says
+    ``LaneBye`` (no new requests) but keeps the lane open until the model's ``finalize``
+    (which joins its threads) returns, so the stream gets every response, as through the
+    router; then the model loads again."""
+    s = Stream(server)
+    try:
+        s.send("repeat", _values(30), parameters={"mode": "slow"})  # 0.6 s of responses
+        first = s.got.get(timeout=10)
+        requests.post(f"http://{server.url}/v2/repository/models/repeat/unload", timeout=30).raise_for_status()
+        got = [first, *s.until_final(30)]
+    finally:
+        s.close()
+    assert _repeated(got) == [(7 + i, i) for i in range(30)]
+    requests.post(f"http://{server.url}/v2/repository/models/repeat/load", timeout=60).raise_for_status()
+    time.sleep(ROUTES_S)
+
+
 def test_sigterm_lets_a_lane_stream_finish(repo: Path) -> None:
     """A stream the router never saw (it went over a lane) still gets every response and its
     final one when the server is told to stop mid-stream; then everything exits cleanly."""
