@@ -214,6 +214,7 @@ class App:
             log_verbose=cfg.log.verbose,
             backend_config=cfg.backend_config,
             host_policies=cfg.host_policies,
+            gpu_load_limits=cfg.gpu_load_limits,
             load_timeout_s=cfg.model_load_timeout_s,
             gpu_devices=tuple(gpus.devices()),
             heartbeat_timeout_s=cfg.worker_heartbeat_timeout_s,

@@ -111,6 +111,8 @@ class ServerConfig:
     """``--backend-config`` settings as (backend, key, value); backend "" is global."""
     host_policies: tuple[tuple[str, str, str], ...] = ()
     """``--host-policy`` settings as (policy name, setting, value)."""
+    gpu_load_limits: tuple[tuple[int, float], ...] = ()
+    """``--model-load-gpu-limit`` as (device id, fraction of its memory)."""
     cache_bytes: int = 0
     """Size of the local response cache (0: no cache)."""
     trace_config: tuple[tuple[str, str, str], ...] = ()
@@ -242,6 +244,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
     tls = _tls(args, problems)
     backend = optionvalues.backend_config(args, problems)
     host_policies = optionvalues.host_policies(args, problems)
+    gpu_load_limits = optionvalues.gpu_load_limits(args, problems)
     cache_bytes = optionvalues.cache_config(args, problems, notes)
     trace = optionvalues.trace_config(args, problems, notes)
     metrics_config = optionvalues.metrics_config(args, problems)
@@ -303,6 +306,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         model_namespacing=args.model_namespacing,
         backend_config=backend,
         host_policies=host_policies,
+        gpu_load_limits=gpu_load_limits,
         cache_bytes=cache_bytes,
         trace_config=trace,
         rate_limit=str(args.rate_limit).lower(),

@@ -239,7 +239,14 @@ GROUPS: dict[str, list[Flag]] = {
             "with that policy (gpu_<id>, cpu, model, or instance_group.host_policy) (repeatable)",
             repeat=True,
         ),
-        _ignored("--model-load-gpu-limit", str, "GPU memory fraction that stops loads", repeat=True),
+        _f(
+            "--model-load-gpu-limit",
+            str,
+            None,
+            "<device_id>:<fraction>: a GPU instance whose load leaves more than that fraction of the "
+            "GPU's memory in use fails to load (repeatable)",
+            repeat=True,
+        ),
     ],
     "Shared Memory": [
         _f("--allow-client-shm", bool, True, "clients may register system and CUDA shared memory (false: 501)"),

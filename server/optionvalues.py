@@ -109,6 +109,32 @@ def host_policies(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[
     return tuple(out)
 
 
+def gpu_load_limits(args: argparse.Namespace, problems: list[str]) -> tuple[tuple[int, float], ...]:
+    """``--model-load-gpu-limit <device_id>:<fraction>`` settings (Triton's texts); the last one
+    given for a device counts."""
+    limits: dict[int, float] = {}
+    for text in args.model_load_gpu_limit or ():
+        first, sep, second = text.partition(":")
+        if not sep:
+            problems.append(
+                "Cannot parse pair option due to incorrect number of inputs.--<pair option> argument requires "
+                f"format <first>:<second>. Found: {text}"
+            )
+            continue
+        try:
+            device = int(first)
+        except ValueError:
+            problems.append(f"Invalid option value. Got {first}")
+            continue
+        try:
+            fraction = float(second)
+        except ValueError:
+            problems.append(f"Invalid option value. Got {second}")
+            continue
+        limits[device] = fraction
+    return tuple(sorted(limits.items()))
+
+
 def cache_config(args: argparse.Namespace, problems: list[str], notes: list[str]) -> int:
     """The local response cache's size in bytes; 0: no cache."""
     if args.response_cache_byte_size is not None and args.cache_config:

@@ -30,7 +30,7 @@ from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
-from shoal.workers import hostpolicy, warmup
+from shoal.workers import gpumem, hostpolicy, warmup
 from shoal.workers.backends.base import (
     Backend,
     Device,
@@ -328,6 +328,13 @@ class WorkerRuntime:
                 bls.device_mapper = DeviceMapper(self.regions.local_device)
             self.spec = dataclasses.replace(self.spec, bls=bls, metrics=MetricsClient(self.inbox, self._send))
             self.backend = backend_class(config.backend).load(self.spec)
+            if device.is_gpu and req.HasField("gpu_load_limit"):
+                try:
+                    gpumem.check_load_limit(req.instance_name, req.device_index, req.gpu_load_limit)
+                except BaseException:
+                    self.backend.close()  # its device memory goes back before the refusal
+                    self.backend = None
+                    raise
             if config.model_warmup:
                 where = f"model '{req.model_name}' instance '{req.instance_name}'"
                 warmup.run(self.backend, config, self.spec.model_dir, lambda m: log.info("%s: %s", where, m))

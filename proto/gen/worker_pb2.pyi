@@ -355,6 +355,7 @@ class Load(_message.Message):
     LANES_FIELD_NUMBER: _builtins.int
     HOST_POLICY_FIELD_NUMBER: _builtins.int
     HOST_POLICY_NAME_FIELD_NUMBER: _builtins.int
+    GPU_LOAD_LIMIT_FIELD_NUMBER: _builtins.int
     model_config: _builtins.bytes
     """serialized inference.ModelConfig, normalized"""
     repository: _builtins.str
@@ -379,6 +380,10 @@ class Load(_message.Message):
     lanes: _builtins.bool
     """Open a lane socket (Ready.lane): frontend processes will send requests there."""
     host_policy_name: _builtins.str
+    gpu_load_limit: _builtins.float
+    """--model-load-gpu-limit for the instance's GPU: a GPU instance whose load leaves more than
+    this fraction of the GPU's memory in use fails to load (Triton's check); unset: no limit.
+    """
     @_builtins.property
     def gpu_order(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Server GPU ordinals in the order this worker's CUDA sees them (its CUDA_VISIBLE_DEVICES
@@ -417,12 +422,15 @@ class Load(_message.Message):
         lanes: _builtins.bool = ...,
         host_policy: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         host_policy_name: _builtins.str = ...,
+        gpu_load_limit: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_load_limit", b"_gpu_load_limit", "gpu_load_limit", b"gpu_load_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_order", b"gpu_order", "host_policy", b"host_policy", "host_policy_name", b"host_policy_name", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "lanes", b"lanes", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_load_limit", b"_gpu_load_limit", "arena_bytes", b"arena_bytes", "arena_prefix", b"arena_prefix", "backend_config", b"backend_config", "client_shm_mapped", b"client_shm_mapped", "device_index", b"device_index", "device_kind", b"device_kind", "gpu_load_limit", b"gpu_load_limit", "gpu_order", b"gpu_order", "host_policy", b"host_policy", "host_policy_name", b"host_policy_name", "inline_max_bytes", b"inline_max_bytes", "instance_name", b"instance_name", "lanes", b"lanes", "model_config", b"model_config", "model_name", b"model_name", "model_version", b"model_version", "priority", b"priority", "repository", b"repository"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gpu_load_limit: _TypeAlias = _typing.Literal["gpu_load_limit"]  # noqa: Y015
+    _WhichOneofArgType__gpu_load_limit: _TypeAlias = _typing.Literal["_gpu_load_limit", b"_gpu_load_limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_load_limit) -> _WhichOneofReturnType__gpu_load_limit | None: ...
 
 Global___Load: _TypeAlias = Load  # noqa: Y015
 

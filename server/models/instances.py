@@ -44,6 +44,8 @@ class InstanceSettings:
     host_policies: tuple[tuple[str, str, str], ...] = ()
     """``--host-policy`` settings as (policy name, setting, value): a worker gets those of its
     instance's policy (``proto.hostpolicy``)."""
+    gpu_load_limits: tuple[tuple[int, float], ...] = ()
+    """``--model-load-gpu-limit`` as (device id, fraction): a GPU worker gets its GPU's."""
 
 
 def placements(group: mc.ModelInstanceGroup) -> list[tuple[str, int]]:
@@ -128,6 +130,9 @@ class InstanceFactory:
             host_policy={k: v for name, k, v in s.host_policies if name == policy},
             host_policy_name=policy,
         )
+        limit = dict(s.gpu_load_limits).get(gpu) if kind == "GPU" else None
+        if limit is not None:
+            load.gpu_load_limit = limit
         spec = WorkerSpec(
             model_name=mv.name,
             model_version=mv.version,

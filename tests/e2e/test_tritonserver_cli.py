@@ -294,6 +294,13 @@ def test_bad_command_lines_name_the_option(tmp_path: Path) -> None:
             "host policy setting 'cpu-cores' format is '<lower_cpu_core_id>-<upper_cpu_core_id>'. Got 3",
         ),
         (("--host-policy", "cpu,numa-node=one"), "Parsing 'numa-node' value: Can't parse 'one' to integer"),
+        (
+            ("--model-load-gpu-limit", "0.5"),
+            "Cannot parse pair option due to incorrect number of inputs.--<pair option> argument requires format "
+            "<first>:<second>. Found: 0.5",
+        ),
+        (("--model-load-gpu-limit", "gpu0:0.5"), "Invalid option value. Got gpu0"),
+        (("--model-load-gpu-limit", "0:half"), "Invalid option value. Got half"),
     ):
         out = run(*args)
         assert out.returncode == 2 and text in out.stderr, (args, out.stderr)
