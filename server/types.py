@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 Buffer = bytes | bytearray | memoryview
 
 
+class UseProxy(Exception):
+    """(a frontend process) Send this request through the router's own frontend, which has
+    what the frontend lacks: the model's metadata, or the trace it decided to take."""
+
+
 class Lease:
     """Counts the holders of a result whose outputs other requests read in place (ensemble
     steps): ``release`` runs when the last holder drops it."""

@@ -441,13 +441,24 @@ class WorkerRuntime:
         env, msg = _streamed(rid, req, final)
         out_frames: list[Any] = []
         if resp is not None:
-            with self.lock:
-                self._fill(req, resp, msg.result, out_frames, dest)
-                if dest is not None:
+            # no lock for the common small response (the model's sending threads would queue
+            # on it: 37% of a worker's samples at 8 streams); the writer locks the arena if it
+            # needs it, as ``_stream`` does
+            writer = self.writer
+            before = writer.blocks_out if writer is not None else -1
+            if dest is None:
+                self._fill(req, resp, msg.result, out_frames, None)
+            else:
+                with self.lock:  # the client regions are shared with the main loop
+                    self._fill(req, resp, msg.result, out_frames, dest)
                     self.regions.finish_writes()
+            # arena blocks only when the writer made some (another thread's count it too: then a look)
+            blocks: list[Block] = []
+            if writer is None or writer.blocks_out != before:
                 blocks = [Block(r.shm.region, r.shm.offset, r.shm.nbytes, r.shm.device)
                           for r in msg.result.outputs if r.HasField("shm")]  # fmt: skip
-                if blocks:
+            if blocks:
+                with self.lock:  # ``_drop_lane`` takes the lane's blocks under it
                     if lane.closed:
                         self._free_blocks(blocks)
                         self._stream_ended(inbox, rid, req, final)

@@ -520,6 +520,7 @@ class Lanes:
         request.model_version = mv.version
         validate(mv, request)  # applies ``reshape`` to the inputs' shapes
         st = _Stream(request.id)
+        request.backlog = st.items.__len__  # responses already here (generate_stream writes them together)
         retry = False
         try:
             lane, rid, p = await self._send(route, request, st)

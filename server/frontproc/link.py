@@ -20,11 +20,12 @@ from typing import Any
 
 from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.frontproc import wire as frontwire
 from shoal.server.frontproc.lanes_client import LaneRetry, Lanes, Route
 from shoal.server.streaming import ACK_EVERY, StreamItem
-from shoal.server.types import Buffer, InferRequest, InferResult
+from shoal.server.types import Buffer, InferRequest, InferResult, UseProxy
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
 from shoal.shm.mapper import Mapper
@@ -41,10 +42,6 @@ STATS_WAIT_S = 0.01
 statistics or metrics asks for them first: ``LaneFlush``)."""
 STATS_MAX = 256
 """Records sent at once at most."""
-
-
-class UseProxy(Exception):
-    """Send this request through the router's own frontend (which can trace it)."""
 
 
 class _NotTraced:
@@ -457,3 +454,33 @@ class RemoteDataPlane:
 
     def raw_input(self, name: str, version: int, nbytes: int) -> tuple[str, str, tuple[int, ...]]:
         raise UseProxy  # the model's metadata is the router's
+
+    # ---- what the generate extension asks (``frontends.http.generate``), for versions published
+    # on lanes (their configuration came with the route); another goes through the router
+
+    def _route(self, name: str, version: int) -> Route:
+        lanes = self.link.lanes
+        route = lanes.routes.get((name, version)) if lanes is not None and lanes.routes else None
+        if route is None:
+            raise UseProxy
+        return route
+
+    def model_metadata(self, name: str, version: int) -> dict[str, Any]:
+        """The inputs of the model's metadata (all that generate reads)."""
+        mv = self._route(name, version).mv
+        return {"inputs": [{"name": t.name, "datatype": t.datatype} for t in mv.inputs.values()]}
+
+    def model_config_message(self, name: str, version: int) -> mc.ModelConfig:
+        return self._route(name, version).mv.config
+
+    def is_decoupled(self, name: str, version: int) -> bool:
+        return self._route(name, version).decoupled
+
+    def infer_stream(self, request: InferRequest) -> AsyncGenerator[StreamItem, None]:
+        """A decoupled model's responses over a lane (the router's where the request needs it)."""
+        lanes = self.link.lanes
+        route = lanes.route(request) if lanes is not None else None
+        fallback = functools.partial(self.link.stream, request, self.frontend)
+        if route is None or lanes is None:
+            return fallback()
+        return lanes.stream(route, request, fallback)

@@ -36,11 +36,12 @@ from shoal.server.frontends.grpc import app as grpc_app
 from shoal.server.frontends.grpc import stream
 from shoal.server.frontends.grpc.service import InferenceService, rpc
 from shoal.server.frontends.http import body, routes
+from shoal.server.frontends.http import generate as generate_ext
 from shoal.server.frontends.http.app import GUARD, make_runner, middleware
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
 from shoal.server.frontproc.lanes_client import Lanes
-from shoal.server.frontproc.link import RemoteDataPlane, RouterLink, UseProxy
+from shoal.server.frontproc.link import RemoteDataPlane, RouterLink
 from shoal.server.frontproc.proxy import GrpcProxy, HttpProxy
 from shoal.server.frontproc.shmregions import ShmRegions
 from shoal.server.frontproc.supervisor import arena_prefix
@@ -49,6 +50,7 @@ from shoal.server.logsettings import LogSettings
 from shoal.server.peers import PeerCache
 from shoal.server.resources import RequestBudget
 from shoal.server.tracing import Trace
+from shoal.server.types import UseProxy
 from shoal.shm.arena import Arena
 
 log = logging.getLogger("shoal.frontend")
@@ -72,11 +74,34 @@ async def http_infer(request: web.Request) -> web.StreamResponse:
         held.release()
 
 
+async def http_generate(request: web.Request) -> web.StreamResponse:
+    """``/generate`` and ``/generate_stream`` (``frontends.http.generate``, the router's code)
+    of a model version published on lanes: its configuration came with the route, and its
+    responses come from its worker (a decoupled one's over the lane, ``Lanes.stream``); another
+    model's go through the router, whose answer is relayed."""
+    app = request.app
+    limits = app[routes.LIMITS]
+    held = await body.read(request, limit=limits.max_json_bytes, timeout_s=limits.body_timeout_s, budget=limits.budget)
+    try:
+        data = bytes(held.data)
+    finally:
+        held.release()
+    dp: Any = app[routes.DATAPLANE]
+    model, version = request.match_info["model"], routes.version_of(request)
+    try:
+        if request.path.endswith("_stream"):
+            return await generate_ext.generate_stream(request, dp, model, version, data)
+        return await generate_ext.generate(request, dp, model, version, data)
+    except UseProxy:  # raised before anything was sent
+        return await app[PROXY].forward(request, app[GUARD].peer(request), body=data)
+
+
 async def http_forward(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].forward(request, request.app[GUARD].peer(request))
 
 
 routes.CATEGORY[http_infer] = "inference"
+routes.CATEGORY[http_generate] = "inference"
 
 
 def http_app(cfg: ServerConfig, link: RouterLink, limits: resources.Budget, run_dir: str) -> web.Application:
@@ -101,6 +126,9 @@ def http_app(cfg: ServerConfig, link: RouterLink, limits: resources.Budget, run_
     app[PROXY] = HttpProxy(os.path.join(run_dir, "http.sock"))
     app.router.add_post("/v2/models/{model}/infer", http_infer)
     app.router.add_post("/v2/models/{model}/versions/{version:[0-9]+}/infer", http_infer)
+    for ext in ("generate", "generate_stream"):
+        app.router.add_post(f"/v2/models/{{model}}/{ext}", http_generate)
+        app.router.add_post(f"/v2/models/{{model}}/versions/{{version:[0-9]+}}/{ext}", http_generate)
     app.router.add_route("*", "/{tail:.*}", http_forward)
     return app
 

@@ -1,6 +1,7 @@
 """Triton's generate extension through the real server, with plain HTTP clients (``requests``
 and ``aiohttp``): /generate and /generate_stream (Server-Sent Events) on a streaming
-(decoupled) text model and on a tensor model, and their errors."""
+(decoupled) text model and on a tensor model, and their errors; through the router and through
+frontend processes."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from tests.e2e.server import ServerProcess, served
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from served(tmp_path_factory, ("tokens", "add_sub", "repeat"))
+@pytest.fixture(scope="module", params=["router", "frontends"])
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The router's own frontend, and frontend processes (which answer generate themselves for
+    models published on lanes, ``frontproc.process.http_generate``, and send the rest to the
+    router): every test, the same answers."""
+    args = ("--frontend-processes", "2") if request.param == "frontends" else ()
+    yield from served(tmp_path_factory, ("tokens", "add_sub", "repeat"), *args)
 
 
 def _url(server: ServerProcess, model: str, what: str) -> str:

@@ -9,6 +9,7 @@ client that goes away mid-stream, and unloading the model while streams run."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -137,6 +138,30 @@ def test_decoupled_streams_are_answered_while_the_router_is_stopped(server: Serv
             assert error is None and np.array_equal(result.as_numpy("OUTPUT0"), np.arange(4, dtype=np.float32))
     finally:
         s.close()
+
+
+def _events(resp: requests.Response) -> list[dict[str, Any]]:
+    assert resp.status_code == 200, resp.text
+    return [json.loads(b[len("data: ") :]) for b in resp.text.split("\n\n") if b.strip()]
+
+
+def test_generate_is_answered_while_the_router_is_stopped(server: ServerProcess) -> None:
+    """A frontend answers ``/generate_stream`` of a decoupled model (its responses over the
+    lane) and ``/generate`` of another model itself, from the configuration its route brought."""
+    url = f"http://{server.url}/v2/models"
+    with RouterStopped(server):
+        for mode in ("thread", "execute", "error_after_two"):
+            events = _events(
+                requests.post(f"{url}/repeat/generate_stream", json={"IN": [5, 6, 7], "mode": mode}, timeout=10)
+            )
+            if mode == "error_after_two":
+                assert [(e.get("OUT"), e.get("IDX")) for e in events[:2]] == [(5, 0), (6, 1)]
+                assert events[2:] == [{"error": "failed at element 2"}]
+            else:
+                assert [(e["OUT"], e["IDX"]) for e in events] == [(5, 0), (6, 1), (7, 2)]
+                assert all(e["model_name"] == "repeat" and e["model_version"] == "1" for e in events)
+        r = requests.post(f"{url}/identity_fp32/generate", json={"INPUT0": [1.5, 2.5]}, timeout=10)
+        assert r.status_code == 200 and r.json()["OUTPUT0"] == [1.5, 2.5], r.text
 
 
 def _stats(srv: ServerProcess, model: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from shoal.proto import dtypes
 from shoal.proto.errors import InvalidInput, ServingError, from_exception
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http import codec
-from shoal.server.types import InferRequest, InferResult, InputTensor
+from shoal.server.types import InferRequest, InferResult, InputTensor, UseProxy
 
 _BOOL_OK = frozenset({"BOOL"})
 _MAX_ELEMENTS = 1 << 24
@@ -198,6 +198,8 @@ async def _responses(dp: DataPlane, req: InferRequest) -> AsyncGenerator[InferRe
                     return
         finally:
             await stream.aclose()
+    except UseProxy:
+        raise  # (a frontend process) before any response: the router answers it
     except ServingError as exc:
         yield exc
     except Exception as exc:  # noqa: BLE001 - reported in the stream like Triton's errors

@@ -41,7 +41,8 @@ _COMPRESS_ON_LOOP_BYTES = 64 << 10
 _JSON = "application/json"
 
 
-def _version(request: web.Request) -> int:
+def version_of(request: web.Request) -> int:
+    """The version a request's path names (-1: none, the latest)."""
     return version_number(request.match_info.get("version") or "")
 
 
@@ -62,17 +63,17 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    return _json_response(request.app[DATAPLANE].model_metadata(request.match_info["model"], _version(request)))
+    return _json_response(request.app[DATAPLANE].model_metadata(request.match_info["model"], version_of(request)))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    if not await request.app[DATAPLANE].model_ready(request.match_info["model"], _version(request)):
+    if not await request.app[DATAPLANE].model_ready(request.match_info["model"], version_of(request)):
         raise T.MODEL_VERSION_NOT_READY()
     return web.Response(status=200)
 
 
 async def model_config(request: web.Request) -> web.Response:
-    cfg = request.app[DATAPLANE].model_config(request.match_info["model"], _version(request))
+    cfg = request.app[DATAPLANE].model_config(request.match_info["model"], version_of(request))
     return _json_response(cfg)
 
 
@@ -108,7 +109,7 @@ async def trace_setting(request: web.Request) -> web.Response:
 
 async def model_stats(request: web.Request) -> web.Response:
     name = request.match_info.get("model", "")
-    stats = await request.app[DATAPLANE].settled_statistics(name, _version(request))
+    stats = await request.app[DATAPLANE].settled_statistics(name, version_of(request))
     return _json_response({"model_stats": stats})
 
 
@@ -232,7 +233,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
     dp = request.app[DATAPLANE]
     limits = request.app[LIMITS]
     model = request.match_info["model"]
-    version = _version(request)
+    version = version_of(request)
     recv_ns = time.monotonic_ns() if dp.tracer.active else 0
     held = await body.read(request, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s, budget=limits.budget)
     try:
@@ -245,7 +246,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
 
 async def infer_body(request: web.Request, dp: DataPlane, data: bytes | bytearray) -> web.StreamResponse:
     """An inference request whose body is read (a frontend process's, never traced there)."""
-    return await _infer(request, dp, request.app[LIMITS], request.match_info["model"], _version(request), data)
+    return await _infer(request, dp, request.app[LIMITS], request.match_info["model"], version_of(request), data)
 
 
 async def _infer_traced(
@@ -334,7 +335,7 @@ async def _generate_body(request: web.Request) -> tuple[DataPlane, str, int, byt
         data = bytes(held.data)
     finally:
         held.release()
-    return request.app[DATAPLANE], request.match_info["model"], _version(request), data
+    return request.app[DATAPLANE], request.match_info["model"], version_of(request), data
 
 
 async def generate(request: web.Request) -> web.Response:
@@ -397,7 +398,7 @@ async def admin_logs(request: web.Request) -> web.Response:
         limit = int(request.query.get("lines", "0"))
     except ValueError:
         raise InvalidInput("'lines' must be a number") from None
-    logs = request.app[DATAPLANE].worker_logs(m["model"], m["instance"], _version(request), limit)
+    logs = request.app[DATAPLANE].worker_logs(m["model"], m["instance"], version_of(request), limit)
     return _json_response({"logs": logs})
 
 
@@ -420,7 +421,7 @@ async def status_json(request: web.Request) -> web.Response:
 
 async def admin_restart(request: web.Request) -> web.Response:
     m = request.match_info
-    done = await asyncio.shield(request.app[DATAPLANE].restart_worker(m["model"], m["instance"], _version(request)))
+    done = await asyncio.shield(request.app[DATAPLANE].restart_worker(m["model"], m["instance"], version_of(request)))
     return _json_response({"workers": done})
 
 
