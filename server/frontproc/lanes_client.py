@@ -1,8 +1,8 @@
 """A frontend process's lanes: requests of the model versions the router publishes
 (``frontproc.lanes``) go straight to a worker's lane socket, as the router would send them
-(an ``Infer`` of one request; for a model whose workers batch lane requests, the compatible
-requests of one loop turn in one ``Infer``: ``_Group``), and come back from it without
-crossing the router.
+(an ``Infer`` of one request; for a model whose workers batch lane requests and that names
+no preferred batch size, the compatible requests of one loop turn in one ``Infer``:
+``_Group``), and come back from it without crossing the router.
 
 The frontend does here what the router does for such a request: it validates the request
 against the model's configuration (the router's own ``validate``), picks the instance with
@@ -296,10 +296,15 @@ class Route:
         self.turn = 0
         self.decoupled = mv.config.model_transaction_policy.decoupled
         """Its requests go over lanes as streams only (``Lanes.stream``)."""
-        batches = mv.config.HasField("dynamic_batching") and not self.decoupled  # published: its workers batch
-        self.group_max = mv.config.max_batch_size if batches else 0
+        cfg = mv.config
+        # published with a dynamic batcher: its workers batch lane requests; with preferred
+        # sizes a message could not be split to make one (requests of 3 + 4 rows, then 1,
+        # where one by one they form 4 + 4, as Triton's batcher would)
+        batches = cfg.HasField("dynamic_batching") and not cfg.dynamic_batching.preferred_batch_size
+        self.group_max = cfg.max_batch_size if batches and not self.decoupled else 0
         """A loop turn's compatible requests go to a worker together up to this batch size (0:
-        one by one: the worker executes each message as one batch)."""
+        one by one: a model whose workers do not batch them executes each message as one
+        batch; one with preferred batch sizes gets them one by one too)."""
 
 
 Report = Callable[..., None]

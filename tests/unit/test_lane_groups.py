@@ -78,7 +78,7 @@ def _request(rows: int, cols: int, value: float) -> InferRequest:
     )
 
 
-async def _setup(tmp: str) -> tuple[Lanes, Any, Worker, list[dict[str, Any]]]:
+async def _setup(tmp: str, config: str = CONFIG) -> tuple[Lanes, Any, Worker, list[dict[str, Any]]]:
     path = os.path.join(tmp, "lane.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -88,7 +88,7 @@ async def _setup(tmp: str) -> tuple[Lanes, Any, Worker, list[dict[str, Any]]]:
     lanes = Lanes(0, lambda data: None, lambda blocks: None, Mapper(), lambda **kw: reports.append(kw))
     table = wpb.LaneRoutes()
     route = table.routes.add(model_name="m", model_version=1, latest=True)
-    route.model_config = text_format.Parse(CONFIG, mc.ModelConfig()).SerializeToString()
+    route.model_config = text_format.Parse(config, mc.ModelConfig()).SerializeToString()
     route.lanes.add(path=path, label="model 'm' instance 'm_0'", pid=4321)
     lanes.update(table)
     return lanes, lanes.routes[("m", -1)], Worker(listener), reports
@@ -164,6 +164,25 @@ def test_a_worker_that_dies_fails_every_request_of_a_group() -> None:
             assert all(isinstance(r, WorkerDied) for r in results), results
             assert "died while executing the request" in str(results[0])
             assert lanes.inflight == 0
+            worker.close()
+
+    asyncio.run(scenario())
+
+
+def test_preferred_batch_sizes_keep_requests_one_by_one() -> None:
+    """A message cannot be split to make a preferred size: with ``preferred_batch_size`` each
+    request is a message of its own, so the worker forms the batches Triton's batcher would."""
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = CONFIG.replace("dynamic_batching { }", "dynamic_batching { preferred_batch_size: [ 2 ] }")
+            lanes, route, worker, _ = await _setup(tmp, config)
+            calls = [asyncio.ensure_future(lanes.infer(route, _request(1, 2, float(v)))) for v in range(3)]
+            envs = [await worker.next() for _ in range(3)]
+            assert [len(e.infer.requests) for e, _ in envs] == [1, 1, 1]
+            for e, f in envs:
+                await worker.echo(e, f)
+            assert [_values(r) for r in await asyncio.gather(*calls)] == [[0.0] * 2, [1.0] * 2, [2.0] * 2]
             worker.close()
 
     asyncio.run(scenario())
