@@ -1,4 +1,4 @@
-"""A frontend's lane (``server/frontproc/lanes_client.Lane``) at a worker's exit: the worker
+"""A frontend's lane (``server/frontproc/lanelink.Lane``) at a worker's exit: the worker
 sends ``LaneBye`` and closes; if the frontend writes before it has read the bye, the write
 fails and the event loop's transport drops the connection without reading what was left.
 The lane must still see the bye (its unanswered requests were never executed, so the router
@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from shoal.proto import framing, wire
-from shoal.server.frontproc.lanes_client import Lane
+from shoal.server.frontproc.lanelink import Lane
 
 
 class _Lanes:

@@ -144,7 +144,7 @@ def _group(*rows: int, cols: int = 4) -> tuple[wpb.Envelope, list[bytes], Any]:
 
 
 def test_a_group_counts_its_requests_rows_and_joins_only_whole() -> None:
-    """A message of several requests (``frontproc.lanes_client._Group``) weighs the sum of
+    """A message of several requests (``frontproc.lanelink._Group``) weighs the sum of
     their rows: it joins a batch only if all of them fit; one whose requests differ in shape
     (which a frontend never sends) is a batch of its own."""
     inbox = FakeInbox()
