@@ -12,6 +12,9 @@ largest preferred size (or ``max_batch_size``) when fewer requests are waiting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from shoal.proto.gen import model_config_pb2 as mc
 
 
@@ -32,3 +35,26 @@ def batch_target(config: mc.ModelConfig) -> int:
     that fits, else ``max_batch_size``."""
     sizes = [s for s in config.dynamic_batching.preferred_batch_size if 0 < s <= config.max_batch_size]
     return max(sizes) if sizes else config.max_batch_size
+
+
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+class _Shaped(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def batch_key(inputs: Sequence[_Shaped]) -> tuple[int, ShapeKey]:
+    """A request's batch size and the shapes (but the batch dimension) the requests of its
+    batch must share, from its inputs (a worker's ``TensorRef``s or a frontend's
+    ``InputTensor``s: both sides must agree, ``workers.lanebatch`` and
+    ``server.frontproc.lanes_client``); (0, ()): not batchable (no input, or a scalar)."""
+    if not inputs or not inputs[0].shape:
+        return 0, ()
+    if len(inputs) == 1:  # the common case, without the sort
+        t = inputs[0]
+        return t.shape[0], ((t.name, tuple(t.shape[1:])),)
+    return inputs[0].shape[0], tuple(sorted((t.name, tuple(t.shape[1:])) for t in inputs))

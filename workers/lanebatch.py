@@ -24,44 +24,33 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from shoal.proto.batchpolicy import batch_target
+from shoal.proto.batchpolicy import ShapeKey, batch_key, batch_target
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.workers.inbox import Inbox, Incoming
 
-_ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 _NONE: Final = (0, ())
 UNTIL_POLL_MS: Final = 1
 """Longest wait of one ``poll`` while gathering ``until``: ``until()`` is looked at after each
 read, so under load (arrivals wake the poll) at once, and at least every millisecond."""
 
 
-def _size_and_key(env: wpb.Envelope) -> tuple[int, _ShapeKey]:
+def _size_and_key(env: wpb.Envelope) -> tuple[int, ShapeKey]:
     """A lane message's batch size (the sum of its requests': a frontend sends the compatible
     requests of one loop turn together) and the shapes its batch must share ((0, ()): not
     batchable: no input, a scalar, or requests that differ)."""
     requests = env.infer.requests
     if not requests:
         return _NONE
-    size, key = _one(requests[0])
+    size, key = batch_key(requests[0].inputs)
     if not size:
         return _NONE
     for r in requests[1:]:
-        n, k = _one(r)
+        n, k = batch_key(r.inputs)
         if not n or k != key:
             return _NONE
         size += n
     return size, key
-
-
-def _one(r: wpb.Request) -> tuple[int, _ShapeKey]:
-    inputs = r.inputs
-    if not inputs or not inputs[0].shape:
-        return _NONE
-    if len(inputs) == 1:  # the common case, without the sort
-        ref = inputs[0]
-        return ref.shape[0], ((ref.name, tuple(ref.shape[1:])),)
-    return inputs[0].shape[0], tuple(sorted((ref.name, tuple(ref.shape[1:])) for ref in inputs))
 
 
 class LaneBatcher:

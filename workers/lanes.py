@@ -95,9 +95,9 @@ class LaneServer:
         self.every: set[Lane] = set()
         """Every lane not dropped yet (those the inbox stopped reading too)."""
         self._view = memoryview(bytearray(framing.RECV_BYTES))
-        self._said_bye = False
         """One receive buffer for every lane: reads happen under the inbox's read lock, and
         the decoder copies frames out."""
+        self._said_bye = False
 
     @classmethod
     def open(cls, endpoint: str) -> LaneServer | None:

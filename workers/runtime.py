@@ -109,15 +109,6 @@ class Heartbeat(threading.Thread):
             conn.close()
 
 
-def _streamed(rid: int, req: WorkRequest, final: bool) -> tuple[wpb.Envelope, wpb.Streamed]:
-    """A decoupled request's response message, to fill."""
-    env = wire.envelope(rid)
-    msg = env.streamed
-    msg.index = req.id
-    msg.final = final
-    return env, msg
-
-
 def _lane_cancelled(inbox: Inbox, rid: int, index: int, lane: Lane) -> bool:
     return lane.dead or inbox.is_cancelled(rid, index)
 
@@ -398,52 +389,25 @@ class WorkerRuntime:
         consumer, the router's or a frontend's on ``lane`` (a slow client slows the model
         down instead of filling their memory). The final response never waits. ``sent``
         counts the request's responses (``next`` is atomic: threads may send for one
-        request at once)."""
-        inbox = self.inbox
-        if lane is not None:
-            self._stream_lane(rid, req, dest, sent, lane, resp, final)
-            return
-        if not final and inbox is not None:
-            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW)
-        env, msg = _streamed(rid, req, final)
-        out_frames: list[Any] = []
-        if resp is not None:
-            if dest is None:
-                self._fill(req, resp, msg.result, out_frames, None)  # the writer locks the arena if it needs it
-            else:
-                with self.lock:  # the client regions are shared with the main loop
-                    self._fill(req, resp, msg.result, out_frames, dest)
-                    self.regions.finish_writes()
-        self._send([env.SerializeToString(), *out_frames])
-        self._stream_ended(inbox, rid, req, final)
-
-    def _stream_lane(
-        self,
-        rid: int,
-        req: WorkRequest,
-        dest: Any,
-        sent: itertools.count[int],
-        lane: Lane,
-        resp: WorkResponse | None,
-        final: bool,
-    ) -> None:
-        """``_stream`` for a request a frontend sent on ``lane``: the frontend acknowledges
-        on the lane; output blocks become the lane's until its client releases them (the
-        main thread drops a lane, so they are added under ``lock``, or freed at once when it
-        is gone); a lane whose client left (or whose write fails) drops the response, and
-        the model's ``is_cancelled`` turns true."""
+        request at once). On a lane, output blocks become the lane's until its client
+        releases them, and a lane whose client left (or whose write fails) drops the
+        response (the model's ``is_cancelled`` turns true)."""
         inbox = self.inbox
         if not final and inbox is not None:
-            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW, lambda: lane.dead)
-        if lane.dead:
+            gone = (lambda: lane.dead) if lane is not None else None
+            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW, gone)
+        if lane is not None and lane.dead:
             self._stream_ended(inbox, rid, req, final)
             return
-        env, msg = _streamed(rid, req, final)
+        env = wire.envelope(rid)
+        msg = env.streamed
+        msg.index = req.id
+        msg.final = final
         out_frames: list[Any] = []
         if resp is not None:
-            # no lock for the common small response (the model's sending threads would queue
-            # on it: 37% of a worker's samples at 8 streams); the writer locks the arena if it
-            # needs it, as ``_stream`` does
+            # no lock for the common small response (a decoupled model's sending threads
+            # would queue on it: 37% of a worker's samples at 8 lane streams); the writer
+            # locks the arena if it needs it
             writer = self.writer
             before = writer.blocks_out if writer is not None else -1
             if dest is None:
@@ -452,23 +416,33 @@ class WorkerRuntime:
                 with self.lock:  # the client regions are shared with the main loop
                     self._fill(req, resp, msg.result, out_frames, dest)
                     self.regions.finish_writes()
-            # arena blocks only when the writer made some (another thread's count it too: then a look)
-            blocks: list[Block] = []
-            if writer is None or writer.blocks_out != before:
-                blocks = [Block(r.shm.region, r.shm.offset, r.shm.nbytes, r.shm.device)
-                          for r in msg.result.outputs if r.HasField("shm")]  # fmt: skip
-            if blocks:
-                with self.lock:  # ``_drop_lane`` takes the lane's blocks under it
-                    if lane.closed:
-                        self._free_blocks(blocks)
-                        self._stream_ended(inbox, rid, req, final)
-                        return
-                    lane.held.update(blocks)
-        try:
-            lane.outbox.send([env.SerializeToString(), *out_frames])
-        except OSError:
-            pass  # the client went away: the inbox sees the lane end and the main thread drops it
+            if lane is not None and (writer is None or writer.blocks_out != before) and not self._lane_holds(lane, msg):
+                self._stream_ended(inbox, rid, req, final)
+                return
+        frames = [env.SerializeToString(), *out_frames]
+        if lane is None:
+            self._send(frames)
+        else:
+            try:
+                lane.outbox.send(frames)
+            except OSError:
+                pass  # the client went away: the inbox sees the lane end and the main thread drops it
         self._stream_ended(inbox, rid, req, final)
+
+    def _lane_holds(self, lane: Lane, msg: wpb.Streamed) -> bool:
+        """(any thread) The response's arena blocks become ``lane``'s until its client
+        releases them; False (and freed) when the main thread has dropped the lane meanwhile
+        (``_drop_lane`` takes the lane's blocks under ``lock``)."""
+        blocks = [Block(r.shm.region, r.shm.offset, r.shm.nbytes, r.shm.device)
+                  for r in msg.result.outputs if r.HasField("shm")]  # fmt: skip
+        if not blocks:
+            return True
+        with self.lock:
+            if lane.closed:
+                self._free_blocks(blocks)
+                return False
+            lane.held.update(blocks)
+        return True
 
     @staticmethod
     def _stream_ended(inbox: Inbox | None, rid: int, req: WorkRequest, final: bool) -> None:

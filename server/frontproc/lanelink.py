@@ -14,11 +14,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from shoal.proto import framing, wire
+from shoal.proto.batchpolicy import ShapeKey
+from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.validation import ConfigSignature
 from shoal.server.frontproc.shmregions import FrontRegion
 from shoal.server.streaming import StreamItem
-from shoal.server.types import InferRequest
 from shoal.shm.block import Block
 
 if TYPE_CHECKING:
@@ -79,21 +80,6 @@ class _Group:
         self.size = size
 
 
-ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
-
-
-def _size_and_key(request: InferRequest) -> tuple[int, ShapeKey]:
-    """A request's batch size and the shapes (but the batch dimension) a batch shares, as the
-    worker's batcher reads them (``workers.lanebatch``); (0, ()): not to be grouped."""
-    inputs = request.inputs
-    if not inputs or not inputs[0].shape:
-        return 0, ()
-    if len(inputs) == 1:
-        t = inputs[0]
-        return t.shape[0], ((t.name, tuple(t.shape[1:])),)
-    return inputs[0].shape[0], tuple(sorted((t.name, tuple(t.shape[1:])) for t in inputs))
-
-
 class _Stream:
     """The responses of a decoupled model's request on a lane, as they come, for its consumer
     (``Lanes.stream``). The request ends when both its final response and the worker's
@@ -120,6 +106,13 @@ class _Stream:
     def put(self, item: StreamItem) -> None:
         self.items.append(item)
         self.wake()
+
+    def fail(self, err: ServingError) -> None:
+        """End the stream with ``err`` as its final response, unless it has ended."""
+        if not self.final:
+            self.final = True
+            if not self.left:
+                self.put((err, True))
 
     def wake(self) -> None:
         w, self.waiter = self.waiter, None

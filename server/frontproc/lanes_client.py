@@ -39,6 +39,7 @@ from contextlib import aclosing
 from typing import Any
 
 from shoal.proto import wire
+from shoal.proto.batchpolicy import batch_key
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.validation import ConfigSignature, signature
@@ -51,7 +52,6 @@ from shoal.server.frontproc.lanelink import (
     Route,
     _Group,
     _Pending,
-    _size_and_key,
     _Stream,
 )
 from shoal.server.frontproc.shmregions import FrontRegion, ShmRegions
@@ -65,6 +65,23 @@ from shoal.shm.mapper import Mapper
 log = logging.getLogger("shoal.frontend")
 
 __all__ = ["Lane", "LaneRetry", "Lanes", "Route"]
+
+
+def _validate(route: Route, request: InferRequest) -> tuple[int, list[tuple[int, ...]]]:
+    """Validate ``request`` against ``route``'s version with the router's code (``reshape``
+    applied to its inputs' shapes); what it asked for, for ``_as_asked``."""
+    asked = request.model_version, [t.shape for t in request.inputs]
+    request.model_version = route.mv.version
+    validate(route.mv, request)
+    return asked
+
+
+def _as_asked(request: InferRequest, asked: tuple[int, list[tuple[int, ...]]]) -> None:
+    """``request`` as the client sent it again: it goes to the router, which validates it."""
+    request.model_version, shapes = asked
+    for t, shape in zip(request.inputs, shapes, strict=True):
+        t.shape = shape
+
 
 Report = Callable[..., None]
 """Files one statistics record for the router: ``report(**fields of wpb.LaneStat)`` (the
@@ -178,16 +195,11 @@ class Lanes:
     async def infer(self, route: Route, request: InferRequest) -> InferResult:
         """``request`` on one of ``route``'s workers; raises its ``ServingError``, or
         ``LaneRetry`` when it was not executed."""
-        mv = route.mv
-        asked, shapes = request.model_version, [t.shape for t in request.inputs]
-        request.model_version = mv.version
-        validate(mv, request)  # applies ``reshape`` to the inputs' shapes
+        asked = _validate(route, request)
         try:
             return await self._run(route, request)
-        except LaneRetry:  # the router validates it again, as the client sent it
-            request.model_version = asked
-            for t, shape in zip(request.inputs, shapes, strict=True):
-                t.shape = shape
+        except LaneRetry:
+            _as_asked(request, asked)
             raise
 
     async def _send(
@@ -200,34 +212,27 @@ class Lanes:
             await lane.ready()
         if lane.broken:
             raise LaneRetry
-        size, key = _size_and_key(request) if route.group_max and stream is None else (0, ())
+        size, key = batch_key(request.inputs) if route.group_max and stream is None else (0, ())
         group = lane.open if size else None
         if group is not None and (group.key != key or group.size + size > route.group_max):
             group = None  # a group of its own (the open one is written in its place)
         blocks: list[Block] = []
         regions: list[FrontRegion] = []
         if group is not None:  # joins this turn's group: one more request in its Infer
-            rid, frames = group.rid, group.frames
-            requests = group.env.infer.requests
-            nframes = len(frames)
-            r = requests.add()
-            r.id = len(group.members)
-            try:
-                self._encode(request, r, frames, blocks, regions)
-            except BaseException:
-                self.free(blocks)
-                del requests[-1]
-                del frames[nframes:]
-                raise
+            rid, env, frames = group.rid, group.env, group.frames
         else:
             rid = next(self._ids)
-            env = wire.envelope(rid)
-            frames = []
-            try:
-                self._encode(request, env.infer.requests.add(), frames, blocks, regions)
-            except BaseException:
-                self.free(blocks)
-                raise
+            env, frames = wire.envelope(rid), []
+        requests, nframes = env.infer.requests, len(frames)
+        r = requests.add()
+        r.id = index = len(group.members) if group is not None else 0
+        try:
+            self._encode(request, r, frames, blocks, regions)
+        except BaseException:
+            self.free(blocks)
+            del requests[-1]  # (a group's earlier requests stay)
+            del frames[nframes:]
+            raise
         fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
         p = _Pending(fut, blocks, route, request.batch_size, regions, stream)
         p.lane = lane
@@ -235,7 +240,7 @@ class Lanes:
             assert self.shm is not None
             self.shm.use(regions)
         if group is not None:
-            p.index = len(group.members)
+            p.index = index
             p.group = group.members
             group.members.append(p)
             group.size += size
@@ -279,10 +284,7 @@ class Lanes:
         (the model sees ``is_cancelled()``) and drops what comes later. A request the worker
         did not take (``LaneRetry``, or ``LaneBye`` before anything of it) is ``fallback()``'s:
         the router's. Validation errors raise before the first response, as the router's."""
-        mv = route.mv
-        asked, shapes = request.model_version, [t.shape for t in request.inputs]
-        request.model_version = mv.version
-        validate(mv, request)  # applies ``reshape`` to the inputs' shapes
+        asked = _validate(route, request)
         st = _Stream(request.id)
         request.backlog = st.items.__len__  # responses already here (generate_stream writes them together)
         retry = False
@@ -318,9 +320,7 @@ class Lanes:
             finally:
                 if not ended and not retry:
                     self._leave_stream(lane, rid, p)
-        request.model_version = asked  # the router validates it again, as the client sent it
-        for t, shape in zip(request.inputs, shapes, strict=True):
-            t.shape = shape
+        _as_asked(request, asked)
         async with aclosing(fallback()) as items_:
             async for pair in items_:
                 yield pair
@@ -471,13 +471,13 @@ class Lanes:
         st = p.stream if p is not None else None
         has_result = msg.HasField("result")
         held = [ref.shm for ref in msg.result.outputs if ref.HasField("shm")] if has_result else []
-        if p is None or st is None or st.final or st.left:
+        if p is None or st is None or st.final or st.left:  # nobody takes it
             if held:
                 lane.release(held)
-            if st is not None and msg.final:
+            if p is not None and st is not None and msg.final:
                 st.final = True
                 if st.answered:
-                    self._finish_stream(lane, rid, p)  # type: ignore[arg-type]
+                    self._finish_stream(lane, rid, p)
             return
         st.started = True
         item: InferResult | ServingError | None = None
@@ -522,10 +522,7 @@ class Lanes:
                     if held:
                         lane.release(held)
             self.report(**record, failure="CANCELED" if st.left else failure_reason(err))
-            if not st.final:
-                st.final = True
-                if not st.left:
-                    st.put((err, True))
+            st.fail(err)
         if st.final:
             self._finish_stream(lane, rid, p)
         else:
@@ -553,10 +550,7 @@ class Lanes:
                 return
             if not st.answered:
                 self.report(**record, failure="CANCELED" if st.left else failure_reason(err))
-            if not st.final:
-                st.final = True
-                if not st.left:
-                    st.put((err, True))
+            st.fail(err)
             return
         if lane.bye:
             self.report(**record, withdrawn=True)

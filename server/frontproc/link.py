@@ -430,13 +430,19 @@ class RemoteDataPlane:
         """A streamed request's responses: over a lane where the router publishes the model
         (``Lanes.stream`` for a decoupled one), else the router's (``RouterLink.stream``)."""
         lanes = self.link.lanes
-        if lanes is not None:
-            route = lanes.route(request)
-            if route is not None:
-                if route.decoupled:
-                    return lanes.stream(route, request, functools.partial(self.link.stream, request, self.frontend))
-                return self._one_response(lanes, route, request)
-        return self.link.stream(request, self.frontend)
+        route = lanes.route(request) if lanes is not None else None
+        if lanes is not None and route is not None and not route.decoupled:
+            return self._one_response(lanes, route, request)
+        return self._stream(request, route)
+
+    def _stream(self, request: InferRequest, route: Route | None) -> AsyncGenerator[StreamItem, None]:
+        """A decoupled model's responses over its lane, else (or when it does not take the
+        request) the router's, which knows the model's kind."""
+        fallback = functools.partial(self.link.stream, request, self.frontend)
+        lanes = self.link.lanes
+        if lanes is None or route is None or not route.decoupled:
+            return fallback()
+        return lanes.stream(route, request, fallback)
 
     async def _one_response(
         self, lanes: Lanes, route: Route, request: InferRequest
@@ -479,8 +485,4 @@ class RemoteDataPlane:
     def infer_stream(self, request: InferRequest) -> AsyncGenerator[StreamItem, None]:
         """A decoupled model's responses over a lane (the router's where the request needs it)."""
         lanes = self.link.lanes
-        route = lanes.route(request) if lanes is not None else None
-        fallback = functools.partial(self.link.stream, request, self.frontend)
-        if route is None or lanes is None:
-            return fallback()
-        return lanes.stream(route, request, fallback)
+        return self._stream(request, lanes.route(request) if lanes is not None else None)
