@@ -35,7 +35,7 @@ from shoal.shm.mapper import Mapper
 from shoal.workers.cudaarena import DeviceMapper
 from shoal.workers.inbox import Inbox
 from shoal.workers.lanecalls import LOST, LaneCalls, OutLane, Route
-from shoal.workers.outbox import encode
+from shoal.workers.outbox import encode_joined
 from shoal.workers.tensors import OutputWriter
 
 Array = Any
@@ -43,6 +43,10 @@ ACK_EVERY = 16
 """A decoupled call's responses the model takes between two acknowledgements (``BlsDone``):
 the router sends at most its window (64, ``server.frontproc.calls.STREAM_WINDOW``) ahead of
 them, so a model reading slowly slows its target down instead of filling this process."""
+DEFER_MAX = 256
+"""Lane calls' statistics kept for the batch's answer at most: more are sent together at once
+(an ``execute`` making thousands of calls neither holds them all nor hides them from the
+router's statistics until it returns)."""
 UNLIMITED = 1 << 30
 """The acknowledgement of a call nobody reads any more: no window from then on."""
 Reply = tuple[dict[str, Array] | None, ServingError | None, dict[str, Any], bool]
@@ -297,13 +301,18 @@ class BlsClient:
     def _report(self, stat: wpb.LaneStat) -> None:
         """A lane call for the target's statistics (the router counts it as its own): kept
         for the answer of the batch the main thread executes (``take_stats``: one write, no
-        wake-up of the router of its own), sent at once from any other thread."""
+        wake-up of the router of its own), sent at once from any other thread, and sent
+        together once ``DEFER_MAX`` wait (an ``execute`` making many calls)."""
         if self.defer():
             with self.lock:
                 self._stats.append(stat)
-            return
+                if len(self._stats) < DEFER_MAX:
+                    return
+                stats, self._stats = self._stats, []
+        else:
+            stats = [stat]
         env = wire.envelope(0)
-        env.lane_stats.stats.append(stat)
+        env.lane_stats.stats.extend(stats)
         self.send([env.SerializeToString()])
 
     def take_stats(self) -> bytes:
@@ -316,7 +325,7 @@ class BlsClient:
             stats, self._stats = self._stats, []
         env = wire.envelope(0)
         env.lane_stats.stats.extend(stats)
-        return bytes(encode([env.SerializeToString()])[0])
+        return encode_joined([env.SerializeToString()])
 
     def _ack(self, call_id: int, count: int) -> None:
         env = wire.envelope(0)

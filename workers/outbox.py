@@ -80,6 +80,12 @@ def encode(frames: Sequence[Any]) -> list[Any]:
     return [head, *frames]
 
 
+def encode_joined(frames: Sequence[Any]) -> bytes:
+    """One message, framed as ``encode`` frames it, in one ``bytes`` whatever its size (a
+    message written just ahead of another: ``Outbox.send``'s ``before``)."""
+    return b"".join(encode(frames))
+
+
 def _size(bufs: list[Any]) -> int:
     return sum(b.nbytes if b.__class__ is memoryview else len(b) for b in bufs)
 

@@ -49,7 +49,7 @@ from shoal.workers.inbox import Inbox, Incoming
 from shoal.workers.lanebatch import LaneBatcher
 from shoal.workers.lanecalls import LaneCalls
 from shoal.workers.lanes import CLOSED, Lane, LaneServer
-from shoal.workers.outbox import Outbox, encode
+from shoal.workers.outbox import Outbox, encode, encode_joined
 from shoal.workers.tensors import OutputWriter, read_input
 
 STREAM_WINDOW = 64
@@ -634,7 +634,7 @@ class WorkerRuntime:
         if stat is not None:
             env = wire.envelope(0)
             env.lane_stats.stats.append(stat)
-            counts_first += bytes(encode([env.SerializeToString()])[0])
+            counts_first += encode_joined([env.SerializeToString()])
         if counts_first:
             self._send_encoded(counts_first)
         joined: dict[Lane, list[bytes]] = {}  # each lane's small answers, written together

@@ -31,7 +31,9 @@ def test_a_device_over_the_limit_refuses_the_load(tmp_path) -> None:  # type: ig
     srv = _serve(tmp_path, "0:0.000001")  # any use of the GPU is over it: the instance itself is
     try:
         r = requests.get(f"http://{srv.url}/v2/models/pt_double_gpu/ready", timeout=10)
-        assert r.status_code == 400 or r.status_code == 503, r.text
+        # no version of it loaded: Triton's "unknown model" answer (PROTOCOL.md 1.1)
+        assert r.status_code == 404, r.text
+        assert r.json() == {"error": "Request for unknown model: 'pt_double_gpu' has no available versions"}
         assert re.search(
             r"can not create model 'pt_double_gpu[^']*': memory limit set for GPU 0 has exceeded, "
             r"model loading is rejected\.",

@@ -14,7 +14,7 @@ import pytest
 
 from shoal.proto import framing
 from shoal.workers import outbox as outbox_mod
-from shoal.workers.outbox import JOIN_MAX, Outbox, encode
+from shoal.workers.outbox import JOIN_MAX, Outbox, encode, encode_joined
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,6 +55,17 @@ def test_encode_frames_as_the_router_reads_them() -> None:
     bufs = encode(big)  # large: the frames themselves, not copied
     assert len(bufs) == 3 and bufs[2] is big[1]
     assert b"".join(bytes(b) for b in bufs) == b"".join(bytes(b) for b in framing.encode(big))
+
+
+def test_a_large_message_written_ahead_goes_whole(pair: tuple[Outbox, socket.socket]) -> None:
+    """``before`` (a message written ahead of another) over ``JOIN_MAX`` reaches the reader
+    whole, then the message after it: ``encode_joined`` keeps the body ``encode`` leaves apart."""
+    out, peer = pair
+    ahead = [b"stats", bytes(range(256)) * (JOIN_MAX // 128)]
+    done = threading.Thread(target=out.send, args=([b"answer", b"x"], encode_joined(ahead)))
+    done.start()
+    assert _read_messages(peer, 2) == [ahead, [b"answer", b"x"]]
+    done.join()
 
 
 def test_many_threads_each_in_order_messages_whole(pair: tuple[Outbox, socket.socket]) -> None:
