@@ -22,7 +22,7 @@ from tests.e2e.test_frontend_lanes import RouterStopped
 
 pytestmark = pytest.mark.timeout(120)
 
-MODELS = ("bls_relay", "bls_sync", "bls_many", "add_sub", "identity_fp32", "slow", "batcher")
+MODELS = ("bls_relay", "bls_sync", "bls_many", "bls_flood", "add_sub", "identity_fp32", "slow", "batcher")
 ROUTES_S = 0.3
 """Enough for the router to publish its routes (every 50 ms)."""
 
@@ -82,7 +82,9 @@ def test_calls_skip_the_router(tmp_path_factory: pytest.TempPathFactory) -> None
 
 @pytest.fixture(scope="module")
 def with_frontends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    yield from served(tmp_path_factory, ("bls_relay", "bls_many", "identity_fp32"), "--frontend-processes", "1")
+    yield from served(
+        tmp_path_factory, ("bls_relay", "bls_many", "bls_flood", "identity_fp32"), "--frontend-processes", "1"
+    )
 
 
 @pytest.mark.parametrize("where", ["router", "frontends"])
@@ -138,6 +140,33 @@ def test_thousands_of_calls_in_one_execute(server: ServerProcess, with_frontends
             n.set_data_from_numpy(np.array([count], dtype=np.int32))
             assert np.array_equal(c.infer("bls_many", [i0, n]).as_numpy("OUTPUT0"), data)
         assert successes() - before == 1501
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("where", ["router", "frontends"])
+@pytest.mark.parametrize(("mode", "n", "calls"), [("gather", 1000, 1000), ("threads", 100, 800)])
+def test_many_calls_in_flight_from_one_execute(
+    server: ServerProcess, with_frontends: ServerProcess, where: str, mode: str, n: int, calls: int
+) -> None:
+    """1000 ``async_exec`` calls in flight at once, or 8 threads of the model calling at once:
+    every answer is its own call's, and every call is counted once."""
+    if where == "frontends":
+        server = with_frontends
+    time.sleep(ROUTES_S)
+
+    def successes() -> int:
+        s = requests.get(f"http://{server.url}/v2/models/identity_fp32/stats", timeout=10).json()
+        return int(s["model_stats"][0]["inference_stats"]["success"]["count"])
+
+    c = httpclient.InferenceServerClient(server.url, network_timeout=60, connection_timeout=60)
+    try:
+        before = successes()
+        i = httpclient.InferInput("N", [1], "INT32")
+        i.set_data_from_numpy(np.array([n], dtype=np.int32))
+        r = c.infer("bls_flood", [i], parameters={"mode": mode})
+        assert r.as_numpy("OK").tolist() == [calls]
+        assert successes() - before == calls
     finally:
         c.close()
 
