@@ -10,12 +10,9 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
 from shoal.proto.errors import ServingError
+from shoal.proto.streamflow import ACK_EVERY
 from shoal.server.types import InferRequest, InferResult
 
-ACK_EVERY = 16
-"""A decoupled request's consumed responses are acknowledged to its worker in groups of this
-many, a divisor of the worker's window (``STREAM_WINDOW``, 64): a sender that waits has at
-least 49 responses queued here, so the consumer always gets to the next acknowledgement."""
 StreamItem = tuple[InferResult | ServingError | None, bool]
 """One response of a decoupled model (``DataPlane.infer_stream``) and whether it is the last."""
 

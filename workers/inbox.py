@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from shoal.proto import framing, wire
+from shoal.proto import framing, streamflow, wire
 from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.workers.lanecalls import LaneCalls
@@ -36,6 +36,7 @@ Incoming = tuple[wpb.Envelope, list[bytes], Lane | None]
 """A message for the main loop and the lane it came from (None: the router)."""
 _T = TypeVar("_T")
 _LANE_BACKLOG = frozenset({"infer", "release"})
+"""A lane's messages for the main loop (a release only when nobody takes it at once: ``on_release``)."""
 _POLL_ROUNDS = 64
 _MAX_ARRIVALS = 4096
 """Rounds of reads ``is_cancelled`` does at most (every connection that has data, each)."""
@@ -76,6 +77,11 @@ class Inbox:
         """(batch request id, index) of requests whose clients went away (``Cancel``)."""
         self.acked: dict[tuple[int, int], int] = {}
         """(batch request id, index) -> a decoupled request's responses the router passed on."""
+        self.unread: dict[tuple[int, int], deque[tuple[int, int]]] = {}
+        """(batch request id, index) -> (number, arena bytes) of a decoupled request's
+        responses that hold arena blocks, sent and not yet acknowledged (``note_sent``)."""
+        self.on_release: Callable[[wpb.Release, Lane], None] | None = None
+        """Takes a lane's ``Release`` as soon as it is read (a router's: ``services``)."""
         self.on_ready_check: Callable[[int], None] | None = None
         """Takes a ``ReadyCheck``'s request id as soon as it is read (the model's own
         readiness check runs on a thread of its own, beside ``execute``)."""
@@ -203,8 +209,7 @@ class Inbox:
             elif body == "ready_check" and self.on_ready_check is not None:
                 self.on_ready_check(env.request_id)
             elif body == "stream_ack":  # filed at once: a response sender may be waiting for it
-                k = (env.request_id, env.stream_ack.index)
-                self.acked[k] = self.acked.get(k, 0) + env.stream_ack.count
+                self._acked((env.request_id, env.stream_ack.index), env.stream_ack.count)
             elif body in _REPLIES:
                 queue = self._replies.get(getattr(env, body).call_id)
                 (queue if queue is not None else self.orphans).append((env, frames[1:]))
@@ -258,9 +263,9 @@ class Inbox:
         return True
 
     def _file_lane(self, lanes: LaneServer, lane: Lane, messages: list[list[Any]]) -> None:
-        """File the messages of a lane: ``Infer`` and ``Release`` for the main loop, ``Cancel``
-        and ``StreamAck`` (a decoupled model's sender may wait for it) noted at once; anything
-        else is logged and ignored."""
+        """File the messages of a lane: ``Infer`` for the main loop, ``Release`` given to
+        ``on_release`` (else the main loop), ``Cancel`` and ``StreamAck`` (a decoupled
+        model's sender may wait for it) noted at once; anything else is logged and ignored."""
         arrivals = self.arrivals
         now = time.monotonic_ns() if arrivals is not None else 0
         parsed: list[tuple[wpb.Envelope, list[Any]]] = []
@@ -272,6 +277,12 @@ class Inbox:
                 log.error("lane %d: %s; closing it", lane.fd, exc.message)
                 broken = True
                 break
+        on_release = self.on_release
+        if on_release is not None and any(env.WhichOneof("body") == "release" for env, _ in parsed):
+            for env, _ in parsed:
+                if env.WhichOneof("body") == "release":
+                    on_release(env.release, lane)
+            parsed = [(env, frames) for env, frames in parsed if env.WhichOneof("body") != "release"]
         with self._cond:  # one lock and one wake-up for the read's messages (a read brings many)
             filed = False
             for env, frames in parsed:
@@ -286,8 +297,7 @@ class Inbox:
                     rid = env.cancel.request_id or env.request_id
                     self.cancelled.update((rid, i) for i in env.cancel.indexes)
                 elif body == "stream_ack":
-                    k = (env.request_id, env.stream_ack.index)
-                    self.acked[k] = self.acked.get(k, 0) + env.stream_ack.count
+                    self._acked((env.request_id, env.stream_ack.index), env.stream_ack.count)
                 else:
                     log.error("lane %d: unexpected message %s; ignored", lane.fd, body)
                     continue
@@ -344,24 +354,54 @@ class Inbox:
                 self._read.release()
         return (rid, index) in self.cancelled
 
-    def wait_credit(self, rid: int, index: int, sent: int, window: int, gone: Callable[[], bool] | None = None) -> None:
-        """Block until fewer than ``window`` of the ``sent`` responses of request ``index`` of
-        batch ``rid`` are still unacknowledged (or the request is cancelled, or the router
-        is gone, or ``gone()``: a lane's client left); reads messages meanwhile if no other
-        thread does (a model sending from inside ``execute``)."""
+    def note_sent(self, rid: int, index: int, number: int, nbytes: int) -> None:
+        """(any thread, before the response is written) Response ``number`` (0, 1, ...) of
+        request ``index`` of batch ``rid`` holds ``nbytes`` of the arena."""
         k = (rid, index)
-        if sent - self.acked.get(k, 0) < window:  # no lock: the count only grows meanwhile
+        sizes = self.unread.get(k)
+        if sizes is None:
+            sizes = self.unread.setdefault(k, deque())
+        sizes.append((number, nbytes))
+
+    def _acked(self, k: tuple[int, int], count: int) -> None:
+        """(``_cond`` held) ``count`` more responses of ``k`` were taken by their consumer."""
+        self.acked[k] = acked = self.acked.get(k, 0) + count
+        sizes = self.unread.get(k)
+        while sizes and sizes[0][0] < acked:
+            sizes.popleft()
+
+    def _must_wait(self, k: tuple[int, int], number: int) -> bool:
+        """Whether response ``number`` of ``k`` waits (``proto.streamflow``)."""
+        acked = self.acked.get(k, 0)
+        unacked = number - acked
+        if unacked >= streamflow.WINDOW:
+            return True
+        if unacked < streamflow.ACK_EVERY:
+            return False
+        sizes = self.unread.get(k)
+        if not sizes:
+            return False
+        return sum([n for i, n in list(sizes) if i >= acked]) >= streamflow.BYTES
+
+    def wait_credit(self, rid: int, index: int, sent: int, gone: Callable[[], bool] | None = None) -> None:
+        """Block while the ``sent`` responses of request ``index`` of batch ``rid`` already
+        sent hold too much unacknowledged (``proto.streamflow``: ``WINDOW`` responses, or
+        ``BYTES`` of the arena in ``ACK_EVERY`` or more), or until the request is cancelled, the
+        router is gone, or ``gone()`` (a lane's client left); reads messages meanwhile if no
+        other thread does (a model sending from inside ``execute``)."""
+        k = (rid, index)
+        if not self._must_wait(k, sent):  # no lock: acknowledgements only free credit meanwhile
             return
         while True:
             with self._cond:
-                if sent - self.acked.get(k, 0) < window or k in self.cancelled or self._eof:
+                if not self._must_wait(k, sent) or k in self.cancelled or self._eof:
                     return
                 if gone is not None and gone():
                     return
             if self._read.acquire(blocking=False):
                 try:
                     with self._cond:
-                        if sent - self.acked.get(k, 0) < window or k in self.cancelled:
+                        if not self._must_wait(k, sent) or k in self.cancelled:
                             return
                     self._pump()
                 except EOFError:
@@ -370,13 +410,14 @@ class Inbox:
                     self._read.release()
             else:
                 with self._cond:
-                    if sent - self.acked.get(k, 0) >= window and k not in self.cancelled and not self._eof:
+                    if self._must_wait(k, sent) and k not in self.cancelled and not self._eof:
                         self._cond.wait(0.05)
 
     def forget_stream(self, rid: int, index: int) -> None:
         """A decoupled request sent its final response: its acknowledgements no longer matter."""
         with self._cond:
             self.acked.pop((rid, index), None)
+            self.unread.pop((rid, index), None)
 
     def forget_cancelled(self, rid: int, index: int | None = None) -> None:
         """The batch (or one request of it) is answered: its cancellation no longer matters."""

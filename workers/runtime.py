@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shoal.proto import dtypes, framing, wire
+from shoal.proto import dtypes, framing, streamflow, wire
 from shoal.proto.batchpolicy import worker_batchable
 from shoal.proto.errors import ErrorCode, ServingError, from_exception
 from shoal.proto.gen import model_config_pb2 as mc
@@ -52,9 +52,6 @@ from shoal.workers.lanes import CLOSED, Lane, LaneServer
 from shoal.workers.outbox import Outbox, encode, encode_joined
 from shoal.workers.tensors import OutputWriter, read_input
 
-STREAM_WINDOW = 64
-"""Responses of one decoupled request that may be sent and not yet read by the router's
-consumer; the sender waits for the rest (``StreamAck``)."""
 log = logging.getLogger("shoal.worker")
 
 
@@ -116,7 +113,7 @@ def _lane_cancelled(inbox: Inbox, rid: int, index: int, lane: Lane) -> bool:
 def _lane_work(item: Incoming) -> bool:
     """A lane's request, release or cancel (what ``_pipeline_lanes`` takes between batches)."""
     env, _, lane = item
-    return lane is not None and env is not CLOSED and env.WhichOneof("body") in ("infer", "release", "cancel")
+    return lane is not None and env is not CLOSED and env.WhichOneof("body") in ("infer", "cancel")
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -192,6 +189,10 @@ class WorkerRuntime:
         self.outbox = Outbox(conn.sock)
         self.inbox = inbox = Inbox(conn)
         inbox.on_ready_check = self._ready_check
+        # output blocks read are freed by whichever thread reads the release, at once: a model
+        # sending from inside ``execute`` (the main thread) would otherwise fill the arena
+        inbox.services["release"] = lambda env: self._release(env.release)
+        inbox.on_release = self._release
         heartbeat = None
         if self.heartbeat_ms > 0:
             heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms)
@@ -230,8 +231,6 @@ class WorkerRuntime:
                         return 0
                 elif kind == "cancel":
                     pass  # the inbox has noted it
-                elif kind == "release":
-                    self._release(env.release, lane)
                 elif lane is not None:  # the inbox files nothing else of a lane's but its end
                     if env is CLOSED:
                         self._drop_lane(lane)
@@ -385,17 +384,18 @@ class WorkerRuntime:
         final: bool,
     ) -> None:
         """A decoupled model's response (from any thread): written and sent at once, once
-        fewer than ``STREAM_WINDOW`` of the request's responses are still unread by the
-        consumer, the router's or a frontend's on ``lane`` (a slow client slows the model
-        down instead of filling their memory). The final response never waits. ``sent``
+        the request's responses still unread by their consumer, the router's or a frontend's
+        on ``lane``, are few enough (``proto.streamflow``: a slow client slows the model down
+        instead of filling the arena). The final response never waits. ``sent``
         counts the request's responses (``next`` is atomic: threads may send for one
         request at once). On a lane, output blocks become the lane's until its client
         releases them, and a lane whose client left (or whose write fails) drops the
         response (the model's ``is_cancelled`` turns true)."""
         inbox = self.inbox
-        if not final and inbox is not None:
+        number = next(sent) if not final else -1
+        if number >= 0 and inbox is not None:
             gone = (lambda: lane.dead) if lane is not None else None
-            inbox.wait_credit(rid, req.id, next(sent), STREAM_WINDOW, gone)
+            inbox.wait_credit(rid, req.id, number, gone)
         if lane is not None and lane.dead:
             self._stream_ended(inbox, rid, req, final)
             return
@@ -416,9 +416,14 @@ class WorkerRuntime:
                 with self.lock:  # the client regions are shared with the main loop
                     self._fill(req, resp, msg.result, out_frames, dest)
                     self.regions.finish_writes()
-            if lane is not None and (writer is None or writer.blocks_out != before) and not self._lane_holds(lane, msg):
+            in_arena = writer is None or writer.blocks_out != before
+            if lane is not None and in_arena and not self._lane_holds(lane, msg):
                 self._stream_ended(inbox, rid, req, final)
                 return
+            if number >= 0 and in_arena and inbox is not None:
+                nbytes = sum(r.shm.nbytes for r in msg.result.outputs if r.HasField("shm"))
+                if nbytes >= streamflow.NOTED:
+                    inbox.note_sent(rid, req.id, number, nbytes)
         frames = [env.SerializeToString(), *out_frames]
         if lane is None:
             self._send(frames)
@@ -537,8 +542,8 @@ class WorkerRuntime:
             launched = following
 
     def _waiting_lane_batch(self, running: _LaneBatch) -> list[Incoming] | None:
-        """The next lane batch if lane requests come first in the backlog (releases and
-        cancels before them are handled here), else None; gathered while ``running`` runs."""
+        """The next lane batch if lane requests come first in the backlog (cancels before
+        them are passed over), else None; gathered while ``running`` runs."""
         inbox, batcher = self.inbox, self.lane_batcher
         assert inbox is not None and batcher is not None
         inbox.read_now(0)
@@ -548,9 +553,7 @@ class WorkerRuntime:
                 return None
             env, _, lane = item
             kind = env.WhichOneof("body")
-            if kind == "release":
-                self._release(env.release, lane)
-            elif kind == "infer" and lane is not None and not lane.dead:
+            if kind == "infer" and lane is not None and not lane.dead:
                 return batcher.gather(item, until=running.launched.done if running.launched else None)
 
     def _launch_lanes(self, items: list[Incoming]) -> _LaneBatch:
@@ -779,14 +782,16 @@ class WorkerRuntime:
         self._send([reply.SerializeToString()])
 
     def _release(self, rel: wpb.Release, lane: Lane | None = None) -> None:
-        """Free output blocks the router (or a lane's client: only blocks it was sent) has read."""
+        """(the inbox's reading thread) Free output blocks the router (or a lane's client:
+        only blocks it was sent) has read."""
         blocks = [Block(s.region, s.offset, s.nbytes, s.device) for s in rel.blocks]
-        if lane is not None:
-            for block in [b for b in blocks if b not in lane.held]:
-                log.warning("a lane released a block it does not hold: %s", block)
-            blocks = [b for b in blocks if b in lane.held]
-            lane.held.difference_update(blocks)
-        self._free_blocks(blocks)
+        with self.lock:  # decoupled models' sending threads add to ``lane.held``
+            if lane is not None:
+                for block in [b for b in blocks if b not in lane.held]:
+                    log.warning("a lane released a block it does not hold: %s", block)
+                blocks = [b for b in blocks if b in lane.held]
+                lane.held.difference_update(blocks)
+            self._free_blocks(blocks)
 
     def _free_blocks(self, blocks: Iterable[Block]) -> None:
         """Free blocks of this worker's output arenas, host and CUDA (others are ignored)."""

@@ -42,6 +42,7 @@ from shoal.proto import wire
 from shoal.proto.batchpolicy import batch_key
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.proto.streamflow import ACK_EVERY
 from shoal.proto.validation import ConfigSignature, signature
 from shoal.server.dispatch.pool import RESERVED_PARAMETERS
 from shoal.server.frontproc import wire as frontwire
@@ -56,7 +57,7 @@ from shoal.server.frontproc.lanelink import (
 )
 from shoal.server.frontproc.shmregions import FrontRegion, ShmRegions
 from shoal.server.stats import failure_reason
-from shoal.server.streaming import ACK_EVERY, StreamItem
+from shoal.server.streaming import StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult, ShmRef
 from shoal.server.validation import validate
 from shoal.shm.block import Block

@@ -22,9 +22,10 @@ from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.proto.streamflow import ACK_EVERY
 from shoal.server.frontproc import wire as frontwire
 from shoal.server.frontproc.lanes_client import LaneRetry, Lanes, Route
-from shoal.server.streaming import ACK_EVERY, StreamItem
+from shoal.server.streaming import StreamItem
 from shoal.server.types import Buffer, InferRequest, InferResult, UseProxy
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block

@@ -31,6 +31,8 @@ from tests.e2e.test_frontend_lanes import FRONTENDS, ROUTES_S, SMALL_ARENAS, Rou
 pytestmark = pytest.mark.timeout(180)
 
 BIG_MODEL = """
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -39,9 +41,10 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             n = int(pb_utils.get_input_tensor_by_name(request, "N").as_numpy()[0])
+            kib = int(json.loads(request.parameters() or "{}").get("kib", 512))
             sender = request.get_response_sender()
             for i in range(n):
-                out = np.full(1 << 17, i, dtype=np.float32)  # 512 KiB: in the worker's arena
+                out = np.full(kib << 8, i, dtype=np.float32)  # 512 KiB: in the worker's arena
                 sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out)]))
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
@@ -193,8 +196,7 @@ def test_statistics_count_lane_streams(server: ServerProcess) -> None:
 def test_large_responses_go_back_to_the_worker_arena(server: ServerProcess) -> None:
     """300 responses of 512 KiB each (150 MiB) through a worker arena of 64 MiB at most: every
     block the frontend read is given back over the lane (else the arena runs out and responses
-    fail). (Not 1 MiB: the worker's window of 64 unacknowledged responses would fill the
-    arena by itself, through the router too: the window counts responses, not bytes.)"""
+    fail)."""
     s = Stream(server)
     try:
         with RouterStopped(server):
@@ -209,6 +211,38 @@ def test_large_responses_go_back_to_the_worker_arena(server: ServerProcess) -> N
                 assert all(o.shape == (1 << 17,) and o[0] == i and o[-1] == i for i, o in enumerate(outs))
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("where", ["router", "lanes"])
+def test_large_responses_to_a_slow_reader_wait_for_it(server: ServerProcess, repo: Path, where: str) -> None:
+    """60 responses of 2 MiB to a client that reads one every 20 ms, through a worker arena
+    of 64 MiB at most: the sender waits for the reader (``proto.streamflow.BYTES``) instead
+    of filling the arena (64 unread responses of 2 MiB would need 128 MiB: the 33rd failed
+    with 'shared memory ... full', through the router as over a lane)."""
+    srv = server if where == "lanes" else ServerProcess(repo, *SMALL_ARENAS).start()
+    s = Stream(srv)
+    try:
+        n = grpcclient.InferInput("N", [1], "INT32")
+        n.set_data_from_numpy(np.array([60], dtype=np.int32))
+        s.send("big_stream", [n], parameters={"kib": 2048})
+        got = []
+        deadline = time.monotonic() + 60
+        while True:
+            result, error = s.got.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert error is None, (error.status(), error.message(), error.debug_details())
+            got.append(result)
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+            time.sleep(0.02)
+        outs = [r.as_numpy("OUT") for r in got if r.as_numpy("OUT") is not None]
+        assert len(outs) == 60
+        assert all(o.shape == (1 << 19,) and o[0] == i and o[-1] == i for i, o in enumerate(outs))
+    finally:
+        s.close()
+        if srv is not server:
+            assert srv.terminate() == 0, srv.log
+            assert not srv.segments()
 
 
 def test_a_worker_killed_mid_stream_ends_it_with_an_error(server: ServerProcess) -> None:

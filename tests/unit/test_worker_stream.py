@@ -23,7 +23,7 @@ from google.protobuf import text_format
 from shoal.proto import framing, wire
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
-from shoal.workers.runtime import STREAM_WINDOW
+from shoal.proto.streamflow import WINDOW as STREAM_WINDOW
 
 pytestmark = pytest.mark.timeout(60)
 MODELS = Path(__file__).resolve().parents[1] / "models"
