@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.proto import dtypes, wire
+from shoal.proto import dtypes, streamflow, wire
 from shoal.proto.errors import ErrorCode, ServingError, WorkerDied, failure_reason
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.validation import validate
@@ -39,7 +39,7 @@ from shoal.workers.outbox import encode_joined
 from shoal.workers.tensors import OutputWriter
 
 Array = Any
-ACK_EVERY = 16
+ACK_EVERY = streamflow.ACK_EVERY
 """A decoupled call's responses the model takes between two acknowledgements (``BlsDone``):
 the router sends at most its window (64, ``server.frontproc.calls.STREAM_WINDOW``) ahead of
 them, so a model reading slowly slows its target down instead of filling this process."""

@@ -7,12 +7,13 @@ arena, the proxy answer while tracing is on, and the flow control of streamed ca
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
-from shoal.proto import wire
+from shoal.proto import streamflow, wire
 from shoal.proto.errors import ServingError, from_exception
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.server.callerinputs import CallerInputs
@@ -29,28 +30,49 @@ Reply = Callable[..., None]
 Send = Callable[[bytes, wpb.Envelope, list[Any]], None]
 
 
-STREAM_WINDOW = 64
+STREAM_WINDOW = streamflow.WINDOW
 """Replies of a frontend process's streamed call (``BlsCall.decoupled``) that it has not
 acknowledged (``BlsDone.ack_calls``) at most: past that the router takes no more of the
 model's responses, so the model's response sender waits (``DataPlane.infer_stream``'s flow
 control) instead of a slow client's responses filling the router or the frontend. The
-frontend acknowledges in groups of ``streaming.ACK_EVERY`` (a divisor of this)."""
+frontend acknowledges in groups of ``streamflow.ACK_EVERY`` (a divisor of this); the
+replies' bytes in a worker's arena count too, as between a worker and its consumer
+(``proto.streamflow``)."""
+
+
+def arena_bytes(item: InferResult | ServingError | None) -> int:
+    """Bytes of a worker's output arena a reply passes by reference."""
+    if not isinstance(item, InferResult):
+        return 0
+    return sum(o.arena.nbytes for o in item.outputs if o.arena is not None)
 
 
 class ReplyWindow:
     """The unacknowledged replies of one streamed call (a frontend's, or a model's
-    ``exec(decoupled=True)``)."""
+    ``exec(decoupled=True)``): at most ``STREAM_WINDOW``, and once ``ACK_EVERY`` or more are
+    out, at most ``streamflow.BYTES`` of a worker's arena (the caller acknowledges every
+    ``ACK_EVERY`` it takes, so waiting only then always ends)."""
 
-    __slots__ = ("unacked", "_waiter")
+    __slots__ = ("unacked", "_waiter", "_sizes", "_bytes")
 
     def __init__(self) -> None:
         self.unacked = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._sizes: collections.deque[int] = collections.deque()
+        self._bytes = 0
 
-    async def sent(self) -> None:
-        """One more reply is out: returns once the frontend has room for the next."""
+    def _full(self) -> bool:
+        return self.unacked >= STREAM_WINDOW or (
+            self.unacked >= streamflow.ACK_EVERY and self._bytes >= streamflow.BYTES
+        )
+
+    async def sent(self, nbytes: int = 0) -> None:
+        """One more reply is out (``nbytes`` of a worker's arena by reference): returns once
+        the caller has room for the next."""
         self.unacked += 1
-        while self.unacked >= STREAM_WINDOW:
+        self._sizes.append(nbytes)
+        self._bytes += nbytes
+        while self._full():
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -59,8 +81,11 @@ class ReplyWindow:
 
     def ack(self, count: int) -> None:
         self.unacked -= count
+        sizes = self._sizes
+        for _ in range(min(count, len(sizes))):
+            self._bytes -= sizes.popleft()
         waiter = self._waiter
-        if waiter is not None and self.unacked < STREAM_WINDOW and not waiter.done():
+        if waiter is not None and not self._full() and not waiter.done():
             waiter.set_result(None)
 
 
@@ -96,8 +121,9 @@ class FrontendCalls:
                     if final:
                         item = response
                         continue
+                    nbytes = arena_bytes(response)
                     self._reply(identity, call_id, response, False)
-                    await window.sent()
+                    await window.sent(nbytes)
         finally:
             self.windows.pop(key, None)
         return item

@@ -59,6 +59,43 @@ output [ { name: "OUT", data_type: TYPE_FP32, dims: [ -1 ] } ]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
 """
 
+READER_MODEL = """
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            call = pb_utils.InferenceRequest(
+                model_name="big_stream", requested_output_names=["OUT"],
+                inputs=[pb_utils.get_input_tensor_by_name(request, "N")], parameters={"kib": 2048},
+            )
+            taken = 0
+            for answer in call.exec(decoupled=True):
+                if answer.has_error():
+                    raise pb_utils.TritonModelException(answer.error().message())
+                o = pb_utils.get_output_tensor_by_name(answer, "OUT")
+                if o is not None:
+                    if int(o.as_numpy()[0]) != taken:
+                        raise pb_utils.TritonModelException(f"response {taken} was {o.as_numpy()[0]}")
+                    taken += 1
+                    time.sleep(0.02)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("TAKEN", np.array([taken], np.int32))]))
+        return out
+"""
+READER_CONFIG = """
+name: "big_reader"
+backend: "python"
+max_batch_size: 0
+input [ { name: "N", data_type: TYPE_INT32, dims: [ 1 ] } ]
+output [ { name: "TAKEN", data_type: TYPE_INT32, dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -66,6 +103,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "big_stream" / "1").mkdir(parents=True)
     (repo / "big_stream" / "1" / "model.py").write_text(BIG_MODEL)
     (repo / "big_stream" / "config.pbtxt").write_text(BIG_CONFIG)
+    (repo / "big_reader" / "1").mkdir(parents=True)
+    (repo / "big_reader" / "1" / "model.py").write_text(READER_MODEL)
+    (repo / "big_reader" / "config.pbtxt").write_text(READER_CONFIG)
     return repo
 
 
@@ -213,13 +253,19 @@ def test_large_responses_go_back_to_the_worker_arena(server: ServerProcess) -> N
         s.close()
 
 
-@pytest.mark.parametrize("where", ["router", "lanes"])
+@pytest.mark.parametrize("where", ["router", "lanes", "link"])
 def test_large_responses_to_a_slow_reader_wait_for_it(server: ServerProcess, repo: Path, where: str) -> None:
     """60 responses of 2 MiB to a client that reads one every 20 ms, through a worker arena
     of 64 MiB at most: the sender waits for the reader (``proto.streamflow.BYTES``) instead
     of filling the arena (64 unread responses of 2 MiB would need 128 MiB: the 33rd failed
-    with 'shared memory ... full', through the router as over a lane)."""
-    srv = server if where == "lanes" else ServerProcess(repo, *SMALL_ARENAS).start()
+    with 'shared memory ... full', through the router, over a lane, and relayed by the
+    router to a frontend process without lanes: ``link``)."""
+    if where == "lanes":
+        srv = server
+    elif where == "router":
+        srv = ServerProcess(repo, *SMALL_ARENAS).start()
+    else:
+        srv = ServerProcess(repo, *FRONTENDS, *SMALL_ARENAS, "--frontend-lanes=false").start()
     s = Stream(srv)
     try:
         n = grpcclient.InferInput("N", [1], "INT32")
@@ -243,6 +289,19 @@ def test_large_responses_to_a_slow_reader_wait_for_it(server: ServerProcess, rep
         if srv is not server:
             assert srv.terminate() == 0, srv.log
             assert not srv.segments()
+
+
+def test_large_responses_to_a_slow_bls_reader_wait_for_it(server: ServerProcess) -> None:
+    """A model reading 60 responses of 2 MiB from ``exec(decoupled=True)``, one every 20 ms,
+    through a 64 MiB arena: the router sends them only as the caller's acknowledgements and
+    the byte budget allow (``proto.streamflow``) instead of filling the target's arena."""
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        n = grpcclient.InferInput("N", [1], "INT32")
+        n.set_data_from_numpy(np.array([60], dtype=np.int32))
+        assert c.infer("big_reader", [n], client_timeout=60).as_numpy("TAKEN").tolist() == [60]
+    finally:
+        c.close()
 
 
 def test_a_worker_killed_mid_stream_ends_it_with_an_error(server: ServerProcess) -> None:
