@@ -80,8 +80,9 @@ class Inbox:
         self.unread: dict[tuple[int, int], deque[tuple[int, int]]] = {}
         """(batch request id, index) -> (number, arena bytes) of a decoupled request's
         responses that hold arena blocks, sent and not yet acknowledged (``note_sent``)."""
-        self.on_release: Callable[[wpb.Release, Lane], None] | None = None
-        """Takes a lane's ``Release`` as soon as it is read (a router's: ``services``)."""
+        self.on_release: Callable[[wpb.Release, Lane | None], None] | None = None
+        """Takes a ``Release`` (the router's, or a lane's with its lane) as soon as it is read,
+        by whichever thread reads it; None: it goes to the main loop's backlog."""
         self.on_ready_check: Callable[[int], None] | None = None
         """Takes a ``ReadyCheck``'s request id as soon as it is read (the model's own
         readiness check runs on a thread of its own, beside ``execute``)."""
@@ -202,6 +203,9 @@ class Inbox:
         if service is not None:
             service(env)
             return
+        if body == "release" and self.on_release is not None:
+            self.on_release(env.release, None)
+            return
         with self._cond:
             if body == "cancel":  # filed at once: a model may be polling is_cancelled()
                 rid = env.request_id
@@ -268,25 +272,24 @@ class Inbox:
         model's sender may wait for it) noted at once; anything else is logged and ignored."""
         arrivals = self.arrivals
         now = time.monotonic_ns() if arrivals is not None else 0
-        parsed: list[tuple[wpb.Envelope, list[Any]]] = []
+        parsed: list[tuple[wpb.Envelope, list[Any], str | None]] = []
         broken = False
+        on_release = self.on_release
         for frames in messages:
             try:
-                parsed.append((wire.parse(frames[0]), frames))
+                env = wire.parse(frames[0])
             except ServingError as exc:
                 log.error("lane %d: %s; closing it", lane.fd, exc.message)
                 broken = True
                 break
-        on_release = self.on_release
-        if on_release is not None and any(env.WhichOneof("body") == "release" for env, _ in parsed):
-            for env, _ in parsed:
-                if env.WhichOneof("body") == "release":
-                    on_release(env.release, lane)
-            parsed = [(env, frames) for env, frames in parsed if env.WhichOneof("body") != "release"]
+            kind = env.WhichOneof("body")
+            if kind == "release" and on_release is not None:
+                on_release(env.release, lane)  # outside the inbox's lock (it takes the worker's)
+            else:
+                parsed.append((env, frames, kind))
         with self._cond:  # one lock and one wake-up for the read's messages (a read brings many)
             filed = False
-            for env, frames in parsed:
-                body = env.WhichOneof("body")
+            for env, frames, body in parsed:
                 if body in _LANE_BACKLOG:
                     self._backlog.append((env, frames[1:], lane))
                     if arrivals is not None and body == "infer":

@@ -164,7 +164,6 @@ class WorkerRuntime(LaneRuns):
         inbox.on_ready_check = self._ready_check
         # output blocks read are freed by whichever thread reads the release, at once: a model
         # sending from inside ``execute`` (the main thread) would otherwise fill the arena
-        inbox.services["release"] = lambda env: self._release(env.release)
         inbox.on_release = self._release
         heartbeat = None
         if self.heartbeat_ms > 0:

@@ -47,6 +47,12 @@ def _relay(srv: ServerProcess, target: str, data: np.ndarray, timeout: float = 3
         c.close()
 
 
+def _successes(srv: ServerProcess) -> int:
+    """identity_fp32's successful requests so far (its statistics)."""
+    s = requests.get(f"http://{srv.url}/v2/models/identity_fp32/stats", timeout=10).json()
+    return int(s["model_stats"][0]["inference_stats"]["success"]["count"])
+
+
 def _error(srv: ServerProcess, target: str, data: np.ndarray, **params: object) -> str:
     with pytest.raises(InferenceServerException) as info:
         _relay(srv, target, data, **params)
@@ -126,20 +132,16 @@ def test_thousands_of_calls_in_one_execute(server: ServerProcess, with_frontends
     data = np.arange(8, dtype=np.float32)
     time.sleep(ROUTES_S)
 
-    def successes() -> int:
-        s = requests.get(f"http://{server.url}/v2/models/identity_fp32/stats", timeout=10).json()
-        return int(s["model_stats"][0]["inference_stats"]["success"]["count"])
-
     c = httpclient.InferenceServerClient(server.url, network_timeout=60, connection_timeout=60)
     try:
-        before = successes()
+        before = _successes(server)
         for count in (1500, 1):
             i0 = httpclient.InferInput("INPUT0", [8], "FP32")
             i0.set_data_from_numpy(data)
             n = httpclient.InferInput("COUNT", [1], "INT32")
             n.set_data_from_numpy(np.array([count], dtype=np.int32))
             assert np.array_equal(c.infer("bls_many", [i0, n]).as_numpy("OUTPUT0"), data)
-        assert successes() - before == 1501
+        assert _successes(server) - before == 1501
     finally:
         c.close()
 
@@ -155,18 +157,14 @@ def test_many_calls_in_flight_from_one_execute(
         server = with_frontends
     time.sleep(ROUTES_S)
 
-    def successes() -> int:
-        s = requests.get(f"http://{server.url}/v2/models/identity_fp32/stats", timeout=10).json()
-        return int(s["model_stats"][0]["inference_stats"]["success"]["count"])
-
     c = httpclient.InferenceServerClient(server.url, network_timeout=60, connection_timeout=60)
     try:
-        before = successes()
+        before = _successes(server)
         i = httpclient.InferInput("N", [1], "INT32")
         i.set_data_from_numpy(np.array([n], dtype=np.int32))
         r = c.infer("bls_flood", [i], parameters={"mode": mode})
         assert r.as_numpy("OK").tolist() == [calls]
-        assert successes() - before == calls
+        assert _successes(server) - before == calls
     finally:
         c.close()
 
