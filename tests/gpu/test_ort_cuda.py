@@ -7,6 +7,7 @@ Run with ``scripts/gpu_check``."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -28,9 +29,9 @@ try:
 except Exception as exc:  # noqa: BLE001 - no driver at all
     pytest.skip(f"no CUDA GPU ({exc})", allow_module_level=True)
 cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
-
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
+import tritonclient.utils.shared_memory as shm  # noqa: E402
 
 from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 
@@ -41,11 +42,15 @@ TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx")
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx", "mlp_onnx")
     for name, extra in (("onnx_gpu", "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"), ("onnx_trt", TRT)):
         shutil.copytree(repo / "simple_onnx", repo / name)
         cfg = (repo / name / "config.pbtxt").read_text().replace('name: "simple_onnx"', f'name: "{name}"')
         (repo / name / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + extra)
+    shutil.copytree(repo / "mlp_onnx", repo / "mlp_gpu")  # one input: staged in pinned memory
+    cfg = (repo / "mlp_gpu" / "config.pbtxt").read_text().replace('name: "mlp_onnx"', 'name: "mlp_gpu"')
+    cfg = cfg.replace("max_queue_delay_microseconds: 200\n", "max_queue_delay_microseconds: 20000\n")
+    (repo / "mlp_gpu" / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU"))
     srv = ServerProcess(repo).start(wait_ready=False)
     yield srv
     assert srv.terminate() == 0, srv.log
@@ -151,6 +156,64 @@ def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProc
         setup.close()
         for h in handles:
             cudashm.destroy_shared_memory_region(h)
+
+
+def test_batches_from_system_shared_memory_padded_on_the_gpu(server: ServerProcess) -> None:
+    """Inputs read from client system shared memory into pinned memory, each batch copied up
+    in one piece and padded to a power of two (both on by default on a GPU): every client gets
+    its own rows, as the same model on the CPU computes them."""
+    _ready(server, "mlp_gpu")
+    _ready(server, "mlp_onnx")
+    sizes = [1, 3, 2, 5, 1, 4, 2, 7, 3, 1, 6, 2]
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in sizes]
+    keys = [f"/ortsys_{os.getpid()}_{k}" for k in range(len(xs))]
+    regions = [shm.create_shared_memory_region(f"ortsys{k}", keys[k], x.nbytes) for k, x in enumerate(xs)]
+    setup = httpclient.InferenceServerClient(server.url)
+    errors: list[BaseException] = []
+    got: dict[int, np.ndarray] = {}
+    barrier = threading.Barrier(len(xs))
+
+    def one(k: int) -> None:
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            inp = grpcclient.InferInput("INPUT0", list(xs[k].shape), "FP32")
+            inp.set_shared_memory(f"ortsys{k}", xs[k].nbytes)
+            barrier.wait()
+            got[k] = c.infer("mlp_gpu", [inp]).as_numpy("OUTPUT0")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            c.close()
+
+    try:
+        for k, x in enumerate(xs):
+            shm.set_shared_memory_region(regions[k], [x])
+            setup.register_system_shared_memory(f"ortsys{k}", keys[k], x.nbytes)
+        for _ in range(3):  # a few rounds: batches of several sizes, the padding's size kept between them
+            got.clear()
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(xs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+            for k, x in enumerate(xs):
+                inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                want = setup.infer("mlp_onnx", [inp]).as_numpy("OUTPUT0")
+                assert got[k].shape == (x.shape[0], 16)
+                # TF32 on the GPU (onnxruntime's CUDA default) against FP32 on the CPU: about 1e-3
+                np.testing.assert_allclose(got[k], want, rtol=1e-2, atol=5e-3)
+        stats = setup.get_inference_statistics("mlp_gpu")["model_stats"][0]
+        counted = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]}
+        assert sum(size * n for size, n in counted.items()) == 3 * sum(sizes), counted
+        assert any(size > 1 for size in counted), counted
+    finally:
+        setup.unregister_system_shared_memory()
+        setup.close()
+        for h in regions:
+            shm.destroy_shared_memory_region(h)
 
 
 def test_tensorrt_accelerator(server: ServerProcess) -> None:

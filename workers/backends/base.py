@@ -293,11 +293,12 @@ class BatchedBackend(Backend):
         return list(wanted)
 
 
-def merged_inputs(requests: Sequence[WorkRequest]) -> Mapping[str, Any]:
-    """The inputs of ``requests`` joined along dimension 0 (one request: its own)."""
-    if len(requests) == 1:
+def merged_inputs(requests: Sequence[WorkRequest], pad: int = 0) -> Mapping[str, Any]:
+    """The inputs of ``requests`` joined along dimension 0 (one request: its own), with
+    ``pad`` rows of zeros after them (``backends.batchpad``)."""
+    if len(requests) == 1 and not pad:
         return requests[0].inputs
-    return {k: _concat([r.inputs[k] for r in requests]) for k in requests[0].inputs}
+    return {k: _concat([r.inputs[k] for r in requests], pad) for k in requests[0].inputs}
 
 
 def kept_on_device(requests: Sequence[WorkRequest], output_names: Sequence[str]) -> frozenset[str]:
@@ -310,12 +311,19 @@ def kept_on_device(requests: Sequence[WorkRequest], output_names: Sequence[str])
     )
 
 
-def _concat(arrays: list[Any]) -> Any:
-    """Join along dimension 0; CuPy arrays (inputs left in CUDA memory) on the device."""
+def _concat(arrays: list[Any], pad: int = 0) -> Any:
+    """Join along dimension 0, and ``pad`` rows of zeros; CuPy arrays (inputs left in CUDA
+    memory) on the device."""
+    first = arrays[0]
     if any(is_device_array(a) for a in arrays):
         import cupy  # only backends taking device inputs get here
 
-        return cupy.concatenate([cupy.asarray(as_cupy(a)) for a in arrays])
+        parts = [cupy.asarray(as_cupy(a)) for a in arrays]
+        if pad:
+            parts.append(cupy.zeros((pad, *first.shape[1:]), dtype=first.dtype))
+        return cupy.concatenate(parts)
+    if pad:
+        arrays = [*arrays, np.zeros((pad, *first.shape[1:]), dtype=first.dtype)]
     return np.concatenate(arrays)
 
 

@@ -1,0 +1,123 @@
+"""Batch padding to a few sizes (``workers.backends.batchpad``) and its use by the ONNX Runtime
+backend (``SHOAL_ORT_BATCH_BUCKETS``), with real onnxruntime sessions on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from shoal.proto.errors import ErrorCode, ServingError
+from shoal.proto.gen import model_config_pb2 as mc
+from shoal.workers.backends.base import WorkRequest, merged_inputs
+from shoal.workers.backends.batchpad import BatchBuckets, parse_buckets
+
+ort = pytest.importorskip("onnxruntime")
+
+from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from tests.unit.test_onnx_backend import _spec, make_examples  # noqa: E402
+
+
+def test_parse_buckets() -> None:
+    assert parse_buckets("pow2", 128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert parse_buckets(" POW2 ", 48) == [1, 2, 4, 8, 16, 32, 48]
+    assert parse_buckets("pow2", 1) == [1]
+    assert parse_buckets("off", 8) is None
+    assert parse_buckets("4, 16", 64) == [4, 16, 64]
+    for bad in ("0,4", "4,65", "four", "", ","):
+        with pytest.raises(ValueError):
+            parse_buckets(bad, 64)
+
+
+def test_buckets_grow_at_once_and_shrink_after_a_lull() -> None:
+    b = BatchBuckets([1, 2, 4, 8, 16, 32, 64], patience=4)
+    assert b.size_for(1) == 1
+    assert b.size_for(3) == 4
+    assert b.size_for(20) == 32
+    # smaller batches keep the size in use ...
+    assert [b.size_for(n) for n in (5, 17, 3)] == [32, 32, 32]
+    # ... and one that needs it resets the count
+    assert b.size_for(30) == 32
+    assert [b.size_for(n) for n in (5, 9, 3)] == [32, 32, 32]
+    # the fourth in a row that fits a smaller bucket: the largest of them
+    assert b.size_for(2) == 16
+    assert b.size_for(16) == 16
+    assert b.size_for(64) == 64
+    assert b.fit(100) == 100  # above every bucket: as it is
+
+
+def test_merged_inputs_pads_with_zero_rows() -> None:
+    a = np.ones((2, 3), dtype=np.float32)
+    c = np.full((1, 3), 2, dtype=np.float32)
+    reqs = [WorkRequest(id=i, inputs={"X": x}, requested_outputs=[]) for i, x in enumerate((a, c))]
+    merged = merged_inputs(reqs, pad=5)["X"]
+    assert merged.shape == (8, 3) and merged.dtype == np.float32
+    np.testing.assert_array_equal(merged[:3], np.concatenate([a, c]))
+    assert not merged[3:].any()
+    alone = merged_inputs(reqs[:1], pad=2)["X"]
+    assert alone.shape == (4, 3)
+    assert merged_inputs(reqs[:1])["X"] is a  # no padding: the request's own array
+
+
+class _Recording(OnnxRuntimeBackend):
+    """The backend, noting the batch sizes its session ran."""
+
+    def run(self, inputs: Any, output_names: Any) -> dict[str, Any]:
+        self.ran = [*getattr(self, "ran", []), int(next(iter(inputs.values())).shape[0])]
+        return super().run(inputs, output_names)
+
+
+def _mlp(repo: Path, buckets: str | None) -> mc.ModelConfig:
+    config = text_format.Parse((repo / "mlp_onnx" / "config.pbtxt").read_text(), mc.ModelConfig())
+    if buckets is not None:
+        config.parameters["SHOAL_ORT_BATCH_BUCKETS"].string_value = buckets
+    return config
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_examples.make_examples(root)
+    return root
+
+
+def test_padded_batches_give_each_request_its_own_rows(repo: Path) -> None:
+    backend = _Recording.load(_spec(repo, "mlp_onnx", _mlp(repo, "pow2")))
+    plain = OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx"))
+    rng = np.random.default_rng(3)
+    try:
+        for sizes in ((2, 1, 2), (7,), (1,), (3, 3, 3, 3, 3)):
+            xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in sizes]
+            reqs = [WorkRequest(id=i, inputs={"INPUT0": x}, requested_outputs=[]) for i, x in enumerate(xs)]
+            got = backend.execute(reqs)
+            want = plain.execute(reqs)
+            for x, g, w in zip(xs, got, want, strict=True):
+                assert g.error is None
+                assert g.outputs["OUTPUT0"].shape == (x.shape[0], 16)
+                np.testing.assert_allclose(g.outputs["OUTPUT0"], w.outputs["OUTPUT0"], rtol=1e-5, atol=1e-5)
+        # 5 rows -> 8; 7 -> 8; then 1 stays at 8 (no lull yet); 15 -> 16
+        assert backend.ran == [8, 8, 8, 16]
+    finally:
+        backend.close()
+        plain.close()
+
+
+def test_cpu_sessions_do_not_pad_unless_asked(repo: Path) -> None:
+    backend = _Recording.load(_spec(repo, "mlp_onnx"))
+    try:
+        x = np.zeros((5, 256), dtype=np.float32)
+        backend.execute([WorkRequest(id=1, inputs={"INPUT0": x}, requested_outputs=[])])
+        backend.execute([WorkRequest(id=2, inputs={"INPUT0": x[:3]}, requested_outputs=[])])
+        assert backend.ran == [5, 3]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("value", ["7,x", "0", "65", "sometimes"])
+def test_a_bad_bucket_parameter_fails_the_load(repo: Path, value: str) -> None:
+    with pytest.raises(ServingError, match="SHOAL_ORT_BATCH_BUCKETS") as info:
+        OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx", _mlp(repo, value)))
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
