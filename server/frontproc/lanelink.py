@@ -141,6 +141,9 @@ class Lane(asyncio.Protocol):
         self.broken = False
         """Gone (bye, closed, or it could not connect): no new requests."""
         self._outbox: list[Any] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the connection (set once connected: ``get_running_loop`` costs a
+        ``getpid`` system call each time on Python 3.11)."""
         self._spare_fd = -1
         """A duplicate of the socket's descriptor, read once in ``connection_lost``: a write
         that fails (the worker exited) makes the transport drop the connection without reading
@@ -163,6 +166,7 @@ class Lane(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._spare_fd = os.dup(sock.fileno())
@@ -220,13 +224,13 @@ class Lane(asyncio.Protocol):
 
     def send(self, env: wpb.Envelope, frames: list[Any] = ()) -> None:  # type: ignore[assignment]
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self.loop or asyncio.get_running_loop()).call_soon(self._flush)
         self._outbox.extend(framing.encode([env.SerializeToString(), *frames]))
 
     def add(self, group: _Group) -> None:
         """A group, written (encoded then) with the turn's other messages, in its place."""
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            (self.loop or asyncio.get_running_loop()).call_soon(self._flush)
         self._outbox.append(group)
         self.open = group
 

@@ -234,7 +234,7 @@ class Lanes:
             del requests[-1]  # (a group's earlier requests stay)
             del frames[nframes:]
             raise
-        fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[wpb.Envelope, list[Any]]] = (lane.loop or asyncio.get_running_loop()).create_future()
         p = _Pending(fut, blocks, route, request.batch_size, regions, stream)
         p.lane = lane
         if regions:
