@@ -2,8 +2,8 @@
 to powers of two answers every client with its own rows, as the same model without padding
 does, under concurrent gRPC and HTTP clients sending batches of different sizes; the
 statistics count the requests' own batch sizes, never the padded ones; a bad value fails the
-load with a message naming the parameter. (On a GPU this padding is on by default:
-tests/gpu/test_ort_cuda.py.)"""
+load with a message naming the parameter. (On a GPU this padding is on by default for models
+with a dynamic batcher: tests/gpu/test_ort_cuda.py.)"""
 
 from __future__ import annotations
 

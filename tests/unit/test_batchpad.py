@@ -17,7 +17,7 @@ from shoal.workers.backends.batchpad import BatchBuckets, parse_buckets
 
 ort = pytest.importorskip("onnxruntime")
 
-from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
+from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend, _buckets  # noqa: E402
 from tests.unit.test_onnx_backend import _spec, make_examples  # noqa: E402
 
 
@@ -121,3 +121,19 @@ def test_a_bad_bucket_parameter_fails_the_load(repo: Path, value: str) -> None:
     with pytest.raises(ServingError, match="SHOAL_ORT_BATCH_BUCKETS") as info:
         OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx", _mlp(repo, value)))
     assert info.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_the_gpu_default_pads_only_behind_a_dynamic_batcher(repo: Path) -> None:
+    """A dynamic batcher joins requests, so their rows are independent; without one a batch is
+    what one client sent, and a model may compute across its rows: no padding unless asked."""
+    config = _mlp(repo, None)
+    assert config.HasField("dynamic_batching")
+    assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True) is not None
+    assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=False) is None
+    config.ClearField("dynamic_batching")
+    assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True) is None
+    config.parameters["SHOAL_ORT_BATCH_BUCKETS"].string_value = "8,32"
+    buckets = _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True)
+    assert buckets is not None and buckets.sizes == [8, 32, 64]
+    config.sequence_batching.SetInParent()  # never for sequence models, even when asked
+    assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True) is None

@@ -9,8 +9,8 @@ Triton: -1 basic, 0 or absent all, 1 extended, 2 disabled.
 
 Shoal's own ``SHOAL_ORT_BATCH_BUCKETS`` (``pow2``, ``off`` or sizes separated by commas) pads
 a batching model's batches to a few sizes (``backends.batchpad``: on a GPU onnxruntime pays
-tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU, ``off``
-on the CPU; never for string, ragged or sequence inputs. On a GPU, inputs from client system
+tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a model
+with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a GPU, inputs from client system
 shared memory are read into pinned memory and go up in one copy per input and batch
 (``backends.ortstaging``).
 """
@@ -93,7 +93,7 @@ class OnnxRuntimeBackend(BatchedBackend):
             if importlib.util.find_spec("cupy") is not None:
                 self._staging = ortstaging.PinnedStaging()
                 self.host_input = self._staging.take  # client shared memory read into pinned memory
-        self._buckets = _buckets(spec, on_gpu and self.batching and self.ragged is None and not self._string_inputs)
+        self._buckets = _buckets(spec, on_gpu)
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -345,13 +345,15 @@ def _session_options(ort: Any, spec: ModelSpec) -> Any:
     return options
 
 
-def _buckets(spec: ModelSpec, default_on: bool) -> batchpad.BatchBuckets | None:
-    """The batch padding of ``SHOAL_ORT_BATCH_BUCKETS`` (``pow2`` where ``default_on``); None:
-    none (also for models that do not batch, or have string, ragged or sequence inputs)."""
+def _buckets(spec: ModelSpec, on_gpu: bool) -> batchpad.BatchBuckets | None:
+    """The batch padding of ``SHOAL_ORT_BATCH_BUCKETS``; by default ``pow2`` for a GPU session
+    of a model with a dynamic batcher (which joins requests, so its rows are independent; a
+    model without one may compute across the rows a client sends), else none. None: no
+    padding (also for models that do not batch, or have string, ragged or sequence inputs)."""
     cfg = spec.config
     raw = _parameter(spec, "SHOAL_ORT_BATCH_BUCKETS")
     if raw is None:
-        raw = "pow2" if default_on else "off"
+        raw = "pow2" if on_gpu and cfg.HasField("dynamic_batching") else "off"
     try:
         sizes = batchpad.parse_buckets(raw, max(cfg.max_batch_size, 1))
     except ValueError as exc:
