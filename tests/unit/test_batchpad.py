@@ -137,3 +137,15 @@ def test_the_gpu_default_pads_only_behind_a_dynamic_batcher(repo: Path) -> None:
     assert buckets is not None and buckets.sizes == [8, 32, 64]
     config.sequence_batching.SetInParent()  # never for sequence models, even when asked
     assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True) is None
+
+
+def test_the_server_wide_backend_config_sets_it_too(repo: Path) -> None:
+    """``--backend-config=onnxruntime,SHOAL_ORT_BATCH_BUCKETS=...`` for every model; a model's
+    own parameter wins."""
+    spec = _spec(repo, "mlp_onnx", _mlp(repo, None))
+    spec.backend_config["SHOAL_ORT_BATCH_BUCKETS"] = "16"
+    buckets = _buckets(spec, on_gpu=False)
+    assert buckets is not None and buckets.sizes == [16, 64]
+    spec = _spec(repo, "mlp_onnx", _mlp(repo, "off"))
+    spec.backend_config["SHOAL_ORT_BATCH_BUCKETS"] = "16"
+    assert _buckets(spec, on_gpu=True) is None
