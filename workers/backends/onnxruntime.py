@@ -9,10 +9,10 @@ Triton: -1 basic, 0 or absent all, 1 extended, 2 disabled.
 
 Shoal's own ``SHOAL_ORT_BATCH_BUCKETS`` (``pow2``, ``off`` or sizes separated by commas) pads
 a batching model's batches to a few sizes (``backends.batchpad``: on a GPU onnxruntime pays
-tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a model
-with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a GPU, inputs from client system
-shared memory are read into pinned memory and go up in one copy per input and batch
-(``backends.ortstaging``).
+tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a
+model with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a
+GPU, inputs from client system shared memory are read into pinned memory and go up in one
+copy per input and batch (``backends.ortstaging``).
 """
 
 from __future__ import annotations
