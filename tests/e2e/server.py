@@ -262,3 +262,23 @@ def served(tmp_path_factory: Any, models: tuple[str, ...], *args: str) -> Iterat
     rc = srv.terminate()
     assert rc == 0, srv.log
     assert not srv.segments(), srv.segments()
+
+
+# gRPC core's BDP probe grows an HTTP/2 stream's receive window up to 2**25 bytes (its PID
+# controller's ceiling on log2 of the window), whether or not the application reads.
+GRPC_STREAM_WINDOW_MAX = 1 << 25
+
+
+def unread_stream_bound(payload_bytes: int, max_pending: int) -> int:
+    """How many requests of ``payload_bytes`` a gRPC client that never reads its stream's
+    responses can hand to gRPC against a server that stops reading the stream at
+    ``max_pending``: what the server's stream window holds, what the client's window
+    holds of their responses, both directions' TCP buffers at their autotuning maximum,
+    and the pending ones. On loopback with Linux defaults that is about 136 MiB, so a
+    count near it is gRPC's buffering and not a server that kept reading."""
+
+    def sysctl_max(name: str) -> int:
+        return int(Path("/proc/sys/net/ipv4", name).read_text().split()[2])
+
+    socket_buffers = 2 * (sysctl_max("tcp_wmem") + sysctl_max("tcp_rmem"))
+    return (2 * GRPC_STREAM_WINDOW_MAX + socket_buffers) // payload_bytes + max_pending + 2
