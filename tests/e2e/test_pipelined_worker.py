@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
 
 import numpy as np
@@ -23,6 +22,7 @@ import requests  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.utils.shared_memory as sysshm  # noqa: E402
 
+from tests.e2e.pipelinecheck import assert_compute_counted_once  # noqa: E402
 from tests.e2e.server import ServerProcess  # noqa: E402
 from tests.e2e.test_frontend_lanes import RouterStopped  # noqa: E402
 from tests.e2e.test_pytorch import save_model  # noqa: E402
@@ -171,34 +171,6 @@ def test_pipelined_batches_keep_every_answer_its_own(server: ServerProcess) -> N
 
 def test_pipelined_compute_time_is_counted_once(server: ServerProcess) -> None:
     """While batch N runs, the worker reads and launches N+1 (on the CPU: runs it); that time is
-    N+1's compute input and infer, not N's too. One instance cannot compute for longer than
-    the load lasted: counted twice, its executions' compute infer added up to nearly twice that."""
+    N+1's compute input and infer, not N's too."""
     time.sleep(0.3)  # the routes reach the frontends
-    before = _execution_infer_ns(server)
-    gate = threading.Barrier(8)
-
-    def one(k: int) -> tuple[float, float]:
-        g = grpcclient.InferenceServerClient(server.grpc_url)
-        try:
-            x = np.random.default_rng(k).standard_normal((32, 512)).astype(np.float32)
-            i = grpcclient.InferInput("x", [32, 512], "FP32")
-            i.set_data_from_numpy(x)
-            gate.wait()
-            t0 = time.monotonic()
-            for _ in range(20):
-                g.infer("pt_heavy", [i])
-            return t0, time.monotonic()
-        finally:
-            g.close()
-
-    with ThreadPoolExecutor(8) as pool:
-        spans = list(pool.map(one, range(8)))
-    wall_ns = (max(e for _, e in spans) - min(s for s, _ in spans)) * 1e9
-    infer_ns = _execution_infer_ns(server) - before
-    assert infer_ns <= wall_ns, f"executions computed {infer_ns / 1e6:.0f} ms in {wall_ns / 1e6:.0f} ms of load"
-
-
-def _execution_infer_ns(srv: ServerProcess) -> int:
-    """The compute infer time of every execution of ``pt_heavy`` (its batch statistics count
-    each execution once, where the inference statistics count it per request)."""
-    return sum(int(b["compute_infer"]["ns"]) for b in _model_stats(srv, "pt_heavy")["batch_stats"])
+    assert_compute_counted_once(server, "pt_heavy", 512)

@@ -1,6 +1,7 @@
 """ONNX Runtime on a GPU through the real server: a KIND_GPU instance of an ONNX model runs on
 the CUDA execution provider with IO binding, with plain tensors, with inputs and outputs in
-CUDA shared memory (bound where they lie, kept on the device), and in batches mixing both;
+CUDA shared memory (bound where they lie, kept on the device), and in batches mixing both,
+through the router and through frontend processes (batches pipelined);
 a TensorRT accelerator asks for onnxruntime's TensorRT provider (the load fails clearly
 where it is missing). Needs onnxruntime-gpu, CuPy and a CUDA GPU; skipped cleanly otherwise.
 Run with ``scripts/gpu_check``."""
@@ -35,23 +36,30 @@ import tritonclient.utils.shared_memory as shm  # noqa: E402
 
 from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
 
+PIPELINE = 'parameters { key: "SHOAL_PIPELINE_BATCHES" value { string_value: "true" } }\n'
 TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"
   parameters { key: "precision_mode" value: "FP16" } } ] } }
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["router", "frontends"])
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The server alone (the router batches, the worker runs each batch as it comes), or with
+    two frontend processes (their lanes reach the worker, which batches and, with
+    ``SHOAL_PIPELINE_BATCHES: true``, pipelines: each batch runs on the backend's thread while
+    the next is read, ``backends.pipeline``). Not yet run on a GPU."""
     repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx", "mlp_onnx")
-    for name, extra in (("onnx_gpu", "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"), ("onnx_trt", TRT)):
+    batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n" + PIPELINE
+    for name, extra in (("onnx_gpu", batching), ("onnx_trt", TRT)):
         shutil.copytree(repo / "simple_onnx", repo / name)
         cfg = (repo / name / "config.pbtxt").read_text().replace('name: "simple_onnx"', f'name: "{name}"')
         (repo / name / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + extra)
     shutil.copytree(repo / "mlp_onnx", repo / "mlp_gpu")  # one input: staged in pinned memory
     cfg = (repo / "mlp_gpu" / "config.pbtxt").read_text().replace('name: "mlp_onnx"', 'name: "mlp_gpu"')
     cfg = cfg.replace("max_queue_delay_microseconds: 200\n", "max_queue_delay_microseconds: 20000\n")
-    (repo / "mlp_gpu" / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU"))
-    srv = ServerProcess(repo).start(wait_ready=False)
+    (repo / "mlp_gpu" / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + PIPELINE)
+    frontends = ("--frontend-processes", "2") if request.param == "frontends" else ()
+    srv = ServerProcess(repo, *frontends).start(wait_ready=False)
     yield srv
     assert srv.terminate() == 0, srv.log
     assert not srv.segments()

@@ -149,3 +149,49 @@ def test_the_server_wide_backend_config_sets_it_too(repo: Path) -> None:
     spec = _spec(repo, "mlp_onnx", _mlp(repo, "off"))
     spec.backend_config["SHOAL_ORT_BATCH_BUCKETS"] = "16"
     assert _buckets(spec, on_gpu=True) is None
+
+
+def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> None:
+    """``SHOAL_PIPELINE_BATCHES: true``: ``launch`` hands the run to the backend's thread and
+    returns; batches launched one after the other finish with what ``execute`` gives, padded
+    ones too; an error in a run is raised by its ``finish``; off by default, even where it
+    would pad (the GPU default is not yet measured)."""
+    import threading
+
+    config = _mlp(repo, "pow2")
+    default = OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx", config))
+    assert not default.pipelined
+    default.close()
+    config.parameters["SHOAL_PIPELINE_BATCHES"].string_value = "true"
+    threads: list[str] = []
+
+    class Noting(OnnxRuntimeBackend):
+        def run(self, inputs: Any, output_names: Any) -> dict[str, Any]:
+            threads.append(threading.current_thread().name)
+            return super().run(inputs, output_names)
+
+    backend = Noting.load(_spec(repo, "mlp_onnx", config))
+    plain = OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx"))
+    rng = np.random.default_rng(5)
+    try:
+        assert backend.pipelined
+        batches = []
+        for sizes in ((2, 1), (3,), (1, 1, 1, 4), (5,)):
+            xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in sizes]
+            batches.append([WorkRequest(id=i, inputs={"INPUT0": x}, requested_outputs=[]) for i, x in enumerate(xs)])
+        launched = [backend.launch(b) for b in batches]
+        for reqs, one in zip(batches, launched, strict=True):
+            got, want = one.finish(), plain.execute(reqs)
+            assert one.done()
+            for r, g, w in zip(reqs, got, want, strict=True):
+                assert g.outputs["OUTPUT0"].shape == (r.inputs["INPUT0"].shape[0], 16)
+                np.testing.assert_allclose(g.outputs["OUTPUT0"], w.outputs["OUTPUT0"], rtol=1e-5, atol=1e-5)
+        assert threads and all(name.startswith("batch-mlp_onnx") for name in threads), threads
+        bad = [WorkRequest(id=0, inputs={"INPUT0": np.zeros((1, 255), dtype=np.float32)}, requested_outputs=[])]
+        failed = backend.launch(bad)
+        with pytest.raises(ServingError, match="onnxruntime"):
+            failed.finish()
+    finally:
+        backend.close()
+        plain.close()
+    assert not any(t.name.startswith("batch-mlp_onnx") for t in threading.enumerate())

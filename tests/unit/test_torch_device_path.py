@@ -220,7 +220,7 @@ def test_a_failed_launch_raises_at_once() -> None:
 def test_pipelining_follows_the_parameter_and_the_device(
     groups: list[int], value: str, on_gpu: bool, expected: bool
 ) -> None:
-    from shoal.workers.backends.pytorch import _pipelined
+    from shoal.workers.backends.pipeline import pipelined as _pipelined
 
     cfg = mc.ModelConfig(name="m", backend="pytorch", max_batch_size=8)
     for count in groups:

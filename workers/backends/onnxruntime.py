@@ -12,14 +12,16 @@ a batching model's batches to a few sizes (``backends.batchpad``: on a GPU onnxr
 tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a
 model with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a
 GPU, inputs from client system shared memory are read into pinned memory and go up in one
-copy per input and batch (``backends.ortstaging``).
+copy per input and batch (``backends.ortstaging``). ``SHOAL_PIPELINE_BATCHES: true`` runs each batch on a
+thread of the backend's own while the worker reads the next (``backends.pipeline``; off by
+default, not yet measured on a GPU).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Self
 
 import numpy as np
@@ -31,6 +33,7 @@ from shoal.workers.backends import batchpad, ortcuda, ortstaging, ragged
 from shoal.workers.backends.base import (
     Array,
     BatchedBackend,
+    Launched,
     ModelSpec,
     WorkRequest,
     kept_on_device,
@@ -38,6 +41,7 @@ from shoal.workers.backends.base import (
     model_file,
     relative,
 )
+from shoal.workers.backends.pipeline import BatchThread, pipelined
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.onnx"
@@ -94,6 +98,8 @@ class OnnxRuntimeBackend(BatchedBackend):
                 self._staging = ortstaging.PinnedStaging()
                 self.host_input = self._staging.take  # client shared memory read into pinned memory
         self._buckets = _buckets(spec, on_gpu)
+        self.pipelined = pipelined(spec, False) and self.ragged is None  # auto: off (see pipeline.pipelined)
+        self._thread = BatchThread(spec.name) if self.pipelined else None
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
@@ -183,17 +189,31 @@ class OnnxRuntimeBackend(BatchedBackend):
         return cfg
 
     def run_batch(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> dict[str, Array]:
+        return self._prepared(requests, output_names)()
+
+    def launch(self, requests: Sequence[WorkRequest]) -> Launched:
+        """A pipelined batch: its inputs joined (and copied up) here, its run on the
+        backend's thread (``pipeline.BatchThread``)."""
+        thread = self._thread
+        if thread is None or (len(requests) > 1 and not self.batching):
+            return super().launch(requests)
+        names = self._wanted(requests)
+        run = self._prepared(requests, names)
+        return thread.launch(lambda: self.split(requests, run()))
+
+    def _prepared(self, requests: Sequence[WorkRequest], output_names: Sequence[str]) -> Callable[[], dict[str, Array]]:
+        """The batch's inputs joined (padded to a bucket, on the device where bound), and
+        the run of them that gives the requests' rows of each output."""
         pad = rows = 0
         if self._buckets is not None and all(r.inputs for r in requests):
             rows = sum(int(next(iter(r.inputs.values())).shape[0]) for r in requests)
             pad = self._buckets.size_for(rows) - rows
         if self._io is None or self._session is None:
-            if not pad:
-                return super().run_batch(requests, output_names)
-            out = self.run(merged_inputs(requests, pad), output_names)
-        else:
-            out = self._run_bound(self._merged(requests, pad), output_names, kept_on_device(requests, output_names))
-        return {k: v[:rows] for k, v in out.items()} if pad else out
+            inputs = merged_inputs(requests, pad)
+            return lambda: _rows(self.run(inputs, output_names), rows, pad)
+        inputs = self._merged(requests, pad)
+        keep = kept_on_device(requests, output_names)
+        return lambda: _rows(self._run_bound(inputs, output_names, keep), rows, pad)
 
     def begin_batch(self) -> None:
         if self._staging is not None:
@@ -273,8 +293,16 @@ class OnnxRuntimeBackend(BatchedBackend):
         return list(self._outputs)
 
     def close(self) -> None:
-        """Drop the session; onnxruntime frees its memory when the last reference goes."""
+        """Drop the session once no batch runs; onnxruntime frees its memory when the last
+        reference goes."""
+        if self._thread is not None:
+            self._thread.close()
         self._session = None
+
+
+def _rows(out: dict[str, Array], rows: int, pad: int) -> dict[str, Array]:
+    """The outputs without the rows of ``pad`` (a padded batch's first ``rows``)."""
+    return {k: v[:rows] for k, v in out.items()} if pad else out
 
 
 def _parameter(spec: ModelSpec, key: str) -> str | None:

@@ -14,7 +14,7 @@ copy), and each output comes back in one device-to-host copy per batch, or stays
 device when the batch's requests want it in CUDA regions. Model ``parameters``:
 ``INFERENCE_MODE`` (default true: ``torch.inference_mode``, else ``torch.no_grad``),
 ``DISABLE_OPTIMIZED_EXECUTION`` (default false) and Shoal's own ``SHOAL_PIPELINE_BATCHES``
-(``_pipelined``). ``optimization { cuda { graphs: true } }`` captures CUDA graphs
+(``pipeline.pipelined``). ``optimization { cuda { graphs: true } }`` captures CUDA graphs
 (``torchgraphs``). ``torch`` is imported inside ``load`` only.
 """
 
@@ -41,6 +41,7 @@ from shoal.workers.backends.base import (
     kept_on_device,
     model_file,
 )
+from shoal.workers.backends.pipeline import pipelined
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 from shoal.workers.backends.torchgpu import TorchDevicePath
 from shoal.workers.backends.torchgraphs import TorchGraphs
@@ -65,32 +66,6 @@ def _bool_param(spec: ModelSpec, key: str, default: bool) -> bool:
     return value in ("true", "1", "yes", "on")
 
 
-def _pipelined(spec: ModelSpec, on_gpu: bool) -> bool:
-    """``SHOAL_PIPELINE_BATCHES`` (``auto``, ``true``, ``false``): whether the worker reads and
-    launches a batch while the one before runs (``WorkerRuntime._pipeline_lanes``).
-
-    ``auto`` (the default) pipelines every GPU instance. Measured on the H200 (resnet18, CUDA
-    graphs, 4 frontend processes, against the same code not pipelining): one instance
-    1.16-1.72x over system and CUDA shared memory at c=64 and c=256; two instances on one GPU
-    at c=256 8.3-8.5k infer/s against 6.6-8.1k (three runs each, perf_analyzer with a
-    connection per context). An earlier run had two pipelined instances fall into batches of
-    2-6 at c=256; that was perf_analyzer's few connections landing on one or two of the four
-    frontend processes (``scripts/bench_gpu`` shows the spread per row), with or without the
-    pipeline. ``true`` on the CPU runs the same data path and pipeline with nothing to
-    overlap (the batch has run when it is launched): it only changes the order of work, and
-    lets the pipeline be tested without a GPU."""
-    p = spec.config.parameters.get("SHOAL_PIPELINE_BATCHES")
-    given = p.string_value if p is not None else ""
-    value = given.strip().lower() or "auto"
-    if value not in ("auto", "true", "false"):
-        raise InvalidInput(
-            f"model '{spec.name}': parameter SHOAL_PIPELINE_BATCHES must be auto, true or false, got '{given}'"
-        )
-    if value == "auto":
-        return on_gpu
-    return value == "true"
-
-
 class PyTorchBackend(BatchedBackend):
     """One TorchScript module on the CPU or on the worker's GPU."""
 
@@ -105,7 +80,7 @@ class PyTorchBackend(BatchedBackend):
         self.ragged = ragged.plan(spec.config)
         self.device_inputs = spec.device.is_gpu and self.ragged is None
         self._path: TorchDevicePath | None = None
-        self.pipelined = _pipelined(spec, device.type == "cuda") and self.ragged is None
+        self.pipelined = pipelined(spec, device.type == "cuda") and self.ragged is None
         if device.type == "cuda" and self.ragged is None:
             self._path = TorchDevicePath(torch, device, priority=cuda_stream_priority(spec))
             self.device_views = self.device_inputs  # read by address only (``TorchDevicePath.gather``)

@@ -1,0 +1,63 @@
+"""Shoal's ``SHOAL_PIPELINE_BATCHES`` model parameter, and batches run on a thread of their own.
+
+A ``pipelined`` backend's ``launch`` returns while its batch still computes, so the worker
+reads and launches the next batch meanwhile (``WorkerRuntime._pipeline_lanes``). PyTorch
+queues the batch on its CUDA stream (``torchgpu``). onnxruntime has no such asynchronous run
+in Python, but its run lets go of the GIL, so ``BatchThread`` runs each batch on one thread of
+the backend's own, one batch after the other, and the worker's main thread goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from shoal.proto.errors import InvalidInput
+from shoal.workers.backends.base import Launched, ModelSpec, WorkResponse
+
+
+def pipelined(spec: ModelSpec, auto: bool) -> bool:
+    """``SHOAL_PIPELINE_BATCHES`` (``auto``, ``true``, ``false``): whether the worker reads and
+    launches a batch while the one before runs (``WorkerRuntime._pipeline_lanes``); ``auto``
+    (the default) gives ``auto``.
+
+    PyTorch's ``auto`` is true for every GPU instance. onnxruntime's is false for now: its
+    pipeline (``BatchThread``) is tested on the CPU only, and has not been measured on a GPU
+    (no device time was left when it was written). Measured on the H200 (resnet18
+    TorchScript, CUDA graphs, 4 frontend processes, against the same code not pipelining):
+    one instance 1.16-1.72x over system and CUDA shared memory at c=64 and c=256; two
+    instances on one GPU at c=256 8.3-8.5k infer/s against 6.6-8.1k (three runs each,
+    perf_analyzer with a connection per context). An earlier run had two pipelined instances
+    fall into batches of 2-6 at c=256; that was perf_analyzer's few connections landing on
+    one or two of the four frontend processes (``scripts/bench_gpu`` shows the spread per
+    row), with or without the pipeline. ``true`` on the CPU runs the same data path and
+    pipeline, so that it can be tested without a GPU: PyTorch has then run the batch when it
+    is launched (only the order of work changes), onnxruntime runs it on its thread while the
+    worker reads the next."""
+    p = spec.config.parameters.get("SHOAL_PIPELINE_BATCHES")
+    given = p.string_value if p is not None else ""
+    value = given.strip().lower() or "auto"
+    if value not in ("auto", "true", "false"):
+        raise InvalidInput(
+            f"model '{spec.name}': parameter SHOAL_PIPELINE_BATCHES must be auto, true or false, got '{given}'"
+        )
+    if value == "auto":
+        return auto
+    return value == "true"
+
+
+class BatchThread:
+    """One thread that runs a backend's batches in the order they are launched."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+
+    def launch(self, work: Callable[[], list[WorkResponse]]) -> Launched:
+        """Start ``work`` (a batch's run and split) after the batches launched before it; its
+        ``finish`` waits for it and gives its responses or raises what it raised."""
+        future = self._pool.submit(work)
+        return Launched(future.result, future.done)
+
+    def close(self) -> None:
+        """Wait for the batches launched and end the thread."""
+        self._pool.shutdown(wait=True)
