@@ -38,6 +38,15 @@ MAX_MESSAGE_BYTES: Final = 1 << 31
 ``--inline-max-bytes`` each; large tensors travel in shared memory."""
 
 
+def fits_inline(frames: Sequence[Any], nbytes: int) -> bool:
+    """Whether a frame of ``nbytes`` more keeps a message of ``frames`` well within
+    ``MAX_MESSAGE_BYTES`` (a MiB left for its header): a large tensor for which an arena has
+    no room (full, or smaller than the tensor) then travels in the message instead, a copy
+    more on each side but served, as Triton serves it."""
+    held = sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+    return held + nbytes <= MAX_MESSAGE_BYTES - (1 << 20)
+
+
 RECV_BYTES: Final = 1 << 18
 """A worker's receive buffer (bigger messages arrive over several reads)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tritonclient.http as httpclient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -282,3 +284,25 @@ def unread_stream_bound(payload_bytes: int, max_pending: int) -> int:
 
     socket_buffers = 2 * (sysctl_max("tcp_wmem") + sysctl_max("tcp_rmem"))
     return (2 * GRPC_STREAM_WINDOW_MAX + socket_buffers) // payload_bytes + max_pending + 2
+
+
+needs_private_dev_shm = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare for a private /dev/shm",
+)
+
+
+def in_private_mounts(script: str, *args: str, timeout_s: float = 150) -> dict[str, Any]:
+    """Run the Python ``script`` (``sys.argv[1]``: the repository root, then ``args``) in a
+    mount namespace of its own (``unshare -m``), where it may mount a /dev/shm of any size;
+    the JSON object its last line prints. Skips the test where mounting is not allowed."""
+    proc = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", script, str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
+        pytest.skip("mounting a tmpfs is not allowed here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

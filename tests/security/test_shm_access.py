@@ -6,9 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.server import ROOT, ServerProcess
+from tests.e2e.server import ServerProcess, in_private_mounts, needs_private_dev_shm
 from tests.security.conftest import limited, request
 from tests.security.test_limits import KEY_PREFIX, Objects, external_ip, register
 
@@ -272,26 +269,14 @@ finally:
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a private /dev/shm"
-)
+@needs_private_dev_shm
 def test_output_into_a_sparse_region_on_a_full_dev_shm(tmp_path: Path) -> None:
     """A client registers a sparse object larger than /dev/shm can hold and asks for an
     output where it has no pages: the request fails (no space), the worker lives. Runs in
     a private mount namespace with a 12 MiB /dev/shm."""
     from tests.e2e.server import make_repository
 
-    repo = make_repository(tmp_path / "repo", "identity_fp32")
-    proc = subprocess.run(
-        ["unshare", "-m", sys.executable, "-c", _FULL_DEV_SHM, str(ROOT), str(repo)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if proc.returncode != 0 and "mount" in proc.stderr and "permission" in proc.stderr.lower():
-        pytest.skip("mounting a tmpfs is not allowed here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = in_private_mounts(_FULL_DEV_SHM, str(make_repository(tmp_path / "repo", "identity_fp32")), timeout_s=120)
     assert out["register"] == 200
     assert out["code"] in (429, 500) and "shared memory region" in out["reply"]["error"], out["reply"]
     assert out["after"] == 200

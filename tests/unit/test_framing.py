@@ -62,3 +62,14 @@ def test_writable_frames_for_workers() -> None:
     assert all(isinstance(f, bytearray) for f in msg)
     (msg,) = framing.Decoder().feed(data)
     assert all(isinstance(f, bytes) for f in msg)
+
+
+def test_fits_inline_keeps_a_message_under_its_limit() -> None:
+    """A tensor an arena has no room for goes in the message only while the message stays a
+    MiB under ``MAX_MESSAGE_BYTES`` (a peer closes the connection past it)."""
+    from shoal.proto.framing import MAX_MESSAGE_BYTES, fits_inline
+
+    assert fits_inline([], 300 << 20)
+    assert fits_inline([b"x" * 10], MAX_MESSAGE_BYTES - (2 << 20))
+    assert not fits_inline([memoryview(bytes(2 << 20))], MAX_MESSAGE_BYTES - (2 << 20))
+    assert not fits_inline([], MAX_MESSAGE_BYTES)
