@@ -198,6 +198,15 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def bare_host(address: str) -> str:
+    """A bind address as sockets take it: an IPv6 address without the brackets of its
+    ``[::1]`` form (both forms are accepted for ``--http-address``, ``--grpc-address`` and
+    ``--metrics-address``)."""
+    if address.startswith("[") and address.endswith("]"):
+        return address[1:-1]
+    return address
+
+
 def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
     """Parse ``shoal serve ...`` arguments (``triton``: the ``tritonserver`` executable's,
     without the subcommand); raises ``ConfigError`` listing every problem."""
@@ -267,7 +276,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         model_repository=local[0] if local else Path(),
         more_repositories=tuple(local[1:]),
         model_repository_url=remote[0] if remote else "",
-        host=args.host,
+        host=bare_host(args.host),
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
@@ -276,7 +285,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         allow_metrics=args.allow_metrics,
         allow_gpu_metrics=args.allow_gpu_metrics and args.allow_metrics,
         allow_cpu_metrics=args.allow_cpu_metrics and args.allow_metrics,
-        metrics_address=args.metrics_address,
+        metrics_address=bare_host(args.metrics_address),
         metrics_interval_ms=args.metrics_interval_ms,
         latency_metrics=latency,
         http_health_port=args.http_health_port,
@@ -318,7 +327,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         worker_arena_bytes=args.worker_arena_bytes,
         inline_max_bytes=args.inline_max_bytes,
         model_load_timeout_s=args.model_load_timeout_secs,
-        grpc_host=args.grpc_address,
+        grpc_host=bare_host(args.grpc_address),
         http_max_body_bytes=args.http_max_body_size,
         max_buffered_request_bytes=args.max_buffered_request_bytes,
         http_body_timeout_s=args.http_body_timeout_secs,

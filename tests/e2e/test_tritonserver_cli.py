@@ -312,3 +312,33 @@ def test_bad_command_lines_name_the_option(tmp_path: Path) -> None:
         assert group in helped.stdout
     flat = " ".join(helped.stdout.split())
     assert "--grpc-use-ssl-mutual" in flat and "--id STR the server's name in server metadata (default: triton)" in flat
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("form", ["::1", "[::1]"])
+def test_ipv6_addresses_with_or_without_brackets(tmp_path: Path, fresh_server: list[ServerProcess], form: str) -> None:
+    """``--http-address``, ``--grpc-address`` and ``--metrics-address`` take an IPv6 address
+    bare or in brackets; gRPC used to fail to start with a bare one (its address parser read
+    "::1:8001" as a name), HTTP with a bracketed one."""
+    repo = make_repository(tmp_path / "repo", "add_sub")
+    srv = _start(fresh_server, repo, "--http-address", form, "--grpc-address", form, "--metrics-address", form)
+    assert requests.get(f"http://[::1]:{srv.port}/v2/health/ready", timeout=10).status_code == 200
+    assert requests.get(f"http://[::1]:{srv.metrics_port}/metrics", timeout=10).status_code == 200
+    c = grpcclient.InferenceServerClient(f"[::1]:{srv.grpc_port}")
+    try:
+        assert c.is_server_ready()
+    finally:
+        c.close()
+    with pytest.raises(requests.ConnectionError):  # bound to ::1 only
+        requests.get(f"http://127.0.0.1:{srv.port}/v2/health/ready", timeout=10)

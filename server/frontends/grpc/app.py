@@ -118,7 +118,10 @@ def make_server(opts: GrpcOptions, *, max_connections: int = 0) -> grpc.aio.Serv
 def bind(server: grpc.aio.Server, host: str, port: int, tls: TlsOptions | None) -> int:
     """Listen on ``host``:``port`` (a ``host`` of ``unix:PATH``: that socket); returns the
     bound port; raises ``GrpcBindError``."""
-    address = host if host.startswith("unix:") else f"{host}:{port}"
+    if host.startswith("unix:"):
+        address = host
+    else:  # grpc reads "::1:8001" as a name: an IPv6 address needs its brackets
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     credentials = None if tls is None else _credentials(tls)
     try:
         if credentials is None:
