@@ -142,9 +142,16 @@ class Connection:
         bufs = encode(frames)
         total = sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in bufs)
         sent = self.sock.sendmsg(bufs)
-        if sent < total:  # the kernel took part of it: write the rest as one buffer
-            rest = memoryview(b"".join(bytes(b) if isinstance(b, memoryview) else b for b in bufs))[sent:]
-            self.sock.sendall(rest)
+        if sent < total:  # the kernel took part of it: write the rest, buffer by buffer, uncopied
+            for b in bufs:
+                view = memoryview(b)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                if sent >= view.nbytes:
+                    sent -= view.nbytes
+                    continue
+                self.sock.sendall(view[sent:])
+                sent = 0
 
     def _read(self) -> bool:
         """Decode what one ``recv`` brings (blocks until something arrives); False at the end.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -73,3 +74,43 @@ def test_fits_inline_keeps_a_message_under_its_limit() -> None:
     assert fits_inline([b"x" * 10], MAX_MESSAGE_BYTES - (2 << 20))
     assert not fits_inline([memoryview(bytes(2 << 20))], MAX_MESSAGE_BYTES - (2 << 20))
     assert not fits_inline([], MAX_MESSAGE_BYTES)
+
+
+def test_a_message_larger_than_the_socket_takes_goes_whole(tmp_path: Path) -> None:
+    """``Connection.send`` of a message the kernel takes only part of at once (a large frame
+    the arena had no room for): the rest follows buffer by buffer, frames of any memoryview
+    format included, and the reader decodes the message intact."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    got: list[list[bytes]] = []
+
+    def read() -> None:
+        peer, _ = listener.accept()
+        decoder = framing.Decoder()
+        with peer:
+            while len(got) < 2:
+                data = peer.recv(1 << 16)
+                if not data:
+                    break
+                got.extend(decoder.feed(data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    floats = np.arange(3 << 20, dtype=np.float32)  # 12 MiB, format "f"
+    conn = framing.Connection(path, b"me")
+    try:
+        conn.send([b"head", floats.data, b"tail" * 1000])
+        reader.join(30)
+    finally:
+        conn.sock.close()
+        listener.close()
+    assert got[0] == [framing.HELLO, b"me"]
+    assert got[1][0] == b"head" and got[1][2] == b"tail" * 1000
+    assert got[1][1] == floats.tobytes()
