@@ -126,6 +126,20 @@ class Decoder:
         return out
 
 
+def send_rest(sock: socket.socket, bufs: Sequence[Any], sent: int) -> None:
+    """Write what is left of ``bufs`` after their first ``sent`` bytes, buffer by buffer and
+    uncopied (blocking; a large tensor's frame can be hundreds of MiB)."""
+    for b in bufs:
+        view = memoryview(b)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if sent >= view.nbytes:
+            sent -= view.nbytes
+            continue
+        sock.sendall(view[sent:])
+        sent = 0
+
+
 class Connection:
     """The blocking end of a channel connection (a worker's)."""
 
@@ -142,16 +156,8 @@ class Connection:
         bufs = encode(frames)
         total = sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in bufs)
         sent = self.sock.sendmsg(bufs)
-        if sent < total:  # the kernel took part of it: write the rest, buffer by buffer, uncopied
-            for b in bufs:
-                view = memoryview(b)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                if sent >= view.nbytes:
-                    sent -= view.nbytes
-                    continue
-                self.sock.sendall(view[sent:])
-                sent = 0
+        if sent < total:  # the kernel took part of it
+            send_rest(self.sock, bufs, sent)
 
     def _read(self) -> bool:
         """Decode what one ``recv`` brings (blocks until something arrives); False at the end.

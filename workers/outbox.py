@@ -40,6 +40,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from shoal.proto import framing
+
 _FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 JOIN_MAX: Final = 1 << 16
 """Messages up to this size are joined into one buffer and written while keeping the GIL;
@@ -224,12 +226,12 @@ class Outbox:
             raise
 
     def _write_large(self, bufs: list[Any]) -> None:
-        """(``_mu`` held) One ``sendmsg`` of the buffers; the rest as one buffer when the kernel
-        takes part of them (or there are more than ``IOV_MAX``)."""
+        """(``_mu`` held) One ``sendmsg`` of the buffers; the rest buffer by buffer when the
+        kernel takes part of them (or there are more than ``IOV_MAX``)."""
         try:
             sent = self._sock.sendmsg(bufs) if len(bufs) <= IOV_MAX else 0
             if sent < _size(bufs):
-                self._sock.sendall(memoryview(b"".join(bufs))[sent:])
+                framing.send_rest(self._sock, bufs, sent)
         except OSError as exc:
             self._error = exc
             raise

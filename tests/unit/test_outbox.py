@@ -162,3 +162,17 @@ def test_send_after_the_socket_closed_fails(pair: tuple[Outbox, socket.socket]) 
     box._sock.close()
     with pytest.raises(OSError):
         box.send([b"too late"])
+
+
+def test_a_large_array_frame_goes_whole(pair: tuple[Outbox, socket.socket]) -> None:
+    """A tensor's frame of several MiB (a memoryview of format "f": an output its arena had
+    no room for) through a socket that takes 4 KiB at a time: the rest goes buffer by
+    buffer (``framing.send_rest``), and the reader gets the array's bytes."""
+    import numpy as np
+
+    out, peer = pair
+    floats = np.arange(1 << 20, dtype=np.float32)
+    done = threading.Thread(target=out.send, args=([b"answer", floats.data],))
+    done.start()
+    assert _read_messages(peer, 1) == [[b"answer", floats.tobytes()]]
+    done.join()
