@@ -47,6 +47,9 @@ def fits_inline(frames: Sequence[Any], nbytes: int) -> bool:
     return held + nbytes <= MAX_MESSAGE_BYTES - (1 << 20)
 
 
+IOV_MAX: Final = 1024
+"""Buffers one ``sendmsg`` takes at most (Linux's UIO_MAXIOV)."""
+
 RECV_BYTES: Final = 1 << 18
 """A worker's receive buffer (bigger messages arrive over several reads)."""
 
@@ -127,8 +130,9 @@ class Decoder:
 
 
 def send_rest(sock: socket.socket, bufs: Sequence[Any], sent: int) -> None:
-    """Write what is left of ``bufs`` after their first ``sent`` bytes, buffer by buffer and
-    uncopied (blocking; a large tensor's frame can be hundreds of MiB)."""
+    """Write what is left of ``bufs`` after their first ``sent`` bytes with ``sendmsg``, none
+    of them copied (blocking; a large tensor's frame can be hundreds of MiB)."""
+    views: list[memoryview] = []
     for b in bufs:
         view = memoryview(b)
         if view.format != "B" or view.ndim != 1:
@@ -136,8 +140,16 @@ def send_rest(sock: socket.socket, bufs: Sequence[Any], sent: int) -> None:
         if sent >= view.nbytes:
             sent -= view.nbytes
             continue
-        sock.sendall(view[sent:])
+        views.append(view[sent:] if sent else view)
         sent = 0
+    first = 0
+    while first < len(views):
+        n = sock.sendmsg(views[first : first + IOV_MAX])
+        while first < len(views) and n >= views[first].nbytes:
+            n -= views[first].nbytes
+            first += 1
+        if n:
+            views[first] = views[first][n:]
 
 
 class Connection:

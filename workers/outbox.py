@@ -46,8 +46,7 @@ _FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 JOIN_MAX: Final = 1 << 16
 """Messages up to this size are joined into one buffer and written while keeping the GIL;
 bigger ones (large inline tensors) are written from their buffers with ``sendmsg``, no copy."""
-IOV_MAX: Final = 1024
-"""Buffers one ``sendmsg`` takes at most (Linux's UIO_MAXIOV)."""
+IOV_MAX: Final = framing.IOV_MAX
 _AGAIN: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 Send = Callable[[int, bytes, int, int], int]
 
