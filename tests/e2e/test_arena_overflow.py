@@ -29,7 +29,8 @@ SMALL_ARENAS = (
 
 @pytest.fixture(scope="module", params=["router", "frontends"])
 def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "identity_fp32", "bls_identity")
+    models = ("identity_fp32", "bls_identity", "ens_chain3", "slow", "gate")
+    repo = make_repository(tmp_path_factory.mktemp("repo"), *models)
     frontends = ("--frontend-processes", "2") if request.param == "frontends" else ()
     srv = ServerProcess(repo, *SMALL_ARENAS, *frontends).start()
     yield srv
@@ -62,6 +63,21 @@ def test_a_tensor_larger_than_the_arenas_is_served(server: ServerProcess, protoc
         np.testing.assert_array_equal(_echo(c, model, x), x)
         small = np.arange(8, dtype=np.float32)
         np.testing.assert_array_equal(_echo(c, model, small), small)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_ensemble_steps_pass_tensors_larger_than_the_arenas(server: ServerProcess, protocol: str) -> None:
+    """Three steps (slow -> gate -> slow), 24 MiB between each: step outputs that no worker
+    arena can hold reach the next step through the router in the messages."""
+    x = np.abs(np.random.default_rng(2).standard_normal(6 * MiB)).astype(np.float32)  # gate refuses negatives
+    mod: Any = grpcclient if protocol == "grpc" else httpclient
+    c = _client(server, protocol)
+    try:
+        inp = mod.InferInput("X", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(c.infer("ens_chain3", [inp]).as_numpy("Y"), x)
     finally:
         c.close()
 
