@@ -27,10 +27,37 @@ SMALL_ARENAS = (
 )  # fmt: skip
 
 
+BIGSTREAM = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            count, mib = pb_utils.get_input_tensor_by_name(request, "IN").as_numpy().tolist()
+            sender = request.get_response_sender()
+            for i in range(count):
+                out = np.full(mib << 18, i, dtype=np.float32)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out)]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+BIGSTREAM_CONFIG = """backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "IN", data_type: TYPE_INT32, dims: [ 2 ] } ]
+output [ { name: "OUT", data_type: TYPE_FP32, dims: [ -1 ] } ]
+"""
+
+
 @pytest.fixture(scope="module", params=["router", "frontends"])
 def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     models = ("identity_fp32", "bls_identity", "ens_chain3", "slow", "gate")
     repo = make_repository(tmp_path_factory.mktemp("repo"), *models)
+    (repo / "bigstream" / "1").mkdir(parents=True)
+    (repo / "bigstream" / "1" / "model.py").write_text(BIGSTREAM)
+    (repo / "bigstream" / "config.pbtxt").write_text(BIGSTREAM_CONFIG)
     frontends = ("--frontend-processes", "2") if request.param == "frontends" else ()
     srv = ServerProcess(repo, *SMALL_ARENAS, *frontends).start()
     yield srv
@@ -79,6 +106,28 @@ def test_ensemble_steps_pass_tensors_larger_than_the_arenas(server: ServerProces
         inp.set_data_from_numpy(x)
         np.testing.assert_array_equal(c.infer("ens_chain3", [inp]).as_numpy("Y"), x)
     finally:
+        c.close()
+
+
+def test_a_stream_of_responses_larger_than_the_arenas(server: ServerProcess) -> None:
+    """A decoupled model streams 6 responses of 20 MiB (more than its worker's arena may
+    hold, 16 MiB) over gRPC: each arrives, in order, in the messages."""
+    import queue
+
+    got: queue.Queue[Any] = queue.Queue()
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        c.start_stream(callback=lambda result, error: got.put(error if error is not None else result))
+        inp = grpcclient.InferInput("IN", [2], "INT32")
+        inp.set_data_from_numpy(np.array([6, 20], dtype=np.int32))
+        c.async_stream_infer("bigstream", [inp])
+        for i in range(6):
+            item = got.get(timeout=60)
+            assert not isinstance(item, Exception), item
+            out = item.as_numpy("OUT")
+            assert out.shape == (20 * MiB // 4,) and out[0] == i and out[-1] == i
+    finally:
+        c.stop_stream()
         c.close()
 
 

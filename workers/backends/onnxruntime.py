@@ -12,9 +12,9 @@ a batching model's batches to a few sizes (``backends.batchpad``: on a GPU onnxr
 tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a
 model with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a
 GPU, inputs from client system shared memory are read into pinned memory and go up in one
-copy per input and batch (``backends.ortstaging``). ``SHOAL_PIPELINE_BATCHES: true`` runs each batch on a
-thread of the backend's own while the worker reads the next (``backends.pipeline``; off by
-default, not yet measured on a GPU).
+copy per input and batch (``backends.ortstaging``). ``SHOAL_PIPELINE_BATCHES: true`` runs
+each batch on a thread of the backend's own while the worker reads the next
+(``backends.pipeline``; off by default, not yet measured on a GPU).
 """
 
 from __future__ import annotations
