@@ -179,7 +179,10 @@ class App:
             self.tracer = TraceManager(tracing.parse_options(cfg.trace_config))
         except tracing.TraceConfigError as exc:
             raise StartupError(str(exc)) from None
-        self._run = RunDir.create(self.prefix)
+        try:
+            self._run = RunDir.create(self.prefix)
+        except OSError as exc:
+            raise StartupError(f"cannot make the run folder: {exc.strerror or exc}") from None
         self.run_dir = str(self._run.path)
         stale = region.reclaim_stale()
         if stale:

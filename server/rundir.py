@@ -1,5 +1,6 @@
-"""The run directory: a private folder in the temp directory holding the workers' channel
-socket, and the owner locks that tell a live run from a dead one.
+"""The run directory: a private folder in the temp directory (``/tmp`` where the temp
+directory's path is too long for Unix sockets) holding the workers' channel socket, and the
+owner locks that tell a live run from a dead one.
 
 A run is named ``shoal_<pid>_<token>``. While the router lives it holds two exclusive
 locks (``shm.region.OwnerLock``): ``/dev/shm/<run>.lock`` for its shared-memory segments
@@ -11,6 +12,7 @@ namespace.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -28,6 +30,34 @@ _OLD_RUN_DIR_RE = re.compile(r"^shoal-[A-Za-z0-9_]{8}$")
 """``tempfile.mkdtemp(prefix="shoal-")`` folders of Shoal before owner locks."""
 
 
+SUN_PATH_MAX = 107
+"""Bytes of a Unix socket's path at most (``sun_path`` is 108, with its NUL)."""
+_LONGEST = ("shoal_4194304_ffffff", "lane-4194304.sock")
+"""The longest run folder and socket names (PIDs reach 2**22 on Linux)."""
+
+
+def base_dir() -> Path:
+    """Where run folders go: the temp directory (``TMPDIR``), or ``/tmp`` when the sockets of
+    a run folder under it would have longer paths than Unix sockets allow (a long ``TMPDIR``,
+    as batch schedulers and build tools set). Raises ``OSError`` when neither will do."""
+    tmp = Path(tempfile.gettempdir())
+    if _fits(tmp):
+        return tmp
+    fallback = Path("/tmp")
+    if fallback != tmp and _fits(fallback) and os.access(fallback, os.W_OK | os.X_OK):
+        log.info("run folder in %s: socket paths under %s would be too long", fallback, tmp)
+        return fallback
+    raise OSError(
+        errno.ENAMETOOLONG,
+        f"the temporary directory {tmp} is too long a path for the run folder's Unix sockets "
+        f"(at most {SUN_PATH_MAX} bytes) and /tmp cannot be used: set TMPDIR to a shorter directory",
+    )
+
+
+def _fits(base: Path) -> bool:
+    return len(os.fsencode(base.joinpath(*_LONGEST))) <= SUN_PATH_MAX
+
+
 class RunDir:
     """Owned by the router: created at start, removed (locks released) at stop."""
 
@@ -41,7 +71,7 @@ class RunDir:
         """Take the run's locks and make its folder; raises ``OSError``."""
         shm_lock = OwnerLock.acquire(str(SHM_DIR / lock_name(run)))
         try:
-            path = Path(tempfile.gettempdir()) / run
+            path = base_dir() / run
             path.mkdir(mode=0o700)
             dir_lock = OwnerLock.acquire(str(path / "lock"))
         except BaseException:
@@ -60,11 +90,12 @@ class RunDir:
 def reclaim_run_dirs() -> list[str]:
     """Remove run folders of Shoal servers that are gone; returns their paths."""
     removed: list[str] = []
-    tmp = Path(tempfile.gettempdir())
-    try:
-        entries = list(os.scandir(tmp))
-    except OSError:
-        return removed
+    entries = []
+    for tmp in dict.fromkeys((Path(tempfile.gettempdir()), Path("/tmp"))):  # see base_dir
+        try:
+            entries += list(os.scandir(tmp))
+        except OSError:
+            continue
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue

@@ -313,3 +313,27 @@ def test_idle_grpc_stream_does_not_hold_shutdown(tmp_path: Path, fresh_server: l
     finally:
         client.stop_stream()
         client.close()
+
+
+@pytest.mark.parametrize("frontends", [(), ("--frontend-processes", "2")], ids=["router", "frontends"])
+def test_a_long_tmpdir_moves_the_run_folder_to_tmp(
+    tmp_path: Path, fresh_server: list[ServerProcess], frontends: tuple[str, ...]
+) -> None:
+    """A TMPDIR so long that the run folder's Unix sockets could not be bound under it (the
+    server stopped at start with "OSError: AF_UNIX path too long" and a traceback): the run
+    folder goes to /tmp, and requests reach the workers, over lanes too."""
+    long_tmp = tmp_path / ("x" * 60) / ("y" * 50)
+    long_tmp.mkdir(parents=True)
+    repo = make_repository(tmp_path / "repo", "identity_fp32")
+    srv = ServerProcess(repo, *frontends, env={"TMPDIR": str(long_tmp)})
+    fresh_server.append(srv)
+    srv.start()
+    time.sleep(0.3)  # the routes reach the frontends
+    data = np.arange(16, dtype=np.float32)
+    for _ in range(4):
+        inp = httpclient.InferInput("INPUT0", [16], "FP32")
+        inp.set_data_from_numpy(data)
+        assert np.array_equal(srv.client().infer("identity_fp32", [inp]).as_numpy("OUTPUT0"), data)
+    assert len(list(Path("/tmp").glob(f"shoal_{srv.pid}_*"))) == 1
+    assert not list(long_tmp.iterdir())
+    assert srv.terminate() == 0, srv.log[-3000:]

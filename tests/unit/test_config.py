@@ -246,3 +246,19 @@ def test_seed_spellings_of_control_modes(tmp_path: Path) -> None:
     assert _problems(
         "--model-repository", str(tmp_path), "--allow-model-control=1", "--allow-poll-model-repository=1"
     ) == ["--allow-model-control and --allow-poll-model-repository exclude each other"]
+
+
+def test_run_folder_base_avoids_too_long_socket_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The run folder goes in the temp directory unless its sockets' paths would pass 107
+    bytes there; then /tmp; and an error naming TMPDIR when that would not do either."""
+    import tempfile
+
+    from shoal.server import rundir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert rundir.base_dir() == tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("x" * 90)))
+    assert rundir.base_dir() == Path("/tmp")
+    monkeypatch.setattr(rundir, "_LONGEST", ("y" * 100, "lane-4194304.sock"))
+    with pytest.raises(OSError, match="set TMPDIR to a shorter directory"):
+        rundir.base_dir()
