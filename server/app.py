@@ -182,7 +182,8 @@ class App:
         try:
             self._run = RunDir.create(self.prefix)
         except OSError as exc:
-            raise StartupError(f"cannot make the run folder: {exc.strerror or exc}") from None
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StartupError(f"cannot make the run folder: {exc.strerror or exc}{where}") from None
         self.run_dir = str(self._run.path)
         stale = region.reclaim_stale()
         if stale:
