@@ -68,16 +68,25 @@ class RunDir:
 
     @classmethod
     def create(cls, run: str) -> RunDir:
-        """Take the run's locks and make its folder; raises ``OSError``."""
-        shm_lock = OwnerLock.acquire(str(SHM_DIR / lock_name(run)))
+        """Take the run's locks and make its folder; raises ``OSError``. Without a usable
+        /dev/shm (absent, read-only, not ours to write) the run has no lock there and no
+        segments: every tensor travels in the messages (``framing.fits_inline``)."""
+        locks: list[OwnerLock] = []
+        try:
+            locks.append(OwnerLock.acquire(str(SHM_DIR / lock_name(run))))
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.ENOENT, errno.EACCES, errno.EPERM):
+                raise
+            log.warning("no usable shared memory in %s (%s): tensors travel in the messages", SHM_DIR, exc.strerror)
         try:
             path = base_dir() / run
             path.mkdir(mode=0o700)
-            dir_lock = OwnerLock.acquire(str(path / "lock"))
+            locks.append(OwnerLock.acquire(str(path / "lock")))
         except BaseException:
-            shm_lock.release()
+            for lock in locks:
+                lock.release()
             raise
-        return cls(run, path, [shm_lock, dir_lock])
+        return cls(run, path, locks)
 
     def close(self) -> None:
         """Remove the folder, then release the locks (the /dev/shm one last, after the

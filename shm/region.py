@@ -53,6 +53,10 @@ class Segment:
             raise ServingError(
                 "a server shared memory segment name is already taken", code=ErrorCode.ALREADY_EXISTS
             ) from None
+        except OSError as exc:  # no usable /dev/shm: read-only, absent, not ours to write
+            raise ServingError(
+                f"cannot create shared memory in /dev/shm ({exc.strerror})", code=ErrorCode.RESOURCE_EXHAUSTED
+            ) from None
         try:
             try:
                 os.posix_fallocate(shm.fd, 0, nbytes)

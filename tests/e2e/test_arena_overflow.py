@@ -154,12 +154,12 @@ def test_many_large_requests_at_once_overflow_into_messages(server: ServerProces
 _DOCKER_SHM = """
 import json, subprocess, sys
 sys.path.insert(0, sys.argv[1])
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", "/dev/shm"], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", sys.argv[3], "tmpfs", "/dev/shm"], check=True)
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tests.e2e.server import ServerProcess
-srv = ServerProcess(sys.argv[2]).start()
+srv = ServerProcess(sys.argv[2], *sys.argv[4:]).start()
 served = {}
 try:
     for mib in (1, 16, 48):
@@ -186,8 +186,22 @@ def test_docker_default_dev_shm_serves_large_tensors(tmp_path: Path) -> None:
     and every tensor over 32 KiB used to fail (429, "cannot reserve ... in /dev/shm"). Now
     they travel in the messages, with a warning, once per process, naming --shm-size. Runs in a
     private mount namespace with a 64 MiB /dev/shm and the default arena settings."""
-    out = in_private_mounts(_DOCKER_SHM, str(make_repository(tmp_path / "repo", "identity_fp32")))
+    out = in_private_mounts(_DOCKER_SHM, str(make_repository(tmp_path / "repo", "identity_fp32")), "size=64m")
     assert all(v is True for v in out["served"].values()), out["served"]
     assert out["rc"] == 0
     assert out["log"].count("went in the message") <= 2, out["log"][-3000:]  # the worker's, the router's
     assert "--shm-size" in out["log"]
+
+
+@needs_private_dev_shm
+@pytest.mark.parametrize("frontends", [(), ("--frontend-processes", "2")], ids=["router", "frontends"])
+def test_a_read_only_dev_shm_serves_through_the_messages(tmp_path: Path, frontends: tuple[str, ...]) -> None:
+    """No usable /dev/shm (read-only here; absent or not writable alike): the server used to
+    stop at start (its owner lock lives there) or fail every large tensor with a 500
+    "Read-only file system"; now it starts, says so once, and every tensor travels in the
+    messages. Triton serves ONNX and PyTorch models without /dev/shm too."""
+    repo = make_repository(tmp_path / "repo", "identity_fp32")
+    out = in_private_mounts(_DOCKER_SHM, str(repo), "ro,size=1m", *frontends)
+    assert all(v is True for v in out["served"].values()), out["served"]
+    assert out["rc"] == 0
+    assert "no usable shared memory in /dev/shm" in out["log"], out["log"][-3000:]
