@@ -24,6 +24,7 @@ protocol built on ``Decoder`` (``server/dispatch/channel.py``).
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import struct
@@ -45,6 +46,24 @@ def fits_inline(frames: Sequence[Any], nbytes: int) -> bool:
     more on each side but served, as Triton serves it."""
     held = sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
     return held + nbytes <= MAX_MESSAGE_BYTES - (1 << 20)
+
+
+_overflowed = False
+
+
+def overflow(frames: Sequence[Any], nbytes: int, refused: Exception, what: str) -> None:
+    """An arena refused a tensor of ``nbytes`` (``refused``): it goes in the message of
+    ``frames`` instead (``fits_inline``), or ``refused`` is raised when the message cannot
+    carry it either. The first one is logged, once per process (a small /dev/shm would log
+    every large tensor)."""
+    global _overflowed
+    if not fits_inline(frames, nbytes):
+        raise refused
+    if not _overflowed:
+        _overflowed = True
+        logging.getLogger("shoal").warning(
+            "%s of %d bytes went in the message, a copy more: %s (logged once)", what, nbytes, refused
+        )
 
 
 IOV_MAX: Final = 1024

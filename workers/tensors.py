@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +12,7 @@ import numpy.typing as npt
 from shoal.proto import dtypes
 from shoal.proto import errortexts as T
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
-from shoal.proto.framing import fits_inline
+from shoal.proto.framing import overflow
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.shm.arena import Arena
 from shoal.shm.block import Block
@@ -24,7 +23,6 @@ from shoal.workers.devview import DeviceView
 
 Array = npt.NDArray[Any]
 SMALL_COPY_BYTES = 1024
-log = logging.getLogger("shoal.worker")
 """Inline outputs up to this size are copied into the message (``tobytes``), bigger ones
 referenced (a memoryview of the array)."""
 _FIXED: dict[Any, dtypes.DType] = {
@@ -183,9 +181,7 @@ class OutputWriter:
             try:
                 block = self.arena.allocate(nbytes)
             except ServingError as exc:
-                if not fits_inline(frames, nbytes):
-                    raise
-                _note_overflow(nbytes, exc)  # no room: in the message (``framing.fits_inline``)
+                overflow(frames, nbytes, exc, "an output")  # no room: in the message
             if block is not None:
                 view = self.arena.view(block)
                 self.blocks_out += 1
@@ -243,18 +239,6 @@ class OutputWriter:
                 self.regions.write_cuda(dest, data, nbytes)
         ref.client.CopyFrom(dest)
         ref.client.nbytes = nbytes
-
-
-_overflowed = False
-
-
-def _note_overflow(nbytes: int, exc: ServingError) -> None:
-    """Log the first output that went in the message for want of arena room (once per
-    worker: a small /dev/shm would log it for every large output)."""
-    global _overflowed
-    if not _overflowed:
-        _overflowed = True
-        log.warning("an output of %d bytes went in the message, a copy more: %s (logged once)", nbytes, exc.message)
 
 
 def _copy_into(view: memoryview, data: Any) -> None:

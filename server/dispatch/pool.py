@@ -6,14 +6,13 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ModelNotReady, ServingError
-from shoal.proto.framing import fits_inline
+from shoal.proto.framing import overflow
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.wire import RESERVED_PARAMETERS as RESERVED_PARAMETERS
 from shoal.server.dispatch.ratelimit import RateLimiter
@@ -27,9 +26,6 @@ from shoal.shm.mapper import Mapper
 
 if TYPE_CHECKING:
     from shoal.server.tracing import Trace
-
-
-log = logging.getLogger("shoal.dispatch")
 
 
 class DispatchContext:
@@ -215,9 +211,7 @@ class InstancePool:
                     try:
                         block = arena.allocate(n)
                     except ServingError as exc:
-                        if not fits_inline(buffers, n):
-                            raise  # no room for it in the arena nor in a message
-                        _note_overflow(n, exc)
+                        overflow(buffers, n, exc, "an input")
                 if block is None:  # small, or the arena has no room: in the message
                     ref.frame = len(buffers)
                     buffers.append(t.data)
@@ -416,18 +410,6 @@ def _trace_compute(trace: Trace, sent_ns: int, done: wpb.InferDone) -> None:
     """COMPUTE_* of a traced request: the batch's send and reply times here and the
     durations the worker measured (``server.tracing``)."""
     trace.compute(sent_ns, time.monotonic_ns(), done.compute_input_ns, done.compute_infer_ns, done.compute_output_ns)
-
-
-_overflowed = False
-
-
-def _note_overflow(nbytes: int, exc: ServingError) -> None:
-    """Log the first input that went in the message for want of arena room (once: a small
-    /dev/shm would log it for every large input)."""
-    global _overflowed
-    if not _overflowed:
-        _overflowed = True
-        log.warning("an input of %d bytes went in the message, a copy more: %s (logged once)", nbytes, exc.message)
 
 
 def _describe(block: Block, out: wpb.ShmSlice) -> None:
