@@ -70,7 +70,7 @@ class RunDir:
     def create(cls, run: str) -> RunDir:
         """Take the run's locks and make its folder; raises ``OSError``. Without a usable
         /dev/shm (absent, read-only, not ours to write) the run has no lock there and no
-        segments: every tensor travels in the messages (``framing.fits_inline``)."""
+        segments: every tensor travels in the messages (``framing.overflow``)."""
         locks: list[OwnerLock] = []
         try:
             locks.append(OwnerLock.acquire(str(SHM_DIR / lock_name(run))))

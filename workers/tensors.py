@@ -91,7 +91,7 @@ def read_input(
 class OutputWriter:
     """Turns output arrays into ``TensorRef``s: small ones as frames, large ones in the
     worker-owned output ``arena`` (the router reads them and sends ``Release``), or as frames
-    too when the arena has no room for them (``framing.fits_inline``)."""
+    too when the arena has no room for them (``framing.overflow``)."""
 
     def __init__(self, arena: Arena, inline_max_bytes: int, regions: ClientRegions, lock: Any = None) -> None:
         self.arena = arena
