@@ -47,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     """The server alone (the router batches, the worker runs each batch as it comes), or with
     two frontend processes (their lanes reach the worker, which batches and, with
     ``SHOAL_PIPELINE_BATCHES: true``, pipelines: each batch runs on the backend's thread while
-    the next is read, ``backends.pipeline``). Not yet run on a GPU."""
+    the next is read, ``backends.pipeline``)."""
     repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx", "mlp_onnx")
     batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n" + PIPELINE
     for name, extra in (("onnx_gpu", batching), ("onnx_trt", TRT)):
@@ -113,9 +113,14 @@ def test_plain_tensors_and_cuda_shared_memory(server: ServerProcess, protocol: s
         cudashm.destroy_shared_memory_region(h)
 
 
-def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProcess) -> None:
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "all-cuda-shm"])
+def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProcess, mixed: bool) -> None:
+    """Every other request in CUDA shared memory (OUTPUT0 there too), or every request with
+    both outputs there: the batch's inputs are joined on the device by one kernel launch
+    (``ortcuda.DeviceGather``, padded to a power of two), both outputs stay on the device and
+    each request's rows are copied into its region."""
     _ready(server, "onnx_gpu")
-    n_req = 12
+    n_req = 12 if mixed else 7
     handles = [cudashm.create_shared_memory_region(f"ortm{k}", 4 * 64, 0) for k in range(n_req)]
     setup = httpclient.InferenceServerClient(server.url)
     errors: list[BaseException] = []
@@ -130,26 +135,29 @@ def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProc
                 httpclient.InferInput("INPUT1", [1, 16], "INT32"),
             )
             outs = [httpclient.InferRequestedOutput("OUTPUT0"), httpclient.InferRequestedOutput("OUTPUT1")]
-            if k % 2:
+            in_shm = k % 2 or not mixed
+            if in_shm:
                 cudashm.set_shared_memory_region(handles[k], [x, y])
                 i0.set_shared_memory(f"ortm{k}", 64)
                 i1.set_shared_memory(f"ortm{k}", 64, offset=64)
                 outs[0].set_shared_memory(f"ortm{k}", 64, offset=128)
+                if not mixed:
+                    outs[1].set_shared_memory(f"ortm{k}", 64, offset=192)
             else:
                 i0.set_data_from_numpy(x)
                 i1.set_data_from_numpy(y)
             barrier.wait()
             r = c.infer("onnx_gpu", [i0, i1], outputs=outs)
-            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
-            got = cudashm.get_contents_as_numpy(handles[k], np.int32, [4, 16])[2:3] if k % 2 else r.as_numpy("OUTPUT0")
-            np.testing.assert_array_equal(got, x + y)
+            region = cudashm.get_contents_as_numpy(handles[k], np.int32, [4, 16])
+            np.testing.assert_array_equal(region[3:4] if not mixed else r.as_numpy("OUTPUT1"), x - y)
+            np.testing.assert_array_equal(region[2:3] if in_shm else r.as_numpy("OUTPUT0"), x + y)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
             c.close()
 
     try:
-        for k in range(1, n_req, 2):
+        for k in range(1, n_req, 2) if mixed else range(n_req):
             setup.register_cuda_shared_memory(f"ortm{k}", cudashm.get_raw_handle(handles[k]), 0, 4 * 64)
         threads = [threading.Thread(target=one, args=(k,)) for k in range(n_req)]
         for t in threads:

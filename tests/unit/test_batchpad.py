@@ -139,6 +139,21 @@ def test_the_gpu_default_pads_only_behind_a_dynamic_batcher(repo: Path) -> None:
     assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True) is None
 
 
+def test_preferred_batch_sizes_join_the_default_buckets(repo: Path) -> None:
+    """A batch the dynamic batcher formed at a preferred size runs unpadded: by default the
+    preferred sizes join the powers of two (sizes past max_batch_size are left out); an
+    explicit ``SHOAL_ORT_BATCH_BUCKETS`` is taken as it is."""
+    config = _mlp(repo, None)
+    config.dynamic_batching.preferred_batch_size.extend([6, 24, 500])
+    buckets = _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True)
+    assert buckets is not None and buckets.sizes == [1, 2, 4, 6, 8, 16, 24, 32, 64]
+    assert [buckets.fit(n) for n in (5, 6, 7, 20, 24, 25)] == [6, 6, 8, 24, 24, 32]
+    assert _buckets(_spec(repo, "mlp_onnx", config), on_gpu=False) is None
+    config.parameters["SHOAL_ORT_BATCH_BUCKETS"].string_value = "8"
+    buckets = _buckets(_spec(repo, "mlp_onnx", config), on_gpu=True)
+    assert buckets is not None and buckets.sizes == [8, 64]
+
+
 def test_the_server_wide_backend_config_sets_it_too(repo: Path) -> None:
     """``--backend-config=onnxruntime,SHOAL_ORT_BATCH_BUCKETS=...`` for every model; a model's
     own parameter wins."""
@@ -154,8 +169,8 @@ def test_the_server_wide_backend_config_sets_it_too(repo: Path) -> None:
 def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> None:
     """``SHOAL_PIPELINE_BATCHES: true``: ``launch`` hands the run to the backend's thread and
     returns; batches launched one after the other finish with what ``execute`` gives, padded
-    ones too; an error in a run is raised by its ``finish``; off by default, even where it
-    would pad (the GPU default is not yet measured)."""
+    ones too; an error in a run is raised by its ``finish``; off by default on the CPU, even
+    where it would pad (``auto`` is on for GPU sessions with IO binding only)."""
     import threading
 
     config = _mlp(repo, "pow2")

@@ -12,9 +12,9 @@ a batching model's batches to a few sizes (``backends.batchpad``: on a GPU onnxr
 tens of milliseconds whenever the batch size changes); ``pow2`` by default on a GPU for a
 model with a dynamic batcher, else ``off``; never for string, ragged or sequence inputs. On a
 GPU, inputs from client system shared memory are read into pinned memory and go up in one
-copy per input and batch (``backends.ortstaging``). ``SHOAL_PIPELINE_BATCHES: true`` runs
-each batch on a thread of the backend's own while the worker reads the next
-(``backends.pipeline``; off by default, not yet measured on a GPU).
+copy per input and batch (``backends.ortstaging``). ``SHOAL_PIPELINE_BATCHES`` (``auto``: on
+for a session on the CUDA provider with IO binding) runs each batch on a thread of the
+backend's own while the worker reads the next (``backends.pipeline``).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._outputs += [name for name in state_outputs(cfg) if name not in self._outputs]
         self._io: ortcuda.IoBindingRun | None = None
         self._staging: ortstaging.PinnedStaging | None = None
+        self._gather: ortcuda.DeviceGather | None = None
         on_gpu = "CUDAExecutionProvider" in session.get_providers() and spec.device.is_gpu
         if on_gpu and self.ragged is None and not self._string_inputs and not self._string_outputs:
             self._io = ortcuda.IoBindingRun(session, ortcuda.output_dtypes(cfg))
@@ -97,8 +98,10 @@ class OnnxRuntimeBackend(BatchedBackend):
             if importlib.util.find_spec("cupy") is not None:
                 self._staging = ortstaging.PinnedStaging()
                 self.host_input = self._staging.take  # client shared memory read into pinned memory
+                self._gather = ortcuda.DeviceGather()
+                self.device_views = True  # CUDA shared memory read by address (``DeviceGather``)
         self._buckets = _buckets(spec, on_gpu)
-        self.pipelined = pipelined(spec, False) and self.ragged is None  # auto: off (see pipeline.pipelined)
+        self.pipelined = pipelined(spec, self._io is not None) and self.ragged is None
         self._thread = BatchThread(spec.name) if self.pipelined else None
 
     @classmethod
@@ -220,13 +223,18 @@ class OnnxRuntimeBackend(BatchedBackend):
             self._staging.begin()
 
     def _merged(self, requests: Sequence[WorkRequest], pad: int) -> Mapping[str, Any]:
-        """The batch's inputs, copied to the device in one piece each when they were read
-        into the pinned staging one after the other (``ortstaging``), else joined on the host."""
-        staging = self._staging
-        if staging is not None and requests and requests[0].inputs:
+        """The batch's inputs, each joined on the device in one piece: CUDA-shared-memory
+        views by one kernel launch (``ortcuda.DeviceGather``), arrays read into the pinned
+        staging one after the other by one copy up (``ortstaging``); anything else joined on
+        the host (or by CuPy) as before."""
+        gather, staging = self._gather, self._staging
+        if (gather is not None or staging is not None) and requests and requests[0].inputs:
             out = {}
             for name in requests[0].inputs:
-                joined = staging.batch([r.inputs[name] for r in requests], pad)
+                parts = [r.inputs[name] for r in requests]
+                joined = gather.join(parts, pad) if gather is not None else None
+                if joined is None and staging is not None:
+                    joined = staging.batch(parts, pad)
                 if joined is None:
                     break
                 out[name] = joined
@@ -376,14 +384,20 @@ def _session_options(ort: Any, spec: ModelSpec) -> Any:
 def _buckets(spec: ModelSpec, on_gpu: bool) -> batchpad.BatchBuckets | None:
     """The batch padding of ``SHOAL_ORT_BATCH_BUCKETS``; by default ``pow2`` for a GPU session
     of a model with a dynamic batcher (which joins requests, so its rows are independent; a
-    model without one may compute across the rows a client sends), else none. None: no
-    padding (also for models that do not batch, or have string, ragged or sequence inputs)."""
+    model without one may compute across the rows a client sends), with the batcher's
+    ``preferred_batch_size``s added (a batch the batcher formed at a preferred size runs
+    unpadded), else none. None: no padding (also for models that do not batch, or have
+    string, ragged or sequence inputs)."""
     cfg = spec.config
     raw = _parameter(spec, "SHOAL_ORT_BATCH_BUCKETS")
+    preferred: list[int] = []
     if raw is None:
         raw = "pow2" if on_gpu and cfg.HasField("dynamic_batching") else "off"
+        preferred = [n for n in cfg.dynamic_batching.preferred_batch_size if 0 < n <= cfg.max_batch_size]
     try:
         sizes = batchpad.parse_buckets(raw, max(cfg.max_batch_size, 1))
+        if sizes is not None and preferred:
+            sizes = sorted(set(sizes) | set(preferred))
     except ValueError as exc:
         raise ServingError(
             f"model '{spec.name}': parameter 'SHOAL_ORT_BATCH_BUCKETS': {exc}", code=ErrorCode.INVALID_ARGUMENT

@@ -8,11 +8,19 @@ CUDA provider as they are); the model ``parameters`` Triton still reads for the 
 (``cudnn_conv_algo_search`` 0/1/2, ``gpu_mem_limit``, ``arena_extend_strategy`` 0/1,
 ``do_copy_in_default_stream``) too. The instance's GPU is the worker's device 0.
 
-IO binding (``IoBindingRun``): inputs that lie in CUDA memory (CUDA shared memory, as CuPy
-arrays) are bound where they lie, host inputs are bound as host memory (the runtime copies
-them up), outputs that every request of the batch wants in CUDA shared memory stay on the
-device (CuPy arrays over the runtime's buffers, kept alive with them), the others come back
-to the host once per batch. The TensorRT provider is untested here (no TensorRT libraries).
+IO binding (``IoBindingRun``): inputs that lie in CUDA memory (CUDA shared memory, as
+``DeviceView``s or CuPy arrays) are bound where they lie, host inputs are bound as host memory
+(the runtime copies them up), outputs that every request of the batch wants in CUDA shared
+memory stay on the device (``DeviceView``s of the runtime's buffers, kept alive with them),
+the others come back to the host once per batch. A batch's inputs in CUDA shared memory are
+joined in one device buffer by one kernel launch (``DeviceGather``, ``workers.cudacopy``).
+The TensorRT provider is untested here (no TensorRT libraries).
+
+DESIGN (issue 18): with a CuPy array per request (a view of its region going in, a slice of
+the batch's output coming out) and ``cupy.concatenate`` joining them, the worker's main thread
+spent 16% of its time building, slicing and joining CuPy arrays (resnet18 export, c=256 over
+CUDA shared memory, H200), where only their addresses matter; the PyTorch backend's views
+(``workers.devview``) cost a Python object each.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import numpy as np
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.workers.backends.base import ModelSpec
+from shoal.workers.cudacopy import SegmentCopier
+from shoal.workers.devview import DeviceView, address
 from shoal.workers.tensors import is_device_array
 
 TRT_OPTIONS: Final[dict[str, str]] = {
@@ -123,7 +133,7 @@ class IoBindingRun:
         for name, array in feed.items():
             if is_device_array(array):
                 array = array if array.flags.c_contiguous else array.copy()
-                io.bind_input(name, "cuda", DEVICE, array.dtype, tuple(array.shape), array.data.ptr)
+                io.bind_input(name, "cuda", DEVICE, array.dtype, tuple(array.shape), address(array))
             else:
                 io.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in output_names:
@@ -135,21 +145,53 @@ class IoBindingRun:
         out: dict[str, Any] = {}
         for name, value in zip(output_names, io.get_outputs(), strict=True):
             if value.device_name().lower() == "cuda":
-                out[name] = _cupy_view(value, self.out_dtypes[name])
+                out[name] = DeviceView(value.data_ptr(), tuple(value.shape()), self.out_dtypes[name], DEVICE, value)
             else:
                 out[name] = value.numpy()
         return out
 
 
-def _cupy_view(value: Any, dtype: Any) -> Any:
-    """A CuPy array over an OrtValue in device memory (the array keeps the value alive)."""
-    import cupy
+class DeviceGather:
+    """Joins a batch's ``DeviceView`` inputs on the instance's GPU into one device buffer."""
 
-    shape = tuple(value.shape())
-    count = int(np.prod(shape, dtype=np.int64))
-    nbytes = count * np.dtype(dtype).itemsize
-    mem = cupy.cuda.UnownedMemory(value.data_ptr(), nbytes, value, device_id=DEVICE)
-    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+    def __init__(self) -> None:
+        self.copier = SegmentCopier()
+        self._stream: Any = None
+
+    def join(self, parts: Sequence[Any], pad: int) -> Any:
+        """``parts`` (one input of each request of a batch) joined along dimension 0 with
+        ``pad`` rows of zeros after them: the one view itself when it is the batch, else a
+        CuPy array filled by one kernel launch on a stream of this instance, waited for here
+        (the session's run follows on its own stream). None when a part is not a view on
+        the instance's GPU, or the parts differ in type or in their other dimensions (the
+        caller joins them its own way)."""
+        first = parts[0]
+        if first.__class__ is not DeviceView:
+            return None
+        tail, dtype = first.shape[1:], first.dtype
+        rows = 0
+        for p in parts:
+            if p.__class__ is not DeviceView or p.device_id != DEVICE or p.shape[1:] != tail or p.dtype != dtype:
+                return None
+            rows += p.shape[0]
+        if len(parts) == 1 and not pad:
+            return first
+        import cupy
+
+        with cupy.cuda.Device(DEVICE):
+            if self._stream is None:
+                self._stream = cupy.cuda.Stream(non_blocking=True)
+            out = cupy.empty((rows + pad, *tail), dtype=dtype)
+            base = pos = out.data.ptr
+            segments = []
+            for p in parts:
+                segments.append((pos, p.ptr, p.nbytes))
+                pos += p.nbytes
+            self.copier.copy(segments, self._stream)
+            if pad:
+                cupy.cuda.runtime.memsetAsync(pos, 0, out.nbytes - (pos - base), self._stream.ptr)
+            self._stream.synchronize()
+        return out
 
 
 def output_dtypes(config: Any) -> dict[str, Any]:
