@@ -232,6 +232,58 @@ def test_batches_from_system_shared_memory_padded_on_the_gpu(server: ServerProce
             shm.destroy_shared_memory_region(h)
 
 
+def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerProcess) -> None:
+    """A model with two inputs: the worker reads them request by request into the pinned
+    staging (interleaved), the batch goes up in one copy and each input's rows are gathered on
+    the device by one kernel launch (``PinnedStaging.batch_inputs``), padded to a power of two;
+    every client gets its own sums and differences."""
+    _ready(server, "onnx_gpu")
+    sizes = [1, 2, 3, 1, 2, 1, 4, 1]
+    xs = [_data(k, rows=n) for k, n in enumerate(sizes)]
+    keys = [f"/ort2in_{os.getpid()}_{k}" for k in range(len(xs))]
+    regions = [shm.create_shared_memory_region(f"ort2in{k}", keys[k], 2 * x.nbytes) for k, (x, _) in enumerate(xs)]
+    setup = httpclient.InferenceServerClient(server.url)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(xs))
+
+    def one(k: int) -> None:
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            x, y = xs[k]
+            i0 = grpcclient.InferInput("INPUT0", list(x.shape), "INT32")
+            i1 = grpcclient.InferInput("INPUT1", list(y.shape), "INT32")
+            i0.set_shared_memory(f"ort2in{k}", x.nbytes)
+            i1.set_shared_memory(f"ort2in{k}", y.nbytes, offset=x.nbytes)
+            barrier.wait()
+            r = c.infer("onnx_gpu", [i0, i1])
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + y)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            c.close()
+
+    try:
+        before = setup.get_inference_statistics("onnx_gpu")["model_stats"][0]["execution_count"]
+        for k, (x, y) in enumerate(xs):
+            shm.set_shared_memory_region(regions[k], [x, y])
+            setup.register_system_shared_memory(f"ort2in{k}", keys[k], 2 * x.nbytes)
+        for _ in range(3):
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(xs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors
+        executions = int(setup.get_inference_statistics("onnx_gpu")["model_stats"][0]["execution_count"]) - int(before)
+        assert executions < 3 * len(xs), executions  # some batches joined several requests
+    finally:
+        setup.unregister_system_shared_memory()
+        setup.close()
+        for h in regions:
+            shm.destroy_shared_memory_region(h)
+
+
 def test_tensorrt_accelerator(server: ServerProcess) -> None:
     _ready(server, "onnx_gpu")
     c = httpclient.InferenceServerClient(server.url)

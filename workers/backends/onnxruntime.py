@@ -225,22 +225,26 @@ class OnnxRuntimeBackend(BatchedBackend):
     def _merged(self, requests: Sequence[WorkRequest], pad: int) -> Mapping[str, Any]:
         """The batch's inputs, each joined on the device in one piece: CUDA-shared-memory
         views by one kernel launch (``ortcuda.DeviceGather``), arrays read into the pinned
-        staging one after the other by one copy up (``ortstaging``); anything else joined on
-        the host (or by CuPy) as before."""
+        staging by one copy up (``ortstaging``); anything else joined on the host (or by CuPy)
+        as before."""
         gather, staging = self._gather, self._staging
-        if (gather is not None or staging is not None) and requests and requests[0].inputs:
-            out = {}
-            for name in requests[0].inputs:
-                parts = [r.inputs[name] for r in requests]
-                joined = gather.join(parts, pad) if gather is not None else None
-                if joined is None and staging is not None:
-                    joined = staging.batch(parts, pad)
-                if joined is None:
-                    break
-                out[name] = joined
+        if (gather is None and staging is None) or not requests or not requests[0].inputs:
+            return merged_inputs(requests, pad)
+        out: dict[str, Any] = {}
+        host: dict[str, list[Any]] = {}
+        for name in requests[0].inputs:
+            parts = [r.inputs[name] for r in requests]
+            joined = gather.join(parts, pad) if gather is not None else None
+            if joined is None:
+                host[name] = parts
             else:
-                return out
-        return merged_inputs(requests, pad)
+                out[name] = joined
+        if host:
+            staged = staging.batch_inputs(host, pad) if staging is not None else None
+            if staged is None:
+                return merged_inputs(requests, pad)
+            out.update(staged)
+        return out
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
         """Run the session once on already-batched inputs."""

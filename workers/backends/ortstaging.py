@@ -8,20 +8,24 @@ system shm on the H200) put 38 of the main thread's 48% there and 2.4% in the ru
 
 ``PinnedStaging`` is the backend's ``host_input``: the worker reads each input straight into
 one page-locked buffer (the large reads on its threads). When a batch's arrays of an input lie
-there one after the other, as they do for a model with one input, ``batch`` copies them to the
-device in one asynchronous copy (zero rows after them for ``batchpad``'s padding), and the
-session binds that device buffer as it binds CUDA shared memory. Anything else (several
-inputs, which interleave request by request; inputs that did not come from client shared
-memory) is joined on the host as before. The buffer grows to the largest batch seen; a batch
-is done with it before the worker reads the next (``begin``), the session's run being
-synchronous.
+there one after the other, as they do for a model with one input, ``batch_inputs`` copies them
+to the device in one asynchronous copy (zero rows after them for ``batchpad``'s padding), and
+the session binds that device buffer as it binds CUDA shared memory. Several inputs, which
+interleave request by request, go up in one copy of the staged bytes and are sorted into
+their inputs' buffers on the device by one kernel launch (``workers.cudacopy``). Inputs that
+did not come from client shared memory are joined on the host as before. The buffer grows to
+the largest batch seen; a batch is done with it before the worker reads the next (``begin``),
+the session's run being synchronous.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 import numpy as np
+
+from shoal.workers.cudacopy import SegmentCopier
 
 ALIGN: Final = 16
 """Byte alignment of each input handed out."""
@@ -37,6 +41,7 @@ class PinnedStaging:
         self._retired: list[Any] = []
         """Buffers outgrown during the batch (its earlier inputs still live there)."""
         self._stream: Any = None
+        self._copier: SegmentCopier | None = None
 
     def begin(self) -> None:
         """A new batch: what was handed out before is no longer used. Buffers outgrown
@@ -67,38 +72,84 @@ class PinnedStaging:
         self._used = end
         return self._view[start:end].data
 
-    def batch(self, arrays: list[Any], pad: int) -> Any:
-        """The requests' ``arrays`` of one input joined on the device (a CuPy array, ``pad``
-        rows of zeros after them), or None when they do not lie one after the other in this
-        buffer (the caller joins them on the host)."""
+    def _plan(self, arrays: list[Any]) -> _Plan | None:
+        """Where the requests' ``arrays`` of one input lie in this buffer, or None when one
+        does not lie there (or they differ in type or in their other dimensions)."""
         first = arrays[0]
         if self._view is None or type(first) is not np.ndarray:
             return None
-        ptr = first.ctypes.data
-        if ptr < self._base:
-            return None
-        rows, tail = 0, first.shape[1:]
+        tail, dtype = first.shape[1:], first.dtype
+        lo, hi = self._base, self._base + self._used
+        rows, adjacent, at = 0, True, first.ctypes.data
         for a in arrays:
-            if type(a) is not np.ndarray or a.ctypes.data != ptr or a.shape[1:] != tail or a.dtype != first.dtype:
+            if type(a) is not np.ndarray or a.shape[1:] != tail or a.dtype != dtype or not a.flags.c_contiguous:
                 return None
-            if not a.flags.c_contiguous:
+            ptr = a.ctypes.data
+            if ptr < lo or ptr + a.nbytes > hi:
                 return None
-            ptr += a.nbytes
+            adjacent = adjacent and ptr == at
+            at = ptr + a.nbytes
             rows += a.shape[0]
-        if ptr > self._base + self._used:
-            return None
+        return _Plan(arrays, rows, tail, dtype, adjacent)
+
+    def batch_inputs(self, parts: Mapping[str, list[Any]], pad: int) -> dict[str, Any] | None:
+        """Each input's arrays of a batch (``parts``: name -> the requests' arrays) joined on
+        the device (CuPy arrays, ``pad`` rows of zeros after them), or None when one of them
+        does not lie in this buffer (the caller joins them on the host). One input's arrays
+        one after the other (a model with one input) go up in one copy; inputs of several,
+        which interleave request by request, go up in one copy of the staged bytes and are
+        then gathered on the device into each input's buffer by one kernel launch
+        (``workers.cudacopy``). Waits for the copies."""
+        plans = {}
+        for name, arrays in parts.items():
+            plan = self._plan(arrays)
+            if plan is None:
+                return None
+            plans[name] = plan
         import cupy
 
+        rt = cupy.cuda.runtime
         if self._stream is None:
             self._stream = cupy.cuda.Stream(non_blocking=True)
-        out = cupy.empty((rows + pad, *tail), dtype=first.dtype)
-        nbytes = ptr - first.ctypes.data
-        with self._stream:
-            if nbytes:
-                cupy.cuda.runtime.memcpyAsync(
-                    out.data.ptr, first.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, self._stream.ptr
-                )
-            if pad:
-                out[rows:] = 0
-        self._stream.synchronize()
+        stream = self._stream
+        out: dict[str, Any] = {}
+        with stream:
+            outs = {name: cupy.empty((p.rows + pad, *p.tail), dtype=p.dtype) for name, p in plans.items()}
+            if all(p.adjacent for p in plans.values()):
+                for name, p in plans.items():
+                    nbytes = sum(a.nbytes for a in p.arrays)
+                    if nbytes:
+                        first = p.arrays[0].ctypes.data
+                        rt.memcpyAsync(outs[name].data.ptr, first, nbytes, rt.memcpyHostToDevice, stream.ptr)
+            else:
+                whole = cupy.empty(self._used, dtype=np.uint8)
+                rt.memcpyAsync(whole.data.ptr, self._base, self._used, rt.memcpyHostToDevice, stream.ptr)
+                segments = []
+                for name, p in plans.items():
+                    pos = outs[name].data.ptr
+                    for a in p.arrays:
+                        segments.append((pos, whole.data.ptr + a.ctypes.data - self._base, a.nbytes))
+                        pos += a.nbytes
+                if self._copier is None:
+                    self._copier = SegmentCopier()
+                self._copier.copy(segments, stream)
+            for name, p in plans.items():
+                if pad:
+                    outs[name][p.rows :] = 0
+                out[name] = outs[name]
+        stream.synchronize()
         return out
+
+
+class _Plan:
+    """One input's arrays of a batch in the staging buffer (``PinnedStaging._plan``)."""
+
+    __slots__ = ("arrays", "rows", "tail", "dtype", "adjacent")
+
+    def __init__(self, arrays: list[Any], rows: int, tail: tuple[int, ...], dtype: Any, adjacent: bool) -> None:
+        self.arrays = arrays
+        self.rows = rows
+        self.tail = tail
+        self.dtype = dtype
+        self.adjacent = adjacent
+        """Each array starts where the one before ends (one copy up)."""
