@@ -3,6 +3,7 @@ backend (``SHOAL_ORT_BATCH_BUCKETS``), with real onnxruntime sessions on the CPU
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +186,13 @@ def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> No
             threads.append(threading.current_thread().name)
             return super().run(inputs, output_names)
 
+    interval = sys.getswitchinterval()
     backend = Noting.load(_spec(repo, "mlp_onnx", config))
     plain = OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx"))
     rng = np.random.default_rng(5)
     try:
         assert backend.pipelined
+        assert sys.getswitchinterval() == pytest.approx(500e-6)  # the batch thread gets the GIL back soon
         batches = []
         for sizes in ((2, 1), (3,), (1, 1, 1, 4), (5,)):
             xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in sizes]
@@ -209,4 +212,23 @@ def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> No
     finally:
         backend.close()
         plain.close()
+        sys.setswitchinterval(interval)
     assert not any(t.name.startswith("batch-mlp_onnx") for t in threading.enumerate())
+
+
+def test_the_gil_switch_interval_of_a_pipelined_worker(repo: Path) -> None:
+    """``SHOAL_GIL_SWITCH_INTERVAL_US`` sets the interval a batch thread gives the worker; a
+    value that is no positive integer fails the load, naming the parameter."""
+    config = _mlp(repo, "pow2")
+    config.parameters["SHOAL_PIPELINE_BATCHES"].string_value = "true"
+    config.parameters["SHOAL_GIL_SWITCH_INTERVAL_US"].string_value = "2000"
+    interval = sys.getswitchinterval()
+    try:
+        OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx", config)).close()
+        assert sys.getswitchinterval() == pytest.approx(2000e-6)
+        for bad in ("0", "-5", "fast", "1.5"):
+            config.parameters["SHOAL_GIL_SWITCH_INTERVAL_US"].string_value = bad
+            with pytest.raises(ServingError, match="SHOAL_GIL_SWITCH_INTERVAL_US"):
+                OnnxRuntimeBackend.load(_spec(repo, "mlp_onnx", config))
+    finally:
+        sys.setswitchinterval(interval)

@@ -41,7 +41,7 @@ from shoal.workers.backends.base import (
     model_file,
     relative,
 )
-from shoal.workers.backends.pipeline import BatchThread, pipelined
+from shoal.workers.backends.pipeline import BatchThread, pipelined, switch_interval_us
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
 
 DEFAULT_FILENAME: Final = "model.onnx"
@@ -102,7 +102,7 @@ class OnnxRuntimeBackend(BatchedBackend):
                 self.device_views = True  # CUDA shared memory read by address (``DeviceGather``)
         self._buckets = _buckets(spec, on_gpu)
         self.pipelined = pipelined(spec, self._io is not None) and self.ragged is None
-        self._thread = BatchThread(spec.name) if self.pipelined else None
+        self._thread = BatchThread(spec.name, switch_interval_us(spec)) if self.pipelined else None
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Self:
