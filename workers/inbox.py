@@ -135,6 +135,11 @@ class Inbox:
             self._cond.notify_all()
         return True
 
+    @property
+    def backlog(self) -> bool:
+        """Whether messages for the main loop are waiting (a look, without the lock)."""
+        return bool(self._backlog)
+
     def take_all(self, pick: Callable[[Incoming], bool], full: Callable[[], bool]) -> list[Incoming]:
         """Remove and return, in order, every message for the main loop that ``pick``
         accepts, until ``full()`` (``take_from``, under the lock)."""

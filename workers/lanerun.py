@@ -104,7 +104,9 @@ class LaneRuns:
         done (the queue delay plays no part: its requests wait for the instance anyway, as
         in Triton's batcher while every instance is busy); when none is waiting, the running
         batch is answered at once. Releases and cancels on lanes are handled in between;
-        anything else ends the pipeline, and the main loop takes it in its turn."""
+        anything else ends the pipeline, and the main loop takes it in its turn. A batch that
+        its backend left waiting (``Launched.start``: onnxruntime's thread) is begun only
+        when a request waits behind it; else it runs in ``finish``, on this thread."""
         launched = self._launch_lanes(items)
         while True:
             following = None
@@ -123,8 +125,10 @@ class LaneRuns:
     def _waiting_lane_batch(self, running: _LaneBatch) -> list[Incoming] | None:
         """The next lane batch if lane requests come first in the backlog (cancels before
         them are passed over), else None; gathered while ``running`` runs."""
-        inbox, batcher = self.inbox, self.lane_batcher
+        inbox, batcher, launched = self.inbox, self.lane_batcher, running.launched
         assert inbox is not None and batcher is not None
+        if launched is not None and inbox.backlog:
+            launched.start()  # something to read meanwhile
         inbox.read_now(0)
         while True:
             item = inbox.take_first(_lane_work)
@@ -133,7 +137,10 @@ class LaneRuns:
             env, _, lane = item
             kind = env.WhichOneof("body")
             if kind == "infer" and lane is not None and not lane.dead:
-                return batcher.gather(item, until=running.launched.done if running.launched else None)
+                if launched is None:
+                    return batcher.gather(item)
+                launched.start()
+                return batcher.gather(item, until=launched.done)
 
     def _launch_lanes(self, items: list[Incoming]) -> _LaneBatch:
         """Read a lane batch and start it on the backend (``_finish_lanes`` answers it)."""

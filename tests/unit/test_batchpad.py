@@ -168,9 +168,10 @@ def test_the_server_wide_backend_config_sets_it_too(repo: Path) -> None:
 
 
 def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> None:
-    """``SHOAL_PIPELINE_BATCHES: true``: ``launch`` hands the run to the backend's thread and
-    returns; batches launched one after the other finish with what ``execute`` gives, padded
-    ones too; an error in a run is raised by its ``finish``; off by default on the CPU, even
+    """``SHOAL_PIPELINE_BATCHES: true``: ``launch`` returns the batch not begun; ``start``
+    hands it to the backend's thread (in order), ``finish`` runs one nothing started on the
+    caller's thread; batches finish with what ``execute`` gives, padded ones too; an error in
+    a run is raised by its ``finish``; off by default on the CPU, even
     where it would pad (``auto`` is on for GPU sessions with IO binding only)."""
     import threading
 
@@ -198,17 +199,24 @@ def test_pipelined_launches_run_in_order_on_the_backend_thread(repo: Path) -> No
             xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in sizes]
             batches.append([WorkRequest(id=i, inputs={"INPUT0": x}, requested_outputs=[]) for i, x in enumerate(xs)])
         launched = [backend.launch(b) for b in batches]
+        assert not threads and not any(one.done() for one in launched)  # none begun yet
+        for one in launched[:3]:  # begun in turn on the thread; the last one runs in finish
+            one.start()
+            one.start()  # once only
         for reqs, one in zip(batches, launched, strict=True):
             got, want = one.finish(), plain.execute(reqs)
-            assert one.done()
             for r, g, w in zip(reqs, got, want, strict=True):
                 assert g.outputs["OUTPUT0"].shape == (r.inputs["INPUT0"].shape[0], 16)
                 np.testing.assert_allclose(g.outputs["OUTPUT0"], w.outputs["OUTPUT0"], rtol=1e-5, atol=1e-5)
-        assert threads and all(name.startswith("batch-mlp_onnx") for name in threads), threads
+        assert all(one.done() for one in launched[:3])
+        assert threads[:3] == ["batch-mlp_onnx_0"] * 3 and threads[3:] == ["MainThread"], threads
         bad = [WorkRequest(id=0, inputs={"INPUT0": np.zeros((1, 255), dtype=np.float32)}, requested_outputs=[])]
-        failed = backend.launch(bad)
-        with pytest.raises(ServingError, match="onnxruntime"):
-            failed.finish()
+        for begin in (True, False):  # an error is raised by finish, on the thread or not
+            failed = backend.launch(bad)
+            if begin:
+                failed.start()
+            with pytest.raises(ServingError, match="onnxruntime"):
+                failed.finish()
     finally:
         backend.close()
         plain.close()

@@ -157,6 +157,10 @@ def _done() -> bool:
     return True
 
 
+def _begun() -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class Launched:
     """A batch started by ``Backend.launch``."""
@@ -164,7 +168,10 @@ class Launched:
     finish: Callable[[], list[WorkResponse]]
     """Waits for the batch and gives its responses (main thread)."""
     done: Callable[[], bool] = _done
-    """Whether the batch's device work is done (does not wait)."""
+    """Whether the batch's device work is done (does not wait); false until it has begun."""
+    start: Callable[[], None] = _begun
+    """Begins the batch if ``launch`` left it waiting (``pipeline.BatchThread``): the worker
+    calls it before it reads the next batch; else ``finish`` runs it."""
 
 
 class Backend(ABC):
