@@ -242,7 +242,12 @@ class OnnxRuntimeBackend(BatchedBackend):
         if host:
             staged = staging.batch_inputs(host, pad) if staging is not None else None
             if staged is None:
-                return merged_inputs(requests, pad)
+                merged = merged_inputs(requests, pad)
+                if self._thread is None or len(requests) > 1 or pad:
+                    return merged
+                # one request's own arrays, maybe in the staging buffer, which the next batch
+                # fills while this one runs on the backend's thread: copied
+                return {k: np.array(v) if type(v) is np.ndarray else v for k, v in merged.items()}
             out.update(staged)
         return out
 
