@@ -101,50 +101,66 @@ def _check(size: int, count: int) -> None:
 class Decoder:
     """Splits a byte stream into messages (lists of ``bytes`` frames; ``bytearray`` frames when
     ``writable``: a worker hands them to models as numpy arrays, which DLPack refuses to export
-    when read-only)."""
+    when read-only).
 
-    __slots__ = ("_buf", "_frame")
+    A message that arrives in many reads (a large inline tensor: hundreds of MiB when an arena
+    has no room for it) is kept as a list of the reads' bytes until all of it is there, then
+    joined once, and its frames are copied out of a view of it (before: each read appended to
+    one ``bytearray``, each frame sliced out of it, a copy, and copied again into ``bytes``).
+    In 256 KiB reads, in one process on the 2-core box (best of 3-10): 16 MiB 16.5 -> 13.1
+    ms, 300 MiB 515 -> 464 ms (``bytes`` frames) and 816 -> 482 ms (``bytearray`` frames);
+    small messages in one read as before."""
+
+    __slots__ = ("_parts", "_have", "_need", "_frame")
 
     def __init__(self, *, writable: bool = False) -> None:
-        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        """The reads of the message not yet complete (copies)."""
+        self._have = 0
+        self._need = 0
+        """Bytes the pending message needs in all (0: its head has not come yet)."""
         self._frame: type[bytes] | type[bytearray] = bytearray if writable else bytes
 
     def feed(self, data: bytes | memoryview) -> list[list[Any]]:
         """Messages completed by ``data``; raises ``FramingError`` on a malformed head. The
         frames are copies: ``data`` may be reused once this returns."""
-        buf: bytes | bytearray | memoryview
-        if self._buf:
-            self._buf += data
-            buf = self._buf
+        if self._parts:
+            self._parts.append(bytes(data))
+            self._have += len(data)
+            if self._have < self._need or (not self._need and self._have < 8):
+                return []
+            buf: bytes | memoryview = b"".join(self._parts)
+            self._parts, self._have, self._need = [], 0, 0
         else:
             buf = data
         out: list[list[Any]] = []
         frame = self._frame
         pos, end = 0, len(buf)
         unpack = HEAD.unpack_from
-        while end - pos >= 8:
-            size, count = unpack(buf, pos)
-            _check(size, count)
-            stop = pos + 8 + size
-            if stop > end:
-                break
-            lens = struct.unpack_from(f"<{count}I", buf, pos + 8)
-            p = pos + 8 + 4 * count
-            frames = []
-            for n in lens:
-                frames.append(frame(buf[p : p + n]))
-                p += n
-            if p != stop:
-                raise FramingError(f"frame lengths add up to {p - pos - 8} bytes, the head says {size}")
-            out.append(frames)
-            pos = stop
-        if pos == end:
-            if self._buf:
-                self._buf = bytearray()
-        elif buf is self._buf:
-            del self._buf[:pos]
-        else:
-            self._buf = bytearray(buf[pos:])
+        with memoryview(buf) as view:
+            while end - pos >= 8:
+                size, count = unpack(view, pos)
+                _check(size, count)
+                stop = pos + 8 + size
+                if stop > end:
+                    break
+                lens = struct.unpack_from(f"<{count}I", view, pos + 8)
+                p = pos + 8 + 4 * count
+                frames = []
+                for n in lens:
+                    frames.append(frame(view[p : p + n]))
+                    p += n
+                if p != stop:
+                    raise FramingError(f"frame lengths add up to {p - pos - 8} bytes, the head says {size}")
+                out.append(frames)
+                pos = stop
+            if pos < end:  # the start of a message: kept until the rest comes
+                rest = bytes(view[pos:])
+                self._parts, self._have = [rest], len(rest)
+                if len(rest) >= 8:
+                    size, count = unpack(rest, 0)
+                    _check(size, count)
+                    self._need = 8 + size
         return out
 
 

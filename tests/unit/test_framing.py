@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -114,3 +115,24 @@ def test_a_message_larger_than_the_socket_takes_goes_whole(tmp_path: Path) -> No
     assert got[0] == [framing.HELLO, b"me"]
     assert got[1][0] == b"head" and got[1][2] == b"tail" * 1000
     assert got[1][1] == floats.tobytes()
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_message_in_many_reads_is_joined_once_it_is_whole(writable: bool) -> None:
+    """A large message arriving in many reads (then a small one in the same read as its
+    tail) gives back its frames, of the decoder's type, once its last byte is there; the
+    reads handed in may be reused at once."""
+    big = bytes(range(256)) * 4096  # 1 MiB
+    stream = b"".join(framing.encode([b"head", big])) + b"".join(framing.encode([b"next"]))
+    dec = framing.Decoder(writable=writable)
+    buf = bytearray(4096)
+    got: list[list[Any]] = []
+    for pos in range(0, len(stream), len(buf)):
+        piece = stream[pos : pos + len(buf)]
+        buf[: len(piece)] = piece
+        got.extend(dec.feed(memoryview(buf)[: len(piece)]))
+        buf[:] = b"\xff" * len(buf)  # reused: the decoder must have copied what it keeps
+        if pos + len(buf) < len(stream) - 20:
+            assert not got
+    assert got == [[b"head", big], [b"next"]]
+    assert all(type(f) is (bytearray if writable else bytes) for m in got for f in m)
