@@ -107,9 +107,10 @@ class Decoder:
     has no room for it) is kept as a list of the reads' bytes until all of it is there, then
     joined once, and its frames are copied out of a view of it (before: each read appended to
     one ``bytearray``, each frame sliced out of it, a copy, and copied again into ``bytes``).
-    In 256 KiB reads, in one process on the 2-core box (best of 3-10): 16 MiB 16.5 -> 13.1
-    ms, 300 MiB 515 -> 464 ms (``bytes`` frames) and 816 -> 482 ms (``bytearray`` frames);
-    small messages in one read as before."""
+    In 256 KiB reads, in one process on the 2-core box (best and median of 3 runs, three
+    trials): 300 MiB 515-574 ms best, 516-2468 ms median before (the growing buffer's fresh
+    memory is slow to touch on this VM), 465-474 and 471-516 ms since; 16 MiB and small
+    messages the same as before."""
 
     __slots__ = ("_parts", "_have", "_need", "_frame")
 
@@ -124,12 +125,15 @@ class Decoder:
     def feed(self, data: bytes | memoryview) -> list[list[Any]]:
         """Messages completed by ``data``; raises ``FramingError`` on a malformed head. The
         frames are copies: ``data`` may be reused once this returns."""
+        buf: bytes | memoryview
         if self._parts:
-            self._parts.append(bytes(data))
-            self._have += len(data)
-            if self._have < self._need or (not self._need and self._have < 8):
+            have = self._have + len(data)
+            if have < self._need or (not self._need and have < 8):
+                self._parts.append(bytes(data))
+                self._have = have
                 return []
-            buf: bytes | memoryview = b"".join(self._parts)
+            parts = self._parts
+            buf = parts[0] + data if len(parts) == 1 else b"".join([*parts, data])  # one copy of ``data``
             self._parts, self._have, self._need = [], 0, 0
         else:
             buf = data
