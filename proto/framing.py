@@ -107,10 +107,10 @@ class Decoder:
     has no room for it) is kept as a list of the reads' bytes until all of it is there, then
     joined once, and its frames are copied out of a view of it (before: each read appended to
     one ``bytearray``, each frame sliced out of it, a copy, and copied again into ``bytes``).
-    In 256 KiB reads, in one process on the 2-core box (best and median of 3 runs, three
-    trials): 300 MiB 515-574 ms best, 516-2468 ms median before (the growing buffer's fresh
-    memory is slow to touch on this VM), 465-474 and 471-516 ms since; 16 MiB and small
-    messages the same as before."""
+    In 256 KiB reads on the 2-core box (``scripts/bench_framing.py --base``, best of 3,
+    four trials): 300 MiB 515-574 ms before, 465-490 ms since; 16 MiB and small messages the
+    same. Medians on either side reach 0.7-2.6 s in some trials (this VM's fresh memory is
+    slow to touch), so the gain is about 10%, not more."""
 
     __slots__ = ("_parts", "_have", "_need", "_frame")
 
