@@ -286,6 +286,15 @@ def unread_stream_bound(payload_bytes: int, max_pending: int) -> int:
     return (2 * GRPC_STREAM_WINDOW_MAX + socket_buffers) // payload_bytes + max_pending + 2
 
 
+def unread_stream_cap(payload_bytes: int, max_pending: int) -> int:
+    """How many requests a test's never-reading client offers in all: four times
+    ``unread_stream_bound``. That estimate is not a bound: CI once saw 2524 requests of 64
+    KiB (158 MiB) taken where it says 2182, the count steady, so gRPC buffers more than it
+    counts. A server that stops reading leaves the client short of this cap, its count
+    steady; one that kept reading would take all of it."""
+    return 4 * unread_stream_bound(payload_bytes, max_pending)
+
+
 needs_private_dev_shm = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None,
     reason="needs root and unshare for a private /dev/shm",
