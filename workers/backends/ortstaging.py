@@ -112,7 +112,6 @@ class PinnedStaging:
         if self._stream is None:
             self._stream = cupy.cuda.Stream(non_blocking=True)
         stream = self._stream
-        out: dict[str, Any] = {}
         with stream:
             outs = {name: cupy.empty((p.rows + pad, *p.tail), dtype=p.dtype) for name, p in plans.items()}
             if all(p.adjacent for p in plans.values()):
@@ -133,12 +132,11 @@ class PinnedStaging:
                 if self._copier is None:
                     self._copier = SegmentCopier()
                 self._copier.copy(segments, stream)
-            for name, p in plans.items():
-                if pad:
+            if pad:
+                for name, p in plans.items():
                     outs[name][p.rows :] = 0
-                out[name] = outs[name]
         stream.synchronize()
-        return out
+        return outs
 
 
 class _Plan:
