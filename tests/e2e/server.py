@@ -315,3 +315,23 @@ def in_private_mounts(script: str, *args: str, timeout_s: float = 150) -> dict[s
         pytest.skip("mounting a tmpfs is not allowed here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def at_once(n: int, one: Callable[[int], None]) -> None:
+    """``one(k)`` for k in range(n), on n threads released together; fails with their errors."""
+    gate = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            gate.wait()
+            one(k)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors

@@ -4,16 +4,15 @@ size), while the router is stopped, and the statistics count executions and requ
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
 
-from tests.e2e.server import ServerProcess, served
+from tests.e2e.server import ServerProcess, at_once, served
 from tests.e2e.test_frontend_lanes import RouterStopped
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,26 +38,6 @@ def _infer(srv: ServerProcess, data: np.ndarray) -> tuple[np.ndarray, int]:
         c.close()
 
 
-def _at_once(n: int, one: Callable[[int], None]) -> None:
-    """``one(k)`` for k in range(n), on n threads released together; fails with their errors."""
-    gate = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            gate.wait()
-            one(k)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-
-
 def _together(srv: ServerProcess, arrays: list[np.ndarray]) -> list[int]:
     """Send ``arrays`` at once; each answer's REQUESTS (checking its data)."""
     got: list[int] = [0] * len(arrays)
@@ -67,7 +46,7 @@ def _together(srv: ServerProcess, arrays: list[np.ndarray]) -> list[int]:
         out, got[k] = _infer(srv, arrays[k])
         assert np.array_equal(out, arrays[k])
 
-    _at_once(len(arrays), one)
+    at_once(len(arrays), one)
     return got
 
 
@@ -149,7 +128,7 @@ def test_small_and_large_answers_of_one_batch_reach_their_clients(big_inline: Se
             c.close()
 
     with RouterStopped(big_inline):
-        _at_once(8, one)
+        at_once(8, one)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +33,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 import tritonclient.utils.shared_memory as shm  # noqa: E402
 
-from tests.e2e.server import ServerProcess, make_repository  # noqa: E402
+from tests.e2e.server import ServerProcess, at_once, make_repository  # noqa: E402
 
 PIPELINE = 'parameters { key: "SHOAL_PIPELINE_BATCHES" value { string_value: "true" } }\n'
 TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"
@@ -123,8 +122,6 @@ def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProc
     n_req = 12 if mixed else 7
     handles = [cudashm.create_shared_memory_region(f"ortm{k}", 4 * 64, 0) for k in range(n_req)]
     setup = httpclient.InferenceServerClient(server.url)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(n_req)
 
     def one(k: int) -> None:
         c = httpclient.InferenceServerClient(server.url)
@@ -146,25 +143,17 @@ def test_batches_mixing_cuda_shared_memory_and_plain_requests(server: ServerProc
             else:
                 i0.set_data_from_numpy(x)
                 i1.set_data_from_numpy(y)
-            barrier.wait()
             r = c.infer("onnx_gpu", [i0, i1], outputs=outs)
             region = cudashm.get_contents_as_numpy(handles[k], np.int32, [4, 16])
             np.testing.assert_array_equal(region[3:4] if not mixed else r.as_numpy("OUTPUT1"), x - y)
             np.testing.assert_array_equal(region[2:3] if in_shm else r.as_numpy("OUTPUT0"), x + y)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
         finally:
             c.close()
 
     try:
         for k in range(1, n_req, 2) if mixed else range(n_req):
             setup.register_cuda_shared_memory(f"ortm{k}", cudashm.get_raw_handle(handles[k]), 0, 4 * 64)
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(n_req)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
+        at_once(n_req, one)
         stats = setup.get_inference_statistics("onnx_gpu")["model_stats"][0]
         assert any(int(b["batch_size"]) > 1 for b in stats["batch_stats"]), stats["batch_stats"]
     finally:
@@ -186,19 +175,14 @@ def test_batches_from_system_shared_memory_padded_on_the_gpu(server: ServerProce
     keys = [f"/ortsys_{os.getpid()}_{k}" for k in range(len(xs))]
     regions = [shm.create_shared_memory_region(f"ortsys{k}", keys[k], x.nbytes) for k, x in enumerate(xs)]
     setup = httpclient.InferenceServerClient(server.url)
-    errors: list[BaseException] = []
     got: dict[int, np.ndarray] = {}
-    barrier = threading.Barrier(len(xs))
 
     def one(k: int) -> None:
         c = grpcclient.InferenceServerClient(server.grpc_url)
         try:
             inp = grpcclient.InferInput("INPUT0", list(xs[k].shape), "FP32")
             inp.set_shared_memory(f"ortsys{k}", xs[k].nbytes)
-            barrier.wait()
             got[k] = c.infer("mlp_gpu", [inp]).as_numpy("OUTPUT0")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
         finally:
             c.close()
 
@@ -208,12 +192,7 @@ def test_batches_from_system_shared_memory_padded_on_the_gpu(server: ServerProce
             setup.register_system_shared_memory(f"ortsys{k}", keys[k], x.nbytes)
         for _ in range(3):  # a few rounds: batches of several sizes, the padding's size kept between them
             got.clear()
-            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(xs))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not errors, errors
+            at_once(len(xs), one)
             for k, x in enumerate(xs):
                 inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
                 inp.set_data_from_numpy(x)
@@ -243,8 +222,6 @@ def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerPr
     keys = [f"/ort2in_{os.getpid()}_{k}" for k in range(len(xs))]
     regions = [shm.create_shared_memory_region(f"ort2in{k}", keys[k], 2 * x.nbytes) for k, (x, _) in enumerate(xs)]
     setup = httpclient.InferenceServerClient(server.url)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(xs))
 
     def one(k: int) -> None:
         c = grpcclient.InferenceServerClient(server.grpc_url)
@@ -254,12 +231,9 @@ def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerPr
             i1 = grpcclient.InferInput("INPUT1", list(y.shape), "INT32")
             i0.set_shared_memory(f"ort2in{k}", x.nbytes)
             i1.set_shared_memory(f"ort2in{k}", y.nbytes, offset=x.nbytes)
-            barrier.wait()
             r = c.infer("onnx_gpu", [i0, i1])
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + y)
             np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
         finally:
             c.close()
 
@@ -269,12 +243,7 @@ def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerPr
             shm.set_shared_memory_region(regions[k], [x, y])
             setup.register_system_shared_memory(f"ort2in{k}", keys[k], 2 * x.nbytes)
         for _ in range(3):
-            threads = [threading.Thread(target=one, args=(k,)) for k in range(len(xs))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not errors, errors
+            at_once(len(xs), one)
         executions = int(setup.get_inference_statistics("onnx_gpu")["model_stats"][0]["execution_count"]) - int(before)
         assert executions < 3 * len(xs), executions  # some batches joined several requests
     finally:

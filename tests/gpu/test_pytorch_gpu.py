@@ -7,7 +7,6 @@ inline, in system shared memory and in CUDA shared memory; no device-memory grow
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
@@ -26,7 +25,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 import tritonclient.utils.shared_memory as sysshm  # noqa: E402
 
-from tests.e2e.server import ServerProcess  # noqa: E402
+from tests.e2e.server import ServerProcess, at_once  # noqa: E402
 from tests.e2e.test_pipelined_worker import Batched, batched_config, check_one  # noqa: E402
 from tests.e2e.test_pytorch import DOUBLE, Double, save_model  # noqa: E402
 
@@ -87,27 +86,6 @@ def _stats(server: ServerProcess, model: str) -> tuple[int, int]:
         c.close()
 
 
-def _together(n: int, one: Callable[[int], None]) -> None:
-    """``one(k)`` for k in 0..n-1 on n threads released at once; re-raises the first error."""
-    barrier = threading.Barrier(n)
-    errors: list[BaseException] = []
-
-    def run(k: int) -> None:
-        try:
-            barrier.wait()
-            one(k)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-
-
 def _inputs(k: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.random.default_rng(k).standard_normal((rows, N)).astype(np.float32)
     return x, np.full((rows, 1), k, np.int32)
@@ -138,7 +116,7 @@ def test_batch_of_inline_and_system_shm_requests(server: ServerProcess) -> None:
             for h in handles:
                 sysshm.destroy_shared_memory_region(h)
 
-    _together(16, one)
+    at_once(16, one)
     inf1, exe1 = _stats(server, "pt_batched_gpu")
     assert inf1 - inf0 == 24
     assert exe1 - exe0 < 16, "the requests were not batched"
@@ -178,7 +156,7 @@ def test_batch_of_cuda_shm_requests(server: ServerProcess) -> None:
             c.close()
             cudashm.destroy_shared_memory_region(h)
 
-    _together(12, one)
+    at_once(12, one)
     inf1, exe1 = _stats(server, "pt_batched_gpu")
     assert inf1 - inf0 == 12
     assert exe1 - exe0 < 12, "the requests were not batched"
@@ -213,9 +191,9 @@ def test_no_device_memory_growth(server: ServerProcess) -> None:
 
             return one
 
-        _together(16, load(1000 // 16 + 1))
+        at_once(16, load(1000 // 16 + 1))
         before = used()
-        _together(16, load(10000 // 16 + 1))
+        at_once(16, load(10000 // 16 + 1))
         after = used()
         assert after - before < 64 << 20, f"device memory grew by {(after - before) >> 20} MiB"
         assert server.worker_pids("pt_batched_gpu") == pids, "the worker was restarted"
@@ -270,7 +248,7 @@ def test_the_worker_batches_lane_requests_on_the_gpu(lanes_server: ServerProcess
         finally:
             (c or g).close()  # type: ignore[union-attr]
 
-    _together(16, one)
+    at_once(16, one)
     inf1, exe1 = _stats(lanes_server, "pt_batched_gpu")
     assert inf1 - inf0 == 24
     assert exe1 - exe0 < 16, "the requests were not batched"
@@ -301,7 +279,7 @@ def test_sustained_lane_load_keeps_every_answer_its_own(lanes_server: ServerProc
             c.close()
             sysshm.destroy_shared_memory_region(h)
 
-    _together(24, one)
+    at_once(24, one)
     inf1, _ = _stats(lanes_server, "pt_batched_gpu")
     assert inf1 - inf0 == sum(1 + (k + i) % 2 for k in range(24) for i in range(rounds))
 
@@ -346,6 +324,6 @@ def test_cuda_graphs_serve_every_batch_size(lanes_server: ServerProcess, model: 
         finally:
             g.close()
 
-    _together(12, one)
+    at_once(12, one)
     inf1, _ = _stats(lanes_server, model)
     assert inf1 - inf0 == 58 + sum(1 + (k + i) % 3 for k in range(12) for i in range(10))
