@@ -49,7 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     the next is read, ``backends.pipeline``)."""
     repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx", "mlp_onnx")
     batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n" + PIPELINE
-    for name, extra in (("onnx_gpu", batching), ("onnx_trt", TRT)):
+    lone = "dynamic_batching { }\n" + PIPELINE  # no delay: batches of one while the last one runs
+    for name, extra in (("onnx_gpu", batching), ("onnx_trt", TRT), ("onnx_lone", lone)):
         shutil.copytree(repo / "simple_onnx", repo / name)
         cfg = (repo / name / "config.pbtxt").read_text().replace('name: "simple_onnx"', f'name: "{name}"')
         (repo / name / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + extra)
@@ -246,6 +247,52 @@ def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerPr
             at_once(len(xs), one)
         executions = int(setup.get_inference_statistics("onnx_gpu")["model_stats"][0]["execution_count"]) - int(before)
         assert executions < 3 * len(xs), executions  # some batches joined several requests
+    finally:
+        setup.unregister_system_shared_memory()
+        setup.close()
+        for h in regions:
+            shm.destroy_shared_memory_region(h)
+
+
+def test_lone_requests_with_inputs_from_shared_memory_and_the_body(server: ServerProcess) -> None:
+    """Requests with INPUT0 in client system shared memory (read into the pinned staging) and
+    INPUT1 in the request body (not in the staging): the staging cannot join such a batch, so
+    it is joined on the host; a batch of one request is then its own arrays, INPUT0 a view of
+    the staging that the next batch fills while this one runs on the backend's thread, and
+    is copied first (``OnnxRuntimeModel._merged``). With no batching delay and eight clients
+    sending one after another, most batches are of one request and overlap the next: every
+    client must get its own sums and differences."""
+    _ready(server, "onnx_lone")
+    clients, rounds = 8, 40
+    keys = [f"/ortlone_{os.getpid()}_{k}" for k in range(clients)]
+    regions = [shm.create_shared_memory_region(f"ortlone{k}", keys[k], 64) for k in range(clients)]
+    setup = httpclient.InferenceServerClient(server.url)
+
+    def one(k: int) -> None:
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            for n in range(rounds):
+                x, y = _data(1000 * k + n)
+                y = y * 3 + k  # differs from x's pattern, so a swapped input shows
+                shm.set_shared_memory_region(regions[k], [x])
+                i0 = grpcclient.InferInput("INPUT0", [1, 16], "INT32")
+                i0.set_shared_memory(f"ortlone{k}", x.nbytes)
+                i1 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
+                i1.set_data_from_numpy(y)
+                r = c.infer("onnx_lone", [i0, i1])
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + y, err_msg=f"client {k} request {n}")
+                np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y, err_msg=f"client {k} request {n}")
+        finally:
+            c.close()
+
+    try:
+        for k in range(clients):
+            setup.register_system_shared_memory(f"ortlone{k}", keys[k], 64)
+        at_once(clients, one)
+        stats = setup.get_inference_statistics("onnx_lone")["model_stats"][0]
+        counted = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]}
+        assert sum(size * n for size, n in counted.items()) == clients * rounds, counted
+        assert counted.get(1, 0) >= clients * rounds // 4, counted  # the lone-request path ran, often
     finally:
         setup.unregister_system_shared_memory()
         setup.close()

@@ -248,16 +248,17 @@ def test_seed_spellings_of_control_modes(tmp_path: Path) -> None:
     ) == ["--allow-model-control and --allow-poll-model-repository exclude each other"]
 
 
-def test_run_folder_base_avoids_too_long_socket_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_run_folder_base_avoids_too_long_socket_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """The run folder goes in the temp directory unless its sockets' paths would pass 107
     bytes there; then /tmp; and an error naming TMPDIR when that would not do either."""
     import tempfile
 
     from shoal.server import rundir
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert rundir.base_dir() == tmp_path
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("x" * 90)))
+    short = Path("/tmp/shoal-short")  # only its length matters (pytest's tmp_path can be long)
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    assert rundir.base_dir() == short
+    monkeypatch.setattr(tempfile, "tempdir", str(short / ("x" * 90)))
     assert rundir.base_dir() == Path("/tmp")
     monkeypatch.setattr(rundir, "_LONGEST", ("y" * 100, "lane-4194304.sock"))
     with pytest.raises(OSError, match="set TMPDIR to a shorter directory"):
