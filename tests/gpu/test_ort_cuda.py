@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -254,14 +255,15 @@ def test_two_inputs_from_system_shared_memory_sorted_on_the_gpu(server: ServerPr
             shm.destroy_shared_memory_region(h)
 
 
-def test_lone_requests_with_inputs_from_shared_memory_and_the_body(server: ServerProcess) -> None:
+def test_requests_with_inputs_from_shared_memory_and_the_body(server: ServerProcess) -> None:
     """Requests with INPUT0 in client system shared memory (read into the pinned staging) and
-    INPUT1 in the request body (not in the staging): the staging cannot join such a batch, so
-    it is joined on the host; a batch of one request is then its own arrays, INPUT0 a view of
-    the staging that the next batch fills while this one runs on the backend's thread, and
-    is copied first (``OnnxRuntimeModel._merged``). With no batching delay and eight clients
-    sending one after another, most batches are of one request and overlap the next: every
-    client must get its own sums and differences."""
+    INPUT1 in the request body (not in the staging), from eight clients one after another
+    with no batching delay (batches of one and of several, pipelined through frontend
+    processes): the staging cannot join such batches, so they are joined on the host; every
+    client gets its own sums and differences. (That a batch of one is copied out of the
+    staging before the next batch fills it is shown deterministically by
+    ``test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read``: here the
+    run copies its input up before the next batch is read, so a missing copy went unseen.)"""
     _ready(server, "onnx_lone")
     clients, rounds = 8, 40
     keys = [f"/ortlone_{os.getpid()}_{k}" for k in range(clients)]
@@ -292,12 +294,61 @@ def test_lone_requests_with_inputs_from_shared_memory_and_the_body(server: Serve
         stats = setup.get_inference_statistics("onnx_lone")["model_stats"][0]
         counted = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]}
         assert sum(size * n for size, n in counted.items()) == clients * rounds, counted
-        assert counted.get(1, 0) >= clients * rounds // 4, counted  # the lone-request path ran, often
     finally:
         setup.unregister_system_shared_memory()
         setup.close()
         for h in regions:
             shm.destroy_shared_memory_region(h)
+
+
+def test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read(tmp_path: Path) -> None:
+    """The pipelined worker's order, step by step on the backend: a batch of one request whose
+    INPUT0 was read into the pinned staging and whose INPUT1 was not is launched (joined on the
+    host, its run left waiting for ``start``); the next batch begins and is read into the
+    same staging, over INPUT0's bytes; only then does the first run. Its answer must be
+    computed from its own INPUT0, which ``OnnxRuntimeBackend._merged`` copies out of the
+    staging for this case."""
+    from google.protobuf import text_format
+
+    from shoal.proto.gen import model_config_pb2 as mc
+    from shoal.workers.backends.base import Device, ModelSpec, WorkRequest
+    from shoal.workers.backends.onnxruntime import OnnxRuntimeBackend
+
+    repo = make_repository(tmp_path / "repo", "simple_onnx")
+    config = text_format.Parse((repo / "simple_onnx" / "config.pbtxt").read_text() + PIPELINE, mc.ModelConfig())
+    config.ClearField("dynamic_batching")  # no batch padding: the batch is exactly the one request
+    spec = ModelSpec(
+        name="simple_onnx",
+        version=1,
+        config=config,
+        repository=str(repo),
+        model_dir=str(repo / "simple_onnx"),
+        version_dir=str(repo / "simple_onnx" / "1"),
+        instance_name="simple_onnx_0",
+        device=Device("GPU", 0),
+    )
+    backend = OnnxRuntimeBackend.load(spec)
+    try:
+        assert backend.host_input is not None and backend.pipelined, "no pinned staging or no pipeline on this GPU"
+        x, y = _data(7)
+
+        def staged(values: np.ndarray) -> np.ndarray:
+            assert backend.host_input is not None
+            out = np.frombuffer(backend.host_input(values.nbytes), dtype=values.dtype).reshape(values.shape)
+            out[...] = values
+            return out
+
+        backend.begin_batch()
+        first = backend.launch([WorkRequest(id=1, inputs={"INPUT0": staged(x), "INPUT1": y}, requested_outputs=[])])
+        backend.begin_batch()  # the next batch's read, into the same staging
+        staged(np.full_like(x, -99))
+        first.start()
+        [resp] = first.finish()
+        assert resp.error is None, resp.error
+        np.testing.assert_array_equal(resp.outputs["OUTPUT0"], x + y)
+        np.testing.assert_array_equal(resp.outputs["OUTPUT1"], x - y)
+    finally:
+        backend.close()
 
 
 def test_tensorrt_accelerator(server: ServerProcess) -> None:
