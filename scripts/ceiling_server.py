@@ -11,7 +11,12 @@ With ``--grpc-port`` it also serves the same over gRPC (grpc.aio, the generated 
 one handler per call perf_analyzer makes): the minimal grpc.aio server that gRPC numbers are
 compared with.
 
-Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity] [--grpc-port 0]
+With ``--hop`` each infer also sends INPUT0's bytes over a Unix socket to an echo process and
+waits for them to come back before it answers: the least a server that runs its models in
+another process (Shoal's router and worker) must add to a request, one round trip between
+two processes with no work in either.
+
+Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity] [--grpc-port 0] [--hop]
 With --port 0 it binds any free port. Once bound it prints ``LISTENING <port>`` (and
 ``GRPC listening on <host>:<port>``).
 """
@@ -20,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import signal
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,6 +44,60 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT_NAME, OUTPUT_NAME = "INPUT0", "OUTPUT0"
 
 MODEL_NAME = web.AppKey("model_name", str)
+
+ECHO = """
+import os, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    data = s.recv(1 << 20)
+    if not data:
+        break
+    s.sendall(data)
+"""
+
+
+class Hop(asyncio.Protocol):
+    """A round trip to an echo process over a Unix socket pair; replies come back in order."""
+
+    def __init__(self) -> None:
+        self.waiting: collections.deque[tuple[asyncio.Future[bytes], int]] = collections.deque()
+        self.buf = bytearray()
+        self.transport: Any = None
+        self.child: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.child = subprocess.Popen([sys.executable, "-c", ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self, mine)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.waiting and len(self.buf) >= self.waiting[0][1]:
+            fut, n = self.waiting.popleft()
+            chunk = bytes(self.buf[:n])
+            del self.buf[:n]
+            if not fut.done():
+                fut.set_result(chunk)
+
+    async def echo(self, data: bytes) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting.append((fut, len(data)))
+        self.transport.write(data)
+        return await fut
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.child is not None:
+            self.child.wait(5)
+
+
+HOP: list[Hop] = []
+"""The hop when ``--hop`` is given."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -145,6 +207,8 @@ async def infer(request: web.Request) -> web.Response:
         break
     if data is None:
         return _error(400, f"missing input '{INPUT_NAME}'")
+    if HOP:
+        data = await HOP[0].echo(data)
 
     response: dict[str, Any] = {"model_name": request.app[MODEL_NAME], "model_version": "1"}
     if "id" in header:
@@ -223,7 +287,8 @@ async def start_grpc(host: str, port: int, model_name: str) -> Any:
         t = req.inputs[0]
         resp = pb.ModelInferResponse(model_name=model_name, model_version="1", id=req.id)
         resp.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=t.shape)
-        resp.raw_output_contents.append(req.raw_input_contents[0])
+        data = req.raw_input_contents[0]
+        resp.raw_output_contents.append(await HOP[0].echo(data) if HOP else data)
         return resp
 
     calls = {
@@ -249,10 +314,13 @@ async def start_grpc(host: str, port: int, model_name: str) -> Any:
     return server
 
 
-async def serve(app: web.Application, sock: socket.socket, grpc_port: int | None = None) -> None:
+async def serve(app: web.Application, sock: socket.socket, grpc_port: int | None = None, hop: bool = False) -> None:
     runner = web.AppRunner(app, access_log=None)  # no per-request logging in a ceiling
     await runner.setup()
     grpc_server = None
+    if hop:
+        HOP.append(Hop())
+        await HOP[0].start()
     try:
         if grpc_port is not None:
             grpc_server = await start_grpc(sock.getsockname()[0], grpc_port, app[MODEL_NAME])
@@ -267,6 +335,8 @@ async def serve(app: web.Application, sock: socket.socket, grpc_port: int | None
         if grpc_server is not None:
             await grpc_server.stop(0)
         await runner.cleanup()
+        for h in HOP:
+            h.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
     parser.add_argument("--model", default="identity", help="the identity model's name")
     parser.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC here (0 = any free port)")
+    parser.add_argument("--hop", action="store_true", help="each infer makes a round trip to an echo process")
     args = parser.parse_args(argv)
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -285,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(make_app(args.model), sock, args.grpc_port))
+        asyncio.run(serve(make_app(args.model), sock, args.grpc_port, args.hop))
     else:
-        uvloop.run(serve(make_app(args.model), sock, args.grpc_port))
+        uvloop.run(serve(make_app(args.model), sock, args.grpc_port, args.hop))
 
 
 if __name__ == "__main__":
