@@ -28,12 +28,6 @@ _METRICS_PORT_RE = re.compile(r"Metrics listening on \S+:(\d+)")
 _HEALTH_PORT_RE = re.compile(r"HTTP health listening on \S+:(\d+)")
 
 
-STARTED: set[int] = set()
-"""The pids of the servers this test process started (their segments are named after them):
-``tests/conftest.py``'s leak check tells this process's segments from those of a test process
-running beside it (``./dev test`` runs two)."""
-
-
 class ServerProcess:
     """``python -m shoal.server serve`` as a child process; its log is kept in ``self.log``."""
 
@@ -115,7 +109,6 @@ class ServerProcess:
             cwd=ROOT,
             preexec_fn=apply_limits if limits else None,
         )
-        STARTED.add(self.proc.pid)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         deadline = time.monotonic() + timeout_s
