@@ -31,6 +31,34 @@ on purpose: not a leak of this session (another test session on the machine may 
 it; its owner is dead, so nothing tells whose it is)."""
 
 
+EXCLUSIVE_LOCK = "/tmp/shoal-tests-exclusive.lock"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/security are ``exclusive``: they bound latency and memory while an
+    attack runs, which another test process beside them would skew (a good client's answer
+    took 6.5 s there once, against a 5 s bound)."""
+    for item in items:
+        if "tests/security/" in item.nodeid or item.nodeid.startswith("security/"):
+            item.add_marker(pytest.mark.exclusive)
+
+
+@pytest.fixture(autouse=True)
+def exclusive_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With ``./dev test``'s two test processes (pytest-xdist), an ``exclusive`` test runs
+    while no other test does: it holds a file lock exclusively, every other test holds it
+    shared. (Module-scoped servers start before it; only the tests themselves wait.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield
+        return
+    import fcntl
+
+    mode = fcntl.LOCK_EX if request.node.get_closest_marker("exclusive") else fcntl.LOCK_SH
+    with open(EXCLUSIVE_LOCK, "a") as lock:
+        fcntl.flock(lock, mode)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     """Every test must leave /dev/shm as it found it (segments of servers that are still
