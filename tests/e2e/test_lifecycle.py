@@ -199,6 +199,7 @@ def test_exit_timeout_bounds_shutdown(tmp_path: Path, fresh_server: list[ServerP
     assert not srv.segments()
 
 
+@pytest.mark.exclusive  # plants a dead run's segment: another test's server start would reclaim it
 def test_stale_segments_are_reclaimed(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

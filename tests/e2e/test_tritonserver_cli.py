@@ -140,6 +140,7 @@ def test_health_port(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     assert srv.terminate() == 0
 
 
+@pytest.mark.exclusive  # its log's first line: another test's stale segment reclaimed at start would come first
 def test_log_file_and_levels(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     repo = tmp_path / "repo"
     _python_model(repo, "params")

@@ -459,6 +459,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.exclusive  # plants dead runs: another test's server start would reclaim them
 def test_reclaim_stale_follows_owner_locks(shm_guard: ShmGuard) -> None:
     """A run whose owner lock is held survives, whatever its pid says (another PID
     namespace); a run whose lock is free (its router was killed, or is a zombie) or missing
