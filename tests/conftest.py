@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def exclusive_when_marked(request: pytest.FixtureRequest) -> Iterator[None]:
-    """With ``./dev test``'s two test processes (pytest-xdist), an ``exclusive`` test runs
+    """With two test processes (``SHOAL_TEST_JOBS=2 ./dev test``, pytest-xdist), an ``exclusive`` test runs
     while no other test does: it holds a file lock exclusively, every other test holds it
     shared. (Module-scoped servers start before it; only the tests themselves wait.)"""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
@@ -77,8 +77,8 @@ def no_leaked_segments() -> Iterator[None]:
 
 def _not_gone(names: set[str], grace_s: float = 3.0) -> set[str]:
     """Of segments found after a test, those that stay. A segment of a server whose router has
-    exited can be one that a test process running beside this one (``./dev test`` runs two)
-    is stopping: its router gone, its workers still unlinking (CI saw one in
+    exited can be one that a test process running beside this one (``SHOAL_TEST_JOBS=2
+    ./dev test`` runs two) is stopping: its router gone, its workers still unlinking (CI saw one in
     ``test_every_datatype``). Those get ``grace_s`` to go; a leak stays and is reported. (Which
     server a segment's name came from cannot be told by its pid alone: pids wrap around at
     32768 here during a suite.) Segments this process made itself count at once."""
