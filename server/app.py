@@ -175,6 +175,16 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
+        # the log settings apply first, so that every line of the start (the reclaim warnings
+        # below included) has the chosen format and goes where --log-file says
+        logs = LogSettings(
+            verbose=cfg.log.verbose,
+            log_file=cfg.log.file,
+            info=cfg.log.info,
+            warning=cfg.log.warning,
+            error=cfg.log.error,
+            log_format=cfg.log.format,
+        )
         try:
             self.tracer = TraceManager(tracing.parse_options(cfg.trace_config))
         except tracing.TraceConfigError as exc:
@@ -259,14 +269,7 @@ class App:
             strict_readiness=cfg.strict_readiness,
             server_id=cfg.server_id,
             shm=shm,
-            logs=LogSettings(
-                verbose=cfg.log.verbose,
-                log_file=cfg.log.file,
-                info=cfg.log.info,
-                warning=cfg.log.warning,
-                error=cfg.log.error,
-                log_format=cfg.log.format,
-            ),
+            logs=logs,
             allow_admin=cfg.allow_admin_api,
             request_timeout_s=cfg.request_timeout_s,
             cache=ResponseCache(cfg.cache_bytes) if cfg.cache_bytes > 0 else None,

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import PLANTED
 from tests.e2e.server import ServerProcess, make_repository
 
 PARAMS_MODEL = """
@@ -140,11 +141,16 @@ def test_health_port(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     assert srv.terminate() == 0
 
 
-@pytest.mark.exclusive  # its log's first line: another test's stale segment reclaimed at start would come first
+@pytest.mark.exclusive  # plants a dead run's segment, which another test's server start would reclaim
 def test_log_file_and_levels(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     repo = tmp_path / "repo"
     _python_model(repo, "params")
     log_file = tmp_path / "server.log"
+    # a dead run's segment: the start's first line is the warning that it was removed
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = Path("/dev/shm", f"shoal_{dead.pid}_{PLANTED}_in_0")
+    stale.write_bytes(b"x" * 100)
     cmd = [sys.executable, "-m", "shoal.server", "serve", "--model-repository", str(repo), "--host", "127.0.0.1"]
     cmd += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--allow-cpu-metrics", "false"]
     proc = subprocess.Popen([*cmd, "--log-file", str(log_file), "--log-format", "ISO8601"], stderr=subprocess.PIPE)
@@ -156,13 +162,16 @@ def test_log_file_and_levels(tmp_path: Path, fresh_server: list[ServerProcess]) 
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+        stale.unlink(missing_ok=True)
     assert proc.stderr is not None and proc.stderr.read() == b""  # everything went to the file
     proc.stderr.close()
     text = log_file.read_text()
     assert "HTTP listening on" in text and "model 'params' version 1 instance" in text
-    # ISO8601 timestamps: 2026-11-30T12:00:00+0000
-    first = text.splitlines()[0]
-    assert first[4] == "-" and first[10] == "T", first
+    lines = text.splitlines()
+    assert "left by a server that is gone" in lines[0], lines[0]
+    # ISO8601 timestamps on every line, the first included: 2026-11-30T12:00:00+0000
+    for line in lines:
+        assert line[4] == "-" and line[10] == "T", line
     srv = _start(fresh_server, repo, "--log-warning=false", "--log-verbose", "0")
     settings = srv.client().get_log_settings()
     assert settings["log_warning"] is False and settings["log_info"] is True and settings["log_format"] == "default"
