@@ -18,7 +18,6 @@ import types
 from collections.abc import Coroutine
 from typing import Any
 
-from shoal.server.app import App, ListenError, StartupError
 from shoal.server.config import ConfigError, parse
 
 
@@ -63,6 +62,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(config: object) -> int:
+    # imported here, after the command line was parsed: a bad one (or --help) is answered
+    # without loading the server's modules (about a second on a 2-core machine)
+    from shoal.server.app import App, ListenError, StartupError
     from shoal.server.config import ServerConfig
 
     assert isinstance(config, ServerConfig)
