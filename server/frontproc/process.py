@@ -182,7 +182,8 @@ async def start_grpc(
 ) -> tuple[grpc.aio.Server, GrpcProxy]:
     # every frontend process listens on the port (SO_REUSEPORT)
     server = grpc_app.make_server(replace(cfg.grpc, reuse_port=True), max_connections=limits.grpc_max_connections)
-    proxy = GrpcProxy("unix:" + os.path.join(run_dir, "grpc.sock"), port)
+    peers = PeerCache(port)
+    proxy = GrpcProxy("unix:" + os.path.join(run_dir, "grpc.sock"), peers)
     rules, _ = restrict.parse(
         cfg.grpc_restricted_protocol,
         flag="--grpc-restricted-protocol",
@@ -193,7 +194,7 @@ async def start_grpc(
         proxy,
         cast(Any, RemoteDataPlane(link, "grpc")),
         restrictions=rules,
-        peers=PeerCache(port),
+        peers=peers,
         stream_max_pending=cfg.grpc_stream_max_pending,
         budget=RequestBudget(limits.max_buffered_request_bytes),
         forward=HeaderForwarder(cfg.grpc.header_forward_pattern),

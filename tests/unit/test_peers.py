@@ -39,3 +39,38 @@ def test_unknown_peer_cannot_register_under_local_access() -> None:
     registry = SharedMemoryRegistry(access="local")
     with pytest.raises(PermissionDenied, match="only be registered by clients on the server's host"):
         registry.register_system("r", "/no-such-key", 0, 64, UNKNOWN)
+
+
+def test_forwarded_grpc_calls_read_a_clients_uid_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend process forwards gRPC calls with the client's ``peer_value``, whose uid is
+    read from the kernel's socket tables: once per client, not per call (each read took
+    8-12 ms on the 2-core box, and every forwarded call paid it)."""
+    import os
+    import socket
+
+    from shoal.server import peers
+    from shoal.server.frontproc.proxy import GrpcProxy
+
+    reads: list[tuple[str, int]] = []
+    real = peers.socket_uid
+
+    def counted(host: str, port: int, server_port: int) -> int | None:
+        reads.append((host, port))
+        return real(host, port, server_port)
+
+    monkeypatch.setattr(peers, "socket_uid", counted)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server_port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", server_port)) as client:
+            accepted, _ = listener.accept()
+            with accepted:
+                client_port = client.getsockname()[1]
+
+                class Context:
+                    def peer(self) -> str:
+                        return f"ipv4:127.0.0.1:{client_port}"
+
+                proxy = GrpcProxy("unix:/nowhere", PeerCache(server_port))
+                values = {proxy.peer_of(Context()) for _ in range(5)}
+    assert values == {f"127.0.0.1 {client_port} {server_port} {os.getuid()}"}
+    assert reads == [("127.0.0.1", client_port)]
