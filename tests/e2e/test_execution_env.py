@@ -116,12 +116,15 @@ def test_a_model_names_an_unpacked_environments_activation_script(server: Server
 
 
 def test_an_environment_for_another_python_fails_the_load_naming_both(server: ServerProcess) -> None:
-    _wait_ready(server, "packed")
+    # its load fails once its worker has started and read the archive: wait for the end of
+    # the load (other models being ready says nothing about this one's on a loaded machine)
     c = httpclient.InferenceServerClient(server.url)
     try:
-        index = {m["name"]: m for m in c.get_model_repository_index()}
+        deadline = time.monotonic() + 60
+        while (entry := {m["name"]: m for m in c.get_model_repository_index()}["other_python"])["state"] == "LOADING":
+            assert time.monotonic() < deadline, "other_python is still loading"
+            time.sleep(0.1)
     finally:
         c.close()
-    entry = index["other_python"]
     assert entry["state"] == "UNAVAILABLE"
     assert f"has no packages for {PY} (it has: python2.7)" in entry["reason"]
