@@ -272,6 +272,16 @@ class DataPlane:
                 hook()
         return self.tracer
 
+    async def change_trace_settings(self, model: str, changes: NewSetting | None) -> TraceManager:
+        """``trace_settings`` with ``changes``, returned once every frontend process has the
+        lane routes the change made (tracing on: none), so that the caller's next request
+        cannot reach a worker over a lane untraced (``changed`` pushes the routes; ``settle``
+        answers after the frontends read them, their messages being read in order)."""
+        tracer = self.trace_settings(model, changes)
+        if changes is not None and not changes.empty() and self.settle is not None:
+            await self.settle()
+        return tracer
+
     # ---- admin: worker processes (Shoal's own API) ---------------------------------------------
 
     def workers(self) -> list[dict[str, object]]:

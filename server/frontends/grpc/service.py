@@ -333,7 +333,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         changes = None
         if request.settings:
             changes = tracing.from_grpc({k: list(v.value) for k, v in request.settings.items()})
-        tracer = self.dp.trace_settings(model, changes)
+        tracer = await self.dp.change_trace_settings(model, changes)
         resp = pb.TraceSettingResponse()
         for key, values in tracer.view_lists(model).items():
             resp.settings[key].value.extend(values)

@@ -103,7 +103,7 @@ async def trace_setting(request: web.Request) -> web.Response:
             raise InvalidInput(f"failed to parse the trace settings JSON: {exc}") from None
         if not isinstance(changes, dict):
             raise InvalidInput("trace settings must be a JSON object")
-        tracer = dp.trace_settings(model, tracing.from_json(changes))
+        tracer = await dp.change_trace_settings(model, tracing.from_json(changes))
     return _json_response(tracer.view(model))
 
 
