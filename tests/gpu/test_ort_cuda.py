@@ -37,6 +37,7 @@ import tritonclient.utils.shared_memory as shm  # noqa: E402
 from tests.e2e.server import ServerProcess, at_once, make_repository  # noqa: E402
 
 PIPELINE = 'parameters { key: "SHOAL_PIPELINE_BATCHES" value { string_value: "true" } }\n'
+GRAPHS = "dynamic_batching { max_queue_delay_microseconds: 20000 }\noptimization { cuda { graphs: true } }\n"
 TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"
   parameters { key: "precision_mode" value: "FP16" } } ] } }
 """
@@ -51,7 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     repo = make_repository(tmp_path_factory.mktemp("repo"), "simple_onnx", "mlp_onnx")
     batching = "dynamic_batching { max_queue_delay_microseconds: 20000 }\n" + PIPELINE
     lone = "dynamic_batching { }\n" + PIPELINE  # no delay: batches of one while the last one runs
-    for name, extra in (("onnx_gpu", batching), ("onnx_trt", TRT), ("onnx_lone", lone)):
+    models = (("onnx_gpu", batching), ("onnx_trt", TRT), ("onnx_lone", lone), ("onnx_graphs", GRAPHS + PIPELINE))
+    for name, extra in models:
         shutil.copytree(repo / "simple_onnx", repo / name)
         cfg = (repo / name / "config.pbtxt").read_text().replace('name: "simple_onnx"', f'name: "{name}"')
         (repo / name / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + extra)
@@ -349,6 +351,75 @@ def test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read(tmp_
         np.testing.assert_array_equal(resp.outputs["OUTPUT1"], x - y)
     finally:
         backend.close()
+
+
+def test_cuda_graphs_answer_every_batch_size(server: ServerProcess) -> None:
+    """``optimization { cuda { graphs: true } }`` (Shoal's, ``backends.ortgraphs``): graphs for
+    batch sizes 1, 2, 4 and 8 captured at load; every batch of 1 to 8 rows, plain or in CUDA
+    shared memory (an output kept on the device), and batches the batcher joins, answered with
+    the request's own rows (a graph's buffers are reused: stale rows must not show); no
+    pipeline thread (onnxruntime keeps graphs per thread)."""
+    _ready(server, "onnx_graphs")
+    assert "model 'onnx_graphs': captured onnxruntime CUDA graphs for batch sizes [1, 2, 4, 8]" in server.log
+    c = httpclient.InferenceServerClient(server.url)
+    h = cudashm.create_shared_memory_region("ortgr", 4 * 8 * 64, 0)
+    try:
+        for rows in (8, 1, 3, 2, 5, 4, 7, 6, 1):
+            x, y = _data(rows * 10, rows)
+            i0, i1 = (
+                httpclient.InferInput("INPUT0", [rows, 16], "INT32"),
+                httpclient.InferInput("INPUT1", [rows, 16], "INT32"),
+            )
+            i0.set_data_from_numpy(x)
+            i1.set_data_from_numpy(y)
+            r = c.infer("onnx_graphs", [i0, i1])
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), x + y)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+        c.register_cuda_shared_memory("ortgr", cudashm.get_raw_handle(h), 0, 4 * 8 * 64)
+        for rows in (3, 8, 1):
+            x, y = _data(rows + 7, rows)
+            n = x.nbytes
+            cudashm.set_shared_memory_region(h, [x, y])
+            i0, i1 = (
+                httpclient.InferInput("INPUT0", [rows, 16], "INT32"),
+                httpclient.InferInput("INPUT1", [rows, 16], "INT32"),
+            )
+            i0.set_shared_memory("ortgr", n)
+            i1.set_shared_memory("ortgr", n, offset=n)
+            o0, o1 = httpclient.InferRequestedOutput("OUTPUT0"), httpclient.InferRequestedOutput("OUTPUT1")
+            o0.set_shared_memory("ortgr", n, offset=2 * n)  # kept on the device: copied out of the graph's buffer
+            r = c.infer("onnx_graphs", [i0, i1], outputs=[o0, o1])
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), x - y)
+            whole = cudashm.get_contents_as_numpy(h, np.int32, [3 * rows, 16])
+            np.testing.assert_array_equal(whole[2 * rows :], x + y)
+        got: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def one(k: int) -> None:
+            client = httpclient.InferenceServerClient(server.url)
+            try:
+                x, y = _data(100 + k, 1 + k % 3)
+                i0, i1 = (
+                    httpclient.InferInput("INPUT0", list(x.shape), "INT32"),
+                    httpclient.InferInput("INPUT1", list(y.shape), "INT32"),
+                )
+                i0.set_data_from_numpy(x)
+                i1.set_data_from_numpy(y)
+                r = client.infer("onnx_graphs", [i0, i1])
+                got[k] = (r.as_numpy("OUTPUT0") - (x + y), r.as_numpy("OUTPUT1") - (x - y))
+            finally:
+                client.close()
+
+        for _ in range(3):
+            at_once(6, one)  # 12 rows at most: batches of up to 8 rows, padded to a graph
+            for k, (d0, d1) in got.items():
+                assert not d0.any() and not d1.any(), k
+        stats = c.get_inference_statistics("onnx_graphs")["model_stats"][0]
+        assert any(int(b["batch_size"]) > 1 for b in stats["batch_stats"]), stats["batch_stats"]
+        assert "onnx_graphs" in server.log and "CUDA graphs not used" not in server.log
+    finally:
+        c.unregister_cuda_shared_memory()
+        c.close()
+        cudashm.destroy_shared_memory_region(h)
 
 
 def test_tensorrt_accelerator(server: ServerProcess) -> None:

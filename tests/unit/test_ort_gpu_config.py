@@ -102,7 +102,16 @@ def test_no_cuda_provider_fails_as_unavailable() -> None:
     assert info.value.code is ErrorCode.UNAVAILABLE
 
 
-def test_io_binding_run_on_a_cpu_session(tmp_path: Path) -> None:
+def test_cuda_graphs_enable_the_providers_capture() -> None:
+    """``optimization.cuda.graphs`` (``ortgraphs``): the CUDA provider's ``enable_cuda_graph``."""
+    spec = _spec("optimization { cuda { graphs: true } }")
+    got = ortcuda.providers(_Ort("CUDAExecutionProvider", "CPUExecutionProvider"), spec, graphs=True)
+    assert got[0] == ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"})
+    assert "enable_cuda_graph" not in ortcuda.providers(_Ort("CUDAExecutionProvider"), spec)[0][1]
+
+
+@pytest.mark.parametrize("graph_session", [False, True], ids=["plain", "graph-session-run-options"])
+def test_io_binding_run_on_a_cpu_session(tmp_path: Path, graph_session: bool) -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
@@ -118,7 +127,8 @@ def test_io_binding_run_on_a_cpu_session(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     session: Any = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    run = ortcuda.IoBindingRun(session, {"Y": np.float32, "Z": np.float32})
+    run = ortcuda.IoBindingRun(session, {"Y": np.float32, "Z": np.float32}, ort if graph_session else None)
+    assert (run.run_options is not None) == graph_session  # a graph session's runs outside a graph: id -1
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     for _ in range(3):  # a binding per run
         out = run.run({"X": data[:, :]}, ["Z", "Y"], frozenset())

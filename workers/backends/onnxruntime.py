@@ -20,6 +20,7 @@ backend's own while the worker reads the next (``backends.pipeline``).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Self
@@ -29,7 +30,7 @@ import numpy as np
 from shoal.proto import dtypes
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
-from shoal.workers.backends import batchpad, ortcuda, ortstaging, ragged
+from shoal.workers.backends import batchpad, ortcuda, ortgraphs, ortstaging, ragged, torchgraphs
 from shoal.workers.backends.base import (
     Array,
     BatchedBackend,
@@ -43,6 +44,8 @@ from shoal.workers.backends.base import (
 )
 from shoal.workers.backends.pipeline import BatchThread, pipelined, switch_interval_us
 from shoal.workers.backends.sequenceio import sequence_inputs, state_outputs
+
+log = logging.getLogger("shoal.worker")
 
 DEFAULT_FILENAME: Final = "model.onnx"
 
@@ -76,7 +79,7 @@ class OnnxRuntimeBackend(BatchedBackend):
 
     kind = "onnxruntime"
 
-    def __init__(self, spec: ModelSpec, session: Any) -> None:
+    def __init__(self, spec: ModelSpec, session: Any, ort: Any = None) -> None:
         self._name = spec.name
         self._session: Any = session
         self.batching = spec.config.max_batch_size > 0
@@ -93,15 +96,19 @@ class OnnxRuntimeBackend(BatchedBackend):
         self._gather: ortcuda.DeviceGather | None = None
         on_gpu = "CUDAExecutionProvider" in session.get_providers() and spec.device.is_gpu
         if on_gpu and self.ragged is None and not self._string_inputs and not self._string_outputs:
-            self._io = ortcuda.IoBindingRun(session, ortcuda.output_dtypes(cfg))
+            self._io = ortcuda.IoBindingRun(session, ortcuda.output_dtypes(cfg), ort)
             self.device_inputs = True  # CUDA shared memory is bound where it lies
             if importlib.util.find_spec("cupy") is not None:
                 self._staging = ortstaging.PinnedStaging()
                 self.host_input = self._staging.take  # client shared memory read into pinned memory
                 self._gather = ortcuda.DeviceGather()
                 self.device_views = True  # CUDA shared memory read by address (``DeviceGather``)
+        self._graphs: ortgraphs.OrtGraphs | None = None
+        if self._io is not None and self._gather is not None and ort is not None and _wants_graphs(spec):
+            self._capture_graphs(ort, spec)
         self._buckets = _buckets(spec, on_gpu)
-        self.pipelined = pipelined(spec, self._io is not None) and self.ragged is None
+        # onnxruntime's graphs are per thread, captured in CUDA's global mode: one thread runs them
+        self.pipelined = pipelined(spec, self._io is not None) and self.ragged is None and self._graphs is None
         self._thread = BatchThread(spec.name, switch_interval_us(spec)) if self.pipelined else None
 
     @classmethod
@@ -116,15 +123,19 @@ class OnnxRuntimeBackend(BatchedBackend):
             ) from None
         path, shown = model_file(spec, DEFAULT_FILENAME)
         options = _session_options(ort, spec)
-        providers = _providers(ort, spec)
+        graphs = spec.device.is_gpu and _wants_graphs(spec)
         try:
-            session = ort.InferenceSession(path, sess_options=options, providers=providers)
+            session = ort.InferenceSession(path, sess_options=options, providers=_providers(ort, spec, graphs))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
-            raise ServingError(
-                f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
-                code=ErrorCode.INVALID_ARGUMENT,
-            ) from None
+            if not graphs:
+                raise ServingError(
+                    f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
+                    code=ErrorCode.INVALID_ARGUMENT,
+                ) from None
+            log.warning("model '%s': onnxruntime cannot use CUDA graphs for it, serving without them: %s",
+                        spec.name, message)  # fmt: skip
+            return cls._load_without_graphs(spec, ort, path, shown)
         if spec.device.is_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise ServingError(
                 f"model '{spec.name}' instance '{spec.instance_name}': onnxruntime could not start "
@@ -132,7 +143,40 @@ class OnnxRuntimeBackend(BatchedBackend):
                 code=ErrorCode.UNAVAILABLE,
             )
         _validate(spec, session)
+        return cls(spec, session, ort if graphs else None)
+
+    @classmethod
+    def _load_without_graphs(cls, spec: ModelSpec, ort: Any, path: str, shown: str) -> Self:
+        try:
+            options = _session_options(ort, spec)
+            session = ort.InferenceSession(path, sess_options=options, providers=_providers(ort, spec))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+            message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
+            raise ServingError(
+                f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
+                code=ErrorCode.INVALID_ARGUMENT,
+            ) from None
+        _validate(spec, session)
         return cls(spec, session)
+
+    def _capture_graphs(self, ort: Any, spec: ModelSpec) -> None:
+        """CUDA graphs where the configuration asks for them and the session could enable them
+        (``ortgraphs``)."""
+        assert self._io is not None
+        shapes = torchgraphs.plan(spec.config, [i.name for i in spec.config.input])
+        if not shapes:
+            log.warning("model '%s': CUDA graphs need fixed input shapes or a graph_spec; not used", spec.name)
+            return
+        types = {i.name: dtypes.BY_CONFIG_NUMBER[i.data_type].numpy for i in spec.config.input}
+        by_output = {o.name: ORT_TYPES.get(o.type, "") for o in self._session.get_outputs()}
+
+        def out_dtype(name: str) -> Any:
+            return dtypes.BY_PROTOCOL[by_output[name]].numpy
+
+        graphs = ortgraphs.OrtGraphs(ort, self._session, self.batching, self._io.run_options)
+        graphs.capture(shapes, types, out_dtype, f"model '{spec.name}'")
+        if len(graphs):
+            self._graphs = graphs
 
     @classmethod
     def auto_complete(cls, spec: ModelSpec) -> mc.ModelConfig:
@@ -295,7 +339,13 @@ class OnnxRuntimeBackend(BatchedBackend):
             shape = self._in_reshape.get(name)
             feed[name] = _reshape(array, shape, self.batching) if shape is not None else array
         try:
-            results = self._io.run(feed, list(output_names), keep)
+            graphs = self._graphs
+            g = graphs.find(feed, output_names) if graphs is not None else None
+            if g is not None:
+                assert graphs is not None
+                results = graphs.run(g, feed, output_names, keep)
+            else:
+                results = self._io.run(feed, list(output_names), keep)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are pybind types, told apart by name
             code = ErrorCode.INVALID_ARGUMENT if type(exc).__name__ == "InvalidArgument" else ErrorCode.INTERNAL
             raise ServingError(f"model '{self._name}': onnxruntime: {exc}", code=code) from None
@@ -416,10 +466,20 @@ def _buckets(spec: ModelSpec, on_gpu: bool) -> batchpad.BatchBuckets | None:
     return batchpad.BatchBuckets(sizes) if sizes is not None and eligible else None
 
 
-def _providers(ort: Any, spec: ModelSpec) -> list[Any]:
+def _wants_graphs(spec: ModelSpec) -> bool:
+    """``optimization.cuda.graphs`` on, for a session that binds its tensors (``ortgraphs``)."""
+    cfg = spec.config
+    strings = any(t.data_type == mc.TYPE_STRING for t in cfg.input) or any(
+        t.data_type == mc.TYPE_STRING for t in cfg.output
+    )
+    plain = not ragged.plan(cfg) and not strings
+    return cfg.optimization.cuda.graphs and plain and importlib.util.find_spec("cupy") is not None
+
+
+def _providers(ort: Any, spec: ModelSpec, graphs: bool = False) -> list[Any]:
     if not spec.device.is_gpu:
         return ["CPUExecutionProvider"]
-    return ortcuda.providers(ort, spec)
+    return ortcuda.providers(ort, spec, graphs)
 
 
 def _model_dims(shape: Sequence[Any]) -> Dims:

@@ -51,9 +51,10 @@ DEVICE: Final = 0
 """The instance's GPU as the worker sees it (CUDA_VISIBLE_DEVICES lists it first)."""
 
 
-def providers(ort: Any, spec: ModelSpec) -> list[Any]:
-    """The providers of a GPU instance, most preferred first; raises ``UNAVAILABLE`` when
-    onnxruntime lacks one the configuration asks for. The CUDA and cuDNN libraries of pip's
+def providers(ort: Any, spec: ModelSpec, graphs: bool = False) -> list[Any]:
+    """The providers of a GPU instance, most preferred first (``graphs``: the CUDA provider's
+    ``enable_cuda_graph``, ``ortgraphs``); raises ``UNAVAILABLE`` when onnxruntime lacks one
+    the configuration asks for. The CUDA and cuDNN libraries of pip's
     ``nvidia-*`` packages are loaded first where onnxruntime can (``preload_dlls``)."""
     available = list(ort.get_available_providers())
     preload = getattr(ort, "preload_dlls", None)
@@ -63,6 +64,8 @@ def providers(ort: Any, spec: ModelSpec) -> list[Any]:
         except Exception:  # noqa: BLE001 - the libraries may be on the loader's path instead
             pass
     cuda: dict[str, str] = {"device_id": str(DEVICE)}
+    if graphs:
+        cuda["enable_cuda_graph"] = "1"
     params = spec.config.parameters
     for key, table in (("cudnn_conv_algo_search", CONV_ALGO_SEARCH), ("arena_extend_strategy", ARENA_EXTEND)):
         if key in params:
@@ -122,8 +125,14 @@ def _trt_options(spec: ModelSpec, params: Mapping[str, str]) -> dict[str, str]:
 class IoBindingRun:
     """Runs a GPU session through IO binding (see the module docstring)."""
 
-    def __init__(self, session: Any, out_dtypes: Mapping[str, Any]) -> None:
+    def __init__(self, session: Any, out_dtypes: Mapping[str, Any], ort: Any = None) -> None:
         self.session = session
+        self.run_options: Any = None
+        """Given to every run: for a session with CUDA graphs enabled (``ort`` given), runs
+        outside a graph (``gpu_graph_id`` -1; without it onnxruntime would capture one)."""
+        if ort is not None:
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
         self.on_gpu = "CUDAExecutionProvider" in session.get_providers()
         self.out_dtypes = out_dtypes
         """Output name -> numpy dtype of its configured datatype (device outputs' type)."""
@@ -141,7 +150,7 @@ class IoBindingRun:
                 io.bind_output(name, "cuda", DEVICE)
             else:
                 io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self.run_options)
         out: dict[str, Any] = {}
         for name, value in zip(output_names, io.get_outputs(), strict=True):
             if value.device_name().lower() == "cuda":
