@@ -124,8 +124,9 @@ class OnnxRuntimeBackend(BatchedBackend):
         path, shown = model_file(spec, DEFAULT_FILENAME)
         options = _session_options(ort, spec)
         graphs = spec.device.is_gpu and _wants_graphs(spec)
+        providers = _providers(ort, spec, graphs)  # raises UNAVAILABLE for a provider onnxruntime lacks
         try:
-            session = ort.InferenceSession(path, sess_options=options, providers=_providers(ort, spec, graphs))
+            session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
             if not graphs:
@@ -147,9 +148,9 @@ class OnnxRuntimeBackend(BatchedBackend):
 
     @classmethod
     def _load_without_graphs(cls, spec: ModelSpec, ort: Any, path: str, shown: str) -> Self:
+        options, providers = _session_options(ort, spec), _providers(ort, spec)
         try:
-            options = _session_options(ort, spec)
-            session = ort.InferenceSession(path, sess_options=options, providers=_providers(ort, spec))
+            session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
             message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
             raise ServingError(
