@@ -366,6 +366,7 @@ class OnnxRuntimeBackend(BatchedBackend):
         if self._thread is not None:
             self._thread.close()
         self._session = None
+        self._graphs = None  # its bindings and static buffers hold the session too
 
 
 def _rows(out: dict[str, Array], rows: int, pad: int) -> dict[str, Array]:
