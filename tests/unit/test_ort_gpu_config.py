@@ -110,6 +110,13 @@ def test_cuda_graphs_enable_the_providers_capture() -> None:
     assert "enable_cuda_graph" not in ortcuda.providers(_Ort("CUDAExecutionProvider"), spec)[0][1]
 
 
+def test_cuda_graphs_need_an_onnxruntime_with_graph_ids() -> None:
+    from shoal.workers.backends.onnxruntime import GRAPH_IDS_SINCE, _version
+
+    assert _version("1.31.1") >= GRAPH_IDS_SINCE and _version("1.18.0") >= GRAPH_IDS_SINCE
+    assert _version("1.17.3") < GRAPH_IDS_SINCE and _version("1.16.0rc1") < GRAPH_IDS_SINCE
+
+
 @pytest.mark.parametrize("graph_session", [False, True], ids=["plain", "graph-session-run-options"])
 def test_io_binding_run_on_a_cpu_session(tmp_path: Path, graph_session: bool) -> None:
     ort = pytest.importorskip("onnxruntime")

@@ -67,6 +67,10 @@ ORT_TYPES: Final[dict[str, str]] = {
 }
 """onnxruntime element type -> protocol datatype name (``proto.dtypes``)."""
 
+GRAPH_IDS_SINCE: Final = (1, 18)
+"""onnxruntime's first release with the ``gpu_graph_id`` run option (several CUDA graphs per
+session); an older one would replay its one graph for every batch size."""
+
 DEFAULT_MAX_BATCH_SIZE: Final = 4
 """Triton's default-max-batch-size for auto-completed batching models."""
 
@@ -124,6 +128,11 @@ class OnnxRuntimeBackend(BatchedBackend):
         path, shown = model_file(spec, DEFAULT_FILENAME)
         options = _session_options(ort, spec)
         graphs = spec.device.is_gpu and _wants_graphs(spec)
+        if graphs and _version(ort.__version__) < GRAPH_IDS_SINCE:
+            since = ".".join(map(str, GRAPH_IDS_SINCE))
+            log.warning("model '%s': CUDA graphs need onnxruntime %s or later (one graph per batch size), "
+                        "not %s; serving without them", spec.name, since, ort.__version__)  # fmt: skip
+            graphs = False
         providers = _providers(ort, spec, graphs)  # raises UNAVAILABLE for a provider onnxruntime lacks
         try:
             session = ort.InferenceSession(path, sess_options=options, providers=providers)
@@ -466,6 +475,16 @@ def _buckets(spec: ModelSpec, on_gpu: bool) -> batchpad.BatchBuckets | None:
     eligible = cfg.max_batch_size > 0 and not cfg.HasField("sequence_batching") and not ragged.plan(cfg)
     eligible = eligible and not any(i.data_type == mc.TYPE_STRING for i in cfg.input)
     return batchpad.BatchBuckets(sizes) if sizes is not None and eligible else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version string ("1.31.1" -> (1, 31, 1); "1.18.0rc1" -> (1, 18))."""
+    out = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
 
 
 def _wants_graphs(spec: ModelSpec) -> bool:

@@ -8,7 +8,8 @@ TensorRT backend only); Shoal reads the same fields here as its PyTorch backend 
 (``torchgraphs.plan``: ``graph_spec``, or batch sizes 1, 2, 4, ... up to ``max_batch_size``
 for inputs of fixed configured shape) and uses onnxruntime's own capture: the CUDA provider's
 ``enable_cuda_graph`` and, per graph, the run option ``gpu_graph_id`` (1, 2, ...; -1 runs a
-batch no graph fits without one).
+batch no graph fits without one), which onnxruntime has since 1.18 (an older one is served
+without graphs: it would replay its one graph for every batch size).
 
 onnxruntime replays a graph on the addresses it was captured with, so each graph has its own
 static input and output buffers, bound once (``io_binding``); a batch is copied into the
