@@ -126,26 +126,21 @@ class OnnxRuntimeBackend(BatchedBackend):
                 code=ErrorCode.UNAVAILABLE,
             ) from None
         path, shown = model_file(spec, DEFAULT_FILENAME)
-        options = _session_options(ort, spec)
         graphs = spec.device.is_gpu and _wants_graphs(spec)
         if graphs and _version(ort.__version__) < GRAPH_IDS_SINCE:
             since = ".".join(map(str, GRAPH_IDS_SINCE))
             log.warning("model '%s': CUDA graphs need onnxruntime %s or later (one graph per batch size), "
                         "not %s; serving without them", spec.name, since, ort.__version__)  # fmt: skip
             graphs = False
-        providers = _providers(ort, spec, graphs)  # raises UNAVAILABLE for a provider onnxruntime lacks
         try:
-            session = ort.InferenceSession(path, sess_options=options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
-            message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
-            if not graphs:
-                raise ServingError(
-                    f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
-                    code=ErrorCode.INVALID_ARGUMENT,
-                ) from None
+            session = _session(ort, spec, path, shown, graphs)
+        except ServingError as exc:
+            if not graphs or exc.code is not ErrorCode.INVALID_ARGUMENT:
+                raise
             log.warning("model '%s': onnxruntime cannot use CUDA graphs for it, serving without them: %s",
-                        spec.name, message)  # fmt: skip
-            return cls._load_without_graphs(spec, ort, path, shown)
+                        spec.name, exc.message)  # fmt: skip
+            graphs = False
+            session = _session(ort, spec, path, shown, graphs)
         if spec.device.is_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise ServingError(
                 f"model '{spec.name}' instance '{spec.instance_name}': onnxruntime could not start "
@@ -154,20 +149,6 @@ class OnnxRuntimeBackend(BatchedBackend):
             )
         _validate(spec, session)
         return cls(spec, session, ort if graphs else None)
-
-    @classmethod
-    def _load_without_graphs(cls, spec: ModelSpec, ort: Any, path: str, shown: str) -> Self:
-        options, providers = _session_options(ort, spec), _providers(ort, spec)
-        try:
-            session = ort.InferenceSession(path, sess_options=options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
-            message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
-            raise ServingError(
-                f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
-                code=ErrorCode.INVALID_ARGUMENT,
-            ) from None
-        _validate(spec, session)
-        return cls(spec, session)
 
     def _capture_graphs(self, ort: Any, spec: ModelSpec) -> None:
         """CUDA graphs where the configuration asks for them and the session could enable them
@@ -475,6 +456,20 @@ def _buckets(spec: ModelSpec, on_gpu: bool) -> batchpad.BatchBuckets | None:
     eligible = cfg.max_batch_size > 0 and not cfg.HasField("sequence_batching") and not ragged.plan(cfg)
     eligible = eligible and not any(i.data_type == mc.TYPE_STRING for i in cfg.input)
     return batchpad.BatchBuckets(sizes) if sizes is not None and eligible else None
+
+
+def _session(ort: Any, spec: ModelSpec, path: str, shown: str, graphs: bool) -> Any:
+    """The session (``graphs``: with the CUDA provider's graph capture enabled); a provider
+    onnxruntime lacks fails ``UNAVAILABLE``, a model it cannot load ``INVALID_ARGUMENT``."""
+    options, providers = _session_options(ort, spec), _providers(ort, spec, graphs)
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        message = str(exc).replace(os.path.abspath(spec.repository) + os.sep, "")
+        raise ServingError(
+            f"model '{spec.name}': onnxruntime cannot load '{shown}': {message}",
+            code=ErrorCode.INVALID_ARGUMENT,
+        ) from None
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -52,7 +52,6 @@ DEVICE = 0
 @dataclass(slots=True)
 class _Graph:
     shape: GraphShape
-    gid: int
     options: Any
     """onnxruntime ``RunOptions`` carrying ``gpu_graph_id``."""
     io: Any
@@ -96,7 +95,7 @@ class OrtGraphs:
                     options = self._ort.RunOptions()
                     options.add_run_config_entry("gpu_graph_id", str(gid))
                     io = session.io_binding()
-                    g = _Graph(shape, gid, options, io, {})
+                    g = _Graph(shape, options, io, {})
                     for name, dims in shape.inputs:
                         buf = cupy.zeros(lead + dims, dtype=in_dtypes[name])
                         g.inputs[name] = buf
