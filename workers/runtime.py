@@ -433,6 +433,7 @@ class WorkerRuntime(LaneRuns):
         done = reply.infer_done
         out_frames: list[Any] = []
         backend, writer = self.backend, self.writer
+        blocks_before = writer.blocks_out if writer is not None else 0
         try:
             if backend is None or writer is None:
                 raise ServingError("model is not loaded")
@@ -445,7 +446,9 @@ class WorkerRuntime(LaneRuns):
             t1 = time.monotonic_ns()
             responses = backend.execute(work)
             t2 = time.monotonic_ns()
-            done.rescheduled.extend(req.id for req in work if req.rescheduled)
+            rescheduled = [req.id for req in work if req.rescheduled]
+            if rescheduled:
+                done.rescheduled.extend(rescheduled)
             # a decoupled model's responses went through each request's sender
             expected = 0 if self.decoupled else len(work)
             if len(responses) != expected:
@@ -478,7 +481,9 @@ class WorkerRuntime(LaneRuns):
         else:
             if stats:
                 self._send_encoded(stats)
-            self._answer_lane(lane, reply, out_frames)
+            # only an answer that wrote arena blocks names blocks the lane holds
+            held = writer is None or writer.blocks_out != blocks_before
+            self._answer_lane(lane, reply, out_frames, held_blocks=held)
         if not self.decoupled and self.inbox is not None and self.inbox.cancelled:
             self.inbox.forget_cancelled(env.request_id)
 

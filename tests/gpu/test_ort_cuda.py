@@ -43,6 +43,33 @@ TRT = """optimization { execution_accelerators { gpu_execution_accelerator: [ { 
 """
 
 
+SCALER = """name: "onnx_cpu_node"
+backend: "onnxruntime"
+max_batch_size: 8
+input [ { name: "X", data_type: TYPE_FP32, dims: [ 4 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ 4 ] } ]
+instance_group [ { kind: KIND_GPU, count: 1 } ]
+"""
+
+
+def _scaler_model() -> bytes:
+    """Y = (X - 1) * 2 by an ``ai.onnx.ml`` Scaler node, which the CUDA provider has no kernel
+    for: onnxruntime runs it on the CPU, so it cannot capture the model in a CUDA graph."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Scaler", ["X"], ["Y"], domain="ai.onnx.ml", offset=[1.0], scale=[2.0])
+    graph = helper.make_graph(
+        [node],
+        "scaler",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 @pytest.fixture(scope="module", params=["router", "frontends"])
 def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """The server alone (the router batches, the worker runs each batch as it comes), or with
@@ -61,6 +88,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     cfg = (repo / "mlp_gpu" / "config.pbtxt").read_text().replace('name: "mlp_onnx"', 'name: "mlp_gpu"')
     cfg = cfg.replace("max_queue_delay_microseconds: 200\n", "max_queue_delay_microseconds: 20000\n")
     (repo / "mlp_gpu" / "config.pbtxt").write_text(cfg.replace("KIND_CPU", "KIND_GPU") + PIPELINE)
+    (repo / "onnx_cpu_node" / "1").mkdir(parents=True)
+    (repo / "onnx_cpu_node" / "1" / "model.onnx").write_bytes(_scaler_model())
+    (repo / "onnx_cpu_node" / "config.pbtxt").write_text(SCALER + GRAPHS)
     frontends = ("--frontend-processes", "2") if request.param == "frontends" else ()
     srv = ServerProcess(repo, *frontends).start(wait_ready=False)
     yield srv
@@ -420,6 +450,28 @@ def test_cuda_graphs_answer_every_batch_size(server: ServerProcess) -> None:
         c.unregister_cuda_shared_memory()
         c.close()
         cudashm.destroy_shared_memory_region(h)
+
+
+def test_cuda_graphs_fall_back_for_a_model_outside_the_cuda_provider(server: ServerProcess) -> None:
+    """``graphs: true`` on a model with a node onnxruntime runs on the CPU: it cannot be
+    captured, so the instance serves without graphs (a warning says why), every batch size
+    answered correctly."""
+    _ready(server, "onnx_cpu_node")
+    fallbacks = (
+        "model 'onnx_cpu_node': onnxruntime cannot use CUDA graphs for it, serving without them",
+        "model 'onnx_cpu_node': onnxruntime CUDA graphs not used, capturing failed",
+    )
+    assert any(f in server.log for f in fallbacks), server.log[-4000:]
+    assert "model 'onnx_cpu_node': captured onnxruntime CUDA graphs" not in server.log
+    c = httpclient.InferenceServerClient(server.url)
+    try:
+        for rows in (1, 3, 8, 2):
+            x = np.arange(4 * rows, dtype=np.float32).reshape(rows, 4)
+            i = httpclient.InferInput("X", [rows, 4], "FP32")
+            i.set_data_from_numpy(x)
+            np.testing.assert_array_equal(c.infer("onnx_cpu_node", [i]).as_numpy("Y"), (x - 1) * 2)
+    finally:
+        c.close()
 
 
 def test_tensorrt_accelerator(server: ServerProcess) -> None:
