@@ -67,6 +67,8 @@ class ConfigSignature:
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
     required_inputs: int = 0
     config_bytes: bytes = b""
+    reshapes: bool = False
+    """Some input has a ``reshape`` (validation may change a request's shapes)."""
 
 
 def signature(name: str, version: int, config_bytes: bytes) -> ConfigSignature:
@@ -75,6 +77,7 @@ def signature(name: str, version: int, config_bytes: bytes) -> ConfigSignature:
     sig.inputs = tensor_specs(list(config.input))
     sig.outputs = tensor_specs(list(config.output))
     sig.required_inputs = sum(1 for t in sig.inputs.values() if not t.optional)
+    sig.reshapes = any(t.reshape is not None for t in sig.inputs.values())
     return sig
 
 

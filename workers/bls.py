@@ -106,13 +106,14 @@ class BlsClient:
         call's id once it is sent (for ``cancel``). ``gpu_outputs``: outputs a GPU model
         leaves on the device come back as CuPy arrays (``preferred_memory`` GPU), when this
         instance can read them."""
+        sequence = correlation_id if isinstance(correlation_id, str) else int(correlation_id)
+        lanes = self.lanes
+        route = None
+        if lanes is not None and not (decoupled or int(timeout_us) > 0 or int(flags) or trace_id or sequence):
+            route = lanes.route(model, version, parameters_json)
         env = wire.envelope(0)
-        call = env.bls_call
-        call.model_name = model
-        call.model_version = version
-        call.decoupled = decoupled
-        call.timeout_us = max(0, int(timeout_us))
-        req = call.request
+        # a call going over a lane is built in the lane's message itself (no copy of it)
+        req = env.infer.requests.add() if route is not None else env.bls_call.request
         req.request_id = request_id
         if isinstance(correlation_id, str):
             req.correlation_id_str = correlation_id
@@ -138,15 +139,26 @@ class BlsClient:
             self._free(blocks)
             yield None, exc, {}, True
             return
-        lanes = self.lanes
-        if lanes is not None and not (decoupled or call.timeout_us or req.flags or trace_id):
-            sequence = req.correlation_id or req.correlation_id_str
-            route = None if sequence else lanes.route(model, version, parameters_json)
-            if route is not None:
-                answer = self._over_lane(lanes, route, req, frames, blocks)
-                if answer is not None:
-                    yield answer
-                    return
+        if route is not None and lanes is not None:
+            answer = self._over_lane(lanes, route, env, req, frames, blocks)
+            if answer is not None:
+                yield answer
+                return
+            # not executed there: the router takes it, inputs as they are (shapes as the caller
+            # gave them: the lane's validation may have applied ``reshape``)
+            lane_req = req
+            env = wire.envelope(0)
+            req = env.bls_call.request
+            req.CopyFrom(lane_req)
+            for ref, (_, array) in zip(req.inputs, inputs, strict=True):
+                if tuple(ref.shape) != tuple(array.shape):
+                    del ref.shape[:]
+                    ref.shape.extend(array.shape)
+        call = env.bls_call
+        call.model_name = model
+        call.model_version = version
+        call.decoupled = decoupled
+        call.timeout_us = max(0, int(timeout_us))
         call.call_id = call_id = self.inbox.new_call()
         free_inputs = True  # nobody reads them until the call is sent
         ended = False  # the final reply came
@@ -191,14 +203,21 @@ class BlsClient:
     # ---- over lanes (``workers.lanecalls``) -------------------------------------------------
 
     def _over_lane(
-        self, lanes: LaneCalls, route: Route, req: wpb.Request, frames: list[Any], blocks: list[Block]
+        self,
+        lanes: LaneCalls,
+        route: Route,
+        env: wpb.Envelope,
+        req: wpb.Request,
+        frames: list[Any],
+        blocks: list[Block],
     ) -> Reply | None:
         """The call's answer from a worker of the target, its inputs freed; None when it was not
-        executed there (the router takes it, inputs as they are)."""
+        executed there (the router takes it, inputs as they are). ``env``: the lane's message,
+        holding ``req``."""
         sig = route.sig
         check = _Checked(req, frames)
         try:
-            validate(sig, check)  # applies ``reshape``: the lane's copy of the request gets it
+            validate(sig, check)  # applies ``reshape``: the lane's message gets it
         except ServingError as exc:
             self._free(blocks)
             return None, exc, {}, True
@@ -210,13 +229,12 @@ class BlsClient:
         if not rid:
             self.inbox.forget(call_id)
             return None
-        env = wire.envelope(rid)
-        r = env.infer.requests.add()
-        r.CopyFrom(req)
-        for ref, t in zip(r.inputs, check.inputs, strict=True):
-            if t.shape != tuple(ref.shape):
-                del ref.shape[:]
-                ref.shape.extend(t.shape)
+        env.request_id = rid
+        if sig.reshapes:
+            for ref, t in zip(req.inputs, check.inputs, strict=True):
+                if t.shape != tuple(ref.shape):
+                    del ref.shape[:]
+                    ref.shape.extend(t.shape)
         t0 = time.monotonic_ns()
         stat = wpb.LaneStat(model_name=sig.name, model_version=sig.version, lane=out.path)
         answered = False

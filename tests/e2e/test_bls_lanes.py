@@ -47,6 +47,18 @@ def _relay(srv: ServerProcess, target: str, data: np.ndarray, timeout: float = 3
         c.close()
 
 
+def _reshaped(srv: ServerProcess, x: np.ndarray) -> tuple[np.ndarray, int, list[int]]:
+    """bls_reshape's answer: reshaper's OUTPUT0 flattened, the rank it saw, the answer's shape."""
+    c = httpclient.InferenceServerClient(srv.url, network_timeout=30, connection_timeout=30)
+    try:
+        i = httpclient.InferInput("X", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        r = c.infer("bls_reshape", [i])
+        return r.as_numpy("OUTPUT0"), int(r.as_numpy("SEEN_RANK")[0]), r.as_numpy("SHAPE").tolist()
+    finally:
+        c.close()
+
+
 def _successes(srv: ServerProcess) -> int:
     """identity_fp32's successful requests so far (its statistics)."""
     s = requests.get(f"http://{srv.url}/v2/models/identity_fp32/stats", timeout=10).json()
@@ -62,8 +74,9 @@ def _error(srv: ServerProcess, target: str, data: np.ndarray, **params: object) 
 def test_calls_skip_the_router(tmp_path_factory: pytest.TempPathFactory) -> None:
     """With the router stopped, a client request reaches the BLS model over a frontend's lane
     and its call reaches the target over the caller's lane; a call that needs the router
-    (here: a timeout) waits for it, so this test can fail."""
-    repo = make_repository(tmp_path_factory.mktemp("repo"), "bls_relay", "identity_fp32")
+    (here: a timeout) waits for it, so this test can fail. A call into a model whose input has
+    a ``reshape`` goes over the lane reshaped, and its answer comes back in the caller's shape."""
+    repo = make_repository(tmp_path_factory.mktemp("repo"), "bls_relay", "identity_fp32", "bls_reshape", "reshaper")
     srv = ServerProcess(repo, "--frontend-processes", "1").start()
     try:
         small = np.arange(16, dtype=np.float32)
@@ -73,6 +86,8 @@ def test_calls_skip_the_router(tmp_path_factory: pytest.TempPathFactory) -> None
         with RouterStopped(srv):
             for data in (small, large, small):
                 assert np.array_equal(_relay(srv, "identity_fp32", data), data)
+            out, rank, shape = _reshaped(srv, small[:6])
+            assert np.array_equal(out, small[:6] + 1) and rank == 2 and shape == [1, 2, 3]
             try:
                 _relay(srv, "identity_fp32", small, timeout=1.0, bls_timeout_us=10_000_000)
             except Exception as exc:  # noqa: BLE001 - the client's timeout, whatever its type
