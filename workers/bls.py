@@ -144,14 +144,14 @@ class BlsClient:
             if answer is not None:
                 yield answer
                 return
-            # not executed there: the router takes it, inputs as they are (shapes as the caller
-            # gave them: the lane's validation may have applied ``reshape``)
+            # not executed there: the router takes it, inputs as they are (in the caller's
+            # shapes: the lane's validation applied a target's ``reshape``)
             lane_req = req
             env = wire.envelope(0)
             req = env.bls_call.request
             req.CopyFrom(lane_req)
-            for ref, (_, array) in zip(req.inputs, inputs, strict=True):
-                if tuple(ref.shape) != tuple(array.shape):
+            if route.sig.reshapes:
+                for ref, (_, array) in zip(req.inputs, inputs, strict=True):
                     del ref.shape[:]
                     ref.shape.extend(array.shape)
         call = env.bls_call
