@@ -21,6 +21,7 @@ from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.server import gpus, repository, resources, restrict, tracing
 from shoal.server.bls import BlsRouter
+from shoal.server.busypoll import BUSY
 from shoal.server.cloudrepo import RemoteRepository
 from shoal.server.config import ServerConfig
 from shoal.server.custommetrics import CustomMetrics
@@ -175,6 +176,7 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
+        BUSY.configure(cfg.busy_poll_us)
         # the log settings apply first, so that every line of the start (the reclaim warnings
         # below included) has the chosen format and goes where --log-file says
         logs = LogSettings(
@@ -238,6 +240,7 @@ class App:
             python=cfg.worker_python,
             client_shm_mapped=cfg.client_shm_mapped,
             lanes=cfg.frontend_lanes,
+            busy_poll_us=cfg.busy_poll_us,
         )
         roots = (cfg.model_repository, *cfg.more_repositories)
         if cfg.model_repository_url:

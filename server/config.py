@@ -183,6 +183,9 @@ class ServerConfig:
     """Frontend processes and workers' BLS calls send requests of models that need no
     scheduling by the router straight to a worker, which batches them itself where the model
     batches (``server.frontproc.lanes``, ``workers.lanecalls``, ``workers.lanebatch``)."""
+    busy_poll_us: int = 0
+    """Microseconds the event loops and workers poll without sleeping after traffic
+    (``server.busypoll``, ``workers.inbox``); 0: off."""
     argv: tuple[str, ...] = field(default=(), compare=False)
     """The command line this was parsed from (frontend processes parse it again)."""
     triton: bool = field(default=False, compare=False)
@@ -348,6 +351,7 @@ def parse(argv: list[str], *, triton: bool = False) -> ServerConfig:
         worker_python=args.worker_python,
         frontend_processes=args.frontend_processes,
         frontend_lanes=args.frontend_lanes,
+        busy_poll_us=args.busy_poll_us,
         argv=tuple(argv),
         triton=triton,
         grpc=GrpcOptions(

@@ -14,6 +14,7 @@ from shoal.proto import errortexts as T
 from shoal.proto.config_json import config_to_json
 from shoal.proto.errors import DeadlineExceeded, ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.proto.gen import model_config_pb2 as mc
+from shoal.server.busypoll import BUSY
 from shoal.server.classification import classify
 from shoal.server.logsettings import LogSettings
 from shoal.server.models import ModelManager, ModelVersion, submit
@@ -355,6 +356,7 @@ class DataPlane:
     ) -> InferResult:
         """One request, one result. A decoupled model's requests go through ``infer_stream``:
         here they fail with ``decoupled_error`` (Triton's text for the calling endpoint)."""
+        BUSY.kick()
         if not self.accepting:
             raise ServingError("the server is shutting down", code=ErrorCode.UNAVAILABLE)
         mv = self.registry.get(request.model_name, request.model_version)

@@ -74,6 +74,7 @@ def check_ranges(args: argparse.Namespace, problems: list[str]) -> None:
         "request_timeout_secs>=",
         "inline_max_bytes>=",
         "frontend_processes>=",
+        "busy_poll_us>=",
         "model_load_timeout_secs>",
         "model_load_thread_count>",
         "model_load_retry_count>=",

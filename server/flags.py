@@ -321,6 +321,14 @@ GROUPS: dict[str, list[Flag]] = {
             "frontend processes and models' BLS calls send requests straight to the workers of models"
             " that need no scheduling by the router (false: everything through the router)",
         ),
+        _f(
+            "--busy-poll-us",
+            int,
+            0,
+            "after each request and answer, the router, frontend processes and single-threaded workers poll"
+            " their sockets this many microseconds before sleeping (lower latency at low load, for a core each"
+            " while requests keep coming; 0: off)",
+        ),
         _f("--shm-arena-bytes", int, 64 << 20, "size of each segment of the router's input arena"),
         _f("--shm-arena-max-bytes", int, 1 << 30, "the router's input arena at most"),
         _f("--worker-arena-bytes", int, 16 << 20, "size of each segment of a worker's output arena"),

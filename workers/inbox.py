@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -62,6 +63,13 @@ def take_from(backlog: deque[_T], pick: Callable[[_T], bool], full: Callable[[],
     return taken
 
 
+def _busy_poll_ns() -> int:
+    try:
+        return max(0, int(os.environ.get("SHOAL_BUSY_POLL_US", "0"))) * 1000
+    except ValueError:
+        return 0
+
+
 class Inbox:
     def __init__(self, conn: framing.Connection) -> None:
         self.conn = conn
@@ -95,6 +103,13 @@ class Inbox:
         """Router messages taken at once by the reading thread, by body (``lane_routes``),
         outside the inbox's locks but the read lock."""
         self._wake_r = self._wake_w = -1
+        self.spin_ns = _busy_poll_ns()
+        """``--busy-poll-us`` (``SHOAL_BUSY_POLL_US``): a wait for the lanes polls without
+        sleeping this long first, while the worker runs no threads but ``spin_threads``."""
+        self.spin_threads = 1
+        """Threads alive when spinning is allowed (the main thread and the heartbeat's): a
+        thread of a model or a backend waiting for the GIL would wait for a switch interval
+        (5 ms) while the main thread spins, since it takes the GIL back at once after each poll."""
         self.arrivals: dict[int, int] | None = None
         """When each lane request was read, by ``id`` of its envelope (a worker that batches
         lane requests waits its queue delay from the first one's arrival, ``workers.lanebatch``)."""
@@ -239,7 +254,10 @@ class Inbox:
             return True
         lanes = self.lanes
         assert lanes is not None
-        events = lanes.poller.poll(timeout_ms)
+        if self.spin_ns and timeout_ms != 0 and threading.active_count() <= self.spin_threads:
+            events = self._spin(lanes.poller, timeout_ms)
+        else:
+            events = lanes.poller.poll(timeout_ms)
         if not events:
             return False
         router_fd, listen_fd, by_fd = self._router_fd, lanes.listen_fd, lanes.lanes
@@ -270,6 +288,17 @@ class Inbox:
                 elif messages:
                     self._file_lane(lanes, lane, messages)
         return True
+
+    def _spin(self, poller: select.poll, timeout_ms: int | None) -> list[tuple[int, int]]:
+        """``poller.poll(timeout_ms)``, polling without sleeping for the first ``spin_ns``."""
+        end = time.monotonic_ns() + self.spin_ns
+        poll = poller.poll
+        events = poll(0)
+        while not events:
+            if time.monotonic_ns() >= end:
+                return poll(timeout_ms)
+            events = poll(0)
+        return events
 
     def _file_lane(self, lanes: LaneServer, lane: Lane, messages: list[list[Any]]) -> None:
         """File the messages of a lane: ``Infer`` for the main loop, ``Release`` given to

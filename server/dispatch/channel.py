@@ -19,6 +19,7 @@ from typing import Any
 from shoal.proto import framing, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import worker_pb2 as wpb
+from shoal.server.busypoll import BUSY
 
 log = logging.getLogger("shoal.channel")
 
@@ -45,6 +46,7 @@ class _Conn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        BUSY.kick()
         try:
             messages = self.decoder.feed(data)
         except framing.FramingError as exc:

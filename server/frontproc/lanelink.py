@@ -18,6 +18,7 @@ from shoal.proto.batchpolicy import ShapeKey
 from shoal.proto.errors import ServingError
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.validation import ConfigSignature
+from shoal.server.busypoll import BUSY
 from shoal.server.frontproc.shmregions import FrontRegion
 from shoal.server.streaming import StreamItem
 from shoal.shm.block import Block
@@ -173,6 +174,7 @@ class Lane(asyncio.Protocol):
             os.set_blocking(self._spare_fd, False)
 
     def data_received(self, data: bytes) -> None:
+        BUSY.kick()
         try:
             messages = self.decoder.feed(data)
         except framing.FramingError as exc:

@@ -23,6 +23,7 @@ from shoal.proto.errors import ErrorCode, ServingError
 from shoal.proto.gen import model_config_pb2 as mc
 from shoal.proto.gen import worker_pb2 as wpb
 from shoal.proto.streamflow import ACK_EVERY
+from shoal.server.busypoll import BUSY
 from shoal.server.frontproc import wire as frontwire
 from shoal.server.frontproc.lanes_client import LaneRetry, Lanes, Route
 from shoal.server.streaming import StreamItem
@@ -417,6 +418,7 @@ class RemoteDataPlane:
         self.frontend = frontend
 
     async def infer(self, request: InferRequest, *, decoupled_error: Any = None) -> InferResult:
+        BUSY.kick()
         lanes = self.link.lanes
         if lanes is not None:
             route = lanes.route(request)

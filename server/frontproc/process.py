@@ -31,6 +31,7 @@ from shoal.proto import wire
 from shoal.proto.gen import grpc_service_pb2 as pb
 from shoal.server import resources, restrict
 from shoal.server.app import STREAM_GRACE_S, _listen
+from shoal.server.busypoll import BUSY
 from shoal.server.config import ServerConfig, parse
 from shoal.server.frontends.grpc import app as grpc_app
 from shoal.server.frontends.grpc import stream
@@ -207,6 +208,7 @@ async def start_grpc(
 
 
 async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_port: int, grpc_port: int) -> int:
+    BUSY.configure(cfg.busy_poll_us)
     arena = Arena(
         arena_prefix(prefix, index, os.getpid()), segment_bytes=cfg.shm_arena_bytes, max_bytes=cfg.shm_arena_max_bytes
     )

@@ -39,6 +39,8 @@ class InstanceSettings:
     client_shm_mapped: bool = False
     lanes: bool = False
     """Workers open a lane socket for frontend processes (``server.frontproc.lanes``)."""
+    busy_poll_us: int = 0
+    """``--busy-poll-us``: given to every worker as ``SHOAL_BUSY_POLL_US``."""
     backend_config: tuple[tuple[str, str, str], ...] = ()
     """``--backend-config`` settings as (backend, key, value)."""
     host_policies: tuple[tuple[str, str, str], ...] = ()
@@ -106,11 +108,11 @@ class InstanceFactory:
     def _worker(self, mv: ModelVersion, config_bytes: bytes, instance: str, kind: str, gpu: int, policy: str) -> Worker:
         s = self.settings
         devs = list(s.gpu_devices)
-        env: tuple[tuple[str, str], ...] = ()
+        env: tuple[tuple[str, str], ...] = (("SHOAL_BUSY_POLL_US", str(s.busy_poll_us)),) if s.busy_poll_us else ()
         order: list[int] = []
         if kind == "GPU":
             # its GPU is device 0 to the worker; the others stay visible behind it
-            env = (("CUDA_VISIBLE_DEVICES", gpus.visible_env(gpu, devs)),)
+            env += (("CUDA_VISIBLE_DEVICES", gpus.visible_env(gpu, devs)),)
             order = gpus.worker_order(gpu, devs)
         load = wpb.Load(
             model_config=config_bytes,
