@@ -297,6 +297,7 @@ class Inbox:
         while not events:
             if time.monotonic_ns() >= end:
                 return poll(timeout_ms)
+            os.sched_yield()  # a process that has work on this core runs first
             events = poll(0)
         return events
 
