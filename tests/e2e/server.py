@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,9 @@ class ServerProcess:
             "0",
             "--metrics-port",
             "0",
+            # the whole suite under an option of Shoal's own, e.g. "--busy-poll-us 200" (a
+            # test's own options come after, so they win)
+            *shlex.split(os.environ.get("SHOAL_TEST_SERVER_ARGS", "")),
             *self.extra,
         ]
         env = {**os.environ, **self.env}
