@@ -63,6 +63,10 @@ def take_from(backlog: deque[_T], pick: Callable[[_T], bool], full: Callable[[],
     return taken
 
 
+_OWN_POOLS = ("shoal-read", "shoal-ready")
+"""Name prefixes of the worker's own thread pools (``clientshm``, ``runtime``)."""
+
+
 def _busy_poll_ns() -> int:
     try:
         return max(0, int(os.environ.get("SHOAL_BUSY_POLL_US", "0"))) * 1000
@@ -105,11 +109,10 @@ class Inbox:
         self._wake_r = self._wake_w = -1
         self.spin_ns = _busy_poll_ns()
         """``--busy-poll-us`` (``SHOAL_BUSY_POLL_US``): a wait for the lanes polls without
-        sleeping this long first, while the worker runs no threads but ``spin_threads``."""
-        self.spin_threads = 1
-        """Threads alive when spinning is allowed (the main thread and the heartbeat's): a
-        thread of a model or a backend waiting for the GIL would wait for a switch interval
-        (5 ms) while the main thread spins, since it takes the GIL back at once after each poll."""
+        sleeping this long first, while no thread but the worker's own may want the GIL
+        (``_may_spin``)."""
+        self._threads_seen = 0
+        self._spin_ok = False
         self.arrivals: dict[int, int] | None = None
         """When each lane request was read, by ``id`` of its envelope (a worker that batches
         lane requests waits its queue delay from the first one's arrival, ``workers.lanebatch``)."""
@@ -254,7 +257,7 @@ class Inbox:
             return True
         lanes = self.lanes
         assert lanes is not None
-        if self.spin_ns and timeout_ms != 0 and threading.active_count() <= self.spin_threads:
+        if self.spin_ns and timeout_ms != 0 and self._may_spin():
             events = self._spin(lanes.poller, timeout_ms)
         else:
             events = lanes.poller.poll(timeout_ms)
@@ -288,6 +291,21 @@ class Inbox:
                 elif messages:
                     self._file_lane(lanes, lane, messages)
         return True
+
+    def _may_spin(self) -> bool:
+        """Whether every other thread is one of the worker's own (the heartbeat, the pools
+        that read client regions or run readiness checks, whose work the main thread waits
+        for or which rarely run): a thread of a model or a backend that wants the GIL would
+        wait a whole switch interval (5 ms) for each turn while the main thread spins, since
+        it takes the GIL back at once after each poll. Looked at again when the count changes."""
+        count = threading.active_count()
+        if count != self._threads_seen:
+            self._threads_seen = count
+            main = threading.main_thread()
+            self._spin_ok = all(
+                t is main or t.name == "heartbeat" or t.name.startswith(_OWN_POOLS) for t in threading.enumerate()
+            )
+        return self._spin_ok
 
     def _spin(self, poller: select.poll, timeout_ms: int | None) -> list[tuple[int, int]]:
         """``poller.poll(timeout_ms)``, polling without sleeping for the first ``spin_ns``."""

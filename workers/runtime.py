@@ -169,7 +169,6 @@ class WorkerRuntime(LaneRuns):
         if self.heartbeat_ms > 0:
             heartbeat = Heartbeat(self.endpoint, self.identity, self.heartbeat_ms)
             heartbeat.start()
-        inbox.spin_threads = threading.active_count()
         hello = wire.envelope(0)
         hello.ready.pid = os.getpid()
         self._send([hello.SerializeToString()])
