@@ -39,6 +39,7 @@ class BusyPoll:
         """Poll for ``us`` microseconds after each kick (0: never), on the running loop."""
         self.ns = max(0, us) * 1000
         self.loop = asyncio.get_running_loop() if us > 0 else None
+        self.armed = False  # a callback armed on an earlier loop never runs again
 
     def kick(self) -> None:
         if not self.ns:

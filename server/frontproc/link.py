@@ -149,6 +149,7 @@ class RouterLink(asyncio.Protocol):
         self.closed.set()
 
     def data_received(self, data: bytes) -> None:
+        BUSY.kick()  # answers of requests the router took (not a lane's) come this way
         try:
             messages = self.decoder.feed(data)
         except framing.FramingError as exc:
