@@ -31,6 +31,7 @@ from shoal.server.dispatch.channel import WorkerChannel
 from shoal.server.dispatch.pool import DispatchContext
 from shoal.server.dispatch.ratelimit import RateLimiter
 from shoal.server.frontends.grpc.app import GrpcBindError, start_grpc
+from shoal.server.frontends.http import fastpath
 from shoal.server.frontends.http.app import make_app, make_health_app, make_runner
 from shoal.server.frontends.http.body import HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard, GuardedSite
@@ -312,7 +313,8 @@ class App:
         elif cfg.allow_http:
             sock = _listen(cfg.host, cfg.http_port, reuse_port=cfg.reuse_http_port, what="HTTP", flag="--http-port")
             self.http_port = sock.getsockname()[1]
-            await GuardedSite(self._runner, sock, self.http_guard, backlog=1024).start()
+            fast = fastpath.handler_factory(app, self.http_guard)
+            await GuardedSite(self._runner, sock, self.http_guard, backlog=1024, handler=fast).start()
             log.info("HTTP listening on %s:%d", cfg.host, self.http_port)
         if cfg.http_health_port >= 0:
             await self._start_health()

@@ -36,7 +36,7 @@ from shoal.server.config import ServerConfig, parse
 from shoal.server.frontends.grpc import app as grpc_app
 from shoal.server.frontends.grpc import stream
 from shoal.server.frontends.grpc.service import InferenceService, rpc
-from shoal.server.frontends.http import body, routes
+from shoal.server.frontends.http import body, fastpath, routes
 from shoal.server.frontends.http import generate as generate_ext
 from shoal.server.frontends.http.app import GUARD, make_runner, middleware
 from shoal.server.frontends.http.body import HttpLimits
@@ -241,7 +241,8 @@ async def serve(cfg: ServerConfig, index: int, run_dir: str, prefix: str, http_p
             )
             await runner.setup()
             sock = _listen(cfg.host, http_port, reuse_port=True)
-            await GuardedSite(runner, sock, app[GUARD], backlog=1024).start()
+            fast = fastpath.handler_factory(app, app[GUARD])
+            await GuardedSite(runner, sock, app[GUARD], backlog=1024, handler=fast).start()
         if grpc_port:
             grpc_server, gproxy = await start_grpc(cfg, link, limits, run_dir, grpc_port)
             proxies.append(gproxy)

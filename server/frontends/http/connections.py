@@ -71,17 +71,23 @@ class ConnectionGuard:
         self.evicted = 0
         self.refused = 0
 
-    def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+    def factory(
+        self, server: web.Server, handler: Callable[[], asyncio.Protocol] | None = None
+    ) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory of a listener: ``handler`` (default: ``server``) makes each
+        admitted connection's aiohttp request handler."""
+        make_handler = handler or server
+
         def make() -> asyncio.Protocol:
             # called by the event loop for every accepted socket: must never raise
             try:
-                return self._admit(server)
+                return self._admit(server, make_handler)
             except Exception:  # noqa: BLE001
                 return _Refuse()
 
         return make
 
-    def _admit(self, server: web.Server) -> asyncio.Protocol:
+    def _admit(self, server: web.Server, make_handler: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
         if len(self._states) >= min(self._next_prune, self.max_connections):
             # near the limit, or twice as many entries as open connections at the last look:
             # walking every connection stays amortized O(1) per accepted one
@@ -94,7 +100,7 @@ class ConnectionGuard:
                 self.refused += 1
                 return _Refuse()
             reserve = True
-        handler = server()
+        handler = make_handler()
         self._states[handler] = _State(reserve)
         if reserve:
             asyncio.get_running_loop().call_later(RESERVE_TIMEOUT_S, _close, handler)
@@ -134,28 +140,43 @@ class ConnectionGuard:
     def begin(self, request: web.Request) -> bool:
         """A request starts on its connection; ``False``: the connection is of the reserve
         and the request is not a health check (answer 503 and close)."""
-        state = self._states.get(request.protocol)
+        return self.begin_on(request.protocol, request.path)
+
+    def begin_on(self, handler: object, path: str) -> bool:
+        """``begin`` for the request of ``path`` on ``handler``'s connection."""
+        state = self._states.get(handler)
         if state is None:
             return True
         state.seen = True
-        if state.reserve and request.path not in HEALTH_PATHS:
+        if state.reserve and path not in HEALTH_PATHS:
             return False
         state.busy += 1
         return True
 
     def end(self, request: web.Request) -> bool:
         """The request is answered; ``True`` when its connection must close after it."""
-        state = self._states.get(request.protocol)
+        return self.end_on(request.protocol)
+
+    def end_on(self, handler: object) -> bool:
+        state = self._states.get(handler)
         if state is None:
             return False
         state.busy -= 1
         state.since = time.monotonic()
         return state.reserve
 
+    def reserved(self, handler: object) -> bool:
+        """``handler``'s connection is of the reserve (health checks only)."""
+        state = self._states.get(handler)
+        return state is not None and state.reserve
+
     def peer(self, request: web.Request) -> Peer:
         """The client of ``request``'s connection (its uid is read once per connection);
         ``UNKNOWN`` when its address cannot be read."""
-        transport = request.transport
+        return self.peer_on(request.transport, request.headers.get)
+
+    def peer_on(self, transport: Any, header: Callable[[str], str | None]) -> Peer:
+        """``peer`` of the connection of ``transport`` (``header``: the request's headers)."""
         if transport is None:
             return UNKNOWN
         peer = self._peers.get(transport)
@@ -163,7 +184,7 @@ class ConnectionGuard:
             peername = transport.get_extra_info("peername")
             sockname = transport.get_extra_info("sockname")
             if isinstance(sockname, str):  # the router's Unix socket: a frontend process forwards
-                return parse_peer(request.headers.get(PEER_HEADER))
+                return parse_peer(header(PEER_HEADER))
             if not isinstance(peername, tuple) or not isinstance(sockname, tuple):
                 return UNKNOWN
             peer = Peer(host=str(peername[0]), port=int(peername[1]), server_port=int(sockname[1]))
@@ -184,14 +205,27 @@ def _close(handler: object) -> None:
 class GuardedSite(web.SockSite):
     """``web.SockSite`` whose connections go through a ``ConnectionGuard``."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard, *, backlog: int) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        guard: ConnectionGuard,
+        *,
+        backlog: int,
+        handler: Callable[[web.Server], Callable[[], asyncio.Protocol]] | None = None,
+    ) -> None:
+        """``handler``: given the runner's ``web.Server``, the factory of each connection's
+        request handler (``fastpath.handler_factory``; default: aiohttp's own)."""
         super().__init__(runner, sock, backlog=backlog)
         self._guard = guard
+        self._handler = handler
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         server = self._runner.server
         assert isinstance(server, web.Server)
         self._server = await asyncio.get_running_loop().create_server(
-            self._guard.factory(server), sock=self._sock, backlog=self._backlog
+            self._guard.factory(server, self._handler(server) if self._handler else None),
+            sock=self._sock,
+            backlog=self._backlog,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from collections.abc import Callable
@@ -44,6 +45,11 @@ _JSON = "application/json"
 def version_of(request: web.Request) -> int:
     """The version a request's path names (-1: none, the latest)."""
     return version_number(request.match_info.get("version") or "")
+
+
+def error_body(message: str) -> bytes:
+    """The JSON body of an error answer, as ``web.json_response`` writes it."""
+    return json.dumps({"error": message}).encode()
 
 
 def _json_response(obj: Any) -> web.Response:
@@ -287,30 +293,19 @@ async def _infer(
     data: bytes | bytearray,
     trace: Trace | None = None,
 ) -> web.StreamResponse:
-    header_len = codec.parse_header_length(request.headers.get(HEADER_LENGTH), len(data))
-    json_len = len(data) if header_len is None else header_len
-    if json_len > limits.max_json_bytes:
-        raise InvalidInput(
-            f"request JSON size of {json_len} bytes exceeds the maximum allowed input size of "
-            f"{limits.max_json_bytes} bytes. Use --http-max-input-size to increase the limit."
-        )
-    if header_len == 0:
-        name, datatype, shape = dp.raw_input(model, version, len(data))
-        req = codec.raw_request(data, model, version, name, datatype, shape)
-    else:
-        req = codec.decode_request(data, header_len, model, version)
-    if req.uses_shm:
-        req.peer = _peer(request)
     forward = request.app.get(FORWARD)
-    if forward:
-        forward.apply(request.headers.items(), req.parameters)
-    req.trace = trace
-    result = await dp.infer(req)
-    try:
-        chunks, out_json_len = codec.encode_result(req, result)
-        payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        result.done()
+    payload, out_json_len = await infer_answer(
+        dp,
+        limits,
+        request.headers.get(HEADER_LENGTH),
+        model,
+        version,
+        data,
+        lambda: _peer(request),
+        request.headers.items() if forward else None,
+        forward,
+        trace,
+    )
     headers = {}
     if out_json_len is None:
         content_type = _JSON
@@ -326,6 +321,48 @@ async def _infer(
             payload = _compress(payload, encoding)
         headers["Content-Encoding"] = encoding
     return web.Response(body=payload, headers=headers, content_type=content_type)
+
+
+async def infer_answer(
+    dp: DataPlane,
+    limits: HttpLimits,
+    header_length: str | None,
+    model: str,
+    version: int,
+    data: bytes | bytearray,
+    peer: Callable[[], Peer | None],
+    header_items: Any = None,
+    forward: HeaderForwarder | None = None,
+    trace: Trace | None = None,
+) -> tuple[bytes, int | None]:
+    """An inference request's body in, the response body out (and its JSON part's length,
+    ``None`` for an all-JSON response): the work of ``/infer`` apart from HTTP itself, shared
+    by aiohttp's route and ``fastpath``. ``peer`` is called only for a request that uses shared
+    memory; ``header_items`` go through ``forward`` (``--http-header-forward-pattern``)."""
+    header_len = codec.parse_header_length(header_length, len(data))
+    json_len = len(data) if header_len is None else header_len
+    if json_len > limits.max_json_bytes:
+        raise InvalidInput(
+            f"request JSON size of {json_len} bytes exceeds the maximum allowed input size of "
+            f"{limits.max_json_bytes} bytes. Use --http-max-input-size to increase the limit."
+        )
+    if header_len == 0:
+        name, datatype, shape = dp.raw_input(model, version, len(data))
+        req = codec.raw_request(data, model, version, name, datatype, shape)
+    else:
+        req = codec.decode_request(data, header_len, model, version)
+    if req.uses_shm:
+        req.peer = peer()
+    if forward:
+        forward.apply(header_items, req.parameters)
+    req.trace = trace
+    result = await dp.infer(req)
+    try:
+        chunks, out_json_len = codec.encode_result(req, result)
+        payload = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        result.done()
+    return payload, out_json_len
 
 
 async def _generate_body(request: web.Request) -> tuple[DataPlane, str, int, bytes]:
