@@ -85,6 +85,10 @@ def handler_factory(app: web.Application, guard: ConnectionGuard) -> Callable[[w
     def for_server(server: web.Server) -> Callable[[], Any]:
         if not ctx.usable:
             return server
+        missing = missing_internals(server)
+        if missing:
+            log.warning("HTTP fast path off: this aiohttp has no %s", ", ".join(missing))
+            return server
         kwargs = server._kwargs  # what web.Server.__call__ passes to RequestHandler
 
         def make() -> FastHandler:
@@ -93,6 +97,23 @@ def handler_factory(app: web.Application, guard: ConnectionGuard) -> Callable[[w
         return make
 
     return for_server
+
+
+_INTERNALS = (
+    "_handle_request", "_process_keepalive", "_drain_helper", "_next_keepalive_close_time",
+    "_keepalive_timeout", "_keepalive_handle", "_force_close", "_close", "_loop",
+)  # fmt: skip
+"""aiohttp's private names ``FastHandler`` uses (aiohttp 3.14)."""
+
+
+def missing_internals(server: web.Server | None = None) -> list[str]:
+    """Those of aiohttp's private names the fast path relies on that this aiohttp lacks (an
+    upgrade that renames one turns the fast path off instead of breaking connections)."""
+    names = set(dir(RequestHandler)) | set(getattr(RequestHandler, "__slots__", ()))
+    missing = [n for n in _INTERNALS if n not in names]
+    if server is not None and not isinstance(getattr(server, "_kwargs", None), dict):
+        missing.append("web.Server._kwargs")
+    return missing
 
 
 class FastHandler(RequestHandler):
