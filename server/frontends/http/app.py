@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from shoal.proto.errors import ServingError, detach, from_exception
+from shoal.proto.errors import ServingError, detach
 from shoal.server import restrict
 from shoal.server.dataplane import DataPlane
 from shoal.server.frontends.http.body import BodyError, HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard
-from shoal.server.frontends.http.errors import HTTP_STATUS
+from shoal.server.frontends.http.errors import error_answer
 from shoal.server.frontends.http.routes import (
     CATEGORY,
     DATAPLANE,
@@ -28,7 +28,6 @@ from shoal.server.frontends.http.routes import (
     health_ready,
 )
 from shoal.server.headerforward import HeaderForwarder
-from shoal.server.logthrottle import client_error
 from shoal.server.status import StatusMonitor
 
 log = logging.getLogger("shoal.http")
@@ -75,11 +74,8 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
     except asyncio.CancelledError:
         raise
     except ServingError as exc:
-        status = exc.status if isinstance(exc, BodyError) else HTTP_STATUS[exc.code]
-        client_error(log, exc, request.path)
-        resp = _error(status, exc.message, close=isinstance(exc, BodyError))
-        detach(exc)
-        return resp
+        status, message = error_answer(exc, log, request.method, request.path)
+        return _error(status, message, close=isinstance(exc, BodyError))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -87,11 +83,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         detach(exc)
         return resp
     except Exception as exc:  # noqa: BLE001 - the router never dies of one request
-        log.exception("unhandled error for %s %s", request.method, request.path)
-        err = from_exception(exc)
-        resp = _error(HTTP_STATUS[err.code], err.message)
-        detach(exc)
-        return resp
+        return _error(*error_answer(exc, log, request.method, request.path))
 
 
 def make_app(

@@ -7,9 +7,12 @@ keep their HTTP meaning."""
 
 from __future__ import annotations
 
+import logging
 from types import MappingProxyType
 
-from shoal.proto.errors import ErrorCode
+from shoal.proto.errors import ErrorCode, ServingError, detach, from_exception
+from shoal.server.frontends.http.body import BodyError
+from shoal.server.logthrottle import client_error
 
 HTTP_STATUS = MappingProxyType(
     {
@@ -27,3 +30,20 @@ HTTP_STATUS = MappingProxyType(
         ErrorCode.PERMISSION_DENIED: 403,
     }
 )
+
+
+def error_answer(exc: Exception, log: logging.Logger, method: str, path: str) -> tuple[int, str]:
+    """The status and message a failed request is answered with (a ``BodyError``'s own
+    status, else the table's), logged as a client's error or, for anything that is not a
+    ``ServingError``, as a bug; the error is detached so that nothing it passed through
+    outlives the answer."""
+    if isinstance(exc, ServingError):
+        status = exc.status if isinstance(exc, BodyError) else HTTP_STATUS[exc.code]
+        client_error(log, exc, path)
+        message = exc.message
+    else:
+        log.exception("unhandled error for %s %s", method, path)
+        err = from_exception(exc)
+        status, message = HTTP_STATUS[err.code], err.message
+    detach(exc)
+    return status, message

@@ -26,17 +26,17 @@ import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from shoal.proto.errors import ServingError, detach, from_exception
+from shoal.proto.errors import ServingError
 from shoal.server.frontends.http import routes
-from shoal.server.frontends.http.body import BodyError, Held, HttpLimits
+from shoal.server.frontends.http.body import Held, HttpLimits
 from shoal.server.frontends.http.connections import ConnectionGuard
-from shoal.server.frontends.http.errors import HTTP_STATUS
-from shoal.server.logthrottle import client_error
+from shoal.server.frontends.http.errors import error_answer
 from shoal.server.types import UseProxy
 from shoal.server.validation import version_number
 
@@ -129,7 +129,7 @@ class FastHandler(RequestHandler):
         self._slow_open = 0
         """Messages handed to aiohttp and not yet answered."""
         self._fast: asyncio.Task[None] | None = None
-        self._body: _Body | None = None
+        self._body: _Msg | None = None
         self._paused = False
 
     # -- bytes in --------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class FastHandler(RequestHandler):
                 return
             head_len = end + 4
             msg = self._parse(buf, end) if self._slow_open == 0 else None
-            if not isinstance(msg, _Msg):
+            if msg is None:
                 length = _content_length(buf, end)
                 if length is None:  # chunked, conflicting or odd framing: aiohttp parses it
                     self._to_aiohttp_for_good()
@@ -214,9 +214,8 @@ class FastHandler(RequestHandler):
         self._slow_open += 1
         super().data_received(buf)
 
-    def _parse(self, buf: bytes, end: int) -> _Msg | object | None:
-        """The fast message in ``buf[:end]`` (a head), ``_PASS`` for one aiohttp must answer
-        whose framing is plain, ``None`` when the framing needs aiohttp's parser."""
+    def _parse(self, buf: bytes, end: int) -> _Msg | None:
+        """The fast message in ``buf[:end]`` (a head); ``None``: aiohttp answers it."""
         if not buf.startswith(b"POST /v2/models/"):
             return None
         line_end = buf.find(b"\r\n", 0, end)
@@ -242,7 +241,7 @@ class FastHandler(RequestHandler):
             elif name == _HEADER_LENGTH:
                 header_length = value.decode("latin-1")
             elif name in _SLOW_HEADERS and _slow(name, value):
-                return _PASS
+                return None
         if length < 0:
             return None
         ctx = self._fx
@@ -253,12 +252,12 @@ class FastHandler(RequestHandler):
             or (ctx.declined and key in ctx.declined and _still_declined(ctx, key))
             or ctx.guard.reserved(self)
         ):
-            return _PASS
+            return None
         msg = _Msg(m[1].decode(), key, length, header_length, buf[: end + 4], Held(ctx.limits.budget))
         try:
             msg.version = version_number(m[2].decode()) if m[2] is not None else -1
         except ServingError:
-            return _PASS
+            return None
         return msg
 
     # -- the answer ------------------------------------------------------------------------
@@ -271,10 +270,7 @@ class FastHandler(RequestHandler):
         guard = ctx.guard
         status = 200
         try:
-            if not guard.begin_on(self, "/infer"):
-                msg.held.release()
-                self._decline(msg)
-                return
+            guard.begin_on(self, "/infer")  # never False: reserve connections went to aiohttp (_parse)
             try:
                 payload, json_len = await routes.infer_answer(
                     ctx.dp,
@@ -291,17 +287,9 @@ class FastHandler(RequestHandler):
                 return
             except asyncio.CancelledError:
                 raise
-            except ServingError as exc:
-                status = exc.status if isinstance(exc, BodyError) else HTTP_STATUS[exc.code]
-                client_error(log, exc, msg.path())
-                payload, json_len = routes.error_body(exc.message), None
-                detach(exc)
             except Exception as exc:  # noqa: BLE001 - the router never dies of one request
-                log.exception("unhandled error for POST %s", msg.path())
-                err = from_exception(exc)
-                status = HTTP_STATUS[err.code]
-                payload, json_len = routes.error_body(err.message), None
-                detach(exc)
+                status, message = error_answer(exc, log, "POST", msg.path())
+                payload, json_len = routes.error_body(message), None
             finally:
                 msg.held.release()
                 msg.data = b""
@@ -309,7 +297,7 @@ class FastHandler(RequestHandler):
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
-            head = _head(status, len(payload), json_len, ctx.date(), close, status != 200)
+            head = _head(status, len(payload), json_len, ctx.date(), close)
             if len(payload) < 65536:
                 transport.write(head + payload)
             else:
@@ -391,12 +379,11 @@ class FastHandler(RequestHandler):
         timeout_s = self._fx.limits.body_timeout_s
         message = f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)"
         payload = routes.error_body(message)
-        transport.write(_head(408, len(payload), None, self._fx.date(), True, True) + payload)
+        transport.write(_head(408, len(payload), None, self._fx.date(), True) + payload)
         self.force_close()
         transport.close()
 
 
-_PASS = object()
 _SLOW_HEADERS = frozenset(
     {b"transfer-encoding", b"content-encoding", b"expect", b"connection", b"upgrade", b"accept-encoding"}
 )
@@ -497,14 +484,8 @@ class _Msg:
         return data[n:]
 
 
-_Body = _Msg
-_REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 408: b"Request Timeout",
-            413: b"Payload Too Large", 429: b"Too Many Requests", 500: b"Internal Server Error",
-            501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout"}  # fmt: skip
-
-
-def _head(status: int, length: int, json_len: int | None, date: bytes, close: bool, error: bool = False) -> bytes:
-    if error:
+def _head(status: int, length: int, json_len: int | None, date: bytes, close: bool) -> bytes:
+    if status != 200:
         extra = _ERR_HEADERS
     elif json_len is None:
         extra = _JSON_HEADERS
@@ -512,7 +493,7 @@ def _head(status: int, length: int, json_len: int | None, date: bytes, close: bo
         extra = b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: %d\r\n" % json_len
     return b"HTTP/1.1 %d %s\r\n%sContent-Length: %d\r\nDate: %s\r\n%s\r\n" % (
         status,
-        _REASONS.get(status, b"Error"),
+        HTTPStatus(status).phrase.encode(),
         extra,
         length,
         date,
