@@ -146,8 +146,15 @@ class InferRequest:
 
     @property
     def uses_shm(self) -> bool:
-        """Some input or requested output is in a client shared-memory region."""
-        return any(t.shm is not None for t in self.inputs) or any(o.shm is not None for o in self.outputs or ())
+        """Some input or requested output is in a client shared-memory region (loops, not
+        ``any()`` over generators: asked twice per request on a frontend's lane path)."""
+        for t in self.inputs:
+            if t.shm is not None:
+                return True
+        for o in self.outputs or ():
+            if o.shm is not None:
+                return True
+        return False
 
 
 @dataclass(slots=True)

@@ -252,8 +252,9 @@ class LaneTable:
             w = workers.get(s.lane)
             if s.started:
                 if w is not None:
-                    w.lane_requests += 1
-                    inflight[s.lane] = inflight.get(s.lane, 0) + 1
+                    n = s.requests or 1
+                    w.lane_requests += n
+                    inflight[s.lane] = inflight.get(s.lane, 0) + n
                 continue
             if w is not None and inflight.get(s.lane, 0) > 0:
                 inflight[s.lane] -= 1

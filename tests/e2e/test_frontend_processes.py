@@ -1882,6 +1882,34 @@ def _arena_of(srv: ServerProcess, frontend_pid: int) -> list[str]:
     return [n for n in srv.segments() if rx.search(n)]
 
 
+def test_lane_requests_started_together_are_each_in_flight(server: ServerProcess) -> None:
+    """Six requests sent over lanes within one statistics message of a frontend (their starts
+    go to the router as one record with a count): the router counts six in flight while the
+    workers hold them, none once they are answered, and six more successes."""
+
+    def successes() -> int:
+        _, _, data = http_call(server, "GET", "/v2/models/slow/stats")
+        return int(json.loads(data)["model_stats"][0]["inference_stats"]["success"]["count"])
+
+    before = successes()
+    body = json.dumps(
+        {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [4], "data": A}], "parameters": {"delay_ms": 1500}}
+    ).encode()
+    answers: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(http_call(server, "POST", "/v2/models/slow/infer", body)))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: _outstanding(server, "slow") == 6, timeout_s=30)
+    for t in threads:
+        t.join(60)
+    assert [a[0] for a in answers] == [200] * 6, answers
+    wait_until(lambda: _outstanding(server, "slow") == 0, timeout_s=30)
+    wait_until(lambda: successes() == before + 6, timeout_s=30)
+
+
 def test_killed_frontend_process_is_restarted(server: ServerProcess) -> None:
     """SIGKILL of a frontend process with a request in flight: its client loses the
     connection, the other process's clients go on, the router cancels the call, and a new
