@@ -1372,7 +1372,7 @@ class LaneStat(_message.Message):
     lane: _builtins.str
     """the worker's lane socket (Lane.path)"""
     started: _builtins.bool
-    """sent to the worker (only the model, version and lane are set)"""
+    """sent to the worker (only the model, version, lane and requests are set)"""
     withdrawn: _builtins.bool
     """not executed (LaneBye), sent through the router: not counted here"""
     execution: _builtins.bool
@@ -1380,6 +1380,7 @@ class LaneStat(_message.Message):
     batch_size, the compute times and requests are set; no request is counted by it).
     """
     requests: _builtins.int
+    """execution: the requests it ran; started: how many were sent (0: one)"""
     queue_ns: _builtins.int
     """the request's wait before its execution (InferDone.queue_ns)"""
     def __init__(
