@@ -17,6 +17,10 @@ another process (Shoal's router and worker) must add to a request, one round tri
 two processes with no work in either.
 
 Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity] [--grpc-port 0] [--hop]
+       [--grpc-own-defaults]
+gRPC runs with the settings Shoal's server sets for itself (``server/grpcenv.py``: grpc's
+EventEngine listener off) unless ``--grpc-own-defaults`` is given.
+
 With --port 0 it binds any free port. Once bound it prints ``LISTENING <port>`` (and
 ``GRPC listening on <host>:<port>``).
 """
@@ -346,7 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="identity", help="the identity model's name")
     parser.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC here (0 = any free port)")
     parser.add_argument("--hop", action="store_true", help="each infer makes a round trip to an echo process")
+    parser.add_argument("--grpc-own-defaults", action="store_true",
+                        help="grpc's own settings, not the ones Shoal sets (server/grpcenv.py)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.grpc_own_defaults:  # like Shoal (before grpc is imported), so the ratio compares like with like
+        from shoal.server import grpcenv
+
+        grpcenv.apply()
 
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

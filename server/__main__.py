@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - grpc's environment is set before the imports that load grpc
+from shoal.server import grpcenv
 
-# With grpc's fork handlers on, a fork while grpc threads run can abort the child before it
-# execs ("epoll_wait error: Bad file descriptor", grpc/grpc#43055): the router forks for every
-# worker it starts, and workers never use the router's grpc. Set before grpc is imported.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+grpcenv.apply()  # before grpc is imported
 
-import asyncio  # noqa: E402
+import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import types

@@ -10,13 +10,15 @@ its requests finish (``--exit-timeout-secs``), and exits."""
 
 from __future__ import annotations
 
-import os
+# ruff: noqa: E402 - grpc's environment is set before the imports that load grpc
+from shoal.server import grpcenv
 
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+grpcenv.apply()  # before grpc is imported (the router set the same already)
 
-import argparse  # noqa: E402
+import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable

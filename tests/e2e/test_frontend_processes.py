@@ -1910,6 +1910,47 @@ def test_lane_requests_started_together_are_each_in_flight(server: ServerProcess
     wait_until(lambda: successes() == before + 6, timeout_s=30)
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(e.split("=", 1) for e in raw.split("\0") if "=" in e)
+
+
+def test_frontends_serve_grpc_on_its_older_listener(server: ServerProcess) -> None:
+    """The frontend processes start with grpc's EventEngine listener turned off
+    (``server/grpcenv.py``: one thread wake-up less per call), set by the router for its
+    children; grpc knew the experiment (no "Unknown experiment" error in the log) and the
+    frontends answer gRPC with it (every gRPC test of this module)."""
+    if "GRPC_EXPERIMENTS" in os.environ:
+        pytest.skip("GRPC_EXPERIMENTS is set for this test run: the server keeps it")
+    for pid in frontend_pids(server):
+        assert _environ(pid).get("GRPC_EXPERIMENTS") == "-event_engine_listener"
+        assert _environ(pid).get("GRPC_ENABLE_FORK_SUPPORT") == "false"
+    assert "Unknown experiment" not in server.log, server.log
+
+
+def test_operators_grpc_experiments_are_kept(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """An operator's ``GRPC_EXPERIMENTS`` (here: empty, grpc's own defaults) reaches the
+    frontend processes unchanged, and they serve gRPC with it."""
+    srv = ServerProcess(make_repository(tmp_path / "repo", "add_sub"), *FRONTENDS, env={"GRPC_EXPERIMENTS": ""})
+    fresh_server.append(srv)
+    srv.start()
+    pids = frontend_pids(srv)
+    assert len(pids) == 2, srv.log
+    for pid in pids:
+        assert _environ(pid).get("GRPC_EXPERIMENTS") == ""
+    client = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        a, b = np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)
+        inputs = [grpcclient.InferInput("INPUT0", [4], "FP32"), grpcclient.InferInput("INPUT1", [4], "FP32")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        result = client.infer("add_sub", inputs)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    finally:
+        client.close()
+    assert srv.terminate() == 0, srv.log
+
+
 def test_killed_frontend_process_is_restarted(server: ServerProcess) -> None:
     """SIGKILL of a frontend process with a request in flight: its client loses the
     connection, the other process's clients go on, the router cancels the call, and a new
