@@ -9,8 +9,10 @@ re-arms itself with ``call_soon`` until a deadline makes the loop poll with a ze
 (asyncio and uvloop alike) instead of sleeping. Off (0) by default: it spends a core per
 process while requests keep coming. Measured on the device machine (three alternating rounds,
 400 us against off): small HTTP c=1 p50 0.398 against 0.517 ms with 4 frontend processes, 0.406
-against 0.525 with the router alone; gRPC c=1 unchanged (grpc.aio reads requests on a poller
-thread of its own, which still sleeps inside gRPC's core). Each turn yields the core
+against 0.525 with the router alone; gRPC c=1 unchanged then (grpc.aio's requests were read on
+an EventEngine thread, which sleeps inside gRPC's core); with that listener off (``grpcenv``:
+the poller thread reads them) gRPC c=1 p50 0.584 against 0.772 ms (4 frontends, three rounds,
+2026-12-03). Each turn yields the core
 (``sched_yield``) to a process that has work on it (added after those runs; on the 2-core box
 busy polling without it cost up to a fifth of the c=16 throughput in one run). Another thread of this process
 waiting for the GIL (a ``to_thread`` job) may wait a switch interval for each turn while the
