@@ -19,7 +19,7 @@ from aiohttp import web
 
 from shoal.proto import wire
 from shoal.proto.errors import ErrorCode, ServingError
-from shoal.server import gpus, repository, resources, restrict, tracing
+from shoal.server import gpus, grpcenv, repository, resources, restrict, tracing
 from shoal.server.bls import BlsRouter
 from shoal.server.busypoll import BUSY
 from shoal.server.cloudrepo import RemoteRepository
@@ -340,6 +340,14 @@ class App:
             if not cfg.frontend_processes:
                 self.grpc_port = bound
                 log.info("GRPC listening on %s:%d", grpc_host, self.grpc_port)
+            if grpcenv.EXPERIMENTS in grpcenv.SET:
+                log.info(
+                    "gRPC runs with %s=%s (Shoal's default: grpc's older listener, one thread hop less a call; "
+                    "set %s to choose, empty for grpc's own defaults)",
+                    grpcenv.EXPERIMENTS,
+                    grpcenv.SET[grpcenv.EXPERIMENTS],
+                    grpcenv.EXPERIMENTS,
+                )
         if cfg.frontend_processes:
             await self._start_frontends()
         elif cfg.frontend_lanes:  # workers' BLS calls use lanes too

@@ -33,11 +33,16 @@ EXPERIMENTS = "GRPC_EXPERIMENTS"
 LISTENER_EXPERIMENT = "event_engine_listener"
 
 
+SET: dict[str, str] = {}
+"""What ``apply()`` set in this process (the router logs the experiments it chose)."""
+
+
 def apply() -> None:
     """Set gRPC's defaults in ``os.environ`` (inherited by the frontend processes)."""
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    if "GRPC_ENABLE_FORK_SUPPORT" not in os.environ:
+        os.environ["GRPC_ENABLE_FORK_SUPPORT"] = SET["GRPC_ENABLE_FORK_SUPPORT"] = "false"
     if EXPERIMENTS not in os.environ and knows_experiment(LISTENER_EXPERIMENT):
-        os.environ[EXPERIMENTS] = f"-{LISTENER_EXPERIMENT}"
+        os.environ[EXPERIMENTS] = SET[EXPERIMENTS] = f"-{LISTENER_EXPERIMENT}"
 
 
 def knows_experiment(name: str) -> bool:

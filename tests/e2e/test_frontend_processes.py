@@ -1926,6 +1926,7 @@ def test_frontends_serve_grpc_on_its_older_listener(server: ServerProcess) -> No
         assert _environ(pid).get("GRPC_EXPERIMENTS") == "-event_engine_listener"
         assert _environ(pid).get("GRPC_ENABLE_FORK_SUPPORT") == "false"
     assert "Unknown experiment" not in server.log, server.log
+    assert "gRPC runs with GRPC_EXPERIMENTS=-event_engine_listener" in server.log, server.log
 
 
 def test_operators_grpc_experiments_are_kept(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
@@ -1938,6 +1939,7 @@ def test_operators_grpc_experiments_are_kept(tmp_path: Path, fresh_server: list[
     assert len(pids) == 2, srv.log
     for pid in pids:
         assert _environ(pid).get("GRPC_EXPERIMENTS") == ""
+    assert "gRPC runs with" not in srv.log, srv.log
     client = grpcclient.InferenceServerClient(srv.grpc_url)
     try:
         a, b = np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)

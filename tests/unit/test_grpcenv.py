@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -19,11 +20,12 @@ import json, os, sys
 from shoal.server import grpcenv
 grpcenv.apply()
 import grpc  # noqa: F401 - loads grpc's core with the environment apply() left
-print(json.dumps({k: os.environ.get(k) for k in ("GRPC_EXPERIMENTS", "GRPC_ENABLE_FORK_SUPPORT")}))
+seen = {k: os.environ.get(k) for k in ("GRPC_EXPERIMENTS", "GRPC_ENABLE_FORK_SUPPORT")}
+print(json.dumps({**seen, "set": grpcenv.SET}))
 """
 
 
-def _probe(**env: str | None) -> tuple[dict[str, str | None], str]:
+def _probe(**env: str | None) -> tuple[dict[str, Any], str]:
     child = {k: v for k, v in os.environ.items() if k not in env}
     child.update({k: v for k, v in env.items() if v is not None})
     proc = subprocess.run([sys.executable, "-c", PROBE], env=child, capture_output=True, text=True, timeout=60)
@@ -39,11 +41,12 @@ def test_the_installed_grpc_knows_its_listener_experiment() -> None:
 
 def test_defaults_are_set_when_the_operator_set_none() -> None:
     seen, stderr = _probe(GRPC_EXPERIMENTS=None, GRPC_ENABLE_FORK_SUPPORT=None)
-    assert seen == {"GRPC_EXPERIMENTS": "-event_engine_listener", "GRPC_ENABLE_FORK_SUPPORT": "false"}
+    both = {"GRPC_EXPERIMENTS": "-event_engine_listener", "GRPC_ENABLE_FORK_SUPPORT": "false"}
+    assert seen == {**both, "set": both}
     assert "Unknown experiment" not in stderr
 
 
 @pytest.mark.parametrize("value", ["", "-event_engine_client", "event_engine_listener"])
 def test_the_operators_values_win(value: str) -> None:
     seen, _ = _probe(GRPC_EXPERIMENTS=value, GRPC_ENABLE_FORK_SUPPORT="true")
-    assert seen == {"GRPC_EXPERIMENTS": value, "GRPC_ENABLE_FORK_SUPPORT": "true"}
+    assert seen == {"GRPC_EXPERIMENTS": value, "GRPC_ENABLE_FORK_SUPPORT": "true", "set": {}}
