@@ -624,3 +624,60 @@ def test_pb_utils_has_python_backends_names(pb: ModuleType) -> None:
     assert cancelled == [True]
     for name in ("MemoryType", "MetricKind", "ResponseIterator", "TRITONSERVER_MEMORY_GPU"):
         assert name in pb.__all__
+
+
+def test_a_received_request_has_the_attributes_of_a_constructed_one(pb: ModuleType) -> None:
+    """``InferenceRequest._received`` (the worker's way to build what ``execute`` gets) sets
+    every attribute ``__init__`` sets: an attribute added to one must be added to the other."""
+    t = pb.Tensor("INPUT0", np.zeros(2, np.float32))
+    made = pb.InferenceRequest(model_name="m", inputs=[t], requested_output_names=["OUTPUT0"])
+    got = pb.InferenceRequest._received("m", -1, [t], ["OUTPUT0"], "", 0, 0, "{}", pb.InferenceTrace())
+    assert set(vars(got)) == set(vars(made))
+    for name in vars(made):
+        if name not in ("_trace", "_inputs", "_requested"):
+            assert getattr(got, name) == getattr(made, name), name
+    assert got.inputs() == made.inputs() and got.requested_output_names() == made.requested_output_names()
+
+
+def test_execute_sees_the_request_as_sent(tmp_path: Path, loaded: list[PythonBackend]) -> None:
+    """What a model reads off a request: its id, correlation id, flags, parameters (from the
+    wire's JSON text or a dict), requested outputs (all of them when none was named) and
+    trace; an untraced request's trace is empty."""
+    _write_model(
+        tmp_path,
+        "echo_meta",
+        """
+        import json
+
+        def meta(r):
+            seen = {"id": r.request_id(), "corr": r.correlation_id(), "flags": r.flags(),
+                    "params": json.loads(r.parameters()), "outputs": r.requested_output_names(),
+                    "trace": r.trace()._id, "model": r.model_name(), "version": r.model_version()}
+            return pb_utils.Tensor("OUTPUT0", np.array([json.dumps(seen).encode()], dtype=np.object_))
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                return [pb_utils.InferenceResponse(output_tensors=[meta(r)]) for r in requests]
+        """,
+    )
+    backend = _load(loaded, tmp_path, "echo_meta")
+    x = np.zeros(1, np.float32)
+    reqs = [
+        WorkRequest(
+            id=0,
+            inputs={"INPUT0": x},
+            requested_outputs=[],
+            parameters='{"k": 1}',
+            request_id="a",
+            correlation_id="seq-7",
+            flags=1,
+            trace_id=12,
+        ),  # fmt: skip
+        WorkRequest(id=1, inputs={"INPUT0": x}, requested_outputs=["OUTPUT0"], parameters={"s": "v"}),
+        WorkRequest(id=2, inputs={"INPUT0": x}, requested_outputs=[], parameters=""),
+    ]
+    metas = [json.loads(r.outputs["OUTPUT0"][0]) for r in backend.execute(reqs)]
+    assert metas[0] == {"id": "a", "corr": "seq-7", "flags": 1, "params": {"k": 1}, "outputs": ["OUTPUT0"],
+                        "trace": 12, "model": "echo_meta", "version": 1}  # fmt: skip
+    assert metas[1]["params"] == {"s": "v"} and metas[1]["outputs"] == ["OUTPUT0"] and metas[1]["trace"] == 0
+    assert metas[2]["params"] == {} and metas[2]["corr"] == 0 and metas[2]["id"] == ""

@@ -71,6 +71,8 @@ class PythonBackend(Backend):
         self._added_path = added_path
         self._pb = pb_utils()
         self._output_names = [o.name for o in spec.config.output]
+        self._no_trace = self._pb.InferenceTrace()
+        """An untraced request's ``trace()`` (one object for all: it holds nothing)."""
         self._bytes_code = 13
         self._closed = False
         self._decoupled = spec.config.model_transaction_policy.decoupled
@@ -167,7 +169,8 @@ class PythonBackend(Backend):
         pb_requests = [self._to_pb_request(r) for r in requests]
         try:
             responses = self._model.execute(pb_requests)
-            if inspect.iscoroutine(responses):  # async def execute: on the worker's own loop
+            # async def execute: on the worker's own loop (a list, the common answer, is not one)
+            if responses.__class__ is not list and inspect.iscoroutine(responses):
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 responses = self._loop.run_until_complete(responses)
@@ -251,16 +254,19 @@ class PythonBackend(Backend):
         for name, arr in req.inputs.items():
             code = self._bytes_code if arr.dtype.kind == "O" else pb.numpy_to_triton_type(arr.dtype)
             tensors.append(pb.Tensor._wrap(name, arr, code))
-        pb_req = pb.InferenceRequest(
-            model_name=self._spec.name,
-            model_version=self._spec.version,
-            inputs=tensors,
-            requested_output_names=list(req.requested_outputs or self._output_names),
-            request_id=req.request_id,
-            correlation_id=req.correlation_id,
-            flags=req.flags,
-            parameters=req.parameters or None,
-            trace=pb.InferenceTrace(req.trace_id),
+        params = req.parameters  # JSON text as it came (the router's or a frontend's), or a dict
+        if not isinstance(params, str):
+            params = json.dumps(params) if params else ""
+        pb_req = pb.InferenceRequest._received(
+            self._spec.name,
+            self._spec.version,
+            tensors,
+            list(req.requested_outputs or self._output_names),
+            req.request_id,
+            req.correlation_id,
+            req.flags,
+            params or "{}",
+            pb.InferenceTrace(req.trace_id) if req.trace_id else self._no_trace,
         )
         pb_req._cancelled = req.cancelled
         if self._decoupled and req.send is not None:

@@ -215,6 +215,40 @@ class InferenceRequest:
         self._sender: InferenceResponseSender | None = None
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
+    @classmethod
+    def _received(
+        cls,
+        model_name: str,
+        model_version: int,
+        inputs: list[Tensor],
+        requested: list[str],
+        request_id: str,
+        correlation_id: int | str,
+        flags: int,
+        parameters_json: str,
+        trace: InferenceTrace,
+    ) -> InferenceRequest:
+        """(the worker) A request as ``execute`` gets it: the attributes ``__init__`` sets,
+        from values that are already what they must be (no copies, no JSON check).
+        ``tests/unit/test_python_backend.py`` holds both to the same attributes."""
+        self = cls.__new__(cls)
+        self._trace = trace
+        self._preferred_memory = None
+        self._model_name = model_name
+        self._model_version = model_version
+        self._inputs = inputs
+        self._requested = requested
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        self._timeout = 0
+        self._parameters = parameters_json
+        self._send = None
+        self._cancelled = None
+        self._sender = None
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+        return self
+
     def inputs(self) -> list[Tensor]:
         """The input tensors."""
         return self._inputs
