@@ -18,6 +18,7 @@ two processes with no work in either.
 
 Usage: python scripts/ceiling_server.py [--host 127.0.0.1] [--port 0] [--model identity] [--grpc-port 0] [--hop]
        [--grpc-own-defaults]
+
 gRPC runs with the settings Shoal's server sets for itself (``server/grpcenv.py``: grpc's
 EventEngine listener off) unless ``--grpc-own-defaults`` is given.
 

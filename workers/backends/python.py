@@ -256,7 +256,7 @@ class PythonBackend(Backend):
             tensors.append(pb.Tensor._wrap(name, arr, code))
         params = req.parameters  # JSON text as it came (the router's or a frontend's), or a dict
         if not isinstance(params, str):
-            params = json.dumps(params) if params else ""
+            params = json.dumps(params)
         pb_req = pb.InferenceRequest._received(
             self._spec.name,
             self._spec.version,

@@ -197,27 +197,30 @@ class InferenceRequest:
         preferred_memory: PreferredMemory | None = None,
         **_ignored: Any,
     ) -> None:
-        self._trace = trace if trace is not None else InferenceTrace()
-        self._preferred_memory = preferred_memory
-        self._model_name = model_name
-        self._model_version = model_version
-        self._inputs = list(inputs or [])
-        self._requested = list(requested_output_names or [])
-        self._request_id = request_id
-        self._correlation_id = correlation_id
-        self._flags = flags
-        self._timeout = timeout
-        self._parameters = _params_json(parameters)
-        self._send: Any = None
-        self._cancelled: Any = None
-        """Set by the worker: ``cancelled()`` reports the client's cancellation."""
-        """Set by the worker for a decoupled model's requests: ``send(response, final)``."""
-        self._sender: InferenceResponseSender | None = None
-        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+        self._set(
+            model_name,
+            model_version,
+            list(inputs or []),
+            list(requested_output_names or []),
+            request_id,
+            correlation_id,
+            flags,
+            _params_json(parameters),
+            trace if trace is not None else InferenceTrace(),
+            timeout,
+            preferred_memory,
+        )
 
     @classmethod
-    def _received(
-        cls,
+    def _received(cls, *fields: Any) -> InferenceRequest:
+        """(the worker) A request as ``execute`` gets it, from ``_set``'s arguments, already
+        what they must be: no copies, no JSON check (``__init__``'s conversions)."""
+        self = cls.__new__(cls)
+        self._set(*fields)
+        return self
+
+    def _set(
+        self,
         model_name: str,
         model_version: int,
         inputs: list[Tensor],
@@ -227,13 +230,11 @@ class InferenceRequest:
         flags: int,
         parameters_json: str,
         trace: InferenceTrace,
-    ) -> InferenceRequest:
-        """(the worker) A request as ``execute`` gets it: the attributes ``__init__`` sets,
-        from values that are already what they must be (no copies, no JSON check).
-        ``tests/unit/test_python_backend.py`` holds both to the same attributes."""
-        self = cls.__new__(cls)
+        timeout: int = 0,
+        preferred_memory: PreferredMemory | None = None,
+    ) -> None:
         self._trace = trace
-        self._preferred_memory = None
+        self._preferred_memory = preferred_memory
         self._model_name = model_name
         self._model_version = model_version
         self._inputs = inputs
@@ -241,13 +242,14 @@ class InferenceRequest:
         self._request_id = request_id
         self._correlation_id = correlation_id
         self._flags = flags
-        self._timeout = 0
+        self._timeout = timeout
         self._parameters = parameters_json
-        self._send = None
-        self._cancelled = None
-        self._sender = None
+        self._send: Any = None
+        """Set by the worker for a decoupled model's requests: ``send(response, final)``."""
+        self._cancelled: Any = None
+        """Set by the worker: ``cancelled()`` reports the client's cancellation."""
+        self._sender: InferenceResponseSender | None = None
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
-        return self
 
     def inputs(self) -> list[Tensor]:
         """The input tensors."""
