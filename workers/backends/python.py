@@ -255,8 +255,8 @@ class PythonBackend(Backend):
             code = self._bytes_code if arr.dtype.kind == "O" else pb.numpy_to_triton_type(arr.dtype)
             tensors.append(pb.Tensor._wrap(name, arr, code))
         params = req.parameters  # JSON text as it came (the router's or a frontend's), or a dict
-        if not isinstance(params, str):
-            params = json.dumps(params)
+        if not isinstance(params, str):  # mostly an empty dict (no parameters): no json.dumps for it
+            params = json.dumps(params) if params else ""
         pb_req = pb.InferenceRequest._received(
             self._spec.name,
             self._spec.version,
