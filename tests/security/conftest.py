@@ -9,7 +9,9 @@ from __future__ import annotations
 import http.client
 import json
 import resource
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,36 +134,41 @@ def request(
 
 
 class GoodClient:
-    """Keeps sending add_sub over HTTP (a fresh connection each time, as a new client
-    would) while an attack runs; records failures and the slowest answer."""
+    """Keeps sending add_sub over HTTP while an attack runs; records failures and the slowest
+    answer. The loop runs in a process of its own (``tests/security/goodclient.py``): a
+    thread here would share the test's GIL, and the test's own work (a large JSON answer
+    parsed) would be counted as the server's latency."""
 
     def __init__(self, port: int, *, interval_s: float = 0.05) -> None:
         self.port = port
         self.interval_s = interval_s
         self.failures: list[str] = []
         self.latencies: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._out = Path(tempfile.mkstemp(prefix="goodclient-", suffix=".jsonl")[1])
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> GoodClient:
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.security.goodclient", str(self.port), str(self.interval_s), str(self._out)],
+            stdin=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                code, body = request(self.port, "POST", "/v2/models/add_sub/infer", ADD_SUB, timeout_s=20)
-                if code != 200 or body["outputs"][0]["data"] != [2.0, 3.0, 4.0, 5.0]:
-                    self.failures.append(f"{code} {body}")
-            except Exception as exc:  # noqa: BLE001 - recorded
-                self.failures.append(repr(exc))
-            self.latencies.append(time.monotonic() - t0)
-            self._stop.wait(self.interval_s)
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(30)
+        finally:
+            self._proc.kill()
+            self._proc.wait()
+        for line in self._out.read_text().splitlines():
+            seconds, failure = json.loads(line)
+            self.latencies.append(seconds)
+            if failure:
+                self.failures.append(failure)
+        self._out.unlink()
 
     def check(self, max_latency_s: float = 2.0) -> None:
         """Served throughout, every answer within ``max_latency_s``."""
