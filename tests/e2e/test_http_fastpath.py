@@ -152,6 +152,35 @@ def test_pipelined_requests_keep_their_order(server: ServerProcess) -> None:
     assert output_of(answers[6][1], answers[6][2]) == [5.0]
 
 
+def test_pipelined_large_requests_to_a_slow_reader(server: ServerProcess) -> None:
+    """Eight 1 MiB requests in one write, answers read only after a pause, on a socket with
+    a small receive buffer: the server holds its reading while it answers (more than 1 MiB
+    waits) and its writes back up at the same time. All eight are answered in order. (The
+    fast path's reading hold once shared its flag with aiohttp's writing pause: the fifth
+    request got a 408 with all its bytes sent, and "pause_writing() failed" was logged.)"""
+    n = 1 << 18
+    one = infer_request(np.arange(n, dtype=np.float32).tolist())
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.port))
+    log_at = len(server.log)
+    try:
+        sender = threading.Thread(target=sock.sendall, args=(one * 8,))
+        sender.start()
+        time.sleep(1.0)  # the first answers back up in the server meanwhile
+        reader = Reader(sock)
+        answers = [reader.response() for _ in range(8)]
+        sender.join(30)
+    finally:
+        sock.close()
+    assert [a[0] for a in answers] == [200] * 8, [(a[0], a[2][:200]) for a in answers if a[0] != 200]
+    expected = np.arange(n, dtype=np.float32)
+    for headers, body in ((a[1], a[2]) for a in answers):
+        np.testing.assert_array_equal(output_of(headers, body), expected)
+    assert "pause_writing() failed" not in server.log[log_at:], server.log[log_at:]
+
+
 def test_one_connection_switches_between_the_two(server: ServerProcess) -> None:
     """Request by request on one connection: each plain inference request is answered by the
     fast path, each other request by aiohttp."""

@@ -130,7 +130,10 @@ class FastHandler(RequestHandler):
         """Messages handed to aiohttp and not yet answered."""
         self._fast: asyncio.Task[None] | None = None
         self._body: _Msg | None = None
-        self._paused = False
+        self._held = False
+        """Reading paused here while an answer is computed (not ``_paused``: that attribute is
+        aiohttp's, whether *writing* is paused, which its ``_drain_helper`` waits on; sharing it
+        once left a pipelining client's connection unread for good)."""
 
     # -- bytes in --------------------------------------------------------------------------
 
@@ -158,8 +161,8 @@ class FastHandler(RequestHandler):
             self._start(body)
         self._buf = self._buf + data if self._buf else data
         if self._fast is not None:
-            if not self._paused and len(self._buf) > _HOLD_BYTES and self.transport is not None:
-                self._paused = True
+            if not self._held and len(self._buf) > _HOLD_BYTES and self.transport is not None:
+                self._held = True
                 self.transport.pause_reading()
             return
         self._frame()
@@ -314,8 +317,8 @@ class FastHandler(RequestHandler):
         finally:
             self._fast = None
             if self.transport is not None and not self._force_close:
-                if self._paused:
-                    self._paused = False
+                if self._held:
+                    self._held = False
                     self.transport.resume_reading()
                 if self._buf:
                     self._frame()
