@@ -197,6 +197,9 @@ class ServerProcess:
         self._pump_thread.join(10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+        scan = os.environ.get("SHOAL_TEST_LOG_SCAN")
+        if scan:
+            _scan_log(self.log, Path(scan))
 
     def kill(self) -> None:
         """SIGKILL, then remove what the server could not (its shared memory, its owner lock
@@ -339,3 +342,29 @@ def at_once(n: int, one: Callable[[int], None]) -> None:
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+LOG_SUSPECTS = re.compile(
+    r"ERROR asyncio|Traceback|Exception in callback|Task exception was never retrieved|"
+    r"Task was destroyed|AssertionError|never awaited"
+)
+
+
+def _scan_log(log: str, out: Path) -> None:
+    """``SHOAL_TEST_LOG_SCAN=FILE``: the lines of a server's log that often mean a hidden
+    error (asyncio's exception handler, tracebacks, tasks nobody awaited), appended to FILE
+    with the test that ran the server: a sweep for errors no test asserts on (such as
+    asyncio's "protocol.pause_writing() failed", logged and otherwise unnoticed)."""
+    lines = log.splitlines()
+    hits: list[str] = []
+    for i, line in enumerate(lines):
+        if LOG_SUSPECTS.search(line):
+            if line.startswith("Traceback"):  # the line that logged it, and what was raised
+                raised = [t for t in lines[i + 1 : i + 80] if t[:1] not in (" ", "\t")][:1]
+                hits.extend([*lines[max(i - 1, 0) : i], line, *(f"  {t}" for t in raised)])
+            else:
+                hits.append(line)
+    if hits:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?")
+        with out.open("a") as f:
+            f.write(f"== {test}\n" + "\n".join(hits[:40]) + "\n")
