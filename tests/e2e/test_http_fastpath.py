@@ -240,6 +240,9 @@ def test_stalled_body_gets_408(server: ServerProcess) -> None:
             reader.response()
     finally:
         sock.close()
+    # the log says what the connection was doing: reading (the client stopped), 5 bytes short
+    n = len(req) - req.index(b"\r\n\r\n") - 4
+    server.wait_log(rf"got {n - 5} of {n} body bytes; reading: True, held: False, answering: False", timeout_s=5)
 
 
 def test_errors_from_the_fast_path(server: ServerProcess) -> None:

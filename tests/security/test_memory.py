@@ -272,12 +272,20 @@ def test_bad_compressed_bodies(server: ServerProcess, encoding: str, body: bytes
     assert took < 2.0
 
 
-def test_stalled_body_is_answered_408(server: ServerProcess) -> None:
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_stalled_body_is_answered_408(server: ServerProcess, framing: str) -> None:
+    """Declared length (the fast path reads it) or chunked (aiohttp does): 408, and a log line
+    saying the connection was still reading (the client stopped, not the server)."""
+    log_at = len(server.lines)
+    head = post_head(1000) + b'{"inputs"' if framing == "length" else post_head(None) + b'9\r\n{"inputs"'
     with GoodClient(server.port) as good:
-        answer, took = raw_http(server.port, post_head(1000) + b'{"inputs"')
+        answer, took = raw_http(server.port, head)
     good.check()
     assert status_of(answer) == 408 and b"--http-body-timeout-secs" in answer, answer
     assert 2.5 < took < 8
+    fast = r"got 9 of 1000 body bytes; reading: True, held: False"
+    tail = fast if framing == "length" else r"reading: True \(aiohttp's\)"
+    server.wait_log(r"HTTP /v2/models/add_sub/infer: timed out reading the request body.*" + tail, start=log_at)
 
 
 def test_buffered_bytes_budget(tmp_path: Path, fresh: list[ServerProcess], repo: Path) -> None:

@@ -13,6 +13,7 @@ server's ``RequestBudget`` (``--max-buffered-request-bytes``): past it, new requ
 from __future__ import annotations
 
 import asyncio
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from aiohttp import web
 
 from shoal.proto.errors import ErrorCode, InvalidInput, ServingError, Unsupported
 from shoal.server.resources import RequestBudget
+
+log = logging.getLogger("shoal.http")
 
 _PIECE = 4 << 20
 """Inflated bytes per step: the first step runs on the loop, later ones in a thread."""
@@ -178,8 +181,12 @@ async def read(request: web.Request, *, limit: int, timeout_s: float, budget: Re
             held.data = await _inflate(raw, encoding, limit, held)
             del raw
             held.uncount(compressed)
-    except BaseException:
+    except BaseException as exc:
         held.release()
+        if isinstance(exc, BodyError) and exc.status == 408:  # as the fast path logs it
+            transport = request.transport
+            reading = transport.is_reading() if transport is not None else None
+            log.info("HTTP %s: %s; reading: %s (aiohttp's)", request.path, exc.message, reading)
         raise
     return held
 

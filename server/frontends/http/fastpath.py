@@ -381,6 +381,19 @@ class FastHandler(RequestHandler):
             return
         timeout_s = self._fx.limits.body_timeout_s
         message = f"timed out reading the request body: no data for {timeout_s:g} s (--http-body-timeout-secs)"
+        # what the connection was doing: a client that stopped sending looks like "reading: True"
+        # (the bytes never came); reading off here would be the server's own stall
+        log.info(
+            "HTTP %s: %s; got %d of %d body bytes; reading: %s, held: %s, answering: %s, aiohttp's: %d",
+            body.path(),
+            message,
+            body.length - body.missing,
+            body.length,
+            transport.is_reading(),
+            self._held,
+            self._fast is not None,
+            self._slow_open,
+        )
         payload = routes.error_body(message)
         transport.write(_head(408, len(payload), None, self._fx.date(), True) + payload)
         self.force_close()
