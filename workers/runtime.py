@@ -316,7 +316,10 @@ class WorkerRuntime(LaneRuns):
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             err = from_exception(exc)
-            log.exception("loading %s failed", req.model_name)
+            if isinstance(exc, ServingError):  # described already (a backend logged its model's traceback)
+                log.error("loading %s failed: %s", req.model_name, err.message)
+            else:  # unexpected: where it came from matters
+                log.exception("loading %s failed", req.model_name)
             wire.failed(err, reply.failed)
         self._send([reply.SerializeToString()])
 

@@ -236,6 +236,9 @@ def test_broken_model_does_not_stop_the_others(tmp_path: Path, fresh_server: lis
     assert not c.is_server_ready()  # strict readiness: every model must be ready
     assert "this model cannot load" in srv.log
     assert "'broken'" in srv.log
+    # the model's traceback once (the Python backend logs it), then the worker's one line
+    assert srv.log.count("\nImportError: this model cannot load\n") == 1, srv.log
+    assert "loading failing failed: model 'failing': failed to load Python model: ImportError" in srv.log
     assert srv.terminate() == 0
 
     relaxed = ServerProcess(repo, "--strict-readiness", "false").start()
