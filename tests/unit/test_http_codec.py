@@ -159,6 +159,16 @@ def test_float_types_reject_non_numbers(datatype: str, value: Any) -> None:
         _decode(_one_input(datatype=datatype, shape=[1], data=[value]))
 
 
+@pytest.mark.parametrize("value", [True, False, "1.0", None, {"a": 1}])
+def test_float_types_reject_a_non_number_among_numbers_nested_too(value: Any) -> None:
+    """One bad element among numbers, in flat and in nested data (the element types are
+    checked as a set: a bool is not a number there, though Python counts it an int)."""
+    with pytest.raises(InvalidInput, match="FP32 data must be JSON numbers"):
+        _decode(_one_input(datatype="FP32", shape=[3], data=[1.0, 2, value]))
+    with pytest.raises(InvalidInput, match="FP32 data must be JSON numbers"):
+        _decode(_one_input(datatype="FP32", shape=[3, 1], data=[[1.0], [2], [value]]))
+
+
 @pytest.mark.parametrize("value", [1, 1.5, True, None, {"a": "b"}])
 def test_bytes_require_json_strings(value: Any) -> None:
     with pytest.raises(InvalidInput, match="BYTES data must be JSON strings"):
