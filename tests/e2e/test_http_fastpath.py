@@ -181,6 +181,44 @@ def test_pipelined_large_requests_to_a_slow_reader(server: ServerProcess) -> Non
     assert "pause_writing() failed" not in server.log[log_at:], server.log[log_at:]
 
 
+def test_large_requests_handed_to_aiohttp_are_answered(server: ServerProcess) -> None:
+    """A 640 kB request that aiohttp answers (its client accepts gzip) pipelined behind a
+    slow one the fast path answers: it waits whole in the fast path's buffer, then goes to
+    aiohttp in one piece. That is more than aiohttp's body buffer holds (512 KiB), so its
+    flow control pauses its parser before the message is complete, and resumes it by feeding
+    itself an empty read. The fast path once swallowed that empty read when all of the body
+    was handed over already: the request hung until its 408, with every byte sent. Then
+    1 MiB requests through tritonclient (``response_compression_algorithm``), where the same
+    happened at times: when the body's last read filled aiohttp's buffer (the first request
+    of a fresh server, 1 run in 5 here)."""
+    data = np.arange(160_000, dtype=np.float32)
+    big = infer_request(data.tolist(), extra="Accept-Encoding: gzip")
+    sock, reader = connect(server)
+    try:
+        for k in range(3):
+            sock.sendall(infer_request([float(k)], model="slow", params={"delay_ms": 300}) + big)
+            status, headers, body = reader.response()
+            assert status == 200 and "server" not in headers and output_of(headers, body) == [float(k)]
+            status, headers, body = reader.response()
+            assert status == 200, body[:300]
+            assert "server" in headers  # aiohttp's answer
+            np.testing.assert_array_equal(output_of(headers, gzip.decompress(body)), data)
+    finally:
+        sock.close()
+    n = 1 << 18
+    data = np.arange(n, dtype=np.float32)
+    client = httpclient.InferenceServerClient(server.url, connection_timeout=30, network_timeout=30)
+    try:
+        for k in range(4):
+            inp = httpclient.InferInput("INPUT0", [n], "FP32")
+            inp.set_data_from_numpy(data + k, binary_data=True)
+            out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)
+            result = client.infer(MODEL, [inp], outputs=[out], response_compression_algorithm="gzip")
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data + k)
+    finally:
+        client.close()
+
+
 def test_one_connection_switches_between_the_two(server: ServerProcess) -> None:
     """Request by request on one connection: each plain inference request is answered by the
     fast path, each other request by aiohttp."""

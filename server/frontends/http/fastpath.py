@@ -140,6 +140,12 @@ class FastHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._force_close or self._close:
             return
+        if not data:
+            # never the transport (it has no empty reads): aiohttp resuming its own parser after
+            # its flow control paused it (``resume_reading``), with bytes it holds or a message it
+            # has not completed yet; swallowing it left a handed-over request's body unfinished
+            super().data_received(data)
+            return
         if self._slow_left:
             if self._slow_left < 0:
                 super().data_received(data)
