@@ -361,7 +361,9 @@ class ModelManager:
             reg.wanted.discard(name)
             versions = reg.models.get(name)
             if not versions and name not in reg.sources:
-                raise InvalidInput(f"failed to unload '{name}': no such model is loaded")
+                # as Triton: unloading a model that is not loaded (or not in the repository at
+                # all) changes nothing and succeeds, so "unload, then load" scripts can run twice
+                return
             await self._retire_all(list((versions or {}).values()))
             src = reg.sources.get(name)
             if src is not None:

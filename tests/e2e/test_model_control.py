@@ -111,6 +111,29 @@ def test_explicit_load_unload(explicit: ServerProcess) -> None:
         g.close()
 
 
+def test_unloading_a_model_that_is_not_loaded_succeeds(explicit: ServerProcess) -> None:
+    """As Triton: unloading a model never loaded, or not in the repository at all, is a
+    success that changes nothing (so a deployment script's "unload, then load" can run
+    twice), over HTTP and gRPC."""
+    h = httpclient.InferenceServerClient(explicit.url)
+    g = grpcclient.InferenceServerClient(explicit.grpc_url)
+    try:
+        before = h.get_model_repository_index()
+        for name in ("identity_fp32", "not_in_the_repository"):
+            h.unload_model(name)
+            g.unload_model(name)
+            h.unload_model(name, unload_dependents=True)
+            status, body = post(explicit, f"/v2/repository/models/{name}/unload")
+            assert status == 200, body
+        assert h.get_model_repository_index() == before
+        assert h.is_model_ready("add_sub") and not h.is_model_ready("identity_fp32")
+        status, body = post(explicit, "/v2/repository/models/..%2Fadd_sub/unload")
+        assert status == 400 and "path traversal" in body["error"], body  # names are still checked
+    finally:
+        h.close()
+        g.close()
+
+
 def test_config_override_and_reload(explicit: ServerProcess) -> None:
     h = httpclient.InferenceServerClient(explicit.url)
     try:

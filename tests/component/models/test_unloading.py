@@ -57,13 +57,18 @@ async def test_unload_drains_requests_in_flight_refuses_new_ones_and_stops_the_w
     assert env.version("m", 1).ready and len(env.pids("m")) == 2
 
 
-async def test_unloading_an_unknown_model_is_an_error(env: ModelEnv) -> None:
+async def test_unloading_a_model_that_is_not_loaded_changes_nothing(env: ModelEnv) -> None:
+    """As Triton (its model repository manager): success, nothing loaded or unloaded."""
     env.write(config("m"))  # in the repository, never loaded
-    for name in ("m", "nope"):
-        with pytest.raises(ServingError) as info:
-            await env.models.unload(name)
-        assert info.value.code is ErrorCode.INVALID_ARGUMENT
-        assert info.value.message == f"failed to unload '{name}': no such model is loaded"
+    env.write(config("other"))
+    await env.models.load("other")
+    for name in ("m", "nope", "m"):
+        await env.models.unload(name)
+        await env.models.unload(name, dependents=True)
+    assert "m" not in env.models.registry.models
+    assert env.version("other", 1).ready
+    await env.models.load("m")
+    assert env.version("m", 1).ready
     with pytest.raises(ServingError) as info:
         await env.models.unload("../m")
     assert info.value.message == "invalid model name '../m', model name must not contain path traversal characters"
