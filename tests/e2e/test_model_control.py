@@ -327,3 +327,100 @@ def test_model_files_sent_with_load(explicit: ServerProcess) -> None:
     finally:
         h.close()
         g.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
+    """Four clients load and unload two models at random (HTTP and gRPC) while six infer them,
+    directly and through a BLS model, for 6 s. Every control call succeeds (an unload of a
+    model not loaded too, as in Triton); every request is answered right or refused as a
+    model that is not there; afterwards the models load and serve, and once unloaded none of
+    their workers is left, nothing is logged as an error and no segment stays."""
+    repo = make_repository(tmp_path / "repo", "identity_fp32", "slow", "bls_relay")
+    srv = ServerProcess(repo, "--model-control-mode=explicit", "--load-model", "bls_relay").start()
+    fresh_server.append(srv)
+    models = ("identity_fp32", "slow")
+    stop = threading.Event()
+    control_failures: list[str] = []
+    odd: list[str] = []
+    answered = [0]
+
+    def client(k: int) -> Any:
+        if k % 2:
+            return httpclient.InferenceServerClient(srv.url, network_timeout=120)
+        return grpcclient.InferenceServerClient(srv.grpc_url)
+
+    def control(k: int) -> None:
+        rng = np.random.default_rng(k)
+        c = client(k)
+        try:
+            while not stop.is_set():
+                name = models[rng.integers(2)]
+                try:
+                    (c.unload_model if rng.random() < 0.4 else c.load_model)(name)
+                except InferenceServerException as exc:
+                    control_failures.append(f"{name}: {exc}")
+                time.sleep(rng.random() * 0.05)
+        finally:
+            c.close()
+
+    def traffic(k: int) -> None:
+        rng = np.random.default_rng(100 + k)
+        c = client(k)
+        mod = httpclient if k % 2 else grpcclient
+        try:
+            while not stop.is_set():
+                name = models[rng.integers(2)]
+                x = np.arange(4, dtype=np.float32) + k
+                inp = mod.InferInput("INPUT0", [4], "FP32")
+                inp.set_data_from_numpy(x)
+                try:
+                    if rng.random() < 0.5:
+                        target = mod.InferInput("MODEL_NAME", [1], "BYTES")
+                        target.set_data_from_numpy(np.array([name.encode()], dtype=object))
+                        result = c.infer("bls_relay", [inp, target])
+                    else:
+                        result = c.infer(name, [inp])
+                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
+                    answered[0] += 1
+                except InferenceServerException as exc:
+                    text = str(exc)
+                    if f"Request for unknown model: '{name}'" not in text:
+                        odd.append(text)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=control, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=traffic, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a client hung"
+    assert not control_failures, control_failures[:5]
+    assert not odd, odd[:5]
+    assert answered[0] > 0
+    h = httpclient.InferenceServerClient(srv.url)
+    g = grpcclient.InferenceServerClient(srv.grpc_url)
+    try:
+        for name in models:
+            h.load_model(name)
+            np.testing.assert_array_equal(identity(g, model=name), np.arange(4, dtype=np.float32))
+            h.unload_model(name)
+        wait_until(lambda: not [p for name in models for p in srv.worker_pids(name) if _alive(p)], timeout_s=30)
+    finally:
+        h.close()
+        g.close()
+    assert srv.terminate() == 0, srv.log
+    assert not srv.segments(), srv.segments()
+    for bad in ("Traceback", " ERROR ", "Task exception"):
+        assert bad not in srv.log, srv.log
