@@ -20,6 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.server import ServerProcess, make_repository, wait_until
+from tests.e2e.traffic import client_for, identity_call, process_alive, run_for
 
 MODELS = ("identity_fp32", "slow")
 ALL = (*MODELS, "bls_relay", "repeat")
@@ -30,14 +31,6 @@ EXPECTED = re.compile(
     r"|the model instance is not connected \(it is restarting\)"
 )
 """What a request may be told while the instances it needs die and restart."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _collector(got: list[str], done: threading.Event) -> Any:
@@ -69,33 +62,19 @@ def test_workers_killed_at_random_under_traffic(
     def killer() -> None:
         rng = np.random.default_rng(7)
         while not stop.wait(0.25 + 0.3 * rng.random()):
-            pids = [p for m in ALL for p in srv.worker_pids(m) if _alive(p)]
+            pids = [p for m in ALL for p in srv.worker_pids(m) if process_alive(p)]
             if pids:
                 os.kill(int(rng.choice(pids)), signal.SIGKILL)
 
     def traffic(k: int) -> None:
         rng = np.random.default_rng(100 + k)
-        mod: Any = httpclient if k % 2 else grpcclient
-        c = (
-            httpclient.InferenceServerClient(srv.url, network_timeout=60)
-            if k % 2
-            else grpcclient.InferenceServerClient(srv.grpc_url)
-        )
+        c = client_for(srv, k)
         try:
             while not stop.is_set():
                 name = MODELS[rng.integers(2)]
-                x = np.arange(4, dtype=np.float32) + k
-                inp = mod.InferInput("INPUT0", [4], "FP32")
-                inp.set_data_from_numpy(x)
-                params = {"delay_ms": 20} if name == "slow" else {}
+                params = {"delay_ms": 20} if name == "slow" else None
                 try:
-                    if rng.random() < 0.4:
-                        target = mod.InferInput("MODEL_NAME", [1], "BYTES")
-                        target.set_data_from_numpy(np.array([name.encode()], dtype=object))
-                        result = c.infer("bls_relay", [inp, target], parameters=params)
-                    else:
-                        result = c.infer(name, [inp], parameters=params)
-                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
+                    identity_call(c, name, np.arange(4, dtype=np.float32) + k, rng.random() < 0.4, params)
                     answered[0] += 1
                 except InferenceServerException as exc:
                     if not EXPECTED.search(str(exc)):
@@ -129,13 +108,7 @@ def test_workers_killed_at_random_under_traffic(
 
     threads = [threading.Thread(target=killer), threading.Thread(target=streams)]
     threads += [threading.Thread(target=traffic, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(5)
-    stop.set()
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a client hung"
+    run_for(5, stop, threads)
     assert not unexpected, unexpected[:5]
     assert answered[0] > 0 and answered[1] > 0, answered
     h = httpclient.InferenceServerClient(srv.url)
@@ -150,5 +123,5 @@ def test_workers_killed_at_random_under_traffic(
         h.close()
     assert srv.terminate() == 0, srv.log
     assert not srv.segments(), srv.segments()
-    assert not [p for m in ALL for p in srv.worker_pids(m) if _alive(p)]
+    assert not [p for m in ALL for p in srv.worker_pids(m) if process_alive(p)]
     assert "Traceback" not in srv.log, srv.log

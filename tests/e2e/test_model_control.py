@@ -22,6 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.server import ServerProcess, make_repository, wait_until
+from tests.e2e.traffic import client_for, identity_call, process_alive, run_for
 
 
 def post(server: ServerProcess, path: str, body: Any = b"") -> tuple[int, Any]:
@@ -329,14 +330,6 @@ def test_model_files_sent_with_load(explicit: ServerProcess) -> None:
         g.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     """Four clients load and unload two models at random (HTTP and gRPC) while six infer them,
     directly and through a BLS model, for 6 s. Every control call succeeds (an unload of a
@@ -352,14 +345,9 @@ def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[Serv
     odd: list[str] = []
     answered = [0]
 
-    def client(k: int) -> Any:
-        if k % 2:
-            return httpclient.InferenceServerClient(srv.url, network_timeout=120)
-        return grpcclient.InferenceServerClient(srv.grpc_url)
-
     def control(k: int) -> None:
         rng = np.random.default_rng(k)
-        c = client(k)
+        c = client_for(srv, k)
         try:
             while not stop.is_set():
                 name = models[rng.integers(2)]
@@ -373,39 +361,22 @@ def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[Serv
 
     def traffic(k: int) -> None:
         rng = np.random.default_rng(100 + k)
-        c = client(k)
-        mod = httpclient if k % 2 else grpcclient
+        c = client_for(srv, k)
         try:
             while not stop.is_set():
                 name = models[rng.integers(2)]
-                x = np.arange(4, dtype=np.float32) + k
-                inp = mod.InferInput("INPUT0", [4], "FP32")
-                inp.set_data_from_numpy(x)
                 try:
-                    if rng.random() < 0.5:
-                        target = mod.InferInput("MODEL_NAME", [1], "BYTES")
-                        target.set_data_from_numpy(np.array([name.encode()], dtype=object))
-                        result = c.infer("bls_relay", [inp, target])
-                    else:
-                        result = c.infer(name, [inp])
-                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
+                    identity_call(c, name, np.arange(4, dtype=np.float32) + k, rng.random() < 0.5)
                     answered[0] += 1
                 except InferenceServerException as exc:
-                    text = str(exc)
-                    if f"Request for unknown model: '{name}'" not in text:
-                        odd.append(text)
+                    if f"Request for unknown model: '{name}'" not in str(exc):
+                        odd.append(str(exc))
         finally:
             c.close()
 
     threads = [threading.Thread(target=control, args=(k,)) for k in range(4)]
     threads += [threading.Thread(target=traffic, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    time.sleep(6)
-    stop.set()
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive(), "a client hung"
+    run_for(6, stop, threads)
     assert not control_failures, control_failures[:5]
     assert not odd, odd[:5]
     assert answered[0] > 0
@@ -416,7 +387,7 @@ def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[Serv
             h.load_model(name)
             np.testing.assert_array_equal(identity(g, model=name), np.arange(4, dtype=np.float32))
             h.unload_model(name)
-        wait_until(lambda: not [p for name in models for p in srv.worker_pids(name) if _alive(p)], timeout_s=30)
+        wait_until(lambda: not [p for name in models for p in srv.worker_pids(name) if process_alive(p)], timeout_s=30)
     finally:
         h.close()
         g.close()
