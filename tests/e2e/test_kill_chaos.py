@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.server import ServerProcess, make_repository, wait_until
-from tests.e2e.traffic import client_for, identity_call, process_alive, run_for
+from tests.e2e.traffic import client_for, identity_call, run_for, worker_alive
 
 MODELS = ("identity_fp32", "slow")
 ALL = (*MODELS, "bls_relay", "repeat")
@@ -62,7 +62,7 @@ def test_workers_killed_at_random_under_traffic(
     def killer() -> None:
         rng = np.random.default_rng(7)
         while not stop.wait(0.25 + 0.3 * rng.random()):
-            pids = [p for m in ALL for p in srv.worker_pids(m) if process_alive(p)]
+            pids = [p for m in ALL for p in srv.worker_pids(m) if worker_alive(p, srv.pid)]
             if pids:
                 os.kill(int(rng.choice(pids)), signal.SIGKILL)
 
@@ -123,5 +123,5 @@ def test_workers_killed_at_random_under_traffic(
         h.close()
     assert srv.terminate() == 0, srv.log
     assert not srv.segments(), srv.segments()
-    assert not [p for m in ALL for p in srv.worker_pids(m) if process_alive(p)]
+    assert not [p for m in ALL for p in srv.worker_pids(m) if worker_alive(p)]
     assert "Traceback" not in srv.log, srv.log

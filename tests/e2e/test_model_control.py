@@ -22,7 +22,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.server import ServerProcess, make_repository, wait_until
-from tests.e2e.traffic import client_for, identity_call, process_alive, run_for
+from tests.e2e.traffic import client_for, identity_call, run_for, worker_alive
 
 
 def post(server: ServerProcess, path: str, body: Any = b"") -> tuple[int, Any]:
@@ -387,7 +387,7 @@ def test_load_unload_churn_under_traffic(tmp_path: Path, fresh_server: list[Serv
             h.load_model(name)
             np.testing.assert_array_equal(identity(g, model=name), np.arange(4, dtype=np.float32))
             h.unload_model(name)
-        wait_until(lambda: not [p for name in models for p in srv.worker_pids(name) if process_alive(p)], timeout_s=30)
+        wait_until(lambda: not [p for name in models for p in srv.worker_pids(name) if worker_alive(p)], timeout_s=30)
     finally:
         h.close()
         g.close()

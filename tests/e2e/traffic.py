@@ -11,13 +11,19 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
+def worker_alive(pid: int, parent: int | None = None) -> bool:
+    """Whether ``pid`` is a running worker process (a zombie is not), and when ``parent`` is
+    given, that server's child: a pid from the log may belong to another process by now."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
+            fields = f.read().rpartition(")")[2].split()  # after the command name
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
     except OSError:
         return False
+    if fields[0] == "Z" or b"shoal.workers" not in cmdline:
+        return False
+    return parent is None or int(fields[1]) == parent
 
 
 def client_for(server: Any, k: int) -> Any:
