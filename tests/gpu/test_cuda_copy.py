@@ -1,8 +1,11 @@
 """``workers.cudacopy.SegmentCopier``: a batch's device-to-device copies in one kernel launch,
 and ``ClientRegions.write_cuda``'s copies of device outputs, made a batch at a time by
 ``finish_writes``. Every byte lands where it should, aligned or not, across several
-launches in turn (the pinned tables are reused only once read). Run with ``scripts/gpu_check``
-on the device machine."""
+launches in turn (the pinned tables are reused only once read). And
+``workers.backends.ortstaging.PinnedStaging`` (a GPU onnxruntime instance's pinned staging),
+which copies a batch's inputs up through it: read into the staging from client shared memory,
+or joined into it from the requests' bodies, each comes out on the device in order, padded.
+Run with ``scripts/gpu_check`` on the device machine."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ except cupy.cuda.runtime.CUDARuntimeError:
 
 from shoal.proto.gen import worker_pb2 as wpb  # noqa: E402
 from shoal.workers import cudacopy  # noqa: E402
+from shoal.workers.backends import ortstaging  # noqa: E402
 from shoal.workers.clientshm import ClientRegions  # noqa: E402
 from shoal.workers.devview import DeviceView  # noqa: E402
 
@@ -115,3 +119,36 @@ def _write_in_child(handle: bytes) -> tuple[int, float, np.ndarray]:
     back = regions.device_view(dest(16000), np.dtype(np.float32), (10, 100)).get()
     regions.close()
     return launches, float(early[0]), back
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_body_inputs_are_joined_in_the_pinned_staging(monkeypatch: pytest.MonkeyPatch, pad: int) -> None:
+    """A batch whose X came in the requests' bodies (not read into the staging) and whose Y
+    was read into the staging request by request: X is joined into the staging (on threads:
+    the threshold lowered) and each input goes up, padded with zero rows. First batch: X
+    grows the buffer past its first MiB; Y's rows (even counts of 8-byte rows, so each
+    request's rows start where the last one's end) stay in the outgrown buffer and go up from
+    there. Second batch: the grown buffer holds both; Y's rows are not adjacent (after the one
+    odd count a request's rows start at the next 16 bytes), so the staged bytes go up as one
+    piece and are sorted on the device. String inputs are left to the host."""
+    monkeypatch.setattr(ortstaging, "PARALLEL_BYTES", 1024)
+    staging = ortstaging.PinnedStaging()
+    rng = np.random.default_rng(pad)
+    for rows in ((100, 300, 2, 250, 550), (100, 300, 1, 250, 551)):  # X: 1.2 MB, past the first 1 MiB
+        staging.begin()
+        xs = [rng.standard_normal((n, 256)).astype(np.float32) for n in rows]
+        ys = []
+        for n in rows:
+            y = np.frombuffer(staging.take(n * 8), dtype=np.int32).reshape(n, 2)
+            y[...] = rng.integers(-1000, 1000, (n, 2))
+            ys.append(y)
+        ys_copy = [y.copy() for y in ys]
+        got = staging.batch_inputs({"X": xs, "Y": ys}, pad)
+        assert got is not None
+        want_x = np.concatenate([*xs, np.zeros((pad, 256), np.float32)])
+        want_y = np.concatenate([*ys_copy, np.zeros((pad, 2), np.int32)])
+        np.testing.assert_array_equal(cupy.asnumpy(got["X"]), want_x)
+        np.testing.assert_array_equal(cupy.asnumpy(got["Y"]), want_y)
+    staging.begin()
+    words = [np.array([[b"a"]], dtype=np.object_), np.array([[b"bc"]], dtype=np.object_)]
+    assert staging.batch_inputs({"S": words}, 0) is None

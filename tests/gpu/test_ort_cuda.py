@@ -291,11 +291,11 @@ def test_requests_with_inputs_from_shared_memory_and_the_body(server: ServerProc
     """Requests with INPUT0 in client system shared memory (read into the pinned staging) and
     INPUT1 in the request body (not in the staging), from eight clients one after another
     with no batching delay (batches of one and of several, pipelined through frontend
-    processes): the staging cannot join such batches, so they are joined on the host; every
-    client gets its own sums and differences. (That a batch of one is copied out of the
-    staging before the next batch fills it is shown deterministically by
-    ``test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read``: here the
-    run copies its input up before the next batch is read, so a missing copy went unseen.)"""
+    processes): INPUT1 is joined into the staging behind INPUT0's rows and both go up from
+    there (``PinnedStaging._join``); every client gets its own sums and differences. (That a
+    lone request keeps its staged input while the next batch is read into the staging is
+    shown deterministically by
+    ``test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read``.)"""
     _ready(server, "onnx_lone")
     clients, rounds = 8, 40
     keys = [f"/ortlone_{os.getpid()}_{k}" for k in range(clients)]
@@ -338,8 +338,9 @@ def test_a_lone_request_keeps_its_staged_input_while_the_next_batch_is_read(tmp_
     INPUT0 was read into the pinned staging and whose INPUT1 was not is launched (joined on the
     host, its run left waiting for ``start``); the next batch begins and is read into the
     same staging, over INPUT0's bytes; only then does the first run. Its answer must be
-    computed from its own INPUT0, which ``OnnxRuntimeBackend._merged`` copies out of the
-    staging for this case."""
+    computed from its own INPUT0: ``PinnedStaging.batch_inputs`` joins INPUT1 into the staging
+    and copies both up before the launch returns (where the staging cannot take a batch,
+    ``OnnxRuntimeBackend._merged`` copies a lone request's staged arrays out of it)."""
     from google.protobuf import text_format
 
     from shoal.proto.gen import model_config_pb2 as mc

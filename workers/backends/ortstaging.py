@@ -13,13 +13,18 @@ to the device in one asynchronous copy (zero rows after them for ``batchpad``'s 
 the session binds that device buffer as it binds CUDA shared memory. Several inputs, which
 interleave request by request, go up in one copy of the staged bytes and are sorted into
 their inputs' buffers on the device by one kernel launch (``workers.cudacopy``). Inputs that
-did not come from client shared memory are joined on the host as before. The buffer grows to
-the largest batch seen; a batch is done with it before the worker reads the next (``begin``),
-the session's run being synchronous.
+did not come from client shared memory (the request's body: a frame or the router's arena) are
+joined into the same buffer (``_join``: on ``JOIN_THREADS`` threads from ``PARALLEL_BYTES``
+on) and go up in one copy too. They were joined on the host into fresh memory and copied up
+from there, pageable: resnet18 (ONNX) over plain gRPC at c=64 ran batches of 32 in 21.9 ms,
+over system shm in 6.5 ms (H200, 2026-12-04, one run). The buffer grows to the largest batch
+seen; a batch is done with it before the worker reads the next (``begin``), the session's run
+being synchronous.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -29,6 +34,10 @@ from shoal.workers.cudacopy import SegmentCopier
 
 ALIGN: Final = 16
 """Byte alignment of each input handed out."""
+JOIN_THREADS: Final = 4
+PARALLEL_BYTES: Final = 4 << 20
+"""Bytes of one input's batch from which ``_join`` copies on ``JOIN_THREADS`` threads (numpy
+lets go of the GIL for large copies)."""
 
 
 class PinnedStaging:
@@ -42,6 +51,7 @@ class PinnedStaging:
         """Buffers outgrown during the batch (its earlier inputs still live there)."""
         self._stream: Any = None
         self._copier: SegmentCopier | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def begin(self) -> None:
         """A new batch: what was handed out before is no longer used. Buffers outgrown
@@ -101,11 +111,17 @@ class PinnedStaging:
         then gathered on the device into each input's buffer by one kernel launch
         (``workers.cudacopy``). Waits for the copies."""
         plans = {}
+        mem = self._mem
         for name, arrays in parts.items():
             plan = self._plan(arrays)
             if plan is None:
-                return None
+                whole = self._join(arrays)
+                if whole is None:
+                    return None
+                plan = _Plan([whole], whole.shape[0], whole.shape[1:], whole.dtype, True)
             plans[name] = plan
+        if self._mem is not mem and not all(p.adjacent for p in plans.values()):
+            return None  # interleaved inputs go up as one piece of the buffer, which _join replaced
         import cupy
 
         rt = cupy.cuda.runtime
@@ -137,6 +153,41 @@ class PinnedStaging:
                     outs[name][p.rows :] = 0
         stream.synchronize()
         return outs
+
+    def _join(self, arrays: list[Any]) -> np.ndarray | None:
+        """The requests' host ``arrays`` of one input joined into this buffer, or None when
+        they cannot be (not numpy arrays of one fixed-size type and row shape)."""
+        first = arrays[0]
+        if type(first) is not np.ndarray or first.ndim == 0 or first.dtype.hasobject:
+            return None
+        tail, dtype = first.shape[1:], first.dtype
+        rows = 0
+        for a in arrays:
+            if type(a) is not np.ndarray or a.shape[1:] != tail or a.dtype != dtype:
+                return None
+            rows += a.shape[0]
+        count = rows * int(np.prod(tail, dtype=np.int64))
+        if count == 0:
+            return None
+        out = np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype, count=count).reshape((rows, *tail))
+        if count * dtype.itemsize < PARALLEL_BYTES or len(arrays) < 2:
+            np.concatenate(arrays, out=out)
+            return out
+        places, at = [], 0
+        for a in arrays:
+            places.append((at, a))
+            at += a.shape[0]
+        groups = [places[k::JOIN_THREADS] for k in range(JOIN_THREADS)]
+
+        def copy(group: list[tuple[int, np.ndarray]]) -> None:
+            for row, a in group:
+                out[row : row + a.shape[0]] = a
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(JOIN_THREADS, thread_name_prefix="shoal-join")
+        for done in [self._pool.submit(copy, g) for g in groups if g]:
+            done.result()
+        return out
 
 
 class _Plan:
