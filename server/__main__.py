@@ -13,8 +13,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import types
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shoal.server.config import ConfigError, parse
@@ -52,12 +53,22 @@ def main(argv: list[str] | None = None, *, triton: bool = False) -> int:
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop when it is installed (its loop and transports cost a fraction of the
-    default loop's per request); the default asyncio loop otherwise."""
+    default loop's per request); the default asyncio loop otherwise. Once the loop is closed
+    the server has stopped: a SIGTERM or SIGINT arriving while the interpreter exits is
+    ignored (closing the loop restores their default action, which killed the process, so
+    a second signal just after shutdown turned its exit status 0 into -15)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        run: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        return run(coro)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 async def _serve(config: object) -> int:

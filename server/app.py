@@ -440,6 +440,8 @@ class App:
         stop workers, remove every shared-memory segment and the run directory."""
         timeout = self.config.exit_timeout_s
         deadline = time.monotonic() + timeout
+        if self.models is not None:
+            self.models.server_stopping()
         if self.dataplane is not None:
             self.dataplane.accepting = False
         if self.lanes is not None:

@@ -65,6 +65,11 @@ class Worker:
         self._next_id = 1
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.server_stopping = False
+        """The server is shutting down (``App.stop``): a process that exits now is not
+        replaced. A SIGTERM sent to the whole process group (a terminal, ``timeout``, systemd's
+        default KillMode) reaches the workers with the router's, and each exits after its
+        batch while the router drains; they were restarted then, logged as crashes."""
         self._planned = False
         """The current process exits because an operator asked for a restart."""
         self._first_load: asyncio.Future[None] | None = None
@@ -243,6 +248,9 @@ class Worker:
                 rc = None
             if self._stopping:
                 break
+            if self.server_stopping:
+                self.state = WorkerState.STOPPED
+                return
             if rc is not None and time.monotonic() - started > 30:
                 backoff = 0.1
             self.state = WorkerState.RESTARTING
@@ -318,13 +326,17 @@ class Worker:
             self.channel.unregister(self.identity)
             self.channel.unregister(self.identity + process.HEARTBEAT_SUFFIX)
         died = process.death_message(self._hung, rc)
-        if not self._stopping:
+        if self.server_stopping and not self._stopping:
+            self.state = WorkerState.STOPPED  # not replaced: the server is shutting down
+        elif not self._stopping:
             self.state = WorkerState.RESTARTING  # no new batches while its last output is read
         self._fail_pending(WorkerDied(f"{self.label} (pid {proc.pid}) {died}"))
         region.unlink_prefix(self.arena_prefix)
         await capture.wait_ended()  # its last lines (a traceback) before the line saying it died
         if self._planned:
             log.info("%s: pid %d exited for the requested restart", self.label, proc.pid)
+        elif self.server_stopping and not self._stopping:
+            log.info("%s: pid %d ended while the server stops (%s); not restarted", self.label, proc.pid, died)
         elif not self._stopping:
             log.error("%s: %s", self.label, died)
             events.RECENT.add(events.WORKER_EXITED, self.spec.model_name, f"pid {proc.pid} {died}", **self._where())

@@ -463,6 +463,11 @@ class ModelManager:
         await asyncio.gather(*(w.restart(self.drain_timeout_s) for w in workers))
         return [i for i in self.registry.instances() if i["model"] == name and i["instance"] == instance]
 
+    def server_stopping(self) -> None:
+        """The server shuts down: a worker process that exits from now on is not replaced."""
+        for w in self.registry.workers():
+            w.server_stopping = True
+
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting and let requests in flight finish: ensembles first (their later
         steps still need the composing models), then every other model."""

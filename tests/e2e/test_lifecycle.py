@@ -167,6 +167,66 @@ def test_sigterm_lets_inflight_requests_finish(crash_server: ServerProcess) -> N
     assert "server stopped" in crash_server.log
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None:
+    """SIGTERM to the router and every worker at once, as a terminal, ``timeout`` or systemd's
+    default KillMode sends it to a process group: the busy workers answer the batch they run
+    and exit, and the router, draining, replaces none of them (it restarted them, logging each
+    as a crash) and stops at once; the requests that were waiting for a worker fail."""
+
+    async def go() -> list[object]:
+        async with aioclient.InferenceServerClient(crash_server.url) as c:
+
+            async def one() -> object:
+                i = aioclient.InferInput("INPUT0", [4], "FP32")
+                i.set_data_from_numpy(np.arange(4, dtype=np.float32))
+                try:
+                    r = await c.infer("slow", [i], parameters={"delay_ms": 1500})
+                    return r.as_numpy("OUTPUT0")
+                except InferenceServerException as exc:
+                    return exc
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(4)]  # two instances: two run, two wait
+            await asyncio.sleep(0.5)
+            group = [crash_server.pid, *_descendants(crash_server.pid)]
+            assert len(group) == 5, group  # the router, crashy, two of slow, add_sub
+            for pid in group:
+                os.kill(pid, signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    started = time.monotonic()
+    results = asyncio.run(go())
+    answered = [r for r in results if isinstance(r, np.ndarray)]
+    assert len(answered) >= 2, results  # the two running when the signal came
+    for r in answered:
+        np.testing.assert_array_equal(r, np.arange(4, dtype=np.float32))
+    assert all(isinstance(r, (np.ndarray, InferenceServerException)) for r in results), results
+    assert crash_server.terminate() == 0
+    assert time.monotonic() - started < 15, "the drain waited for workers that were gone"
+    assert "restarting" not in crash_server.log, crash_server.log
+    assert " ERROR " not in crash_server.log, crash_server.log
+    assert "ended while the server stops (died: exited with status 0); not restarted" in crash_server.log
+    assert not crash_server.segments()
+
+
 def test_exit_timeout_bounds_shutdown(tmp_path: Path, fresh_server: list[ServerProcess]) -> None:
     repo = make_repository(tmp_path / "repo", "slow")
     srv = ServerProcess(repo, "--exit-timeout-secs", "1").start()
