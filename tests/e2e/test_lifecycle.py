@@ -139,20 +139,21 @@ def test_worker_killed_mid_request_and_readiness_gap(crash_server: ServerProcess
     assert crash_server.terminate() == 0
 
 
+async def slow_call(c: aioclient.InferenceServerClient, delay_ms: int = 1500) -> object:
+    """One request to ``slow`` taking ``delay_ms``: its output, or the error it got."""
+    i = aioclient.InferInput("INPUT0", [4], "FP32")
+    i.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    try:
+        r = await c.infer("slow", [i], parameters={"delay_ms": delay_ms})
+        return r.as_numpy("OUTPUT0")
+    except InferenceServerException as exc:
+        return exc
+
+
 def test_sigterm_lets_inflight_requests_finish(crash_server: ServerProcess) -> None:
     async def go() -> list[object]:
         async with aioclient.InferenceServerClient(crash_server.url) as c:
-
-            async def one() -> object:
-                i = aioclient.InferInput("INPUT0", [4], "FP32")
-                i.set_data_from_numpy(np.arange(4, dtype=np.float32))
-                try:
-                    r = await c.infer("slow", [i], parameters={"delay_ms": 1500})
-                    return r.as_numpy("OUTPUT0")
-                except InferenceServerException as exc:
-                    return exc
-
-            tasks = [asyncio.ensure_future(one()) for _ in range(4)]
+            tasks = [asyncio.ensure_future(slow_call(c)) for _ in range(4)]
             await asyncio.sleep(0.5)
             assert crash_server.proc is not None
             crash_server.proc.send_signal(signal.SIGTERM)
@@ -194,17 +195,7 @@ def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None
 
     async def go() -> list[object]:
         async with aioclient.InferenceServerClient(crash_server.url) as c:
-
-            async def one() -> object:
-                i = aioclient.InferInput("INPUT0", [4], "FP32")
-                i.set_data_from_numpy(np.arange(4, dtype=np.float32))
-                try:
-                    r = await c.infer("slow", [i], parameters={"delay_ms": 1500})
-                    return r.as_numpy("OUTPUT0")
-                except InferenceServerException as exc:
-                    return exc
-
-            tasks = [asyncio.ensure_future(one()) for _ in range(4)]  # two instances: two run, two wait
+            tasks = [asyncio.ensure_future(slow_call(c)) for _ in range(4)]  # two instances: two run, two wait
             await asyncio.sleep(0.5)
             group = [crash_server.pid, *_descendants(crash_server.pid)]
             assert len(group) == 5, group  # the router, crashy, two of slow, add_sub
