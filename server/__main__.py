@@ -90,6 +90,7 @@ async def _serve(config: object) -> int:
         nonlocal signals_seen
         signals_seen += 1
         logging.getLogger("shoal").info("received %s; shutting down", signal.Signals(signum).name)
+        app.stopping()
         if signals_seen > 1:
             logging.getLogger("shoal").warning("second signal: skipping the graceful wait")
             app.force_stop()

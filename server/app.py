@@ -159,6 +159,13 @@ class App:
         metrics.start()
         log.info("Metrics listening on %s:%d", host, sock.getsockname()[1])
 
+    def stopping(self) -> None:
+        """The server is about to stop (a signal came): from now on a worker that exits is
+        not replaced. Called from the signal's callback, ahead of ``stop``, so that a worker
+        the same signal reached (a process group's SIGTERM) is not restarted in between."""
+        if self.models is not None:
+            self.models.server_stopping()
+
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""
         self._force.set()
@@ -440,8 +447,7 @@ class App:
         stop workers, remove every shared-memory segment and the run directory."""
         timeout = self.config.exit_timeout_s
         deadline = time.monotonic() + timeout
-        if self.models is not None:
-            self.models.server_stopping()
+        self.stopping()
         if self.dataplane is not None:
             self.dataplane.accepting = False
         if self.lanes is not None:
