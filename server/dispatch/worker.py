@@ -243,6 +243,9 @@ class Worker:
                     self._first_load.set_exception(err)
                     await self._reap()
                     return
+                if self._stopping or self.server_stopping:  # stopped while it restarted
+                    log.info("%s: stopped while restarting (%s)", self.label, err.message)
+                    break
                 log.error("%s: restart failed: %s", self.label, err.message)
                 events.RECENT.add(events.RESTART_FAILED, self.spec.model_name, err.message, **self._where())
                 rc = None
@@ -466,8 +469,12 @@ class Worker:
         for rid, fut in pending.items():
             if rid:
                 self._settled(rid)
-            if not fut.done():
+            if fut.done():
+                continue
+            if rid:
                 fut.set_exception(err)
+            else:  # a handshake's: only the supervising task awaits it, and that one was cancelled
+                fut.cancel()  # (an exception set here was logged as never retrieved)
         settles, self._settle = self._settle, {}
         for settle in settles.values():  # streams whose execute had returned
             settle()
