@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from shoal.proto import wire
+from shoal.proto import stopmark, wire
 from shoal.proto.errors import ErrorCode, ServingError
 from shoal.server import gpus, grpcenv, repository, resources, restrict, tracing
 from shoal.server.bls import BlsRouter
@@ -165,6 +165,8 @@ class App:
         the same signal reached (a process group's SIGTERM) is not restarted in between."""
         if self.models is not None:
             self.models.server_stopping()
+        if self.run_dir:
+            stopmark.mark(self.run_dir)  # workers that got the same SIGTERM go on serving
 
     def force_stop(self) -> None:
         """Make a running ``stop`` skip its waits (a second signal)."""

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(args.parent_pid)
     # The router drives shutdown: SIGINT from a terminal's Ctrl-C reaches the whole
     # process group, and the worker must not die before the router drains it. SIGTERM
-    # (an operator's `kill`, or a service manager signalling the whole group) ends the
-    # worker, but only once the batch it is executing has been answered.
+    # (an operator's `kill`) ends the worker, but only once the batch it is executing has
+    # been answered; a SIGTERM the router got too (a process group's) is left to the router
+    # (``proto.stopmark``).
     runtime = WorkerRuntime(endpoint=args.endpoint, identity=args.identity.encode(), heartbeat_ms=args.heartbeat_ms)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: runtime.on_sigterm())

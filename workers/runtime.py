@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from shoal.proto import dtypes, framing, streamflow, wire
+from shoal.proto import dtypes, framing, stopmark, streamflow, wire
 from shoal.proto.batchpolicy import worker_batchable
 from shoal.proto.errors import ErrorCode, ServingError, from_exception
 from shoal.proto.gen import model_config_pb2 as mc
@@ -116,6 +116,7 @@ class WorkerRuntime(LaneRuns):
 
     def __init__(self, *, endpoint: str, identity: bytes, heartbeat_ms: int = 0) -> None:
         self.endpoint = endpoint
+        self._stop_mark = stopmark.path_for(endpoint)
         self.identity = identity
         self.heartbeat_ms = heartbeat_ms
         self.conn: framing.Connection | None = None
@@ -150,7 +151,13 @@ class WorkerRuntime(LaneRuns):
         """Batches the lane requests of a dynamic-batching model (``workers.lanebatch``)."""
 
     def on_sigterm(self) -> None:
-        """SIGTERM: exit now when idle, else right after answering the current batch."""
+        """SIGTERM: exit now when idle, else right after answering the current batch; unless
+        the router got it too (its ``stopmark`` appears within 0.2 s): then serve on, until
+        the router, done draining, stops this worker."""
+        if self.stop_requested:
+            return
+        if stopmark.wait_for(self._stop_mark):
+            return
         if self.busy:
             self.stop_requested = True
             return

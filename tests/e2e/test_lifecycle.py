@@ -189,9 +189,10 @@ def _descendants(pid: int) -> list[int]:
 
 def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None:
     """SIGTERM to the router and every worker at once, as a terminal, ``timeout`` or systemd's
-    default KillMode sends it to a process group: the busy workers answer the batch they run
-    and exit, and the router, draining, replaces none of them (it restarted them, logging each
-    as a crash) and stops at once; the requests that were waiting for a worker fail."""
+    default KillMode sends it to a process group: the workers find the router's stop mark
+    (``proto.stopmark``) and go on serving while it drains, so the two requests waiting for a
+    worker are answered too (before, each worker exited after its batch, was restarted and
+    logged as a crash, and the waiting requests failed); then the router stops them."""
 
     async def go() -> list[object]:
         async with aioclient.InferenceServerClient(crash_server.url) as c:
@@ -205,16 +206,39 @@ def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None
 
     started = time.monotonic()
     results = asyncio.run(go())
-    answered = [r for r in results if isinstance(r, np.ndarray)]
-    assert len(answered) >= 2, results  # the two running when the signal came
-    for r in answered:
+    for r in results:
+        assert isinstance(r, np.ndarray), results
         np.testing.assert_array_equal(r, np.arange(4, dtype=np.float32))
-    assert all(isinstance(r, (np.ndarray, InferenceServerException)) for r in results), results
     assert crash_server.terminate() == 0
-    assert time.monotonic() - started < 15, "the drain waited for workers that were gone"
+    assert time.monotonic() - started < 15
     assert "restarting" not in crash_server.log, crash_server.log
     assert " ERROR " not in crash_server.log, crash_server.log
-    assert "ended while the server stops (died: exited with status 0); not restarted" in crash_server.log
+    assert "while the server stops" not in crash_server.log, crash_server.log  # the router stopped each
+    assert not crash_server.segments()
+
+
+def test_a_worker_that_dies_while_the_server_stops_is_not_replaced(crash_server: ServerProcess) -> None:
+    """A worker killed while the router drains (here SIGKILL, just after the router's
+    SIGTERM) is not restarted: its request fails, the other worker's is answered, and the
+    log says so at INFO."""
+
+    async def go() -> list[object]:
+        async with aioclient.InferenceServerClient(crash_server.url) as c:
+            tasks = [asyncio.ensure_future(slow_call(c)) for _ in range(2)]  # one on each instance
+            await asyncio.sleep(0.5)
+            assert crash_server.proc is not None
+            crash_server.proc.send_signal(signal.SIGTERM)
+            crash_server.wait_log("received SIGTERM; shutting down")
+            [victim] = crash_server.worker_pids("slow")[:1]
+            os.kill(victim, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    assert sum(isinstance(r, np.ndarray) for r in results) == 1, results
+    assert sum(isinstance(r, InferenceServerException) for r in results) == 1, results
+    assert crash_server.terminate() == 0
+    assert "ended while the server stops (died: killed by signal SIGKILL); not restarted" in crash_server.log
+    assert "restarting" not in crash_server.log, crash_server.log
     assert not crash_server.segments()
 
 
