@@ -66,10 +66,9 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.server_stopping = False
-        """The server is shutting down (``App.stop``): a process that exits now is not
-        replaced. A SIGTERM sent to the whole process group (a terminal, ``timeout``, systemd's
-        default KillMode) reaches the workers with the router's, and each exits after its
-        batch while the router drains; they were restarted then, logged as crashes."""
+        """The server is shutting down (``App.stopping``): a process that exits now (it
+        crashed, or took a process group's SIGTERM as its own when the router's stop mark came
+        too late, ``proto.stopmark``) is not replaced, and its exit is logged at INFO."""
         self._planned = False
         """The current process exits because an operator asked for a restart."""
         self._first_load: asyncio.Future[None] | None = None
