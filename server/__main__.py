@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import types
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -66,9 +65,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         return run(coro)
     finally:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _serve(config: object) -> int:

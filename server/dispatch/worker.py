@@ -248,11 +248,8 @@ class Worker:
                 log.error("%s: restart failed: %s", self.label, err.message)
                 events.RECENT.add(events.RESTART_FAILED, self.spec.model_name, err.message, **self._where())
                 rc = None
-            if self._stopping:
+            if self._stopping or self.server_stopping:
                 break
-            if self.server_stopping:
-                self.state = WorkerState.STOPPED
-                return
             if rc is not None and time.monotonic() - started > 30:
                 backoff = 0.1
             self.state = WorkerState.RESTARTING

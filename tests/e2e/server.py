@@ -164,6 +164,23 @@ class ServerProcess:
             c.close()
         self._clients.clear()
 
+    def children(self, cmd: str = "") -> list[int]:
+        """The server's live child processes (workers, frontend processes; not zombies), those
+        with ``cmd`` in their command line when given."""
+        assert self.proc is not None
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z" and int(fields[1]) == self.proc.pid and cmd in cmdline:
+                out.append(int(entry))
+        return out
+
     def worker_pids(self, model: str) -> list[int]:
         pids = re.findall(rf"model '{re.escape(model)}' version \d+ instance '[^']+': ready \(pid (\d+)\)", self.log)
         return [int(p) for p in pids]

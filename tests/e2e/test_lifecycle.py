@@ -168,25 +168,6 @@ def test_sigterm_lets_inflight_requests_finish(crash_server: ServerProcess) -> N
     assert "server stopped" in crash_server.log
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
 def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None:
     """SIGTERM to the router and every worker at once, as a terminal, ``timeout`` or systemd's
     default KillMode sends it to a process group: the workers find the router's stop mark
@@ -198,7 +179,7 @@ def test_sigterm_to_the_whole_process_group(crash_server: ServerProcess) -> None
         async with aioclient.InferenceServerClient(crash_server.url) as c:
             tasks = [asyncio.ensure_future(slow_call(c)) for _ in range(4)]  # two instances: two run, two wait
             await asyncio.sleep(0.5)
-            group = [crash_server.pid, *_descendants(crash_server.pid)]
+            group = [crash_server.pid, *crash_server.children()]
             assert len(group) == 5, group  # the router, crashy, two of slow, add_sub
             for pid in group:
                 os.kill(pid, signal.SIGTERM)

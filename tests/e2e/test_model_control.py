@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -121,10 +120,9 @@ def test_unloading_a_model_while_its_worker_restarts(explicit: ServerProcess) ->
     start's handshake future as an exception never retrieved."""
     c = explicit.client()
     for k in range(5):
-        out = subprocess.run(["pgrep", "-P", str(explicit.pid), "-f", "shoal.workers"], capture_output=True, text=True)
-        [pid] = out.stdout.split()
+        [pid] = explicit.children("shoal.workers")
         restarts = explicit.log.count("restarting in")
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         wait_until(lambda n=restarts: explicit.log.count("restarting in") > n, timeout_s=10)  # type: ignore[misc]
         time.sleep(0.15 + 0.05 * k)  # its backoff is 0.1 s: the new process connects or loads
         c.unload_model("add_sub")
