@@ -92,3 +92,31 @@ def test_no_descriptor_closes_under_a_read_in_flight(objects: list[str]) -> None
             assert all(bytes(g) == bytes(g[:1]) * SIZE for g in got)
     finally:
         regions.close()
+
+
+def test_output_writes_check_the_object_size_once_a_batch(objects: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``write_host`` checks a region's size at its first write of a batch (one ``fstat``,
+    not one a request); a truncation is caught by the next batch's first write."""
+    regions = ClientRegions()
+    calls = [0]
+    fstat = os.fstat
+
+    def counted(fd: int) -> os.stat_result:
+        calls[0] += 1
+        return fstat(fd)
+
+    try:
+        regions.write_host(_ref(0, objects[0], 8), b"x" * 8, 8)  # opens the region
+        monkeypatch.setattr(os, "fstat", counted)
+        for batch in range(2):
+            for k in range(10):
+                regions.write_host(_ref(0, objects[0], 8, offset=8 * k), bytes([batch]) * 8, 8)
+            regions.finish_writes()
+            assert calls[0] == batch  # the first batch's check was made when the region opened
+        os.truncate(f"/dev/shm/{objects[0]}", SIZE // 2)
+        with pytest.raises(InvalidInput, match="smaller than when it was registered"):
+            regions.write_host(_ref(0, objects[0], 8), b"y" * 8, 8)
+        with open(f"/dev/shm/{objects[0]}", "rb") as f:
+            assert f.read(80) == b"\x01" * 80
+    finally:
+        regions.close()

@@ -160,6 +160,36 @@ def test_inputs_read_into_staging_go_up_without_a_second_copy(placed: tuple[str,
         np.testing.assert_allclose(g.outputs["OUT__0"], w.outputs["OUT__0"], rtol=1e-6)
 
 
+def test_small_inputs_read_into_staging_go_up_in_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs of consecutive requests read through ``host_input`` lie end to end in the
+    pinned staging (``INPUT_ALIGN``), as they do in the device buffer: one copy up for the
+    batch's input, not one a request (16-byte rows, which 256-byte alignment kept apart)."""
+    from shoal.workers.backends import torchgpu
+
+    staged, plain = _backend(8), _backend(8)
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    staged._path, staged.host_input = path, path.host_input
+    runs: list[int] = []
+    joined = torchgpu._runs
+
+    def counted(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        out = joined(copies)
+        runs.append(len(out))
+        return out
+
+    monkeypatch.setattr(torchgpu, "_runs", counted)
+    rng = np.random.default_rng(10)
+    requests = [_request(i, 1, rng) for i in range(6)]
+    staged.begin_batch()
+    mine = [WorkRequest(id=r.id, inputs={"a": r.inputs["a"], "b": _place(staged, r.inputs["b"])}, requested_outputs=[])
+            for r in requests]  # fmt: skip
+    got, want = staged.execute(mine), plain.execute(requests)
+    assert runs == [1]
+    for g, w in zip(got, want, strict=True):
+        for name in w.outputs:
+            np.testing.assert_allclose(g.outputs[name], w.outputs[name], rtol=1e-6)
+
+
 def test_a_batch_launched_before_the_last_is_finished_keeps_both_apart() -> None:
     """``launch`` (the worker's pipeline): batch B is read and launched before batch A is
     waited for, so each has its own pinned buffers; A's outputs are intact after B's."""
