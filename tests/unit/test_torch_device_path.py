@@ -4,6 +4,7 @@ outputs staged once per batch, results equal to the plain CPU path, buffers reus
 The same code on a GPU is tested by tests/gpu/test_pytorch_gpu.py."""
 
 # no "from __future__ import annotations": TorchScript reads the forward annotations
+import gc
 import warnings
 from typing import Any, Tuple  # noqa: UP035 - TorchScript's spelling
 
@@ -267,3 +268,20 @@ def test_a_bad_pipelining_parameter_fails_the_load_by_name() -> None:
     cfg.parameters["SHOAL_PIPELINE_BATCHES"].string_value = "sometimes"
     with pytest.raises(InvalidInput, match="SHOAL_PIPELINE_BATCHES must be auto, true or false, got 'sometimes'"):
         _backend(8, cfg)
+
+
+def test_staging_handed_out_before_the_buffer_grows_stays_valid() -> None:
+    """``host_input`` hands out numpy slices of the pinned buffer; one handed out before the
+    buffer grows (a larger input later in the batch) keeps the old storage alive and its
+    bytes reach the device."""
+    path = TorchDevicePath(torch, torch.device("cpu"), pin=False)
+    path.begin_inputs()
+    small = np.frombuffer(path.host_input(64), dtype=np.float32)
+    small[:] = 1.5
+    big = np.frombuffer(path.host_input(3 << 20), dtype=np.float32)  # more than the first 1 MiB
+    big[:] = 2.5
+    assert path.host_in.allocations == 2
+    gc.collect()
+    assert (small == 1.5).all()
+    got = path.gather({"x": [small.reshape(1, 16)], "y": [big.reshape(1, -1)]})
+    assert (got["x"].numpy() == 1.5).all() and (got["y"].numpy() == 2.5).all()
