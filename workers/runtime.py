@@ -531,7 +531,8 @@ class WorkerRuntime(LaneRuns):
                 # outputs for CUDA regions (a backend reading device inputs may leave them on the
                 # device), and those the next GPU step or a BLS caller reads from the CUDA arena
                 # (any backend: a GPU tensor goes there, a host array through host memory)
-                cuda_shm = frozenset([k for k, c in r.output_shm.items() if c.device >= 0] if device_ok else ())
+                shm = r.output_shm  # by key: a protobuf map's items() is Python code (0.6 us more a request)
+                cuda_shm = frozenset([k for k in shm if shm[k].device >= 0] if device_ok else ())
                 if r.device_outputs:
                     on_gpu = self.output_types.keys() if "*" in r.device_outputs else r.device_outputs
                     cuda_shm = cuda_shm.union(on_gpu)
