@@ -170,7 +170,7 @@ class TorchDevicePath:
         host = self.host_in
         start = host.place(nbytes, INPUT_ALIGN)
         assert host.array is not None  # a host buffer
-        return memoryview(host.array[start : start + nbytes])
+        return host.array[start : start + nbytes].data
 
     def begin(self) -> None:
         """A new batch (``execute``), unless ``begin_inputs`` began it: the output views of
