@@ -58,14 +58,14 @@ THREADED_READ_BYTES = 256 << 10
 class _SystemRegion:
     """An open client object: a descriptor (copies), or a mapping (``mapped`` mode)."""
 
-    __slots__ = ("fd", "end", "mm", "sized")
+    __slots__ = ("fd", "end", "mm", "sized_in")
 
     def __init__(self, fd: int, end: int, mm: mmap.mmap | None = None) -> None:
         self.fd = fd
         self.end = end
         self.mm = mm
-        self.sized = False
-        """Its size was checked for the batch being written (``write_host``)."""
+        self.sized_in = -1
+        """The batch of writes its size was last checked for (``write_host``)."""
 
     def size(self) -> int:
         return self.mm.size() if self.mm is not None else os.fstat(self.fd).st_size
@@ -121,8 +121,8 @@ class ClientRegions:
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[tuple[int, int, memoryview]] = []
         """Reads ``finish_reads`` does: (descriptor, offset, destination)."""
-        self._sized: list[_SystemRegion] = []
-        """Regions whose size ``write_host`` checked for the batch being written."""
+        self._write_batch = 0
+        """Counts the batches of writes (``finish_writes`` ends one)."""
 
     def local_device(self, device: int) -> int:
         """This process's CUDA ordinal of server GPU ``device``."""
@@ -228,11 +228,10 @@ class ClientRegions:
         region = self._system_region(c)
         if nbytes == 0:
             return
-        if not region.sized:  # once per region and batch (``finish_writes``): an fstat was 8% of a CPU batch
+        if region.sized_in != self._write_batch:  # once a batch: an fstat a write was 8% of a CPU batch
             if region.size() < region.end:
                 raise InvalidInput(_TRUNCATED)
-            region.sized = True
-            self._sized.append(region)
+            region.sized_in = self._write_batch
         if isinstance(data, bytes):
             view = memoryview(data)
         else:
@@ -381,10 +380,7 @@ class ClientRegions:
     def finish_writes(self) -> None:
         """Wait for the copies ``write_cuda`` started (each copy stream synchronized once).
         The next batch's writes check their system regions' sizes again."""
-        if self._sized:
-            for region in self._sized:
-                region.sized = False
-            self._sized.clear()
+        self._write_batch += 1
         if self._device_writes:
             try:
                 self._copy_device_writes()
